@@ -1,0 +1,56 @@
+"""Noise schedules and loss weights of the l-DAE trajectory.
+
+Every schedule maps t in [0, 1] (one value per sample) to (gamma_t, sigma_t) with
+z_t = gamma_t z0 + sigma_t eps; t = 0 is clean. Continuous t; the DDPM schedule is discrete in
+the paper and is evaluated here at step round(t * (T - 1)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sigma_linear(t: torch.Tensor, sigma_max: float = math.sqrt(2.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final recipe: gamma_t = 1, sigma_t = sigma_max * t (0 .. sqrt 2)."""
+    return torch.ones_like(t), sigma_max * t
+
+
+def ddpm_linear_beta(
+    t: torch.Tensor, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDPM: beta linear from 1e-4 to 0.02 over T steps, gamma^2 = prod(1 - beta) = alpha_bar,
+    sigma^2 = 1 - alpha_bar (variance preserving)."""
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device=t.device)
+    alpha_bar = torch.cumprod(1.0 - betas, 0)
+    idx = (t.double().clamp(0, 1) * (num_timesteps - 1)).round().long()
+    ab = alpha_bar[idx]
+    return ab.sqrt().to(t.dtype), (1 - ab).sqrt().to(t.dtype)
+
+
+def linear_gamma2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma^2 falls linearly from 1 to 0, variance preserving: sigma^2 = 1 - gamma^2."""
+    g2 = (1.0 - t).clamp(0, 1)
+    return g2.sqrt(), (1.0 - g2).sqrt()
+
+
+def loss_weight(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """lambda_t: 'inv_1p_sigma2' = 1 / (1 + sigma^2) (final recipe), 'uniform' = 1."""
+    if kind == "inv_1p_sigma2":
+        return 1.0 / (1.0 + sigma.square())
+    if kind == "uniform":
+        return torch.ones_like(sigma)
+    raise ValueError(f"unknown loss weight {kind!r}; known: inv_1p_sigma2, uniform")
+
+
+def gamma_sigma(t: torch.Tensor, schedule: str, sigma_max: float = math.sqrt(2.0),
+                num_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on the schedule's name (config: noise.schedule)."""
+    if schedule == "sigma_linear":
+        return sigma_linear(t, sigma_max)
+    if schedule == "ddpm_linear_beta":
+        return ddpm_linear_beta(t, num_timesteps)
+    if schedule == "linear_gamma2":
+        return linear_gamma2(t)
+    raise ValueError(f"unknown schedule {schedule!r}; known: sigma_linear, ddpm_linear_beta, linear_gamma2")

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+# Kernels run in the Triton interpreter on CPU-only machines. This must be set before triton is
+# imported anywhere; `LDAE_GPU_TESTS=1` (make test-gpu) runs them compiled on a GPU instead.
+if os.environ.get("LDAE_GPU_TESTS") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def devices() -> list[str]:
+    import torch
+
+    devs = ["cpu"]
+    if os.environ.get("LDAE_GPU_TESTS") == "1" and torch.cuda.is_available():
+        devs.append("cuda")
+    return devs
+
+
+@pytest.fixture(params=devices())
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def tinyimagenet_dir() -> Path:
+    d = SHARED_DATA / "tinyimagenet-wds"
+    if not (d / "train-000000.tar.gz").exists():
+        pytest.fail(f"real test data missing: {d} (see ../shared/data/README.md)")
+    return d
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    d = SHARED_DATA / "mnist"
+    if not (d / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"real test data missing: {d}")
+    return d
