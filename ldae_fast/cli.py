@@ -1,0 +1,42 @@
+"""`ldae-fast COMMAND ...`: one entry point for every tool of the project."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help). Imported lazily: `ldae-fast featlearn` must not
+# pay for DeepSpeed, and a missing optional dependency only breaks the command that needs it.
+COMMANDS = {
+    "train": ("ldae_fast.train", "main", "pretrain (same as python train.py)"),
+    "fit-pca": ("ldae_fast.tokenizer_cli", "main", "fit the patch-wise PCA tokenizer and save it"),
+    "make-shards": ("ldae_fast.data.shards", "main", "turn an ImageFolder tree into WebDataset shards"),
+    "eval": ("ldae_fast.eval.driver", "main", "linear probe / kNN / fine-tune / figure of a checkpoint"),
+    "export": ("ldae_fast.engine.export", "main", "write the encoder as timm-named safetensors"),
+    "featlearn": ("ldae_fast.featlearn.cli", "main", "the two-layer feature-learning study"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ldae-fast COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines.append("\n`ldae-fast COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    rc = getattr(importlib.import_module(module), func)(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

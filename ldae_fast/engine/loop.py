@@ -1,0 +1,241 @@
+"""The training loop: thin, model-agnostic, resumable.
+
+Everything specific to l-DAE lives in the objective; everything specific to a device strategy lives
+in the backend (single device here, DeepSpeed in deepspeed_backend.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..objectives.ldae import LDAEObjective
+from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
+from . import checkpoint as ckpt_mod
+from .metrics import MetricLogger
+from .optim import EMA, build_adamw, lr_at
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_loss: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    images_per_s: float = 0.0
+    model: torch.nn.Module | None = None
+    ema: EMA | None = None
+    tokenizer: PCATokenizer | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> PCATokenizer:
+    """From the checkpoint being resumed, a saved file, or a fresh fit on the training stream."""
+    t = cfg.tokenizer
+    if resume_state is not None and resume_state.get("tokenizer"):
+        tk = resume_state["tokenizer"]
+        return PCATokenizer.from_state(tk["tensors"], tk["meta"])
+    if t.kind == "pixel":
+        return pixel_tokenizer(cfg.model.patch_size)
+    if t.path:
+        return PCATokenizer.load(t.path, patch_size=cfg.model.patch_size, latent_dim=t.latent_dim, kind="pca")
+    from ..data import build_train_stream
+
+    stream = build_train_stream(cfg, rank=0, world_size=1)
+    t0 = time.time()
+    tok = fit_pca((imgs for imgs, _ in stream), cfg.model.patch_size, t.latent_dim, t.fit_images)
+    ev = float(tok.explained_variance()[t.latent_dim - 1])
+    log(f"fitted patch PCA on {t.fit_images} images ({tok.num_patches_fitted} patches, D={tok.D}) in "
+        f"{time.time() - t0:.1f}s; the first d={t.latent_dim} components explain {100 * ev:.1f}% of the variance")
+    return tok
+
+
+class SingleDevice:
+    """One device, no launcher: plain autograd + torch.optim."""
+
+    world_size = 1
+    rank = 0
+    is_main = True
+    save_on_all_ranks = False
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, lr: float):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = build_adamw(model, cfg, lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.engine.grad_accum).backward()
+
+    def step(self, lr: float) -> torch.Tensor:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, st: dict, ckpt_dir: Path) -> None:
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+
+    def save_extra(self, tmp_dir: Path) -> None:
+        pass
+
+
+def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
+    """Run (or resume) the pretraining described by cfg; returns the final state and losses."""
+    from ..data import build_train_stream
+    from ..models import build_model
+
+    device = resolve_device(cfg.engine.device)
+    out_dir = Path(cfg.engine.out_dir)
+    seed_everything(cfg.engine.seed)
+    if cfg.engine.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    resume_dir = ckpt_mod.resolve_resume(cfg.engine.resume, out_dir)
+    resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
+
+    model = build_model(cfg.model, cfg.data.img_size).to(device)
+    backend = (backend_factory or SingleDevice)(cfg, model, 0.0)
+    world, rank, is_main = backend.world_size, backend.rank, backend.is_main
+    lr0 = cfg.lr(world)
+    total = cfg.total_steps(world)
+    warmup = int(round(cfg.optim.warmup_epochs * cfg.steps_per_epoch(world)))
+    logger = MetricLogger(out_dir, total, enabled=is_main if log_enabled is None else log_enabled,
+                          progress=cfg.engine.progress)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.json")
+
+    tok = build_tokenizer(cfg, resume_state, logger.info)
+    if is_main and resume_state is None:
+        tok.save(out_dir / "tokenizer.safetensors")
+    objective = LDAEObjective(cfg, tok, device, rank=rank)
+    amp = autocast_dtype(cfg.engine.precision, device)
+    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    stream = build_train_stream(cfg, rank=rank, world_size=world)
+
+    start = 0
+    if resume_state is not None:
+        backend.load_state_dict(resume_state, resume_dir)
+        if ema is not None and resume_state.get("ema"):
+            ema.load_state_dict(resume_state["ema"])
+        stream.load_state_dict(resume_state["data"])
+        ckpt_mod.set_rng_state(resume_state["rng"])
+        start = int(resume_state["step"])
+        logger.info(f"resumed from {resume_dir} at step {start}")
+    if start >= total:
+        logger.info(f"nothing to do: the run is already at step {start} of {total}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"model {cfg.model.size} ({n_params / 1e6:.2f}M params) on {device}, kernels={objective.backend}, "
+                f"precision={'bf16' if amp else 'fp32'}, world={world}, global batch={cfg.global_batch(world)}, "
+                f"lr={lr0:.3g}, steps={total} (warm-up {warmup})")
+
+    def save(step: int) -> Path:
+        state = backend.state_dict()
+        state.update(step=step, ema=ema.state_dict() if ema else None, data=stream.state_dict(),
+                     rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
+                     tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
+        return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
+                                         extra_meta={"preset": cfg.preset}, writer=backend.save_extra)
+
+    it = iter(stream)
+    losses: list[tuple[int, float]] = []
+    win_loss = torch.zeros((), device=device)
+    win_norm = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    win_steps, win_images, t_win = 0, 0, time.time()
+    last_ckpt, final_loss, ips = None, float("nan"), 0.0
+    model.train()
+    for step in range(start, total):
+        lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
+        step_loss = torch.zeros((), device=device)
+        for micro in range(cfg.engine.grad_accum):
+            images, _ = next(it)
+            images = images.to(device, non_blocking=True)
+            loss = objective(backend.model, images, step * cfg.engine.grad_accum + micro, amp)
+            backend.backward(loss)
+            step_loss += loss.detach() / cfg.engine.grad_accum
+            win_images += images.shape[0] * world
+        norm = backend.step(lr)
+        if ema is not None:
+            ema.update(model)
+        # Recorded on the device: the host looks only at log time.
+        bad_now = (~torch.isfinite(step_loss)) & (first_bad < 0)
+        first_bad = torch.where(bad_now, torch.full_like(first_bad, step + 1), first_bad)
+        win_loss += step_loss
+        win_norm += norm.float()
+        win_steps += 1
+        done = step + 1
+        if done % cfg.engine.log_every == 0 or done == total:
+            bad = int(first_bad.item())
+            if bad >= 0:
+                logger.close()
+                raise NonFiniteLoss(
+                    f"loss became non-finite at step {bad} (lr {lr_at(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
+                    f"stopping without saving. Last complete checkpoint: {ckpt_mod.latest_checkpoint(out_dir)}. "
+                    "Try a lower --optim.blr, --optim.clip_grad, or --engine.precision=fp32.")
+            dt = time.time() - t_win
+            final_loss = float(win_loss.item()) / win_steps
+            ips = win_images / max(dt, 1e-9)
+            losses.append((done, final_loss))
+            logger.log(done, {"loss": final_loss, "lr": lr, "grad_norm": float(win_norm.item()) / win_steps,
+                              "images_per_s": round(ips, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)})
+            win_loss.zero_()
+            win_norm.zero_()
+            win_steps, win_images, t_win = 0, 0, time.time()
+        if cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total:
+            last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+    if total > start:
+        last_ckpt = save(total) if is_main or backend.save_on_all_ranks else None
+        if last_ckpt is not None:
+            logger.info(f"checkpoint: {last_ckpt}")
+    logger.close()
+    return TrainResult(out_dir, total, final_loss, losses, last_ckpt, ips, model, ema, tok)

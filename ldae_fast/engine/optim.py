@@ -1,0 +1,62 @@
+"""Optimizer, learning-rate schedule by step, and the parameter EMA."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from ..config import Config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' 1-D tensors and the class token (MAE's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """AdamW, the fused CUDA implementation when the parameters live on CUDA."""
+    kwargs = dict(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    on_cuda = next(model.parameters()).is_cuda
+    if on_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), **kwargs)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warm-up from 0, then half-cycle cosine down to min_lr at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the parameters (buffers are copied), kept in float32."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for k, v in model.state_dict().items():
+            if k in params and v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for k, v in sd.items():
+            self.shadow[k].copy_(v)

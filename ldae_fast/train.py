@@ -1,0 +1,108 @@
+"""`python train.py [--preset NAME] [--section.field=value ...]`: pretrain, then show what was learned.
+
+With no arguments this runs the `demo` preset on the built-in synthetic data: fit the patch PCA,
+pretrain, write a checkpoint, the clean / noisy / denoised figure and a quick linear probe next to
+the same probe on a randomly initialised encoder.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, parse_cli
+
+USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
+                       [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR]
+
+presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl
+sections: model, tokenizer, noise, data, optim, engine, eval (see ldae_fast/config.py for fields)
+examples:
+  python train.py                                   # the demo, CPU, ~2 minutes
+  python train.py --preset tiny-imagenet --engine.epochs=1
+  deepspeed train.py --preset ldae-vitb --data.train_shards='/data/imagenet/train-{000000..001023}.tar'
+"""
+
+
+def finish_demo(cfg: Config, result, log=print) -> dict:
+    """Figure + quick linear probe of the trained encoder against a random-init floor."""
+    from .data import build_eval_arrays
+    from .eval.figure import denoise_figure
+    from .eval.linear_probe import quick_probe
+    from .models import build_model
+
+    out = {}
+    model = result.model
+    if result.ema is not None:  # evaluate the EMA weights, as the paper does
+        model = build_model(cfg.model, cfg.data.img_size)
+        model.load_state_dict(result.ema.state_dict())
+    model = model.cpu().eval()
+    if cfg.eval.figure:
+        imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
+        sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
+        path = denoise_figure(model, result.tokenizer, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png",
+                              seed=cfg.engine.seed)
+        log(f"figure (clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}): {path}")
+        out["figure"] = str(path)
+    if cfg.eval.probe:
+        t0 = time.time()
+        train_arr = build_eval_arrays(cfg, "train")
+        val_arr = build_eval_arrays(cfg, "val")
+        torch.manual_seed(cfg.engine.seed)
+        ours = quick_probe(model.encoder, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
+                           batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
+        torch.manual_seed(cfg.engine.seed)
+        rand_model = build_model(cfg.model, cfg.data.img_size).eval()
+        floor = quick_probe(rand_model.encoder, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
+                            batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
+        chance = 100.0 / max(1, int(train_arr[1].max()) + 1)
+        log(f"linear probe (fast, cached features; {len(train_arr[1])} train / {len(val_arr[1])} val images, "
+            f"{cfg.eval.probe_epochs} epochs, {time.time() - t0:.0f}s):\n"
+            f"  pretrained encoder   top-1 {ours['top1']:.1f}%\n"
+            f"  random-init encoder  top-1 {floor['top1']:.1f}%\n"
+            f"  chance               top-1 {chance:.1f}%")
+        out.update(probe_top1=ours["top1"], random_top1=floor["top1"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        cfg, rest = parse_cli(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    rest = [a for a in rest if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if rest:
+        print(f"unknown arguments: {' '.join(rest)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+
+    from .engine.loop import NonFiniteLoss, train
+
+    backend_factory = None
+    if cfg.engine.backend == "deepspeed":
+        from .engine.deepspeed_backend import DeepSpeedBackend
+        backend_factory = DeepSpeedBackend
+    t0 = time.time()
+    try:
+        result = train(cfg, backend_factory=backend_factory)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if result.model is None or result.steps == 0:
+        return 0
+    is_main = getattr(result, "is_main", True)
+    if is_main and result.losses:
+        first, last = result.losses[0][1], result.losses[-1][1]
+        print(f"pretraining done in {time.time() - t0:.0f}s: loss {first:.4f} -> {last:.4f}, "
+              f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
+    if is_main and cfg.preset == "demo" or (is_main and cfg.data.source == "synthetic"):
+        finish_demo(cfg, result)
+    print(f"run directory: {cfg.engine.out_dir} (config.json, metrics.jsonl, checkpoints/)")
+    return 0

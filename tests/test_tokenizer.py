@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from ldae_fast import reference
+from ldae_fast.tokenizer import PCATokenizer, TokenizerMismatch, fit_pca, pixel_tokenizer
+
+
+def _images(n, seed=0, size=16):
+    # Smooth, correlated images so the spectrum is far from flat (as for natural images).
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, size // 4, size // 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    return x + 0.05 * torch.randn(n, 3, size, size, generator=g)
+
+
+def _batches(x, bs=16):
+    for i in range(0, len(x), bs):
+        yield x[i:i + bs]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fit_pca(_batches(_images(256)), patch_size=4, latent_dim=8, max_images=256)
+
+
+def test_basis_orthonormal_sorted(tok):
+    V = tok.basis_full.double()
+    torch.testing.assert_close(V @ V.t(), torch.eye(48, dtype=torch.float64), atol=1e-5, rtol=0)
+    ev = tok.eigenvalues
+    assert bool((ev[1:] <= ev[:-1] + 1e-6).all())
+    assert tok.num_patches_fitted == 256 * 16
+
+
+def test_matches_direct_covariance(tok):
+    t = reference.patchify(_images(256), 4).reshape(-1, 48).double()
+    cov = torch.cov(t.t())
+    ev = torch.linalg.eigvalsh(cov).flip(0)
+    torch.testing.assert_close(tok.eigenvalues.double(), ev.clamp_min(0), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(tok.mean.double(), t.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_reconstruction_error_falls_with_d(tok):
+    x = _images(32, seed=1)
+    errs = []
+    for d in (1, 4, 8, 16, 32, 48):
+        t = PCATokenizer(tok.basis_full, tok.mean, tok.eigenvalues, 4, d)
+        rec = t.decode(t.encode(x), 16, 16)
+        errs.append(float((rec - x).square().mean()))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-9
+
+
+def test_fit_is_deterministic():
+    a = fit_pca(_batches(_images(64)), 4, 8, 64)
+    b = fit_pca(_batches(_images(64), bs=7), 4, 8, 64)
+    torch.testing.assert_close(a.basis_full, b.basis_full, atol=1e-4, rtol=0)
+
+
+def test_save_load_and_refusals(tok, tmp_path):
+    path = tok.save(tmp_path / "pca.safetensors")
+    assert (tmp_path / "pca.json").exists()
+    back = PCATokenizer.load(path, patch_size=4, latent_dim=8, kind="pca")
+    assert torch.equal(back.basis_full, tok.basis_full) and back.d == 8
+    assert back.metadata()["explained_variance_at_d"] == pytest.approx(tok.metadata()["explained_variance_at_d"])
+    with pytest.raises(TokenizerMismatch, match="patch_size=4 but the config asks for model.patch_size=8"):
+        PCATokenizer.load(path, patch_size=8)
+    with pytest.raises(TokenizerMismatch, match="latent_dim=8"):
+        PCATokenizer.load(path, latent_dim=16)
+    with pytest.raises(FileNotFoundError, match="fit-pca"):
+        PCATokenizer.load(tmp_path / "missing.safetensors")
+
+
+def test_pixel_tokenizer_is_identity():
+    t = pixel_tokenizer(2)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(t.decode(t.encode(x), 4, 4), x)
