@@ -1,0 +1,266 @@
+"""The l-DAE network: a ViT encoder and a ViT decoder made of DiT-style blocks.
+
+Encoder: patch embedding + class token + fixed 2-D sin-cos position embedding -> blocks -> final
+(affine) LayerNorm. Its parameter names are timm's VisionTransformer names, so it loads into timm
+for evaluation (see timm_export.py). It owns its own noise-level embedder so it is self-contained:
+evaluation feeds clean images with sigma = 0, the same conditioning the export folds in.
+
+Decoder: a linear embedding of the encoder tokens (as MAE's decoder_embed: the encoder output is
+normalised, the decoder gets to re-scale it) + its own fixed position embedding -> blocks -> final
+layer to p*p*C pixels per patch -> unpatchify (MAE's (p, p, C) order) to an image.
+
+Both halves are conditioned on sigma through adaLN-Zero (cond='adaln') or not at all (cond='none').
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from ..reference import unpatchify
+from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, mlp_hidden
+from .pos_embed import sincos_2d
+
+SIGMA_FREQ_DIM = 256
+
+
+def _sigma_vector(sigma, batch: int, ref: torch.Tensor) -> torch.Tensor:
+    """None (clean input), a number, a 0-d or a (B,) tensor -> a float32 (B,) tensor on ref's device."""
+    if sigma is None:
+        return torch.zeros(batch, device=ref.device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=ref.device)
+    if sigma.dim() == 0:
+        return sigma.expand(batch)
+    if sigma.numel() != batch:
+        raise ValueError(f"sigma has {sigma.numel()} values for a batch of {batch}")
+    return sigma.reshape(batch)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor | None,
+                grad_checkpointing: bool) -> torch.Tensor:
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, c, use_reentrant=False)
+        else:
+            x = blk(x, c)
+    return x
+
+
+def _init_linear_xavier(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _init_common(module: nn.Module) -> None:
+    """Xavier-uniform everywhere, then DiT's exceptions: sigma MLP N(0, 0.02), adaLN-Zero."""
+    module.apply(_init_linear_xavier)
+    for m in module.modules():
+        if isinstance(m, SigmaEmbedder):
+            for lin in (m.mlp[0], m.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+        if isinstance(m, (Block, FinalLayer)) and hasattr(m, "adaLN_modulation"):
+            # adaLN-Zero: every gate starts at 0, so each block starts as the identity map.
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
+                 attn_backend: str = "auto") -> None:
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
+        self.num_features = self.embed_dim = width
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
+        g = self.patch_embed.grid_size
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        # Fixed, so not saved: rebuilt from the config, and checkpoints hold learned tensors only.
+        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
+                             persistent=False)
+        self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, cond, attn_backend) for _ in range(depth))
+        # Affine and unconditioned even with adaLN: the features must not depend on a sigma that
+        # evaluation does not have, and timm's `norm` is a plain LayerNorm.
+        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        _init_common(self)
+        w = self.patch_embed.proj.weight
+        # A patch embedding is a linear map of the flattened patch: initialise it as one.
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed_sigma(self, sigma, batch: int, ref: torch.Tensor) -> torch.Tensor | None:
+        """The conditioning vector c (B, width) for noise level sigma; None when cond='none'."""
+        if self.sigma_embed is None:
+            return None
+        return self.sigma_embed(_sigma_vector(sigma, batch, ref))
+
+    def forward_features(self, x: torch.Tensor, sigma=None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + N, width) tokens, class token first, after the final norm.
+
+        sigma: (B,) noise levels of x; None means a clean image (sigma = 0).
+        """
+        B = x.shape[0]
+        pos = self.pos_embed.to(x.dtype)
+        tokens = self.patch_embed(x) + pos[:, 1:]
+        cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)
+        tokens = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        c = self.embed_sigma(sigma, B, x)
+        tokens = _run_blocks(self.blocks, tokens, c, self.grad_checkpointing)
+        return self.norm(tokens)
+
+    forward = forward_features
+
+    def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None) -> torch.Tensor:
+        """(B, width) image features: mean of the patch tokens (MAE's linear probe) or the class token."""
+        tokens = self.forward_features(x, sigma)
+        if pool == "avg":
+            return tokens[:, 1:].mean(dim=1)
+        if pool == "cls":
+            return tokens[:, 0]
+        raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+
+class ViTDecoder(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
+                 attn_backend: str = "auto") -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+        self.img_size, self.patch_size, self.out_chans, self.cond = img_size, patch_size, out_chans, cond
+        self.grad_checkpointing = False
+        g = img_size // patch_size
+        self.num_patches = g * g
+        self.embed = nn.Linear(width, width)
+        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
+                             persistent=False)
+        self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, cond, attn_backend) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        _init_common(self)
+        # DiT zero-initialises the output projection too: the untrained model predicts zeros.
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward_patches(self, tokens: torch.Tensor, sigma=None) -> torch.Tensor:
+        """Encoder tokens (B, 1 + N, width) -> per-patch pixels (B, N, p*p*C)."""
+        B = tokens.shape[0]
+        x = self.embed(tokens) + self.pos_embed.to(tokens.dtype)
+        c = None if self.sigma_embed is None else self.sigma_embed(_sigma_vector(sigma, B, tokens))
+        x = _run_blocks(self.blocks, x, c, self.grad_checkpointing)
+        return self.final_layer(x[:, 1:], c)
+
+    def forward(self, tokens: torch.Tensor, sigma=None) -> torch.Tensor:
+        """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W)."""
+        patches = self.forward_patches(tokens, sigma)
+        return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+
+class LDAEModel(nn.Module):
+    """x_in (B, C, H, W) noisy image, sigma (B,) -> x_hat (B, C, H, W) predicted clean image."""
+
+    def __init__(self, encoder: ViTEncoder, decoder: ViTDecoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.patch_size = encoder.patch_size
+        self.img_size = encoder.img_size
+
+    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder.forward_features(x_in, sigma), sigma)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.encoder.grad_checkpointing
+
+
+def _dims(cfg: ModelConfig) -> dict:
+    return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
+                attn_backend=cfg.attn_backend)
+
+
+def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> ViTEncoder:
+    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth, **_dims(cfg))
+
+
+def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> LDAEModel:
+    """The l-DAE encoder-decoder for square img_size x img_size inputs with in_chans channels."""
+    if img_size % cfg.patch_size:
+        raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
+    enc = build_encoder(cfg, img_size, in_chans)
+    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth, **_dims(cfg))
+    model = LDAEModel(enc, dec)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float:
+    """Analytic forward FLOPs of one image through LDAEModel (multiply-add = 2 FLOPs).
+
+    Counts every matmul/conv, nothing element-wise (norms, softmax, GELU, residuals, modulation):
+    with N patches, T = N + 1 tokens (class token included), width w, MLP hidden h, L = encoder +
+    decoder blocks, D = p*p*C:
+      blocks        L * [2 T w (3w + w + 2h) + 4 T^2 w]   (= L T (24 w^2 + 4 T w) when h = 4w):
+                    qkv, attention output projection, MLP; q k^T and attn @ v
+      patch embed   2 N (p^2 C) w
+      decoder embed 2 T w^2
+      head          2 N w D
+      adaLN only    per image, not per token: 2 L w (6w) block modulation, 2 w (2w) final
+                    modulation, 2 x 2 (256 w + w^2) for the two sigma embedders.
+    Backward is about 2x forward, so a training step is ~3x this (plus one more forward of the
+    blocks with gradient checkpointing).
+    """
+    p, w = cfg.patch_size, cfg.width
+    N = (img_size // p) ** 2
+    T = N + 1
+    h = mlp_hidden(w, cfg.mlp_ratio)
+    L = cfg.encoder_depth + cfg.decoder_depth
+    D = p * p * in_chans
+    flops = L * (2 * T * w * (3 * w + w + 2 * h) + 4 * T * T * w)
+    flops += 2 * N * (p * p * in_chans) * w + 2 * T * w * w + 2 * N * w * D
+    if cfg.cond == "adaln":
+        flops += 2 * L * w * 6 * w + 2 * w * 2 * w + 2 * 2 * (SIGMA_FREQ_DIM * w + w * w)
+    return float(flops)
+
+
+def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
+    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)."""
+    p, w = cfg.patch_size, cfg.width
+    h = mlp_hidden(w, cfg.mlp_ratio)
+    adaln = cfg.cond == "adaln"
+    block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
+    block += (6 * w * w + 6 * w) if adaln else 4 * w
+    sigma_embed = (SIGMA_FREQ_DIM * w + w + w * w + w) if adaln else 0
+    D = p * p * in_chans
+    enc = (in_chans * p * p * w + w) + w + cfg.encoder_depth * block + 2 * w + sigma_embed
+    dec = (w * w + w) + cfg.decoder_depth * block + sigma_embed + (w * D + D)
+    dec += (2 * w * w + 2 * w) if adaln else 2 * w
+    return {"encoder": enc, "decoder": dec, "total": enc + dec}

@@ -1,0 +1,252 @@
+"""models/: shapes and parameter counts per size, conditioning, checkpointing, timm export, FLOPs."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldae_fast.config import MODEL_SIZES, ModelConfig
+from ldae_fast.models import (
+    build_model,
+    flops_per_image,
+    param_count,
+    sincos_2d,
+    timm_kwargs,
+    timm_state_dict,
+)
+
+IMG, P = 16, 4  # 16 patches + class token: every real-compute test stays in milliseconds
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(size="tiny", patch_size=P, encoder_depth=2, decoder_depth=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter off its init: zero-init (adaLN-Zero, final layer) hides most bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def images(b=2, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, IMG, IMG, generator=g).to(device)
+
+
+@pytest.mark.parametrize("size", list(MODEL_SIZES))
+@pytest.mark.parametrize("cond", ["adaln", "none"])
+def test_every_size_shapes_and_param_count(size, cond):
+    # Meta tensors: no memory and no compute, so building ViT-L costs nothing.
+    cfg = ModelConfig(size=size, patch_size=16, cond=cond)
+    with torch.device("meta"):
+        model = build_model(cfg, img_size=32)
+    counts = param_count(cfg, 32)
+    assert sum(p.numel() for p in model.encoder.parameters()) == counts["encoder"]
+    assert sum(p.numel() for p in model.decoder.parameters()) == counts["decoder"]
+    assert len(model.encoder.blocks) == MODEL_SIZES[size]["encoder_depth"]
+    assert len(model.decoder.blocks) == MODEL_SIZES[size]["decoder_depth"]
+    w = MODEL_SIZES[size]["width"]
+    assert model.encoder.num_features == w and model.patch_size == 16 and model.img_size == 32
+
+    # Shapes through the size's width and heads; one block per side, since meta ops still cost
+    # Python dispatch time and every block maps shapes the same way.
+    shallow = ModelConfig(size=size, patch_size=16, cond=cond, encoder_depth=1, decoder_depth=1)
+    with torch.device("meta"):
+        model = build_model(shallow, img_size=32)
+    x = torch.empty(3, 3, 32, 32, device="meta")
+    out = model(x, torch.empty(3, device="meta"))
+    feats = model.encoder.forward_features(x)
+    assert out.shape == x.shape
+    assert feats.shape == (3, 1 + 4, w)
+    assert model.encoder.pooled(x, "avg").shape == (3, w)
+    assert model.encoder.pooled(x, "cls").shape == (3, w)
+
+
+def test_param_count_matches_timm_vit_b():
+    # 85,798,656: timm's ViT-B/16 at 224 without head; its learned pos_embed (197 x 768) is a
+    # parameter there and a fixed buffer here.
+    enc = param_count(ModelConfig(size="B", patch_size=16, cond="none"), 224)["encoder"]
+    assert enc + 197 * 768 == 85_798_656
+
+
+@pytest.mark.parametrize("cond", ["adaln", "none"])
+def test_forward_real(cond, device):
+    model = build_model(tiny_cfg(cond=cond), IMG).to(device)
+    x = images(device=device)
+    out = model(x, torch.tensor([0.0, 1.0], device=device))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # Zero-initialised output layer (DiT): the untrained model predicts exactly zero.
+    assert torch.count_nonzero(out) == 0
+    out = perturbed(model)(x, torch.tensor([0.3, 1.2], device=device))
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_adaln_zero_init():
+    model = build_model(tiny_cfg(), IMG)
+    for blk in [*model.encoder.blocks, *model.decoder.blocks]:
+        assert torch.count_nonzero(blk.adaLN_modulation[-1].weight) == 0
+        assert blk.norm1.weight is None  # adaLN replaces the LayerNorm affine
+    # Identity blocks at init: encoder features are the normalised embeddings for any sigma.
+    x = images()
+    torch.testing.assert_close(model.encoder.forward_features(x, torch.tensor([0.0, 1.4])),
+                               model.encoder.forward_features(x), atol=0, rtol=0)
+    plain = build_model(tiny_cfg(cond="none"), IMG)
+    assert plain.encoder.blocks[0].norm1.weight is not None
+    assert not hasattr(plain.encoder.blocks[0], "adaLN_modulation")
+    assert plain.encoder.sigma_embed is None and plain.decoder.sigma_embed is None
+
+
+@pytest.mark.parametrize("cond", ["adaln", "none"])
+def test_sigma_conditioning(cond):
+    model = perturbed(build_model(tiny_cfg(cond=cond), IMG)).eval()
+    x = images()
+    with torch.no_grad():
+        a = model(x, torch.tensor([0.1, 0.1]))
+        b = model(x, torch.tensor([0.1, 0.9]))
+        fa = model.encoder.forward_features(x, torch.tensor([0.1, 0.1]))
+        fb = model.encoder.forward_features(x, torch.tensor([0.1, 0.9]))
+    # Sample 0 keeps its sigma: per-sample conditioning must not leak across the batch.
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+    if cond == "adaln":
+        assert (a[1] - b[1]).abs().max() > 1e-3
+        assert (fa[1] - fb[1]).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(fa, fb, atol=0, rtol=0)
+
+
+def test_sigma_forms():
+    enc = perturbed(build_model(tiny_cfg(), IMG)).encoder
+    x = images()
+    with torch.no_grad():
+        ref = enc.forward_features(x, torch.zeros(2))
+        torch.testing.assert_close(enc.forward_features(x), ref, atol=0, rtol=0)
+        torch.testing.assert_close(enc.forward_features(x, 0.0), ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="sigma"):
+        enc.forward_features(x, torch.zeros(3))
+
+
+def test_pos_embed_fixed_sincos():
+    model = build_model(tiny_cfg(), IMG)
+    enc = model.encoder
+    names = {n for n, _ in model.named_parameters()}
+    assert "encoder.pos_embed" not in names and "decoder.pos_embed" not in names
+    assert "encoder.pos_embed" not in model.state_dict()
+    pe = enc.pos_embed[0]
+    w, g = pe.shape[1], IMG // P
+    assert pe.shape == (1 + g * g, w)
+    assert torch.count_nonzero(pe[0]) == 0  # class token: no position (MAE)
+    # Patch (row 1, col 2): first half encodes the column, second half the row.
+    tok = pe[1 + 1 * g + 2]
+    i = 3
+    omega = 10000.0 ** (-i / (w // 4))
+    assert tok[i].item() == pytest.approx(math.sin(2 * omega), abs=1e-6)
+    assert tok[w // 4 + i].item() == pytest.approx(math.cos(2 * omega), abs=1e-6)
+    assert tok[w // 2 + i].item() == pytest.approx(math.sin(1 * omega), abs=1e-6)
+    torch.testing.assert_close(model.decoder.pos_embed, enc.pos_embed)
+    with pytest.raises(ValueError):
+        sincos_2d(6, 2, 2)
+
+
+def test_grad_checkpointing_same_gradients():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = perturbed(build_model(cfg, IMG))
+    x, sigma = images(), torch.tensor([0.2, 1.1])
+
+    def grads(enable):
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(enable)
+        model(x, sigma).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    g0, g1 = grads(False), grads(True)
+    assert model.grad_checkpointing and model.decoder.grad_checkpointing
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert build_model(tiny_cfg(grad_checkpointing=True), IMG).grad_checkpointing
+
+
+def test_attention_backend_from_config():
+    x, sigma = images(), torch.tensor([0.2, 1.1])
+    outs = []
+    for backend in ("math", "sdpa", "auto"):
+        torch.manual_seed(0)
+        model = perturbed(build_model(tiny_cfg(attn_backend=backend), IMG))
+        assert model.encoder.blocks[0].attn.backend == ("sdpa" if backend == "auto" else backend)
+        with torch.no_grad():
+            outs.append(model(x, sigma))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_names_are_timm_names():
+    timm = pytest.importorskip("timm")
+    enc = build_model(tiny_cfg(cond="none"), IMG).encoder
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(enc))
+    ours = set(enc.state_dict()) | {"pos_embed"}
+    assert ours == set(tm.state_dict())
+
+
+@pytest.mark.parametrize("cond", ["adaln", "none"])
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_timm_export_loads_strictly_and_matches(cond, pool):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    enc = perturbed(build_model(tiny_cfg(cond=cond), IMG), seed=3).encoder.eval()
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(enc, pool)).eval()
+    tm.load_state_dict(timm_state_dict(enc), strict=True)
+    x = images(b=3, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x), enc.forward_features(x), atol=1e-5, rtol=1e-5)
+        ours = enc.pooled(x, "avg" if pool == "avg" else "cls")
+        torch.testing.assert_close(tm(x), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_export_folds_nonzero_sigma():
+    timm = pytest.importorskip("timm")
+    enc = perturbed(build_model(tiny_cfg(), IMG), seed=4).encoder.eval()
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(enc)).eval()
+    tm.load_state_dict(timm_state_dict(enc, sigma=0.7), strict=True)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x), enc.forward_features(x, 0.7), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cond", ["adaln", "none"])
+def test_flops_formula_counts_every_matmul(cond):
+    # The math backend runs attention as two visible matmuls, so the counter sees all of them.
+    cfg = tiny_cfg(cond=cond, attn_backend="math", encoder_depth=2, decoder_depth=1)
+    model = build_model(cfg, IMG)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images(b=2), torch.tensor([0.1, 0.2]))
+    assert counter.get_total_flops() / 2 == flops_per_image(cfg, IMG)
+
+
+def test_flops_formula_matches_the_paper_form():
+    cfg = ModelConfig(size="B", patch_size=16, cond="none")
+    N, w, L = (224 // 16) ** 2, 768, 24
+    T = N + 1
+    blocks = L * T * (24 * w * w + 4 * T * w)
+    extras = 2 * N * 768 * w + 2 * T * w * w + 2 * N * w * 768
+    assert flops_per_image(cfg, 224) == blocks + extras
+
+
+def test_bf16_autocast_forward():
+    model = perturbed(build_model(tiny_cfg(), IMG))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(), torch.tensor([0.2, 1.1]))
+    assert out.shape == (2, 3, IMG, IMG) and torch.isfinite(out).all()
+
+
+def test_bad_image_size():
+    with pytest.raises(ValueError, match="divisible"):
+        build_model(tiny_cfg(), 18)
+    model = build_model(tiny_cfg(), IMG)
+    with pytest.raises(ValueError, match="built for"):
+        model(torch.zeros(1, 3, 2 * IMG, 2 * IMG), torch.zeros(1))
