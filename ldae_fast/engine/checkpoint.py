@@ -63,34 +63,45 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
-                     extra_meta: dict | None = None, writer=None) -> Path:
+                     extra_meta: dict | None = None, writer=None, is_main: bool = True,
+                     barrier=None) -> Path:
     """Write `state` for `step` atomically; prune to the newest `keep_last` complete ones.
 
-    `writer(tmp_dir)` may write additional files (DeepSpeed's sharded state) before the rename.
+    `writer(tmp_dir)` may write additional files before the rename (DeepSpeed's sharded state). In
+    a multi-rank run every rank calls this with `barrier` set: rank 0 owns the directory and the
+    rename, every rank runs `writer` into the same temporary directory.
     """
+    def sync() -> None:
+        if barrier is not None:
+            barrier()
+
     root = ckpt_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    tmp = root / f".tmp-step_{step:08d}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    sync()
     if writer is not None:
         writer(tmp)
-    meta = {"step": step, "time": time.time(), **(extra_meta or {})}
-    with open(tmp / "meta.json", "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # re-saving the same step (e.g. end of run == periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):
-        if stale != tmp:
+    sync()
+    if is_main:
+        torch.save(state, tmp / "state.pt")
+        meta = {"step": step, "time": time.time(), **(extra_meta or {})}
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step (e.g. end of run == periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
+    sync()
     return final
 
 

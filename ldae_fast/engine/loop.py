@@ -158,7 +158,12 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         tok.save(out_dir / "tokenizer.safetensors")
     objective = LDAEObjective(cfg, tok, device, rank=rank)
     amp = autocast_dtype(cfg.engine.precision, device)
-    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    # Under ZeRO-3 each rank holds a shard of every parameter, so a full-parameter EMA would need a
+    # gather per step; it is off there (the log says so).
+    zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
+    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 and not zero3 else None
+    if zero3 and cfg.optim.ema_decay > 0:
+        logger.info("note: the parameter EMA is not kept under ZeRO-3 (optim.ema_decay ignored)")
     stream = build_train_stream(cfg, rank=rank, world_size=world)
 
     start = 0
@@ -184,7 +189,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
                      tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
-                                         extra_meta={"preset": cfg.preset}, writer=backend.save_extra)
+                                         extra_meta={"preset": cfg.preset}, writer=backend.save_extra,
+                                         is_main=is_main, barrier=getattr(backend, "barrier", None))
 
     it = iter(stream)
     losses: list[tuple[int, float]] = []

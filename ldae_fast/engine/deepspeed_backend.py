@@ -1,0 +1,140 @@
+"""DeepSpeed backend: ZeRO 1-3, bf16, gradient accumulation and clipping, FusedAdam on CUDA.
+
+The DeepSpeed JSON is generated from our config (`ds_config`), so there is one source of truth; a
+user JSON (`engine.deepspeed_config`) may override any key. Launch with `deepspeed train.py ...` or
+`torchrun train.py ...` and `--engine.backend=deepspeed`.
+
+Batch semantics: global batch = data.batch_size (micro) x engine.grad_accum x world size, and the
+learning rate is optim.blr x global batch / 256 (set per step by our schedule, not DeepSpeed's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from .optim import param_groups
+
+DS_TAG = "state"
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
+    """The DeepSpeed JSON implied by our config (plus the user's override file, if any)."""
+    c = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.engine.grad_accum,
+        "train_batch_size": cfg.global_batch(world_size),
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.engine.zero_stage, "overlap_comm": on_cuda,
+                              "contiguous_gradients": True, "reduce_bucket_size": 5e7},
+        "bf16": {"enabled": on_cuda and cfg.engine.precision in ("auto", "bf16")},
+        "steps_per_print": 1 << 30,  # our logger prints; DeepSpeed's own lines would duplicate it
+        "wall_clock_breakdown": False,
+    }
+    if cfg.engine.deepspeed_config:
+        path = Path(cfg.engine.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"engine.deepspeed_config={path}: no such file")
+        deep_update(c, json.loads(path.read_text()))
+    return c
+
+
+def _init_distributed(on_cuda: bool) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Single process without a launcher: give torch.distributed a one-rank world.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+
+
+class DeepSpeedBackend:
+    """Same surface as engine.loop.SingleDevice: backward / step / state_dict / load_state_dict."""
+
+    save_on_all_ranks = True  # DeepSpeed's sharded save is collective
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, lr: float):
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise RuntimeError("engine.backend='deepspeed' needs DeepSpeed: pip install deepspeed") from e
+        import torch.distributed as dist
+
+        on_cuda = next(model.parameters()).is_cuda
+        _init_distributed(on_cuda)
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.is_main = self.rank == 0
+        if on_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.cfg = cfg
+        self.config = ds_config(cfg, self.world_size, on_cuda)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        if on_cuda:
+            from deepspeed.ops.adam import FusedAdam
+            opt = FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.config)
+        self.model = self.engine
+        self.module = model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self, lr: float) -> torch.Tensor:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return torch.zeros(())
+        return norm.detach().float().cpu() if torch.is_tensor(norm) else torch.tensor(float(norm))
+
+    def state_dict(self) -> dict:
+        # ZeRO-1/2 keep full parameters on every rank; ZeRO-3 weights live only in the sharded files.
+        model = self.module.state_dict() if self.cfg.engine.zero_stage < 3 else None
+        return {"model": model, "optimizer": None, "world_size": self.world_size}
+
+    def save_extra(self, tmp_dir: Path) -> None:
+        self.engine.save_checkpoint(str(Path(tmp_dir) / "ds"), tag=DS_TAG)
+
+    def load_state_dict(self, st: dict, ckpt_dir: Path) -> None:
+        ds_dir = Path(ckpt_dir) / "ds"
+        if not (ds_dir / DS_TAG).is_dir():
+            raise FileNotFoundError(f"{ckpt_dir} has no DeepSpeed state (ds/{DS_TAG}); was it written by a "
+                                    "single-device run? Resume it with --engine.backend=single")
+        self.engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def consolidated_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from a (possibly ZeRO-3 sharded) checkpoint of ours."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt_dir) / "ds"), tag=DS_TAG)
