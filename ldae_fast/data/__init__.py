@@ -1,0 +1,35 @@
+"""Data: WebDataset streaming, shard writer, decode/augment, the built-in synthetic set.
+
+Entry points for the rest of the package:
+- `build_train_stream(cfg, rank, world_size)` -> `TrainStream`, endless normalised batches with
+  `state_dict()` / `load_state_dict()` (resume rule: ldae_fast/data/wds.py docstring);
+- `build_eval_arrays(cfg, split, max_images)` -> (images, labels) for probes, kNN, figures;
+- `normalize` / `denormalize` with the ImageNet mean and std;
+- `write_shards` and the `ldae-fast make-shards` CLI (`shards.main`).
+"""
+
+from .badsamples import BadSampleCounter, DataError
+from .shards import write_shards
+from .synthetic import make_synthetic, synthetic_split, synthetic_val_size
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    crop_resize_flip,
+    denormalize,
+    eval_resize_size,
+    eval_transform,
+    normalize,
+    random_resized_crop_tensor,
+    sample_crop_box,
+    to_rgb,
+    train_transform,
+)
+from .wds import TrainStream, build_eval_arrays, build_train_stream, expand_urls
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "denormalize", "to_rgb", "train_transform",
+    "eval_transform", "eval_resize_size", "sample_crop_box", "crop_resize_flip",
+    "random_resized_crop_tensor", "make_synthetic", "synthetic_split", "synthetic_val_size",
+    "TrainStream", "build_train_stream", "build_eval_arrays", "expand_urls", "write_shards",
+    "DataError", "BadSampleCounter",
+]

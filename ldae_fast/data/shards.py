@@ -1,0 +1,209 @@
+"""Shard writer: an ImageFolder tree -> WebDataset tar shards in the ImageNet layout.
+
+`SRC/<class>/<image>` becomes `KEY.jpg` + `KEY.cls`, the class index being the position of the
+class folder name in sorted order (torchvision's ImageFolder rule). JPEG files are stored with
+their original bytes (no generation loss, whatever their colour mode: the reader converts
+grayscale and CMYK); other formats are re-encoded as RGB JPEG (quality 95, transparency
+composited on white). Shards are reproducible byte for byte: fixed member metadata and gzip
+header time, a seeded sample order. Each shard is written to a temporary name and renamed when
+complete, so an interrupted run never leaves a truncated shard under a final name.
+`classes.tsv` (index TAB class name) is written beside the shards.
+
+CLI: `ldae-fast make-shards SRC OUT_PATTERN [--maxcount N] [--gzip] [--seed S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip as gzip_mod
+import io
+import logging
+import os
+import random
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from .transforms import to_rgb
+
+log = logging.getLogger("ldae_fast.data")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+DEFAULT_MAXCOUNT = 2000
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def _to_jpeg(path: Path) -> bytes:
+    with Image.open(path) as img:
+        img.load()
+        rgb = to_rgb(img)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def list_image_folder(src: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Sorted class names and (file, class index) pairs of an ImageFolder tree."""
+    root = Path(src)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (expected SRC/<class>/<image> files)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class subfolders (expected SRC/<class>/<image> files)")
+    items: list[tuple[Path, int]] = []
+    for ci, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if Path(fn).suffix.lower() in IMAGE_SUFFIXES and not fn.startswith("."):
+                    items.append((Path(dirpath) / fn, ci))
+    if not items:
+        raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in class folders")
+    return classes, items
+
+
+def _key_for(path: Path, root: Path) -> str:
+    # The reader splits a member name at the first '.' of its file name, so the key keeps no dot.
+    rel = path.relative_to(root).with_suffix("")
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", "_".join(rel.parts))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    src: str | os.PathLike,
+    out_pattern: str,
+    max_count: int = DEFAULT_MAXCOUNT,
+    seed: int | None = 0,
+    gzip: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> list[str]:
+    """Write shards `out_pattern % i` (e.g. "out/train-%06d.tar") of at most `max_count`
+    samples each; returns their paths. `seed` None keeps the sorted (class, file) order, else
+    samples are shuffled with it so each shard mixes classes. `gzip` (or a pattern ending in
+    .gz) compresses; ".gz" is appended to names that lack it. Unreadable source files are
+    logged and left out. `progress(done, total, shard_index)` is called after each sample."""
+    if max_count < 1:
+        raise ValueError(f"max_count={max_count} must be >= 1")
+    try:
+        out_pattern % 0
+    except TypeError:
+        raise ValueError(f"out_pattern {out_pattern!r} needs a %d-style field for the shard number, "
+                         f"e.g. 'out/train-%06d.tar'") from None
+    root = Path(src)
+    classes, items = list_image_folder(root)
+    if seed is not None:
+        random.Random(seed).shuffle(items)
+    gz = gzip or out_pattern.endswith(".gz")
+    first = Path(out_pattern % 0)
+    first.parent.mkdir(parents=True, exist_ok=True)
+    (first.parent / "classes.tsv").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(classes)))
+
+    paths: list[str] = []
+    used: set[str] = set()
+    skipped = 0
+    done = 0
+    shard_i = 0
+    pos = 0
+    while pos < len(items):
+        name = out_pattern % shard_i
+        if gz and not name.endswith(".gz"):
+            name += ".gz"
+        tmp = f"{name}.tmp{os.getpid()}"
+        with open(tmp, "wb") as raw:
+            fobj = gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gz else raw
+            try:
+                with tarfile.open(fileobj=fobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                    count = 0
+                    while count < max_count and pos < len(items):
+                        path, ci = items[pos]
+                        pos += 1
+                        done += 1
+                        try:
+                            data = path.read_bytes()
+                            if not _is_jpeg(data):
+                                data = _to_jpeg(path)
+                        except Exception as e:  # any unreadable source image is left out, not fatal
+                            skipped += 1
+                            log.warning("make-shards: skipping unreadable %s: %s", path, e)
+                            if progress is not None:
+                                progress(done, len(items), shard_i)
+                            continue
+                        key = _key_for(path, root)
+                        base, n = key, 1
+                        while key in used:
+                            key, n = f"{base}_{n}", n + 1
+                        used.add(key)
+                        _add(tar, f"{key}.jpg", data)
+                        _add(tar, f"{key}.cls", str(ci).encode("ascii"))
+                        count += 1
+                        if progress is not None:
+                            progress(done, len(items), shard_i)
+            finally:
+                if fobj is not raw:
+                    fobj.close()
+        if count == 0:  # everything left was unreadable: no empty shard
+            os.remove(tmp)
+            break
+        os.replace(tmp, name)
+        paths.append(name)
+        shard_i += 1
+    if skipped:
+        log.warning("make-shards: %d unreadable file(s) left out", skipped)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ldae-fast make-shards SRC OUT_PATTERN [--maxcount N] [--gzip] [--seed S]`."""
+    ap = argparse.ArgumentParser(
+        prog="ldae-fast make-shards",
+        description="Write WebDataset shards (KEY.jpg + KEY.cls) from an ImageFolder tree "
+                    "SRC/<class>/<image>; class index = sorted folder order; classes.tsv beside.")
+    ap.add_argument("src", help="root folder with one subfolder per class")
+    ap.add_argument("out_pattern", help="shard names with a %%d field, e.g. shards/train-%%06d.tar")
+    ap.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard")
+    ap.add_argument("--gzip", action="store_true", help="gzip the shards (.tar.gz)")
+    ap.add_argument("--seed", type=int, default=0, help="shuffle seed (-1: keep sorted order)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(done: int, total: int, shard: int) -> None:
+        now = time.time()
+        if done == total or now - last[0] > (0.2 if tty else 10.0):
+            last[0] = now
+            rate = done / max(now - t0, 1e-9)
+            line = f"make-shards: {done}/{total} images, shard {shard}, {rate:.0f} img/s"
+            print(("\r" + line) if tty else line, end="" if tty and done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    try:
+        paths = write_shards(args.src, args.out_pattern, max_count=args.maxcount,
+                             seed=None if args.seed < 0 else args.seed, gzip=args.gzip, progress=progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"make-shards: error: {e}", file=sys.stderr)
+        return 2
+    print(f"make-shards: wrote {len(paths)} shard(s) in {time.time() - t0:.1f}s: "
+          f"{paths[0] if paths else ''} ... (classes.tsv beside them)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
