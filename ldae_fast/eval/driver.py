@@ -1,0 +1,371 @@
+"""`ldae-fast eval`: run evaluation protocols on a checkpoint and write one table.
+
+    ldae-fast eval --checkpoint runs/demo/checkpoints/last --data tiny-imagenet \
+        --protocols linear-fast,knn,linear,finetune --max-train-images 20000 --out runs/eval/demo
+
+Every protocol also runs on the same encoder architecture with random weights (seeded like a
+fresh `build_model`), and that row sits under the checkpoint's row: a number without its floor
+says little at small scale, where a random ViT already gets well above chance.
+Writes eval.md (the table) and eval.json (rows + settings) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ldae_fast.config import PRESETS, ConfigError
+
+from .features import extract_features, feature_dim, resolve_device
+from .finetune import recipe_for
+from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+
+PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class EvalError(RuntimeError):
+    """A user-facing problem (bad flag, missing data); printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ldae-fast eval",
+        description="Linear probe / kNN / fine-tuning / denoising figure of an l-DAE checkpoint, "
+                    "each beside the same architecture with random weights.")
+    ap.add_argument("--checkpoint", required=True,
+                    help="single-device checkpoint (dir or file), DeepSpeed checkpoint dir, or an "
+                         "exported encoder .safetensors")
+    ap.add_argument("--data", default=None,
+                    help="'synthetic', a preset with shards (e.g. tiny-imagenet), a directory of "
+                         "train-*.tar[.gz] / val-*.tar[.gz] shards, or a train shard pattern "
+                         "(then --val-data); default: the checkpoint's own data settings")
+    ap.add_argument("--val-data", default=None, help="validation shard pattern (with a pattern --data)")
+    ap.add_argument("--protocols", default="linear-fast,knn",
+                    help=f"comma-separated, from: {', '.join(PROTOCOLS)}")
+    ap.add_argument("--max-train-images", type=int, default=None)
+    ap.add_argument("--max-val-images", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="epochs of every trained protocol (defaults: linear-fast eval.probe_epochs, "
+                         "linear 90, finetune 100, or 50 for a 24-block encoder)")
+    ap.add_argument("--finetune-epochs", type=int, default=None, help="overrides --epochs for finetune")
+    ap.add_argument("--finetune-steps", type=int, default=0,
+                    help="stop fine-tuning after this many steps (0: full schedule)")
+    ap.add_argument("--finetune-batch-size", type=int, default=None, help="default 1024 (MAE)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="linear-probe batch (default eval.probe_batch_size)")
+    ap.add_argument("--blr", type=float, default=None, help="linear-probe base lr (default eval.probe_blr)")
+    ap.add_argument("--pool", choices=("avg", "cls"), default="avg", help="feature pooling")
+    ap.add_argument("--knn-k", default=None, help="comma-separated k (default eval.knn_k)")
+    ap.add_argument("--figure-images", type=int, default=8, help="rows of the denoising figure")
+    ap.add_argument("--num-workers", type=int, default=None,
+                    help="fine-tuning augmentation workers (default data.num_workers)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the probes and fine-tuning")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the random-weights rows")
+    ap.add_argument("--out", default=None, help="output dir (default runs/eval/<checkpoint name>)")
+    return ap
+
+
+def _make_log():
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[eval {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    return log
+
+
+def _load_checkpoint(path: str):
+    from ldae_fast.engine.checkpoint import load_for_eval
+
+    if not Path(path).exists():
+        raise EvalError(f"--checkpoint {path}: no such file or directory")
+    try:
+        return load_for_eval(path)
+    except FileNotFoundError as e:
+        raise EvalError(f"--checkpoint {path}: {e}") from None
+
+
+def _random_encoder(cfg):
+    """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
+    from ldae_fast.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.engine.seed)
+        model = build_model(cfg.model, cfg.data.img_size)
+    return model.encoder
+
+
+def _find_path(pattern: str) -> str:
+    """Preset shard paths are relative to the project root; accept them from any directory."""
+    if pattern.startswith(("pipe:", "http:", "https:", "/")):
+        return pattern
+    here = Path(pattern).parent
+    if not here.exists() and (ROOT / here).exists():
+        return str(ROOT / pattern)
+    return pattern
+
+
+def _shard_pattern(d: Path, split: str) -> str:
+    rx = re.compile(rf"^{split}-(\d+)(\.tar(?:\.gz)?)$")
+    found = sorted((m.group(1), m.group(2)) for f in d.iterdir() if (m := rx.match(f.name)))
+    if not found:
+        raise EvalError(f"no {split}-NNNNNN.tar[.gz] shards in {d}")
+    nums, suffixes = [n for n, _ in found], {s for _, s in found}
+    width = {len(n) for n in nums}
+    ints = [int(n) for n in nums]
+    if len(suffixes) > 1 or len(width) > 1 or ints != list(range(ints[0], ints[0] + len(ints))):
+        raise EvalError(f"{split} shards in {d} are not one contiguous numbered series; "
+                        f"pass a pattern with --data/--val-data")
+    sfx = suffixes.pop()
+    if len(nums) == 1:
+        return str(d / f"{split}-{nums[0]}{sfx}")
+    return str(d / f"{split}-{{{nums[0]}..{nums[-1]}}}{sfx}")
+
+
+def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
+              max_train: Optional[int] = None):
+    """The checkpoint's config with its data source swapped for --data; the image size, the
+    model and the tokenizer stay the checkpoint's."""
+    if data is None:
+        return cfg, f"{cfg.data.source} (from the checkpoint)"
+    d = cfg.data
+    if data == "synthetic":
+        new, desc = dataclasses.replace(d, source="synthetic"), "synthetic"
+    elif data in PRESETS:
+        p = PRESETS[data]
+        if p.get("data.source", "synthetic") != "wds":
+            new, desc = dataclasses.replace(d, source="synthetic"), f"synthetic (preset {data})"
+        else:
+            new = dataclasses.replace(
+                d, source="wds", train_shards=_find_path(p["data.train_shards"]),
+                val_shards=_find_path(p["data.val_shards"]),
+                epoch_size=p.get("data.epoch_size", d.epoch_size))
+            desc = f"preset {data}"
+    elif Path(data).is_dir():
+        new = dataclasses.replace(d, source="wds", train_shards=_shard_pattern(Path(data), "train"),
+                                  val_shards=_shard_pattern(Path(data), "val"))
+        desc = str(data)
+    else:
+        if not val_data:
+            raise EvalError(f"--data {data!r} is neither 'synthetic', a preset with shards "
+                            f"({', '.join(k for k, v in PRESETS.items() if 'data.train_shards' in v)}) "
+                            f"nor a directory; a shard pattern needs --val-data too")
+        new = dataclasses.replace(d, source="wds", train_shards=data, val_shards=val_data)
+        desc = f"{data} | {val_data}"
+    if new.source == "wds" and new.epoch_size <= 0:
+        # Validation wants an epoch size for streaming training; evaluation never uses it.
+        new = dataclasses.replace(new, epoch_size=max_train or 1)
+    return dataclasses.replace(cfg, data=new), desc
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _fmt_epochs(e) -> str:
+    if e is None:
+        return "-"
+    return f"{e:.3g}" if isinstance(e, (int, float)) else str(e)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| protocol | encoder | epochs | top-1 | top-5 | feature dim | time |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['protocol']} | {r['encoder']} | {_fmt_epochs(r.get('epochs'))} | "
+                     f"{r['top1']:.2f} | {r['top5']:.2f} | {r['feature_dim']} | "
+                     f"{_fmt_time(r['seconds'])} |")
+    return "\n".join(lines)
+
+
+def _row(protocol: str, encoder: str, res: dict, **extra) -> dict:
+    row = dict(protocol=protocol, encoder=encoder, epochs=res.get("epochs"), top1=res["top1"],
+               top5=res["top5"], feature_dim=res.get("feature_dim"), seconds=res["seconds"])
+    row.update(extra)
+    return row
+
+
+def run(args) -> dict:
+    log = _make_log()
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise EvalError(f"unknown protocol(s) {bad}; choose from {', '.join(PROTOCOLS)}")
+    from ldae_fast.data import build_eval_arrays
+    device = resolve_device(args.device)
+
+    log(f"loading {args.checkpoint}")
+    cfg, model, tok = _load_checkpoint(args.checkpoint)
+    cfg, data_desc = with_data(cfg, args.data, args.val_data, args.max_train_images)
+    encoder = model.encoder
+    log(f"model {cfg.model.size} (width {cfg.model.width}, {cfg.model.encoder_depth} encoder blocks, "
+        f"patch {cfg.model.patch_size}), images {cfg.data.img_size}px, data {data_desc}, device {device}")
+
+    t = time.perf_counter()
+    train = build_eval_arrays(cfg, "train", args.max_train_images)
+    val = build_eval_arrays(cfg, "val", args.max_val_images)
+    C = num_classes_of(train[1], val[1])
+    log(f"data: {train[0].shape[0]} train / {val[0].shape[0]} val images, {C} classes "
+        f"({(train[0].numel() + val[0].numel()) * 4 / 2**30:.2f} GiB, {time.perf_counter() - t:.1f}s)")
+
+    encoders = [("checkpoint", encoder)]
+    if not args.no_baseline and any(p != "figure" for p in protocols):
+        encoders.append(("random init", _random_encoder(cfg)))
+    for _, enc in encoders:
+        enc.to(device)
+
+    bs = args.batch_size or cfg.eval.probe_batch_size
+    blr = args.blr or cfg.eval.probe_blr
+    ks = [int(k) for k in (args.knn_k or cfg.eval.knn_k).split(",") if k.strip()]
+    feats: dict[str, tuple] = {}
+
+    def cached(name, enc):
+        # linear-fast and knn read the same un-augmented features: extract once per encoder, and
+        # charge the extraction to each row, since each protocol alone would pay it.
+        if name not in feats:
+            t0 = time.perf_counter()
+            ftr = extract_features(enc, train[0], batch_size=bs, pool=args.pool, log=log,
+                                   desc=f"{name} train features")
+            fva = extract_features(enc, val[0], batch_size=bs, pool=args.pool, log=log,
+                                   desc=f"{name} val features")
+            feats[name] = (ftr, fva, time.perf_counter() - t0)
+            log(f"{name}: features {tuple(ftr.shape)} in {feats[name][2]:.1f}s")
+        return feats[name]
+
+    rows: list[dict] = []
+    for proto in protocols:
+        if proto == "figure":
+            continue
+        for name, enc in encoders:
+            log(f"== {proto} on {name} encoder")
+            if proto == "linear-fast":
+                ftr, fva, tx = cached(name, enc)
+                epochs = args.epochs or cfg.eval.probe_epochs
+                res = train_head_cached(ftr, train[1], fva, val[1], num_classes=C, epochs=epochs,
+                                        batch_size=bs, blr=blr, seed=args.seed, log=log,
+                                        desc=f"linear-fast/{name}")
+                res["seconds"] += tx
+                rows.append(_row(FAST_PROTOCOL, name, res, lr=res["lr"], batch_size=res["batch_size"]))
+            elif proto == "knn":
+                from .knn import knn_classify
+
+                ftr, fva, tx = cached(name, enc)
+                t0 = time.perf_counter()
+                out = knn_classify(ftr, train[1], fva, val[1], ks=ks, num_classes=C, log=log)
+                dt = time.perf_counter() - t0 + tx
+                for k, r in out.items():
+                    label = f"knn k={r['k_used']}" + ("" if r["k_used"] == k else f" (asked {k})")
+                    rows.append(_row(label, name, dict(r, epochs=None, seconds=dt,
+                                                       feature_dim=feature_dim(enc)), T=0.07))
+            elif proto == "linear":
+                from .linear_probe import linear_probe
+
+                res = linear_probe(enc, train, val, epochs=args.epochs or 90, batch_size=bs, blr=blr,
+                                   pool=args.pool, seed=args.seed, num_classes=C, log=log,
+                                   desc=f"linear/{name}")
+                rows.append(_row(FULL_PROTOCOL, name, res, lr=res["lr"], batch_size=res["batch_size"]))
+            elif proto == "finetune":
+                from .finetune import finetune
+
+                over = dict(seed=args.seed, pool=args.pool, max_steps=args.finetune_steps,
+                            num_workers=(cfg.data.num_workers if args.num_workers is None
+                                         else args.num_workers))
+                if args.finetune_epochs or args.epochs:
+                    over["epochs"] = args.finetune_epochs or args.epochs
+                if args.finetune_batch_size:
+                    over["batch_size"] = args.finetune_batch_size
+                recipe = recipe_for(enc, **over)
+                res = finetune(enc, train, val, recipe, num_classes=C, log=log, desc=f"finetune/{name}")
+                extra = dict(steps=res["steps"], lr=res["lr"], batch_size=res["batch_size"],
+                             last_loss=res["last_loss"], layer_decay=res["layer_decay"])
+                rows.append(_row("finetune", name, res, **extra))
+                if "ema_top1" in res:
+                    rows.append(_row(f"finetune (EMA {res['ema_decay']:g})", name,
+                                     dict(res, top1=res["ema_top1"], top5=res["ema_top5"]), **extra))
+            log(f"{rows[-1]['protocol']} / {name}: top-1 {rows[-1]['top1']:.2f} "
+                f"top-5 {rows[-1]['top5']:.2f}")
+
+    # Each checkpoint row directly above its random-init floor, protocols in the order asked.
+    order = {p: i for i, p in enumerate(dict.fromkeys(r["protocol"] for r in rows))}
+    rows.sort(key=lambda r: order[r["protocol"]])
+
+    out = Path(args.out) if args.out else Path("runs") / "eval" / Path(args.checkpoint).stem
+    out.mkdir(parents=True, exist_ok=True)
+    figure_path = None
+    if "figure" in protocols:
+        figure_path = _figure(cfg, model, tok, val[0][:args.figure_images], out / "denoising.png",
+                              device, args.seed, log)
+
+    table = markdown_table(rows)
+    meta = dict(checkpoint=str(args.checkpoint), data=data_desc, train_images=int(train[0].shape[0]),
+                val_images=int(val[0].shape[0]), num_classes=C, img_size=cfg.data.img_size,
+                pool=args.pool, device=str(device), torch=torch.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"),
+                command="ldae-fast eval " + " ".join(getattr(args, "argv", [])))
+    notes = [f"checkpoint `{args.checkpoint}`, data {data_desc}: {meta['train_images']} train / "
+             f"{meta['val_images']} val images, {C} classes, {cfg.data.img_size}px, "
+             f"{args.pool} pooling, device {device}, {meta['date']}.",
+             "'random init' rows: the same architecture with random weights (the floor).",
+             f"'{FAST_PROTOCOL}': head trained on features of un-augmented images extracted "
+             "once, not the full augmented protocol; times include feature extraction."]
+    if figure_path:
+        notes.append(f"Denoising figure: {figure_path}")
+    md = "\n\n".join([f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]) + "\n"
+    (out / "eval.md").write_text(md)
+    (out / "eval.json").write_text(json.dumps(dict(meta, rows=rows, figure=str(figure_path or ""),
+                                                   config=cfg.to_dict()), indent=2) + "\n")
+    print(table, flush=True)
+    log(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    return dict(rows=rows, out=str(out), figure=str(figure_path) if figure_path else None, meta=meta)
+
+
+def _figure(cfg, model, tok, images, path, device, seed, log) -> Optional[Path]:
+    from .figure import denoise_figure
+
+    if tok is None:
+        log("figure: skipped (the checkpoint holds an encoder only; the figure needs the decoder "
+            "and the tokenizer)")
+        return None
+    sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
+    model.to(device)
+    p = denoise_figure(model, tok, images, sigmas, path, seed=seed, schedule=cfg.noise.schedule)
+    log(f"figure: {p}")
+    return p
+
+
+def _data_error() -> type:
+    """The data pipeline's user-facing error (missing shards, too many bad samples), if present."""
+    try:
+        from ldae_fast.data.badsamples import DataError
+    except ImportError:
+        return EvalError
+    return DataError
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        run(args)
+    except (EvalError, ConfigError, _data_error()) as e:
+        print(f"ldae-fast eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

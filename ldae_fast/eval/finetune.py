@@ -1,0 +1,338 @@
+"""End-to-end fine-tuning with the MAE recipe the paper follows, on timm's own parts.
+
+Our encoder is exported to a timm VisionTransformer (models/timm_export, or the timm ViT an
+exported .safetensors already is) with drop path and a classifier head; from there every piece of the recipe is timm's: param_groups_layer_decay
+(layer-wise lr decay 0.65 for ViT-B depth, 0.75 for ViT-L depth), Mixup (mixup 0.8, cutmix 1.0,
+label smoothing 0.1) with SoftTargetCrossEntropy, rand_augment_transform (rand-m9-mstd0.5-inc1),
+RandomErasing (0.25, as in MAE), ModelEmaV3 (0.9999; V2 on older timm), AdamW wd 0.05,
+lr = blr * batch / 256, 5 warm-up epochs then half-cycle cosine to 1e-6.
+
+Input: the normalised (M, 3, H, W) arrays of `build_eval_arrays`; training images go back to uint8
+pixels once so the PIL-based augmentations see what they were tuned on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .features import Log, autocast_for, frozen, module_device
+from .linear_probe import Arrays, cosine_lr, num_classes_of, topk_accuracy
+
+PROTOCOL = "finetune"
+
+
+@dataclass
+class FinetuneRecipe:
+    epochs: int = 100
+    batch_size: int = 1024
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    min_crop_scale: float = 0.08
+    ema_decay: float = 0.9999
+    pool: str = "avg"
+    num_workers: int = 0
+    seed: int = 0
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: the whole schedule); for smoke tests."""
+
+
+def recipe_for(encoder: nn.Module, **overrides) -> FinetuneRecipe:
+    """MAE's ViT-B settings, or its ViT-L ones (layer decay 0.75, blr 1e-3, 50 epochs) for a
+    24-block encoder: the decay compounds per block, so deeper encoders need a gentler one."""
+    depth = len(getattr(encoder, "blocks", ()))
+    base = FinetuneRecipe()
+    if depth >= 24:
+        base = dataclasses.replace(base, layer_decay=0.75, blr=1e-3, epochs=50)
+    return dataclasses.replace(base, **overrides)
+
+
+def _set_drop_path(vit: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly to `rate` over the blocks (timm's / DeiT's rule), put into a
+    timm ViT that was built without it."""
+    from timm.layers import DropPath
+
+    n = len(vit.blocks)
+    for i, blk in enumerate(vit.blocks):
+        r = rate * i / max(n - 1, 1)
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(r) if r > 0 else nn.Identity())
+
+
+def _timm_vit_from(encoder: nn.Module, num_classes: int, drop_path: float, pool: str) -> nn.Module:
+    import timm
+
+    gp = "avg" if pool == "avg" else "token"
+    vit = getattr(encoder, "vit", None)
+    if vit is not None:
+        # An exported .safetensors loads as a timm ViT already (engine.export.TimmEncoder).
+        model = copy.deepcopy(vit)
+        model.reset_classifier(num_classes, global_pool=gp)
+        _set_drop_path(model, drop_path)
+        return model
+    from ldae_fast.models.timm_export import timm_kwargs, timm_state_dict
+
+    # The export keeps our final norm before the pooling (fc_norm=False), so every pretrained
+    # weight loads and the fine-tuned trunk starts from the linear probe's features; MAE instead
+    # drops that norm for a fresh one after the pooling.
+    kwargs = dict(timm_kwargs(encoder, global_pool=gp), num_classes=num_classes,
+                  drop_path_rate=drop_path)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+    missing, unexpected = model.load_state_dict(timm_state_dict(encoder), strict=False)
+    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+        raise RuntimeError(f"timm export does not match timm's VisionTransformer: missing "
+                           f"{sorted(set(missing) - {'head.weight', 'head.bias'})}, "
+                           f"unexpected {sorted(unexpected)}")
+    return model
+
+
+def build_finetune_model(encoder: nn.Module, num_classes: int, drop_path: float = 0.1,
+                         pool: str = "avg", seed: int = 0) -> nn.Module:
+    """timm VisionTransformer carrying the encoder's weights, with a new classifier head. Works
+    from our ViTEncoder and from an exported encoder (a timm ViT behind our interface)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _timm_vit_from(encoder, num_classes, drop_path, pool)
+        # MAE's head init: tiny weights, so the first steps do not wreck the pretrained features.
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    return model.float()
+
+
+class _PixelDataset(torch.utils.data.Dataset):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        self.pixels, self.labels, self.transform = pixels, labels, transform
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy())
+        return self.transform(img), self.labels[i]
+
+
+def _to_uint8(images: torch.Tensor, denorm: Callable) -> torch.Tensor:
+    out = torch.empty(images.shape, dtype=torch.uint8)
+    for s in range(0, images.shape[0], 1024):
+        x = denorm(images[s:s + 1024].float())
+        out[s:s + 1024] = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return out
+
+
+class _PosterizeOrBlack:
+    """timm's PosterizeIncreasing asks for 0 bits at magnitude 10 (reached by m9 + noise 0.5);
+    Pillow 13 rejects that where older Pillow returned a black image. Keep the old result."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, img, bits, **kw):
+        if bits < 1:
+            from PIL import Image
+
+            return Image.new(img.mode, img.size)
+        return self.fn(img, bits, **kw)
+
+
+def _train_transform(size: int, recipe: FinetuneRecipe, mean01: tuple[float, ...]):
+    from timm.data.auto_augment import rand_augment_transform
+    from torchvision import transforms as T
+
+    steps = [T.RandomResizedCrop(size, scale=(recipe.min_crop_scale, 1.0),
+                                 interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomHorizontalFlip()]
+    if recipe.rand_augment:
+        # Fill colour = dataset mean, translation scaled to the image, as timm's create_transform.
+        hp = dict(translate_const=int(size * 0.45),
+                  img_mean=tuple(int(round(255 * m)) for m in mean01))
+        ra = rand_augment_transform(recipe.rand_augment, hp)
+        for op in getattr(ra, "ops", ()):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _PosterizeOrBlack(op.aug_fn)
+        steps.append(ra)
+    steps.append(T.PILToTensor())
+    return T.Compose(steps)
+
+
+def _make_ema(model: nn.Module, decay: float):
+    if decay <= 0:
+        return None
+    try:
+        from timm.utils import ModelEmaV3 as Ema
+    except ImportError:
+        from timm.utils import ModelEmaV2 as Ema
+    return Ema(model, decay=decay)
+
+
+def _ema_update(ema, model: nn.Module, step: int) -> None:
+    try:
+        ema.update(model, step=step)
+    except TypeError:
+        ema.update(model)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = 256) -> list[float]:
+    device = module_device(model)
+    logits = []
+    with frozen(model):
+        for s in range(0, images.shape[0], batch_size):
+            with autocast_for(device):
+                logits.append(model(images[s:s + batch_size].to(device)).float())
+    return topk_accuracy(torch.cat(logits), labels.to(device))
+
+
+def finetune_model(
+    model: nn.Module,
+    train: Arrays,
+    val: Arrays,
+    recipe: FinetuneRecipe,
+    *,
+    num_classes: int,
+    log: Log = None,
+    norm: Optional[Callable] = None,
+    denorm: Optional[Callable] = None,
+    desc: str = "finetune",
+) -> dict:
+    """Fine-tune a timm classifier (already on its device) on array data; returns accuracies of the
+    final weights and of the EMA, plus the last loss."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import param_groups_layer_decay
+
+    if norm is None or denorm is None:
+        from ldae_fast.data import denormalize, normalize
+
+        norm, denorm = norm or normalize, denorm or denormalize
+    t0 = time.perf_counter()
+    device = module_device(model)
+    images, labels = train
+    M, _, H, _ = images.shape
+    bs = min(recipe.batch_size, M)
+    bs -= bs % 2  # batch-mode mixup pairs each image with the batch flipped: needs an even batch
+    if bs < 2:
+        raise ValueError(f"{desc}: need at least 2 training images, got {M}")
+    lr = recipe.blr * bs / 256
+
+    mean01 = tuple(denorm(torch.zeros(1, 3, 1, 1)).flatten().tolist())
+    ds = _PixelDataset(_to_uint8(images, denorm), labels, _train_transform(H, recipe, mean01))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True,
+                                         num_workers=recipe.num_workers, generator=gen,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=recipe.num_workers > 0)
+    steps_per_epoch = len(loader)
+
+    mix = None
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        mix = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0, switch_prob=0.5,
+                    mode="batch", label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif recipe.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=recipe.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    erase = (RandomErasing(recipe.reprob, mode="pixel", max_count=1, device=str(device))
+             if recipe.reprob > 0 else None)
+
+    groups = param_groups_layer_decay(model, weight_decay=recipe.weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=recipe.layer_decay)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(groups, lr=lr, betas=recipe.betas, **fused)
+    ema = _make_ema(model, recipe.ema_decay)
+
+    total = recipe.epochs * steps_per_epoch
+    if recipe.max_steps:
+        total = min(total, recipe.max_steps)
+    step, last_log, last_loss = 0, t0, float("nan")
+    if log is not None:
+        log(f"{desc}: {M} images, batch {bs}, lr {lr:.2e}, {recipe.epochs} epochs "
+            f"({steps_per_epoch} steps each), layer decay {recipe.layer_decay}")
+    model.train()
+    # The global RNG drives mixup, random erasing and drop path; seeding it makes a run repeatable.
+    torch.manual_seed(recipe.seed)
+    while step < total:
+        for xb, yb in loader:
+            if step >= total:
+                break
+            ep = step / steps_per_epoch
+            cur = cosine_lr(ep, lr, recipe.epochs, recipe.warmup_epochs, recipe.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = cur * g.get("lr_scale", 1.0)
+            x = norm(xb.to(device, non_blocking=True).float().div_(255))
+            y = yb.to(device, non_blocking=True)
+            if erase is not None:
+                x = erase(x)
+            if mix is not None:
+                x, y = mix(x, y)
+            with autocast_for(device):
+                out = model(x)
+            loss = criterion(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if ema is not None:
+                _ema_update(ema, model, step)
+            now = time.perf_counter()
+            if log is not None and (now - last_log > 10 or step == total):
+                last_loss = loss.item()
+                log(f"{desc}: step {step}/{total} (epoch {ep:.2f}) loss {last_loss:.4f} "
+                    f"lr {cur:.2e} {step * bs / (now - t0):.0f} img/s")
+                last_log = now
+    last_loss = loss.item()
+    if not torch.isfinite(torch.tensor(last_loss)):
+        raise FloatingPointError(f"{desc}: loss is {last_loss}; lower the learning rate")
+    top1, top5 = evaluate_classifier(model, *val)
+    res = dict(protocol=PROTOCOL, top1=top1, top5=top5, epochs=step / steps_per_epoch, steps=step,
+               last_loss=last_loss, lr=lr, batch_size=bs, train_images=M,
+               val_images=int(val[0].shape[0]), num_classes=num_classes,
+               feature_dim=int(model.num_features), layer_decay=recipe.layer_decay)
+    if ema is not None:
+        e1, e5 = evaluate_classifier(ema.module, *val)
+        res.update(ema_top1=e1, ema_top5=e5, ema_decay=recipe.ema_decay)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def finetune(
+    encoder: nn.Module,
+    train: Arrays,
+    val: Arrays,
+    recipe: Optional[FinetuneRecipe] = None,
+    *,
+    num_classes: Optional[int] = None,
+    log: Log = None,
+    norm: Optional[Callable] = None,
+    denorm: Optional[Callable] = None,
+    desc: str = "finetune",
+) -> dict:
+    """Export `encoder` to timm, add a head, fine-tune. The encoder itself is left untouched."""
+    recipe = recipe or recipe_for(encoder)
+    C = num_classes or num_classes_of(train[1], val[1])
+    model = build_finetune_model(encoder, C, recipe.drop_path, recipe.pool, recipe.seed)
+    model = model.to(module_device(encoder))
+    return finetune_model(model, train, val, recipe, num_classes=C, log=log, norm=norm,
+                          denorm=denorm, desc=desc)
