@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Benchmark the fused kernels against the eager reference and torch.compile(reference).
+
+Ops (each variant computes the same thing):
+  noise        x -> x_noisy (reference: patchify, project, torch.randn eps, inverse PCA)
+  loss_fwd     pca_loss forward only (pred without gradient)
+  loss_fwdbwd  pca_loss forward + d(loss)/d(pred)
+Variants: eager (ldae_fast.reference), compiled (torch.compile of the same reference function,
+eps drawn inside it), triton (ldae_fast.kernels).
+
+Bytes (analytic; the same count for every variant, so GB/s compares time directly):
+  noise        read x + write x_noisy                      = 2 * B*3*H*W * itemsize
+  loss_fwd     read pred + read target                     = 2 * B*3*H*W * itemsize
+  loss_fwdbwd  read pred + read target + write grad        = 3 * B*3*H*W * itemsize
+  plus the basis (d*D*4), mean (D*4) and per-sample vectors (B*4 each), read once.
+These are the least traffic each op needs. The Triton loss moves more than that: its backward
+re-reads pred and target (5 image passes in all) plus proj = V_d e written and read back
+(2 * B*N*d*4), in exchange for never storing a (B, N, D) tensor.
+frac_copy is GB/s over the device-to-device copy bandwidth measured in the same run
+(2 * bytes of a 1 GiB tensor.copy_ per unit time).
+
+GPU: times are triton.testing.do_bench quantiles (median, 20%, 80%); peak memory is
+torch.cuda.max_memory_allocated above what the inputs hold; rows go to bench/results/ through
+results_io.write_result. CPU (`--cpu-smoke`, or automatically without CUDA): tiny sizes, the
+kernels in the Triton interpreter, a wall-clock timer; checks that everything runs, numbers mean
+nothing, nothing is written unless --write.
+
+    python bench/kernels.py                      # GPU defaults: 256x256, p=16, d 16/64/128
+    python bench/kernels.py --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(_HERE))
+
+import torch  # noqa: E402
+from results_io import command_line, write_result  # noqa: E402
+
+OPS = ("noise", "loss_fwd", "loss_fwdbwd")
+VARIANTS = ("eager", "compiled", "triton")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (interpreted kernels)")
+    ap.add_argument("--batch-sizes", default=None, help="comma list (GPU default 16,64,256)")
+    ap.add_argument("--size", type=int, default=None, help="image side (GPU default 256)")
+    ap.add_argument("--patch", type=int, default=16)
+    ap.add_argument("--dims", default=None, help="latent dims d, comma list (GPU default 16,64,128)")
+    ap.add_argument("--dtypes", default=None, help="image dtypes: fp32,bf16,fp16 (GPU default fp32,bf16)")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the baseline")
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    ap.add_argument("--write", action="store_true", help="write results on CPU too")
+    ap.add_argument("--no-write", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    return ap.parse_args(argv)
+
+
+class Timer:
+    """do_bench on a GPU; a median of wall-clock repeats on CPU."""
+
+    def __init__(self, gpu: bool, warmup: int, rep: int):
+        self.gpu, self.warmup, self.rep = gpu, warmup, rep
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
+        if self.gpu:
+            import triton.testing
+
+            q = triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep, quantiles=[0.5, 0.2, 0.8])
+            return float(q[0]), float(q[1]), float(q[2])
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), min(times), max(times)
+
+
+def peak_memory_mib(fn: Callable[[], object], gpu: bool) -> float | None:
+    """Peak CUDA memory one call allocates on top of what is already held (inputs, caches)."""
+    if not gpu:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def copy_bandwidth(timer: Timer, device: torch.device, gpu: bool) -> float:
+    """GB/s of a device-to-device tensor copy (read + write counted)."""
+    n = (1 << 28) if gpu else (1 << 22)  # 1 GiB of float32 on a GPU, 16 MiB on CPU
+    src = torch.empty(n, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms, _, _ = timer(lambda: dst.copy_(src))
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def _basis(D: int, d: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    return q.t()[:d].float().contiguous().to(device)
+
+
+def make_variants(op: str, B: int, H: int, W: int, p: int, d: int, dtype: torch.dtype,
+                  device: torch.device, compile_backend: str | None):
+    """{variant: zero-argument callable} for one op and shape, plus the op's analytic bytes."""
+    from ldae_fast import kernels, reference
+
+    D = 3 * p * p
+    N = (H // p) * (W // p)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, 3, H, W, device=device, generator=g).to(dtype)
+    basis = _basis(D, d, device)
+    mean = torch.zeros(D, device=device)
+    gamma = torch.ones(B, device=device)
+    sigma = torch.rand(B, device=device, generator=g) * 1.4
+    lam = 1.0 / (1.0 + sigma.square())
+    img = x.numel() * x.element_size()
+    small = basis.numel() * 4 + D * 4 + 2 * B * 4
+    fns: dict[str, Callable[[], object]] = {}
+
+    if op == "noise":
+        def ref_noise(x, basis, mean, gamma, sigma):
+            eps = torch.randn(B, N, d, device=x.device)
+            return reference.latent_noise(x, basis, mean, gamma, sigma, eps, p)[0]
+
+        fns["eager"] = lambda: ref_noise(x, basis, mean, gamma, sigma)
+        if compile_backend:
+            c = torch.compile(ref_noise, backend=compile_backend, dynamic=False)
+            fns["compiled"] = lambda: c(x, basis, mean, gamma, sigma)
+        fns["triton"] = lambda: kernels.latent_noise(x, basis, mean, gamma, sigma, p, seed=1)
+        return fns, 2 * img + small
+
+    target = torch.randn(B, 3, H, W, device=device, generator=g).to(dtype)
+    pred = (target + 0.3 * x).detach()
+    if op == "loss_fwd":
+        fns["eager"] = lambda: reference.pca_loss_fast(pred, target, basis, lam, p)
+        if compile_backend:
+            c = torch.compile(reference.pca_loss_fast, backend=compile_backend, dynamic=False)
+            fns["compiled"] = lambda: c(pred, target, basis, lam, p)
+        fns["triton"] = lambda: kernels.pca_loss(pred, target, basis, lam, p)
+        return fns, 2 * img + small
+
+    pg = pred.clone().requires_grad_(True)
+
+    def fwdbwd(loss_fn):
+        def run():
+            return torch.autograd.grad(loss_fn(pg, target, basis, lam, p), pg)[0]
+        return run
+
+    fns["eager"] = fwdbwd(reference.pca_loss_fast)
+    if compile_backend:
+        fns["compiled"] = fwdbwd(torch.compile(reference.pca_loss_fast, backend=compile_backend, dynamic=False))
+    fns["triton"] = fwdbwd(kernels.pca_loss)
+    return fns, 3 * img + small
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.cpu_smoke
+    if not gpu:
+        # Must precede the first import of triton's kernels: triton reads it when they are defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from ldae_fast.kernels import triton_available
+
+    device = torch.device("cuda" if gpu else "cpu")
+    if not triton_available(device):
+        raise SystemExit(f"the Triton kernels cannot run on {device} here (triton missing, or "
+                         f"TRITON_INTERPRET set/unset against the device); nothing to compare")
+    if gpu:
+        bss, size, dims = args.batch_sizes or "16,64,256", args.size or 256, args.dims or "16,64,128"
+        dtypes = args.dtypes or "fp32,bf16"
+    else:
+        bss, size, dims = args.batch_sizes or "2", args.size or 32, args.dims or "16"
+        dtypes = args.dtypes or "fp32"
+    ops = [o for o in args.ops.split(",") if o]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise SystemExit(f"unknown op(s) {bad}; choose from {', '.join(OPS)}")
+    compile_backend = None if args.no_compile else args.compile_backend
+    timer = Timer(gpu, args.warmup, args.rep)
+    copy_gbps = copy_bandwidth(timer, device, gpu)
+    dev_name = torch.cuda.get_device_name() if gpu else "cpu (Triton interpreter)"
+    print(f"device: {dev_name}; copy bandwidth {copy_gbps:.1f} GB/s")
+
+    rows: list[dict] = []
+    hdr = (f"{'op':<12}{'variant':<10}{'dtype':<6}{'B':>5}{'d':>5}{'ms':>10}{'GB/s':>9}"
+           f"{'copy%':>7}{'x eager':>9}{'x comp':>8}{'peakMiB':>9}")
+    print(hdr)
+    for dname in dtypes.split(","):
+        dtype = _DTYPES[dname]
+        for B in _ints(bss):
+            for d in _ints(dims):
+                for op in ops:
+                    torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit
+                    fns, nbytes = make_variants(op, B, size, size, args.patch, d, dtype, device,
+                                                compile_backend)
+                    group = []
+                    for variant, fn in fns.items():
+                        ms, lo, hi = timer(fn)
+                        gbps = nbytes / (ms * 1e-3) / 1e9
+                        group.append(dict(
+                            op=op, variant=variant, dtype=dname, B=B, H=size, W=size, p=args.patch,
+                            d=d, ms=ms, ms_p20=lo, ms_p80=hi, bytes=nbytes, GBps=gbps,
+                            frac_copy=gbps / copy_gbps, peak_MiB=peak_memory_mib(fn, gpu),
+                        ))
+                    t = {r["variant"]: r["ms"] for r in group}
+                    for r in group:
+                        r["speedup_vs_eager"] = t["eager"] / r["ms"]
+                        r["speedup_vs_compiled"] = t["compiled"] / r["ms"] if "compiled" in t else None
+                        pk = "" if r["peak_MiB"] is None else f"{r['peak_MiB']:.1f}"
+                        vc = "" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}"
+                        print(f"{op:<12}{r['variant']:<10}{dname:<6}{B:>5}{d:>5}{r['ms']:>10.4f}"
+                              f"{r['GBps']:>9.1f}{100 * r['frac_copy']:>6.1f}%{r['speedup_vs_eager']:>9.2f}"
+                              f"{vc:>8}{pk:>9}")
+                    rows.extend(group)
+    cmd = command_line(None if argv is None else [str(Path(__file__)), *argv])
+    print(f"reproduce: {cmd}")
+    if (gpu or args.write) and not args.no_write:
+        meta = {"command": cmd, "copy_GBps": copy_gbps, "compile_backend": compile_backend,
+                "timer": "triton.testing.do_bench median/p20/p80" if gpu else "wall clock, median of 3",
+                "bytes": "analytic minimum per op, see bench/kernels.py docstring"}
+        jp, mp = write_result("kernels", rows, meta, out_dir=args.out_dir)
+        print(f"wrote {jp} and {mp}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

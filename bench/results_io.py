@@ -1,0 +1,163 @@
+"""Write benchmark rows into bench/results/: one JSON file per run plus rows appended to a
+markdown table per benchmark name, each stamped with the device, versions, date and command.
+
+    from results_io import write_result          # from a script in bench/
+    write_result("kernels", rows, {"note": "..."})
+
+A row is a flat dict of numbers and strings; rows of one call may have different keys (the
+markdown table takes the union, in first-seen order).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that reproduces this run, as typed from the repository root.
+
+    `argv` is the script path followed by its arguments (default: sys.argv), for scripts whose
+    main() was called with explicit arguments (a test, another script); pass the result as
+    meta_extra["command"] to write_result so the file records it.
+    """
+    root = Path(__file__).resolve().parent.parent
+    # A venv inside the repository shows as .venv/bin/python; any other interpreter by name.
+    exe = _relative(sys.executable, root, fallback=Path(sys.executable).name)
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(".py"):
+        argv[0] = _relative(os.path.abspath(argv[0]), root, fallback=argv[0])
+    return " ".join(shlex.quote(a) for a in [exe, *argv])
+
+
+def _relative(path: str, root: Path, fallback: str) -> str:
+    try:
+        rel = os.path.relpath(path, root)
+    except ValueError:  # another drive on Windows
+        return fallback
+    return fallback if rel.startswith("..") else rel
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment() -> dict[str, Any]:
+    """Device name, library versions, date (UTC) and command line of this process."""
+    meta: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import torch
+
+        meta["torch"] = torch.__version__
+        meta["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            meta["gpu"] = torch.cuda.get_device_name()
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+            meta["gpu_count"] = torch.cuda.device_count()
+        else:
+            meta["gpu"] = None
+            meta["cpu"] = platform.processor() or platform.machine()
+            meta["cpu_threads"] = torch.get_num_threads()
+    except ImportError:
+        meta["torch"] = None
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    meta["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
+    return meta
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "unknown"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
+                 out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Save `rows` of benchmark `name`; returns (json_path, markdown_path).
+
+    JSON: results/<name>-<UTC date-time>-<device>.json with {"name", "meta", "rows"}.
+    Markdown: results/<name>.md gets a section per run (heading with device, date, versions and
+    command, then a table of the rows), appended so past runs stay beside new ones.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"benchmark name {name!r} must use letters, digits, '_', '.', '-' only")
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    meta = environment()
+    meta.update(meta_extra or {})
+    device = meta.get("gpu") or f"cpu-{meta.get('cpu') or 'unknown'}"
+    stamp = meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    json_path = out / f"{name}-{stamp}-{_slug(device)}.json"
+    rows = [dict(r) for r in rows]
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"name": name, "meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    tmp.replace(json_path)
+
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    lines = [
+        f"## {device} — {meta['date']}",
+        "",
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
+        f"commit {meta.get('git_commit')}",
+        "",
+        f"`{meta['command']}`",
+        "",
+    ]
+    for k, v in (meta_extra or {}).items():
+        if k != "command":
+            lines.append(f"- {k}: {_cell(v)}")
+    if meta_extra:
+        lines.append("")
+    if cols:
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for r in rows:
+            lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    md_path = out / f"{name}.md"
+    new = not md_path.exists()
+    with md_path.open("a") as f:
+        if new:
+            f.write(f"# {name}\n\nOne section per run, newest last. JSON twins beside this file.\n\n")
+        f.write("\n".join(lines) + "\n\n")
+    return json_path, md_path
