@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Print the README's performance section, generated from bench/results/*.json.
+
+Every number in the section comes from a results file written by a benchmark through
+bench/results_io.py: one table per benchmark (the newest run per GPU, or every run with --all),
+each with its GPU, date, versions and the command that reproduces it. CPU smoke runs are left
+out unless --include-cpu. With no GPU results it prints how to produce them.
+
+    python bench/make_perf_section.py                 # markdown on stdout
+    python bench/make_perf_section.py > /tmp/perf.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Columns worth a README table, per benchmark, with their headers; other benchmarks show every
+# column their rows have.
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "train_step": [
+        ("model", "model"), ("batch", "batch"), ("variant", "variant"), ("variant_name", "name"),
+        ("images_per_s", "images/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"),
+        ("peak_mem_gib", "peak mem (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
+        ("status", "status"),
+    ],
+    "kernels": [
+        ("op", "op"), ("variant", "variant"), ("dtype", "dtype"), ("B", "B"), ("d", "d"), ("ms", "ms"),
+        ("GBps", "GB/s"), ("frac_copy", "of copy BW"), ("speedup_vs_eager", "x eager"),
+        ("speedup_vs_compiled", "x compiled"), ("peak_MiB", "peak MiB"),
+    ],
+}
+
+HOW_TO = ("Run the benchmarks on a GPU (`python bench/kernels.py`, `python bench/data.py`, "
+          "`python bench/train_step.py`; see bench/README.md), commit the files they write into "
+          "bench/results/, then rerun `python bench/make_perf_section.py`.")
+
+
+def load_runs(results_dir: Path) -> list[dict[str, Any]]:
+    """Every parseable results file, as {"name", "meta", "rows", "path"}; broken files are skipped
+    with a note on stderr so one bad file does not hide the rest."""
+    runs = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"make_perf_section: skipping {path.name}: {e}", file=sys.stderr)
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            print(f"make_perf_section: skipping {path.name}: not a results_io file", file=sys.stderr)
+            continue
+        meta = data.get("meta") or {}
+        runs.append({"name": data.get("name") or path.stem.split("-")[0], "meta": meta,
+                     "rows": data["rows"], "path": path})
+    return runs
+
+
+def is_gpu_run(run: dict[str, Any]) -> bool:
+    meta = run["meta"]
+    return bool(meta.get("gpu")) and not meta.get("smoke", False)
+
+
+def select(runs: list[dict[str, Any]], include_cpu: bool, all_runs: bool) -> list[dict[str, Any]]:
+    """The runs to show: GPU runs (plus CPU ones if asked), newest per (benchmark, device) unless
+    all_runs; ordered by benchmark name, then date."""
+    keep = [r for r in runs if include_cpu or is_gpu_run(r)]
+    keep.sort(key=lambda r: (r["name"], str(r["meta"].get("date", ""))))
+    if all_runs:
+        return keep
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in keep:
+        newest[(r["name"], device_of(r))] = r  # sorted by date: the last one wins
+    return sorted(newest.values(), key=lambda r: (r["name"], str(r["meta"].get("date", ""))))
+
+
+def device_of(run: dict[str, Any]) -> str:
+    meta = run["meta"]
+    return str(meta.get("gpu") or meta.get("device") or f"CPU ({meta.get('cpu') or 'unknown'})")
+
+
+def fmt(v: Any, key: str = "") -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if key == "mfu" or key == "frac_copy":
+            return f"{100 * v:.1f}%"
+        if key.startswith(("vs_", "speedup")):
+            return f"{v:.2f}x"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def columns_for(name: str, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    present = {k for r in rows for k, v in r.items() if v not in (None, "")}
+    if name in COLUMNS:
+        return [(k, h) for k, h in COLUMNS[name] if k in present]
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols and k in present)
+    return [(k, k) for k in cols]
+
+
+def table(name: str, rows: list[dict[str, Any]]) -> str:
+    cols = columns_for(name, rows)
+    if not cols:
+        return "(no rows)"
+    out = ["| " + " | ".join(h for _, h in cols) + " |",
+           "|" + "|".join("--:" if _numeric(rows, k) else ":--" for k, _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(k), k) for k, _ in cols) + " |")
+    return "\n".join(out)
+
+
+def _numeric(rows: list[dict[str, Any]], key: str) -> bool:
+    vals = [r.get(key) for r in rows if r.get(key) is not None]
+    return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+
+
+def train_step_headlines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model: the best ldae-fast (d) row and its ratios to (a)/(b)/(c) at the same batch."""
+    lines = []
+    models = []
+    for r in rows:
+        if r.get("model") not in models:
+            models.append(r.get("model"))
+    for m in models:
+        ours = [r for r in rows if r.get("model") == m and r.get("variant") == "d" and r.get("images_per_s")]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r["images_per_s"])
+        parts = [f"**{m}**: {fmt(best['images_per_s'])} images/s at micro-batch {best.get('batch')}"]
+        if best.get("mfu") is not None:
+            parts.append(f"MFU {fmt(best['mfu'], 'mfu')}")
+        if best.get("peak_mem_gib") is not None:
+            parts.append(f"{fmt(best['peak_mem_gib'])} GiB peak")
+        for key, label in (("vs_a", "eager (a)"), ("vs_b", "compiled (b)"), ("vs_c", "timm peer (c)")):
+            if best.get(key) is not None:
+                parts.append(f"{fmt(best[key], key)} {label}")
+        lines.append("- " + ", ".join(parts))
+    return lines
+
+
+def _shown_path(path: Path) -> str:
+    root = RESULTS_DIR.parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def run_section(run: dict[str, Any]) -> str:
+    meta, name, rows = run["meta"], run["name"], run["rows"]
+    out = [f"### {name} — {device_of(run)}, {meta.get('date', 'date unknown')}", ""]
+    versions = [f"{k} {meta[k]}" for k in ("torch", "triton", "cuda") if meta.get(k)]
+    if meta.get("git_commit"):
+        versions.append(f"commit {meta['git_commit']}")
+    if versions:
+        out += [", ".join(versions), ""]
+    if meta.get("command"):
+        out += ["```", str(meta["command"]), "```", ""]
+    if name == "train_step":
+        if meta.get("peak_tflops"):
+            out.append(f"MFU against {fmt(meta['peak_tflops'])} TFLOP/s ({meta.get('peak_source', '')}); "
+                       f"{meta.get('flop_count', '')}; {meta.get('precision', '')}.")
+            out.append("")
+        heads = train_step_headlines(rows)
+        if heads:
+            out += heads + [""]
+    out += [table(name, rows), "", f"Source: `{_shown_path(run['path'])}`", ""]
+    return "\n".join(out)
+
+
+def render(results_dir: Path = RESULTS_DIR, include_cpu: bool = False, all_runs: bool = False) -> str:
+    runs = select(load_runs(results_dir), include_cpu, all_runs)
+    head = ["## Performance", "",
+            "Generated by `python bench/make_perf_section.py` from the results files in "
+            "`bench/results/`; what the columns mean is in `bench/README.md`.", ""]
+    if not runs:
+        return "\n".join(head + [f"No GPU results are committed yet. {HOW_TO}", ""])
+    return "\n".join(head) + "\n" + "\n".join(run_section(r) for r in runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="default bench/results")
+    ap.add_argument("--all", dest="all_runs", action="store_true",
+                    help="every run, not only the newest per benchmark and GPU")
+    ap.add_argument("--include-cpu", action="store_true", help="also CPU smoke runs (for checking)")
+    args = ap.parse_args(argv)
+    sys.stdout.write(render(args.results_dir, args.include_cpu, args.all_runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

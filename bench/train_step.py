@@ -1,0 +1,554 @@
+#!/usr/bin/env python
+"""End-to-end l-DAE training-step benchmark: forward + backward + optimizer step, data on device.
+
+The batch is a fixed tensor already on the device, so the model and the step are measured, not
+the data loader (bench/data.py measures that). Four variants at every (model size, micro-batch):
+
+  (a) eager        eager PyTorch, reference objective (kernels='reference'), math attention,
+                   torch.optim.AdamW defaults: what a straightforward implementation does
+  (b) compiled     (a) with the model and the loss under torch.compile
+  (c) timm peer    encoder + decoder of timm VisionTransformer Blocks (fused SDPA attention) of the
+                   same width/depth, eager reference loss: what one would assemble from timm
+  (d) ldae-fast    Triton noise + loss kernels, attention 'auto', regional torch.compile of each
+                   transformer block, fused AdamW
+
+Every variant runs under the same precision (bf16 autocast on CUDA, TF32 allowed for the float32
+leftovers) so the ratios measure the engineering, not the number format.
+
+Reported per row: images/s; achieved TFLOP/s and MFU from an analytic count (training FLOPs per
+image = 3 x the forward count of ldae_fast.models.flops_per_image: backward costs two forwards,
+no activation checkpointing here) against a bf16 dense peak looked up by GPU name (override with
+--peak-tflops); peak memory; and each variant's throughput relative to (a), (b) and (c) of the
+same size and batch. A variant that fails (OOM at a batch size, a compile error) is a row saying
+so, not a crash.
+
+On a machine without CUDA (or with --cpu-smoke) it runs a toy configuration so CI can check the
+script end to end; results are written with bench/results_io.py only for GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Runnable as `python bench/train_step.py` from a checkout without installing the package.
+for _p in (str(ROOT), str(ROOT / "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import results_io  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig  # noqa: E402
+from ldae_fast.engine.optim import build_adamw  # noqa: E402
+from ldae_fast.engine.profiling import StepProfiler, nvtx_range  # noqa: E402
+from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
+from ldae_fast.models import build_model  # noqa: E402
+from ldae_fast.models.vit import flops_per_image  # noqa: E402
+from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
+from ldae_fast.reference import unpatchify  # noqa: E402
+from ldae_fast.tokenizer import PCATokenizer  # noqa: E402
+
+SIZE_LABELS = {"tiny": "tiny", "S": "ViT-S", "B": "ViT-B", "halfL": "ViT-1/2L", "L": "ViT-L"}
+
+# bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, matched on
+# torch.cuda.get_device_name(). Order matters: the more specific names come first.
+PEAK_TFLOPS_BF16: list[tuple[str, str, float]] = [
+    (r"GH200", "GH200", 989.0),
+    (r"H200 NVL", "H200 NVL", 835.0),
+    (r"H200", "H200 SXM", 989.0),
+    (r"H100 NVL", "H100 NVL", 835.0),
+    (r"H100 PCIe", "H100 PCIe", 756.0),
+    (r"H100", "H100 SXM", 989.0),
+    (r"A100", "A100", 312.0),
+    (r"L40S", "L40S", 362.0),
+    (r"\bL4\b", "L4", 121.0),
+    (r"\bA10\b", "A10", 125.0),
+]
+
+VARIANTS = {
+    "a": dict(name="eager", kernels="reference", attn="math", compile="none", peer=False, ours_optim=False),
+    "b": dict(name="compiled", kernels="reference", attn="math", compile="full", peer=False, ours_optim=False),
+    "c": dict(name="timm-peer", kernels="reference", attn="timm", compile="none", peer=True,
+              ours_optim=False),
+    "d": dict(name="ldae-fast", kernels="triton", attn="auto", compile="blocks", peer=False, ours_optim=True),
+}
+
+GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
+                    latent_dim=128, warmup=5, steps=20)
+CPU_SMOKE = dict(sizes="tiny", batch_sizes="4", img_size=32, patch_size=4, latent_dim=16, warmup=1, steps=2)
+
+
+def peak_tflops_for(gpu_name: str) -> tuple[float | None, str]:
+    """(peak bf16 dense TFLOP/s, which table entry matched) for a CUDA device name."""
+    for pattern, label, peak in PEAK_TFLOPS_BF16:
+        if re.search(pattern, gpu_name):
+            return peak, label
+    return None, "unknown GPU"
+
+
+def train_flops_per_image(mcfg: ModelConfig, img_size: int) -> tuple[float, float]:
+    """(forward, training) FLOPs per image; training = 3 x forward (see the module docstring)."""
+    fwd = flops_per_image(mcfg, img_size)
+    return fwd, 3.0 * fwd
+
+
+# Models ------------------------------------------------------------------------------------------
+
+
+class TimmPeer(nn.Module):
+    """Variant (c): the l-DAE encoder-decoder assembled from timm parts (PatchEmbed, Block).
+
+    Same widths, depths, heads, tokens and output head as ours with cond='none', so its analytic
+    FLOPs are flops_per_image(cond='none'). timm's Block takes no conditioning, so the peer gets no
+    noise level: it does slightly less work than ours (no adaLN), which favours the peer.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, width: int, encoder_depth: int,
+                 decoder_depth: int, num_heads: int, mlp_ratio: float, in_chans: int = 3) -> None:
+        super().__init__()
+        from timm.layers import PatchEmbed
+        from timm.models.vision_transformer import Block
+
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True)
+                                    for _ in range(encoder_depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.decoder_embed = nn.Linear(width, width)
+        self.decoder_pos_embed = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
+        self.decoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, patch_size * patch_size * in_chans)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.patch_embed(x)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            t = blk(t)
+        t = self.decoder_embed(self.norm(t)) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            t = blk(t)
+        patches = self.head(self.decoder_norm(t)[:, 1:])
+        return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.in_chans)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Regional compilation: torch.compile each transformer block in place, nothing else.
+
+    Blocks share one code object and shape, so Dynamo compiles once and reuses the graph for
+    every block (fast start-up, unlike compiling the whole model), while the custom Triton ops
+    and the glue between blocks stay eager. Returns the number of blocks compiled.
+    """
+    n = 0
+    for m in model.modules():
+        blocks = getattr(m, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for blk in blocks:
+                blk.compile(backend=backend)
+                n += 1
+    return n
+
+
+def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> PCATokenizer:
+    """An orthonormal basis with the PCA tokenizer's shapes: the step's cost does not depend on
+    which basis it is, and fitting a real one would measure the fit, not the step."""
+    D = 3 * patch_size**2
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    evals = torch.linspace(1.0, 1e-3, D, dtype=torch.float64)
+    return PCATokenizer(q.t().contiguous().float(), torch.zeros(D), evals.float(), patch_size, latent_dim)
+
+
+# One measured configuration ----------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    size: str
+    batch: int
+    img_size: int
+    patch_size: int
+    latent_dim: int
+    device: torch.device
+    amp: torch.dtype | None
+    warmup: int
+    steps: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_kernels_choice() -> tuple[str, str]:
+    """Variant (d) on CPU: the Triton kernels only where the interpreter can run them."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            from ldae_fast.kernels import triton_available
+            if triton_available():
+                return "triton", "CPU: Triton kernels in the interpreter (TRITON_INTERPRET=1)"
+        except ImportError:
+            pass
+        return "reference", "CPU: triton not importable, reference objective"
+    return "reference", "CPU without TRITON_INTERPRET=1: reference objective instead of Triton"
+
+
+def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
+                  ) -> tuple[nn.Module, LDAEObjective, torch.optim.Optimizer, Callable, dict]:
+    """Model, objective, optimizer and the step function of one variant, plus row facts."""
+    v = VARIANTS[key]
+    info: dict[str, Any] = {"kernels": v["kernels"], "attn": v["attn"], "compile": v["compile"], "note": ""}
+    kernels = v["kernels"]
+    if kernels == "triton" and s.device.type != "cuda":
+        kernels, info["note"] = _cpu_kernels_choice()
+    attn = v["attn"] if v["attn"] in ("auto", "math") else "auto"
+    if attn == "auto" and not v["peer"]:
+        info["attn"] = f"auto ({resolve_backend('auto')})"
+    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, attn_backend=attn),
+                 tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
+                 data=DataConfig(img_size=s.img_size, batch_size=s.batch),
+                 engine=EngineConfig(kernels=kernels, steps=1))
+    m = cfg.model
+    if v["peer"]:
+        model: nn.Module = TimmPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.decoder_depth,
+                                    m.num_heads, m.mlp_ratio)
+        fcfg = ModelConfig(size=s.size, patch_size=s.patch_size, cond="none")
+        fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
+        info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
+    else:
+        model = build_model(m, s.img_size)
+        fcfg = m
+    model = model.to(s.device).train()
+    info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)
+    info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    objective = LDAEObjective(cfg, random_tokenizer(s.patch_size, s.latent_dim), s.device)
+    info["kernels"] = objective.backend
+
+    if v["ours_optim"]:
+        opt = build_adamw(model, cfg, lr=1e-4)
+    else:
+        # What a user writes first: defaults (foreach on CUDA), no parameter groups.
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    info["optimizer"] = "AdamW " + ("fused" if opt.defaults.get("fused") else
+                                    "foreach" if s.device.type == "cuda" else "default")
+
+    forward: Callable = model
+    loss_fn: Callable = objective.loss
+    split = False
+    if v["compile"] == "full":
+        forward = torch.compile(model, backend=compile_backend)
+        loss_fn = torch.compile(objective.loss, backend=compile_backend)
+    elif v["compile"] == "blocks":
+        info["compiled_blocks"] = compile_blocks(model, backend=compile_backend)
+        split = True
+
+    amp = s.amp
+
+    def fwd(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if split:
+            with nvtx_range("encoder"):
+                tokens = model.encoder.forward_features(x_in, sigma)
+            with nvtx_range("decoder"):
+                return model.decoder(tokens, sigma)
+        with nvtx_range("forward"):
+            return forward(x_in, sigma)
+
+    def step(x: torch.Tensor, i: int) -> torch.Tensor:
+        with nvtx_range("noise"):
+            nb = objective.add_noise(x, i)
+        if amp is not None:
+            with torch.autocast(s.device.type, dtype=amp):
+                pred = fwd(nb.x_in, nb.sigma)
+        else:
+            pred = fwd(nb.x_in, nb.sigma)
+        with nvtx_range("loss"):
+            loss = loss_fn(pred, x, nb.lam)
+        with nvtx_range("backward"):
+            loss.backward()
+        with nvtx_range("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, objective, opt, step, info
+
+
+def time_steps(step: Callable, x: torch.Tensor, warmup: int, steps: int,
+               device: torch.device) -> tuple[float, torch.Tensor]:
+    """Seconds for `steps` steps after `warmup` untimed ones (compilation happens there)."""
+    loss = None
+    for i in range(warmup):
+        loss = step(x, i)
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            loss = step(x, warmup + i)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            loss = step(x, warmup + i)
+        seconds = time.perf_counter() - t0
+    return seconds, loss
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    try:
+        torch._dynamo.reset()  # each variant compiles afresh: no cache limits, no dynamic shapes
+    except Exception:
+        pass
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return "out of memory" in str(e).lower()
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """Round to significant digits: smoke runs give tiny TFLOP/s that fixed decimals zero out."""
+    return float(f"{x:.{digits}g}")
+
+
+def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profile_dir: Path | None,
+             profile_steps: int, compile_backend: str) -> None:
+    # A frame of its own: when it raises, its tensors die with the traceback, so an OOM at one
+    # batch size does not keep the model alive into the next measurement.
+    model, objective, opt, step, info = build_variant(key, s, compile_backend)
+    row.update(info)
+    g = torch.Generator(device=s.device).manual_seed(1234)
+    x = torch.randn(s.batch, 3, s.img_size, s.img_size, device=s.device, generator=g)
+    seconds, loss = time_steps(step, x, s.warmup, s.steps, s.device)
+    if not math.isfinite(float(loss)):
+        row["status"] = "non-finite loss"
+    ips = s.batch * s.steps / seconds
+    achieved = ips * row["train_flops_per_image"] / 1e12
+    row["images_per_s"] = _sig(ips)
+    row["step_ms"] = _sig(1e3 * seconds / s.steps)
+    row["tflops"] = _sig(achieved)
+    row["mfu"] = _sig(achieved / peak, 3) if peak else None
+    if s.device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2)
+    if profile_dir is not None:
+        out = profile_dir / f"{s.size}_b{s.batch}_{key}"
+        prof = StepProfiler(out, steps=profile_steps, wait=1, warmup=1)
+        for i in range(prof.total_steps):
+            step(x, 10_000 + i)
+            prof.step()
+        prof.close()
+        row["profile"] = str(prof.trace_path or out)
+
+
+def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None = None,
+                profile_steps: int = 3, compile_backend: str = "inductor") -> dict[str, Any]:
+    """One row: measure variant `key` at setup `s`; failures become the row's status."""
+    v = VARIANTS[key]
+    row: dict[str, Any] = {
+        "model": SIZE_LABELS.get(s.size, s.size), "size": s.size, "img": s.img_size, "patch": s.patch_size,
+        "batch": s.batch, "variant": key, "variant_name": v["name"], "status": "ok",
+        "images_per_s": None, "step_ms": None, "tflops": None, "mfu": None, "peak_mem_gib": None,
+        "precision": "bf16" if s.amp == torch.bfloat16 else "fp32",
+    }
+    _free(s.device)
+    error: str | None = None
+    try:
+        _measure(key, s, row, peak, profile_dir, profile_steps, compile_backend)
+    except Exception as e:  # a failing variant is a result, not the end of the benchmark
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        error = "OOM" if _is_oom(e) else f"failed: {type(e).__name__}: {msg}"
+    if error is not None:
+        row["status"] = error
+        for k in ("images_per_s", "step_ms", "tflops", "mfu", "peak_mem_gib"):
+            row[k] = None
+    _free(s.device)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's throughput relative to variants a/b/c of the same model and batch (same run)."""
+    by_key = {(r["size"], r["batch"], r["variant"]): r for r in rows}
+    for r in rows:
+        for other in ("a", "b", "c"):
+            o = by_key.get((r["size"], r["batch"], other))
+            ok = (o is not None and o.get("images_per_s") and r.get("images_per_s"))
+            r[f"vs_{other}"] = round(r["images_per_s"] / o["images_per_s"], 3) if ok else None
+
+
+# Command line ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", help=f"model sizes, comma-separated (GPU default {GPU_DEFAULTS['sizes']})")
+    ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']})")
+    ap.add_argument("--variants", default="a,b,c,d", help="subset of a,b,c,d (default all)")
+    ap.add_argument("--img-size", type=int, help="image side (GPU default 256)")
+    ap.add_argument("--patch-size", type=int, help="patch size (GPU default 16)")
+    ap.add_argument("--latent-dim", type=int, help="PCA latent dim d (GPU default 128)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first, compilation included (GPU default 5)")
+    ap.add_argument("--steps", type=int, help="timed steps (GPU default 20)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="autocast for every variant: auto = bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="peak TFLOP/s for MFU (default: bf16 dense peak of the GPU from the table)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="toy run on CPU (tiny model, img 32, patch 4, batch 4, 2 timed steps); "
+                         "automatic without CUDA")
+    ap.add_argument("--profile", nargs="?", const="runs/profile/train_step", default=None, metavar="DIR",
+                    help="after timing, write a torch.profiler trace of variant (d) under DIR")
+    ap.add_argument("--profile-steps", type=int, default=3, help="steps recorded by --profile")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of variants (b) and (d); 'aot_eager' or 'eager' make a CPU "
+                         "smoke run skip code generation")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
+    ap.add_argument("--write", action="store_true", help="write results for a CPU smoke run too")
+    ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--name", default="train_step", help="results name passed to results_io")
+    return ap.parse_args(argv)
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The reproducing command; TRITON_INTERPRET is part of it because it picks (d)'s kernels."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    env = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    return env + results_io.command_line([str(Path(__file__).resolve()), *args])
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, bool]:
+    smoke = args.cpu_smoke or not torch.cuda.is_available()
+    base = CPU_SMOKE if smoke else GPU_DEFAULTS
+    if smoke:
+        # The smoke configuration is fixed so CI always runs the same toy step.
+        vals = dict(base)
+    else:
+        vals = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in base.items()}
+    return vals, torch.device("cpu" if smoke else "cuda"), smoke
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+TABLE_COLUMNS = ("model", "batch", "variant", "variant_name", "status", "images_per_s", "tflops", "mfu",
+                 "peak_mem_gib", "vs_a", "vs_b", "vs_c", "kernels", "attn", "compile", "optimizer", "note")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in TABLE_COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Parse, measure every (size, batch, variant), print; returns (rows, meta)."""
+    args = parse_args(argv)
+    vals, device, smoke = resolve(args)
+    cmd = command_line(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    sizes = [s.strip() for s in str(vals["sizes"]).split(",") if s.strip()]
+    batches = [int(b) for b in str(vals["batch_sizes"]).split(",") if b.strip()]
+    if args.precision == "auto":
+        amp = torch.bfloat16 if device.type == "cuda" else None
+    else:
+        amp = torch.bfloat16 if args.precision == "bf16" else None
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.peak_tflops:
+        peak, peak_src = args.peak_tflops, "--peak-tflops"
+    elif device.type == "cuda":
+        peak, peak_src = peak_tflops_for(gpu)
+    else:
+        peak, peak_src = None, "none on CPU (pass --peak-tflops for an MFU)"
+    if device.type == "cuda":
+        # TF32 for the float32 leftovers of every variant alike (timm's train script does the same).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    print(f"reproduce: {cmd}")
+    print(f"device: {gpu}; precision: {'bf16 autocast' if amp else 'fp32'}; "
+          f"peak: {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'} ({peak_src})")
+    print("FLOPs: training = 3 x forward, forward = ldae_fast.models.flops_per_image "
+          "(matmuls only, 2 per multiply-add; peer counted with cond='none')")
+    if smoke:
+        print(f"CPU smoke run ({'--cpu-smoke' if args.cpu_smoke else 'no CUDA device'}): toy sizes, "
+              "timings are not performance numbers")
+
+    setup_kw = dict(img_size=vals["img_size"], patch_size=vals["patch_size"], latent_dim=vals["latent_dim"],
+                    device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"])
+    profile_dir = Path(args.profile) if args.profile else None
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        for batch in batches:
+            s = Setup(size=size, batch=batch, **setup_kw)
+            for key in variants:
+                row = run_variant(key, s, peak, profile_dir if key == "d" else None, args.profile_steps,
+                                  args.compile_backend)
+                rows.append(row)
+                print(f"  {row['model']:>8} b{batch:<4} ({key}) {row['variant_name']:<10} {row['status']:<8} "
+                      f"{_fmt(row['images_per_s'])} img/s  {_fmt(row['tflops'])} TFLOP/s  "
+                      f"MFU {_fmt(row['mfu'])}  mem {_fmt(row['peak_mem_gib'])} GiB", flush=True)
+    add_ratios(rows)
+    print()
+    print(table(rows))
+    meta = {
+        "benchmark": "train_step", "device": gpu, "smoke": smoke,
+        "precision": "bf16 autocast" if amp else "fp32", "tf32": device.type == "cuda",
+        "peak_tflops": peak, "peak_source": peak_src,
+        "flop_count": "training = 3 x forward; forward = ldae_fast.models.flops_per_image (matmuls, "
+                      "2 FLOPs per multiply-add); timm peer counted with cond='none'",
+        "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
+        "warmup_steps": vals["warmup"], "timed_steps": vals["steps"],
+        "timing": "CUDA events around the timed steps" if device.type == "cuda" else "time.perf_counter",
+        "compile_backend": args.compile_backend,
+        "variants": {k: VARIANTS[k]["name"] for k in variants}, "command": cmd,
+    }
+    return rows, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    rows, meta = run(argv)
+    args = parse_args(argv)
+    if not args.no_write and (not meta["smoke"] or args.write):
+        json_path, md_path = results_io.write_result(args.name, rows, meta_extra=meta, out_dir=args.out_dir)
+        print(f"results: {json_path} and {md_path}")
+    elif meta["smoke"]:
+        print("\n(CPU smoke run: nothing written; --write to write it anyway)")
+    print(f"reproduce: {meta['command']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig
+from ldae_fast.engine import profiling
+from ldae_fast.engine.profiling import TOP_KERNELS_FILE, StepProfiler, nvtx_range, top_kernels_table
+from ldae_fast.models import build_model
+from ldae_fast.objectives.ldae import LDAEObjective
+from ldae_fast.tokenizer import pixel_tokenizer
+
+TINY = dict(size="tiny", width=32, num_heads=2, encoder_depth=1, decoder_depth=1, patch_size=4)
+
+
+def _forbid_nvtx(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("NVTX called without CUDA")
+
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", boom)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", boom)
+
+
+def test_nvtx_range_is_noop_without_cuda(monkeypatch):
+    monkeypatch.setattr(profiling, "_cuda_present", lambda: False)
+    _forbid_nvtx(monkeypatch)
+    ran = []
+    with nvtx_range("noise"):
+        ran.append(1)
+    assert ran == [1]
+    with pytest.raises(KeyError), nvtx_range("loss"):
+        raise KeyError("propagates")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the real detection on a CPU-only machine")
+def test_nvtx_range_real_detection_cpu(monkeypatch):
+    _forbid_nvtx(monkeypatch)
+    with nvtx_range("encoder"):
+        pass
+
+
+def test_nvtx_range_calls_nvtx_when_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(profiling, "_cuda_present", lambda: True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(("push", name)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
+    with pytest.raises(RuntimeError), nvtx_range("backward"):
+        raise RuntimeError("x")
+    assert calls == [("push", "backward"), ("pop",)]
+
+
+def test_disabled_profiler_is_inert(tmp_path):
+    p = StepProfiler(tmp_path / "prof", steps=0)
+    assert not p.active
+    p.step()
+    p.close()
+    assert not (tmp_path / "prof").exists()
+    assert p.table is None
+
+
+def test_from_config_defaults_out_dir(tmp_path):
+    p = StepProfiler.from_config(SimpleNamespace(steps=0, out_dir=""), tmp_path / "run" / "profile")
+    assert p.out_dir == tmp_path / "run" / "profile" and not p.active
+    p = StepProfiler.from_config(SimpleNamespace(steps=0, out_dir=str(tmp_path / "x")), tmp_path / "y")
+    assert p.out_dir == tmp_path / "x"
+
+
+def _tiny_step():
+    cfg = Config(model=ModelConfig(**TINY), tokenizer=TokenizerConfig(kind="pixel", latent_dim=48),
+                 data=DataConfig(img_size=16, batch_size=4), engine=EngineConfig(kernels="reference", steps=1))
+    model = build_model(cfg.model, 16)
+    obj = LDAEObjective(cfg, pixel_tokenizer(4), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 3, 16, 16)
+
+    def step(i):
+        with nvtx_range("noise"):
+            nb = obj.add_noise(x, i)
+        with nvtx_range("encoder"):
+            tokens = model.encoder(nb.x_in, nb.sigma)
+        with nvtx_range("decoder"):
+            pred = model.decoder(tokens, nb.sigma)
+        with nvtx_range("loss"):
+            loss = obj.loss(pred, x, nb.lam)
+        with nvtx_range("backward"):
+            loss.backward()
+        with nvtx_range("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def test_step_profiler_writes_trace_and_table(tmp_path, capsys):
+    step = _tiny_step()
+    prof = StepProfiler(tmp_path / "prof", steps=2, wait=1, warmup=1)
+    assert prof.active and prof.total_steps == 4
+    for i in range(6):  # two more than the window: step() must then do nothing
+        step(i)
+        prof.step()
+        assert prof.active == (i < 3)
+    assert prof.trace_path is not None and prof.trace_path.exists()
+    trace = json.loads(prof.trace_path.read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    # The phase ranges reach the trace through record_function while the profiler collects.
+    assert {"noise", "encoder", "decoder", "loss", "optimizer"} <= names
+    table_file = tmp_path / "prof" / TOP_KERNELS_FILE
+    assert table_file.exists()
+    rows = [ln for ln in prof.table.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]
+    assert len(rows) >= 5
+    assert "CPU self time" in prof.table and "2 step(s)" in prof.table
+    assert prof.table in table_file.read_text()
+    assert "aten::" in capsys.readouterr().out
+    # Outside the profiled window the phase ranges cost nothing again.
+    assert profiling._profiling_depth == 0
+
+
+def test_top_kernels_table_shares_and_limit():
+    step = _tiny_step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        for i in range(2):
+            step(i)
+            p.step()
+    text = top_kernels_table(p, n=3)
+    body = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]
+    assert len(body) == 3
+    shares = [float(ln.rstrip(" |").rsplit("|", 1)[1].strip().rstrip("%")) for ln in body]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
+
+
+def test_close_early_flushes(tmp_path):
+    step = _tiny_step()
+    prof = StepProfiler(tmp_path / "p", steps=5, wait=0, warmup=1, verbose=False)
+    step(0)
+    prof.step()
+    step(1)
+    prof.close()
+    prof.close()
+    assert not prof.active and profiling._profiling_depth == 0
+    assert prof.trace_path is not None and prof.trace_path.exists()

@@ -1,0 +1,159 @@
+"""bench/train_step.py in its CPU smoke mode, and bench/make_perf_section.py on its output."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldae_fast.config import ModelConfig
+from ldae_fast.models.vit import flops_per_image
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ts():
+    return _load("train_step")
+
+
+@pytest.fixture(scope="module")
+def perf():
+    return _load("make_perf_section")
+
+
+@pytest.fixture(scope="module")
+def smoke(ts, tmp_path_factory):
+    """One smoke run shared by the tests below: it is the slow part (about 10 s)."""
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core runner OpenMP spinning across busy cores costs 5-10x.
+    torch.set_num_threads(1)
+    try:
+        # Backend 'eager': Dynamo still traces (fake tensors, guards, graph breaks) but skips
+        # AOT autograd and inductor's C++ codegen, which cost 10 s to minutes on 2 cores.
+        rc = ts.main(["--cpu-smoke", "--compile-backend", "eager", "--peak-tflops", "1.0",
+                      "--profile", str(out / "prof"), "--profile-steps", "1",
+                      "--write", "--out-dir", str(out / "results")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    files = list((out / "results").glob("train_step-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    return data["rows"], data["meta"], out
+
+
+def test_one_row_per_variant_with_throughput(smoke):
+    rows, meta, _ = smoke
+    assert [r["variant"] for r in rows] == ["a", "b", "c", "d"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0
+        assert (r["model"], r["batch"], r["img"], r["patch"]) == ("tiny", 4, 32, 4)
+    assert meta["smoke"] is True and meta["timed_steps"] == 2 and meta["warmup_steps"] == 1
+    assert rows[0]["vs_a"] == 1.0 and rows[3]["vs_b"] is not None and rows[3]["vs_c"] is not None
+    assert rows[3]["compile"] == "blocks" and rows[3]["compiled_blocks"] == 6
+    assert rows[0]["attn"] == "math" and rows[0]["kernels"] == "reference"
+
+
+def test_flops_are_three_forwards(smoke):
+    rows, meta, _ = smoke
+    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4), 32)
+    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none"), 32)
+    for r in rows:
+        fwd = peer if r["variant"] == "c" else ours
+        assert r["fwd_flops_per_image"] == fwd
+        assert r["train_flops_per_image"] == 3 * fwd
+        achieved = r["images_per_s"] * r["train_flops_per_image"] / 1e12
+        assert r["tflops"] == pytest.approx(achieved, rel=1e-3)
+        assert r["mfu"] == pytest.approx(r["tflops"] / meta["peak_tflops"], rel=1e-2)
+    assert meta["peak_tflops"] == 1.0 and meta["peak_source"] == "--peak-tflops"
+
+
+def test_variant_d_kernels_follow_interpreter(smoke):
+    d = smoke[0][3]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from ldae_fast.kernels import triton_available
+
+        if triton_available():
+            assert d["kernels"] == "triton" and "interpreter" in d["note"]
+            return
+    assert d["kernels"] == "reference" and "reference" in d["note"]
+
+
+def test_profile_and_command(smoke):
+    rows, meta, out = smoke
+    traces = list((out / "prof").glob("tiny_b4_d/trace_step*.json"))
+    assert len(traces) == 1 and rows[3]["profile"] == str(traces[0])
+    assert (out / "prof" / "tiny_b4_d" / "profile_top_kernels.md").stat().st_size > 0
+    assert "bench/train_step.py" in meta["command"] and "--cpu-smoke" in meta["command"]
+    assert (out / "results" / "train_step.md").exists()
+
+
+def test_failing_variant_becomes_a_row(ts, monkeypatch):
+    s = ts.Setup(size="tiny", batch=4, img_size=32, patch_size=4, latent_dim=16,
+                 device=torch.device("cpu"), amp=None, warmup=0, steps=1)
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+
+    monkeypatch.setattr(ts, "build_variant", oom)
+    row = ts.run_variant("a", s, peak=None)
+    assert row["status"] == "OOM" and row["images_per_s"] is None
+
+    def broken(*a, **k):
+        raise ValueError("no such kernel\nsecond line")
+
+    monkeypatch.setattr(ts, "build_variant", broken)
+    row = ts.run_variant("d", s, peak=None)
+    assert row["status"] == "failed: ValueError: no such kernel" and row["mfu"] is None
+    ts.add_ratios([row])
+    assert row["vs_a"] is None
+
+
+def test_peak_table(ts):
+    assert ts.peak_tflops_for("NVIDIA H100 80GB HBM3") == (989.0, "H100 SXM")
+    assert ts.peak_tflops_for("NVIDIA H100 PCIe")[0] == 756.0
+    assert ts.peak_tflops_for("NVIDIA GH200 480GB")[1] == "GH200"
+    assert ts.peak_tflops_for("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert ts.peak_tflops_for("NVIDIA A10G")[0] is None  # not the A10: no guess
+
+
+def test_perf_section_from_results(smoke, perf):
+    rows, _, out = smoke
+    # CPU smoke runs are not performance results: left out unless asked for.
+    assert "No GPU results are committed yet" in perf.render(out / "results")
+    text = perf.render(out / "results", include_cpu=True)
+    assert "### train_step" in text and "bench/train_step.py" in text
+    assert perf.fmt(rows[3]["images_per_s"], "images_per_s") in text
+
+
+def test_perf_section_gpu_run_and_empty(perf, tmp_path, capsys):
+    assert perf.main(["--results-dir", str(tmp_path)]) == 0
+    assert "No GPU results are committed yet" in capsys.readouterr().out
+    rows = [dict(model="ViT-1/2L", batch=256, variant=v, variant_name=n, images_per_s=ips, mfu=m,
+                 peak_mem_gib=50.0, status="ok", vs_a=ips / 500.0)
+            for v, n, ips, m in (("a", "eager", 500.0, 0.25), ("d", "ldae-fast", 1000.0, 0.5))]
+    for date, r in (("2026-01-01T00:00:00+00:00", rows[:1]), ("2026-02-01T00:00:00+00:00", rows)):
+        (tmp_path / f"train_step-{date[:10]}.json").write_text(json.dumps(
+            {"name": "train_step", "meta": {"gpu": "NVIDIA H100 80GB HBM3", "date": date,
+                                            "command": "python bench/train_step.py"}, "rows": r}))
+    (tmp_path / "broken.json").write_text("{")
+    text = perf.render(tmp_path)
+    assert text.count("### train_step") == 1 and "2026-02-01" in text  # newest run per GPU
+    assert "**ViT-1/2L**: 1,000 images/s at micro-batch 256, MFU 50.0%" in text
+    assert perf.render(tmp_path, all_runs=True).count("### train_step") == 2
