@@ -54,6 +54,7 @@ from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, Toke
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import StepProfiler, nvtx_range  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
+from ldae_fast.models.compile import compile_blocks  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
 from ldae_fast.models.vit import flops_per_image  # noqa: E402
 from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
@@ -146,23 +147,6 @@ class TimmPeer(nn.Module):
             t = blk(t)
         patches = self.head(self.decoder_norm(t)[:, 1:])
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.in_chans)
-
-
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """Regional compilation: torch.compile each transformer block in place, nothing else.
-
-    Blocks share one code object and shape, so Dynamo compiles once and reuses the graph for
-    every block (fast start-up, unlike compiling the whole model), while the custom Triton ops
-    and the glue between blocks stay eager. Returns the number of blocks compiled.
-    """
-    n = 0
-    for m in model.modules():
-        blocks = getattr(m, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for blk in blocks:
-                blk.compile(backend=backend)
-                n += 1
-    return n
 
 
 def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> PCATokenizer:

@@ -277,6 +277,18 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 0
+    """Profile this many training steps with torch.profiler (0: off); writes a Chrome trace and a
+    table of the top kernels by device time."""
+    out_dir: str = ""
+    """Where the trace goes ('' : OUT/profile)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, f"profile.steps={self.steps} must be >= 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -285,6 +297,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     preset: str = "demo"
     """Name of the preset this config started from (informational)."""
 

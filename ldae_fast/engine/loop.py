@@ -22,10 +22,15 @@ from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
 from . import checkpoint as ckpt_mod
 from .metrics import MetricLogger
 from .optim import EMA, build_adamw, lr_at
+from .profiling import StepProfiler, nvtx_range
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def start_step_of(state: dict) -> int:
+    return int(state.get("step", 0))
 
 
 @dataclass
@@ -142,6 +147,9 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
 
     model = build_model(cfg.model, cfg.data.img_size).to(device)
+    if cfg.engine.compile:
+        from ..models.compile import compile_blocks
+        compile_blocks(model)
     backend = (backend_factory or SingleDevice)(cfg, model, 0.0)
     world, rank, is_main = backend.world_size, backend.rank, backend.is_main
     lr0 = cfg.lr(world)
@@ -156,7 +164,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     tok = build_tokenizer(cfg, resume_state, logger.info)
     if is_main and resume_state is None:
         tok.save(out_dir / "tokenizer.safetensors")
-    objective = LDAEObjective(cfg, tok, device, rank=rank)
+    objective = LDAEObjective(cfg, tok, device, rank=rank, world_size=world)
     amp = autocast_dtype(cfg.engine.precision, device)
     # Under ZeRO-3 each rank holds a shard of every parameter, so a full-parameter EMA would need a
     # gather per step; it is off there (the log says so).
@@ -164,13 +172,14 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 and not zero3 else None
     if zero3 and cfg.optim.ema_decay > 0:
         logger.info("note: the parameter EMA is not kept under ZeRO-3 (optim.ema_decay ignored)")
-    stream = build_train_stream(cfg, rank=rank, world_size=world)
+    # With a CUDA device the stream ships uint8 and normalises there: a quarter of the transfer.
+    stream = build_train_stream(cfg, rank=rank, world_size=world, device=device if device.type == "cuda" else None)
 
     start = 0
     if resume_state is not None:
         backend.load_state_dict(resume_state, resume_dir)
         if ema is not None and resume_state.get("ema"):
-            ema.load_state_dict(resume_state["ema"])
+            ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
         stream.load_state_dict(resume_state["data"])
         ckpt_mod.set_rng_state(resume_state["rng"])
         start = int(resume_state["step"])
@@ -185,7 +194,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
 
     def save(step: int) -> Path:
         state = backend.state_dict()
-        state.update(step=step, ema=ema.state_dict() if ema else None, data=stream.state_dict(),
+        state.update(step=step, ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
+                     data=stream.state_dict(),
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
                      tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
@@ -199,6 +209,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     win_steps, win_images, t_win = 0, 0, time.time()
     last_ckpt, final_loss, ips = None, float("nan"), 0.0
+    prof = StepProfiler.from_config(cfg.profile, out_dir / "profile") if is_main else StepProfiler(out_dir, 0)
     model.train()
     for step in range(start, total):
         lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
@@ -207,12 +218,15 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
             images, _ = next(it)
             images = images.to(device, non_blocking=True)
             loss = objective(backend.model, images, step * cfg.engine.grad_accum + micro, amp)
-            backend.backward(loss)
+            with nvtx_range("backward"):
+                backend.backward(loss)
             step_loss += loss.detach() / cfg.engine.grad_accum
             win_images += images.shape[0] * world
-        norm = backend.step(lr)
-        if ema is not None:
-            ema.update(model)
+        with nvtx_range("optimizer"):
+            norm = backend.step(lr)
+            if ema is not None:
+                ema.update(model)
+        prof.step()
         # Recorded on the device: the host looks only at log time.
         bad_now = (~torch.isfinite(step_loss)) & (first_bad < 0)
         first_bad = torch.where(bad_now, torch.full_like(first_bad, step + 1), first_bad)
@@ -224,6 +238,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
             bad = int(first_bad.item())
             if bad >= 0:
                 logger.close()
+                prof.close()
                 raise NonFiniteLoss(
                     f"loss became non-finite at step {bad} (lr {lr_at(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
                     f"stopping without saving. Last complete checkpoint: {ckpt_mod.latest_checkpoint(out_dir)}. "
@@ -239,6 +254,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
             win_steps, win_images, t_win = 0, 0, time.time()
         if cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total:
             last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+    prof.close()
     if total > start:
         last_ckpt = save(total) if is_main or backend.save_on_all_ranks else None
         if last_ckpt is not None:

@@ -39,24 +39,36 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
 
 
 class EMA:
-    """Exponential moving average of the parameters (buffers are copied), kept in float32."""
+    """Exponential moving average of the parameters (buffers are copied), kept in float32.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over the n updates so far: with a fixed
+    0.9999 a short run's EMA would still be, to four digits, the random initialisation.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         params = dict(model.named_parameters())
         for k, v in model.state_dict().items():
             if k in params and v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.float(), 1.0 - decay)
             else:
                 self.shadow[k].copy_(v)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, loadable into the model (the update count is kept aside)."""
         return self.shadow
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, sd: dict[str, torch.Tensor], updates: int = 0) -> None:
         for k, v in sd.items():
             self.shadow[k].copy_(v)
+        self.updates = updates

@@ -71,11 +71,12 @@ class NoisyBatch:
 class LDAEObjective:
     """Turns clean images into (noisy input, loss); holds the tokenizer and the kernel choice."""
 
-    def __init__(self, cfg: Config, tokenizer: PCATokenizer, device: torch.device | str, rank: int = 0):
+    def __init__(self, cfg: Config, tokenizer: PCATokenizer, device: torch.device | str, rank: int = 0,
+                 world_size: int = 1):
         self.cfg = cfg
         self.noise_cfg = cfg.noise
         self.p = cfg.model.patch_size
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.tok = tokenizer.to(self.device)
         self.backend = resolve_kernels(cfg.engine.kernels, self.device)
@@ -92,21 +93,30 @@ class LDAEObjective:
         return gamma, sigma, schedules.loss_weight(n.loss_weight, gamma, sigma)
 
     def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None) -> NoisyBatch:
-        """Sample t per image (unless given) and noise x in PCA space; no gradient flows to x."""
+        """Sample t per image (unless given) and noise x in PCA space; no gradient flows to x.
+
+        Draws are keyed on the step and on the sample's place in the global batch (rank r holds
+        rows r*B..(r+1)*B-1), so N ranks with micro-batch B draw exactly what one process with
+        batch N*B draws: a sharded run is comparable to a single-device one.
+        """
         B = x.shape[0]
-        seed = step_seed(self.cfg.engine.seed, step, self.rank)
+        Bg, lo = B * self.world_size, B * self.rank
+        seed = step_seed(self.cfg.engine.seed, step)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         if t is None:
-            t = torch.rand(B, generator=gen, device=self.device)
+            t = torch.rand(Bg, generator=gen, device=self.device)[lo:lo + B]
         gamma, sigma, lam = self.noise_levels(t.float())
+        N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
         with torch.no_grad():
             if self.backend == "triton":
+                # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
                 x_in = self._k.latent_noise(x, self.basis, self.mean, gamma, sigma, self.p,
-                                            seed=seed & 0x7FFFFFFF, offset=0)
+                                            seed=seed, offset=lo * N * self.tok.d)
             else:
-                N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
-                eps = torch.randn(B, N, self.tok.d, generator=gen, device=self.device)
+                # The reference draws the whole global batch and keeps its rows: simple, and
+                # it is the CPU / test path, where the extra draws cost little.
+                eps = torch.randn(Bg, N, self.tok.d, generator=gen, device=self.device)[lo:lo + B]
                 x_in, _ = reference.latent_noise(x, self.basis, self.mean, gamma, sigma, eps, self.p)
             if self.noise_cfg.input_scaling:
                 x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(B, 1, 1, 1).to(x_in.dtype)
@@ -120,10 +130,14 @@ class LDAEObjective:
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, step: int,
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        nb = self.add_noise(x, step)
+        from ..engine.profiling import nvtx_range
+
+        with nvtx_range("noise"):
+            nb = self.add_noise(x, step)
         if autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=autocast_dtype):
                 pred = model(nb.x_in, nb.sigma)
         else:
             pred = model(nb.x_in, nb.sigma)
-        return self.loss(pred, x, nb.lam)
+        with nvtx_range("loss"):
+            return self.loss(pred, x, nb.lam)

@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+
+from ldae_fast.config import build_config
+from ldae_fast.engine import checkpoint as ck
+from ldae_fast.engine.loop import NonFiniteLoss, train
+from ldae_fast.engine.optim import EMA, lr_at
+from ldae_fast.objectives import ldae as ldae_obj
+
+TINY = {
+    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
+    "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "64", "tokenizer.fit_images": "32",
+    "engine.kernels": "reference", "engine.log_every": "2", "engine.progress": "false", "optim.blr": "1e-3",
+    "optim.warmup_epochs": "0.5", "eval.probe": "false", "eval.figure": "false",
+}
+
+
+def _cfg(tmp_path, **over):
+    o = {**TINY, "engine.out_dir": str(tmp_path / "run"), **{k: str(v) for k, v in over.items()}}
+    return build_config("demo", o)
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 10, 100, min_lr=0.01) == pytest.approx(0.01)
+
+
+def test_ema_tracks_parameters():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, 0.5)
+    ema.updates = 1000  # past the warm-up: decay 0.5
+    before = ema.state_dict()["weight"].clone()
+    with torch.no_grad():
+        m.weight.add_(2.0)
+    ema.update(m)
+    torch.testing.assert_close(ema.state_dict()["weight"], before + 1.0)
+
+
+def test_fixed_batch_loss_goes_down():
+    from ldae_fast.models import build_model
+    from ldae_fast.tokenizer import fit_pca
+
+    cfg = build_config("demo", {**TINY})
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    tok = fit_pca(iter([x]), 4, cfg.tokenizer.latent_dim, 8)
+    obj = ldae_obj.LDAEObjective(cfg, tok, "cpu")
+    model = build_model(cfg.model, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(60):
+        loss = obj(model, x, step % 4)  # four fixed noise draws
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses[::10]
+
+
+def test_run_writes_config_metrics_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, **{"engine.steps": 4})
+    res = train(cfg)
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text())["model"]["width"] == 32
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in lines)
+    assert res.checkpoint == ck.latest_checkpoint(out) and res.checkpoint.name == "step_00000004"
+    assert (out / "tokenizer.safetensors").exists()
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
+    over = {"engine.steps": 8, "engine.ckpt_every": 3, "engine.deterministic": "true"}
+    ref = train(_cfg(tmp_path / "a", **over))
+
+    real_call = ldae_obj.LDAEObjective.__call__
+
+    def crashing(self, model, x, step, amp=None):
+        if step == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return real_call(self, model, x, step, amp)
+
+    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "b", **over))
+    assert ck.latest_checkpoint(tmp_path / "b" / "run").name == "step_00000003"
+    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", real_call)
+    res = train(_cfg(tmp_path / "b", **over, **{"engine.resume": "auto"}))
+    a, b = _params(ref.model), _params(res.model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for k, v in ref.ema.state_dict().items():
+        assert torch.equal(v, res.ema.state_dict()[k]), k
+
+
+def test_half_written_checkpoint_is_skipped(tmp_path):
+    cfg = _cfg(tmp_path, **{"engine.steps": 2})
+    train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step_00000099").mkdir()  # no meta.json: a write cut short
+    (root / "step_00000099" / "state.pt").write_bytes(b"\x00" * 10)
+    assert ck.latest_checkpoint(tmp_path / "run").name == "step_00000002"
+    assert ck.resolve_resume("auto", tmp_path / "run").name == "step_00000002"
+
+
+def test_keep_last_prunes(tmp_path):
+    cfg = _cfg(tmp_path, **{"engine.steps": 6, "engine.ckpt_every": 1, "engine.keep_last": 2})
+    train(cfg)
+    names = [p.name for p in ck.list_checkpoints(tmp_path / "run")]
+    assert names == ["step_00000005", "step_00000006"]
+
+
+def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
+    real_call = ldae_obj.LDAEObjective.__call__
+
+    def poisoned(self, model, x, step, amp=None):
+        loss = real_call(self, model, x, step, amp)
+        return loss * float("nan") if step == 2 else loss
+
+    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", poisoned)
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 3"):
+        train(_cfg(tmp_path, **{"engine.steps": 6}))
+    assert ck.latest_checkpoint(tmp_path / "run") is None
+
+
+def test_ema_warms_up():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, 0.9999)
+    assert ema.current_decay() == pytest.approx(0.1)
+    for _ in range(100):
+        ema.update(m)
+    assert ema.current_decay() == pytest.approx(101 / 110)
+
+
+def test_profile_steps_write_trace(tmp_path):
+    cfg = _cfg(tmp_path, **{"engine.steps": 4, "profile.steps": 1})
+    train(cfg)
+    prof_dir = tmp_path / "run" / "profile"
+    assert (prof_dir / "profile_top_kernels.md").read_text().strip()
+    assert any(p.suffix == ".json" or p.name.endswith(".json.gz") for p in prof_dir.rglob("*"))
