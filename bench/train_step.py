@@ -54,8 +54,8 @@ from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, Toke
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import StepProfiler, nvtx_range  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
-from ldae_fast.models.compile import compile_blocks  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
+from ldae_fast.models.compile import compile_blocks  # noqa: E402
 from ldae_fast.models.vit import flops_per_image  # noqa: E402
 from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
