@@ -8,6 +8,11 @@ if os.environ.get("LDAE_GPU_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Test tensors are tiny: a second intra-op thread only adds OpenMP hand-offs (seen 5-20x slower
+# on a loaded 2-core machine), and one thread keeps reductions bit-reproducible across runs.
+torch.set_num_threads(int(os.environ.get("LDAE_TEST_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
