@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         first, last = result.losses[0][1], result.losses[-1][1]
         print(f"pretraining done in {time.time() - t0:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
-    if is_main and cfg.preset == "demo" or (is_main and cfg.data.source == "synthetic"):
+    if is_main and (cfg.preset == "demo" or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
+        if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
+            # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
+            from .engine.checkpoint import load_for_eval
+            _, model, _ = load_for_eval(result.checkpoint)
+            result.model, result.ema = model, None
         finish_demo(cfg, result)
-    print(f"run directory: {cfg.engine.out_dir} (config.json, metrics.jsonl, checkpoints/)")
+    if is_main:
+        print(f"run directory: {cfg.engine.out_dir} (config.json, metrics.jsonl, checkpoints/)")
     return 0

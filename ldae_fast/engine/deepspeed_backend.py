@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +32,10 @@ def deep_update(base: dict, extra: dict) -> dict:
     return base
 
 
+# Our loop owns these: a second optimizer or schedule in the JSON would fight ours silently.
+_OWNED_KEYS = ("optimizer", "scheduler")
+
+
 def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
     """The DeepSpeed JSON implied by our config (plus the user's override file, if any)."""
     c = {
@@ -48,7 +53,25 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
         path = Path(cfg.engine.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"engine.deepspeed_config={path}: no such file")
-        deep_update(c, json.loads(path.read_text()))
+        user = json.loads(path.read_text())
+        owned = [k for k in _OWNED_KEYS if k in user]
+        if owned:
+            raise ValueError(f"engine.deepspeed_config={path} sets {owned}: the optimizer and learning-rate "
+                             "schedule come from the optim.* settings; remove those keys")
+        deep_update(c, user)
+    # The data stream and the lr rule read data.batch_size / engine.grad_accum, so a JSON that
+    # disagrees would train on one batch size and schedule for another.
+    want = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": cfg.engine.grad_accum,
+            "train_batch_size": cfg.global_batch(world_size)}
+    bad = {k: c.get(k) for k, v in want.items() if c.get(k) != v}
+    # The loop decides on the EMA and on where weights are saved from engine.zero_stage.
+    if c.get("zero_optimization", {}).get("stage") != cfg.engine.zero_stage:
+        raise ValueError(f"engine.deepspeed_config sets zero_optimization.stage="
+                         f"{c['zero_optimization'].get('stage')}; set --engine.zero_stage instead")
+    if bad:
+        raise ValueError(f"engine.deepspeed_config sets {bad}, but this run has {want} (micro x grad_accum x "
+                         f"{world_size} ranks); set --data.batch_size / --engine.grad_accum instead")
     return c
 
 
@@ -88,10 +111,16 @@ class DeepSpeedBackend:
         self.config = ds_config(cfg, self.world_size, on_cuda)
         groups = param_groups(model, cfg.optim.weight_decay)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
+        opt = None
         if on_cuda:
-            from deepspeed.ops.adam import FusedAdam
-            opt = FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
-        else:
+            try:
+                from deepspeed.ops.adam import FusedAdam
+                opt = FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
+            except Exception as e:  # its JIT build needs nvcc matching torch's CUDA
+                warnings.warn(f"DeepSpeed FusedAdam unavailable ({type(e).__name__}: {e}); using "
+                              "torch.optim.AdamW(fused=True)", stacklevel=2)
+                opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        if opt is None:
             opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.config)
         self.model = self.engine
@@ -112,8 +141,11 @@ class DeepSpeedBackend:
         return norm.detach().float().cpu() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     def state_dict(self) -> dict:
-        # ZeRO-1/2 keep full parameters on every rank; ZeRO-3 weights live only in the sharded files.
-        model = self.module.state_dict() if self.cfg.engine.zero_stage < 3 else None
+        # ZeRO-1/2 in fp32 keep the full trained weights on every rank. Under ZeRO-3 each rank holds
+        # a shard, and under bf16 the module holds rounded copies of the fp32 masters: then the
+        # weights come from the sharded files (consolidated_model_state) and state.pt stays small.
+        full = self.cfg.engine.zero_stage < 3 and not self.config.get("bf16", {}).get("enabled", False)
+        model = self.module.state_dict() if full else None
         return {"model": model, "optimizer": None, "world_size": self.world_size}
 
     def save_extra(self, tmp_dir: Path) -> None:
@@ -131,6 +163,31 @@ class DeepSpeedBackend:
         import torch.distributed as dist
 
         dist.barrier()
+
+    def all_gather_object(self, obj):
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        import torch.distributed as dist
+
+        # gloo and NCCL want the tensor where the process group lives: the engine's device.
+        out = t.detach().clone().to(self.engine.device)
+        dist.all_reduce(out, op=op)
+        return out.to(t.device)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        return self._all_reduce(t, dist.ReduceOp.SUM) / self.world_size
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        return self._all_reduce(t, dist.ReduceOp.MAX)
 
 
 def consolidated_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ class TrainResult:
     model: torch.nn.Module | None = None
     ema: EMA | None = None
     tokenizer: PCATokenizer | None = None
+    is_main: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,22 +181,27 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         backend.load_state_dict(resume_state, resume_dir)
         if ema is not None and resume_state.get("ema"):
             ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
-        stream.load_state_dict(resume_state["data"])
+        per_rank = resume_state.get("data_ranks")
+        stream.load_state_dict(per_rank[rank] if per_rank and len(per_rank) == world else resume_state["data"])
         ckpt_mod.set_rng_state(resume_state["rng"])
         start = int(resume_state["step"])
         logger.info(f"resumed from {resume_dir} at step {start}")
     if start >= total:
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
 
-    n_params = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info(f"model {cfg.model.size} ({n_params / 1e6:.2f}M params) on {device}, kernels={objective.backend}, "
                 f"precision={'bf16' if amp else 'fp32'}, world={world}, global batch={cfg.global_batch(world)}, "
                 f"lr={lr0:.3g}, steps={total} (warm-up {warmup})")
 
     def save(step: int) -> Path:
         state = backend.state_dict()
+        data = stream.state_dict()
+        # Each rank reads its own shards: rank 0 writes state.pt, so it keeps every rank's position.
+        data_ranks = backend.all_gather_object(data) if world > 1 else [data]
         state.update(step=step, ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
-                     data=stream.state_dict(),
+                     data=data, data_ranks=data_ranks,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
                      tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
@@ -235,6 +241,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         win_steps += 1
         done = step + 1
         if done % cfg.engine.log_every == 0 or done == total:
+            if world > 1:  # every rank must stop at the same log step, or the others hang
+                first_bad = backend.all_reduce_max(first_bad)
             bad = int(first_bad.item())
             if bad >= 0:
                 logger.close()
@@ -244,6 +252,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                     f"stopping without saving. Last complete checkpoint: {ckpt_mod.latest_checkpoint(out_dir)}. "
                     "Try a lower --optim.blr, --optim.clip_grad, or --engine.precision=fp32.")
             dt = time.time() - t_win
+            if world > 1:  # the loss of the global batch, comparable to a single-device run's
+                win_loss = backend.all_reduce_mean(win_loss)
             final_loss = float(win_loss.item()) / win_steps
             ips = win_images / max(dt, 1e-9)
             losses.append((done, final_loss))
@@ -260,4 +270,4 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         if last_ckpt is not None:
             logger.info(f"checkpoint: {last_ckpt}")
     logger.close()
-    return TrainResult(out_dir, total, final_loss, losses, last_ckpt, ips, model, ema, tok)
+    return TrainResult(out_dir, total, final_loss, losses, last_ckpt, ips, model, ema, tok, is_main)

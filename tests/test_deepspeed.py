@@ -1,0 +1,228 @@
+"""The DeepSpeed backend on 2 CPU ranks (gloo), launched as the user would: torchrun and deepspeed.
+
+Every sharded run is compared against a single-process run with the same global batch and seed:
+the objective draws noise per global-batch row and the synthetic stream hands rank r global batch
+b * world + r, so with augmentation switched off (crop scale 1, no flip) the two see identical
+inputs and only the reduction order of the gradients differs. The launches are shared by the tests
+(module fixtures), which keeps the file within a few launches' time.
+"""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldae_fast.config import build_config
+
+deepspeed = pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# The TINY run of test_engine.py at micro-batch 4 with nothing random in the augmentation.
+TINY = {
+    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
+    "data.img_size": "16", "data.synthetic_images": "64", "tokenizer.fit_images": "32",
+    "engine.kernels": "reference", "engine.log_every": "1", "engine.progress": "false", "optim.blr": "1e-3",
+    "optim.warmup_epochs": "0.5", "eval.probe": "false", "eval.figure": "false",
+    "data.crop_min_scale": "1", "data.hflip": "false", "engine.steps": "6", "engine.ckpt_every": "3",
+}
+# Sharded runs: micro-batch B per rank, 2 ranks. Single runs: micro-batch 2B, 1 process.
+Z1 = {"data.batch_size": "4", "engine.zero_stage": "1"}
+Z2 = {"data.batch_size": "4", "engine.zero_stage": "2"}
+Z3 = {"data.batch_size": "2", "engine.grad_accum": "2", "engine.zero_stage": "3", "model.grad_checkpointing": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # DeepSpeed would find the CPU itself, after probing for CUDA and warning about it.
+    env["DS_ACCELERATOR"] = "cpu"
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two shared cores
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def _args(over: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def launch(launcher: str, out: Path, over: dict, timeout: int = 240) -> None:
+    port = str(_free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:
+        exe = BIN / "deepspeed"
+        if not exe.exists():
+            pytest.skip("the deepspeed launcher script is not installed next to this python")
+        cmd = [str(exe), "--num_gpus", "2", "--master_port", port]
+    cmd += [str(ROOT / "train.py"), *_args({**TINY, **over, "engine.backend": "deepspeed",
+                                             "engine.out_dir": str(out)})]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+
+
+def metrics(out: Path) -> dict[int, float]:
+    """step -> loss; a resumed run appends, and its later lines win."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def single_run(out: Path, batch: int, grad_accum: int = 1):
+    from ldae_fast.engine.loop import train
+
+    over = {**TINY, "data.batch_size": str(batch), "engine.grad_accum": str(grad_accum), "engine.out_dir": str(out)}
+    return train(build_config("demo", over))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    single_run(root / "single8", 8)
+    single_run(root / "single4x2", 4, grad_accum=2)
+    launch("torchrun", root / "z1", Z1)
+    launch("torchrun", root / "z2", Z2)
+    launch("torchrun", root / "z3", Z3)
+    return root
+
+
+def _assert_same_curve(ref: dict, got: dict) -> None:
+    assert sorted(ref) == sorted(got) == list(range(1, 7))
+    for s in ref:
+        assert math.isfinite(got[s])
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, ref, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["z1", "z2"])
+def test_zero12_two_ranks_match_single_process(runs, run):
+    _assert_same_curve(metrics(runs / "single8"), metrics(runs / run))
+    cfg = json.loads((runs / run / "config.json").read_text())
+    assert cfg["engine"]["backend"] == "deepspeed" and cfg["engine"]["zero_stage"] == int(run[1])
+
+
+@pytest.mark.slow
+def test_zero3_grad_accum_activation_ckpt_matches_single_process(runs):
+    # micro 2 x accumulation 2 x 2 ranks == micro 4 x accumulation 2 x 1 process, draw for draw.
+    _assert_same_curve(metrics(runs / "single4x2"), metrics(runs / "z3"))
+    lrs = [json.loads(line)["lr"] for line in (runs / "z3" / "metrics.jsonl").read_text().splitlines()]
+    assert max(lrs) == pytest.approx(1e-3 * 8 / 256)  # blr x global batch / 256, after warm-up
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_resumes_and_continues(runs, tmp_path):
+    # A run stopped after its step-3 checkpoint, resumed under the other launcher.
+    src, out = runs / "z2", tmp_path / "z2"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:3]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert (out / "checkpoints" / "step_00000003" / "ds" / "state").is_dir()
+    launch("deepspeed", out, {**Z2, "engine.resume": "auto"})
+    _assert_same_curve(metrics(src), metrics(out))
+    a = torch.load(src / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    b = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in a["ema"]:
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert b["step"] == 6 and len(b["data_ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    from ldae_fast.engine.export import _meta, main
+
+    # ZeRO-3 state.pt holds no weights: export must consolidate the shards.
+    st = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    assert st["model"] is None and st["ema"] is None
+    assert main([str(runs / "z3"), str(tmp_path / "z3.safetensors")]) == 0
+    assert main([str(runs / "single4x2"), str(tmp_path / "ref.safetensors"), "--no-ema"]) == 0
+    got, ref = load_file(str(tmp_path / "z3.safetensors")), load_file(str(tmp_path / "ref.safetensors"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    kwargs = json.loads(_meta(tmp_path / "z3.safetensors")["timm_kwargs"])
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+    vit.load_state_dict(got, strict=True)
+
+
+def test_ranks_read_disjoint_samples():
+    from ldae_fast.data import build_train_stream
+
+    cfg = build_config("demo", {**TINY, "data.batch_size": "4"})
+    whole = build_config("demo", {**TINY, "data.batch_size": "8"})
+    r0, r1 = build_train_stream(cfg, 0, 2), build_train_stream(cfg, 1, 2)
+    one = build_train_stream(whole, 0, 1)
+    seen0, seen1 = [], []
+    for _ in range(r0.batches_per_epoch):  # one epoch: 64 images / (4 x 2)
+        (a, _), (b, _), (c, _) = next(r0), next(r1), next(one)
+        # The two ranks' micro-batches are the halves of the one process's global batch.
+        assert torch.equal(torch.cat([a, b]), c)
+        seen0 += [x.flatten() for x in a]
+        seen1 += [x.flatten() for x in b]
+    s0, s1 = torch.stack(seen0), torch.stack(seen1)
+    assert not (torch.cdist(s0, s1) == 0).any()  # no image on both ranks
+    assert len(s0) + len(s1) == 64
+
+
+def test_ds_config_batch_semantics_and_override(tmp_path):
+    from ldae_fast.engine.deepspeed_backend import ds_config
+
+    cfg = build_config("demo", {**TINY, "data.batch_size": "4", "engine.grad_accum": "3", "engine.zero_stage": "3",
+                                "optim.clip_grad": "1.5"})
+    c = ds_config(cfg, world_size=2, on_cuda=False)
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (4, 3, 24)
+    assert cfg.lr(2) == pytest.approx(1e-3 * 24 / 256)
+    assert c["zero_optimization"]["stage"] == 3 and c["gradient_clipping"] == 1.5
+    assert c["bf16"]["enabled"] is False  # bf16 only with CUDA
+    assert ds_config(cfg, 2, on_cuda=True)["bf16"]["enabled"] is True
+    assert "optimizer" not in c and "scheduler" not in c  # ours, set per step
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "bf16": {"enabled": False},
+                                "train_batch_size": 24}))
+    cfg.engine.deepspeed_config = str(user)
+    c = ds_config(cfg, world_size=2, on_cuda=True)
+    # Merged key by key: the user's value wins, our other keys of the same section stay.
+    assert c["zero_optimization"] == {**ds_config_no_user(cfg), "reduce_bucket_size": 123}
+    assert c["bf16"]["enabled"] is False
+
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match="data.batch_size"):
+        ds_config(cfg, world_size=2, on_cuda=False)
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(ValueError, match="engine.zero_stage"):
+        ds_config(cfg, world_size=2, on_cuda=False)
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="optimizer"):
+        ds_config(cfg, world_size=2, on_cuda=False)
+    cfg.engine.deepspeed_config = str(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError):
+        ds_config(cfg, world_size=2, on_cuda=False)
+
+
+def ds_config_no_user(cfg) -> dict:
+    from ldae_fast.engine.deepspeed_backend import ds_config
+
+    saved, cfg.engine.deepspeed_config = cfg.engine.deepspeed_config, ""
+    try:
+        return ds_config(cfg, world_size=2, on_cuda=True)["zero_optimization"]
+    finally:
+        cfg.engine.deepspeed_config = saved
