@@ -199,9 +199,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", dest="all_runs", action="store_true",
                     help="every run, not only the newest per benchmark and GPU")
     ap.add_argument("--include-cpu", action="store_true", help="also CPU smoke runs (for checking)")
+    ap.add_argument("--update-readme", type=Path, nargs="?", const=README, default=None,
+                    help="replace the section between the perf markers of README.md instead of printing")
     args = ap.parse_args(argv)
-    sys.stdout.write(render(args.results_dir, args.include_cpu, args.all_runs))
+    text = render(args.results_dir, args.include_cpu, args.all_runs)
+    if args.update_readme is None:
+        sys.stdout.write(text)
+        return 0
+    readme = args.update_readme.read_text()
+    if BEGIN not in readme or END not in readme:
+        print(f"{args.update_readme} has no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 2
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    args.update_readme.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
+    print(f"updated {args.update_readme}")
     return 0
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- perf:begin (generated: python bench/make_perf_section.py --update-readme) -->", "<!-- perf:end -->"
+
+
+def readme_section(readme_text: str) -> str:
+    """The generated part of README.md, for the test that keeps it in step with bench/results."""
+    return readme_text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
 
 
 if __name__ == "__main__":
