@@ -147,3 +147,46 @@ def test_profile_steps_write_trace(tmp_path):
     prof_dir = tmp_path / "run" / "profile"
     assert (prof_dir / "profile_top_kernels.md").read_text().strip()
     assert any(p.suffix == ".json" or p.name.endswith(".json.gz") for p in prof_dir.rglob("*"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    """A real crash: the process is SIGKILLed mid-training (possibly mid-checkpoint), then
+    `--resume auto` must end with exactly the parameters of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [
+        "--engine.steps=40", "--engine.ckpt_every=4", "--engine.keep_last=3",
+        "--engine.deterministic=true", "--optim.ema_decay=0.9"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def run(out, extra=()):
+        return subprocess.Popen([sys.executable, str(root / "train.py"), *args, f"--engine.out_dir={out}", *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    ref = run(tmp_path / "a")
+    victim = run(tmp_path / "b")
+    deadline = time.time() + 120
+    while ck.latest_checkpoint(tmp_path / "b") is None or \
+            int(ck.latest_checkpoint(tmp_path / "b").name.split("_")[1]) < 12:
+        assert victim.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert ck.latest_checkpoint(tmp_path / "b").name != "step_00000040"
+    resumed = run(tmp_path / "b", ["--engine.resume=auto"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    a = ck.load_state(ck.latest_checkpoint(tmp_path / "a"))
+    b = ck.load_state(ck.latest_checkpoint(tmp_path / "b"))
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
