@@ -176,6 +176,15 @@ def _run(args: argparse.Namespace, log) -> dict:
         }
         runs.append(entry)
         report.regime_figure(out / f"{tag}_seed{seed}.png", entry)
+        # Rewritten after every run, so a long sweep that stops early keeps what it finished.
+        table = _write_outputs(args, out, runs, time.perf_counter() - t_start)
+    log("")
+    log(table)
+    log(f"\nwrote {out}/metrics.json, table.md and PNGs ({time.perf_counter() - t_start:.0f}s)")
+    return {"runs": runs, "table": table}
+
+
+def _write_outputs(args: argparse.Namespace, out: Path, runs: list[dict], seconds: float) -> str:
     rows = report.summary_rows(runs)
     table = report.markdown_table(rows)
     unstable = [f"{r['regime']} seed {r['seed']}" for r in runs if r["diffusion"].get("loss_increases")]
@@ -191,14 +200,11 @@ def _run(args: argparse.Namespace, log) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds,
     }
     (out / "metrics.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
     (out / "table.md").write_text(f"Command: `{meta['command']}`\n\n{table}\n")
-    log("")
-    log(table)
-    log(f"\nwrote {out}/metrics.json, table.md and PNGs ({meta['seconds']:.0f}s)")
-    return {"meta": meta, "summary": rows, "runs": runs, "table": table}
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,7 +249,10 @@ def ratio_figure(path: str | Path, runs: list[dict]) -> Path:
     panels = []
     for model in ("diffusion", "classifier"):
         series = []
-        palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+        palette = [
+            (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+        ]
         regimes = list(dict.fromkeys(r["regime"] for r in runs))
         for k, reg in enumerate(regimes):
             first = next(r for r in runs if r["regime"] == reg)
