@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ldae_fast import markers
 from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig
-from ldae_fast.engine import profiling
 from ldae_fast.engine.profiling import TOP_KERNELS_FILE, StepProfiler, nvtx_range, top_kernels_table
 from ldae_fast.models import build_model
 from ldae_fast.objectives.ldae import LDAEObjective
@@ -23,7 +23,7 @@ def _forbid_nvtx(monkeypatch):
 
 
 def test_nvtx_range_is_noop_without_cuda(monkeypatch):
-    monkeypatch.setattr(profiling, "_cuda_present", lambda: False)
+    monkeypatch.setattr(markers, "_cuda_present", lambda: False)
     _forbid_nvtx(monkeypatch)
     ran = []
     with nvtx_range("noise"):
@@ -42,7 +42,7 @@ def test_nvtx_range_real_detection_cpu(monkeypatch):
 
 def test_nvtx_range_calls_nvtx_when_cuda(monkeypatch):
     calls = []
-    monkeypatch.setattr(profiling, "_cuda_present", lambda: True)
+    monkeypatch.setattr(markers, "_cuda_present", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(("push", name)))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
     with pytest.raises(RuntimeError), nvtx_range("backward"):
@@ -113,7 +113,7 @@ def test_step_profiler_writes_trace_and_table(tmp_path, capsys):
     assert prof.table in table_file.read_text()
     assert "aten::" in capsys.readouterr().out
     # Outside the profiled window the phase ranges cost nothing again.
-    assert profiling._profiling_depth == 0
+    assert not markers.profiling_active()
 
 
 def test_top_kernels_table_shares_and_limit():
@@ -137,5 +137,19 @@ def test_close_early_flushes(tmp_path):
     step(1)
     prof.close()
     prof.close()
-    assert not prof.active and profiling._profiling_depth == 0
+    assert not prof.active and not markers.profiling_active()
     assert prof.trace_path is not None and prof.trace_path.exists()
+
+
+def test_phase_markers_do_not_break_a_compiled_graph(monkeypatch):
+    """Variant (b) of bench/train_step.py compiles the whole model: the encoder/decoder markers
+    must vanish from the graph (no break, no NVTX calls from compiled code), even with CUDA."""
+    monkeypatch.setattr(markers, "_cuda_present", lambda: True)
+    _forbid_nvtx(monkeypatch)
+    torch._dynamo.reset()
+    model = build_model(ModelConfig(**TINY), 16).eval()
+    x, sigma = torch.randn(2, 3, 16, 16), torch.rand(2)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, sigma), model.decoder(model.encoder(x, sigma), sigma))
+    torch._dynamo.reset()

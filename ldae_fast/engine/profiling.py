@@ -1,10 +1,10 @@
-"""Profiling helpers: NVTX phase ranges and a step-scheduled torch.profiler wrapper.
+"""Profiling helpers: a step-scheduled torch.profiler wrapper (and `nvtx_range`, re-exported).
 
-`nvtx_range` marks phases of a training step (noise / encoder / decoder / loss / backward /
-optimizer) for Nsight Systems. While a `StepProfiler` is collecting it also opens a
-`torch.profiler.record_function` range, so the same phases show up in the Chrome trace, on CPU
-too. Outside a profile and without CUDA it does nothing: the training loop can keep the ranges in
-unconditionally.
+`nvtx_range` (defined in ldae_fast/markers.py) marks phases of a training step (noise / encoder /
+decoder / loss / backward / optimizer) for Nsight Systems. While a `StepProfiler` is collecting
+it also opens a `torch.profiler.record_function` range, so the same phases show up in the Chrome
+trace, on CPU too. Outside a profile and without CUDA it does nothing: the training loop can keep
+the ranges in unconditionally.
 
 `StepProfiler` runs torch.profiler for `wait + warmup + steps` calls of `.step()` (one per
 optimizer step), writes a Chrome trace (plus TensorBoard's layout when tensorboard is installed)
@@ -13,43 +13,18 @@ and a table of the ops/kernels that took the most device time, as a share of the
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import markers
+from ..markers import nvtx_range
+
+__all__ = ["StepProfiler", "TOP_KERNELS_FILE", "nvtx_range", "top_kernels_table"]
+
 TOP_KERNELS_FILE = "profile_top_kernels.md"
-
-# Set while a StepProfiler is collecting, so nvtx_range pays for record_function only then.
-_profiling_depth = 0
-
-
-@functools.lru_cache(maxsize=1)
-def _cuda_present() -> bool:
-    # Cached: is_available() queries the driver, and nvtx_range runs several times per step.
-    return torch.cuda.is_available()
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """NVTX push/pop around the body when CUDA is present; a no-op otherwise."""
-    nvtx = _cuda_present()
-    rf = torch.profiler.record_function(name) if _profiling_depth > 0 else None
-    if nvtx:
-        torch.cuda.nvtx.range_push(name)
-    if rf is not None:
-        rf.__enter__()
-    try:
-        yield
-    finally:
-        if rf is not None:
-            rf.__exit__(None, None, None)
-        if nvtx:
-            torch.cuda.nvtx.range_pop()
 
 
 def _tensorboard_importable() -> bool:
@@ -148,7 +123,7 @@ class StepProfiler:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if _cuda_present():
+        if markers._cuda_present():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self._tb_handler = None
         if _tensorboard_importable():
@@ -169,15 +144,13 @@ class StepProfiler:
         return cls(out, int(getattr(profile_cfg, "steps", 0)), **kwargs)
 
     def _enter_count(self) -> None:
-        global _profiling_depth
         if not self._counted:
-            _profiling_depth += 1
+            markers.profiling_started()
             self._counted = True
 
     def _leave_count(self) -> None:
-        global _profiling_depth
         if self._counted:
-            _profiling_depth -= 1
+            markers.profiling_stopped()
             self._counted = False
 
     @property

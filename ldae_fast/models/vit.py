@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..markers import nvtx_range
 from ..reference import unpatchify
 from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, mlp_hidden
 from .pos_embed import sincos_2d
@@ -192,8 +193,6 @@ class LDAEModel(nn.Module):
 
     def forward(self, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         # Phase markers for Nsight / the profiler (no-ops without CUDA or a running profiler).
-        from ..engine.profiling import nvtx_range
-
         with nvtx_range("encoder"):
             tokens = self.encoder.forward_features(x_in, sigma)
         with nvtx_range("decoder"):

@@ -14,6 +14,7 @@ import torch
 
 from .. import reference, schedules
 from ..config import Config
+from ..markers import nvtx_range
 from ..tokenizer import PCATokenizer
 
 _MASK63 = (1 << 63) - 1
@@ -130,8 +131,6 @@ class LDAEObjective:
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, step: int,
                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        from ..engine.profiling import nvtx_range
-
         with nvtx_range("noise"):
             nb = self.add_noise(x, step)
         if autocast_dtype is not None:
