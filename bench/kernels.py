@@ -5,17 +5,29 @@ Ops (each variant computes the same thing):
   noise        x -> x_noisy (reference: patchify, project, torch.randn eps, inverse PCA)
   loss_fwd     pca_loss forward only (pred without gradient)
   loss_fwdbwd  pca_loss forward + d(loss)/d(pred)
+  adaln_ln_fwd     LayerNorm (no affine) + adaLN modulation of DiT tokens x (B, T, C), forward only
+  adaln_ln_fwdbwd  the same forward + gradients for x, shift and scale (shift/scale are chunks
+                   of a (B, 6C) modulation tensor, as in the blocks)
 Variants: eager (ldae_fast.reference), compiled (torch.compile of the same reference function,
-eps drawn inside it), triton (ldae_fast.kernels).
+eps drawn inside it), triton (ldae_fast.kernels). For the adaLN ops eager is
+reference.adaln_layernorm, F.layer_norm then modulate as separate float32 kernels: close to what
+the blocks run under bf16 autocast, where LayerNorm autocasts to float32 and the modulation
+follows it (they leave the float32 result to the next Linear's cast instead of casting back).
 
 Bytes (analytic; the same count for every variant, so GB/s compares time directly):
   noise        read x + write x_noisy                      = 2 * B*3*H*W * itemsize
   loss_fwd     read pred + read target                     = 2 * B*3*H*W * itemsize
   loss_fwdbwd  read pred + read target + write grad        = 3 * B*3*H*W * itemsize
   plus the basis (d*D*4), mean (D*4) and per-sample vectors (B*4 each), read once.
+  adaln_ln_fwd     read x + write y                            = 2 * B*T*C * itemsize
+  adaln_ln_fwdbwd  read x + write y + read dy + write dx       = 4 * B*T*C * itemsize
+  plus shift and scale read (2 * B*C * itemsize) and, with the backward, dshift / dscale
+  written (2 * B*C * itemsize).
 These are the least traffic each op needs. The Triton loss moves more than that: its backward
 re-reads pred and target (5 image passes in all) plus proj = V_d e written and read back
-(2 * B*N*d*4), in exchange for never storing a (B, N, D) tensor.
+(2 * B*N*d*4), in exchange for never storing a (B, N, D) tensor. The Triton adaLN backward
+re-reads x (5 token passes for fwdbwd) plus the saved per-token mean and rstd (8 bytes a token)
+and a few float32 partial rows of dshift / dscale per sample.
 frac_copy is GB/s over the device-to-device copy bandwidth measured in the same run
 (2 * bytes of a 1 GiB tensor.copy_ per unit time).
 
@@ -25,7 +37,8 @@ results_io.write_result. CPU (`--cpu-smoke`, or automatically without CUDA): tin
 kernels in the Triton interpreter, a wall-clock timer; checks that everything runs, numbers mean
 nothing, nothing is written unless --write.
 
-    python bench/kernels.py                      # GPU defaults: 256x256, p=16, d 16/64/128
+    python bench/kernels.py                      # GPU defaults: 256x256, p=16, d 16/64/128;
+                                                 # adaLN: T=257, C 768/1024, B 64/256, bf16
     python bench/kernels.py --cpu-smoke
 """
 
@@ -46,7 +59,8 @@ sys.path.insert(0, str(_HERE))
 import torch  # noqa: E402
 from results_io import command_line, write_result  # noqa: E402
 
-OPS = ("noise", "loss_fwd", "loss_fwdbwd")
+OPS = ("noise", "loss_fwd", "loss_fwdbwd", "adaln_ln_fwd", "adaln_ln_fwdbwd")
+ADALN_OPS = ("adaln_ln_fwd", "adaln_ln_fwdbwd")
 VARIANTS = ("eager", "compiled", "triton")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,11 +72,15 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (interpreted kernels)")
-    ap.add_argument("--batch-sizes", default=None, help="comma list (GPU default 16,64,256)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="comma list (GPU default 16,64,256; adaLN ops 64,256)")
     ap.add_argument("--size", type=int, default=None, help="image side (GPU default 256)")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--dims", default=None, help="latent dims d, comma list (GPU default 16,64,128)")
-    ap.add_argument("--dtypes", default=None, help="image dtypes: fp32,bf16,fp16 (GPU default fp32,bf16)")
+    ap.add_argument("--dtypes", default=None,
+                    help="dtypes: fp32,bf16,fp16 (GPU default fp32,bf16; adaLN ops bf16)")
+    ap.add_argument("--tokens", type=int, default=None, help="adaLN ops: tokens T (GPU default 257)")
+    ap.add_argument("--widths", default=None, help="adaLN ops: widths C, comma list (GPU default 768,1024)")
     ap.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the baseline")
@@ -178,6 +196,46 @@ def make_variants(op: str, B: int, H: int, W: int, p: int, d: int, dtype: torch.
     return fns, 3 * img + small
 
 
+def make_adaln_variants(op: str, B: int, T: int, C: int, dtype: torch.dtype, device: torch.device,
+                        compile_backend: str | None):
+    """{variant: zero-argument callable} for an adaLN op and shape, plus its analytic bytes."""
+    from ldae_fast import kernels, reference
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, T, C, device=device, generator=g).to(dtype)
+    # The blocks' shift and scale: row-strided chunks of the (B, 6C) modulation output.
+    mod = (0.1 * torch.randn(B, 6 * C, device=device, generator=g)).to(dtype)
+    tok = x.numel() * x.element_size()
+    small = 2 * B * C * mod.element_size()
+    fns: dict[str, Callable[[], object]] = {}
+
+    def fwd(fn):
+        sh, sc = mod.chunk(6, dim=-1)[:2]
+        return lambda: fn(x, sh, sc)
+
+    if op == "adaln_ln_fwd":
+        fns["eager"] = fwd(reference.adaln_layernorm)
+        if compile_backend:
+            fns["compiled"] = fwd(torch.compile(reference.adaln_layernorm, backend=compile_backend, dynamic=False))
+        fns["triton"] = fwd(kernels.adaln_layernorm)
+        return fns, 2 * tok + small
+
+    xg, mg = x.clone().requires_grad_(True), mod.clone().requires_grad_(True)
+    dy = torch.randn(B, T, C, device=device, generator=g).to(dtype)
+
+    def fwdbwd(fn):
+        def run():
+            sh, sc = mg.chunk(6, dim=-1)[:2]
+            return torch.autograd.grad(fn(xg, sh, sc), (xg, mg), dy)
+        return run
+
+    fns["eager"] = fwdbwd(reference.adaln_layernorm)
+    if compile_backend:
+        fns["compiled"] = fwdbwd(torch.compile(reference.adaln_layernorm, backend=compile_backend, dynamic=False))
+    fns["triton"] = fwdbwd(kernels.adaln_layernorm)
+    return fns, 4 * tok + 2 * small
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     gpu = torch.cuda.is_available() and not args.cpu_smoke
@@ -193,13 +251,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if gpu:
         bss, size, dims = args.batch_sizes or "16,64,256", args.size or 256, args.dims or "16,64,128"
         dtypes = args.dtypes or "fp32,bf16"
+        a_bss, a_dtypes, tokens = args.batch_sizes or "64,256", args.dtypes or "bf16", args.tokens or 257
+        widths = args.widths or "768,1024"
     else:
         bss, size, dims = args.batch_sizes or "2", args.size or 32, args.dims or "16"
         dtypes = args.dtypes or "fp32"
+        a_bss, a_dtypes, tokens, widths = bss, dtypes, args.tokens or 9, args.widths or "48"
     ops = [o for o in args.ops.split(",") if o]
     bad = [o for o in ops if o not in OPS]
     if bad:
         raise SystemExit(f"unknown op(s) {bad}; choose from {', '.join(OPS)}")
+    # (op, dtype name, B, shape columns of the row, factory of the variants)
+    cases = []
+    for dname in dtypes.split(","):
+        for B in _ints(bss):
+            for d in _ints(dims):
+                for op in (o for o in ops if o not in ADALN_OPS):
+                    cases.append((op, dname, B, dict(H=size, W=size, p=args.patch, d=d),
+                                  lambda op=op, B=B, d=d, dt=_DTYPES[dname]: make_variants(
+                                      op, B, size, size, args.patch, d, dt, device, compile_backend)))
+    for dname in a_dtypes.split(","):
+        for B in _ints(a_bss):
+            for C in _ints(widths):
+                for op in (o for o in ops if o in ADALN_OPS):
+                    cases.append((op, dname, B, dict(T=tokens, C=C),
+                                  lambda op=op, B=B, C=C, dt=_DTYPES[dname]: make_adaln_variants(
+                                      op, B, tokens, C, dt, device, compile_backend)))
     compile_backend = None if args.no_compile else args.compile_backend
     timer = Timer(gpu, args.warmup, args.rep)
     copy_gbps = copy_bandwidth(timer, device, gpu)
@@ -207,36 +284,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"device: {dev_name}; copy bandwidth {copy_gbps:.1f} GB/s")
 
     rows: list[dict] = []
-    hdr = (f"{'op':<12}{'variant':<10}{'dtype':<6}{'B':>5}{'d':>5}{'ms':>10}{'GB/s':>9}"
+    hdr = (f"{'op':<16}{'variant':<10}{'dtype':<6}{'B':>5}{'shape':>12}{'ms':>10}{'GB/s':>9}"
            f"{'copy%':>7}{'x eager':>9}{'x comp':>8}{'peakMiB':>9}")
     print(hdr)
-    for dname in dtypes.split(","):
-        dtype = _DTYPES[dname]
-        for B in _ints(bss):
-            for d in _ints(dims):
-                for op in ops:
-                    torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit
-                    fns, nbytes = make_variants(op, B, size, size, args.patch, d, dtype, device,
-                                                compile_backend)
-                    group = []
-                    for variant, fn in fns.items():
-                        ms, lo, hi = timer(fn)
-                        gbps = nbytes / (ms * 1e-3) / 1e9
-                        group.append(dict(
-                            op=op, variant=variant, dtype=dname, B=B, H=size, W=size, p=args.patch,
-                            d=d, ms=ms, ms_p20=lo, ms_p80=hi, bytes=nbytes, GBps=gbps,
-                            frac_copy=gbps / copy_gbps, peak_MiB=peak_memory_mib(fn, gpu),
-                        ))
-                    t = {r["variant"]: r["ms"] for r in group}
-                    for r in group:
-                        r["speedup_vs_eager"] = t["eager"] / r["ms"]
-                        r["speedup_vs_compiled"] = t["compiled"] / r["ms"] if "compiled" in t else None
-                        pk = "" if r["peak_MiB"] is None else f"{r['peak_MiB']:.1f}"
-                        vc = "" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}"
-                        print(f"{op:<12}{r['variant']:<10}{dname:<6}{B:>5}{d:>5}{r['ms']:>10.4f}"
-                              f"{r['GBps']:>9.1f}{100 * r['frac_copy']:>6.1f}%{r['speedup_vs_eager']:>9.2f}"
-                              f"{vc:>8}{pk:>9}")
-                    rows.extend(group)
+    for op, dname, B, shape, factory in cases:
+        torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit
+        fns, nbytes = factory()
+        shape_s = f"T{shape['T']} C{shape['C']}" if "C" in shape else f"d{shape['d']}"
+        group = []
+        for variant, fn in fns.items():
+            ms, lo, hi = timer(fn)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            group.append(dict(
+                op=op, variant=variant, dtype=dname, B=B, **shape, ms=ms, ms_p20=lo, ms_p80=hi,
+                bytes=nbytes, GBps=gbps, frac_copy=gbps / copy_gbps, peak_MiB=peak_memory_mib(fn, gpu),
+            ))
+        t = {r["variant"]: r["ms"] for r in group}
+        for r in group:
+            r["speedup_vs_eager"] = t["eager"] / r["ms"]
+            r["speedup_vs_compiled"] = t["compiled"] / r["ms"] if "compiled" in t else None
+            pk = "" if r["peak_MiB"] is None else f"{r['peak_MiB']:.1f}"
+            vc = "" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}"
+            print(f"{op:<16}{r['variant']:<10}{dname:<6}{B:>5}{shape_s:>12}{r['ms']:>10.4f}"
+                  f"{r['GBps']:>9.1f}{100 * r['frac_copy']:>6.1f}%{r['speedup_vs_eager']:>9.2f}"
+                  f"{vc:>8}{pk:>9}")
+        rows.extend(group)
     cmd = command_line(None if argv is None else [str(Path(__file__)), *argv])
     print(f"reproduce: {cmd}")
     if (gpu or args.write) and not args.no_write:

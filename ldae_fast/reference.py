@@ -109,3 +109,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     scale = 1.0 / math.sqrt(q.shape[-1])
     a = (q.float() @ k.float().transpose(-2, -1)) * scale
     return (F.softmax(a, dim=-1) @ v.float()).to(q.dtype)
+
+
+def adaln_layernorm(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """adaLN modulation of a LayerNorm without affine weights, as in DiT blocks:
+    LN(x) * (1 + scale) + shift for x (B, T, C) and per-sample shift, scale (B, C), computed in
+    float32 and returned in x's dtype."""
+    xn = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return (xn * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(x.dtype)

@@ -299,15 +299,32 @@ jobs = [
      lam_ptr="*fp32", proj_ptr="*fp32", gout_ptr="*fp32", **i32, low="fp32", high="fp32",
      two_inv_count="fp32"), dict(tiles, USE_PROJ=True)),
 ]
-for fn, sig, consts in jobs:
+opts = [{"num_warps": 4, "num_stages": 2}] * len(jobs)
+# adaLN LayerNorm at the launcher's GPU tiles: C = 1024 (2 rows, 8 warps) and 8192 (32 warps).
+adaln = importlib.import_module("ldae_fast.kernels.adaln_norm")
+rows = dict.fromkeys(["T", "C", "n_chunks"], "i32")
+for block_c, block_r, warps in ((1024, 2, 8), (8192, 1, 32)):
+    jobs += [
+        (adaln._adaln_ln_fwd_kernel, dict(x_ptr="*bf16", shift_ptr="*bf16", scale_ptr="*fp32",
+         y_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32", **rows, stride_xb="i32", stride_xt="i32",
+         stride_shift="i32", stride_scale="i32", eps="fp32"), dict(BLOCK_R=block_r, BLOCK_C=block_c)),
+        (adaln._adaln_ln_bwd_kernel, dict(dy_ptr="*bf16", x_ptr="*bf16", scale_ptr="*fp32",
+         mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr="*bf16", dshift_ptr="*fp32", dscale_ptr="*fp32",
+         **rows, rows_per_prog="i32", stride_dyb="i32", stride_dyt="i32", stride_xb="i32",
+         stride_xt="i32", stride_scale="i32"),
+         dict(BLOCK_R=block_r, BLOCK_C=block_c, STORE_DX=True, STORE_DMOD=True)),
+    ]
+    opts += [{"num_warps": warps, "num_stages": 1}] * 2
+for (fn, sig, consts), opt in zip(jobs, opts):
     try:
         src = ASTSource(fn, {**sig, **dict.fromkeys(consts, "constexpr")}, consts)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opt)
     except Exception as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():
             print("SKIP: no ptxas"); sys.exit(0)
         raise
-    print(fn.__name__, k.metadata.shared)
+    tag = f"[C{consts['BLOCK_C']}]" if "BLOCK_C" in consts else ""
+    print(fn.__name__ + tag, k.metadata.shared)
 print("OK")
 """
 

@@ -7,7 +7,8 @@ first imported); otherwise pass ``kernels='reference'`` or call ``ldae_fast.refe
 """
 
 from ._common import triton_available
+from .adaln_norm import adaln_layernorm
 from .noise import latent_noise, latent_noise_counter_span
 from .pca_loss import pca_loss
 
-__all__ = ["latent_noise", "latent_noise_counter_span", "pca_loss", "triton_available"]
+__all__ = ["adaln_layernorm", "latent_noise", "latent_noise_counter_span", "pca_loss", "triton_available"]
