@@ -30,6 +30,9 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 # Sizes of the paper (encoder / decoder of the same width) plus small ones for CPU and Tiny ImageNet.
+# torch.compile's modes; 'reduce-overhead' is the one that records CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(width=96, encoder_depth=3, decoder_depth=3, num_heads=3),
     "S": dict(width=384, encoder_depth=12, decoder_depth=12, num_heads=6),
@@ -62,6 +65,10 @@ class ModelConfig:
     """Attention: 'auto' (fastest present), 'sdpa', 'xformers' or 'math' (the reference)."""
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (less memory, ~30% more compute)."""
+    fused_adaln: bool = False
+    """adaLN blocks: LayerNorm + modulate as one Triton kernel (forward and backward) on CUDA
+    (or under TRITON_INTERPRET=1); elsewhere the plain PyTorch ops. Off by default until a GPU
+    run of bench/train_step.py (variant d+adaln) shows it helps."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -226,7 +233,10 @@ class EngineConfig:
     resume: str = ""
     """'' (fresh run), 'auto' (newest complete checkpoint in out_dir, if any) or a path."""
     compile: bool = False
-    """torch.compile the transformer blocks."""
+    """torch.compile each transformer block on its own (regional compile; the kernels stay ops)."""
+    compile_mode: str = "default"
+    """torch.compile mode of the blocks: 'default', 'reduce-overhead' (CUDA graphs: static shapes,
+    fewer launches, more memory), 'max-autotune' or 'max-autotune-no-cudagraphs'."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (for exact-resume checks)."""
     zero_stage: int = 2
@@ -241,6 +251,7 @@ class EngineConfig:
         _one_of("engine.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("engine.precision", self.precision, ("auto", "fp32", "bf16"))
         _one_of("engine.kernels", self.kernels, ("auto", "triton", "reference"))
+        _one_of("engine.compile_mode", self.compile_mode, COMPILE_MODES)
         _check(self.epochs > 0 or self.steps > 0, "engine.epochs or engine.steps must be > 0")
         _check(self.steps >= 0 and self.grad_accum >= 1, "engine.steps >= 0, engine.grad_accum >= 1")
         _check(self.log_every >= 1 and self.ckpt_every >= 0 and self.keep_last >= 1,

@@ -35,6 +35,7 @@ def test_paper_recipes():
     ({"model.nope": "1"}, "unknown field 'nope' in section 'model'"),
     ({"nope.x": "1"}, "unknown config section 'nope'"),
     ({"engine.progress": "maybe"}, "expected a boolean"),
+    ({"engine.compile_mode": "fast"}, "choose one of default, reduce-overhead, max-autotune"),
 ])
 def test_bad_values_raise_clear_messages(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -250,3 +250,64 @@ def test_bad_image_size():
     model = build_model(tiny_cfg(), IMG)
     with pytest.raises(ValueError, match="built for"):
         model(torch.zeros(1, 3, 2 * IMG, 2 * IMG), torch.zeros(1))
+
+
+def test_compile_blocks_regional_with_mode(monkeypatch):
+    """Every block of both halves is compiled with the mode asked for (inductor only: the other
+    backends take no mode), and nothing outside the blocks is."""
+    from ldae_fast.models.compile import compile_blocks
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    model = build_model(ModelConfig(size="tiny", encoder_depth=2, decoder_depth=3), 16)
+    assert compile_blocks(model, mode="reduce-overhead") == 5
+    assert seen == [("Block", {"backend": "inductor", "mode": "reduce-overhead"})] * 5
+    seen.clear()
+    compile_blocks(model, backend="aot_eager", mode="reduce-overhead")
+    assert seen == [("Block", {"backend": "aot_eager"})] * 5
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_adaln_model_matches_unfused(device, amp):
+    """model.fused_adaln swaps LayerNorm + modulate for the Triton kernel (interpreted on CPU)
+    in every block and the final layer: same outputs and gradients, parameters untouched."""
+    from ldae_fast.models import blocks
+
+    assert blocks._FUSED_ADALN_ON[torch.device(device).type], "the kernel must run in this test"
+    plain = perturbed(build_model(tiny_cfg(), IMG)).to(device)
+    fused = build_model(tiny_cfg(fused_adaln=True), IMG).to(device)
+    fused.load_state_dict(plain.state_dict())
+    calls = []
+    real = blocks._adaln.adaln_layernorm
+    blocks_calls = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    x, sigma = images(device=device), torch.tensor([0.3, 1.2], device=device)
+    outs, grads = [], []
+    for m in (plain, fused):
+        m.zero_grad()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(blocks._adaln, "adaln_layernorm", blocks_calls)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                y = m(x, sigma)
+        y.float().square().mean().backward()
+        outs.append(y.float())
+        grads.append({k: p.grad.float() for k, p in m.named_parameters() if p.grad is not None})
+    # 2 + 2 blocks x 2 norms + the final layer, all through the kernel; none for the plain model.
+    assert len(calls) == 9
+    tol = dict(rtol=3e-2, atol=3e-2) if amp else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], **tol, msg=k)
+
+
+def test_fused_adaln_blocks_compile_without_graph_breaks():
+    """The regional compile of training (one torch.compile per block) traces through the fused
+    op: fullgraph=True fails on any graph break."""
+    torch._dynamo.reset()
+    model = perturbed(build_model(tiny_cfg(fused_adaln=True), IMG))
+    x, sigma = images(), torch.tensor([0.3, 1.2])
+    want = model(x, sigma)
+    for blk in [*model.encoder.blocks, *model.decoder.blocks]:
+        blk.compile(backend="eager", fullgraph=True)
+    torch.testing.assert_close(model(x, sigma), want)
+    torch._dynamo.reset()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives.ldae import LDAEObjective
 from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
 from . import checkpoint as ckpt_mod
@@ -148,9 +149,9 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
 
     model = build_model(cfg.model, cfg.data.img_size).to(device)
+    graphs = cfg.engine.compile and cfg.engine.compile_mode == "reduce-overhead"
     if cfg.engine.compile:
-        from ..models.compile import compile_blocks
-        compile_blocks(model)
+        compile_blocks(model, mode=cfg.engine.compile_mode)
     backend = (backend_factory or SingleDevice)(cfg, model, 0.0)
     world, rank, is_main = backend.world_size, backend.rank, backend.is_main
     lr0 = cfg.lr(world)
@@ -221,6 +222,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.engine.grad_accum):
+            if graphs:  # each micro-batch replays the graphs: the last one's outputs are spent
+                mark_step_begin()
             images, _ = next(it)
             images = images.to(device, non_blocking=True)
             loss = objective(backend.model, images, step * cfg.engine.grad_accum + micro, amp)

@@ -73,7 +73,7 @@ def _init_common(module: nn.Module) -> None:
 class ViTEncoder(nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 attn_backend: str = "auto") -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False) -> None:
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
@@ -89,7 +89,7 @@ class ViTEncoder(nn.Module):
                              persistent=False)
         self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, cond, attn_backend) for _ in range(depth))
+            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln) for _ in range(depth))
         # Affine and unconditioned even with adaLN: the features must not depend on a sigma that
         # evaluation does not have, and timm's `norm` is a plain LayerNorm.
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
@@ -141,7 +141,7 @@ class ViTEncoder(nn.Module):
 class ViTDecoder(nn.Module):
     def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 attn_backend: str = "auto") -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
@@ -154,8 +154,8 @@ class ViTDecoder(nn.Module):
                              persistent=False)
         self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, cond, attn_backend) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond)
+            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond, fused_adaln)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -209,7 +209,7 @@ class LDAEModel(nn.Module):
 
 def _dims(cfg: ModelConfig) -> dict:
     return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
-                attn_backend=cfg.attn_backend)
+                attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln)
 
 
 def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> ViTEncoder:
