@@ -41,6 +41,27 @@ def test_ema_tracks_parameters():
     torch.testing.assert_close(ema.state_dict()["weight"], before + 1.0)
 
 
+def test_ema_batched_update_matches_per_tensor_rule():
+    """Parameters are averaged (one multi-tensor lerp), buffers copied, ints included."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    ema = EMA(m, 0.9)
+    want = {k: v.clone() for k, v in ema.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        m.train()(torch.randn(5, 3))  # moves the BatchNorm running stats and its int counter
+        d = ema.current_decay()
+        params = dict(m.named_parameters())
+        for k, v in m.state_dict().items():
+            want[k] = d * want[k] + (1 - d) * v.float() if k in params else v.clone().to(want[k].dtype)
+        ema.update(m)
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6)
+    assert ema.state_dict()["1.num_batches_tracked"].item() == 3
+
+
 def test_fixed_batch_loss_goes_down():
     from ldae_fast.models import build_model
     from ldae_fast.tokenizer import fit_pca
@@ -190,3 +211,83 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     for part in ("model", "ema"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
+
+
+class _ReadBackCounter:
+    """Counts host read-backs of tensor values (.item(), bool(), float(), int(), .tolist()) made
+    while `active`; on CUDA each one would stall the host until the GPU catches up."""
+
+    METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.active = False
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _orig=orig, _name=name, **k):
+                if self.active:
+                    self.calls.append(_name)
+                return _orig(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+    def watch(self, fn):
+        def run(*a, **k):
+            outer, self.active = self.active, True
+            try:
+                return fn(*a, **k)
+            finally:
+                self.active = outer
+        return run
+
+    def unwatch(self, fn):
+        def run(*a, **k):
+            outer, self.active = self.active, False
+            try:
+                return fn(*a, **k)
+            finally:
+                self.active = outer
+        return run
+
+
+def test_training_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
+    """Noise, forward, loss, backward, gradient norm and clipping, EMA: device work only, so a GPU
+    step never waits on the host. The loss and the non-finite check reach the host at log steps
+    only (checked here: they are the only read-backs of the loop's own tensors)."""
+    from ldae_fast.engine import loop as loop_mod
+
+    counter = _ReadBackCounter(monkeypatch)
+    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", counter.watch(ldae_obj.LDAEObjective.__call__))
+    monkeypatch.setattr(loop_mod.SingleDevice, "backward", counter.watch(loop_mod.SingleDevice.backward))
+    monkeypatch.setattr(loop_mod.SingleDevice, "step", counter.watch(loop_mod.SingleDevice.step))
+    monkeypatch.setattr(loop_mod.EMA, "update", counter.watch(loop_mod.EMA.update))
+    # torch.optim.AdamW on CPU reads its step counter with .item() (free on CPU); the fused CUDA
+    # AdamW the GPU path uses does not. Everything else in SingleDevice.step stays watched.
+    monkeypatch.setattr(torch.optim.AdamW, "step", counter.unwatch(torch.optim.AdamW.step))
+    res = train(_cfg(tmp_path, **{"engine.steps": 4, "engine.log_every": 4, "optim.clip_grad": 1.0,
+                                  "optim.ema_decay": 0.99}))
+    assert res.steps == 4 and math.isfinite(res.final_loss)
+    assert counter.calls == [], f"host read-backs inside the training step: {counter.calls}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_training_step_has_no_cuda_sync(tmp_path, monkeypatch):
+    """On a GPU, the same check by CUDA itself: any synchronising call in the step raises."""
+    from ldae_fast.engine import loop as loop_mod
+
+    def strict(fn):
+        def run(*a, **k):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    for owner, name in ((ldae_obj.LDAEObjective, "__call__"), (loop_mod.SingleDevice, "backward"),
+                        (loop_mod.SingleDevice, "step"), (loop_mod.EMA, "update")):
+        monkeypatch.setattr(owner, name, strict(getattr(owner, name)))
+    res = train(_cfg(tmp_path, **{"engine.steps": 3, "engine.log_every": 3, "engine.device": "cuda",
+                                  "engine.kernels": "auto", "optim.clip_grad": 1.0}))
+    assert math.isfinite(res.final_loss)
