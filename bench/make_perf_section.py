@@ -27,10 +27,11 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("model", "model"), ("batch", "batch"), ("variant", "variant"), ("variant_name", "name"),
         ("images_per_s", "images/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"),
         ("peak_mem_gib", "peak mem (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
-        ("status", "status"),
+        ("vs_d", "x (d)"), ("status", "status"),
     ],
     "kernels": [
-        ("op", "op"), ("variant", "variant"), ("dtype", "dtype"), ("B", "B"), ("d", "d"), ("ms", "ms"),
+        ("op", "op"), ("variant", "variant"), ("dtype", "dtype"), ("B", "B"), ("d", "d"), ("T", "T"),
+        ("C", "C"), ("ms", "ms"),
         ("GBps", "GB/s"), ("frac_copy", "of copy BW"), ("speedup_vs_eager", "x eager"),
         ("speedup_vs_compiled", "x compiled"), ("peak_MiB", "peak MiB"),
     ],

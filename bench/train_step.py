@@ -12,6 +12,13 @@ the data loader (bench/data.py measures that). Four variants at every (model siz
   (d) ldae-fast    Triton noise + loss kernels, attention 'auto', regional torch.compile of each
                    transformer block, fused AdamW
 
+and, on request (`--variants ...,ablations`), (d) with one switch changed, reported against (d)
+of the same run (`vs_d`), so each piece of speed work is kept only where it measurably helps:
+  d-compile (no regional compile), d-triton (reference objective instead of the Triton kernels),
+  d+adaln (fused adaLN modulate + LayerNorm kernel), d+graphs (blocks compiled with
+  mode='reduce-overhead', i.e. CUDA graphs), d+ckpt (activation checkpointing: its FLOPs are
+  counted without the recompute, so its MFU is model FLOPs utilisation, as for every row).
+
 Every variant runs under the same precision (bf16 autocast on CUDA, TF32 allowed for the float32
 leftovers) so the ratios measure the engineering, not the number format.
 
@@ -55,7 +62,7 @@ from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import StepProfiler, nvtx_range  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
-from ldae_fast.models.compile import compile_blocks  # noqa: E402
+from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
 from ldae_fast.models.vit import flops_per_image  # noqa: E402
 from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
@@ -78,13 +85,22 @@ PEAK_TFLOPS_BF16: list[tuple[str, str, float]] = [
     (r"\bA10\b", "A10", 125.0),
 ]
 
+_D = dict(kernels="triton", attn="auto", compile="blocks", peer=False, ours_optim=True)
 VARIANTS = {
     "a": dict(name="eager", kernels="reference", attn="math", compile="none", peer=False, ours_optim=False),
     "b": dict(name="compiled", kernels="reference", attn="math", compile="full", peer=False, ours_optim=False),
     "c": dict(name="timm-peer", kernels="reference", attn="timm", compile="none", peer=True,
               ours_optim=False),
-    "d": dict(name="ldae-fast", kernels="triton", attn="auto", compile="blocks", peer=False, ours_optim=True),
+    "d": dict(name="ldae-fast", **_D),
+    # Ablations of (d): one switch each, so one GPU run says which speed work earns its place
+    # (vs_d < 1 for a '-' row means that piece helps; vs_d > 1 for a '+' row means turn it on).
+    "d-compile": dict(_D, name="(d) no compile", compile="none"),
+    "d-triton": dict(_D, name="(d) reference objective", kernels="reference"),
+    "d+adaln": dict(_D, name="(d) + fused adaLN LN", fused_adaln=True),
+    "d+graphs": dict(_D, name="(d) + CUDA graphs", compile_mode="reduce-overhead"),
+    "d+ckpt": dict(_D, name="(d) + activation ckpt", ckpt=True),
 }
+ABLATIONS = ("d-compile", "d-triton", "d+adaln", "d+graphs", "d+ckpt")
 
 GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
                     latent_dim=128, warmup=5, steps=20)
@@ -204,7 +220,9 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     attn = v["attn"] if v["attn"] in ("auto", "math") else "auto"
     if attn == "auto" and not v["peer"]:
         info["attn"] = f"auto ({resolve_backend('auto')})"
-    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, attn_backend=attn),
+    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, attn_backend=attn,
+                                   fused_adaln=v.get("fused_adaln", False),
+                                   grad_checkpointing=v.get("ckpt", False)),
                  tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
                  data=DataConfig(img_size=s.img_size, batch_size=s.batch),
                  engine=EngineConfig(kernels=kernels, steps=1))
@@ -239,8 +257,16 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         forward = torch.compile(model, backend=compile_backend)
         loss_fn = torch.compile(objective.loss, backend=compile_backend)
     elif v["compile"] == "blocks":
-        info["compiled_blocks"] = compile_blocks(model, backend=compile_backend)
+        mode = v.get("compile_mode", "default")
+        info["compiled_blocks"] = compile_blocks(model, backend=compile_backend, mode=mode)
+        if mode != "default":
+            info["compile"] = f"blocks ({mode})"
         split = True
+    graphs = v.get("compile_mode") == "reduce-overhead"
+    if v.get("ckpt"):
+        info["compile"] = info["compile"] + ", activation ckpt"
+    if v.get("fused_adaln"):
+        info["kernels"] += " + fused adaLN LN"
 
     amp = s.amp
 
@@ -254,6 +280,8 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
             return forward(x_in, sigma)
 
     def step(x: torch.Tensor, i: int) -> torch.Tensor:
+        if graphs:
+            mark_step_begin()
         with nvtx_range("noise"):
             nb = objective.add_noise(x, i)
         if amp is not None:
@@ -373,13 +401,13 @@ def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's throughput relative to variants a/b/c of the same model and batch (same run)."""
+    """Each row's throughput relative to variants a/b/c/d of the same model and batch (same run)."""
     by_key = {(r["size"], r["batch"], r["variant"]): r for r in rows}
     for r in rows:
-        for other in ("a", "b", "c"):
+        for other in ("a", "b", "c", "d"):
             o = by_key.get((r["size"], r["batch"], other))
             ok = (o is not None and o.get("images_per_s") and r.get("images_per_s"))
-            r[f"vs_{other}"] = round(r["images_per_s"] / o["images_per_s"], 3) if ok else None
+            r[f"vs_{other}"] = _sig(r["images_per_s"] / o["images_per_s"], 4) if ok else None
 
 
 # Command line ------------------------------------------------------------------------------------
@@ -390,7 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", help=f"model sizes, comma-separated (GPU default {GPU_DEFAULTS['sizes']})")
     ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']})")
-    ap.add_argument("--variants", default="a,b,c,d", help="subset of a,b,c,d (default all)")
+    ap.add_argument("--variants", default="a,b,c,d",
+                    help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)} "
+                         "(default a,b,c,d)")
     ap.add_argument("--img-size", type=int, help="image side (GPU default 256)")
     ap.add_argument("--patch-size", type=int, help="patch size (GPU default 16)")
     ap.add_argument("--latent-dim", type=int, help="PCA latent dim d (GPU default 128)")
@@ -443,7 +473,7 @@ def _fmt(v: Any) -> str:
 
 
 TABLE_COLUMNS = ("model", "batch", "variant", "variant_name", "status", "images_per_s", "tflops", "mfu",
-                 "peak_mem_gib", "vs_a", "vs_b", "vs_c", "kernels", "attn", "compile", "optimizer", "note")
+                 "peak_mem_gib", "vs_a", "vs_b", "vs_c", "vs_d", "kernels", "attn", "compile", "optimizer", "note")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -458,7 +488,11 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     args = parse_args(argv)
     vals, device, smoke = resolve(args)
     cmd = command_line(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants: list[str] = []
+    for v in (v.strip() for v in args.variants.split(",")):
+        for key in (ABLATIONS if v == "ablations" else (v,) if v else ()):
+            if key not in variants:
+                variants.append(key)
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")

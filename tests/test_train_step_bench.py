@@ -157,3 +157,23 @@ def test_perf_section_gpu_run_and_empty(perf, tmp_path, capsys):
     assert text.count("### train_step") == 1 and "2026-02-01" in text  # newest run per GPU
     assert "**ViT-1/2L**: 1,000 images/s at micro-batch 256, MFU 50.0%" in text
     assert perf.render(tmp_path, all_runs=True).count("### train_step") == 2
+
+
+def test_ablations_of_d_run_and_compare_with_d(ts):
+    """'ablations' expands to (d) with one switch changed each; every row is measured against
+    the (d) of the same run, and says what it changed."""
+    torch.set_num_threads(1)
+    rows, meta = ts.run(["--cpu-smoke", "--compile-backend", "eager", "--variants", "d,ablations,d",
+                         "--no-write"])
+    assert [r["variant"] for r in rows] == ["d", *ts.ABLATIONS]
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows), rows
+    by = {r["variant"]: r for r in rows}
+    assert by["d"]["vs_d"] == 1.0
+    for key in ts.ABLATIONS:
+        assert by[key]["vs_d"] == pytest.approx(by[key]["images_per_s"] / by["d"]["images_per_s"], rel=2e-3)
+    assert by["d-compile"]["compile"] == "none" and by["d"]["compile"] == "blocks"
+    assert by["d-triton"]["kernels"] == "reference"
+    assert "reduce-overhead" in by["d+graphs"]["compile"]
+    assert "activation ckpt" in by["d+ckpt"]["compile"]
+    assert by["d+adaln"]["kernels"].endswith("fused adaLN LN")
+    assert set(meta["variants"]) == {"d", *ts.ABLATIONS}
