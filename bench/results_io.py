@@ -49,6 +49,10 @@ def _relative(path: str, root: Path, fallback: str) -> str:
 
 
 def _git_commit() -> str | None:
+    # A lent GPU machine gets a copy of the working tree without .git: the session script passes
+    # the commit the copy was made from.
+    if os.environ.get("LDAE_GIT_COMMIT"):
+        return os.environ["LDAE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5)
@@ -126,12 +130,39 @@ def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
     meta.update(meta_extra or {})
     device = meta.get("gpu") or f"cpu-{meta.get('cpu') or 'unknown'}"
     stamp = meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    json_path = out / f"{name}-{stamp}-{_slug(device)}.json"
+    json_path = _free_name(out / f"{name}-{stamp}-{_slug(device)}.json")
     rows = [dict(r) for r in rows]
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"name": name, "meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     tmp.replace(json_path)
 
+    _append_markdown(out / f"{name}.md", name, markdown_section(meta, rows, meta_extra))
+    return json_path, out / f"{name}.md"
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path with -2, -3, ... before the suffix when a run of the same second exists."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def _same_named(path: Path) -> list[Path]:
+    """path and its -2, -3, ... twins that exist (see _free_name)."""
+    found, n, candidate = [], 2, path
+    while candidate.exists():
+        found.append(candidate)
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return found
+
+
+def markdown_section(meta: dict[str, Any], rows: list[dict], meta_extra: dict | None = None) -> str:
+    """One run as markdown: heading (device, date), versions, command, the settings, the table."""
+    device = meta.get("gpu") or f"cpu-{meta.get('cpu') or 'unknown'}"
     cols: list[str] = []
     for r in rows:
         cols.extend(k for k in r if k not in cols)
@@ -154,10 +185,61 @@ def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
         lines.append("|" + "---|" * len(cols))
         for r in rows:
             lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
-    md_path = out / f"{name}.md"
+    return "\n".join(lines) + "\n\n"
+
+
+def _append_markdown(md_path: Path, name: str, section: str) -> None:
     new = not md_path.exists()
     with md_path.open("a") as f:
         if new:
             f.write(f"# {name}\n\nOne section per run, newest last. JSON twins beside this file.\n\n")
-        f.write("\n".join(lines) + "\n\n")
-    return json_path, md_path
+        f.write(section)
+
+
+# Keys environment() may set; the rest of a results file's meta came from the script itself.
+ENVIRONMENT_KEYS = ("date", "command", "python", "platform", "git_commit", "torch", "cuda", "gpu",
+                    "gpu_memory_gib", "gpu_count", "cpu", "cpu_threads", "triton", "triton_interpret")
+
+
+def import_results(src: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Copy result JSON files written elsewhere (a lent GPU machine's $OUT) into results/ and
+    append each new run's markdown section, rebuilt from its JSON. A file already present with the
+    same content is skipped, so importing twice changes nothing; a different run that happens to
+    have the same name gets a -2 suffix. Returns the JSON files added."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    added = []
+    for path in sorted(Path(src).glob("*.json")):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not {"name", "meta", "rows"} <= set(data):
+            raise ValueError(f"{path}: not a results file (it needs name, meta and rows)")
+        text = path.read_text()
+        if any(p.read_text() == text for p in _same_named(out / path.name)):
+            continue  # imported before
+        dest = _free_name(out / path.name)
+        dest.write_text(text)
+        meta = data["meta"]
+        extra = {k: v for k, v in meta.items() if k not in ENVIRONMENT_KEYS}
+        _append_markdown(out / f"{data['name']}.md", data["name"], markdown_section(meta, data["rows"], extra))
+        added.append(dest)
+    return added
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="bench/results helpers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="copy result JSON files from SRC into bench/results/ (+ markdown)")
+    imp.add_argument("src", help="folder holding <name>-<date>-<device>.json files")
+    imp.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    args = ap.parse_args(argv)
+    added = import_results(args.src, args.out_dir)
+    for p in added:
+        print(f"added {p}")
+    print(f"{len(added)} new result file(s) in {args.out_dir or RESULTS_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU checks of a session that is lent a GPU, in stages that each fit one 10-minute command
+# on the lent machine (bench/README.md, "Lent machines"). Device time is scarce (30 min a
+# session): run the stages in the order below, a few per command, and stop when time runs out.
+#
+# Here, once, before the first device command (builds / downloads the wheels that machine lacks):
+#   bench/gpu_session.sh wheels
+# On the GPU machine (the device tool runs commands in a copy of this repository; carry .whl):
+#   bench/gpu_session.sh tests kernels          # results and logs go to $OUT (else ./gpu-out)
+#   bench/gpu_session.sh halfL
+#   bench/gpu_session.sh ablations B
+#   bench/gpu_session.sh deepspeed
+# At most 8 files come back per device command: two or three stages per command fit.
+# Back here, with the folder the device tool returned the files in:
+#   .venv/bin/python bench/results_io.py import FILES_AT        # JSON -> bench/results/ + markdown
+#   .venv/bin/python bench/make_perf_section.py --update-readme
+#
+# Stages:
+#   wheels     (here) deepspeed and the packages it needs that the GPU image lacks, into .whl/
+#   tests      LDAE_GPU_TESTS=1 pytest: kernels compiled for the GPU against the reference,
+#              attention backends, models, the no-host-sync check of the training step
+#   kernels    bench/kernels.py at its GPU defaults
+#   halfL      bench/train_step.py, ViT-1/2L (the paper's default), micro-batch 256, a,b,c,d
+#   ablations  ViT-1/2L micro-batch 256: (d) and each of its ablations (vs_d)
+#   B          ViT-B, micro-batch 256, a,b,c,d
+#   L          ViT-L, micro-batch 128, a,b,c,d
+#   profile    ViT-1/2L micro-batch 256, variant (d) with a torch.profiler trace + top-kernel table
+#   deepspeed  `deepspeed train.py` on 1 GPU: ZeRO-2, bf16, FusedAdam, a few steps of ViT-B
+#
+# The commit the copy was made from is not visible there (no .git): pass it as LDAE_GIT_COMMIT
+# (e.g. `LDAE_GIT_COMMIT=<git rev-parse --short HEAD> bench/gpu_session.sh ...`) so results record it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+run() {  # run NAME CMD...: tee the output into $OUT_DIR/NAME.log, remember a failure, go on
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+install_wheels() {
+    [ -d .whl ] || { echo "no .whl/ here: run 'bench/gpu_session.sh wheels' locally and carry .whl"; return 1; }
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH" PATH="/tmp/site/bin:$PATH"
+}
+
+step() {  # step NAME ARGS...: one bench/train_step.py run writing into $OUT_DIR
+    local name=$1
+    shift
+    run "$name" $PY bench/train_step.py --out-dir "$OUT_DIR" "$@"
+}
+
+for stage in "$@"; do
+    case "$stage" in
+    wheels)
+        grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
+        mkdir -p .whl
+        # deepspeed ships only a source archive; its wheel is pure Python (ops build at run time).
+        $PY -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8 || status=1
+        $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d .whl hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions || status=1
+        ls -la .whl
+        ;;
+    tests)
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
+        $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+            | tee -a "$OUT_DIR/gpu.txt"
+        run tests env LDAE_GPU_TESTS=1 $PY -m pytest -q -p no:cacheprovider \
+            tests/test_kernel_noise.py tests/test_kernel_pca_loss.py tests/test_kernel_adaln_norm.py \
+            tests/test_attention.py tests/test_models.py tests/test_objective.py \
+            tests/test_engine.py::test_training_step_has_no_cuda_sync
+        ;;
+    kernels) run kernels $PY bench/kernels.py --out-dir "$OUT_DIR" ;;
+    halfL) step halfL --sizes halfL --batch-sizes 256 --variants a,b,c,d ;;
+    ablations) step ablations --sizes halfL --batch-sizes 256 --variants d,ablations ;;
+    B) step B --sizes B --batch-sizes 256 --variants a,b,c,d ;;
+    L) step L --sizes L --batch-sizes 128 --variants a,b,c,d ;;
+    profile)
+        step profile --sizes halfL --batch-sizes 256 --variants d --no-write --profile "$OUT_DIR/profile"
+        cp "$OUT_DIR"/profile/*/profile_top_kernels.md "$OUT_DIR/profile_top_kernels.md" 2>/dev/null
+        ;;
+    deepspeed)
+        install_wheels || { status=1; continue; }
+        run deepspeed deepspeed --num_gpus 1 train.py --preset demo --model.size=B --model.patch_size=16 \
+            --data.img_size=256 --data.batch_size=64 --data.synthetic_images=1024 --tokenizer.latent_dim=128 \
+            --tokenizer.fit_images=256 --engine.backend=deepspeed --engine.zero_stage=2 --engine.steps=20 \
+            --engine.log_every=5 --eval.probe=false --eval.figure=false --out "$OUT_DIR/ds_run"
+        cp "$OUT_DIR/ds_run/metrics.jsonl" "$OUT_DIR/deepspeed_metrics.jsonl" 2>/dev/null
+        rm -rf "$OUT_DIR/ds_run"  # checkpoints are large and too deep to come back
+        ;;
+    *)
+        echo "unknown stage '$stage'; see the header of $0"
+        status=1
+        ;;
+    esac
+done
+# At most 8 files come back from a device command: the JSON files carry everything the markdown
+# tables hold (results_io.py import rebuilds them), so the markdown copies give their slots up.
+if [ -n "${OUT:-}" ]; then
+    find "$OUT_DIR" -maxdepth 1 -name '*.md' ! -name 'profile_top_kernels.md' -delete
+fi
+ls -la "$OUT_DIR"
+exit $status

@@ -1,0 +1,62 @@
+"""bench/results_io.py: importing runs written on another machine (a lent GPU's $OUT)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture()
+def rio(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import results_io
+
+    return results_io
+
+
+def test_import_copies_json_and_rebuilds_markdown(rio, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDAE_GIT_COMMIT", "abc1234")
+    away, home = tmp_path / "away", tmp_path / "home"
+    jp, mp = rio.write_result("train_step", [{"model": "ViT-B", "images_per_s": 1.5}], {"peak_tflops": 989.0},
+                              out_dir=away)
+    assert json.loads(jp.read_text())["meta"]["git_commit"] == "abc1234"
+    # Home already holds an older run of the same benchmark: the import appends after it.
+    rio.write_result("train_step", [{"model": "ViT-L", "images_per_s": 0.5}], out_dir=home)
+    before = (home / "train_step.md").read_text()
+
+    assert rio.main(["import", str(away), "--out-dir", str(home)]) == 0
+    # Both runs kept, even when they were written in the same second (same file name).
+    homes = sorted(home.glob("train_step-*.json"))
+    assert len(homes) == 2 and jp.read_text() in [p.read_text() for p in homes]
+    md = (home / "train_step.md").read_text()
+    section = mp.read_text().split("\n\n", 2)[2]  # the away file's only section, past its title
+    assert md == before + section
+    # Twice is once.
+    assert rio.import_results(away, home) == []
+    assert (home / "train_step.md").read_text() == md
+
+
+def test_import_rejects_foreign_json(rio, tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="not a results file"):
+        rio.import_results(tmp_path, tmp_path / "out")
+
+
+def test_gpu_session_script_stages_match_its_header(tmp_path):
+    """bench/gpu_session.sh: every stage its header documents is implemented and vice versa, and
+    an unknown stage fails the command (a lent GPU's minutes must not go to a typo)."""
+    import re
+    import subprocess
+
+    script = BENCH / "gpu_session.sh"
+    text = script.read_text()
+    header = text.split("set -uo pipefail")[0]
+    documented = set(re.findall(r"^#   (\w+)\s{2,}", header.split("# Stages:")[1], re.M))
+    implemented = set(re.findall(r"^    (\w+)\)", text, re.M))
+    assert documented == implemented and {"tests", "kernels", "halfL", "deepspeed"} <= implemented
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})
+    assert r.returncode == 1 and "unknown stage 'nope'" in r.stdout
