@@ -33,6 +33,19 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(params=devices())
+def kernel_device(request):
+    """Like `device`, skipped where this process cannot run the Triton kernels: under
+    LDAE_GPU_TESTS=1 they are compiled for the GPU, so the CPU leg has nothing to run."""
+    from ldae_fast.kernels import triton_available
+
+    device = request.param
+    if not triton_available(device):
+        pytest.skip(f"the Triton kernels cannot run on {device} in this process "
+                    f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
+    return device
+
+
 @pytest.fixture
 def tinyimagenet_dir() -> Path:
     d = SHARED_DATA / "tinyimagenet-wds"

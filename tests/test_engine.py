@@ -232,18 +232,10 @@ class _ReadBackCounter:
 
             monkeypatch.setattr(torch.Tensor, name, wrapped)
 
-    def watch(self, fn):
+    def watch(self, fn, active: bool = True):
+        """fn, counting read-backs inside it (active=False: not counting, even when nested)."""
         def run(*a, **k):
-            outer, self.active = self.active, True
-            try:
-                return fn(*a, **k)
-            finally:
-                self.active = outer
-        return run
-
-    def unwatch(self, fn):
-        def run(*a, **k):
-            outer, self.active = self.active, False
+            outer, self.active = self.active, active
             try:
                 return fn(*a, **k)
             finally:
@@ -264,7 +256,7 @@ def test_training_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
     monkeypatch.setattr(loop_mod.EMA, "update", counter.watch(loop_mod.EMA.update))
     # torch.optim.AdamW on CPU reads its step counter with .item() (free on CPU); the fused CUDA
     # AdamW the GPU path uses does not. Everything else in SingleDevice.step stays watched.
-    monkeypatch.setattr(torch.optim.AdamW, "step", counter.unwatch(torch.optim.AdamW.step))
+    monkeypatch.setattr(torch.optim.AdamW, "step", counter.watch(torch.optim.AdamW.step, active=False))
     res = train(_cfg(tmp_path, **{"engine.steps": 4, "engine.log_every": 4, "optim.clip_grad": 1.0,
                                   "optim.ema_decay": 0.99}))
     assert res.steps == 4 and math.isfinite(res.final_loss)

@@ -6,27 +6,22 @@ Runs in the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and com
 with LDAE_GPU_TESTS=1. Sizes are tiny on purpose: the interpreter executes numpy per program.
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldae_fast import reference
-from ldae_fast.kernels import adaln_layernorm, triton_available
+from ldae_fast.kernels import adaln_layernorm
 from ldae_fast.kernels.adaln_norm import AdaLNLayerNormFunction, adaln_layernorm_backward
 
 EPS = 1e-6
 
 
 @pytest.fixture
-def device(device):
-    """conftest's device, skipped where this process cannot run the kernels: under
-    LDAE_GPU_TESTS=1 they are compiled for the GPU, so the CPU leg has nothing to run."""
-    if not triton_available(device):
-        pytest.skip(f"the Triton kernels cannot run on {device} in this process "
-                    f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
-    return device
+def device(kernel_device):
+    """Every test here runs a kernel: conftest's kernel_device (skips where they cannot run)."""
+    return kernel_device
 
 
 def _inputs(B, T, C, device, xdtype=torch.float32, mdtype=None, seed=0, chunks=True):

@@ -12,18 +12,14 @@ import pytest
 import torch
 
 from ldae_fast import reference
-from ldae_fast.kernels import latent_noise, latent_noise_counter_span, triton_available
+from ldae_fast.kernels import latent_noise, latent_noise_counter_span
 from ldae_fast.kernels._common import check_runnable
 
 
 @pytest.fixture
-def device(device):
-    """conftest's device, skipped where this process cannot run the kernels: under
-    LDAE_GPU_TESTS=1 they are compiled for the GPU, so the CPU leg has nothing to run."""
-    if not triton_available(device):
-        pytest.skip(f"the Triton kernels cannot run on {device} in this process "
-                    f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
-    return device
+def device(kernel_device):
+    """Every test here runs a kernel: conftest's kernel_device (skips where they cannot run)."""
+    return kernel_device
 
 
 # (patch, H, W, batch): every patch size the paper's pixel tokenizers use plus ViT's 14; odd

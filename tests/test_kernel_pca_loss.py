@@ -5,23 +5,18 @@ Runs in the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1) and com
 with LDAE_GPU_TESTS=1.
 """
 
-import os
 
 import pytest
 import torch
 
 from ldae_fast import reference
-from ldae_fast.kernels import latent_noise, pca_loss, triton_available
+from ldae_fast.kernels import latent_noise, pca_loss
 
 
 @pytest.fixture
-def device(device):
-    """conftest's device, skipped where this process cannot run the kernels: under
-    LDAE_GPU_TESTS=1 they are compiled for the GPU, so the CPU leg has nothing to run."""
-    if not triton_available(device):
-        pytest.skip(f"the Triton kernels cannot run on {device} in this process "
-                    f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
-    return device
+def device(kernel_device):
+    """Every test here runs a kernel: conftest's kernel_device (skips where they cannot run)."""
+    return kernel_device
 
 
 GEOMS = [(2, 6, 10, 3), (4, 16, 32, 3), (8, 16, 32, 3), (14, 28, 28, 3), (16, 16, 32, 1)]

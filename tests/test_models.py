@@ -268,11 +268,12 @@ def test_compile_blocks_regional_with_mode(monkeypatch):
 
 
 @pytest.mark.parametrize("amp", [False, True])
-def test_fused_adaln_model_matches_unfused(device, amp):
+def test_fused_adaln_model_matches_unfused(kernel_device, amp):
     """model.fused_adaln swaps LayerNorm + modulate for the Triton kernel (interpreted on CPU)
     in every block and the final layer: same outputs and gradients, parameters untouched."""
     from ldae_fast.models import blocks
 
+    device = kernel_device
     assert blocks._FUSED_ADALN_ON[torch.device(device).type], "the kernel must run in this test"
     plain = perturbed(build_model(tiny_cfg(), IMG)).to(device)
     fused = build_model(tiny_cfg(fused_adaln=True), IMG).to(device)
