@@ -41,6 +41,7 @@ from ldae_fast.config import build_config  # noqa: E402
 from ldae_fast.data import BadSampleCounter, build_train_stream, expand_urls, write_shards  # noqa: E402
 from ldae_fast.data.transforms import gpu_decode_available  # noqa: E402
 from ldae_fast.data.wds import iter_shard  # noqa: E402
+from ldae_fast.engine.profiling import profile_calls  # noqa: E402
 
 DEFAULT_SHARDS = ROOT.parent / "shared" / "data" / "tinyimagenet-wds" / "train-{000000..000009}.tar.gz"
 
@@ -94,7 +95,10 @@ def bench_raw(pattern: str, max_images: int) -> dict[str, Any]:
 
 
 def bench_stream(pattern: str, epoch_size: int, img_size: int, batch: int, batches: int, workers: int,
-                 gpu: bool) -> dict[str, Any]:
+                 gpu: bool, profile_dir: Path | None = None, profile_batches: int = 3) -> dict[str, Any]:
+    """images/s of the training stream over `batches` batches (after the first); with profile_dir,
+    then traces `profile_batches` more under torch.profiler (the main process only: with workers,
+    it shows the waiting, not the decoding)."""
     cfg = build_config("demo", {
         "data.source": "wds", "data.train_shards": pattern, "data.epoch_size": str(epoch_size),
         "data.img_size": str(img_size), "data.batch_size": str(batch), "data.num_workers": str(workers),
@@ -111,6 +115,11 @@ def bench_stream(pattern: str, epoch_size: int, img_size: int, batch: int, batch
             x, _ = next(stream)
         sync()
         dt = time.perf_counter() - t0
+        if profile_dir is not None:
+            stage = "gpu_decode" if gpu else "cpu_decode"
+            prof = profile_calls(lambda: next(stream), profile_dir / f"{stage}_w{workers}", profile_batches,
+                                 verbose=False)
+            print(f"  profile: {prof.table_path}")
     finally:
         stream.close()
     assert x.shape == (batch, 3, img_size, img_size), x.shape
@@ -134,6 +143,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU-decode stage even with CUDA")
     ap.add_argument("--write", action="store_true", help="write results without a GPU too")
     ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--profile", nargs="?", const="runs/profile/data", default=None, metavar="DIR",
+                    help="after each stream measurement, trace --profile-batches batches with torch.profiler "
+                         "into DIR/<dataset>/<stage>_w<workers>/")
+    ap.add_argument("--profile-batches", type=int, default=3, help="batches recorded by --profile")
     return ap.parse_args(argv)
 
 
@@ -166,12 +179,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for name, pattern, epoch_size, img_size in datasets:
             base = {"dataset": name, "img_size": img_size, "batch": args.batch_size}
             results = [bench_raw(pattern, args.raw_images)]
-            for w in workers:
-                results.append(bench_stream(pattern, epoch_size, img_size, args.batch_size, args.batches, w, False))
-            if gpu:
+            prof_dir = Path(args.profile) / name if args.profile else None
+            for use_gpu in (False, True) if gpu else (False,):
                 for w in workers:
-                    results.append(bench_stream(pattern, epoch_size, img_size, args.batch_size, args.batches,
-                                                w, True))
+                    results.append(bench_stream(pattern, epoch_size, img_size, args.batch_size, args.batches, w,
+                                                use_gpu, prof_dir, args.profile_batches))
             for r in results:
                 row = {**base, **r}
                 rows.append(row)

@@ -59,6 +59,8 @@ sys.path.insert(0, str(_HERE))
 import torch  # noqa: E402
 from results_io import command_line, write_result  # noqa: E402
 
+from ldae_fast.engine.profiling import profile_calls  # noqa: E402
+
 OPS = ("noise", "loss_fwd", "loss_fwdbwd", "adaln_ln_fwd", "adaln_ln_fwdbwd")
 ADALN_OPS = ("adaln_ln_fwd", "adaln_ln_fwdbwd")
 VARIANTS = ("eager", "compiled", "triton")
@@ -89,6 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--write", action="store_true", help="write results on CPU too")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--profile", nargs="?", const="runs/profile/kernels", default=None, metavar="DIR",
+                    help="after timing, trace --profile-calls calls of every variant of every case with "
+                         "torch.profiler: DIR/<op>_<dtype>_B<B>_<shape>_<variant>/ (Chrome trace + top-kernel table)")
+    ap.add_argument("--profile-calls", type=int, default=3, help="calls recorded per variant by --profile")
     return ap.parse_args(argv)
 
 
@@ -294,6 +300,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         group = []
         for variant, fn in fns.items():
             ms, lo, hi = timer(fn)
+            if args.profile:
+                prof = profile_calls(fn, Path(args.profile) / f"{op}_{dname}_B{B}_{shape_s.replace(' ', '_')}_{variant}",
+                                     args.profile_calls, verbose=False)
+                print(f"  profile: {prof.table_path}")
             gbps = nbytes / (ms * 1e-3) / 1e9
             group.append(dict(
                 op=op, variant=variant, dtype=dname, B=B, **shape, ms=ms, ms_p20=lo, ms_p80=hi,

@@ -59,7 +59,7 @@ import torch.nn as nn  # noqa: E402
 
 from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
-from ldae_fast.engine.profiling import StepProfiler, nvtx_range  # noqa: E402
+from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
@@ -367,11 +367,8 @@ def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profil
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2)
     if profile_dir is not None:
         out = profile_dir / f"{s.size}_b{s.batch}_{key}"
-        prof = StepProfiler(out, steps=profile_steps, wait=1, warmup=1)
-        for i in range(prof.total_steps):
-            step(x, 10_000 + i)
-            prof.step()
-        prof.close()
+        calls = iter(range(10_000, 20_000))
+        prof = profile_calls(lambda: step(x, next(calls)), out, profile_steps, wait=1, warmup=1)
         row["profile"] = str(prof.trace_path or out)
 
 

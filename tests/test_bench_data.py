@@ -20,7 +20,8 @@ def test_data_bench_cpu_smoke(tmp_path, capsys):
     use_real = (shards.parent / "train-000000.tar.gz").exists()
     rows = bench.main(["--shards", str(shards) if use_real else "none", "--synthetic", "16", "--batch-size", "4",
                        "--batches", "2", "--raw-images", "40", "--workers", "0,1", "--no-gpu", "--write",
-                       "--out-dir", str(tmp_path)])
+                       "--out-dir", str(tmp_path), "--profile", str(tmp_path / "prof"),
+                       "--profile-batches", "1"])
     datasets = ["shards", "synthetic-256"] if use_real else ["synthetic-256"]
     got = {(r["dataset"], r["stage"], r["workers"]) for r in rows}
     want = {(d, s, w) for d in datasets for s, w in (("raw", 0), ("cpu_decode", 0), ("cpu_decode", 1))}
@@ -32,5 +33,7 @@ def test_data_bench_cpu_smoke(tmp_path, capsys):
     assert "reproduce: " in out and "bench/data.py" in out
     (js,) = tmp_path.glob("data-*.json")
     saved = json.loads(js.read_text())
-    assert saved["meta"]["command"].endswith("--out-dir " + str(tmp_path)) and len(saved["rows"]) == len(rows)
+    assert saved["meta"]["command"].endswith("--profile-batches 1") and len(saved["rows"]) == len(rows)
     assert (tmp_path / "data.md").exists()
+    traced = {(t.parent.parent.name, t.parent.name) for t in (tmp_path / "prof").glob("*/*/profile_top_kernels.md")}
+    assert traced == {(d, f"cpu_decode_w{w}") for d in datasets for w in (0, 1)}

@@ -25,7 +25,7 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
     # aot_eager keeps the compiled baseline's code path without paying for C++ builds here;
     # `python bench/kernels.py --cpu-smoke` uses inductor.
     rows = bench.main(["--cpu-smoke", "--compile-backend", "aot_eager", "--write",
-                       "--out-dir", str(tmp_path)])
+                       "--out-dir", str(tmp_path), "--profile", str(tmp_path / "prof"), "--profile-calls", "1"])
     got = {(r["op"], r["variant"]) for r in rows}
     assert got == {(o, v) for o in bench.OPS for v in bench.VARIANTS}
     for r in rows:
@@ -36,6 +36,11 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
     assert len(list(tmp_path.glob("kernels-*.json"))) == 1
     md = (tmp_path / "kernels.md").read_text()
     assert md.count("| loss_fwdbwd | triton |") == 1
+    # --profile: a trace and a top-ops table per (case, variant).
+    tables = sorted((tmp_path / "prof").glob("*/profile_top_kernels.md"))
+    assert len(tables) == len(rows)
+    assert {t.parent.name.rsplit("_", 1)[1] for t in tables} == set(bench.VARIANTS)
+    assert all(list(t.parent.glob("trace_step*.json")) for t in tables)
 
 
 def test_results_io_roundtrip(tmp_path):

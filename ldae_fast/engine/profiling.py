@@ -14,6 +14,7 @@ and a table of the ops/kernels that took the most device time, as a share of the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from .. import markers
 from ..markers import nvtx_range
 
-__all__ = ["StepProfiler", "TOP_KERNELS_FILE", "nvtx_range", "top_kernels_table"]
+__all__ = ["StepProfiler", "TOP_KERNELS_FILE", "nvtx_range", "profile_calls", "top_kernels_table"]
 
 TOP_KERNELS_FILE = "profile_top_kernels.md"
 
@@ -207,3 +208,20 @@ class StepProfiler:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def profile_calls(fn: Callable[[], Any], out_dir: str | Path, calls: int = 3, wait: int = 0, warmup: int = 1,
+                  verbose: bool = True) -> StepProfiler:
+    """Profile `calls` calls of fn (after `wait` untraced and `warmup` discarded ones), one
+    profiler step per call: the benchmarks' --profile. Returns the closed StepProfiler, whose
+    trace_path / table_path say what was written into out_dir."""
+    if calls < 1:
+        raise ValueError(f"calls={calls} must be >= 1")
+    prof = StepProfiler(out_dir, steps=calls, wait=wait, warmup=warmup, verbose=verbose)
+    try:
+        for _ in range(prof.total_steps):
+            fn()
+            prof.step()
+    finally:
+        prof.close()
+    return prof
