@@ -39,7 +39,6 @@ import argparse
 import gc
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -58,32 +57,17 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig  # noqa: E402
+from ldae_fast.engine.mfu import peak_tflops_for, train_flops_per_image  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
-from ldae_fast.models.vit import flops_per_image  # noqa: E402
 from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
 from ldae_fast.tokenizer import PCATokenizer  # noqa: E402
 
 SIZE_LABELS = {"tiny": "tiny", "S": "ViT-S", "B": "ViT-B", "halfL": "ViT-1/2L", "L": "ViT-L"}
-
-# bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, matched on
-# torch.cuda.get_device_name(). Order matters: the more specific names come first.
-PEAK_TFLOPS_BF16: list[tuple[str, str, float]] = [
-    (r"GH200", "GH200", 989.0),
-    (r"H200 NVL", "H200 NVL", 835.0),
-    (r"H200", "H200 SXM", 989.0),
-    (r"H100 NVL", "H100 NVL", 835.0),
-    (r"H100 PCIe", "H100 PCIe", 756.0),
-    (r"H100", "H100 SXM", 989.0),
-    (r"A100", "A100", 312.0),
-    (r"L40S", "L40S", 362.0),
-    (r"\bL4\b", "L4", 121.0),
-    (r"\bA10\b", "A10", 125.0),
-]
 
 _D = dict(kernels="triton", attn="auto", compile="blocks", peer=False, ours_optim=True)
 VARIANTS = {
@@ -105,20 +89,6 @@ ABLATIONS = ("d-compile", "d-triton", "d+adaln", "d+graphs", "d+ckpt")
 GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
                     latent_dim=128, warmup=5, steps=20)
 CPU_SMOKE = dict(sizes="tiny", batch_sizes="4", img_size=32, patch_size=4, latent_dim=16, warmup=1, steps=2)
-
-
-def peak_tflops_for(gpu_name: str) -> tuple[float | None, str]:
-    """(peak bf16 dense TFLOP/s, which table entry matched) for a CUDA device name."""
-    for pattern, label, peak in PEAK_TFLOPS_BF16:
-        if re.search(pattern, gpu_name):
-            return peak, label
-    return None, "unknown GPU"
-
-
-def train_flops_per_image(mcfg: ModelConfig, img_size: int) -> tuple[float, float]:
-    """(forward, training) FLOPs per image; training = 3 x forward (see the module docstring)."""
-    fwd = flops_per_image(mcfg, img_size)
-    return fwd, 3.0 * fwd
 
 
 # Models ------------------------------------------------------------------------------------------

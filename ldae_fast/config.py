@@ -245,6 +245,9 @@ class EngineConfig:
     """Extra DeepSpeed JSON whose keys override the generated config."""
     progress: bool = True
     """Progress bar when stdout is a terminal."""
+    peak_tflops: float = 0.0
+    """Per-device peak TFLOP/s for the logged MFU (0: the bf16 dense peak of a known GPU, looked
+    up by name in engine/mfu.py; no MFU on CPU or an unknown GPU)."""
 
     def __post_init__(self) -> None:
         _one_of("engine.backend", self.backend, ("single", "deepspeed"))
@@ -257,6 +260,7 @@ class EngineConfig:
         _check(self.log_every >= 1 and self.ckpt_every >= 0 and self.keep_last >= 1,
                "engine.log_every >= 1, engine.ckpt_every >= 0, engine.keep_last >= 1")
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
+        _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
 
 
 @dataclass

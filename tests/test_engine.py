@@ -91,6 +91,14 @@ def test_run_writes_config_metrics_checkpoint(tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in lines)
+    # Achieved model TFLOP/s from the analytic count; no MFU without a known peak (CPU).
+    from ldae_fast.engine.mfu import train_flops_per_image
+
+    per_image = train_flops_per_image(cfg.model, cfg.data.img_size)[1]
+    for r in lines:
+        # images_per_s is logged to 0.1: the bounds allow that rounding (and tflops' 4 digits).
+        lo, hi = ((r["images_per_s"] + d) * per_image / 1e12 for d in (-0.05, 0.05))
+        assert lo * (1 - 1e-3) <= r["tflops"] <= hi * (1 + 1e-3) and "mfu" not in r
     assert res.checkpoint == ck.latest_checkpoint(out) and res.checkpoint.name == "step_00000004"
     assert (out / "tokenizer.safetensors").exists()
 
@@ -151,6 +159,12 @@ def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="non-finite at step 3"):
         train(_cfg(tmp_path, **{"engine.steps": 6}))
     assert ck.latest_checkpoint(tmp_path / "run") is None
+
+
+def test_mfu_logged_against_the_given_peak(tmp_path):
+    train(_cfg(tmp_path, **{"engine.steps": 2, "engine.peak_tflops": 1e-6}))
+    (rec,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec["mfu"] == pytest.approx(rec["tflops"] / 1e-6, rel=1e-3)
 
 
 def test_ema_warms_up():

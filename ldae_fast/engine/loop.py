@@ -22,6 +22,7 @@ from ..objectives.ldae import LDAEObjective
 from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
 from . import checkpoint as ckpt_mod
 from .metrics import MetricLogger
+from .mfu import peak_tflops_for, train_flops_per_image
 from .optim import EMA, build_adamw, lr_at
 from .profiling import StepProfiler, nvtx_range
 
@@ -191,6 +192,9 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
 
     # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.
+    _, flops_img = train_flops_per_image(cfg.model, cfg.data.img_size)
+    peak = cfg.engine.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device))[0]
+                                      if device.type == "cuda" else None)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info(f"model {cfg.model.size} ({n_params / 1e6:.2f}M params) on {device}, kernels={objective.backend}, "
                 f"precision={'bf16' if amp else 'fp32'}, world={world}, global batch={cfg.global_batch(world)}, "
@@ -259,9 +263,14 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                 win_loss = backend.all_reduce_mean(win_loss)
             final_loss = float(win_loss.item()) / win_steps
             ips = win_images / max(dt, 1e-9)
+            tflops = ips / world * flops_img / 1e12  # per device, model FLOPs (see engine/mfu.py)
             losses.append((done, final_loss))
-            logger.log(done, {"loss": final_loss, "lr": lr, "grad_norm": float(win_norm.item()) / win_steps,
-                              "images_per_s": round(ips, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)})
+            rec = {"loss": final_loss, "lr": lr, "grad_norm": float(win_norm.item()) / win_steps,
+                   "images_per_s": round(ips, 1), "tflops": float(f"{tflops:.4g}")}
+            if peak:
+                rec["mfu"] = round(tflops / peak, 4)
+            rec["peak_mem_mb"] = round(peak_memory_mb(device), 1)
+            logger.log(done, rec)
             win_loss.zero_()
             win_norm.zero_()
             win_steps, win_images, t_win = 0, 0, time.time()
