@@ -138,7 +138,8 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return torch.zeros(())
-        return norm.detach().float().cpu() if torch.is_tensor(norm) else torch.tensor(float(norm))
+        # Stays where DeepSpeed put it: the loop sums norms on the device and reads them at log time.
+        return norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     def state_dict(self) -> dict:
         # ZeRO-1/2 in fp32 keep the full trained weights on every rank. Under ZeRO-3 each rank holds

@@ -58,6 +58,53 @@ def interpreter_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> tuple:
+    """(major, minor) of the installed triton; (0, 0) when it is missing or unparsable."""
+    try:
+        return tuple(int(v) for v in triton.__version__.split(".")[:2])
+    except Exception:
+        return (0, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_version() -> tuple:
+    try:
+        import numpy
+
+        return tuple(int(v) for v in numpy.__version__.split(".")[:2])
+    except Exception:
+        return (0, 0)
+
+
+def _fix_interpreter_index() -> None:
+    """triton < 3.7's interpreter turns a scalar kernel argument (a shape-(1,) array) into an int
+    with int(array), which NumPy >= 2.4 refuses: `range(0, D, BLOCK_D)` over a runtime D raises
+    TypeError (triton-lang/triton#9171). Re-patch tensor.__index__ to take the one element, as
+    3.7 does. Only the interpreter is touched; compiled kernels never see numpy."""
+    try:
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover - layout of a triton we do not know
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_ldae_index_fix", False):
+        return
+
+    def _index(self):
+        return int(self.handle.data.item())
+
+    def patched(tensor, *args, **kwargs):
+        orig(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")  # newer tritons undo patches via a scope
+        if scope is not None:
+            scope.set_attr(tensor, "__index__", _index)
+        else:
+            tensor.__index__ = _index
+
+    patched._ldae_index_fix = True
+    _interp._patch_lang_tensor = patched
+
+
 def is_interpreted(kernel: Any) -> bool:
     """Whether this @triton.jit function runs in the interpreter.
 
@@ -65,6 +112,10 @@ def is_interpreted(kernel: Any) -> bool:
     setting TRITON_INTERPRET after `ldae_fast.kernels` was imported changes nothing.
     """
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+if HAS_TRITON and interpreter_env() and _triton_version() < (3, 7):
+    _fix_interpreter_index()
 
 
 def triton_available(device: Optional[torch.device | str] = None) -> bool:
@@ -96,6 +147,11 @@ def check_runnable(kernel: Any, device: torch.device, op: str) -> None:
         raise RuntimeError(f"{op}: triton is not installed, so the Triton kernels cannot run; "
                            f"install triton or {REFERENCE_HINT}")
     interp = is_interpreted(kernel)
+    if interp and _triton_version() < (3, 2) and _numpy_version() >= (2, 0):
+        # libtriton's interpreter load/store in 3.0 / 3.1 misread NumPy 2 arrays: silent garbage.
+        raise RuntimeError(
+            f"{op}: the Triton {triton.__version__} interpreter gives wrong results with NumPy "
+            f"{_numpy_version()[0]}.x; install 'numpy<2', or triton >= 3.2, or {REFERENCE_HINT}")
     if device.type == "cpu" and not interp:
         raise RuntimeError(
             f"{op}: the Triton kernels got CPU tensors but are compiled for GPUs. To run them on CPU "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -9,23 +11,38 @@ from torch import nn
 def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str = "default") -> int:
     """Regional compilation: torch.compile each transformer block in place, nothing else.
 
-    Blocks share one code object and shape, so Dynamo compiles once and reuses the graph for
-    every block (fast start-up, unlike compiling the whole model), while the custom Triton ops
-    and the glue between blocks stay eager. mode='reduce-overhead' records each block's kernels
+    Blocks share one code object and shape, so Dynamo (torch >= 2.5, which inlines module
+    instances) compiles once and reuses the graph for every block (fast start-up, unlike
+    compiling the whole model), while the custom Triton ops and the glue between blocks stay
+    eager; on older torch each block gets its own graph and the cache limit is raised to fit. mode='reduce-overhead' records each block's kernels
     as a CUDA graph (the caller marks step boundaries with `mark_step_begin`). Returns the number
     of blocks compiled.
     """
-    n = 0
     kwargs = {"backend": backend}
     if mode != "default" and backend == "inductor":  # modes are inductor's; other backends take none
         kwargs["mode"] = mode
-    for m in model.modules():
-        blocks = getattr(m, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for blk in blocks:
-                blk.compile(**kwargs)
-                n += 1
-    return n
+    blocks = [blk for m in model.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)
+              for blk in m.blocks]
+    _room_for_one_graph_per_block(len(blocks))
+    for blk in blocks:
+        blk.compile(**kwargs)
+    return len(blocks)
+
+
+def _room_for_one_graph_per_block(n_blocks: int) -> None:
+    """Before torch 2.5 Dynamo guards on each module instance (inline_inbuilt_nn_modules off), so
+    every block compiles its own graph; past cache_size_limit (8) the rest would silently run
+    eager. Raise the limit to fit them (x2: with and without autocast)."""
+    cfg = torch._dynamo.config
+    with warnings.catch_warnings():  # deprecated (always on) in recent torch; reading it warns
+        warnings.simplefilter("ignore")
+        if getattr(cfg, "inline_inbuilt_nn_modules", False):
+            return
+    need = 2 * n_blocks + 8
+    if cfg.cache_size_limit < need:
+        cfg.cache_size_limit = need
+    if hasattr(cfg, "accumulated_cache_size_limit") and cfg.accumulated_cache_size_limit < need:
+        cfg.accumulated_cache_size_limit = need
 
 
 def mark_step_begin() -> None:
