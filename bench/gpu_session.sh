@@ -5,11 +5,17 @@
 #
 # Here, once, before the first device command (builds / downloads the wheels that machine lacks):
 #   bench/gpu_session.sh wheels
-# On the GPU machine (the device tool runs commands in a copy of this repository; carry .whl):
-#   bench/gpu_session.sh tests kernels          # results and logs go to $OUT (else ./gpu-out)
+# On the GPU machine (the device tool runs commands in a copy of this repository; carry .whl),
+# one command each, most important first (estimates, not measurements: each command starts with
+# cold Triton and inductor caches, and every train_step variant compiles afresh):
+#   bench/gpu_session.sh tests                  # results and logs go to $OUT (else ./gpu-out)
 #   bench/gpu_session.sh halfL
-#   bench/gpu_session.sh ablations B
-#   bench/gpu_session.sh deepspeed
+#   bench/gpu_session.sh kernels
+#   bench/gpu_session.sh ablations
+#   bench/gpu_session.sh B
+#   bench/gpu_session.sh deepspeed profile
+# Every benchmark rewrites its JSON after each row, so a command killed at its limit still
+# returns what it measured (meta.complete = false).
 # At most 8 files come back per device command: two or three stages per command fit.
 # Back here, with the folder the device tool returned the files in:
 #   .venv/bin/python bench/results_io.py import FILES_AT        # JSON -> bench/results/ + markdown
@@ -19,12 +25,14 @@
 #   wheels     (here) deepspeed and the packages it needs that the GPU image lacks, into .whl/
 #   tests      LDAE_GPU_TESTS=1 pytest: kernels compiled for the GPU against the reference,
 #              attention backends, models, the no-host-sync check of the training step
-#   kernels    bench/kernels.py at its GPU defaults
-#   halfL      bench/train_step.py, ViT-1/2L (the paper's default), micro-batch 256, a,b,c,d
-#   ablations  ViT-1/2L micro-batch 256: (d) and each of its ablations (vs_d)
-#   B          ViT-B, micro-batch 256, a,b,c,d
-#   L          ViT-L, micro-batch 128, a,b,c,d
-#   profile    ViT-1/2L micro-batch 256, variant (d) with a torch.profiler trace + top-kernel table
+#   kernels    bench/kernels.py, a trimmed grid (d 16 and 128, batch 64 and 256; adaLN at its defaults)
+#   halfL      bench/train_step.py, ViT-1/2L (the paper's default): a,b,c,d at micro-batch 128
+#              (eager math attention, variant (a), needs ~120 GB at 256), then (d) at 256 (the
+#              memory target: it must fit in 80 GB without activation checkpointing)
+#   ablations  ViT-1/2L micro-batch 128: (d) and each of its ablations (vs_d)
+#   B          ViT-B: a,b,c,d at micro-batch 128, (d) at 256
+#   L          ViT-L: a,b,c,d at micro-batch 64, (d) at 128
+#   profile    ViT-1/2L micro-batch 256, variant (d): only the top-kernel table comes back
 #   deepspeed  `deepspeed train.py` on 1 GPU: ZeRO-2, bf16, FusedAdam, a few steps of ViT-B
 #
 # The commit the copy was made from is not visible there (no .git): pass it as LDAE_GIT_COMMIT
@@ -68,10 +76,12 @@ for stage in "$@"; do
         grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
         mkdir -p .whl
         # deepspeed ships only a source archive; its wheel is pure Python (ops build at run time).
+        # Pinned: pydantic requires one exact pydantic-core and refuses to import beside another.
         $PY -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8 || status=1
         $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            -d .whl hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions || status=1
+            -d .whl hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
+            typing-inspection==0.4.5 typing-extensions==4.16.0 || status=1
         ls -la .whl
         ;;
     tests)
@@ -83,21 +93,32 @@ for stage in "$@"; do
             tests/test_attention.py tests/test_models.py tests/test_objective.py \
             tests/test_engine.py::test_training_step_has_no_cuda_sync
         ;;
-    kernels) run kernels $PY bench/kernels.py --out-dir "$OUT_DIR" ;;
-    halfL) step halfL --sizes halfL --batch-sizes 256 --variants a,b,c,d ;;
-    ablations) step ablations --sizes halfL --batch-sizes 256 --variants d,ablations ;;
-    B) step B --sizes B --batch-sizes 256 --variants a,b,c,d ;;
-    L) step L --sizes L --batch-sizes 128 --variants a,b,c,d ;;
+    kernels) run kernels $PY bench/kernels.py --dims 16,128 --batch-sizes 64,256 --out-dir "$OUT_DIR" ;;
+    halfL)
+        step halfL_b128 --sizes halfL --batch-sizes 128 --variants a,b,c,d
+        step halfL_b256 --sizes halfL --batch-sizes 256 --variants d
+        ;;
+    ablations) step ablations --sizes halfL --batch-sizes 128 --variants d,ablations ;;
+    B)
+        step B_b128 --sizes B --batch-sizes 128 --variants a,b,c,d
+        step B_b256 --sizes B --batch-sizes 256 --variants d
+        ;;
+    L)
+        step L_b64 --sizes L --batch-sizes 64 --variants a,b,c,d
+        step L_b128 --sizes L --batch-sizes 128 --variants d
+        ;;
     profile)
-        step profile --sizes halfL --batch-sizes 256 --variants d --no-write --profile "$OUT_DIR/profile"
-        cp "$OUT_DIR"/profile/*/profile_top_kernels.md "$OUT_DIR/profile_top_kernels.md" 2>/dev/null
+        # Traces are large (and TensorBoard's copy sits too deep to come back): keep them here.
+        rm -rf /tmp/ldae-profile
+        step profile --sizes halfL --batch-sizes 256 --variants d --no-write --profile /tmp/ldae-profile
+        cp /tmp/ldae-profile/*/profile_top_kernels.md "$OUT_DIR/profile_top_kernels.md" 2>/dev/null
         ;;
     deepspeed)
         install_wheels || { status=1; continue; }
         run deepspeed deepspeed --num_gpus 1 train.py --preset demo --model.size=B --model.patch_size=16 \
             --data.img_size=256 --data.batch_size=64 --data.synthetic_images=1024 --tokenizer.latent_dim=128 \
             --tokenizer.fit_images=256 --engine.backend=deepspeed --engine.zero_stage=2 --engine.steps=20 \
-            --engine.log_every=5 --eval.probe=false --eval.figure=false --out "$OUT_DIR/ds_run"
+            --optim.blr=1.5e-4 --engine.log_every=5 --eval.probe=false --eval.figure=false --out "$OUT_DIR/ds_run"
         cp "$OUT_DIR/ds_run/metrics.jsonl" "$OUT_DIR/deepspeed_metrics.jsonl" 2>/dev/null
         rm -rf "$OUT_DIR/ds_run"  # checkpoints are large and too deep to come back
         ;;

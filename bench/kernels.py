@@ -57,7 +57,7 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 import torch  # noqa: E402
-from results_io import command_line, write_result  # noqa: E402
+from results_io import ResultsFile, command_line  # noqa: E402
 
 from ldae_fast.engine.profiling import profile_calls  # noqa: E402
 
@@ -289,45 +289,80 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dev_name = torch.cuda.get_device_name() if gpu else "cpu (Triton interpreter)"
     print(f"device: {dev_name}; copy bandwidth {copy_gbps:.1f} GB/s")
 
+    cmd = command_line(None if argv is None else [str(Path(__file__)), *argv])
+    results = None
+    if (gpu or args.write) and not args.no_write:
+        # Rewritten after every case: a run stopped by a time limit keeps what it measured.
+        results = ResultsFile("kernels", {
+            "command": cmd, "copy_GBps": copy_gbps, "compile_backend": compile_backend,
+            "timer": "triton.testing.do_bench median/p20/p80" if gpu else "wall clock, median of 3",
+            "bytes": "analytic minimum per op, see bench/kernels.py docstring"}, out_dir=args.out_dir)
     rows: list[dict] = []
     hdr = (f"{'op':<16}{'variant':<10}{'dtype':<6}{'B':>5}{'shape':>12}{'ms':>10}{'GB/s':>9}"
            f"{'copy%':>7}{'x eager':>9}{'x comp':>8}{'peakMiB':>9}")
     print(hdr)
     for op, dname, B, shape, factory in cases:
         torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit
-        fns, nbytes = factory()
         shape_s = f"T{shape['T']} C{shape['C']}" if "C" in shape else f"d{shape['d']}"
-        group = []
-        for variant, fn in fns.items():
+        try:
+            group = measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, args)
+        except Exception as e:  # building the case's inputs failed: a row saying so, then go on
+            failed = dict(op=op, variant="all", dtype=dname, B=B, **shape, status=_failure(e))
+            print(f"{op:<16}{'-':<10}{dname:<6}{B:>5}{shape_s:>12}  {failed['status']}")
+            rows.append(failed)
+            if results is not None:
+                results.add([failed])
+            continue
+        rows.extend(group)
+        if results is not None:
+            results.add(group)
+    print(f"reproduce: {cmd}")
+    if results is not None:
+        jp, mp = results.close()
+        print(f"wrote {jp} and {mp}")
+    return rows
+
+
+def _failure(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0][:200]
+    oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return "OOM" if oom else f"failed: {type(e).__name__}: {msg}"
+
+
+def measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, args) -> list[dict]:
+    """Every variant of one case: timing, bytes, peak memory, speedups, and --profile traces.
+    A variant that fails (an OOM, a compile error) is a row with that status; the others stand."""
+    fns, nbytes = factory()
+    group = []
+    for variant, fn in fns.items():
+        row = dict(op=op, variant=variant, dtype=dname, B=B, **shape, status="ok")
+        try:
             ms, lo, hi = timer(fn)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            row.update(ms=ms, ms_p20=lo, ms_p80=hi, bytes=nbytes, GBps=gbps, frac_copy=gbps / copy_gbps,
+                       peak_MiB=peak_memory_mib(fn, gpu))
             if args.profile:
                 prof = profile_calls(fn, Path(args.profile) / f"{op}_{dname}_B{B}_{shape_s.replace(' ', '_')}_{variant}",
                                      args.profile_calls, verbose=False)
                 print(f"  profile: {prof.table_path}")
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            group.append(dict(
-                op=op, variant=variant, dtype=dname, B=B, **shape, ms=ms, ms_p20=lo, ms_p80=hi,
-                bytes=nbytes, GBps=gbps, frac_copy=gbps / copy_gbps, peak_MiB=peak_memory_mib(fn, gpu),
-            ))
-        t = {r["variant"]: r["ms"] for r in group}
-        for r in group:
-            r["speedup_vs_eager"] = t["eager"] / r["ms"]
-            r["speedup_vs_compiled"] = t["compiled"] / r["ms"] if "compiled" in t else None
-            pk = "" if r["peak_MiB"] is None else f"{r['peak_MiB']:.1f}"
-            vc = "" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}"
-            print(f"{op:<16}{r['variant']:<10}{dname:<6}{B:>5}{shape_s:>12}{r['ms']:>10.4f}"
-                  f"{r['GBps']:>9.1f}{100 * r['frac_copy']:>6.1f}%{r['speedup_vs_eager']:>9.2f}"
-                  f"{vc:>8}{pk:>9}")
-        rows.extend(group)
-    cmd = command_line(None if argv is None else [str(Path(__file__)), *argv])
-    print(f"reproduce: {cmd}")
-    if (gpu or args.write) and not args.no_write:
-        meta = {"command": cmd, "copy_GBps": copy_gbps, "compile_backend": compile_backend,
-                "timer": "triton.testing.do_bench median/p20/p80" if gpu else "wall clock, median of 3",
-                "bytes": "analytic minimum per op, see bench/kernels.py docstring"}
-        jp, mp = write_result("kernels", rows, meta, out_dir=args.out_dir)
-        print(f"wrote {jp} and {mp}")
-    return rows
+        except Exception as e:
+            row.update(status=_failure(e), ms=None)
+            if gpu:
+                torch.cuda.empty_cache()
+        group.append(row)
+    t = {r["variant"]: r["ms"] for r in group if r["ms"]}
+    for r in group:
+        if r["ms"] is None:
+            print(f"{op:<16}{r['variant']:<10}{dname:<6}{B:>5}{shape_s:>12}  {r['status']}")
+            continue
+        r["speedup_vs_eager"] = t["eager"] / r["ms"] if "eager" in t else None
+        r["speedup_vs_compiled"] = t["compiled"] / r["ms"] if "compiled" in t else None
+        pk = "" if r["peak_MiB"] is None else f"{r['peak_MiB']:.1f}"
+        ve = "" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}"
+        vc = "" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}"
+        print(f"{op:<16}{r['variant']:<10}{dname:<6}{B:>5}{shape_s:>12}{r['ms']:>10.4f}"
+              f"{r['GBps']:>9.1f}{100 * r['frac_copy']:>6.1f}%{ve:>9}{vc:>8}{pk:>9}")
+    return group
 
 
 if __name__ == "__main__":

@@ -114,6 +114,70 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+class ResultsFile:
+    """One benchmark run's results file, rewritten as rows arrive.
+
+    A run cut short (a 10-minute limit on a lent GPU, an exception in a late case) keeps every row
+    measured so far: the JSON is rewritten atomically after each `add`, with meta["complete"]
+    false until `close`, which also appends the markdown section. Use as a context manager.
+    """
+
+    def __init__(self, name: str, meta_extra: dict | None = None, out_dir: str | Path | None = None):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"benchmark name {name!r} must use letters, digits, '_', '.', '-' only")
+        self.name = name
+        self.out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.meta_extra = dict(meta_extra or {})
+        self.meta = environment()
+        self.meta.update(self.meta_extra)
+        self.meta["complete"] = False
+        device = self.meta.get("gpu") or f"cpu-{self.meta.get('cpu') or 'unknown'}"
+        stamp = self.meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        self.json_path = _free_name(self.out / f"{name}-{stamp}-{_slug(device)}.json")
+        self.md_path = self.out / f"{name}.md"
+        self.rows: list[dict] = []
+        self.closed = False
+        self._write()  # claims the file name at once
+
+    def _write(self) -> None:
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"name": self.name, "meta": self.meta, "rows": self.rows}, indent=2,
+                                  default=str) + "\n")
+        tmp.replace(self.json_path)
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(dict(r) for r in rows)
+        self._write()
+
+    def set_rows(self, rows: list[dict]) -> None:
+        """Replace the rows (e.g. once later rows change earlier ones' ratios) and rewrite."""
+        self.rows = [dict(r) for r in rows]
+        self._write()
+
+    def update_meta(self, **kw: Any) -> None:
+        self.meta.update(kw)
+        self.meta_extra.update(kw)
+        self._write()
+
+    def close(self) -> tuple[Path, Path]:
+        """Mark the run complete and append its markdown section; returns (json, markdown)."""
+        if not self.closed:
+            self.closed = True
+            self.meta["complete"] = True
+            self._write()
+            _append_markdown(self.md_path, self.name, markdown_section(self.meta, self.rows, self.meta_extra))
+        return self.json_path, self.md_path
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        # An exception leaves the JSON as last written (complete: false) and no markdown.
+        if exc_type is None:
+            self.close()
+
+
 def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
                  out_dir: str | Path | None = None) -> tuple[Path, Path]:
     """Save `rows` of benchmark `name`; returns (json_path, markdown_path).
@@ -122,22 +186,9 @@ def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
     Markdown: results/<name>.md gets a section per run (heading with device, date, versions and
     command, then a table of the rows), appended so past runs stay beside new ones.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"benchmark name {name!r} must use letters, digits, '_', '.', '-' only")
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    meta = environment()
-    meta.update(meta_extra or {})
-    device = meta.get("gpu") or f"cpu-{meta.get('cpu') or 'unknown'}"
-    stamp = meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    json_path = _free_name(out / f"{name}-{stamp}-{_slug(device)}.json")
-    rows = [dict(r) for r in rows]
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"name": name, "meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    tmp.replace(json_path)
-
-    _append_markdown(out / f"{name}.md", name, markdown_section(meta, rows, meta_extra))
-    return json_path, out / f"{name}.md"
+    f = ResultsFile(name, meta_extra, out_dir)
+    f.add(rows)
+    return f.close()
 
 
 def _free_name(path: Path) -> Path:
@@ -166,8 +217,9 @@ def markdown_section(meta: dict[str, Any], rows: list[dict], meta_extra: dict | 
     cols: list[str] = []
     for r in rows:
         cols.extend(k for k in r if k not in cols)
+    partial = "" if meta.get("complete", True) else " (incomplete: the run stopped early)"
     lines = [
-        f"## {device} — {meta['date']}",
+        f"## {device} — {meta['date']}{partial}",
         "",
         f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
         f"commit {meta.get('git_commit')}",
@@ -198,7 +250,8 @@ def _append_markdown(md_path: Path, name: str, section: str) -> None:
 
 # Keys environment() may set; the rest of a results file's meta came from the script itself.
 ENVIRONMENT_KEYS = ("date", "command", "python", "platform", "git_commit", "torch", "cuda", "gpu",
-                    "gpu_memory_gib", "gpu_count", "cpu", "cpu_threads", "triton", "triton_interpret")
+                    "gpu_memory_gib", "gpu_count", "cpu", "cpu_threads", "triton", "triton_interpret",
+                    "complete")
 
 
 def import_results(src: str | Path, out_dir: str | Path | None = None) -> list[Path]:

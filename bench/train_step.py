@@ -494,20 +494,6 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     setup_kw = dict(img_size=vals["img_size"], patch_size=vals["patch_size"], latent_dim=vals["latent_dim"],
                     device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"])
     profile_dir = Path(args.profile) if args.profile else None
-    rows: list[dict[str, Any]] = []
-    for size in sizes:
-        for batch in batches:
-            s = Setup(size=size, batch=batch, **setup_kw)
-            for key in variants:
-                row = run_variant(key, s, peak, profile_dir if key == "d" else None, args.profile_steps,
-                                  args.compile_backend)
-                rows.append(row)
-                print(f"  {row['model']:>8} b{batch:<4} ({key}) {row['variant_name']:<10} {row['status']:<8} "
-                      f"{_fmt(row['images_per_s'])} img/s  {_fmt(row['tflops'])} TFLOP/s  "
-                      f"MFU {_fmt(row['mfu'])}  mem {_fmt(row['peak_mem_gib'])} GiB", flush=True)
-    add_ratios(rows)
-    print()
-    print(table(rows))
     meta = {
         "benchmark": "train_step", "device": gpu, "smoke": smoke,
         "precision": "bf16 autocast" if amp else "fp32", "tf32": device.type == "cuda",
@@ -520,15 +506,37 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
         "compile_backend": args.compile_backend,
         "variants": {k: VARIANTS[k]["name"] for k in variants}, "command": cmd,
     }
+    # Rewritten after every row: a run stopped by a lent GPU's time limit keeps what it measured.
+    results = None
+    if not args.no_write and (not smoke or args.write):
+        results = results_io.ResultsFile(args.name, meta, out_dir=args.out_dir)
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        for batch in batches:
+            s = Setup(size=size, batch=batch, **setup_kw)
+            for key in variants:
+                row = run_variant(key, s, peak, profile_dir if key == "d" else None, args.profile_steps,
+                                  args.compile_backend)
+                rows.append(row)
+                print(f"  {row['model']:>8} b{batch:<4} ({key}) {row['variant_name']:<10} {row['status']:<8} "
+                      f"{_fmt(row['images_per_s'])} img/s  {_fmt(row['tflops'])} TFLOP/s  "
+                      f"MFU {_fmt(row['mfu'])}  mem {_fmt(row['peak_mem_gib'])} GiB", flush=True)
+                if results is not None:
+                    add_ratios(rows)
+                    results.set_rows(rows)
+    add_ratios(rows)
+    print()
+    print(table(rows))
+    if results is not None:
+        results.set_rows(rows)
+        meta["results"] = [str(p) for p in results.close()]
     return rows, meta
 
 
 def main(argv: list[str] | None = None) -> int:
     rows, meta = run(argv)
-    args = parse_args(argv)
-    if not args.no_write and (not meta["smoke"] or args.write):
-        json_path, md_path = results_io.write_result(args.name, rows, meta_extra=meta, out_dir=args.out_dir)
-        print(f"results: {json_path} and {md_path}")
+    if meta.get("results"):
+        print(f"results: {' and '.join(meta['results'])}")
     elif meta["smoke"]:
         print("\n(CPU smoke run: nothing written; --write to write it anyway)")
     print(f"reproduce: {meta['command']}")

@@ -30,7 +30,7 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
     assert got == {(o, v) for o in bench.OPS for v in bench.VARIANTS}
     for r in rows:
         assert r["ms"] > 0 and r["bytes"] > 0 and r["GBps"] > 0 and r["frac_copy"] > 0
-        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compiled"] > 0
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compiled"] > 0 and r["status"] == "ok"
     out = capsys.readouterr().out
     assert "reproduce: " in out and "--cpu-smoke" in out
     assert len(list(tmp_path.glob("kernels-*.json"))) == 1
@@ -58,3 +58,24 @@ def test_results_io_roundtrip(tmp_path):
     write_result("unit", [{"a": 3}], out_dir=tmp_path)
     md = mp.read_text()
     assert md.count("| a | b | c |") == 1 and md.count("## ") == 2 and "x\\|y" in md
+
+
+def test_failing_variant_is_a_row_and_the_others_stand():
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = _load_bench()
+
+    def factory():
+        def boom():
+            raise RuntimeError("adaln_layernorm: no launch configuration fits this GPU")
+        return {"eager": lambda: torch.ones(8).sum(), "compiled": boom, "triton": lambda: torch.ones(8).sum()}, 64
+
+    rows = bench.measure_case("adaln_ln_fwd", "fp32", 2, {"T": 3, "C": 8}, "T3 C8", factory,
+                              bench.Timer(False, 1, 1), 1.0, False, SimpleNamespace(profile=None))
+    by = {r["variant"]: r for r in rows}
+    assert by["compiled"]["status"].startswith("failed: RuntimeError: adaln_layernorm: no launch")
+    assert by["compiled"]["ms"] is None
+    assert by["triton"]["status"] == "ok" and by["triton"]["ms"] > 0
+    assert by["triton"]["speedup_vs_eager"] > 0 and by["triton"]["speedup_vs_compiled"] is None

@@ -60,3 +60,21 @@ def test_gpu_session_script_stages_match_its_header(tmp_path):
     r = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})
     assert r.returncode == 1 and "unknown stage 'nope'" in r.stdout
+
+
+def test_results_file_keeps_rows_of_a_run_cut_short(rio, tmp_path):
+    """Rows written before a crash stay on disk (complete: false, no markdown yet); importing
+    such a file marks its section incomplete."""
+    with pytest.raises(KeyboardInterrupt):
+        with rio.ResultsFile("kernels", {"command": "x"}, out_dir=tmp_path / "away") as f:
+            f.add([{"op": "noise", "ms": 1.0}])
+            f.add([{"op": "loss_fwd", "ms": 2.0}])
+            raise KeyboardInterrupt
+    data = json.loads(f.json_path.read_text())
+    assert [r["op"] for r in data["rows"]] == ["noise", "loss_fwd"] and data["meta"]["complete"] is False
+    assert not (tmp_path / "away" / "kernels.md").exists()
+    rio.import_results(tmp_path / "away", tmp_path / "home")
+    assert "(incomplete: the run stopped early)" in (tmp_path / "home" / "kernels.md").read_text()
+    # A completed run says so.
+    jp, _ = rio.write_result("kernels", [{"op": "noise"}], out_dir=tmp_path / "done")
+    assert json.loads(jp.read_text())["meta"]["complete"] is True

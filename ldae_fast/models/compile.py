@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import re
 
 import torch
 from torch import nn
@@ -29,20 +29,23 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str = "def
     return len(blocks)
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = re.findall(r"\d+", torch.__version__)[:2]
+    return int(major), int(minor)
+
+
 def _room_for_one_graph_per_block(n_blocks: int) -> None:
-    """Before torch 2.5 Dynamo guards on each module instance (inline_inbuilt_nn_modules off), so
-    every block compiles its own graph; past cache_size_limit (8) the rest would silently run
-    eager. Raise the limit to fit them (x2: with and without autocast)."""
+    """Before torch 2.5 Dynamo guards on each module instance (inline_inbuilt_nn_modules off by
+    default), so every block compiles its own graph; past cache_size_limit (8) the rest would
+    silently run eager. Raise the limit to fit them (x2: with and without autocast). From 2.5 the
+    blocks share one graph (and the setting was later renamed), so nothing is touched there."""
+    if _torch_version() >= (2, 5):
+        return
     cfg = torch._dynamo.config
-    with warnings.catch_warnings():  # deprecated (always on) in recent torch; reading it warns
-        warnings.simplefilter("ignore")
-        if getattr(cfg, "inline_inbuilt_nn_modules", False):
-            return
     need = 2 * n_blocks + 8
-    if cfg.cache_size_limit < need:
-        cfg.cache_size_limit = need
-    if hasattr(cfg, "accumulated_cache_size_limit") and cfg.accumulated_cache_size_limit < need:
-        cfg.accumulated_cache_size_limit = need
+    for name in ("cache_size_limit", "accumulated_cache_size_limit"):
+        if getattr(cfg, name, need) < need:
+            setattr(cfg, name, need)
 
 
 def mark_step_begin() -> None:
