@@ -191,10 +191,10 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     if start >= total:
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
 
-    # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.
     _, flops_img = train_flops_per_image(cfg.model, cfg.data.img_size)
     peak = cfg.engine.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device))[0]
                                       if device.type == "cuda" else None)
+    # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info(f"model {cfg.model.size} ({n_params / 1e6:.2f}M params) on {device}, kernels={objective.backend}, "
                 f"precision={'bf16' if amp else 'fp32'}, world={world}, global batch={cfg.global_batch(world)}, "
