@@ -76,6 +76,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class ResumeMismatch(RuntimeError):
+    pass
+
+
+def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> None:
+    """Refuse a resume that would silently change the run.
+
+    Steps count global batches: the same step with another global batch is another point of the
+    learning-rate schedule and of the data and noise streams. Changing how the global batch is
+    made (micro-batch x accumulation) is allowed on one device: the same schedule and images, other
+    (statistically identical) noise draws, as the noise is keyed on the micro-step. ZeRO shards the
+    optimizer state by rank, so its checkpoints need the same rank count. Checkpoints written
+    before these fields existed are not checked.
+    """
+    old_gb, old_world = state.get("global_batch"), state.get("world_size")
+    new_gb = cfg.global_batch(world)
+    if old_gb is not None and int(old_gb) != new_gb:
+        raise ResumeMismatch(
+            f"{ckpt_dir} was written with a global batch of {old_gb} images per step; this run makes "
+            f"{new_gb} (data.batch_size {cfg.data.batch_size} x engine.grad_accum {cfg.engine.grad_accum} "
+            f"x {world} rank(s)). Resuming would change the schedule and the data order under the same "
+            "step numbers: keep the global batch (e.g. halve --data.batch_size and double "
+            "--engine.grad_accum), or start a new run from its weights.")
+    if cfg.engine.backend == "deepspeed" and old_world is not None and int(old_world) != world:
+        raise ResumeMismatch(
+            f"{ckpt_dir} was written by {old_world} DeepSpeed rank(s); this run has {world}. ZeRO "
+            "partitions the optimizer state by rank count, so resume with the same number of ranks "
+            "(the global batch can stay the same through --engine.grad_accum).")
+
+
 def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> PCATokenizer:
     """From the checkpoint being resumed, a saved file, or a fresh fit on the training stream."""
     t = cfg.tokenizer
@@ -180,6 +210,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
 
     start = 0
     if resume_state is not None:
+        check_resume_fits(resume_state, resume_dir, cfg, world)
         backend.load_state_dict(resume_state, resume_dir)
         if ema is not None and resume_state.get("ema"):
             ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
@@ -205,7 +236,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         data = stream.state_dict()
         # Each rank reads its own shards: rank 0 writes state.pt, so it keeps every rank's position.
         data_ranks = backend.all_gather_object(data) if world > 1 else [data]
-        state.update(step=step, ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
+        state.update(step=step, world_size=world, global_batch=cfg.global_batch(world),
+                     ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
                      data=data, data_ranks=data_ranks,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
                      tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
