@@ -63,3 +63,28 @@ def test_perfect_prediction_has_zero_loss_and_errors_are_weighted():
     outside = unpatchify(tok.basis_full[-1].expand(1, 64, 48).clone(), 4, 32, 32)
     r = float(obj.loss(x[:1] + inside, x[:1], lam[:1])) / float(obj.loss(x[:1] + outside, x[:1], lam[:1]))
     assert r == pytest.approx(10.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_noise_is_keyed_on_the_row_of_the_global_batch(world, kernels):
+    """Micro-batch m of A on rank r draws rows (m * world + r) * B of the step's global batch: the
+    same noise per row as one process with the whole global batch, however the batch is split."""
+    from ldae_fast.kernels import triton_available
+
+    if kernels == "triton" and not triton_available("cpu"):
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    cfg = build_config("demo", {"engine.kernels": kernels})
+    tok = fit_pca(iter([torch.randn(16, 3, 32, 32)]), cfg.model.patch_size, cfg.tokenizer.latent_dim, 16)
+    x = torch.randn(8, 3, 32, 32)
+    whole = LDAEObjective(cfg, tok, "cpu").add_noise(x, 7)
+    B, accum = 8 // (2 * world), 2
+    for micro in range(accum):
+        for rank in range(world):
+            rows = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)
+            part = LDAEObjective(cfg, tok, "cpu", rank=rank, world_size=world).add_noise(
+                x[rows], 7, micro=micro, accum=accum)
+            torch.testing.assert_close(part.x_in, whole.x_in[rows])
+            torch.testing.assert_close(part.sigma, whole.sigma[rows])
+    with pytest.raises(ValueError, match="micro=2 must lie in"):
+        LDAEObjective(cfg, tok, "cpu").add_noise(x, 7, micro=2, accum=2)

@@ -83,27 +83,23 @@ class ResumeMismatch(RuntimeError):
 def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> None:
     """Refuse a resume that would silently change the run.
 
-    Steps count global batches: the same step with another global batch is another point of the
-    learning-rate schedule and of the data and noise streams. Changing how the global batch is
-    made (micro-batch x accumulation) is allowed on one device: the same schedule and images, other
-    (statistically identical) noise draws, as the noise is keyed on the micro-step. ZeRO shards the
-    optimizer state by rank, so its checkpoints need the same rank count. Checkpoints written
-    before these fields existed are not checked.
+    Steps count global batches and the data position counts micro-batches, so the same step with
+    another micro-batch size, accumulation or rank count is another point of the schedule and of
+    the data stream; and ZeRO shards the optimizer state by rank count. All three must match the
+    checkpoint's. (The noise alone would not mind: it is keyed on the row in the global batch.)
     """
-    old_gb, old_world = state.get("global_batch"), state.get("world_size")
-    new_gb = cfg.global_batch(world)
-    if old_gb is not None and int(old_gb) != new_gb:
+    saved = state.get("config") or {}
+    was = {"data.batch_size": (saved.get("data") or {}).get("batch_size"),
+           "engine.grad_accum": (saved.get("engine") or {}).get("grad_accum"),
+           "ranks": state.get("world_size")}
+    now = {"data.batch_size": cfg.data.batch_size, "engine.grad_accum": cfg.engine.grad_accum, "ranks": world}
+    diff = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and int(was[k]) != now[k]]
+    if diff:
         raise ResumeMismatch(
-            f"{ckpt_dir} was written with a global batch of {old_gb} images per step; this run makes "
-            f"{new_gb} (data.batch_size {cfg.data.batch_size} x engine.grad_accum {cfg.engine.grad_accum} "
-            f"x {world} rank(s)). Resuming would change the schedule and the data order under the same "
-            "step numbers: keep the global batch (e.g. halve --data.batch_size and double "
-            "--engine.grad_accum), or start a new run from its weights.")
-    if cfg.engine.backend == "deepspeed" and old_world is not None and int(old_world) != world:
-        raise ResumeMismatch(
-            f"{ckpt_dir} was written by {old_world} DeepSpeed rank(s); this run has {world}. ZeRO "
-            "partitions the optimizer state by rank count, so resume with the same number of ranks "
-            "(the global batch can stay the same through --engine.grad_accum).")
+            f"{ckpt_dir} cannot be resumed as configured ({', '.join(diff)}): step numbers and the data "
+            "position count micro-batches of the run that wrote it, and ZeRO shards its optimizer state "
+            "by rank, so a resume keeps data.batch_size, engine.grad_accum and the rank count. To change "
+            "them, start a new run (a new out_dir) from the exported weights.")
 
 
 def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> PCATokenizer:
@@ -236,7 +232,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         data = stream.state_dict()
         # Each rank reads its own shards: rank 0 writes state.pt, so it keeps every rank's position.
         data_ranks = backend.all_gather_object(data) if world > 1 else [data]
-        state.update(step=step, world_size=world, global_batch=cfg.global_batch(world),
+        state.update(step=step, world_size=world,
                      ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
                      data=data, data_ranks=data_ranks,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
@@ -262,7 +258,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                 mark_step_begin()
             images, _ = next(it)
             images = images.to(device, non_blocking=True)
-            loss = objective(backend.model, images, step * cfg.engine.grad_accum + micro, amp)
+            loss = objective(backend.model, images, step, amp, micro=micro, accum=cfg.engine.grad_accum)
             with nvtx_range("backward"):
                 backend.backward(loss)
             step_loss += loss.detach() / cfg.engine.grad_accum

@@ -93,15 +93,20 @@ class LDAEObjective:
         gamma, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps)
         return gamma, sigma, schedules.loss_weight(n.loss_weight, gamma, sigma)
 
-    def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None) -> NoisyBatch:
+    def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None, micro: int = 0,
+                  accum: int = 1) -> NoisyBatch:
         """Sample t per image (unless given) and noise x in PCA space; no gradient flows to x.
 
-        Draws are keyed on the step and on the sample's place in the global batch (rank r holds
-        rows r*B..(r+1)*B-1), so N ranks with micro-batch B draw exactly what one process with
-        batch N*B draws: a sharded run is comparable to a single-device one.
+        Draws are keyed on the optimizer step and on the sample's place in the step's global batch:
+        micro-batch m of `accum` on rank r holds rows (m * world + r) * B .. + B - 1. So N ranks x
+        A accumulated micro-batches of B draw exactly what one process with batch N*A*B draws: a
+        sharded run is comparable to a single-device one, and a run resumed with another
+        micro-batch x accumulation split continues with the same noise per image.
         """
+        if not 0 <= micro < accum:
+            raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
         B = x.shape[0]
-        Bg, lo = B * self.world_size, B * self.rank
+        Bg, lo = B * self.world_size * accum, B * (micro * self.world_size + self.rank)
         seed = step_seed(self.cfg.engine.seed, step)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
@@ -130,9 +135,9 @@ class LDAEObjective:
         return reference.pca_loss_fast(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, step: int,
-                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 autocast_dtype: torch.dtype | None = None, micro: int = 0, accum: int = 1) -> torch.Tensor:
         with nvtx_range("noise"):
-            nb = self.add_noise(x, step)
+            nb = self.add_noise(x, step, micro=micro, accum=accum)
         if autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=autocast_dtype):
                 pred = model(nb.x_in, nb.sigma)
