@@ -27,8 +27,9 @@
 #              attention backends, models, the no-host-sync check of the training step
 #   kernels    bench/kernels.py, a trimmed grid (d 16 and 128, batch 64 and 256; adaLN at its defaults)
 #   halfL      bench/train_step.py, ViT-1/2L (the paper's default): a,b,c,d at micro-batch 128
-#              (eager math attention, variant (a), needs ~120 GB at 256), then (d) at 256 (the
-#              memory target: it must fit in 80 GB without activation checkpointing)
+#              (eager math attention, variant (a), is estimated at ~120 GB at 256: an estimate from
+#              saved-tensor sizes, not a measurement), then (d) at 256 (the memory target: it must
+#              fit in 80 GB without activation checkpointing)
 #   ablations  ViT-1/2L micro-batch 128: (d) and each of its ablations (vs_d)
 #   B          ViT-B: a,b,c,d at micro-batch 128, (d) at 256
 #   L          ViT-L: a,b,c,d at micro-batch 64, (d) at 128
@@ -73,8 +74,7 @@ step() {  # step NAME ARGS...: one bench/train_step.py run writing into $OUT_DIR
 for stage in "$@"; do
     case "$stage" in
     wheels)
-        grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
-        mkdir -p .whl
+        mkdir -p .whl  # ignored by .gitignore, so it travels only when named in `carry`
         # deepspeed ships only a source archive; its wheel is pure Python (ops build at run time).
         # Pinned: pydantic requires one exact pydantic-core and refuses to import beside another.
         $PY -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8 || status=1

@@ -10,19 +10,20 @@ Ops (each variant computes the same thing):
                    of a (B, 6C) modulation tensor, as in the blocks)
 Variants: eager (ldae_fast.reference), compiled (torch.compile of the same reference function,
 eps drawn inside it), triton (ldae_fast.kernels). For the adaLN ops eager is
-reference.adaln_layernorm, F.layer_norm then modulate as separate float32 kernels: close to what
-the blocks run under bf16 autocast, where LayerNorm autocasts to float32 and the modulation
-follows it (they leave the float32 result to the next Linear's cast instead of casting back).
+reference.adaln_layernorm, F.layer_norm then modulate as separate float32 kernels: what the blocks
+run under bf16 autocast, where the residual stream x is float32, LayerNorm runs in float32 and the
+modulation (bf16 shift/scale) follows it; dtype 'fp32+bf16' (x float32, shift/scale bf16, the GPU
+default beside plain bf16) is that case.
 
 Bytes (analytic; the same count for every variant, so GB/s compares time directly):
   noise        read x + write x_noisy                      = 2 * B*3*H*W * itemsize
   loss_fwd     read pred + read target                     = 2 * B*3*H*W * itemsize
   loss_fwdbwd  read pred + read target + write grad        = 3 * B*3*H*W * itemsize
   plus the basis (d*D*4), mean (D*4) and per-sample vectors (B*4 each), read once.
-  adaln_ln_fwd     read x + write y                            = 2 * B*T*C * itemsize
-  adaln_ln_fwdbwd  read x + write y + read dy + write dx       = 4 * B*T*C * itemsize
-  plus shift and scale read (2 * B*C * itemsize) and, with the backward, dshift / dscale
-  written (2 * B*C * itemsize).
+  adaln_ln_fwd     read x + write y                            = 2 * B*T*C * x itemsize
+  adaln_ln_fwdbwd  read x + write y + read dy + write dx       = 4 * B*T*C * x itemsize
+  plus shift and scale read (2 * B*C * their itemsize) and, with the backward, dshift / dscale
+  written (2 * B*C * their itemsize).
 These are the least traffic each op needs. The Triton loss moves more than that: its backward
 re-reads pred and target (5 image passes in all) plus proj = V_d e written and read back
 (2 * B*N*d*4), in exchange for never storing a (B, N, D) tensor. The Triton adaLN backward
@@ -80,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--dims", default=None, help="latent dims d, comma list (GPU default 16,64,128)")
     ap.add_argument("--dtypes", default=None,
-                    help="dtypes: fp32,bf16,fp16 (GPU default fp32,bf16; adaLN ops bf16)")
+                    help="dtypes: fp32,bf16,fp16 (GPU default fp32,bf16); adaLN ops also take X+Y, tokens X "
+                         "and modulation Y (GPU default fp32+bf16,bf16)")
     ap.add_argument("--tokens", type=int, default=None, help="adaLN ops: tokens T (GPU default 257)")
     ap.add_argument("--widths", default=None, help="adaLN ops: widths C, comma list (GPU default 768,1024)")
     ap.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
@@ -202,15 +204,24 @@ def make_variants(op: str, B: int, H: int, W: int, p: int, d: int, dtype: torch.
     return fns, 3 * img + small
 
 
-def make_adaln_variants(op: str, B: int, T: int, C: int, dtype: torch.dtype, device: torch.device,
-                        compile_backend: str | None):
-    """{variant: zero-argument callable} for an adaLN op and shape, plus its analytic bytes."""
+def adaln_dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
+    """'fp32+bf16' -> (x float32, shift/scale bfloat16); 'bf16' -> both bfloat16."""
+    parts = name.split("+")
+    if len(parts) > 2 or any(p not in _DTYPES for p in parts):
+        raise SystemExit(f"adaLN dtype {name!r}: use X or X+Y with X, Y in {', '.join(_DTYPES)}")
+    return _DTYPES[parts[0]], _DTYPES[parts[-1]]
+
+
+def make_adaln_variants(op: str, B: int, T: int, C: int, dtypes: tuple[torch.dtype, torch.dtype],
+                        device: torch.device, compile_backend: str | None):
+    """{variant: zero-argument callable} for an adaLN op and shape, plus its analytic bytes.
+    dtypes: (tokens x, modulation shift/scale)."""
     from ldae_fast import kernels, reference
 
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, T, C, device=device, generator=g).to(dtype)
+    x = torch.randn(B, T, C, device=device, generator=g).to(dtypes[0])
     # The blocks' shift and scale: row-strided chunks of the (B, 6C) modulation output.
-    mod = (0.1 * torch.randn(B, 6 * C, device=device, generator=g)).to(dtype)
+    mod = (0.1 * torch.randn(B, 6 * C, device=device, generator=g)).to(dtypes[1])
     tok = x.numel() * x.element_size()
     small = 2 * B * C * mod.element_size()
     fns: dict[str, Callable[[], object]] = {}
@@ -227,7 +238,7 @@ def make_adaln_variants(op: str, B: int, T: int, C: int, dtype: torch.dtype, dev
         return fns, 2 * tok + small
 
     xg, mg = x.clone().requires_grad_(True), mod.clone().requires_grad_(True)
-    dy = torch.randn(B, T, C, device=device, generator=g).to(dtype)
+    dy = torch.randn(B, T, C, device=device, generator=g).to(dtypes[0])
 
     def fwdbwd(fn):
         def run():
@@ -257,7 +268,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if gpu:
         bss, size, dims = args.batch_sizes or "16,64,256", args.size or 256, args.dims or "16,64,128"
         dtypes = args.dtypes or "fp32,bf16"
-        a_bss, a_dtypes, tokens = args.batch_sizes or "64,256", args.dtypes or "bf16", args.tokens or 257
+        # fp32+bf16 is what training runs: under bf16 autocast the residual stream stays float32
+        # and the modulation (a Linear's output) is bf16.
+        a_bss, a_dtypes, tokens = args.batch_sizes or "64,256", args.dtypes or "fp32+bf16,bf16", args.tokens or 257
         widths = args.widths or "768,1024"
     else:
         bss, size, dims = args.batch_sizes or "2", args.size or 32, args.dims or "16"
@@ -277,11 +290,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   lambda op=op, B=B, d=d, dt=_DTYPES[dname]: make_variants(
                                       op, B, size, size, args.patch, d, dt, device, compile_backend)))
     for dname in a_dtypes.split(","):
+        adt = adaln_dtypes(dname)
         for B in _ints(a_bss):
             for C in _ints(widths):
                 for op in (o for o in ops if o in ADALN_OPS):
                     cases.append((op, dname, B, dict(T=tokens, C=C),
-                                  lambda op=op, B=B, C=C, dt=_DTYPES[dname]: make_adaln_variants(
+                                  lambda op=op, B=B, C=C, dt=adt: make_adaln_variants(
                                       op, B, tokens, C, dt, device, compile_backend)))
     compile_backend = None if args.no_compile else args.compile_backend
     timer = Timer(gpu, args.warmup, args.rep)
@@ -298,7 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "timer": "triton.testing.do_bench median/p20/p80" if gpu else "wall clock, median of 3",
             "bytes": "analytic minimum per op, see bench/kernels.py docstring"}, out_dir=args.out_dir)
     rows: list[dict] = []
-    hdr = (f"{'op':<16}{'variant':<10}{'dtype':<6}{'B':>5}{'shape':>12}{'ms':>10}{'GB/s':>9}"
+    hdr = (f"{'op':<16}{'variant':<10}{'dtype':<10}{'B':>5}{'shape':>12}{'ms':>10}{'GB/s':>9}"
            f"{'copy%':>7}{'x eager':>9}{'x comp':>8}{'peakMiB':>9}")
     print(hdr)
     for op, dname, B, shape, factory in cases:
@@ -308,7 +322,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             group = measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, args)
         except Exception as e:  # building the case's inputs failed: a row saying so, then go on
             failed = dict(op=op, variant="all", dtype=dname, B=B, **shape, status=_failure(e))
-            print(f"{op:<16}{'-':<10}{dname:<6}{B:>5}{shape_s:>12}  {failed['status']}")
+            print(f"{op:<16}{'-':<10}{dname:<10}{B:>5}{shape_s:>12}  {failed['status']}")
             rows.append(failed)
             if results is not None:
                 results.add([failed])
@@ -341,26 +355,28 @@ def measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, a
             gbps = nbytes / (ms * 1e-3) / 1e9
             row.update(ms=ms, ms_p20=lo, ms_p80=hi, bytes=nbytes, GBps=gbps, frac_copy=gbps / copy_gbps,
                        peak_MiB=peak_memory_mib(fn, gpu))
-            if args.profile:
-                prof = profile_calls(fn, Path(args.profile) / f"{op}_{dname}_B{B}_{shape_s.replace(' ', '_')}_{variant}",
-                                     args.profile_calls, verbose=False)
-                print(f"  profile: {prof.table_path}")
         except Exception as e:
-            row.update(status=_failure(e), ms=None)
+            row = dict(row, status=_failure(e), ms=None)
             if gpu:
                 torch.cuda.empty_cache()
         group.append(row)
+        if args.profile and row["ms"] is not None:
+            out = Path(args.profile) / f"{op}_{dname}_B{B}_{shape_s.replace(' ', '_')}_{variant}"
+            try:  # a trace that fails to write costs the trace, not the timing
+                print(f"  profile: {profile_calls(fn, out, args.profile_calls, verbose=False).table_path}")
+            except Exception as e:
+                row["profile"] = _failure(e)
     t = {r["variant"]: r["ms"] for r in group if r["ms"]}
     for r in group:
         if r["ms"] is None:
-            print(f"{op:<16}{r['variant']:<10}{dname:<6}{B:>5}{shape_s:>12}  {r['status']}")
+            print(f"{op:<16}{r['variant']:<10}{dname:<10}{B:>5}{shape_s:>12}  {r['status']}")
             continue
         r["speedup_vs_eager"] = t["eager"] / r["ms"] if "eager" in t else None
         r["speedup_vs_compiled"] = t["compiled"] / r["ms"] if "compiled" in t else None
         pk = "" if r["peak_MiB"] is None else f"{r['peak_MiB']:.1f}"
         ve = "" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}"
         vc = "" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}"
-        print(f"{op:<16}{r['variant']:<10}{dname:<6}{B:>5}{shape_s:>12}{r['ms']:>10.4f}"
+        print(f"{op:<16}{r['variant']:<10}{dname:<10}{B:>5}{shape_s:>12}{r['ms']:>10.4f}"
               f"{r['GBps']:>9.1f}{100 * r['frac_copy']:>6.1f}%{ve:>9}{vc:>8}{pk:>9}")
     return group
 

@@ -11,6 +11,7 @@ markdown table takes the union, in first-seen order).
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +134,7 @@ class ResultsFile:
         self.meta = environment()
         self.meta.update(self.meta_extra)
         self.meta["complete"] = False
-        device = self.meta.get("gpu") or f"cpu-{self.meta.get('cpu') or 'unknown'}"
+        device = device_label(self.meta)
         stamp = self.meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
         self.json_path = _free_name(self.out / f"{name}-{stamp}-{_slug(device)}.json")
         self.md_path = self.out / f"{name}.md"
@@ -153,11 +155,6 @@ class ResultsFile:
     def set_rows(self, rows: list[dict]) -> None:
         """Replace the rows (e.g. once later rows change earlier ones' ratios) and rewrite."""
         self.rows = [dict(r) for r in rows]
-        self._write()
-
-    def update_meta(self, **kw: Any) -> None:
-        self.meta.update(kw)
-        self.meta_extra.update(kw)
         self._write()
 
     def close(self) -> tuple[Path, Path]:
@@ -191,29 +188,32 @@ def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
     return f.close()
 
 
-def _free_name(path: Path) -> Path:
-    """path, or path with -2, -3, ... before the suffix when a run of the same second exists."""
+def _twins(path: Path) -> Iterator[Path]:
+    """path, then path with -2, -3, ... before the suffix: the names one run's file may take."""
+    yield path
     n = 2
-    candidate = path
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    while True:
+        yield path.with_name(f"{path.stem}-{n}{path.suffix}")
         n += 1
-    return candidate
+
+
+def _free_name(path: Path) -> Path:
+    """The first of path's twins that does not exist (runs of the same second keep apart)."""
+    return next(p for p in _twins(path) if not p.exists())
 
 
 def _same_named(path: Path) -> list[Path]:
-    """path and its -2, -3, ... twins that exist (see _free_name)."""
-    found, n, candidate = [], 2, path
-    while candidate.exists():
-        found.append(candidate)
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return found
+    """path's twins that exist."""
+    return list(itertools.takewhile(Path.exists, _twins(path)))
+
+
+def device_label(meta: dict[str, Any]) -> str:
+    return meta.get("gpu") or f"cpu-{meta.get('cpu') or 'unknown'}"
 
 
 def markdown_section(meta: dict[str, Any], rows: list[dict], meta_extra: dict | None = None) -> str:
     """One run as markdown: heading (device, date), versions, command, the settings, the table."""
-    device = meta.get("gpu") or f"cpu-{meta.get('cpu') or 'unknown'}"
+    device = device_label(meta)
     cols: list[str] = []
     for r in rows:
         cols.extend(k for k in r if k not in cols)

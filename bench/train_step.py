@@ -56,7 +56,14 @@ import results_io  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig  # noqa: E402
+from ldae_fast.config import (  # noqa: E402
+    CUDA_GRAPH_MODES,
+    Config,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    TokenizerConfig,
+)
 from ldae_fast.engine.mfu import peak_tflops_for, train_flops_per_image  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
@@ -232,7 +239,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         if mode != "default":
             info["compile"] = f"blocks ({mode})"
         split = True
-    graphs = v.get("compile_mode") == "reduce-overhead"
+    graphs = v.get("compile_mode") in CUDA_GRAPH_MODES
     if v.get("ckpt"):
         info["compile"] = info["compile"] + ", activation ckpt"
     if v.get("fused_adaln"):

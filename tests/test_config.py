@@ -36,6 +36,8 @@ def test_paper_recipes():
     ({"nope.x": "1"}, "unknown config section 'nope'"),
     ({"engine.progress": "maybe"}, "expected a boolean"),
     ({"engine.compile_mode": "fast"}, "choose one of default, reduce-overhead, max-autotune"),
+    ({"engine.compile": "true", "engine.compile_mode": "max-autotune", "engine.grad_accum": "2"},
+     "records CUDA graphs, which this trainer does not combine with engine.grad_accum=2"),
 ])
 def test_bad_values_raise_clear_messages(overrides, match):
     with pytest.raises(ConfigError, match=match):

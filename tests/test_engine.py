@@ -135,13 +135,31 @@ def test_resume_refuses_another_batch_split(tmp_path):
     from ldae_fast.engine.loop import ResumeMismatch
 
     train(_cfg(tmp_path, **{"engine.steps": 4}))
+    written = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     for over, said in (({"data.batch_size": 4}, "data.batch_size 8 -> 4"),
                        ({"data.batch_size": 4, "engine.grad_accum": 2}, "engine.grad_accum 1 -> 2")):
         with pytest.raises(ResumeMismatch, match=said):
             train(_cfg(tmp_path, **{"engine.steps": 6, "engine.resume": "auto", **over}))
+    # Refused before touching the run: config.json, metrics and checkpoints as they were.
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == written
     assert ck.latest_checkpoint(tmp_path / "run").name == "step_00000004"
     res = train(_cfg(tmp_path, **{"engine.steps": 6, "engine.resume": "auto"}))
     assert res.checkpoint.name == "step_00000006"
+
+
+def test_loop_passes_each_micro_batch_its_rows(tmp_path, monkeypatch):
+    """With accumulation the loop hands the objective the optimizer step and the micro-batch's
+    place, so the noise rows follow the global batch (test_objective checks the rows)."""
+    seen = []
+    real = ldae_obj.LDAEObjective.add_noise
+
+    def spy(self, x, step, t=None, micro=0, accum=1):
+        seen.append((step, micro, accum))
+        return real(self, x, step, t, micro=micro, accum=accum)
+
+    monkeypatch.setattr(ldae_obj.LDAEObjective, "add_noise", spy)
+    train(_cfg(tmp_path, **{"engine.steps": 2, "data.batch_size": 4, "engine.grad_accum": 2}))
+    assert seen == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
 
 
 def test_deepspeed_resume_needs_the_same_rank_count(tmp_path):

@@ -301,16 +301,22 @@ def test_fused_adaln_model_matches_unfused(kernel_device, amp):
         torch.testing.assert_close(grads[1][k], grads[0][k], **tol, msg=k)
 
 
-def test_fused_adaln_blocks_compile_without_graph_breaks():
+def test_fused_adaln_blocks_compile_without_graph_breaks(kernel_device, monkeypatch):
     """The regional compile of training (one torch.compile per block) traces through the fused
-    op: fullgraph=True fails on any graph break."""
+    op: fullgraph=True fails on any graph break, and the op is what runs."""
+    from ldae_fast.models import blocks
+
     torch._dynamo.reset()
-    model = perturbed(build_model(tiny_cfg(fused_adaln=True), IMG))
-    x, sigma = images(), torch.tensor([0.3, 1.2])
+    model = perturbed(build_model(tiny_cfg(fused_adaln=True), IMG)).to(kernel_device)
+    x, sigma = images(device=kernel_device), torch.tensor([0.3, 1.2], device=kernel_device)
     want = model(x, sigma)
+    calls = []
+    real = torch.ops.ldae.adaln_layernorm_fwd
+    monkeypatch.setattr(blocks._adaln, "_fwd_op", lambda *a: calls.append(1) or real(*a))
     for blk in [*model.encoder.blocks, *model.decoder.blocks]:
         blk.compile(backend="eager", fullgraph=True)
     torch.testing.assert_close(model(x, sigma), want)
+    assert len(calls) == 9  # 4 blocks x 2 norms + the final layer (not compiled)
     torch._dynamo.reset()
 
 

@@ -162,7 +162,6 @@ def test_perf_section_gpu_run_and_empty(perf, tmp_path, capsys):
 def test_ablations_of_d_run_and_compare_with_d(ts):
     """'ablations' expands to (d) with one switch changed each; every row is measured against
     the (d) of the same run, and says what it changed."""
-    torch.set_num_threads(1)
     rows, meta = ts.run(["--cpu-smoke", "--compile-backend", "eager", "--variants", "d,ablations,d",
                          "--no-write"])
     assert [r["variant"] for r in rows] == ["d", *ts.ABLATIONS]

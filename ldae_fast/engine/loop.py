@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import CUDA_GRAPH_MODES, Config
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives.ldae import LDAEObjective
 from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
@@ -176,11 +176,13 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
 
     model = build_model(cfg.model, cfg.data.img_size).to(device)
-    graphs = cfg.engine.compile and cfg.engine.compile_mode == "reduce-overhead"
+    graphs = cfg.engine.compile and cfg.engine.compile_mode in CUDA_GRAPH_MODES
     if cfg.engine.compile:
         compile_blocks(model, mode=cfg.engine.compile_mode)
     backend = (backend_factory or SingleDevice)(cfg, model, 0.0)
     world, rank, is_main = backend.world_size, backend.rank, backend.is_main
+    if resume_state is not None:  # before anything is written into the run directory
+        check_resume_fits(resume_state, resume_dir, cfg, world)
     lr0 = cfg.lr(world)
     total = cfg.total_steps(world)
     warmup = int(round(cfg.optim.warmup_epochs * cfg.steps_per_epoch(world)))
@@ -206,7 +208,6 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
 
     start = 0
     if resume_state is not None:
-        check_resume_fits(resume_state, resume_dir, cfg, world)
         backend.load_state_dict(resume_state, resume_dir)
         if ema is not None and resume_state.get("ema"):
             ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
@@ -58,23 +59,22 @@ def interpreter_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_version() -> tuple:
-    """(major, minor) of the installed triton; (0, 0) when it is missing or unparsable."""
-    try:
-        return tuple(int(v) for v in triton.__version__.split(".")[:2])
-    except Exception:
-        return (0, 0)
+def version_tuple(version: str) -> tuple[int, int]:
+    """'2.14.1+cu130' -> (2, 14); (0, 0) when it does not start with two numbers."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 @functools.lru_cache(maxsize=1)
-def _numpy_version() -> tuple:
-    try:
-        import numpy
+def _triton_version() -> tuple[int, int]:
+    return version_tuple(getattr(triton, "__version__", "")) if HAS_TRITON else (0, 0)
 
-        return tuple(int(v) for v in numpy.__version__.split(".")[:2])
-    except Exception:
-        return (0, 0)
+
+@functools.lru_cache(maxsize=1)
+def _numpy_version() -> tuple[int, int]:
+    import numpy
+
+    return version_tuple(numpy.__version__)
 
 
 def _fix_interpreter_index() -> None:

@@ -35,9 +35,9 @@ def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scal
                   fused: bool) -> torch.Tensor:
     """modulate(norm(x), shift, scale); with `fused`, one Triton kernel where it can run.
 
-    The fused kernel returns x's dtype (bf16 under autocast) where LayerNorm under autocast gives
-    float32: the next linear casts to bf16 either way, so the network sees the same numbers up to
-    the rounding of that cast.
+    Under bf16 autocast the residual stream x is float32 (the position embedding promotes it) and
+    shift/scale are bf16 (a Linear's output); both paths then compute in float32 and return
+    float32, which the next Linear casts to bf16.
     """
     if fused and _FUSED_ADALN_ON.get(x.device.type, False):
         return _adaln.adaln_layernorm(x, shift, scale, norm.eps)

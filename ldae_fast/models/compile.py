@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
+
+from ..kernels._common import version_tuple
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str = "default") -> int:
@@ -14,9 +14,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str = "def
     Blocks share one code object and shape, so Dynamo (torch >= 2.5, which inlines module
     instances) compiles once and reuses the graph for every block (fast start-up, unlike
     compiling the whole model), while the custom Triton ops and the glue between blocks stay
-    eager; on older torch each block gets its own graph and the cache limit is raised to fit. mode='reduce-overhead' records each block's kernels
-    as a CUDA graph (the caller marks step boundaries with `mark_step_begin`). Returns the number
-    of blocks compiled.
+    eager; on older torch each block gets its own graph and the cache limit is raised to fit.
+    The modes in config.CUDA_GRAPH_MODES record each block's kernels as CUDA graphs (the caller
+    marks step boundaries with `mark_step_begin`). Returns the number of blocks compiled.
     """
     kwargs = {"backend": backend}
     if mode != "default" and backend == "inductor":  # modes are inductor's; other backends take none
@@ -30,8 +30,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str = "def
 
 
 def _torch_version() -> tuple[int, int]:
-    major, minor = re.findall(r"\d+", torch.__version__)[:2]
-    return int(major), int(minor)
+    return version_tuple(torch.__version__)
 
 
 def _room_for_one_graph_per_block(n_blocks: int) -> None:

@@ -100,8 +100,7 @@ class LDAEObjective:
         Draws are keyed on the optimizer step and on the sample's place in the step's global batch:
         micro-batch m of `accum` on rank r holds rows (m * world + r) * B .. + B - 1. So N ranks x
         A accumulated micro-batches of B draw exactly what one process with batch N*A*B draws: a
-        sharded run is comparable to a single-device one, and a run resumed with another
-        micro-batch x accumulation split continues with the same noise per image.
+        sharded or accumulated run is comparable to a single-device one.
         """
         if not 0 <= micro < accum:
             raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
@@ -121,7 +120,8 @@ class LDAEObjective:
                                             seed=seed, offset=lo * N * self.tok.d)
             else:
                 # The reference draws the whole global batch and keeps its rows: simple, and
-                # it is the CPU / test path, where the extra draws cost little.
+                # it is the CPU / test path; each micro-batch pays for world x accum batches of
+                # draws, which only matters with --kernels reference on a GPU.
                 eps = torch.randn(Bg, N, self.tok.d, generator=gen, device=self.device)[lo:lo + B]
                 x_in, _ = reference.latent_noise(x, self.basis, self.mean, gamma, sigma, eps, self.p)
             if self.noise_cfg.input_scaling:
