@@ -1,6 +1,7 @@
 """bench/results_io.py: importing runs written on another machine (a lent GPU's $OUT)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,65 @@ def test_results_file_keeps_rows_of_a_run_cut_short(rio, tmp_path):
     # A completed run says so.
     jp, _ = rio.write_result("kernels", [{"op": "noise"}], out_dir=tmp_path / "done")
     assert json.loads(jp.read_text())["meta"]["complete"] is True
+
+
+def _session_commands() -> list[list[str]]:
+    """The python command lines bench/gpu_session.sh runs, as argv lists (continuations joined,
+    shell variables replaced by placeholders)."""
+    import shlex
+
+    text = (BENCH / "gpu_session.sh").read_text().replace("\\\n", " ")
+    cmds = []
+    for line in text.splitlines():
+        words = shlex.split(line.replace('"$OUT_DIR', '"/tmp/out').replace("$PY", "python"), comments=True)
+        if "$@" in words:  # the step() helper's own body, not a stage
+            continue
+        words = [w for w in words if w != ";;"]
+        if words and words[0].endswith(")"):  # a case label: `kernels) run kernels ...`
+            words = words[1:]
+        if words[:1] == ["step"]:
+            cmds.append(["bench/train_step.py", *words[2:]])
+        elif words[:1] == ["run"]:
+            progs = [i for i, w in enumerate(words) if w.startswith("bench/") or w == "train.py"]
+            if progs:
+                cmds.append(words[progs[0]:])
+            elif "pytest" in words:
+                cmds.append(["pytest", *(w for w in words if w.startswith("tests/"))])
+    return cmds
+
+
+def test_gpu_session_commands_parse():
+    """Every command the GPU session script runs parses with today's flags and config fields, so a
+    lent GPU's minutes are not lost to a renamed option."""
+    import importlib.util
+
+    from ldae_fast.config import parse_cli
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"_gs_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    cmds = _session_commands()
+    scripts = {c[0] for c in cmds}
+    assert scripts == {"bench/train_step.py", "bench/kernels.py", "train.py", "pytest"}, scripts
+    root = BENCH.parent
+    ts, kb = load("train_step"), load("kernels")
+    for argv in cmds:
+        if argv[0] == "bench/train_step.py":
+            a = ts.parse_args(argv[1:])
+            assert set(a.sizes.split(",")) <= set(ts.SIZE_LABELS), argv
+            for v in a.variants.split(","):
+                assert v in ts.VARIANTS or v == "ablations", argv
+        elif argv[0] == "bench/kernels.py":
+            kb.parse_args(argv[1:])
+        elif argv[0] == "pytest":
+            for t in argv[1:]:  # the GPU test files and test names it names exist
+                path, _, name = t.partition("::")
+                assert (root / path).exists(), t
+                assert not name or f"def {name}(" in (root / path).read_text(), t
+        else:
+            cfg, rest = parse_cli(argv[1:])
+            assert rest == [] and cfg.engine.backend == "deepspeed", rest
