@@ -58,7 +58,7 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 import torch  # noqa: E402
-from results_io import ResultsFile, command_line  # noqa: E402
+from results_io import ResultsFile, command_line, failure_status  # noqa: E402
 
 from ldae_fast.engine.profiling import profile_calls  # noqa: E402
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         try:
             group = measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, args)
         except Exception as e:  # building the case's inputs failed: a row saying so, then go on
-            failed = dict(op=op, variant="all", dtype=dname, B=B, **shape, status=_failure(e))
+            failed = dict(op=op, variant="all", dtype=dname, B=B, **shape, status=failure_status(e))
             print(f"{op:<16}{'-':<10}{dname:<10}{B:>5}{shape_s:>12}  {failed['status']}")
             rows.append(failed)
             if results is not None:
@@ -337,12 +337,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _failure(e: BaseException) -> str:
-    msg = (str(e).strip().splitlines() or [""])[0][:200]
-    oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-    return "OOM" if oom else f"failed: {type(e).__name__}: {msg}"
-
-
 def measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, args) -> list[dict]:
     """Every variant of one case: timing, bytes, peak memory, speedups, and --profile traces.
     A variant that fails (an OOM, a compile error) is a row with that status; the others stand."""
@@ -356,7 +350,7 @@ def measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, a
             row.update(ms=ms, ms_p20=lo, ms_p80=hi, bytes=nbytes, GBps=gbps, frac_copy=gbps / copy_gbps,
                        peak_MiB=peak_memory_mib(fn, gpu))
         except Exception as e:
-            row = dict(row, status=_failure(e), ms=None)
+            row = dict(row, status=failure_status(e), ms=None)
             if gpu:
                 torch.cuda.empty_cache()
         group.append(row)
@@ -365,7 +359,7 @@ def measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, a
             try:  # a trace that fails to write costs the trace, not the timing
                 print(f"  profile: {profile_calls(fn, out, args.profile_calls, verbose=False).table_path}")
             except Exception as e:
-                row["profile"] = _failure(e)
+                row["profile"] = failure_status(e)
     t = {r["variant"]: r["ms"] for r in group if r["ms"]}
     for r in group:
         if r["ms"] is None:

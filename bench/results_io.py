@@ -26,6 +26,14 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def failure_status(e: BaseException) -> str:
+    """A benchmark row's status for a case that raised: 'OOM', or 'failed: Type: first line'."""
+    text = str(e).strip()
+    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return "OOM"
+    return f"failed: {type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that reproduces this run, as typed from the repository root.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from ..config import ModelConfig
+from ..models.vit import flops_per_image
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, matched on
 # torch.cuda.get_device_name(). Order matters: the more specific names come first.
@@ -38,7 +39,5 @@ def peak_tflops_for(gpu_name: str) -> tuple[float | None, str]:
 
 def train_flops_per_image(mcfg: ModelConfig, img_size: int) -> tuple[float, float]:
     """(forward, training) FLOPs per image; training = 3 x forward."""
-    from ..models.vit import flops_per_image
-
     fwd = flops_per_image(mcfg, img_size)
     return fwd, 3.0 * fwd
