@@ -51,12 +51,20 @@ def _compiling() -> bool:
     return bool(fn())
 
 
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """NVTX push/pop around the body when CUDA is present; a no-op otherwise and when compiling."""
+def nvtx_range(name: str) -> contextlib.AbstractContextManager:
+    """NVTX push/pop around the body when CUDA is present; a no-op otherwise and when compiling.
+
+    A function that returns a context manager, not a generator-based one: Dynamo before torch 2.5
+    cannot trace a @contextmanager generator (a graph break, an error under fullgraph), but it
+    folds `_compiling()` and knows `nullcontext`.
+    """
     if _compiling():
-        yield
-        return
+        return contextlib.nullcontext()
+    return _marked(name)
+
+
+@contextlib.contextmanager
+def _marked(name: str) -> Iterator[None]:
     nvtx = _cuda_present()
     rf = torch.profiler.record_function(name) if _profiling_depth > 0 else None
     if nvtx:

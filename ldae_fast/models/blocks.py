@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..kernels import adaln_norm as _adaln
 from ..kernels._common import HAS_TRITON, is_interpreted
@@ -102,12 +103,22 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden(dim, mlp_ratio))
         if cond == "adaln":
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # Activation checkpointing lives inside the block, so a compiled block (compile_blocks)
+        # traces the checkpoint as part of its graph and the partitioner recomputes inside it.
+        # Checkpointing a compiled block from outside fails on torch < 2.5 (the recomputation
+        # re-enters Dynamo) and hides the recompute from the compiler on newer ones.
+        self.grad_checkpointing = False
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, dim)."""
         return self.adaLN_modulation(c).chunk(6, dim=-1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, c, use_reentrant=False)
+        return self._forward(x, c)
+
+    def _forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         if self.cond == "none":
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))

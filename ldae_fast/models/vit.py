@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..markers import nvtx_range
@@ -39,14 +38,16 @@ def _sigma_vector(sigma, batch: int, ref: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(batch)
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor | None,
-                grad_checkpointing: bool) -> torch.Tensor:
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
     for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(blk, x, c, use_reentrant=False)
-        else:
-            x = blk(x, c)
+        x = blk(x, c)
     return x
+
+
+def _set_checkpointing(module: nn.Module, enable: bool) -> None:
+    module.grad_checkpointing = bool(enable)
+    for blk in module.blocks:
+        blk.grad_checkpointing = bool(enable)
 
 
 def _init_linear_xavier(m: nn.Module) -> None:
@@ -120,7 +121,7 @@ class ViTEncoder(nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)
         tokens = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
         c = self.embed_sigma(sigma, B, x)
-        tokens = _run_blocks(self.blocks, tokens, c, self.grad_checkpointing)
+        tokens = _run_blocks(self.blocks, tokens, c)
         return self.norm(tokens)
 
     forward = forward_features
@@ -135,7 +136,7 @@ class ViTEncoder(nn.Module):
         raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = bool(enable)
+        _set_checkpointing(self, enable)
 
 
 class ViTDecoder(nn.Module):
@@ -169,7 +170,7 @@ class ViTDecoder(nn.Module):
         B = tokens.shape[0]
         x = self.embed(tokens) + self.pos_embed.to(tokens.dtype)
         c = None if self.sigma_embed is None else self.sigma_embed(_sigma_vector(sigma, B, tokens))
-        x = _run_blocks(self.blocks, x, c, self.grad_checkpointing)
+        x = _run_blocks(self.blocks, x, c)
         return self.final_layer(x[:, 1:], c)
 
     def forward(self, tokens: torch.Tensor, sigma=None) -> torch.Tensor:
@@ -178,7 +179,7 @@ class ViTDecoder(nn.Module):
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = bool(enable)
+        _set_checkpointing(self, enable)
 
 
 class LDAEModel(nn.Module):
