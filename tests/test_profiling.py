@@ -1,4 +1,5 @@
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -129,16 +130,97 @@ def test_top_kernels_table_shares_and_limit():
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
 
 
+def _gpu_profile(flagged: bool):
+    """Averaged events as kineto gives them for 2 steps on a GPU: host ops whose self device time
+    is their kernels', the kernels themselves, and the projections of host ranges onto the GPU
+    timeline (flagged is_user_annotation on newer torch, only named like the range on older)."""
+    from torch.autograd import DeviceType
+
+    def ev(key, device, t, count=1, scope=0, annotation=False, cpu=0.0):
+        e = SimpleNamespace(key=key, count=count, scope=scope, cpu_time_total=cpu,
+                            self_cpu_time_total=cpu, device_time_total=t if device else 0.0,
+                            self_device_time_total=t,
+                            device_type=DeviceType.CUDA if device else DeviceType.CPU)
+        if flagged:
+            e.is_user_annotation = annotation
+        return e
+
+    return SimpleNamespace(key_averages=lambda: [
+        ev("ProfilerStep*", False, 0.0, count=2, scope=7, cpu=3_000.0),
+        ev("ProfilerStep*", True, 10_000.0, count=2, annotation=True),
+        ev("encoder", False, 0.0, count=2, scope=7, cpu=400.0),
+        ev("encoder", True, 4_000.0, count=2, annotation=True),
+        ev("backward", False, 0.0, count=2, scope=7, cpu=900.0),
+        ev("backward", True, 5_000.0, count=2, annotation=True),
+        ev("aten::mm", False, 6_000.0, count=40, cpu=500.0),  # host op: its kernels' time
+        ev("sm90_xmma_gemm_bf16", True, 6_000.0, count=40),
+        ev("triton_per_fused_add_0", False, 0.0, count=10, cpu=50.0),  # inductor's host range
+        ev("triton_per_fused_add_0", True, 1_500.0, count=10),
+        ev("_latent_noise_kernel", True, 500.0, count=2),
+    ])
+
+
+@pytest.mark.parametrize("flagged", [True, False], ids=["is_user_annotation", "named-like-range"])
+def test_top_kernels_table_on_gpu_lists_kernels_against_the_gpu_step_span(flagged):
+    text = top_kernels_table(_gpu_profile(flagged), n=10)
+    body = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]
+    names = [ln.split("`")[1] for ln in body]
+    # Kernels only: no host op counted again, no range, and inductor's kernels kept although a
+    # host range bears their name.
+    assert names == ["sm90_xmma_gemm_bf16", "triton_per_fused_add_0", "_latent_noise_kernel"]
+    assert "device (GPU) self time" in text and "GPU span of the profiled steps" in text
+    assert "(2 step(s), 10.00 ms)" in text
+    assert "| 60.0% |" in body[0]  # 6 ms of kernels in a 10 ms GPU span, not of 3 ms host time
+    assert "all recorded kernels 80.0%" in text
+
+
 def test_close_early_flushes(tmp_path):
     step = _tiny_step()
     prof = StepProfiler(tmp_path / "p", steps=5, wait=0, warmup=1, verbose=False)
-    step(0)
-    prof.step()
-    step(1)
+    for i in range(2):
+        step(i)
+        prof.step()
     prof.close()
     prof.close()
     assert not prof.active and not markers.profiling_active()
+    assert prof.recorded == 1 and "steps recorded: 1 " in prof.table_path.read_text()
     assert prof.trace_path is not None and prof.trace_path.exists()
+    # The same trace in TensorBoard's layout, without a second export.
+    (tb,) = (tmp_path / "p" / "tb").glob("*.pt.trace.json")
+    assert os.path.samefile(tb, prof.trace_path) or tb.read_bytes() == prof.trace_path.read_bytes()
+
+
+def test_window_closed_before_recording_writes_nothing(tmp_path):
+    step = _tiny_step()
+    prof = StepProfiler(tmp_path / "p", steps=3, wait=1, warmup=1, verbose=False)
+    step(0)
+    prof.step()
+    step(1)
+    prof.step()  # the warm-up step: nothing recorded yet
+    prof.close()
+    assert prof.recorded == 0 and prof.trace_path is None and prof.table is None
+    assert not list((tmp_path / "p").rglob("*.json")) and not markers.profiling_active()
+
+
+def test_window_fits_the_steps_left(tmp_path):
+    from ldae_fast.engine.profiling import fit_window
+
+    assert fit_window(1, 1, 3, 10) == (1, 1, 3)
+    assert fit_window(1, 1, 3, 4) == (0, 1, 3)
+    assert fit_window(1, 1, 3, 3) == (0, 0, 3)
+    assert fit_window(1, 1, 3, 2) == (0, 0, 2)
+    assert fit_window(1, 1, 3, 0) == (0, 0, 0)
+    said = []
+    cfg = SimpleNamespace(steps=3, out_dir="")
+    prof = StepProfiler.from_config(cfg, tmp_path / "a", available=2, log=said.append, verbose=False)
+    assert (prof.wait, prof.warmup, prof.steps) == (0, 0, 2) and "becomes 0 + 0 + 2" in said[0]
+    assert "start-up costs" in said[0]
+    prof.close()
+    prof = StepProfiler.from_config(cfg, tmp_path / "b", available=0, log=said.append)
+    assert not prof.active and "nothing to profile" in said[-1]
+    prof = StepProfiler.from_config(cfg, tmp_path / "c", available=9, log=said.append, verbose=False)
+    assert (prof.wait, prof.warmup, prof.steps) == (1, 1, 3) and len(said) == 2
+    prof.close()
 
 
 def test_phase_markers_do_not_break_a_compiled_graph(monkeypatch):

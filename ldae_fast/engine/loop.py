@@ -249,7 +249,9 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     win_steps, win_images, t_win = 0, 0, time.time()
     last_ckpt, final_loss, ips = None, float("nan"), 0.0
-    prof = StepProfiler.from_config(cfg.profile, out_dir / "profile") if is_main else StepProfiler(out_dir, 0)
+    prof = (StepProfiler.from_config(cfg.profile, out_dir / "profile", available=total - start,
+                                     log=logger.info)
+            if is_main else StepProfiler(out_dir, 0))
     model.train()
     for step in range(start, total):
         lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
