@@ -2,8 +2,9 @@
 """Print the README's performance section, generated from bench/results/*.json.
 
 Every number in the section comes from a results file written by a benchmark through
-bench/results_io.py: one table per benchmark (the newest run per GPU, or every run with --all),
-each with its GPU, date, versions and the command that reproduces it. CPU smoke runs are left
+bench/results_io.py: one table per results file, each with its GPU, date, versions and the command
+that reproduces it. A row measured again by a newer run on the same GPU is shown from the newer
+run only (every run with --all). CPU smoke runs are left
 out unless --include-cpu. With no GPU results it prints how to produce them.
 
     python bench/make_perf_section.py                 # markdown on stdout
@@ -25,8 +26,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "train_step": [
         ("model", "model"), ("batch", "batch"), ("variant", "variant"), ("variant_name", "name"),
-        ("images_per_s", "images/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"),
-        ("peak_mem_gib", "peak mem (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
+        ("train_gflop", "GFLOP/img"), ("images_per_s", "images/s"), ("tflops", "TFLOP/s"),
+        ("mfu", "MFU"), ("peak_mem_gib", "peak mem (GiB)"), ("peak_reserved_gib", "reserved (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
         ("vs_d", "x (d)"), ("status", "status"),
     ],
     "kernels": [
@@ -66,17 +67,43 @@ def is_gpu_run(run: dict[str, Any]) -> bool:
     return bool(meta.get("gpu")) and not meta.get("smoke", False)
 
 
+# What identifies one measurement in a benchmark's rows: a newer run replaces an older run's row
+# with the same key on the same GPU. A GPU session runs one benchmark as several commands (one
+# model or size each), so "newest run wins" would hide all but the last command's rows.
+ROW_KEYS: dict[str, tuple[str, ...]] = {
+    "train_step": ("model", "batch", "variant"),
+    "kernels": ("op", "variant", "dtype", "B", "d", "T", "C"),
+}
+
+
+def row_key(name: str, row: dict[str, Any]) -> tuple:
+    keys = ROW_KEYS.get(name)
+    if keys is None:  # unknown benchmark: the whole run is one measurement
+        return ()
+    return tuple(str(row.get(k)) for k in keys)
+
+
 def select(runs: list[dict[str, Any]], include_cpu: bool, all_runs: bool) -> list[dict[str, Any]]:
-    """The runs to show: GPU runs (plus CPU ones if asked), newest per (benchmark, device) unless
-    all_runs; ordered by benchmark name, then date."""
+    """The runs to show: GPU runs (plus CPU ones if asked); unless all_runs, each row only from
+    the newest run on the same device that measured it (runs left with no row are dropped).
+    Ordered by benchmark name, then date."""
     keep = [r for r in runs if include_cpu or is_gpu_run(r)]
     keep.sort(key=lambda r: (r["name"], str(r["meta"].get("date", ""))))
     if all_runs:
         return keep
-    newest: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in keep:
-        newest[(r["name"], device_of(r))] = r  # sorted by date: the last one wins
-    return sorted(newest.values(), key=lambda r: (r["name"], str(r["meta"].get("date", ""))))
+    seen: set[tuple] = set()
+    out = []
+    for r in reversed(keep):  # newest first: the first run to claim a key keeps it
+        rows = []
+        for row in r["rows"]:
+            key = (r["name"], device_of(r), row_key(r["name"], row))
+            if key not in seen:
+                rows.append(row)
+        for row in rows:
+            seen.add((r["name"], device_of(r), row_key(r["name"], row)))
+        if rows:
+            out.append({**r, "rows": rows})
+    return out[::-1]
 
 
 def device_of(run: dict[str, Any]) -> str:
@@ -131,12 +158,14 @@ def _numeric(rows: list[dict[str, Any]], key: str) -> bool:
 
 
 def train_step_headlines(rows: list[dict[str, Any]]) -> list[str]:
-    """Per model: the best ldae-fast (d) row and its ratios to (a)/(b)/(c) at the same batch."""
+    """Per model: the fastest ldae-fast (d) row, and the ratios to (a)/(b)/(c) from the largest
+    batch at which those baselines ran too (the biggest batches often fit only (d))."""
     lines = []
     models = []
     for r in rows:
         if r.get("model") not in models:
             models.append(r.get("model"))
+    labels = (("vs_a", "eager (a)"), ("vs_b", "compiled (b)"), ("vs_c", "timm peer (c)"))
     for m in models:
         ours = [r for r in rows if r.get("model") == m and r.get("variant") == "d" and r.get("images_per_s")]
         if not ours:
@@ -147,9 +176,12 @@ def train_step_headlines(rows: list[dict[str, Any]]) -> list[str]:
             parts.append(f"MFU {fmt(best['mfu'], 'mfu')}")
         if best.get("peak_mem_gib") is not None:
             parts.append(f"{fmt(best['peak_mem_gib'])} GiB peak")
-        for key, label in (("vs_a", "eager (a)"), ("vs_b", "compiled (b)"), ("vs_c", "timm peer (c)")):
-            if best.get(key) is not None:
-                parts.append(f"{fmt(best[key], key)} {label}")
+        compared = [r for r in ours if any(r.get(k) is not None for k, _ in labels)]
+        if compared:
+            ref = max(compared, key=lambda r: (sum(r.get(k) is not None for k, _ in labels),
+                                               r.get("batch") or 0))
+            ratios = [f"{fmt(ref[k], k)} {label}" for k, label in labels if ref.get(k) is not None]
+            parts.append(", ".join(ratios) + f" (at micro-batch {ref.get('batch')})")
         lines.append("- " + ", ".join(parts))
     return lines
 
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="default bench/results")
     ap.add_argument("--all", dest="all_runs", action="store_true",
-                    help="every run, not only the newest per benchmark and GPU")
+                    help="every run, also rows a newer run on the same GPU measured again")
     ap.add_argument("--include-cpu", action="store_true", help="also CPU smoke runs (for checking)")
     ap.add_argument("--update-readme", type=Path, nargs="?", const=README, default=None,
                     help="replace the section between the perf markers of README.md instead of printing")

@@ -215,6 +215,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         fcfg = m
     model = model.to(s.device).train()
     info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)
+    info["train_gflop"] = _sig(info["train_flops_per_image"] / 1e9, 4)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     objective = LDAEObjective(cfg, random_tokenizer(s.patch_size, s.latent_dim), s.device)
     info["kernels"] = objective.backend
@@ -317,6 +318,8 @@ def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profil
     row["mfu"] = _sig(achieved / peak, 3) if peak else None
     if s.device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2)
+        # What the caching allocator held: the number to hold against the card's memory.
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(s.device) / 2**30, 2)
     if profile_dir is not None:
         out = profile_dir / f"{s.size}_b{s.batch}_{key}"
         calls = iter(range(10_000, 20_000))
@@ -332,6 +335,7 @@ def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None
         "model": SIZE_LABELS.get(s.size, s.size), "size": s.size, "img": s.img_size, "patch": s.patch_size,
         "batch": s.batch, "variant": key, "variant_name": v["name"], "status": "ok",
         "images_per_s": None, "step_ms": None, "tflops": None, "mfu": None, "peak_mem_gib": None,
+        "peak_reserved_gib": None,
         "precision": "bf16" if s.amp == torch.bfloat16 else "fp32",
     }
     _free(s.device)
@@ -342,7 +346,7 @@ def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None
         error = results_io.failure_status(e)
     if error is not None:
         row["status"] = error
-        for k in ("images_per_s", "step_ms", "tflops", "mfu", "peak_mem_gib"):
+        for k in ("images_per_s", "step_ms", "tflops", "mfu", "peak_mem_gib", "peak_reserved_gib"):
             row[k] = None
     _free(s.device)
     return row
@@ -379,8 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float,
                     help="peak TFLOP/s for MFU (default: bf16 dense peak of the GPU from the table)")
     ap.add_argument("--cpu-smoke", action="store_true",
-                    help="toy run on CPU (tiny model, img 32, patch 4, batch 4, 2 timed steps); "
-                         "automatic without CUDA")
+                    help="toy run on CPU (tiny model, img 32, patch 4, batch 4, 2 timed steps, unless "
+                         "flags say otherwise); automatic without CUDA")
     ap.add_argument("--profile", nargs="?", const="runs/profile/train_step", default=None, metavar="DIR",
                     help="after timing, write a torch.profiler trace of variant (d) under DIR")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps recorded by --profile")
@@ -404,11 +408,19 @@ def command_line(argv: list[str] | None) -> str:
 def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, bool]:
     smoke = args.cpu_smoke or not torch.cuda.is_available()
     base = CPU_SMOKE if smoke else GPU_DEFAULTS
-    if smoke:
-        # The smoke configuration is fixed so CI always runs the same toy step.
-        vals = dict(base)
-    else:
-        vals = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in base.items()}
+    # Flags given override the defaults on CPU too (a bigger toy), so nothing asked is ignored.
+    vals = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in base.items()}
+    for k in ("img_size", "patch_size", "latent_dim", "steps"):
+        if int(vals[k]) < 1:
+            raise SystemExit(f"--{k.replace('_', '-')}={vals[k]} must be >= 1")
+    if int(vals["warmup"]) < 0:
+        raise SystemExit(f"--warmup={vals['warmup']} must be >= 0")
+    try:
+        bad = [b for b in str(vals["batch_sizes"]).split(",") if b.strip() and int(b) < 1]
+    except ValueError:
+        raise SystemExit(f"--batch-sizes={vals['batch_sizes']!r}: comma-separated integers") from None
+    if bad:
+        raise SystemExit(f"--batch-sizes: {', '.join(bad)} must be >= 1")
     return vals, torch.device("cpu" if smoke else "cuda"), smoke
 
 
@@ -420,8 +432,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-TABLE_COLUMNS = ("model", "batch", "variant", "variant_name", "status", "images_per_s", "tflops", "mfu",
-                 "peak_mem_gib", "vs_a", "vs_b", "vs_c", "vs_d", "kernels", "attn", "compile", "optimizer", "note")
+TABLE_COLUMNS = ("model", "batch", "variant", "variant_name", "status", "train_gflop", "images_per_s",
+                 "tflops", "mfu", "peak_mem_gib", "peak_reserved_gib", "vs_a", "vs_b", "vs_c", "vs_d",
+                 "kernels", "attn", "compile", "optimizer", "note")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -480,7 +493,9 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
         "precision": "bf16 autocast" if amp else "fp32", "tf32": device.type == "cuda",
         "peak_tflops": peak, "peak_source": peak_src,
         "flop_count": "training = 3 x forward; forward = ldae_fast.models.flops_per_image (matmuls, "
-                      "2 FLOPs per multiply-add); timm peer counted with cond='none'",
+                      "2 FLOPs per multiply-add, N+1 tokens with the class token, adaLN and decoder "
+                      "embedding included: ~0.9% above blocks x N x (24w^2 + 4Nw) at ViT-1/2L); "
+                      "timm peer counted with cond='none'",
         "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
         "warmup_steps": vals["warmup"], "timed_steps": vals["steps"],
         "timing": "CUDA events around the timed steps" if device.type == "cuda" else "time.perf_counter",

@@ -125,6 +125,16 @@ def test_failing_variant_becomes_a_row(ts, monkeypatch):
     assert row["vs_a"] is None
 
 
+def test_cpu_smoke_takes_explicit_flags_and_refuses_bad_ones(ts):
+    vals, device, smoke = ts.resolve(ts.parse_args(["--cpu-smoke"]))
+    assert smoke and device.type == "cpu" and vals == ts.CPU_SMOKE
+    vals, _, _ = ts.resolve(ts.parse_args(["--cpu-smoke", "--steps", "5", "--batch-sizes", "2,3"]))
+    assert vals["steps"] == 5 and vals["batch_sizes"] == "2,3" and vals["sizes"] == "tiny"
+    for bad in (["--steps", "0"], ["--warmup", "-1"], ["--batch-sizes", "4,0"], ["--batch-sizes", "x"]):
+        with pytest.raises(SystemExit, match="must be|integers"):
+            ts.resolve(ts.parse_args(["--cpu-smoke", *bad]))
+
+
 def test_peak_table(ts):
     assert ts.peak_tflops_for("NVIDIA H100 80GB HBM3") == (989.0, "H100 SXM")
     assert ts.peak_tflops_for("NVIDIA H100 PCIe")[0] == 756.0
@@ -157,6 +167,37 @@ def test_perf_section_gpu_run_and_empty(perf, tmp_path, capsys):
     assert text.count("### train_step") == 1 and "2026-02-01" in text  # newest run per GPU
     assert "**ViT-1/2L**: 1,000 images/s at micro-batch 256, MFU 50.0%" in text
     assert perf.render(tmp_path, all_runs=True).count("### train_step") == 2
+
+
+def test_perf_section_keeps_every_command_of_a_gpu_session(perf, tmp_path):
+    """A GPU session runs train_step once per model: each command's rows stay, and only rows a
+    newer run measured again are dropped from the older run."""
+    def row(model, batch, v, ips, **kw):
+        return dict(model=model, batch=batch, variant=v, variant_name=v, images_per_s=ips,
+                    status="ok", **kw)
+
+    runs = [
+        ("2026-03-01T10:00:00+00:00", "--sizes halfL",
+         [row("ViT-1/2L", 128, "a", 400.0), row("ViT-1/2L", 128, "d", 1000.0, vs_a=2.5, vs_c=1.4),
+          row("ViT-1/2L", 256, "d", 1100.0), row("ViT-1/2L", 64, "a", 380.0)]),
+        ("2026-03-01T10:10:00+00:00", "--sizes B", [row("ViT-B", 256, "d", 1900.0)]),
+        ("2026-03-01T10:20:00+00:00", "--sizes halfL --batches 64", [row("ViT-1/2L", 64, "a", 390.0)]),
+    ]
+    for date, args, rows in runs:
+        (tmp_path / f"train_step-{date[11:16].replace(':', '')}.json").write_text(json.dumps(
+            {"name": "train_step", "meta": {"gpu": "NVIDIA H100 80GB HBM3", "date": date,
+                                            "command": f"python bench/train_step.py {args}"},
+             "rows": rows}))
+    text = perf.render(tmp_path)
+    assert text.count("### train_step") == 3
+    for args in ("--sizes halfL\n", "--sizes B\n", "--sizes halfL --batches 64\n"):
+        assert args in text
+    assert "| 380.0 |" not in text and "| 390.0 |" in text  # re-measured: from the newer run
+    # The headline: fastest (d), ratios from the batch where the baselines ran.
+    assert "**ViT-1/2L**: 1,100 images/s at micro-batch 256" in text
+    assert "2.50x eager (a), 1.40x timm peer (c) (at micro-batch 128)" in text
+    assert "**ViT-B**: 1,900 images/s at micro-batch 256" in text
+    assert perf.render(tmp_path, all_runs=True).count("| 380.0 |") == 1
 
 
 def test_ablations_of_d_run_and_compare_with_d(ts):
