@@ -35,11 +35,13 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     from .models import build_model
 
     out = {}
-    model = result.model
-    if result.ema is not None:  # evaluate the EMA weights, as the paper does
-        model = build_model(cfg.model, cfg.data.img_size)
-        model.load_state_dict(result.ema.state_dict())
-    model = model.cpu().eval()
+    # A fresh fp32, uncompiled copy on the CPU: the trained module may hold bf16 parameters
+    # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks; the EMA weights are what the
+    # paper evaluates.
+    model = build_model(cfg.model, cfg.data.img_size)
+    src = result.ema if result.ema is not None else result.model
+    model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+    model = model.eval()
     if cfg.eval.figure:
         imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
         sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]

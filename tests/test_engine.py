@@ -340,3 +340,35 @@ def test_training_step_has_no_cuda_sync(tmp_path, monkeypatch):
     res = train(_cfg(tmp_path, **{"engine.steps": 3, "engine.log_every": 3, "engine.device": "cuda",
                                   "engine.kernels": "auto", "optim.clip_grad": 1.0}))
     assert math.isfinite(res.final_loss)
+
+
+def test_finish_demo_evaluates_an_fp32_copy_of_a_bf16_model(tmp_path):
+    """DeepSpeed's bf16 mode leaves bf16 parameters in the trained module; the end-of-run figure
+    runs on the CPU in fp32, so it must get an fp32 copy (with or without an EMA)."""
+    from ldae_fast.train import finish_demo
+
+    cfg = _cfg(tmp_path, **{"engine.steps": 2, "optim.ema_decay": 0, "eval.figure": "true"})
+    res = train(cfg)
+    assert res.ema is None
+    trained = {k: v.clone() for k, v in res.model.state_dict().items()}
+    res.model = res.model.bfloat16()
+    out = finish_demo(cfg, res, log=lambda msg: None)
+    assert (tmp_path / "run" / "denoising.png").exists() and out["figure"]
+    # The trained module itself is left as it was (bf16), not moved or cast back.
+    assert all(v.dtype == torch.bfloat16 for k, v in res.model.state_dict().items()
+               if trained[k].is_floating_point())
+
+
+def test_a_launched_rank_binds_its_gpu_before_building_anything(monkeypatch):
+    from ldae_fast.engine.loop import bind_local_rank
+
+    bound = []
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    bind_local_rank(torch.device("cuda"))
+    bind_local_rank(torch.device("cuda:1"))  # an explicit device is the user's choice
+    bind_local_rank(torch.device("cpu"))
+    assert bound == [3]
+    monkeypatch.delenv("LOCAL_RANK")
+    bind_local_rank(torch.device("cuda"))
+    assert bound == [3]

@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
     return torch.device(name)
+
+
+def bind_local_rank(device: torch.device) -> None:
+    """Make cuda:LOCAL_RANK the current device of a launched rank, before anything touches CUDA:
+    otherwise every rank builds its model on GPU 0 first and leaves a context and a freed copy
+    of the model reserved there."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -166,11 +175,17 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     from ..models import build_model
 
     device = resolve_device(cfg.engine.device)
+    bind_local_rank(device)
     out_dir = Path(cfg.engine.out_dir)
     seed_everything(cfg.engine.seed)
     if cfg.engine.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # Read when cuBLAS makes its handle, i.e. at the first matmul of the process.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        if device.type == "cuda":
+            warnings.warn("engine.deterministic on CUDA: SDPA drops its flash and memory-efficient "
+                          "kernels for the math one (slower, stores B x heads x T x T scores); "
+                          "use it to debug, not to train at scale", stacklevel=2)
 
     resume_dir = ckpt_mod.resolve_resume(cfg.engine.resume, out_dir)
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
