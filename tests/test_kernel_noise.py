@@ -7,6 +7,7 @@ with LDAE_GPU_TESTS=1. Sizes are tiny on purpose: the interpreter executes numpy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -348,3 +349,55 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.ldae.latent_noise.default,
                           (x, basis, mean, gamma, sigma, p, 3, 0, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_gpu_tiles_first_choices(monkeypatch):
+    """The first GPU tiles are the ones ptxas builds without spills for sm_90 (see gpu_tiles);
+    fallbacks shrink from there; d > 256 never asks for a tf32x3 dot."""
+    from ldae_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "num_sms", lambda device: 132)
+    monkeypatch.delenv("LDAE_KERNEL_TILES", raising=False)
+    cuda = torch.device("cuda")
+    for d, warps in ((16, 4), (128, 8)):
+        tiles = _common.gpu_tiles(256, 768, d, 256, cuda, "tf32x3")
+        assert tiles[0][:4] == (64, 32, max(16, d), warps) and tiles[0].prec == "tf32x3"
+        assert [t.BLOCK_T for t in tiles] == sorted((t.BLOCK_T for t in tiles), reverse=True)
+        assert tiles[-1].prec == "ieee" and len(set(tiles)) == len(tiles)
+    # 32 samples x 4 tiles of 64 tokens leave SMs idle: 32 tokens per tile, and no smaller.
+    assert _common.gpu_tiles(256, 768, 128, 32, cuda, "tf32x3")[0].BLOCK_T == 32
+    assert _common.gpu_tiles(256, 768, 128, 33, cuda, "tf32x3")[0].BLOCK_T == 64
+    assert _common.gpu_tiles(256, 768, 128, 1, cuda, "tf32x3")[0].BLOCK_T == 32
+    assert {t.prec for t in _common.gpu_tiles(256, 768, 768, 256, cuda, "tf32x3")} == {"ieee"}
+    monkeypatch.setenv("LDAE_KERNEL_TILES", "128,64,4,2")
+    assert _common.gpu_tiles(256, 768, 16, 256, cuda, "tf32")[0] == (128, 64, 16, 4, 2, "tf32")
+
+
+def test_launch_fallback_says_once_which_tile_ran():
+    from ldae_fast.kernels import _common
+
+    class OutOfResources(Exception):  # triton's exception is matched by name
+        pass
+
+    big, small = (_common.Tiles(64, 32, 16, 4, 2, "tf32"), _common.Tiles(32, 32, 16, 4, 2, "tf32"))
+    tried = []
+
+    def run(t):
+        tried.append(t)
+        if t == big:
+            raise OutOfResources("shared memory, Required: 300000")
+        return t.BLOCK_T
+
+    key = ("test_op", "fallback-test")
+    with pytest.warns(RuntimeWarning, match=r"test_op: launch configuration .* using .*BLOCK_T=32"):
+        assert _common.launch_with_fallback(key, [big, small], run) == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known now: no second warning, no second try of `big`
+        assert _common.launch_with_fallback(key, [big, small], run) == 32
+    assert tried == [big, small, small]
+
+    def broken(t):
+        raise ValueError("a real error")
+
+    with pytest.raises(ValueError, match="a real error"):
+        _common.launch_with_fallback(("test_op", "other"), [big, small], broken)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import re
+import warnings
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
@@ -224,23 +225,31 @@ class Tiles(NamedTuple):
 def gpu_tiles(N: int, D: int, d: int, B: int, device: torch.device, prec: str) -> list[Tiles]:
     """Launch configurations to try on a GPU, best first.
 
-    The first keeps the (BLOCK_T, BLOCK_K) latent tile and one V chunk near 16K floats of
-    registers each and, from AOT builds for sm_90, under ~110 KB of shared memory (pipelined
-    tiles plus tl.dot operands; tf32x3 stores each operand twice). Larger BLOCK_T re-reads the
-    basis from L2 fewer times per image byte. The rest shrink shared memory for GPUs with less of
-    it (sm_80: 163 KB, sm_86/89: 99 KB): fewer tokens, one pipeline stage, then plain FMA dots.
+    Chosen from ptxas' resource report for sm_90 (AOT builds, triton 3.8), not from timings (no
+    GPU has timed them yet; LDAE_KERNEL_TILES tries another first): the first tile is the
+    largest that builds without register spills and under ~115 KB of shared memory (pipelined
+    tiles plus tl.dot operands; tf32x3 stores each operand twice). 128 tokens per tile spilled
+    0.3-1.4 KB per thread at d = 16 and 128, so 64 is the most; a larger BLOCK_T would re-read
+    the basis from L2 fewer times per image byte. Past d = 256 a tf32x3 dot spills ~20 KB per
+    thread where the ieee one (plain fp32 FMA, no less accurate) spills ~1 KB, so it is ieee
+    there. The rest shrink shared memory for GPUs with less of it (sm_80: 163 KB, sm_86/89:
+    99 KB): fewer tokens, one pipeline stage, then plain FMA dots.
     """
     BLOCK_K = next_pow2(d, 16)
+    if BLOCK_K > 256 and prec == "tf32x3":
+        prec = "ieee"
     if BLOCK_K <= 32:
-        BLOCK_T, BLOCK_D, warps = 128, 64, 4
+        BLOCK_T, BLOCK_D, warps = 64, 32, 4
     elif BLOCK_K <= 128:
-        BLOCK_T, BLOCK_D, warps = 128, 32, 8
+        BLOCK_T, BLOCK_D, warps = 64, 32, 8
     elif BLOCK_K <= 256:
         BLOCK_T, BLOCK_D, warps = 32, 16, 8
     else:
         BLOCK_T, BLOCK_D, warps = 16, 16, 8
-    # Small batches: shrink token blocks until the grid covers the GPU about twice.
-    while BLOCK_T > 32 and B * -(-N // BLOCK_T) < 2 * num_sms(device):
+    # Small batches: shrink token blocks until every SM has a program (at these tiles' shared
+    # memory two programs fit an SM, so this is about one full wave). Smaller tiles spill at
+    # d = 128 (T32 did, 36-72 B, where T64 did not), so the shrink stops there.
+    while BLOCK_T > 32 and B * -(-N // BLOCK_T) < num_sms(device):
         BLOCK_T //= 2
     stages = 1 if BLOCK_K > 256 else 2
     out = [Tiles(BLOCK_T, BLOCK_D, BLOCK_K, warps, stages, prec)]
@@ -279,6 +288,7 @@ def interpreter_tiles(N: int, D: int, d: int) -> list[Tiles]:
 
 
 _TOO_BIG: set = set()
+_FELL_BACK: set = set()
 
 
 def launch_with_fallback(key: tuple, candidates: list[Tiles], run: Callable[[Tiles], Any]) -> Any:
@@ -292,12 +302,19 @@ def launch_with_fallback(key: tuple, candidates: list[Tiles], run: Callable[[Til
         if (key, tiles) in _TOO_BIG:
             continue
         try:
-            return run(tiles)
+            out = run(tiles)
         except Exception as e:
             if type(e).__name__ != "OutOfResources":
                 raise
             _TOO_BIG.add((key, tiles))
             last = e
+            continue
+        if tiles != candidates[0] and (key, tiles) not in _FELL_BACK:
+            # Once per op and configuration: a slow benchmark row can then be explained.
+            _FELL_BACK.add((key, tiles))
+            warnings.warn(f"{key[0]}: launch configuration {candidates[0]} does not fit this GPU "
+                          f"({last}); using {tiles}", RuntimeWarning, stacklevel=3)
+        return out
     raise RuntimeError(f"{key[0]}: no launch configuration fits this GPU (tried {len(candidates)}); "
                        f"use kernels='reference'") from last
 
