@@ -33,8 +33,10 @@
 #   ablations  ViT-1/2L micro-batch 128: (d) and each of its ablations (vs_d)
 #   B          ViT-B: a,b,c,d at micro-batch 128, (d) at 256
 #   L          ViT-L: a,b,c,d at micro-batch 64, (d) at 128
-#   profile    ViT-1/2L micro-batch 256, variant (d): only the top-kernel table comes back
-#   deepspeed  `deepspeed train.py` on 1 GPU: ZeRO-2, bf16, FusedAdam, a few steps of ViT-B
+#   profile    ViT-1/2L micro-batch 128, variant (d) (b128: it runs even if b256 turns out not to
+#              fit): only the top-kernel table comes back
+#   deepspeed  `deepspeed train.py` on 1 GPU: ZeRO-2, bf16, FusedAdam, a few steps of ViT-B; a
+#              functional check (its images/s include the synthetic-image loader, 8 workers)
 #
 # The commit the copy was made from is not visible there (no .git): pass it as LDAE_GIT_COMMIT
 # (e.g. `LDAE_GIT_COMMIT=<git rev-parse --short HEAD> bench/gpu_session.sh ...`) so results record it.
@@ -74,6 +76,8 @@ step() {  # step NAME ARGS...: one bench/train_step.py run writing into $OUT_DIR
 for stage in "$@"; do
     case "$stage" in
     wheels)
+        # Afresh: two versions of one package in .whl/ would stop the install on the GPU machine.
+        rm -rf .whl
         mkdir -p .whl  # ignored by .gitignore, so it travels only when named in `carry`
         # deepspeed ships only a source archive; its wheel is pure Python (ops build at run time).
         # Pinned: pydantic requires one exact pydantic-core and refuses to import beside another.
@@ -88,7 +92,8 @@ for stage in "$@"; do
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
         $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
             | tee -a "$OUT_DIR/gpu.txt"
-        run tests env LDAE_GPU_TESTS=1 $PY -m pytest -q -p no:cacheprovider \
+        # Bounded, so a hang leaves time for the stages after it in the same command.
+        run tests timeout -k 10 480 env LDAE_GPU_TESTS=1 $PY -m pytest -q -p no:cacheprovider \
             tests/test_kernel_noise.py tests/test_kernel_pca_loss.py tests/test_kernel_adaln_norm.py \
             tests/test_attention.py tests/test_models.py tests/test_objective.py \
             tests/test_engine.py::test_training_step_has_no_cuda_sync
@@ -110,17 +115,21 @@ for stage in "$@"; do
     profile)
         # Traces are large (and TensorBoard's copy sits too deep to come back): keep them here.
         rm -rf /tmp/ldae-profile
-        step profile --sizes halfL --batch-sizes 256 --variants d --no-write --profile /tmp/ldae-profile
+        step profile --sizes halfL --batch-sizes 128 --variants d --no-write --profile /tmp/ldae-profile
         cp /tmp/ldae-profile/*/profile_top_kernels.md "$OUT_DIR/profile_top_kernels.md" 2>/dev/null
         ;;
     deepspeed)
         install_wheels || { status=1; continue; }
+        rm -rf /tmp/ds_run
         run deepspeed deepspeed --num_gpus 1 train.py --preset demo --model.size=B --model.patch_size=16 \
             --data.img_size=256 --data.batch_size=64 --data.synthetic_images=1024 --tokenizer.latent_dim=128 \
             --tokenizer.fit_images=256 --engine.backend=deepspeed --engine.zero_stage=2 --engine.steps=20 \
-            --optim.blr=1.5e-4 --engine.log_every=5 --eval.probe=false --eval.figure=false --out "$OUT_DIR/ds_run"
-        cp "$OUT_DIR/ds_run/metrics.jsonl" "$OUT_DIR/deepspeed_metrics.jsonl" 2>/dev/null
-        rm -rf "$OUT_DIR/ds_run"  # checkpoints are large and too deep to come back
+            --optim.blr=1.5e-4 --engine.log_every=5 --eval.probe=false --eval.figure=false \
+            --data.num_workers=8 --out /tmp/ds_run
+        # Outside $OUT: checkpoints are large, and a run killed at the limit must not fill the
+        # 8 files that come back.
+        cp /tmp/ds_run/metrics.jsonl "$OUT_DIR/deepspeed_metrics.jsonl" 2>/dev/null
+        rm -rf /tmp/ds_run
         ;;
     *)
         echo "unknown stage '$stage'; see the header of $0"

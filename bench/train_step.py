@@ -4,7 +4,8 @@
 The batch is a fixed tensor already on the device, so the model and the step are measured, not
 the data loader (bench/data.py measures that). Four variants at every (model size, micro-batch):
 
-  (a) eager        eager PyTorch, reference objective (kernels='reference'), math attention,
+  (a) eager        eager PyTorch, reference objective (kernels='reference'), math attention (the
+                   scores materialised; its matmuls follow autocast, bf16 on CUDA),
                    torch.optim.AdamW defaults: what a straightforward implementation does
   (b) compiled     (a) with the model and the loss under torch.compile
   (c) timm peer    encoder + decoder of timm VisionTransformer Blocks (fused SDPA attention) of the
@@ -299,6 +300,15 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _cudagraph_skips() -> int:
+    """Inductor's running count of graphs it declined to record as CUDA graphs."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:
+        return 0
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profile_dir: Path | None,
              profile_steps: int, compile_backend: str) -> None:
     # A frame of its own: when it raises, its tensors die with the traceback, so an OOM at one
@@ -307,7 +317,12 @@ def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profil
     row.update(info)
     g = torch.Generator(device=s.device).manual_seed(1234)
     x = torch.randn(s.batch, 3, s.img_size, s.img_size, device=s.device, generator=g)
+    skips = _cudagraph_skips()
     seconds, loss = time_steps(step, x, s.warmup, s.steps, s.device)
+    if VARIANTS[key].get("compile_mode") in CUDA_GRAPH_MODES:
+        # Inductor falls back to plain launches without a word (a CPU tensor, a mutated input):
+        # a vs_d near 1 then says nothing about CUDA graphs.
+        row["cudagraph_skips"] = _cudagraph_skips() - skips
     if not math.isfinite(float(loss)):
         row["status"] = "non-finite loss"
     ips = s.batch * s.steps / seconds
@@ -434,7 +449,7 @@ def _fmt(v: Any) -> str:
 
 TABLE_COLUMNS = ("model", "batch", "variant", "variant_name", "status", "train_gflop", "images_per_s",
                  "tflops", "mfu", "peak_mem_gib", "peak_reserved_gib", "vs_a", "vs_b", "vs_c", "vs_d",
-                 "kernels", "attn", "compile", "optimizer", "note")
+                 "kernels", "attn", "compile", "cudagraph_skips", "optimizer", "note")
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -105,7 +105,12 @@ def pca_loss_fast(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v for (B, heads, N, hd) tensors, computed in float32."""
+    """softmax(q k^T / sqrt(hd)) v for (B, heads, N, hd) tensors, in float32 outside autocast.
+
+    Under autocast its policy decides, as for any eager model: the two matmuls run in the
+    autocast dtype (bf16) and softmax in float32 on CUDA. So the 'math' backend of a bf16 run is
+    the plain eager attention one would write, with the (B, heads, N, N) scores materialised.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
     a = (q.float() @ k.float().transpose(-2, -1)) * scale
     return (F.softmax(a, dim=-1) @ v.float()).to(q.dtype)

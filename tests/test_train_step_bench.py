@@ -200,6 +200,21 @@ def test_perf_section_keeps_every_command_of_a_gpu_session(perf, tmp_path):
     assert perf.render(tmp_path, all_runs=True).count("| 380.0 |") == 1
 
 
+def test_cudagraph_rows_count_the_graphs_inductor_skipped(ts, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    def timed(step, x, warmup, steps, device):  # stands in for a run where inductor skips one
+        counters["inductor"]["cudagraph_skips"] += 1
+        return 1.0, torch.tensor(0.0)
+
+    monkeypatch.setattr(ts, "time_steps", timed)
+    s = ts.Setup(size="tiny", batch=2, img_size=32, patch_size=4, latent_dim=16, device=torch.device("cpu"),
+                 amp=None, warmup=0, steps=1)
+    row = ts.run_variant("d+graphs", s, peak=None, compile_backend="eager")
+    assert row["status"] == "ok" and row["cudagraph_skips"] == 1
+    assert "cudagraph_skips" not in ts.run_variant("d", s, peak=None, compile_backend="eager")
+
+
 def test_ablations_of_d_run_and_compare_with_d(ts):
     """'ablations' expands to (d) with one switch changed each; every row is measured against
     the (d) of the same run, and says what it changed."""
@@ -214,6 +229,7 @@ def test_ablations_of_d_run_and_compare_with_d(ts):
     assert by["d-compile"]["compile"] == "none" and by["d"]["compile"] == "blocks"
     assert by["d-triton"]["kernels"] == "reference"
     assert "reduce-overhead" in by["d+graphs"]["compile"]
+    assert by["d+graphs"]["cudagraph_skips"] == 0 and "cudagraph_skips" not in by["d"]
     assert "activation ckpt" in by["d+ckpt"]["compile"]
     assert by["d+adaln"]["kernels"].endswith("fused adaLN LN")
     assert set(meta["variants"]) == {"d", *ts.ABLATIONS}
