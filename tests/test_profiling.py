@@ -174,6 +174,32 @@ def test_top_kernels_table_on_gpu_lists_kernels_against_the_gpu_step_span(flagge
     assert "all recorded kernels 80.0%" in text
 
 
+def test_completed_window_header_counts_its_steps(tmp_path):
+    step = _tiny_step()
+    prof = StepProfiler(tmp_path / "p", steps=2, wait=1, warmup=1, verbose=False)
+    for i in range(prof.total_steps):
+        step(i)
+        prof.step()
+    assert not prof.active and prof.recorded == 2
+    assert "steps recorded: 2 (after 1 skipped, 1 warm-up)" in prof.table_path.read_text()
+    assert "(2 step(s)," in prof.table
+
+
+def test_a_profile_that_cannot_be_written_does_not_stop_training(tmp_path, monkeypatch, capsys):
+    step = _tiny_step()
+    prof = StepProfiler(tmp_path / "p", steps=1, wait=0, warmup=1, verbose=False)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", full_disk)
+    for i in range(prof.total_steps):
+        step(i)
+        prof.step()
+    assert not prof.active and not markers.profiling_active()
+    assert "could not write the profile" in capsys.readouterr().out
+
+
 def test_close_early_flushes(tmp_path):
     step = _tiny_step()
     prof = StepProfiler(tmp_path / "p", steps=5, wait=0, warmup=1, verbose=False)

@@ -7,8 +7,8 @@ trace, on CPU too. Outside a profile and without CUDA it does nothing: the train
 the ranges in unconditionally.
 
 `StepProfiler` runs torch.profiler for `wait + warmup + steps` calls of `.step()` (one per
-optimizer step), writes a Chrome trace (plus TensorBoard's layout when tensorboard is installed)
-and a table of the ops/kernels that took the most device time, as a share of the profiled steps.
+optimizer step), writes a Chrome trace (the same file also in TensorBoard's layout) and a table of
+the kernels (GPU) or ops (CPU) that took the most time, as a share of the profiled steps.
 """
 
 from __future__ import annotations
@@ -228,14 +228,23 @@ class StepProfiler:
         """Mark the end of one training step; finishes the profile after the window."""
         if self._done:
             return
-        self._prof.step()
         self._calls += 1
+        # Before torch's step(): at the window's last step it writes the trace from inside it.
+        self.recorded = max(0, min(self.steps, self._calls - self.wait - self.warmup))
+        self._prof.step()
         if self._calls >= self.total_steps:
             self.close()
 
     def _on_trace_ready(self, prof: Any) -> None:
         if self._discard:
             return
+        try:
+            self._write(prof)
+        except Exception as e:  # a profile is a by-product: it must not end the training run
+            print(f"profiler: could not write the profile into {self.out_dir} "
+                  f"({type(e).__name__}: {e}); training goes on")
+
+    def _write(self, prof: Any) -> None:
         # One export, in TensorBoard's layout (<worker>.<id>.pt.trace.json under a run folder,
         # as torch.profiler.tensorboard_trace_handler names it), linked to a plain name.
         tb_dir = self.out_dir / "tb"
