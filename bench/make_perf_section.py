@@ -28,7 +28,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("model", "model"), ("batch", "batch"), ("variant", "variant"), ("variant_name", "name"),
         ("train_gflop", "GFLOP/img"), ("images_per_s", "images/s"), ("tflops", "TFLOP/s"),
         ("mfu", "MFU"), ("peak_mem_gib", "peak mem (GiB)"), ("peak_reserved_gib", "reserved (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
-        ("vs_d", "x (d)"), ("status", "status"),
+        ("vs_d", "x (d)"), ("cudagraph_skips", "graphs skipped"), ("status", "status"),
     ],
     "kernels": [
         ("op", "op"), ("variant", "variant"), ("dtype", "dtype"), ("B", "B"), ("d", "d"), ("T", "T"),
@@ -71,36 +71,44 @@ def is_gpu_run(run: dict[str, Any]) -> bool:
 # with the same key on the same GPU. A GPU session runs one benchmark as several commands (one
 # model or size each), so "newest run wins" would hide all but the last command's rows.
 ROW_KEYS: dict[str, tuple[str, ...]] = {
-    "train_step": ("model", "batch", "variant"),
+    "train_step": ("model", "img", "patch", "precision", "batch", "variant"),
     "kernels": ("op", "variant", "dtype", "B", "d", "T", "C"),
 }
 
 
-def row_key(name: str, row: dict[str, Any]) -> tuple:
+def row_keys(name: str, rows: list[dict[str, Any]]) -> list[tuple[tuple, frozenset]]:
+    """(key, peers) of each row. A train_step row's vs_* are ratios to the variants its run
+    measured at the same (model, batch): its peers. A newer run hides an older row only if it
+    measured the same key among at least the same peers, so a later run with another set (the
+    ablations beside (d), say, or (a) alone) does not leave ratios to rows no longer shown."""
     keys = ROW_KEYS.get(name)
     if keys is None:  # unknown benchmark: the whole run is one measurement
-        return ()
-    return tuple(str(row.get(k)) for k in keys)
+        return [((), frozenset())] * len(rows)
+    out = [tuple(str(r.get(k)) for k in keys) for r in rows]
+    if name != "train_step":
+        return [(k, frozenset()) for k in out]
+    peers: dict[tuple, set] = {}
+    for k in out:
+        peers.setdefault(k[:-1], set()).add(k[-1])
+    return [(k, frozenset(peers[k[:-1]])) for k in out]
 
 
 def select(runs: list[dict[str, Any]], include_cpu: bool, all_runs: bool) -> list[dict[str, Any]]:
-    """The runs to show: GPU runs (plus CPU ones if asked); unless all_runs, each row only from
-    the newest run on the same device that measured it (runs left with no row are dropped).
-    Ordered by benchmark name, then date."""
+    """The runs to show: GPU runs (plus CPU ones if asked); unless all_runs, a row is left out
+    when a newer run on the same device measured it again (see row_keys); runs left with no
+    row are dropped. Ordered by benchmark name, then date."""
     keep = [r for r in runs if include_cpu or is_gpu_run(r)]
     keep.sort(key=lambda r: (r["name"], str(r["meta"].get("date", ""))))
     if all_runs:
         return keep
-    seen: set[tuple] = set()
+    claimed: dict[tuple, list[frozenset]] = {}
     out = []
-    for r in reversed(keep):  # newest first: the first run to claim a key keeps it
-        rows = []
-        for row in r["rows"]:
-            key = (r["name"], device_of(r), row_key(r["name"], row))
-            if key not in seen:
-                rows.append(row)
-        for row in rows:
-            seen.add((r["name"], device_of(r), row_key(r["name"], row)))
+    for r in reversed(keep):  # newest first
+        keys = [((r["name"], device_of(r), k), peers) for k, peers in row_keys(r["name"], r["rows"])]
+        rows = [row for row, (k, peers) in zip(r["rows"], keys)
+                if not any(peers <= q for q in claimed.get(k, ()))]
+        for k, peers in keys:
+            claimed.setdefault(k, []).append(peers)
         if rows:
             out.append({**r, "rows": rows})
     return out[::-1]
@@ -174,7 +182,9 @@ def train_step_headlines(rows: list[dict[str, Any]]) -> list[str]:
         parts = [f"**{m}**: {fmt(best['images_per_s'])} images/s at micro-batch {best.get('batch')}"]
         if best.get("mfu") is not None:
             parts.append(f"MFU {fmt(best['mfu'], 'mfu')}")
-        if best.get("peak_mem_gib") is not None:
+        if best.get("peak_reserved_gib") is not None:
+            parts.append(f"{fmt(best['peak_reserved_gib'])} GiB peak reserved")
+        elif best.get("peak_mem_gib") is not None:
             parts.append(f"{fmt(best['peak_mem_gib'])} GiB peak")
         compared = [r for r in ours if any(r.get(k) is not None for k, _ in labels)]
         if compared:
@@ -216,6 +226,22 @@ def run_section(run: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Headlines over every shown train_step run of a GPU: a session measures one model and
+    batch per command, so the fastest (d) and the run where the baselines ran sit in different
+    sections. Each ratio still comes from one run (its own row's vs_*)."""
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["name"] == "train_step":
+            by_device.setdefault(device_of(r), []).extend(r["rows"])
+    out = []
+    for device, rows in by_device.items():
+        heads = train_step_headlines(rows)
+        if heads:
+            out += [f"**train_step on {device}** (every run below):", "", *heads, ""]
+    return "\n".join(out)
+
+
 def render(results_dir: Path = RESULTS_DIR, include_cpu: bool = False, all_runs: bool = False) -> str:
     runs = select(load_runs(results_dir), include_cpu, all_runs)
     head = ["## Performance", "",
@@ -223,7 +249,8 @@ def render(results_dir: Path = RESULTS_DIR, include_cpu: bool = False, all_runs:
             "`bench/results/`; what the columns mean is in `bench/README.md`.", ""]
     if not runs:
         return "\n".join(head + [f"No GPU results are committed yet. {HOW_TO}", ""])
-    return "\n".join(head) + "\n" + "\n".join(run_section(r) for r in runs)
+    top = summary(runs)
+    return "\n".join(head) + "\n" + (top + "\n" if top else "") + "\n".join(run_section(r) for r in runs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,6 +215,32 @@ def test_cudagraph_rows_count_the_graphs_inductor_skipped(ts, monkeypatch):
     assert "cudagraph_skips" not in ts.run_variant("d", s, peak=None, compile_backend="eager")
 
 
+def test_perf_section_in_the_order_the_gpu_session_runs(perf, tmp_path):
+    """halfL_b128 (a-d), halfL_b256 (d), then ablations (d + its ablations at 128): the later
+    (d) at 128 must not hide the one the baselines' ratios belong to, and the summary shows the
+    fastest (d) with the ratios of the run where the baselines ran."""
+    def row(v, batch, ips, **kw):
+        return dict(model="ViT-1/2L", img=256, patch=16, precision="bf16", batch=batch, variant=v,
+                    variant_name=v, images_per_s=ips, status="ok", **kw)
+
+    runs = [("10:00", [row("a", 128, 450.0), row("d", 128, 1000.0, vs_a=2.222, vs_b=1.5, vs_c=1.3)]),
+            ("10:10", [row("d", 256, 1100.0, peak_reserved_gib=70.5)]),
+            ("10:20", [row("d", 128, 990.0, vs_d=1.0), row("d+adaln", 128, 1050.0, vs_d=1.061)]),
+            ("10:30", [row("a", 128, 500.0)])]  # (a) again, alone: its old ratios must stay put
+    for hhmm, rows in runs:
+        (tmp_path / f"train_step-{hhmm.replace(':', '')}.json").write_text(json.dumps(
+            {"name": "train_step", "meta": {"gpu": "NVIDIA H100 80GB HBM3",
+                                            "date": f"2026-03-01T{hhmm}:00+00:00",
+                                            "command": f"python bench/train_step.py # {hhmm}"},
+             "rows": rows}))
+    text = perf.render(tmp_path)
+    assert text.count("### train_step") == 4
+    assert "| 1,000 |" in text and "| 990.0 |" in text and "| 450.0 |" in text
+    summary = text.split("### train_step")[0]
+    assert ("**ViT-1/2L**: 1,100 images/s at micro-batch 256, 70.5 GiB peak reserved, 2.22x eager (a), "
+            "1.50x compiled (b), 1.30x timm peer (c) (at micro-batch 128)") in summary
+
+
 def test_ablations_of_d_run_and_compare_with_d(ts):
     """'ablations' expands to (d) with one switch changed each; every row is measured against
     the (d) of the same run, and says what it changed."""
