@@ -364,6 +364,10 @@ def test_a_launched_rank_binds_its_gpu_before_building_anything(monkeypatch):
 
     bound = []
     monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=4 but this process sees 4 GPU"):
+        bind_local_rank(torch.device("cuda"))
     monkeypatch.setenv("LOCAL_RANK", "3")
     bind_local_rank(torch.device("cuda"))
     bind_local_rank(torch.device("cuda:1"))  # an explicit device is the user's choice

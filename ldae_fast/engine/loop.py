@@ -63,7 +63,11 @@ def bind_local_rank(device: torch.device) -> None:
     otherwise every rank builds its model on GPU 0 first and leaves a context and a freed copy
     of the model reserved there."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        rank, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if not 0 <= rank < n:
+            raise RuntimeError(f"LOCAL_RANK={rank} but this process sees {n} GPU(s) "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        torch.cuda.set_device(rank)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -183,9 +187,16 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         if device.type == "cuda":
-            warnings.warn("engine.deterministic on CUDA: SDPA drops its flash and memory-efficient "
-                          "kernels for the math one (slower, stores B x heads x T x T scores); "
-                          "use it to debug, not to train at scale", stacklevel=2)
+            warnings.warn("engine.deterministic on CUDA: deterministic kernels (attention backward "
+                          "among them) are slower, and an op without one raises; use it to debug, "
+                          "not to train at scale", stacklevel=2)
+    e = cfg.engine
+    if e.backend == "deepspeed" and e.zero_stage == 3 and e.compile and cfg.model.grad_checkpointing:
+        # Seen on CPU ranks: ZeRO-3's parameter gathering inside the checkpointed region is not
+        # traceable, so Dynamo falls back to eager for every block (results are unchanged).
+        warnings.warn("ZeRO-3 + engine.compile + model.grad_checkpointing: the blocks run eager "
+                      "(ZeRO-3's parameter hooks inside the checkpoint stop torch.compile); drop "
+                      "one of the three to compile them", stacklevel=2)
 
     resume_dir = ckpt_mod.resolve_resume(cfg.engine.resume, out_dir)
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None

@@ -247,8 +247,9 @@ def gpu_tiles(N: int, D: int, d: int, B: int, device: torch.device, prec: str) -
     else:
         BLOCK_T, BLOCK_D, warps = 16, 16, 8
     # Small batches: shrink token blocks until every SM has a program (at these tiles' shared
-    # memory two programs fit an SM, so this is about one full wave). Smaller tiles spill at
-    # d = 128 (T32 did, 36-72 B, where T64 did not), so the shrink stops there.
+    # memory two programs fit an SM, so this is about one full wave). Down to 32 at the most:
+    # at d = 128 that tile spills a little (36-72 B), a price only batches too small to fill
+    # the GPU at 64 tokens pay.
     while BLOCK_T > 32 and B * -(-N // BLOCK_T) < num_sms(device):
         BLOCK_T //= 2
     stages = 1 if BLOCK_K > 256 else 2
@@ -287,7 +288,7 @@ def interpreter_tiles(N: int, D: int, d: int) -> list[Tiles]:
     return [Tiles(next_pow2(min(N, 128), 16), next_pow2(min(D, 1024), 16), next_pow2(d, 16), 4, 1, "ieee")]
 
 
-_TOO_BIG: set = set()
+_TOO_BIG: dict = {}  # (key, tiles) -> the launch error
 _FELL_BACK: set = set()
 
 
@@ -306,14 +307,15 @@ def launch_with_fallback(key: tuple, candidates: list[Tiles], run: Callable[[Til
         except Exception as e:
             if type(e).__name__ != "OutOfResources":
                 raise
-            _TOO_BIG.add((key, tiles))
+            _TOO_BIG[(key, tiles)] = str(e)
             last = e
             continue
         if tiles != candidates[0] and (key, tiles) not in _FELL_BACK:
             # Once per op and configuration: a slow benchmark row can then be explained.
             _FELL_BACK.add((key, tiles))
+            why = _TOO_BIG.get((key, candidates[0]), "skipped")
             warnings.warn(f"{key[0]}: launch configuration {candidates[0]} does not fit this GPU "
-                          f"({last}); using {tiles}", RuntimeWarning, stacklevel=3)
+                          f"({why}); using {tiles}", RuntimeWarning, stacklevel=3)
         return out
     raise RuntimeError(f"{key[0]}: no launch configuration fits this GPU (tried {len(candidates)}); "
                        f"use kernels='reference'") from last
