@@ -24,3 +24,22 @@ def test_readme_opens_with_the_two_commands():
     first_block = text.split("```")[1]
     assert "make demo" in first_block and "make test" in first_block
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_bench_readme_flop_figures_are_the_codes():
+    """bench/README quotes our training FLOPs per image beside the issue's round formula
+    3 x blocks x N x (24 w^2 + 4 N w) + patch embedding + head; both come from here."""
+    import re
+
+    from ldae_fast.config import ModelConfig
+    from ldae_fast.engine.mfu import train_flops_per_image
+
+    text = " ".join((ROOT / "bench" / "README.md").read_text().split())
+    for size in ("halfL", "B"):
+        m = ModelConfig(size=size, patch_size=16)
+        N, w, p = (256 // 16) ** 2, m.width, 16
+        blocks = m.encoder_depth + m.decoder_depth
+        round_fwd = blocks * N * (24 * w * w + 4 * N * w) + 2 * N * (3 * p * p) * w + 2 * N * w * (3 * p * p)
+        ours = train_flops_per_image(m, 256)[1] / 1e9
+        quoted = f"{ours:.1f} against {3 * round_fwd / 1e9:.1f}"
+        assert re.search(re.escape(quoted), text), (size, quoted)

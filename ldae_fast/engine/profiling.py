@@ -155,7 +155,6 @@ class StepProfiler:
         self.table: str | None = None
         self.trace_path: Path | None = None
         self.table_path: Path | None = None
-        self.recorded = 0  # steps in the written profile
         self._calls = 0
         self._prof: Any = None
         self._done = self.steps <= 0
@@ -220,6 +219,11 @@ class StepProfiler:
         return not self._done
 
     @property
+    def recorded(self) -> int:
+        """Steps finished inside the recorded part of the window (callers close after step())."""
+        return max(0, min(self.steps, self._calls - self.wait - self.warmup))
+
+    @property
     def total_steps(self) -> int:
         """Calls of step() the window spans: wait + warmup + steps."""
         return self.wait + self.warmup + max(self.steps, 0)
@@ -228,9 +232,9 @@ class StepProfiler:
         """Mark the end of one training step; finishes the profile after the window."""
         if self._done:
             return
+        # Counted before torch's step(): at the window's last step it writes the trace (and the
+        # header's `recorded`) from inside it.
         self._calls += 1
-        # Before torch's step(): at the window's last step it writes the trace from inside it.
-        self.recorded = max(0, min(self.steps, self._calls - self.wait - self.warmup))
         self._prof.step()
         if self._calls >= self.total_steps:
             self.close()
@@ -274,8 +278,6 @@ class StepProfiler:
             self._leave_count()
             return
         self._done = True
-        # Steps finished inside the recorded part (callers close after a step() call).
-        self.recorded = max(0, min(self.steps, self._calls - self.wait - self.warmup))
         self._discard = self.recorded < 1
         try:
             self._prof.stop()

@@ -44,10 +44,19 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor | None) 
     return x
 
 
-def _set_checkpointing(module: nn.Module, enable: bool) -> None:
-    module.grad_checkpointing = bool(enable)
-    for blk in module.blocks:
-        blk.grad_checkpointing = bool(enable)
+class _CheckpointedBlocks:
+    """Activation checkpointing of a stack's `blocks`: the blocks hold the switch (the
+    checkpoint sits inside Block.forward), the stack only sets and reports it."""
+
+    blocks: nn.ModuleList
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(blk.grad_checkpointing for blk in self.blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for blk in self.blocks:
+            blk.grad_checkpointing = bool(enable)
 
 
 def _init_linear_xavier(m: nn.Module) -> None:
@@ -71,7 +80,7 @@ def _init_common(module: nn.Module) -> None:
             nn.init.zeros_(m.adaLN_modulation[-1].bias)
 
 
-class ViTEncoder(nn.Module):
+class ViTEncoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
                  attn_backend: str = "auto", fused_adaln: bool = False) -> None:
@@ -79,7 +88,6 @@ class ViTEncoder(nn.Module):
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
         self.num_features = self.embed_dim = width
-        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
         g = self.patch_embed.grid_size
@@ -135,11 +143,8 @@ class ViTEncoder(nn.Module):
             return tokens[:, 0]
         raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        _set_checkpointing(self, enable)
 
-
-class ViTDecoder(nn.Module):
+class ViTDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
                  attn_backend: str = "auto", fused_adaln: bool = False) -> None:
@@ -147,7 +152,6 @@ class ViTDecoder(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         self.img_size, self.patch_size, self.out_chans, self.cond = img_size, patch_size, out_chans, cond
-        self.grad_checkpointing = False
         g = img_size // patch_size
         self.num_patches = g * g
         self.embed = nn.Linear(width, width)
@@ -177,9 +181,6 @@ class ViTDecoder(nn.Module):
         """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W)."""
         patches = self.forward_patches(tokens, sigma)
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        _set_checkpointing(self, enable)
 
 
 class LDAEModel(nn.Module):
