@@ -131,7 +131,10 @@ class NoiseConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """'synthetic' (built in, no download) or 'wds' (WebDataset shards in the ImageNet layout)."""
+    """'synthetic' (built in, no download), 'wds' (WebDataset shards in the ImageNet layout,
+    decoded as they stream) or 'resident' (the same shards decoded once into a uint8 array held
+    on the training device, cropped and flipped there; for sets that fit in device memory: see
+    ldae_fast/data/resident.py)."""
     train_shards: str = ""
     """Shard URLs for training: path, brace pattern (train-{000000..000009}.tar.gz) or pipe: URL."""
     val_shards: str = ""
@@ -160,9 +163,17 @@ class DataConfig:
     """Classes of the built-in synthetic dataset."""
     gpu_decode: bool = False
     """Decode JPEGs on the GPU (torchvision.io.decode_jpeg) when CUDA is present."""
+    cache_dir: str = ""
+    """'resident': where the decoded array is cached ('' : $XDG_CACHE_HOME/ldae-fast/resident,
+    else ~/.cache/ldae-fast/resident)."""
+    resident_decode_size: int = 0
+    """'resident': side the images are decoded to (resize shorter side + centre crop) before
+    they are held in memory; the crops are drawn from these (0: data.img_size)."""
+    class_subset: int = 0
+    """'resident': keep only classes 0..K-1 of train and val (0: all classes)."""
 
     def __post_init__(self) -> None:
-        _one_of("data.source", self.source, ("synthetic", "wds"))
+        _one_of("data.source", self.source, ("synthetic", "wds", "resident"))
         _check(self.img_size >= 1, f"data.img_size={self.img_size} must be >= 1")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -170,6 +181,10 @@ class DataConfig:
         _check(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
         _check(self.synthetic_images >= 1 and self.synthetic_classes >= 2,
                "data.synthetic_images must be >= 1 and data.synthetic_classes >= 2")
+        _check(self.resident_decode_size >= 0,
+               f"data.resident_decode_size={self.resident_decode_size} must be >= 0")
+        _check(self.class_subset == 0 or self.class_subset >= 2,
+               f"data.class_subset={self.class_subset} must be 0 (all classes) or >= 2")
 
 
 @dataclass
@@ -247,6 +262,10 @@ class EngineConfig:
     """Extra DeepSpeed JSON whose keys override the generated config."""
     progress: bool = True
     """Progress bar when stdout is a terminal."""
+    time_budget_s: float = 0.0
+    """Stop after this many seconds of the step loop (0: no limit): the run ends at the first
+    step past the budget, with its log line and final checkpoint as if that were the last step.
+    The schedule is still the one of engine.steps / engine.epochs, so pick steps that fit."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the logged MFU (0: the bf16 dense peak of a known GPU, looked
     up by name in engine/mfu.py; no MFU on CPU or an unknown GPU)."""
@@ -269,6 +288,7 @@ class EngineConfig:
                "engine.log_every >= 1, engine.ckpt_every >= 0, engine.keep_last >= 1")
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
+        _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")
 
 
 @dataclass
@@ -345,9 +365,13 @@ class Config:
         _check(self.tokenizer.latent_dim <= D,
                f"tokenizer.latent_dim={self.tokenizer.latent_dim} is larger than 3*p^2={D} "
                f"(patch size {p}); allowed: 1..{D}")
-        if self.data.source == "wds":
+        if self.data.source in ("wds", "resident"):
             # Shard paths are checked when the data is opened: presets name no local path.
-            _check(self.data.epoch_size > 0, "data.source='wds' needs data.epoch_size (images per epoch)")
+            _check(self.data.epoch_size > 0,
+                   f"data.source={self.data.source!r} needs data.epoch_size (images per epoch)")
+        _check(self.engine.time_budget_s == 0 or self.engine.backend == "single",
+               "engine.time_budget_s needs engine.backend='single' (ranks with their own clocks "
+               "could stop at different steps)")
 
     def epoch_size(self) -> int:
         return self.data.epoch_size or self.data.synthetic_images

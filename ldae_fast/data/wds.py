@@ -758,6 +758,9 @@ def build_train_stream(cfg: Config, rank: int = 0, world_size: int = 1,
     """The trainer's data: see `TrainStream` and the module docstring (resume rule)."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+    if cfg.data.source == "resident":
+        from .resident import ResidentStream
+        return ResidentStream(cfg, rank, world_size, device)  # type: ignore[return-value]  # same interface
     return TrainStream(cfg, rank, world_size, device)
 
 

@@ -279,6 +279,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                                      log=logger.info)
             if is_main else StepProfiler(out_dir, 0))
     model.train()
+    deadline = time.time() + cfg.engine.time_budget_s if cfg.engine.time_budget_s > 0 else None
     for step in range(start, total):
         lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
         step_loss = torch.zeros((), device=device)
@@ -304,6 +305,9 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         win_norm += norm.float()
         win_steps += 1
         done = step + 1
+        if deadline is not None and done < total and time.time() >= deadline:
+            logger.info(f"engine.time_budget_s={cfg.engine.time_budget_s:g} spent: stopping at step {done} of {total}")
+            total = done  # this step is the last: its log line and the final checkpoint follow
         if done % cfg.engine.log_every == 0 or done == total:
             if world > 1:  # every rank must stop at the same log step, or the others hang
                 first_bad = backend.all_reduce_max(first_bad)
@@ -333,6 +337,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
             win_steps, win_images, t_win = 0, 0, time.time()
         if cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total:
             last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+        if done == total:
+            break
     prof.close()
     if total > start:
         last_ckpt = save(total) if is_main or backend.save_on_all_ranks else None
