@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""Does pretraining learn? l-DAE on resident Tiny ImageNet for a wall-clock budget, then kNN and
+the fast linear probe for the pretrained encoder and random-init encoders of the same shape.
+
+    python bench/learn_check.py --data-dir DIR --train-shards N --val-shards M --budget-s S \\
+        --out FILE.json [--toy] [--device auto]
+
+DIR holds train-*.tar.gz and val-*.tar.gz (the Tiny ImageNet WebDataset layout); the first N
+train and M val shards in name order are used (and named in the output). Steps:
+1. decode the shards once into the resident cache (data.source=resident);
+2. calibrate: a short run of the same configuration measures images/s, so the main run's step
+   count (and so its cosine schedule) fits the budget; engine.time_budget_s stops it in any case;
+3. pretrain through the normal engine (`ldae_fast.engine.loop.train`);
+4. evaluate the EMA encoder and `--floor-seeds` random-init encoders (seeds 0.. ; seed 0 is the
+   pretrained run's own initialisation): features of the un-augmented train and val images
+   (mean of patch tokens), a weighted kNN whose k is chosen on a held-out fifth of the train
+   images, and the fast linear probe (cached features, LARS) whose base lr is chosen the same
+   way and then refit on all train images. Val images are used for the reported numbers only.
+FILE.json is rewritten after every stage, so a killed run keeps what it measured; the table is
+printed as markdown at the end.
+
+Configurations: on a GPU, ViT-S (12 + 12 blocks, width 384) at 64 px, patch 8, d = 32, batch
+256 (the `tiny-imagenet` preset's model); `--toy`: the `tiny` model at 16 px on 10 classes of
+the given shards (a few hundred images), a CPU rehearsal of every stage in well under a minute.
+The flags after --device override either (the CPU study in docs/results.md uses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Runnable as `python bench/learn_check.py` from a checkout without installing the package.
+for _p in (str(ROOT), str(ROOT / "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import results_io  # noqa: E402
+import torch  # noqa: E402
+
+GPU_SETUP = {"model": "S", "img_size": 64, "patch_size": 8, "latent_dim": 32, "batch_size": 256,
+             "blr": 4e-4, "classes": 0, "probe_epochs": 90, "calib_steps": 40}
+TOY_SETUP = {"model": "tiny", "img_size": 16, "patch_size": 4, "latent_dim": 16, "batch_size": 32,
+             "blr": 4e-3, "classes": 10, "probe_epochs": 30, "calib_steps": 6}
+KNN_KS = (5, 10, 20, 50, 100, 200)
+PROBE_BLRS = (1.0, 10.0, 100.0)
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder with train-*.tar.gz and val-*.tar.gz")
+    p.add_argument("--train-shards", type=int, required=True, help="how many train shards to use")
+    p.add_argument("--val-shards", type=int, required=True, help="how many val shards to use")
+    p.add_argument("--budget-s", type=float, required=True, help="wall-clock seconds of pretraining")
+    p.add_argument("--out", required=True, help="JSON file, rewritten as the run goes")
+    p.add_argument("--toy", action="store_true", help="tiny model, 16 px, 10 classes: CPU rehearsal")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    # Overrides of the chosen setup.
+    p.add_argument("--model", help="model size (tiny, S, B, ...)")
+    p.add_argument("--width", type=int, default=0, help="model width (0: from --model)")
+    p.add_argument("--depth", type=int, default=0, help="encoder and decoder depth (0: from --model)")
+    p.add_argument("--heads", type=int, default=0, help="attention heads (0: from --model)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--latent-dim", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--blr", type=float, help="pretraining base lr (lr = blr * batch / 256)")
+    p.add_argument("--classes", type=int, help="pretrain and evaluate on classes 0..K-1 only (0: all)")
+    p.add_argument("--eval-classes", type=int, default=0,
+                   help="evaluate on classes 0..K-1 only, pretrain on all of --classes (0: the same)")
+    p.add_argument("--crop-min-scale", type=float, default=0.35)
+    p.add_argument("--steps", type=int, default=0, help="pretraining steps (0: calibrated to the budget)")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="warm-up as a fraction of the steps")
+    p.add_argument("--probe-epochs", type=int)
+    p.add_argument("--floor-seeds", type=int, default=3, help="random-init encoders (seeds 0..n-1)")
+    p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--cache-dir", default="", help="resident cache (default: data.cache_dir's)")
+    p.add_argument("--run-dir", default="", help="engine out_dir (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def pick_shards(data_dir: Path, n_train: int, n_val: int) -> tuple[list[str], list[str]]:
+    if not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: no such folder")
+    out = []
+    for kind, n in (("train", n_train), ("val", n_val)):
+        have = sorted(str(p) for p in data_dir.glob(f"{kind}-*.tar.gz"))
+        if n < 1 or len(have) < n:
+            raise UsageError(f"--{kind}-shards {n}: {data_dir} holds {len(have)} {kind}-*.tar.gz shard(s); "
+                             f"give 1..{len(have)}")
+        out.append(have[:n])
+    return out[0], out[1]
+
+
+def setup_of(args: argparse.Namespace) -> dict[str, Any]:
+    s = dict(TOY_SETUP if args.toy else GPU_SETUP)
+    for k in ("model", "img_size", "patch_size", "latent_dim", "batch_size", "blr", "classes", "probe_epochs"):
+        v = getattr(args, k)
+        if v is not None:
+            s[k] = v
+    s.update(width=args.width, depth=args.depth, heads=args.heads, crop_min_scale=args.crop_min_scale)
+    return s
+
+
+def make_config(setup: dict[str, Any], train: list[str], val: list[str], device: str, cache_dir: str,
+                run_dir: str, epoch_size: int, steps: int, budget_s: float, seed: int, warmup_frac: float):
+    from ldae_fast.config import build_config
+
+    o: dict[str, Any] = {
+        "model.size": setup["model"], "model.patch_size": setup["patch_size"],
+        "data.img_size": setup["img_size"], "tokenizer.latent_dim": setup["latent_dim"],
+        "data.source": "resident", "data.train_shards": "::".join(train), "data.val_shards": "::".join(val),
+        "data.epoch_size": epoch_size, "data.batch_size": setup["batch_size"],
+        "data.class_subset": setup["classes"], "data.crop_min_scale": setup["crop_min_scale"],
+        "data.cache_dir": cache_dir, "tokenizer.fit_images": min(4096, epoch_size),
+        "optim.blr": setup["blr"], "optim.clip_grad": 3.0, "engine.device": device,
+        "engine.steps": steps, "engine.time_budget_s": budget_s, "engine.seed": seed,
+        "engine.log_every": max(1, min(50, steps // 10)), "engine.ckpt_every": 0, "engine.keep_last": 1,
+        "engine.out_dir": run_dir, "engine.progress": False, "eval.probe": False, "eval.figure": False,
+    }
+    steps_per_epoch = max(1, epoch_size // setup["batch_size"])
+    o["optim.warmup_epochs"] = max(warmup_frac * steps, 1) / steps_per_epoch
+    for k, key in (("width", "model.width"), ("heads", "model.num_heads")):
+        if setup[k]:
+            o[key] = setup[k]
+    if setup["depth"]:
+        o["model.encoder_depth"] = o["model.decoder_depth"] = setup["depth"]
+    return build_config("demo", {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in o.items()})
+
+
+@torch.no_grad()
+def features(encoder: torch.nn.Module, images_u8: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    """Mean-pooled encoder features of uint8 images, normalised on the device a batch at a time."""
+    from ldae_fast.data import normalize
+    from ldae_fast.eval.features import autocast_for, frozen, pool_features
+
+    out = []
+    with frozen(encoder):
+        for chunk in images_u8.split(batch):
+            with autocast_for(device):
+                out.append(pool_features(encoder, normalize(chunk.to(device)), "avg").float())
+    return torch.cat(out)
+
+
+def holdout_split(n: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, n // 5)
+    return perm[cut:], perm[:cut]
+
+
+def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+             val: tuple[torch.Tensor, torch.Tensor], device: torch.device, probe_epochs: int,
+             num_classes: int) -> dict[str, Any]:
+    """kNN and fast linear probe; k and the probe lr are chosen on a held-out fifth of train."""
+    from ldae_fast.eval.knn import knn_classify
+    from ldae_fast.eval.linear_probe import train_head_cached
+
+    t0 = time.time()
+    ftr, fva = features(encoder, train[0], device), features(encoder, val[0], device)
+    ytr, yva = train[1].to(device), val[1].to(device)
+    fit, held = (i.to(device) for i in holdout_split(len(ytr)))
+    ks = [k for k in KNN_KS if k <= len(fit)] or [len(fit)]
+    sel = knn_classify(ftr[fit], ytr[fit], ftr[held], ytr[held], ks=ks, num_classes=num_classes)
+    k = max(ks, key=lambda kk: (sel[kk]["top1"], -kk))
+    knn = knn_classify(ftr, ytr, fva, yva, ks=[k], num_classes=num_classes)[k]
+
+    def probe(blr: float, a, ya, b, yb) -> float:
+        return train_head_cached(a, ya, b, yb, num_classes=num_classes, epochs=probe_epochs,
+                                 batch_size=256, blr=blr, seed=0)["top1"]
+
+    scores = {blr: probe(blr, ftr[fit], ytr[fit], ftr[held], ytr[held]) for blr in PROBE_BLRS}
+    blr = max(PROBE_BLRS, key=lambda b: (scores[b], -b))
+    top1 = probe(blr, ftr, ytr, fva, yva)
+    return {"knn_k": k, "knn_top1": round(knn["top1"], 2), "probe_blr": blr, "probe_top1": round(top1, 2),
+            "eval_s": round(time.time() - t0, 1)}
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    cols = ["encoder", "seed", "knn_top1", "knn_k", "probe_top1", "probe_blr", "images_seen", "steps", "train_s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    if summary:
+        lines.append("")
+        lines.append(f"random-init floor over {summary['floor_seeds']} seeds: kNN {summary['floor_knn_mean']:.2f} "
+                     f"± {summary['floor_knn_std']:.2f}, probe {summary['floor_probe_mean']:.2f} ± "
+                     f"{summary['floor_probe_std']:.2f} (mean ± std); pretrained − floor mean: kNN "
+                     f"{summary['knn_margin']:+.2f}, probe {summary['probe_margin']:+.2f} points; "
+                     f"chance {summary['chance']:.2f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except UsageError as e:
+        print(f"learn_check: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from ldae_fast.data.resident import keep_classes, resident_arrays
+    from ldae_fast.engine.loop import resolve_device, train
+    from ldae_fast.models import build_model
+
+    if args.budget_s <= 0:
+        raise UsageError(f"--budget-s {args.budget_s}: must be > 0")
+    try:
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    train_urls, val_urls = pick_shards(Path(args.data_dir), args.train_shards, args.val_shards)
+    setup = setup_of(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = results_io.environment()
+    cmd = results_io.command_line(None if argv is None else [os.path.abspath(__file__), *argv])
+    stamp = {"device": env.get("gpu") or f"cpu ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)",
+             "torch": env.get("torch"), "triton": env.get("triton"), "date": env["date"], "command": cmd}
+    doc: dict[str, Any] = {"meta": {**env, **stamp, "setup": setup, "budget_s": args.budget_s,
+                                    "train_shards": [Path(u).name for u in train_urls],
+                                    "val_shards": [Path(u).name for u in val_urls]},
+                           "stages": {}, "rows": [], "summary": {}}
+
+    def save() -> None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, out)
+
+    def stage(name: str, **info: Any) -> None:
+        doc["stages"][name] = info
+        save()
+        print(f"[learn_check] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+
+    run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="learn_check-"))
+
+    def cfg_with(epoch_size: int, steps: int, budget: float, sub: str):
+        try:
+            return make_config(setup, train_urls, val_urls, args.device, args.cache_dir, str(run_root / sub),
+                               epoch_size, steps, budget, args.seed, args.warmup_frac)
+        except ValueError as e:  # ConfigError: a bad override
+            raise UsageError(str(e)) from None
+
+    t0 = time.time()
+    probe_cfg = cfg_with(1, 1, 0.0, "probe")
+    tr = resident_arrays(probe_cfg, "train")
+    va = resident_arrays(probe_cfg, "val")
+    n_train = len(tr[1])
+    if args.eval_classes:
+        tr, va = keep_classes(*tr, args.eval_classes), keep_classes(*va, args.eval_classes)
+    num_classes = int(max(int(tr[1].max()), int(va[1].max()))) + 1
+    stage("data", pretrain_images=n_train, train_images=len(tr[1]), val_images=len(va[1]), classes=num_classes,
+          img_size=setup["img_size"], seconds=round(time.time() - t0, 1))
+    if n_train < setup["batch_size"]:
+        raise UsageError(f"{n_train} train images are fewer than one batch of {setup['batch_size']}")
+
+    steps = args.steps
+    if not steps:
+        calib = setup["calib_steps"]
+        res = train(cfg_with(n_train, calib, args.budget_s, "calibrate"), log_enabled=False)
+        # The last log window excludes the first steps (kernel compilation, allocator warm-up).
+        ips = res.images_per_s
+        steps = max(1, int(0.97 * args.budget_s * ips / setup["batch_size"]))
+        stage("calibrate", steps=res.steps, images_per_s=round(ips, 1), planned_steps=steps)
+    cfg = cfg_with(n_train, steps, args.budget_s, "pretrain")
+    t1 = time.time()
+    res = train(cfg)
+    train_s = time.time() - t1
+    images_seen = res.steps * cfg.data.batch_size
+    stage("pretrain", steps=res.steps, planned_steps=steps, images_seen=images_seen,
+          train_s=round(train_s, 1), final_loss=round(res.final_loss, 4), epochs=round(images_seen / n_train, 2))
+
+    enc = build_model(cfg.model, cfg.data.img_size)
+    src = res.ema if res.ema is not None else res.model
+    enc.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+    encoders = [("pretrained", args.seed, enc.encoder)]
+    for s in range(args.floor_seeds):
+        torch.manual_seed(s)
+        encoders.append(("random-init", s, build_model(cfg.model, cfg.data.img_size).encoder))
+    common = {"model": f"{cfg.model.size} w{cfg.model.width} d{cfg.model.encoder_depth}+{cfg.model.decoder_depth}",
+              "img_size": cfg.data.img_size, "patch_size": cfg.model.patch_size, "pretrain_images": n_train,
+              "train_images": len(tr[1]),
+              "val_images": len(va[1]), "classes": num_classes, **stamp}
+    for name, seed, e in encoders:
+        e = e.to(device)
+        r = evaluate(e, tr, va, device, setup["probe_epochs"], num_classes)
+        pre = name == "pretrained"
+        doc["rows"].append({"encoder": name, "seed": seed, **r,
+                            "images_seen": images_seen if pre else 0, "steps": res.steps if pre else 0,
+                            "train_s": round(train_s, 1) if pre else 0, **common})
+        e.cpu()
+        save()
+        print(f"[learn_check] {name} seed {seed}: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
+              f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+    floor = [r for r in doc["rows"] if r["encoder"] == "random-init"]
+    pre = doc["rows"][0]
+    if floor:
+        fk = [r["knn_top1"] for r in floor]
+        fp = [r["probe_top1"] for r in floor]
+
+        def sd(xs: list[float]) -> float:
+            return statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+        doc["summary"] = {
+            "floor_seeds": len(floor), "floor_knn_mean": statistics.mean(fk), "floor_knn_std": sd(fk),
+            "floor_probe_mean": statistics.mean(fp), "floor_probe_std": sd(fp),
+            "knn_margin": pre["knn_top1"] - statistics.mean(fk),
+            "probe_margin": pre["probe_top1"] - statistics.mean(fp), "chance": 100.0 / num_classes,
+            "total_s": round(time.time() - t0, 1)}
+    doc["markdown"] = markdown(doc["rows"], doc["summary"])
+    save()
+    print(doc["markdown"])
+    print(f"[learn_check] wrote {out} ({time.time() - t0:.0f}s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
