@@ -41,6 +41,7 @@ nothing, nothing is written unless --write.
     python bench/kernels.py                      # GPU defaults: 256x256, p=16, d 16/64/128;
                                                  # adaLN: T=257, C 768/1024, B 64/256, bf16
     python bench/kernels.py --cpu-smoke
+    python bench/kernels.py --quick --budget-s 45 --json out/kernels.json   # bench/gpu_check.sh's stage
 """
 
 from __future__ import annotations

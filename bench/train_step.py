@@ -30,6 +30,9 @@ no activation checkpointing here) against a bf16 dense peak looked up by GPU nam
 same size and batch. A variant that fails (OOM at a batch size, a compile error) is a row saying
 so, not a crash.
 
+`--plan '128:a,c,d;256:d;128:b'` runs chosen variants at chosen micro-batches in the order written;
+`--budget-s` starts no variant after that many seconds (bench/gpu_check.sh's one-command GPU run).
+
 On a machine without CUDA (or with --cpu-smoke) it runs a toy configuration so CI can check the
 script end to end; results are written with bench/results_io.py only for GPU runs.
 """
