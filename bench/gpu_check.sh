@@ -31,18 +31,20 @@
 #
 # Stages and limits on the GPU (seconds; a cold machine: Triton and inductor compile everything):
 #   env       20   nvidia-smi, versions, commit, date, command -> env.json
-#   tests     80   LDAE_GPU_TESTS=1 pytest: the kernels compiled for the GPU against the
+#   tests     75   LDAE_GPU_TESTS=1 pytest: the kernels compiled for the GPU against the
 #                  reference at the training shapes (tests/test_gpu_check.py), then the kernel
 #                  test files
-#   kernels   75   bench/kernels.py --quick: 8 cases at the training shapes; the torch.compile
+#   kernels   70   bench/kernels.py --quick: 8 cases at the training shapes; the torch.compile
 #                  baseline only in the first 45 s
 #   train    160   bench/train_step.py ViT-1/2L: (a), (c), (d) at micro-batch 128, (d) at 256 (the
 #                  memory target), then (b) at 128 if started within 80 s
 #   learn    rest  bench/learn_check.py on gpu-data (5 train shards, 1 val): pretraining budget
-#                  min(150, time left - 85) s, the limit 75 s above it (decode, kNN and probe)
+#                  min(150, time left - 110) s, the limit 100 s above it (decode, calibration,
+#                  kNN and probe of the pretrained and 3 random-init encoders)
 #   profile  rest  (d) at 128 under the profiler, if 60 s are left: the top-kernel table
-# The first four stages' limits add up to 335 s, so the learning run gets at least 90 s of
-# pretraining even if every earlier stage runs into its limit. A stage that runs into its limit
+# The first four stages' limits add up to 325 s, so the learning run gets at least 75 s of
+# pretraining even if every earlier stage runs into its limit, and 150 s when they end 65 s
+# sooner than that. A stage that runs into its limit
 # gets SIGINT (pytest then prints its summary), SIGKILL 5 s later.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -174,11 +176,12 @@ if [ "$MODE" = gpu ]; then
         --val-shards "$VAL_SHARDS")
     PROFILE=("$PY" bench/train_step.py --sizes halfL --batch-sizes 128 --variants d --warmup 3 --steps 3
         --profile-steps 3)
-    LIMIT_ENV=20 LIMIT_TESTS=80 LIMIT_KERNELS=75 LIMIT_TRAIN=160 LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=75
+    LIMIT_ENV=20 LIMIT_TESTS=75 LIMIT_KERNELS=70 LIMIT_TRAIN=160 LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
     PROFILE_MIN=60
 else
     # Toy sizes on CPU through the same scripts and files; the Triton kernels run interpreted.
-    export TRITON_INTERPRET=1
+    # One thread: at toy sizes a second one only adds OpenMP hand-offs on a shared machine.
+    export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     TOTAL=${GPU_CHECK_TOTAL_S:-600}
     if [ -n "${OUT:-}" ]; then
         OUT_DIR=$OUT
@@ -196,7 +199,8 @@ else
     KERNELS=("$PY" bench/kernels.py --cpu-smoke --quick --compile-backend eager --budget-s 30)
     TRAIN=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --plan "4:a,c,d;8:d;4:b" --budget-s 60)
     LEARN=("$PY" bench/learn_check.py --toy --data-dir "$DATA_DIR" --train-shards 1 --val-shards 1)
-    PROFILE=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --variants d --profile-steps 1)
+    PROFILE=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --variants d --warmup 0 --steps 1
+        --profile-steps 1)
     LIMIT_ENV=60 LIMIT_TESTS=150 LIMIT_KERNELS=120 LIMIT_TRAIN=150 LEARN_MAX=10 LEARN_MIN=5 LEARN_EXTRA=140
     PROFILE_MIN=30
 fi
@@ -293,7 +297,7 @@ run_stages() {
     [ "$budget" -lt "$LEARN_MIN" ] && budget=$LEARN_MIN
     if [ ! -f bench/learn_check.py ]; then
         skip learn "failed: bench/learn_check.py is not in this tree (it would run: $(quoted "${LEARN[@]}" --budget-s "$budget" --out "$OUT_DIR/learn.json" --device auto))"
-    elif ! ls "$DATA_DIR"/train-*.tar* >/dev/null 2>&1; then
+    elif [ "$DRY" = 0 ] && ! ls "$DATA_DIR"/train-*.tar* >/dev/null 2>&1; then
         skip learn "failed: no train-*.tar* shards in $DATA_DIR (run bench/gpu_check.sh --prepare and carry it)"
     else
         stage learn "$(within $((budget + LEARN_EXTRA)))" learn.json - "${LEARN[@]}" --budget-s "$budget" \

@@ -37,6 +37,13 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("passed", "passed"), ("failed", "failed"), ("errors", "errors"), ("rows", "rows"),
         ("rows_ok", "rows ok"), ("failed_tests", "failed tests"), ("note", "note"),
     ],
+    # bench/learn_check.py: pretrained vs random-init encoders on real data (top-1 in %).
+    "learn_check": [
+        ("encoder", "encoder"), ("seed", "seed"), ("knn_top1", "kNN top-1 (%)"), ("knn_k", "k"),
+        ("probe_top1", "probe top-1 (%)"), ("images_seen", "images seen"), ("steps", "steps"),
+        ("train_s", "pretrain (s)"), ("model", "model"), ("img_size", "px"), ("classes", "classes"),
+        ("train_images", "train images"), ("val_images", "val images"), ("status", "status"),
+    ],
     "kernels": [
         ("op", "op"), ("variant", "variant"), ("dtype", "dtype"), ("B", "B"), ("d", "d"), ("T", "T"),
         ("C", "C"), ("ms", "ms"),
@@ -207,6 +214,24 @@ def train_step_headlines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def learn_headline(meta: dict[str, Any]) -> str:
+    """learn_check's summary (its meta after import): the margins over the random-init floor."""
+    sm = meta.get("summary")
+    if not isinstance(sm, dict) or "knn_margin" not in sm:
+        return ""
+
+    def pm(mean, std):
+        return f"{fmt(mean)}" + (f" ± {fmt(std)}" if isinstance(std, float) and std == std else "")
+
+    shards = ", ".join(str(x) for x in (meta.get("train_shards") or []) + (meta.get("val_shards") or []))
+    return (f"Pretrained minus the random-init floor (mean ± std over {sm.get('floor_seeds')} seeds: kNN "
+            f"{pm(sm.get('floor_knn_mean'), sm.get('floor_knn_std'))}, probe "
+            f"{pm(sm.get('floor_probe_mean'), sm.get('floor_probe_std'))}): kNN {sm['knn_margin']:+.2f}, probe "
+            f"{sm.get('probe_margin', float('nan')):+.2f} points; chance {fmt(sm.get('chance'))}%"
+            + (f"; pretraining budget {fmt(meta.get('budget_s'))} s" if meta.get("budget_s") is not None else "")
+            + (f"; shards {shards}" if shards else "") + ".")
+
+
 def _shown_path(path: Path) -> str:
     root = RESULTS_DIR.parent.parent
     try:
@@ -233,6 +258,10 @@ def run_section(run: dict[str, Any]) -> str:
         heads = train_step_headlines(rows)
         if heads:
             out += heads + [""]
+    if name == "learn_check":
+        line = learn_headline(meta)
+        if line:
+            out += [line, ""]
     out += [table(name, rows), "", f"Source: `{_shown_path(run['path'])}`", ""]
     return "\n".join(out)
 

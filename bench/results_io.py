@@ -371,7 +371,8 @@ def import_results(src: str | Path, out_dir: str | Path | None = None) -> list[P
         dest = _free_name(out / base)
         dest.write_text(text)
         meta = data["meta"]
-        extra = {k: v for k, v in meta.items() if k not in ENVIRONMENT_KEYS}
+        # A script's own markdown (learn_check keeps its table in the JSON) is not a setting.
+        extra = {k: v for k, v in meta.items() if k not in ENVIRONMENT_KEYS and k != "markdown"}
         _append_markdown(out / f"{data['name']}.md", data["name"], markdown_section(meta, data["rows"], extra))
         added.append(dest)
     if names is not None:

@@ -164,9 +164,15 @@ def _gpu_check_folder(rio, path, monkeypatch):
         f.meta.update(gpu, date="2026-12-01T09:01:00+00:00")
         f.add(rows)  # complete stays false: as if the stage had been killed at its limit
     (path / "learn.json").write_text(json.dumps({
-        "meta": {"budget_s": 150, "command": "python3 bench/learn_check.py --data-dir gpu-data"},
+        "meta": {"budget_s": 150, "command": "python3 bench/learn_check.py --data-dir gpu-data",
+                 "train_shards": ["train-000000.tar.gz"], "val_shards": ["val-000000.tar.gz"]},
+        "stages": {"pretrain": {"steps": 3000}},
         "rows": [{"encoder": "pretrained", "knn_top1": 0.21, "probe_top1": 0.18, "steps": 3000},
-                 {"encoder": "random-init", "knn_top1": 0.05, "probe_top1": 0.04, "steps": 0}]}))
+                 {"encoder": "random-init", "knn_top1": 0.05, "probe_top1": 0.04, "steps": 0}],
+        "summary": {"floor_seeds": 1, "floor_knn_mean": 0.05, "floor_knn_std": float("nan"),
+                    "floor_probe_mean": 0.04, "floor_probe_std": float("nan"), "knn_margin": 0.16,
+                    "probe_margin": 0.14, "chance": 0.5},
+        "markdown": "| encoder | knn_top1 |\n|---|---|"}))
     for name, text in (("tests.log", "6 passed in 3.1s\n"), ("profile.md", "| # | kernel |\n"),
                        ("gpu_check.log", "=== done\n"), ("summary.md", "## Performance\n")):
         (path / name).write_text(text)
@@ -206,6 +212,9 @@ def test_import_takes_a_gpu_check_folder(rio, tmp_path, monkeypatch):
     text = perf.render(home)
     assert "### gpu_check — NVIDIA H200" in text and "| kernels | timed out at its 75 s limit |" in text
     assert "### learn_check — NVIDIA H200" in text and "| pretrained | 0.21 | 0.18 | 3000 |" in text
+    assert ("random-init floor (mean ± std over 1 seeds: kNN 0.05, probe 0.04): kNN +0.16, probe +0.14 points; "
+            "chance 0.5%; pretraining budget 150 s; shards train-000000.tar.gz, val-000000.tar.gz.") in text
+    assert "- markdown:" not in (home / "learn_check.md").read_text()
     assert "**ViT-1/2L**: 1,150 images/s at micro-batch 128, MFU 57.0%" in text
     # The summary gpu_check.sh writes into $OUT reads the same folder directly.
     assert perf.render(away, include_cpu=True, all_runs=True).count("### ") == 4
