@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of a session that is lent a GPU, in stages that each fit one 10-minute command
-# on the lent machine (bench/README.md, "Lent machines"). Device time is scarce (30 min a
-# session): run the stages in the order below, a few per command, and stop when time runs out.
+# The long plan, for a lease longer than today's (15 minutes of device time, one command): a
+# session's GPU checks in stages that each fit one 10-minute command. With one command, run
+# bench/gpu_check.sh instead (the proof of every headline figure; bench/README.md, "The GPU
+# proof"); these stages add ViT-B and ViT-L, the ablations of (d), the profile and DeepSpeed.
+# Run them in the order below, a few per command, and stop when time runs out.
 #
 # Here, once, before the first device command (builds / downloads the wheels that machine lacks):
 #   bench/gpu_session.sh wheels

@@ -41,6 +41,7 @@ nothing, nothing is written unless --write.
     python bench/kernels.py                      # GPU defaults: 256x256, p=16, d 16/64/128;
                                                  # adaLN: T=257, C 768/1024, B 64/256, bf16
     python bench/kernels.py --cpu-smoke
+    python bench/kernels.py --quick --budget-s 45 --json out/kernels.json   # bench/gpu_check.sh's stage
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--write", action="store_true", help="write results on CPU too")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--json", default=None, metavar="FILE",
+                    help="write the results to exactly FILE, no markdown (`results_io.py import` names it "
+                         "and rebuilds the markdown); implies --write")
+    ap.add_argument("--quick", action="store_true",
+                    help="GPU: only the training shapes (B 256, d 128, fp32 and bf16; adaLN T 257, C 1024, "
+                         "fp32+bf16): 8 cases instead of 60, for a lent GPU's short command")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="once this many seconds have passed, later cases skip the torch.compile baseline "
+                         "(its compilation is most of a cold run's time)")
     ap.add_argument("--profile", nargs="?", const="runs/profile/kernels", default=None, metavar="DIR",
                     help="after timing, trace --profile-calls calls of every variant of every case with "
                          "torch.profiler: DIR/<op>_<dtype>_B<B>_<shape>_<variant>/ (Chrome trace + top-kernel table)")
@@ -266,12 +276,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"the Triton kernels cannot run on {device} here (triton missing, or "
                          f"TRITON_INTERPRET set/unset against the device); nothing to compare")
     if gpu:
-        bss, size, dims = args.batch_sizes or "16,64,256", args.size or 256, args.dims or "16,64,128"
+        quick = args.quick
+        bss = args.batch_sizes or ("256" if quick else "16,64,256")
+        size, dims = args.size or 256, args.dims or ("128" if quick else "16,64,128")
         dtypes = args.dtypes or "fp32,bf16"
         # fp32+bf16 is what training runs: under bf16 autocast the residual stream stays float32
         # and the modulation (a Linear's output) is bf16.
-        a_bss, a_dtypes, tokens = args.batch_sizes or "64,256", args.dtypes or "fp32+bf16,bf16", args.tokens or 257
-        widths = args.widths or "768,1024"
+        a_bss = args.batch_sizes or ("256" if quick else "64,256")
+        a_dtypes = args.dtypes or ("fp32+bf16" if quick else "fp32+bf16,bf16")
+        tokens, widths = args.tokens or 257, args.widths or ("1024" if quick else "768,1024")
     else:
         bss, size, dims = args.batch_sizes or "2", args.size or 32, args.dims or "16"
         dtypes = args.dtypes or "fp32"
@@ -287,16 +300,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for d in _ints(dims):
                 for op in (o for o in ops if o not in ADALN_OPS):
                     cases.append((op, dname, B, dict(H=size, W=size, p=args.patch, d=d),
-                                  lambda op=op, B=B, d=d, dt=_DTYPES[dname]: make_variants(
-                                      op, B, size, size, args.patch, d, dt, device, compile_backend)))
+                                  lambda cb, op=op, B=B, d=d, dt=_DTYPES[dname]: make_variants(
+                                      op, B, size, size, args.patch, d, dt, device, cb)))
     for dname in a_dtypes.split(","):
         adt = adaln_dtypes(dname)
         for B in _ints(a_bss):
             for C in _ints(widths):
                 for op in (o for o in ops if o in ADALN_OPS):
                     cases.append((op, dname, B, dict(T=tokens, C=C),
-                                  lambda op=op, B=B, C=C, dt=adt: make_adaln_variants(
-                                      op, B, tokens, C, dt, device, compile_backend)))
+                                  lambda cb, op=op, B=B, C=C, dt=adt: make_adaln_variants(
+                                      op, B, tokens, C, dt, device, cb)))
     compile_backend = None if args.no_compile else args.compile_backend
     timer = Timer(gpu, args.warmup, args.rep)
     copy_gbps = copy_bandwidth(timer, device, gpu)
@@ -305,21 +318,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cmd = command_line(None if argv is None else [str(Path(__file__)), *argv])
     results = None
-    if (gpu or args.write) and not args.no_write:
+    if (gpu or args.write or args.json) and not args.no_write:
         # Rewritten after every case: a run stopped by a time limit keeps what it measured.
         results = ResultsFile("kernels", {
             "command": cmd, "copy_GBps": copy_gbps, "compile_backend": compile_backend,
             "timer": "triton.testing.do_bench median/p20/p80" if gpu else "wall clock, median of 3",
-            "bytes": "analytic minimum per op, see bench/kernels.py docstring"}, out_dir=args.out_dir)
+            "bytes": "analytic minimum per op, see bench/kernels.py docstring", "budget_s": args.budget_s},
+            out_dir=args.out_dir, json_path=args.json)
     rows: list[dict] = []
     hdr = (f"{'op':<16}{'variant':<10}{'dtype':<10}{'B':>5}{'shape':>12}{'ms':>10}{'GB/s':>9}"
            f"{'copy%':>7}{'x eager':>9}{'x comp':>8}{'peakMiB':>9}")
     print(hdr)
+    t0 = time.monotonic()
     for op, dname, B, shape, factory in cases:
         torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit
         shape_s = f"T{shape['T']} C{shape['C']}" if "C" in shape else f"d{shape['d']}"
+        cb = compile_backend
+        if cb and args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
+            cb = None
         try:
-            group = measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, args)
+            group = measure_case(op, dname, B, shape, shape_s, lambda f=factory, cb=cb: f(cb), timer, copy_gbps,
+                                 gpu, args)
+            if compile_backend and cb is None:
+                for r in group:
+                    r["note"] = f"no compiled baseline: past --budget-s {args.budget_s:g}"
         except Exception as e:  # building the case's inputs failed: a row saying so, then go on
             failed = dict(op=op, variant="all", dtype=dname, B=B, **shape, status=failure_status(e))
             print(f"{op:<16}{'-':<10}{dname:<10}{B:>5}{shape_s:>12}  {failed['status']}")
@@ -333,7 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"reproduce: {cmd}")
     if results is not None:
         jp, mp = results.close()
-        print(f"wrote {jp} and {mp}")
+        print(f"wrote {jp}" + (f" and {mp}" if mp else ""))
     return rows
 
 
@@ -342,7 +364,9 @@ def measure_case(op, dname, B, shape, shape_s, factory, timer, copy_gbps, gpu, a
     A variant that fails (an OOM, a compile error) is a row with that status; the others stand."""
     fns, nbytes = factory()
     group = []
-    for variant, fn in fns.items():
+    # The compiled baseline last: its compilation is the slow part, and a run stopped by a time
+    # limit then still has the kernel's and the reference's rows of the case it was in.
+    for variant, fn in sorted(fns.items(), key=lambda kv: kv[0] == "compiled"):
         row = dict(op=op, variant=variant, dtype=dname, B=B, **shape, status="ok")
         try:
             ms, lo, hi = timer(fn)

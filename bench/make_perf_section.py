@@ -14,12 +14,13 @@ out unless --include-cpu. With no GPU results it prints how to produce them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_io  # noqa: E402
 
 # Columns worth a README table, per benchmark, with their headers; other benchmarks show every
 # column their rows have.
@@ -29,6 +30,19 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("train_gflop", "GFLOP/img"), ("images_per_s", "images/s"), ("tflops", "TFLOP/s"),
         ("mfu", "MFU"), ("peak_mem_gib", "peak mem (GiB)"), ("peak_reserved_gib", "reserved (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
         ("vs_d", "x (d)"), ("cudagraph_skips", "graphs skipped"), ("status", "status"),
+    ],
+    # bench/gpu_check.sh's env.json: one row per stage of the one-command GPU run.
+    "gpu_check": [
+        ("stage", "stage"), ("status", "status"), ("seconds", "s"), ("limit_s", "limit (s)"),
+        ("passed", "passed"), ("failed", "failed"), ("errors", "errors"), ("rows", "rows"),
+        ("rows_ok", "rows ok"), ("failed_tests", "failed tests"), ("note", "note"),
+    ],
+    # bench/learn_check.py: pretrained vs random-init encoders on real data (top-1 in %).
+    "learn_check": [
+        ("encoder", "encoder"), ("seed", "seed"), ("knn_top1", "kNN top-1 (%)"), ("knn_k", "k"),
+        ("probe_top1", "probe top-1 (%)"), ("images_seen", "images seen"), ("steps", "steps"),
+        ("train_s", "pretrain (s)"), ("model", "model"), ("img_size", "px"), ("classes", "classes"),
+        ("train_images", "train images"), ("val_images", "val images"), ("status", "status"),
     ],
     "kernels": [
         ("op", "op"), ("variant", "variant"), ("dtype", "dtype"), ("B", "B"), ("d", "d"), ("T", "T"),
@@ -47,13 +61,17 @@ def load_runs(results_dir: Path) -> list[dict[str, Any]]:
     """Every parseable results file, as {"name", "meta", "rows", "path"}; broken files are skipped
     with a note on stderr so one bad file does not hide the rest."""
     runs = []
+    # A folder bench/gpu_check.sh wrote ($OUT): its env.json names the benchmark of each file.
+    names, env_meta = results_io.gpu_check_manifest(results_dir)
     for path in sorted(results_dir.glob("*.json")):
+        lookup = dict(names or {})
+        lookup.setdefault(path.name, path.stem.split("-")[0])
         try:
-            data = json.loads(path.read_text())
+            data = results_io.load_results(path, lookup, env_meta)
         except (OSError, ValueError) as e:
             print(f"make_perf_section: skipping {path.name}: {e}", file=sys.stderr)
             continue
-        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        if not isinstance(data.get("rows"), list):
             print(f"make_perf_section: skipping {path.name}: not a results_io file", file=sys.stderr)
             continue
         meta = data.get("meta") or {}
@@ -196,6 +214,24 @@ def train_step_headlines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def learn_headline(meta: dict[str, Any]) -> str:
+    """learn_check's summary (its meta after import): the margins over the random-init floor."""
+    sm = meta.get("summary")
+    if not isinstance(sm, dict) or "knn_margin" not in sm:
+        return ""
+
+    def pm(mean, std):
+        return f"{fmt(mean)}" + (f" ± {fmt(std)}" if isinstance(std, float) and std == std else "")
+
+    shards = ", ".join(str(x) for x in (meta.get("train_shards") or []) + (meta.get("val_shards") or []))
+    return (f"Pretrained minus the random-init floor (mean ± std over {sm.get('floor_seeds')} seeds: kNN "
+            f"{pm(sm.get('floor_knn_mean'), sm.get('floor_knn_std'))}, probe "
+            f"{pm(sm.get('floor_probe_mean'), sm.get('floor_probe_std'))}): kNN {sm['knn_margin']:+.2f}, probe "
+            f"{sm.get('probe_margin', float('nan')):+.2f} points; chance {fmt(sm.get('chance'))}%"
+            + (f"; pretraining budget {fmt(meta.get('budget_s'))} s" if meta.get("budget_s") is not None else "")
+            + (f"; shards {shards}" if shards else "") + ".")
+
+
 def _shown_path(path: Path) -> str:
     root = RESULTS_DIR.parent.parent
     try:
@@ -222,6 +258,10 @@ def run_section(run: dict[str, Any]) -> str:
         heads = train_step_headlines(rows)
         if heads:
             out += heads + [""]
+    if name == "learn_check":
+        line = learn_headline(meta)
+        if line:
+            out += [line, ""]
     out += [table(name, rows), "", f"Source: `{_shown_path(run['path'])}`", ""]
     return "\n".join(out)
 

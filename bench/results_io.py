@@ -132,20 +132,29 @@ class ResultsFile:
     false until `close`, which also appends the markdown section. Use as a context manager.
     """
 
-    def __init__(self, name: str, meta_extra: dict | None = None, out_dir: str | Path | None = None):
+    def __init__(self, name: str, meta_extra: dict | None = None, out_dir: str | Path | None = None,
+                 json_path: str | Path | None = None):
+        """json_path: write exactly this file and no markdown (a lent GPU returns few files;
+        `import` names the file and rebuilds the markdown from it); else out_dir/<name>-<date>-<device>.json
+        plus out_dir/<name>.md."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"benchmark name {name!r} must use letters, digits, '_', '.', '-' only")
         self.name = name
-        self.out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-        self.out.mkdir(parents=True, exist_ok=True)
         self.meta_extra = dict(meta_extra or {})
         self.meta = environment()
         self.meta.update(self.meta_extra)
         self.meta["complete"] = False
-        device = device_label(self.meta)
-        stamp = self.meta["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-        self.json_path = _free_name(self.out / f"{name}-{stamp}-{_slug(device)}.json")
-        self.md_path = self.out / f"{name}.md"
+        self.md_path: Path | None
+        if json_path is not None:
+            self.json_path = Path(json_path)
+            self.out = self.json_path.parent
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.md_path = None
+        else:
+            self.out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.json_path = _free_name(self.out / canonical_name(name, self.meta))
+            self.md_path = self.out / f"{name}.md"
         self.rows: list[dict] = []
         self.closed = False
         self._write()  # claims the file name at once
@@ -165,13 +174,15 @@ class ResultsFile:
         self.rows = [dict(r) for r in rows]
         self._write()
 
-    def close(self) -> tuple[Path, Path]:
-        """Mark the run complete and append its markdown section; returns (json, markdown)."""
+    def close(self) -> tuple[Path, Path | None]:
+        """Mark the run complete and append its markdown section; returns (json, markdown or None)."""
         if not self.closed:
             self.closed = True
             self.meta["complete"] = True
             self._write()
-            _append_markdown(self.md_path, self.name, markdown_section(self.meta, self.rows, self.meta_extra))
+            if self.md_path is not None:
+                _append_markdown(self.md_path, self.name,
+                                 markdown_section(self.meta, self.rows, self.meta_extra))
         return self.json_path, self.md_path
 
     def __enter__(self) -> ResultsFile:
@@ -194,6 +205,15 @@ def write_result(name: str, rows: list[dict], meta_extra: dict | None = None,
     f = ResultsFile(name, meta_extra, out_dir)
     f.add(rows)
     return f.close()
+
+
+def _stamp(meta: dict[str, Any]) -> str:
+    return str(meta.get("date") or "undated").replace(":", "").replace("-", "").replace("+0000", "Z")
+
+
+def canonical_name(name: str, meta: dict[str, Any]) -> str:
+    """<name>-<UTC date-time>-<device>.json: the name a run's file has in results/."""
+    return f"{name}-{_stamp(meta)}-{_slug(device_label(meta))}.json"
 
 
 def _twins(path: Path) -> Iterator[Path]:
@@ -227,12 +247,12 @@ def markdown_section(meta: dict[str, Any], rows: list[dict], meta_extra: dict | 
         cols.extend(k for k in r if k not in cols)
     partial = "" if meta.get("complete", True) else " (incomplete: the run stopped early)"
     lines = [
-        f"## {device} — {meta['date']}{partial}",
+        f"## {device} — {meta.get('date')}{partial}",
         "",
         f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
         f"commit {meta.get('git_commit')}",
         "",
-        f"`{meta['command']}`",
+        f"`{meta.get('command')}`",
         "",
     ]
     for k, v in (meta_extra or {}).items():
@@ -262,28 +282,223 @@ ENVIRONMENT_KEYS = ("date", "command", "python", "platform", "git_commit", "torc
                     "complete")
 
 
+# bench/gpu_check.sh returns these files from a lent GPU (at most 8 come back) and `import` reads
+# them: each JSON's benchmark name, None for the logs and tables kept as they are.
+GPU_CHECK = "gpu_check"
+GPU_CHECK_FILES: dict[str, str | None] = {
+    "env.json": GPU_CHECK, "kernels.json": "kernels", "train_step.json": "train_step",
+    "learn.json": "learn_check", "tests.log": None, "profile.md": None, "gpu_check.log": None,
+    "summary.md": None,
+}
+# What a results file written without results_io (bench/learn_check.py) may lack and takes from
+# its gpu_check run's env.json.
+_FILLED_FROM_ENV = ("date", "git_commit", "gpu", "gpu_memory_gib", "gpu_count", "cpu", "cpu_threads",
+                    "torch", "cuda", "triton", "python", "platform")
+
+
+def load_results(path: str | Path, names: dict[str, str | None] | None = None,
+                 env_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A results file as {"name", "meta", "rows"}.
+
+    A file in results_io's shape comes as it is. In a gpu_check folder (`names`: file name ->
+    benchmark name, `env_meta`: its env.json's meta), a file another script wrote in its own
+    shape (a list of row dicts, or a dict with "rows" and perhaps "meta") gets its benchmark name
+    from `names` and the environment keys it lacks from `env_meta`, listed in
+    meta["environment_from_env_json"]. Anything else raises ValueError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if isinstance(data, dict) and {"name", "meta", "rows"} <= set(data):
+        return data
+    rows = data if isinstance(data, list) else data.get("rows") if isinstance(data, dict) else None
+    name = (names or {}).get(path.name)
+    if isinstance(data, dict) and isinstance(data.get("name"), str):
+        name = data["name"]
+    if not name or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: not a results file (it needs name, meta and rows)")
+    meta: dict[str, Any] = {}
+    if isinstance(data, dict):
+        meta.update({k: v for k, v in data.items() if k not in ("name", "meta", "rows")})
+        if isinstance(data.get("meta"), dict):
+            meta.update(data["meta"])
+    env_meta = env_meta or {}
+    taken = [k for k in _FILLED_FROM_ENV if k not in meta and k in env_meta]
+    meta.update({k: env_meta[k] for k in taken})
+    if "command" not in meta:
+        meta["command"] = f"{env_meta.get('command')} (its {name} stage)"
+        taken.append("command")
+    if taken:
+        meta["environment_from_env_json"] = ", ".join(taken)
+    return {"name": name, "meta": meta, "rows": rows}
+
+
+def gpu_check_manifest(src: str | Path) -> tuple[dict[str, str | None] | None, dict[str, Any] | None]:
+    """(file name -> benchmark name, env meta) of a folder bench/gpu_check.sh wrote; (None, None)
+    for any other folder."""
+    env = Path(src) / "env.json"
+    try:
+        data = json.loads(env.read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(data, dict) or data.get("name") != GPU_CHECK or not isinstance(data.get("meta"), dict):
+        return None, None
+    files = data["meta"].get("files")
+    return (dict(files) if isinstance(files, dict) else dict(GPU_CHECK_FILES)), data["meta"]
+
+
 def import_results(src: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Copy result JSON files written elsewhere (a lent GPU machine's $OUT) into results/ and
     append each new run's markdown section, rebuilt from its JSON. A file already present with the
     same content is skipped, so importing twice changes nothing; a different run that happens to
-    have the same name gets a -2 suffix. Returns the JSON files added."""
+    have the same name gets a -2 suffix. A file not named <name>-... (gpu_check's fixed names) is
+    stored as <name>-<date>-<device>.json. From a gpu_check folder the other files (logs, the
+    profile table, its summary) are copied as they are into results/gpu_check-<date>-<device>/.
+    Returns the files added."""
+    src = Path(src)
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
+    names, env_meta = gpu_check_manifest(src)
     added = []
-    for path in sorted(Path(src).glob("*.json")):
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not {"name", "meta", "rows"} <= set(data):
-            raise ValueError(f"{path}: not a results file (it needs name, meta and rows)")
-        text = path.read_text()
-        if any(p.read_text() == text for p in _same_named(out / path.name)):
+    for path in sorted(src.glob("*.json")):
+        data = load_results(path, names, env_meta)
+        raw = path.read_text()
+        text = raw if json.loads(raw) == data else json.dumps(data, indent=2, default=str) + "\n"
+        base = path.name if path.name.startswith(f"{data['name']}-") else canonical_name(data["name"], data["meta"])
+        if any(p.read_text() == text for p in _same_named(out / base)):
             continue  # imported before
-        dest = _free_name(out / path.name)
+        dest = _free_name(out / base)
         dest.write_text(text)
         meta = data["meta"]
-        extra = {k: v for k, v in meta.items() if k not in ENVIRONMENT_KEYS}
+        # A script's own markdown (learn_check keeps its table in the JSON) is not a setting.
+        extra = {k: v for k, v in meta.items() if k not in ENVIRONMENT_KEYS and k != "markdown"}
         _append_markdown(out / f"{data['name']}.md", data["name"], markdown_section(meta, data["rows"], extra))
         added.append(dest)
+    if names is not None:
+        others = sorted(p for p in src.iterdir() if p.is_file() and p.suffix != ".json")
+        folder = out / canonical_name(GPU_CHECK, env_meta or {})[: -len(".json")]
+        for p in others:
+            dest = folder / p.name
+            if dest.exists() and dest.read_bytes() == p.read_bytes():
+                continue
+            folder.mkdir(exist_ok=True)
+            dest = _free_name(dest)
+            dest.write_bytes(p.read_bytes())
+            added.append(dest)
     return added
+
+
+# The gpu_check stage records ----------------------------------------------------------------------
+
+
+def _nvidia_smi() -> dict[str, Any]:
+    """Driver version and GPU as nvidia-smi reports them (None where it is absent)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {"driver": None}
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) < 3:
+        return {"driver": None}
+    return {"driver": parts[1], "nvidia_smi_gpu": parts[0], "nvidia_smi_memory": parts[2]}
+
+
+def _data_manifest(data_dir: str | None) -> dict[str, Any] | None:
+    """What the learning stage reads: the prepare step's manifest if there is one, else the shards."""
+    if not data_dir:
+        return None
+    d = Path(data_dir)
+    manifest = d / "SOURCE.txt"
+    info: dict[str, Any] = {"dir": str(data_dir)}
+    if manifest.exists():
+        info["manifest"] = manifest.read_text().splitlines()
+    else:
+        info["shards"] = [f"{p.name} {p.stat().st_size}" for p in sorted(d.glob("*.tar*"))]
+    return info
+
+
+def gpu_check_env(out: str | Path, command: str, mode: str, data_dir: str | None = None) -> Path:
+    """Start a gpu_check run's env.json: environment, driver, the command, the data it reads;
+    rows (one per stage) are added by gpu_check_stage."""
+    meta = {"command": command, "mode": mode, **_nvidia_smi(), "data": _data_manifest(data_dir),
+            "files": GPU_CHECK_FILES}
+    return ResultsFile(GPU_CHECK, meta, json_path=out).json_path
+
+
+def pytest_counts(log: str | Path) -> dict[str, Any]:
+    """passed / failed / ... counts and the failed test ids from a pytest log (a run cut short
+    counts the per-test lines of -v output instead of the summary it never printed)."""
+    try:
+        text = Path(log).read_text(errors="replace")
+    except OSError:
+        return {}
+    words = ("passed", "failed", "errors", "error", "skipped", "deselected", "xfailed", "xpassed")
+    counts: dict[str, Any] = {}
+    for line in text.splitlines()[::-1]:
+        found = re.findall(r"(\d+) (" + "|".join(words) + r")\b", line)
+        if found and re.search(r" in [\d.]+s", line):
+            for n, w in found:
+                counts["errors" if w == "error" else w] = int(n)
+            break
+    if not counts:  # no summary line: count the -v lines
+        for w in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            n = len(re.findall(rf"::\S+ {w}\b", text))
+            if n:
+                counts[w.lower() if w != "ERROR" else "errors"] = n
+        counts["summary"] = "none (cut short)"
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+    if failed:
+        counts["failed_tests"] = "; ".join(failed[:12]) + (f"; ... {len(failed) - 12} more" if len(failed) > 12 else "")
+    return counts
+
+
+def _stage_status(rc: int, limit_s: float | None) -> str:
+    if rc == 0:
+        return "ok"
+    if rc in (124, 137):  # timeout(1): the limit's signal, then KILL after the grace period
+        return f"timed out at its {limit_s:g} s limit" if limit_s else "timed out"
+    return f"failed (exit {rc})"
+
+
+def gpu_check_stage(env: str | Path, stage: str, rc: int | None, seconds: float, limit_s: float | None = None,
+                    log: str | None = None, file: str | None = None, status: str | None = None,
+                    note: str | None = None, done: bool = False) -> dict[str, Any]:
+    """Record one stage of a gpu_check run as a row of its env.json (replacing an earlier row of
+    the same stage); `status` overrides the one the exit code gives (a stage skipped, say)."""
+    env = Path(env)
+    try:
+        data = json.loads(env.read_text())
+    except (OSError, ValueError):  # the env stage itself failed: keep the later stages' rows
+        data = {"name": GPU_CHECK, "meta": {"complete": False, "files": GPU_CHECK_FILES,
+                                            "note": "the env stage wrote no env.json"}, "rows": []}
+    row: dict[str, Any] = {"stage": stage}
+    if stage:
+        row.update(status=status or _stage_status(rc if rc is not None else 1, limit_s),
+                   seconds=round(seconds, 1), limit_s=limit_s)
+        if log:
+            row.update(pytest_counts(env.parent / log))
+        if file:
+            row["file"] = file
+            names, env_meta = gpu_check_manifest(env.parent)
+            try:
+                rows = load_results(env.parent / file, names, env_meta)["rows"]
+                row["rows"] = len(rows)
+                row["rows_ok"] = sum(r.get("status", "ok") == "ok" for r in rows)
+            except (OSError, ValueError) as e:
+                row["rows"] = 0
+                row["note"] = f"{file}: {str(e).splitlines()[0][:160]}"
+        if note:
+            row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+        data["rows"] = [r for r in data["rows"] if r.get("stage") != stage] + [row]
+    if done:
+        data["meta"]["complete"] = True
+    tmp = env.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(env)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,13 +507,42 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="bench/results helpers")
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="copy result JSON files from SRC into bench/results/ (+ markdown)")
-    imp.add_argument("src", help="folder holding <name>-<date>-<device>.json files")
+    imp.add_argument("src", help="folder holding <name>-<date>-<device>.json files, or what gpu_check.sh returned")
     imp.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    env = sub.add_parser("gpu-env", help="(bench/gpu_check.sh) start a run's env.json")
+    env.add_argument("out")
+    env.add_argument("--command", required=True, help="the gpu_check command as typed")
+    env.add_argument("--mode", required=True, choices=("gpu", "rehearse"))
+    env.add_argument("--data-dir", default=None)
+    st = sub.add_parser("gpu-stage", help="(bench/gpu_check.sh) record one stage in env.json")
+    st.add_argument("env")
+    st.add_argument("--stage", default="")
+    st.add_argument("--rc", type=int, default=None)
+    st.add_argument("--seconds", type=float, default=0.0)
+    st.add_argument("--limit-s", type=float, default=None)
+    st.add_argument("--log", default=None, help="a pytest log beside env.json to count")
+    st.add_argument("--file", default=None, help="the results file beside env.json the stage wrote")
+    st.add_argument("--status", default=None)
+    st.add_argument("--note", default=None)
+    st.add_argument("--done", action="store_true", help="mark the run complete")
     args = ap.parse_args(argv)
-    added = import_results(args.src, args.out_dir)
+    if args.cmd == "gpu-env":
+        print(f"wrote {gpu_check_env(args.out, args.command, args.mode, args.data_dir)}")
+        return 0
+    if args.cmd == "gpu-stage":
+        row = gpu_check_stage(args.env, args.stage, args.rc, args.seconds, args.limit_s, args.log, args.file,
+                              args.status, args.note, args.done)
+        if args.stage:
+            print("recorded " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
+    try:
+        added = import_results(args.src, args.out_dir)
+    except (OSError, ValueError) as e:
+        print(f"results_io import: {e}", file=sys.stderr)
+        return 1
     for p in added:
         print(f"added {p}")
-    print(f"{len(added)} new result file(s) in {args.out_dir or RESULTS_DIR}")
+    print(f"{len(added)} new file(s) in {args.out_dir or RESULTS_DIR}")
     return 0
 
 

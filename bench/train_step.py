@@ -30,6 +30,9 @@ no activation checkpointing here) against a bf16 dense peak looked up by GPU nam
 same size and batch. A variant that fails (OOM at a batch size, a compile error) is a row saying
 so, not a crash.
 
+`--plan '128:a,c,d;256:d;128:b'` runs chosen variants at chosen micro-batches in the order written;
+`--budget-s` starts no variant after that many seconds (bench/gpu_check.sh's one-command GPU run).
+
 On a machine without CUDA (or with --cpu-smoke) it runs a toy configuration so CI can check the
 script end to end; results are written with bench/results_io.py only for GPU runs.
 """
@@ -342,6 +345,16 @@ def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profil
         row["profile"] = str(prof.trace_path or out)
 
 
+def _skipped_row(key: str, s: Setup, status: str) -> dict[str, Any]:
+    """The row of a variant that was not measured (time budget, or still running)."""
+    return {"model": SIZE_LABELS.get(s.size, s.size), "size": s.size, "img": s.img_size, "patch": s.patch_size,
+            "batch": s.batch, "variant": key, "variant_name": VARIANTS[key]["name"], "status": status,
+            "images_per_s": None, "precision": "bf16" if s.amp == torch.bfloat16 else "fp32"}
+
+
+_clock = time.monotonic
+
+
 def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None = None,
                 profile_steps: int = 3, compile_backend: str = "inductor") -> dict[str, Any]:
     """One row: measure variant `key` at setup `s`; failures become the row's status."""
@@ -385,9 +398,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", help=f"model sizes, comma-separated (GPU default {GPU_DEFAULTS['sizes']})")
     ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']})")
-    ap.add_argument("--variants", default="a,b,c,d",
+    ap.add_argument("--variants", default=None,
                     help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)} "
                          "(default a,b,c,d)")
+    ap.add_argument("--plan", default=None, metavar="B:V,V;B:V",
+                    help="micro-batches and the variants at each, run in the order written, e.g. "
+                         "'128:a,c,d;256:d;128:b' (instead of --batch-sizes x --variants)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no variant once this many seconds have passed: the rest become rows "
+                         "with status 'skipped: time budget'")
     ap.add_argument("--img-size", type=int, help="image side (GPU default 256)")
     ap.add_argument("--patch-size", type=int, help="patch size (GPU default 16)")
     ap.add_argument("--latent-dim", type=int, help="PCA latent dim d (GPU default 128)")
@@ -409,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
     ap.add_argument("--write", action="store_true", help="write results for a CPU smoke run too")
     ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--json", default=None, metavar="FILE",
+                    help="write the results to exactly FILE, no markdown (`results_io.py import` names it "
+                         "and rebuilds the markdown); implies --write")
     ap.add_argument("--name", default="train_step", help="results name passed to results_io")
     return ap.parse_args(argv)
 
@@ -439,6 +461,43 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, boo
     return vals, torch.device("cpu" if smoke else "cuda"), smoke
 
 
+def _variant_list(text: str) -> list[str]:
+    keys: list[str] = []
+    for v in (v.strip() for v in text.split(",")):
+        for key in (ABLATIONS if v == "ablations" else (v,) if v else ()):
+            if key not in keys:
+                keys.append(key)
+    bad = [v for v in keys if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    return keys
+
+
+def resolve_plan(args: argparse.Namespace, vals: dict[str, Any]) -> list[tuple[int, list[str]]]:
+    """[(micro-batch, variants)] in the order they run: --plan as written, else every batch of
+    --batch-sizes with every variant of --variants."""
+    if args.plan is None:
+        keys = _variant_list(args.variants or "a,b,c,d")
+        return [(int(b), keys) for b in str(vals["batch_sizes"]).split(",") if b.strip()]
+    if args.variants is not None or args.batch_sizes is not None:
+        raise SystemExit("--plan names the batches and variants: drop --batch-sizes / --variants")
+    plan = []
+    for group in (g.strip() for g in args.plan.replace(" ", ";").split(";")):
+        if not group:
+            continue
+        batch, sep, keys = group.partition(":")
+        try:
+            b = int(batch)
+        except ValueError:
+            b = 0
+        if not sep or b < 1 or not keys.strip():
+            raise SystemExit(f"--plan group {group!r}: write BATCH:VARIANT,VARIANT with BATCH >= 1")
+        plan.append((b, _variant_list(keys)))
+    if not plan:
+        raise SystemExit("--plan is empty")
+    return plan
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -464,16 +523,14 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     args = parse_args(argv)
     vals, device, smoke = resolve(args)
     cmd = command_line(argv)
+    plan = resolve_plan(args, vals)
     variants: list[str] = []
-    for v in (v.strip() for v in args.variants.split(",")):
-        for key in (ABLATIONS if v == "ablations" else (v,) if v else ()):
-            if key not in variants:
-                variants.append(key)
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    for _, keys in plan:
+        variants += [k for k in keys if k not in variants]
     sizes = [s.strip() for s in str(vals["sizes"]).split(",") if s.strip()]
-    batches = [int(b) for b in str(vals["batch_sizes"]).split(",") if b.strip()]
+    bad = [s for s in sizes if s not in SIZE_LABELS]
+    if bad:
+        raise SystemExit(f"unknown size(s) {bad}; choose from {', '.join(SIZE_LABELS)}")
     if args.precision == "auto":
         amp = torch.bfloat16 if device.type == "cuda" else None
     else:
@@ -516,16 +573,27 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
         "timing": "CUDA events around the timed steps" if device.type == "cuda" else "time.perf_counter",
         "compile_backend": args.compile_backend,
         "variants": {k: VARIANTS[k]["name"] for k in variants}, "command": cmd,
+        "plan": ";".join(f"{b}:{','.join(keys)}" for b, keys in plan), "budget_s": args.budget_s,
     }
     # Rewritten after every row: a run stopped by a lent GPU's time limit keeps what it measured.
     results = None
-    if not args.no_write and (not smoke or args.write):
-        results = results_io.ResultsFile(args.name, meta, out_dir=args.out_dir)
+    if not args.no_write and (not smoke or args.write or args.json):
+        results = results_io.ResultsFile(args.name, meta, out_dir=args.out_dir, json_path=args.json)
     rows: list[dict[str, Any]] = []
+    t0 = _clock()
     for size in sizes:
-        for batch in batches:
+        for batch, keys in plan:
             s = Setup(size=size, batch=batch, **setup_kw)
-            for key in variants:
+            for key in keys:
+                if args.budget_s is not None and _clock() - t0 > args.budget_s:
+                    rows.append(_skipped_row(key, s, f"skipped: time budget (--budget-s {args.budget_s:g})"))
+                    print(f"  {rows[-1]['model']:>8} b{batch:<4} ({key}) {rows[-1]['status']}", flush=True)
+                    if results is not None:
+                        results.set_rows(rows)
+                    continue
+                if results is not None:
+                    # On disk while it runs: a run killed at a lent GPU's limit says where it stopped.
+                    results.set_rows(rows + [_skipped_row(key, s, "unfinished: the run stopped in this variant")])
                 row = run_variant(key, s, peak, profile_dir if key == "d" else None, args.profile_steps,
                                   args.compile_backend)
                 rows.append(row)
@@ -540,7 +608,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     print(table(rows))
     if results is not None:
         results.set_rows(rows)
-        meta["results"] = [str(p) for p in results.close()]
+        meta["results"] = [str(p) for p in results.close() if p is not None]
     return rows, meta
 
 

@@ -141,3 +141,97 @@ def test_gpu_session_commands_parse():
         else:
             cfg, rest = parse_cli(argv[1:])
             assert rest == [] and cfg.engine.backend == "deepspeed", rest
+
+
+def _gpu_check_folder(rio, path, monkeypatch):
+    """A folder shaped like what bench/gpu_check.sh returns from an H200: env.json with its stage
+    rows, kernels.json and train_step.json in results_io's shape, learn.json in learn_check's
+    own shape (rows and a little meta, no environment), and the logs."""
+    monkeypatch.setenv("LDAE_GIT_COMMIT", "abc1234")
+    gpu = {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "torch": "2.11.0+cu130", "triton": "3.6.0",
+           "cuda": "13.0"}
+    env = rio.ResultsFile("gpu_check", {"command": "LDAE_GIT_COMMIT=abc1234 bash bench/gpu_check.sh",
+                                        "mode": "gpu", "files": rio.GPU_CHECK_FILES, "driver": "580.159.04"},
+                          json_path=path / "env.json")
+    env.meta.update(gpu, date="2026-12-01T09:00:00+00:00")
+    env.close()
+    assert env.md_path is None and sorted(p.name for p in path.iterdir()) == ["env.json"]
+    for name, rows in (("kernels", [{"op": "noise", "variant": "triton", "dtype": "bf16", "B": 256, "d": 128,
+                                     "GBps": 3900.0, "frac_copy": 0.9, "status": "ok"}]),
+                       ("train_step", [{"model": "ViT-1/2L", "batch": 128, "variant": "d", "variant_name": "ldae-fast",
+                                        "images_per_s": 1150.0, "mfu": 0.57, "status": "ok"}])):
+        f = rio.ResultsFile(name, {"command": f"python3 bench/{name}.py"}, json_path=path / f"{name}.json")
+        f.meta.update(gpu, date="2026-12-01T09:01:00+00:00")
+        f.add(rows)  # complete stays false: as if the stage had been killed at its limit
+    (path / "learn.json").write_text(json.dumps({
+        "meta": {"budget_s": 150, "command": "python3 bench/learn_check.py --data-dir gpu-data",
+                 "train_shards": ["train-000000.tar.gz"], "val_shards": ["val-000000.tar.gz"]},
+        "stages": {"pretrain": {"steps": 3000}},
+        "rows": [{"encoder": "pretrained", "knn_top1": 0.21, "probe_top1": 0.18, "steps": 3000},
+                 {"encoder": "random-init", "knn_top1": 0.05, "probe_top1": 0.04, "steps": 0}],
+        "summary": {"floor_seeds": 1, "floor_knn_mean": 0.05, "floor_knn_std": float("nan"),
+                    "floor_probe_mean": 0.04, "floor_probe_std": float("nan"), "knn_margin": 0.16,
+                    "probe_margin": 0.14, "chance": 0.5},
+        "markdown": "| encoder | knn_top1 |\n|---|---|"}))
+    for name, text in (("tests.log", "6 passed in 3.1s\n"), ("profile.md", "| # | kernel |\n"),
+                       ("gpu_check.log", "=== done\n"), ("summary.md", "## Performance\n")):
+        (path / name).write_text(text)
+    for stage, rc, extra in (("env", 0, {}), ("tests", 0, {"log": "tests.log"}), ("kernels", 124, {"file": "kernels.json"}),
+                             ("learn", 0, {"file": "learn.json"})):
+        rio.gpu_check_stage(path / "env.json", stage, rc, 12.0, 75.0, **extra)
+    return path
+
+
+def test_import_takes_a_gpu_check_folder(rio, tmp_path, monkeypatch):
+    """What gpu_check.sh returns: every JSON lands under its benchmark's name with its device and
+    date, learn_check's rows get the environment from env.json (and say so), the logs are kept
+    beside them, the stage rows count tests and rows, and the perf section shows it all."""
+    away = _gpu_check_folder(rio, tmp_path / "away", monkeypatch)
+    stages = {r["stage"]: r for r in json.loads((away / "env.json").read_text())["rows"]}
+    assert stages["tests"]["passed"] == 6 and stages["tests"]["status"] == "ok"
+    assert stages["kernels"]["status"] == "timed out at its 75 s limit" and stages["kernels"]["rows"] == 1
+    assert stages["learn"]["rows"] == 2 and stages["learn"]["rows_ok"] == 2
+
+    home = tmp_path / "home"
+    assert rio.main(["import", str(away), "--out-dir", str(home)]) == 0
+    stored = sorted(p.name for p in home.glob("*.json"))
+    assert stored == ["gpu_check-20261201T090000Z-nvidia-h200.json", "kernels-20261201T090100Z-nvidia-h200.json",
+                      "learn_check-20261201T090000Z-nvidia-h200.json", "train_step-20261201T090100Z-nvidia-h200.json"]
+    learn = json.loads((home / stored[2]).read_text())
+    assert learn["name"] == "learn_check" and learn["rows"][0]["encoder"] == "pretrained"
+    assert learn["meta"]["gpu"] == "NVIDIA H200" and learn["meta"]["git_commit"] == "abc1234"
+    assert learn["meta"]["budget_s"] == 150 and learn["meta"]["command"].startswith("python3 bench/learn_check.py")
+    assert "gpu" in learn["meta"]["environment_from_env_json"]
+    raw = home / "gpu_check-20261201T090000Z-nvidia-h200"
+    assert sorted(p.name for p in raw.iterdir()) == ["gpu_check.log", "profile.md", "summary.md", "tests.log"]
+    assert "(incomplete: the run stopped early)" in (home / "kernels.md").read_text()
+    assert "| pretrained | 0.21 | 0.18 | 3000 |" in (home / "learn_check.md").read_text()
+    assert rio.import_results(away, home) == []  # twice is once
+
+    perf = _perf()
+    text = perf.render(home)
+    assert "### gpu_check — NVIDIA H200" in text and "| kernels | timed out at its 75 s limit |" in text
+    assert "### learn_check — NVIDIA H200" in text and "| pretrained | 0.21 | 0.18 | 3000 |" in text
+    assert ("random-init floor (mean ± std over 1 seeds: kNN 0.05, probe 0.04): kNN +0.16, probe +0.14 points; "
+            "chance 0.5%; pretraining budget 150 s; shards train-000000.tar.gz, val-000000.tar.gz.") in text
+    assert "- markdown:" not in (home / "learn_check.md").read_text()
+    assert "**ViT-1/2L**: 1,150 images/s at micro-batch 128, MFU 57.0%" in text
+    # The summary gpu_check.sh writes into $OUT reads the same folder directly.
+    assert perf.render(away, include_cpu=True, all_runs=True).count("### ") == 4
+
+
+def test_a_foreign_json_in_a_gpu_check_folder_is_refused_by_name(rio, tmp_path, monkeypatch):
+    away = _gpu_check_folder(rio, tmp_path / "away", monkeypatch)
+    (away / "stray.json").write_text(json.dumps({"rows": [{"a": 1}]}))
+    assert rio.main(["import", str(away), "--out-dir", str(tmp_path / "home")]) == 1
+    with pytest.raises(ValueError, match="stray.json: not a results file"):
+        rio.import_results(away, tmp_path / "home")
+
+
+def _perf():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_rio_perf", BENCH / "make_perf_section.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

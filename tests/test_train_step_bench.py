@@ -259,3 +259,43 @@ def test_ablations_of_d_run_and_compare_with_d(ts):
     assert "activation ckpt" in by["d+ckpt"]["compile"]
     assert by["d+adaln"]["kernels"].endswith("fused adaLN LN")
     assert set(meta["variants"]) == {"d", *ts.ABLATIONS}
+
+
+def test_plan_runs_batches_and_variants_in_the_order_written(ts):
+    vals, _, _ = ts.resolve(ts.parse_args(["--cpu-smoke"]))
+    plan = ts.resolve_plan(ts.parse_args(["--plan", "128:a,c,d;256:d; 128:b"]), vals)
+    assert plan == [(128, ["a", "c", "d"]), (256, ["d"]), (128, ["b"])]
+    assert ts.resolve_plan(ts.parse_args(["--plan", "8:d,ablations"]), vals)[0][1] == ["d", *ts.ABLATIONS]
+    # Without --plan: every batch with every variant, as before.
+    args = ts.parse_args(["--cpu-smoke", "--batch-sizes", "2,3", "--variants", "a,d"])
+    assert ts.resolve_plan(args, ts.resolve(args)[0]) == [(2, ["a", "d"]), (3, ["a", "d"])]
+    for bad, msg in ((["--plan", "128"], "BATCH:VARIANT"), (["--plan", "0:a"], "BATCH >= 1"),
+                     (["--plan", "x:a"], "BATCH:VARIANT"), (["--plan", "4:z"], "unknown variant"),
+                     (["--plan", ";"], "empty"), (["--plan", "4:a", "--variants", "d"], "drop --batch-sizes")):
+        with pytest.raises(SystemExit, match=msg):
+            ts.resolve_plan(ts.parse_args(bad), vals)
+
+
+def test_budget_skips_later_variants_and_json_is_the_one_file(ts, tmp_path, monkeypatch):
+    """--budget-s: no variant starts after it (a row says so); --json: that file, no markdown;
+    a variant still running is on disk as 'unfinished'."""
+    clock = iter(range(0, 1000, 10))  # each reading 10 s later
+    monkeypatch.setattr(ts, "_clock", lambda: next(clock))
+    seen = []
+
+    def fake(key, s, peak, *a, **k):
+        on_disk = json.loads((tmp_path / "ts.json").read_text())["rows"]
+        seen.append(on_disk[-1]["status"])
+        return dict(ts._skipped_row(key, s, "ok"), images_per_s=float(s.batch), tflops=None, mfu=None,
+                    peak_mem_gib=None)
+
+    monkeypatch.setattr(ts, "run_variant", fake)
+    rows, meta = ts.run(["--cpu-smoke", "--plan", "2:a,c;4:d", "--budget-s", "25", "--json", str(tmp_path / "ts.json")])
+    assert [(r["batch"], r["variant"], r["status"]) for r in rows] == [
+        (2, "a", "ok"), (2, "c", "ok"), (4, "d", "skipped: time budget (--budget-s 25)")]
+    assert seen == ["unfinished: the run stopped in this variant"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ts.json"]
+    data = json.loads((tmp_path / "ts.json").read_text())
+    assert data["meta"]["complete"] is True and data["meta"]["plan"] == "2:a,c;4:d" and len(data["rows"]) == 3
+    assert rows[1]["vs_a"] == 1.0 and rows[2]["vs_d"] is None
+    assert meta["results"] == [str(tmp_path / "ts.json")]
