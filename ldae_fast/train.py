@@ -7,6 +7,7 @@ the same probe on a randomly initialised encoder.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     backend_factory = None
     if cfg.engine.backend == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            print("error: engine.backend=deepspeed needs DeepSpeed, which is not installed: "
+                  "pip install 'ldae-fast[scale]' (or run on one device with --engine.backend=single)",
+                  file=sys.stderr)
+            return 2
         from .engine.deepspeed_backend import DeepSpeedBackend
         backend_factory = DeepSpeedBackend
     t0 = time.time()

@@ -98,7 +98,7 @@ class DeepSpeedBackend:
         try:
             import deepspeed
         except ImportError as e:
-            raise RuntimeError("engine.backend='deepspeed' needs DeepSpeed: pip install deepspeed") from e
+            raise RuntimeError("engine.backend=deepspeed needs DeepSpeed: pip install 'ldae-fast[scale]'") from e
         import torch.distributed as dist
 
         on_cuda = next(model.parameters()).is_cuda
