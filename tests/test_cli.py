@@ -68,3 +68,28 @@ def test_cli_value_errors_name_the_flag():
         parse_cli(["--engine.seed"])
     with pytest.raises(ConfigError, match="unknown field 'nope' in section 'engine'"):
         parse_cli(["--engine.nope=1"])
+
+
+FIT = ["--tokenizer.fit_images=16", "--data.synthetic_images=32", "--data.batch_size=8"]
+
+
+def test_fit_pca_out_forms_write_the_file(tmp_path, monkeypatch, capsys):
+    from ldae_fast import tokenizer_cli
+    from ldae_fast.tokenizer import PCATokenizer
+
+    monkeypatch.chdir(tmp_path)
+    demo_tok = tmp_path / "runs" / "demo" / "tokenizer.safetensors"
+    demo_tok.parent.mkdir(parents=True)
+    demo_tok.write_bytes(b"the demo's")
+    for argv in (["--out=a.safetensors"], ["--out", "b.safetensors"], []):
+        assert tokenizer_cli.main(FIT + argv) == 0
+    for name in ("a.safetensors", "b.safetensors"):
+        assert (tmp_path / name).is_file()
+        assert PCATokenizer.load(tmp_path / name).d == 16
+    default = tmp_path / "runs" / "fit-pca" / "demo-p4-d16-n16.safetensors"
+    assert default.is_file() and default.with_suffix(".json").is_file()
+    assert demo_tok.read_bytes() == b"the demo's", "without --out the demo's tokenizer is untouched"
+    out = capsys.readouterr()
+    assert "\r" not in out.err, "not a terminal: plain lines"
+    assert tokenizer_cli.main(FIT + ["--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
