@@ -212,6 +212,10 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     lr0 = cfg.lr(world)
     total = cfg.total_steps(world)
     warmup = int(round(cfg.optim.warmup_epochs * cfg.steps_per_epoch(world)))
+    if warmup >= total:
+        warnings.warn(f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} is {warmup} warm-up steps, not fewer "
+                      f"than the run's {total}: the learning rate never reaches its peak {lr0:.3g}; "
+                      "shorten the warm-up or lengthen the run", stacklevel=2)
     logger = MetricLogger(out_dir, total, enabled=is_main if log_enabled is None else log_enabled,
                           progress=cfg.engine.progress)
     if is_main:
@@ -304,6 +308,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         win_norm += norm.float()
         win_steps += 1
         done = step + 1
+        logger.tick(done, cfg.global_batch(world))
         if done % cfg.engine.log_every == 0 or done == total:
             if world > 1:  # every rank must stop at the same log step, or the others hang
                 first_bad = backend.all_reduce_max(first_bad)
