@@ -175,17 +175,18 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer: 'adamw' (fused on CUDA)."""
+    """Optimizer: 'adamw' (fused on CUDA) or 'lamb' (layer-wise trust ratio, for large global
+    batches: timm's Lamb on one device, DeepSpeed's FusedLamb under engine.backend=deepspeed)."""
     blr: float = 1e-4
     """Base learning rate; lr = blr * global batch / 256 unless `lr` is set."""
     lr: float = 0.0
     """Absolute learning rate (0: derived from blr)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (the paper uses none)."""
+    """Weight decay (decoupled for AdamW; the paper uses none)."""
     beta1: float = 0.9
-    """AdamW beta1."""
+    """beta1 of AdamW / LAMB."""
     beta2: float = 0.95
-    """AdamW beta2."""
+    """beta2 of AdamW / LAMB."""
     warmup_epochs: float = 1.0
     """Linear warm-up length in epochs, then half-cycle cosine to min_lr."""
     min_lr: float = 0.0
@@ -196,7 +197,7 @@ class OptimConfig:
     """Decay of the parameter EMA kept beside the model (0: no EMA)."""
 
     def __post_init__(self) -> None:
-        _one_of("optim.name", self.name, ("adamw",))
+        _one_of("optim.name", self.name, ("adamw", "lamb"))
         _check(self.blr > 0 or self.lr > 0, "optim.blr or optim.lr must be > 0")
         _check(self.lr >= 0 and self.weight_decay >= 0 and self.min_lr >= 0, "optim values must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")

@@ -24,7 +24,7 @@ from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
 from . import checkpoint as ckpt_mod
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops_per_image
-from .optim import EMA, build_adamw, lr_at
+from .optim import EMA, build_optimizer, lr_at
 from .profiling import StepProfiler, nvtx_range
 
 
@@ -147,7 +147,7 @@ class SingleDevice:
     def __init__(self, cfg: Config, model: torch.nn.Module, lr: float):
         self.cfg = cfg
         self.model = model
-        self.optimizer = build_adamw(model, cfg, lr)
+        self.optimizer = build_optimizer(model, cfg, lr)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.engine.grad_accum).backward()
