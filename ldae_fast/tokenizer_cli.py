@@ -40,11 +40,12 @@ def _take_out(argv: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip().split("\n")[0].strip("`") + "\n\nFits on `tokenizer.fit_images` images of the "
-              "training stream of the config (preset + overrides); writes the basis to FILE and a\n"
-              "summary to FILE with .json. --out FILE and --out=FILE are the same; without --out the "
-              "file is\nruns/fit-pca/PRESET-pP-dD-nN.safetensors. Train with it: --tokenizer.path=FILE.\n"
-              "Config fields: see `python train.py --help`.")
+        print("usage: ldae-fast fit-pca [--preset NAME] [--section.field=value ...] [--out FILE.safetensors]\n\n"
+              "Fits the patch-wise PCA on tokenizer.fit_images images of the config's training stream\n"
+              "(preset + overrides) and writes the basis to FILE and a summary to FILE's name with .json.\n"
+              "--out FILE and --out=FILE are the same; without --out the file is\n"
+              "runs/fit-pca/PRESET-pP-dD-nN.safetensors. Train with it: --tokenizer.path=FILE.\n"
+              "Config fields: `python train.py --help`.")
         return 0
     try:
         out, argv = _take_out(argv)
