@@ -1,20 +1,50 @@
 # The README's commands. Each target creates (or reuses) the virtual environment it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# timm needs a torchvision whose compiled ops load beside torch. On this project's machines
-# torch 2.14.1 + torchvision 0.29.1 lie on disk for Python 3.11 and install without a download;
-# elsewhere override, e.g. `make test TORCH_SPEC="torch torchvision"`.
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.ldae-installed
 
-.PHONY: demo test test-gpu bench lint clean
+# Which PyTorch goes into the venv (the one override; it is passed to pip as written):
+#   make test TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"
+#   make test TORCH_SPEC="--index-url https://download.pytorch.org/whl/cu128 torch torchvision"
+# Unset: with a GPU (nvidia-smi present) PyPI's build, which is the CUDA one; without, the CPU
+# build from PyTorch's CPU index (about 1 GB in the venv instead of about 5.5 GB). When that index
+# cannot be reached, or what it gives does not import, PyPI's build is the fallback: it runs on
+# the CPU too, only larger.
+TORCH_SPEC ?=
+TORCH_RANGE := torch>=2.4,<2.15
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+# timm imports torchvision, and a torchvision whose compiled ops do not match torch fails to import.
+TORCH_OK := $(PY) -c "import torch, torchvision.ops; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)"
+
+.PHONY: demo test test-gpu bench lint clean torch
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(MAKE) --no-print-directory torch
+	$(PY) -m pip install -q -e '.[dev,scale]'
 	touch $(STAMP)
+
+torch:
+	@if [ -n "$(TORCH_SPEC)" ]; then \
+	  echo "installing PyTorch: $(TORCH_SPEC) (TORCH_SPEC)"; \
+	  $(PY) -m pip install -q $(TORCH_SPEC); \
+	elif $(TORCH_OK) 2>/dev/null; then \
+	  echo "PyTorch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "nvidia-smi found: installing PyPI's CUDA build of PyTorch"; \
+	  $(PY) -m pip install -q '$(TORCH_RANGE)' torchvision; \
+	else \
+	  echo "no nvidia-smi: installing the CPU build of PyTorch from $(CPU_INDEX)"; \
+	  if ! { $(PY) -m pip install -qq --retries 1 --timeout 20 --index-url $(CPU_INDEX) \
+	           '$(TORCH_RANGE)' torchvision && $(TORCH_OK) 2>/dev/null; }; then \
+	    echo "the CPU build is not available here; falling back to PyPI's build (CUDA, larger, runs on the CPU)"; \
+	    $(PY) -m pip uninstall -q -y torch torchvision 2>/dev/null || true; \
+	    $(PY) -m pip install -q '$(TORCH_RANGE)' torchvision; \
+	  fi; \
+	fi
+	@$(TORCH_OK) || { echo "PyTorch and torchvision do not work together in $(VENV); set TORCH_SPEC" >&2; exit 1; }
+	@$(PY) -c "import torch; print('PyTorch', torch.__version__, 'CUDA build' if torch.version.cuda else 'CPU build')"
 
 demo: $(STAMP)
 	$(PY) train.py

@@ -190,17 +190,18 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer: 'adamw' (fused on CUDA)."""
+    """Optimizer: 'adamw' (fused on CUDA) or 'lamb' (layer-wise trust ratio, for large global
+    batches: timm's Lamb on one device, DeepSpeed's FusedLamb under engine.backend=deepspeed)."""
     blr: float = 1e-4
     """Base learning rate; lr = blr * global batch / 256 unless `lr` is set."""
     lr: float = 0.0
     """Absolute learning rate (0: derived from blr)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (the paper uses none)."""
+    """Weight decay (decoupled for AdamW; the paper uses none)."""
     beta1: float = 0.9
-    """AdamW beta1."""
+    """beta1 of AdamW / LAMB."""
     beta2: float = 0.95
-    """AdamW beta2."""
+    """beta2 of AdamW / LAMB."""
     warmup_epochs: float = 1.0
     """Linear warm-up length in epochs, then half-cycle cosine to min_lr."""
     min_lr: float = 0.0
@@ -211,7 +212,7 @@ class OptimConfig:
     """Decay of the parameter EMA kept beside the model (0: no EMA)."""
 
     def __post_init__(self) -> None:
-        _one_of("optim.name", self.name, ("adamw",))
+        _one_of("optim.name", self.name, ("adamw", "lamb"))
         _check(self.blr > 0 or self.lr > 0, "optim.blr or optim.lr must be > 0")
         _check(self.lr >= 0 and self.weight_decay >= 0 and self.min_lr >= 0, "optim values must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
@@ -514,10 +515,24 @@ def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) 
 ALIASES = {"kernels": "engine.kernels", "resume": "engine.resume", "out": "engine.out_dir",
            "steps": "engine.steps", "device": "engine.device"}
 
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
+def _field_type(key: str) -> Any:
+    """The annotated type of `section.field`, or None when there is no such field (the caller's
+    `_apply` then reports it with the known names)."""
+    section, _, name = key.partition(".")
+    hints = typing.get_type_hints(Config)
+    if section not in hints or not dataclasses.is_dataclass(hints[section]):
+        return None
+    return typing.get_type_hints(hints[section]).get(name)
+
 
 def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
     """Parse `--preset NAME`, `--config FILE.json` and `--section.field=value` (or `--a.b value`).
 
+    A boolean field also takes `--section.field` (true) and `--no-section.field` (false); bare, it
+    consumes the next argument only when that is a boolean word (true/false/yes/no/on/off/1/0).
     Returns the config and the arguments it did not consume (for the caller's own flags).
     """
     preset, config_file, overrides, rest = "demo", None, {}, []
@@ -529,18 +544,27 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
             i += 1
             continue
         key, eq, value = arg[2:].partition("=")
+        if key.startswith("no-") and "." in key and _field_type(key[3:]) is bool:
+            _check(not eq, f"{arg}: --no-{key[3:]} takes no value")
+            overrides[key[3:]] = "false"
+            i += 1
+            continue
+        key = ALIASES.get(key, key)
+        consumed = 1
         if not eq:
-            if i + 1 >= len(argv):
-                if key in ("preset", "config") or "." in key or key in ALIASES:
-                    raise ConfigError(f"--{key} needs a value")
-                rest.append(arg)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if "." in key and _field_type(key) is bool:
+                if nxt is not None and nxt.lower() in _BOOL_WORDS:
+                    value, consumed = nxt, 2
+                else:
+                    value = "true"
+            elif key in ("preset", "config") or "." in key:
+                _check(nxt is not None, f"--{key} needs a value")
+                value, consumed = nxt, 2
+            else:
+                rest.append(arg)  # the caller's flag; its value, if any, is the caller's too
                 i += 1
                 continue
-            value = argv[i + 1]
-            consumed = 2
-        else:
-            consumed = 1
-        key = ALIASES.get(key, key)
         if key == "preset":
             preset = value
         elif key == "config":
@@ -549,7 +573,6 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
             overrides[key] = value
         else:
             rest.append(arg)
-            consumed = 1
         i += consumed
     if config_file:
         base = Config.load(config_file)
@@ -559,3 +582,66 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
             _apply(tree, k, v, from_cli=True)
         return Config.from_dict({**tree, "preset": base.preset}), rest
     return build_config(preset, overrides), rest
+
+
+# Help text generated from the dataclasses ---------------------------------------------------
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string right under a field) of a dataclass, read from its source:
+    the same text a reader of this file sees, so the help cannot drift from the code."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError):  # no source (e.g. a frozen build): fields without text
+        return {}
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_name(t: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(t, str(t))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def config_help(preset: str | None = "demo", width: int = 100) -> str:
+    """Every config field by section: `--section.field TYPE (default D)` and its docstring, plus
+    the value `preset` sets where it sets one (`[demo: V]`)."""
+    import textwrap
+
+    aliased = {v: k for k, v in ALIASES.items()}
+    preset_values = PRESETS.get(preset, {}) if preset else {}
+    lines = []
+    for sec in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[sec.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        lines.append(f"\n{sec.name}:")
+        docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{sec.name}.{f.name}"
+            typ = hints[f.name]
+            flag = f"--[no-]{key}" if typ is bool else f"--{key}"
+            alias = f", --{aliased[key]}" if key in aliased else ""
+            by_preset = f" [{preset}: {preset_values[key]}]" if key in preset_values else ""
+            lines.append(f"  {flag}{alias} {_type_name(typ).upper()} (default {_default_text(f)}){by_preset}")
+            if docs.get(f.name):
+                lines += textwrap.wrap(docs[f.name], width, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6, break_on_hyphens=False,
+                                       break_long_words=False)
+    return "\n".join(lines).lstrip("\n")

@@ -7,6 +7,7 @@ the same probe on a randomly initialised encoder.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -19,12 +20,29 @@ USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--sectio
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl
-sections: model, tokenizer, noise, data, optim, engine, eval (see ldae_fast/config.py for fields)
+values: --section.field=value and --section.field value are the same; booleans also take
+  --section.field (true) and --no-section.field (false). A preset sets some fields (shown as
+  [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
+  saved config.json instead.
 examples:
   python train.py                                   # the demo, CPU, ~2 minutes
   python train.py --preset tiny-imagenet --engine.epochs=1
   deepspeed train.py --preset ldae-vitb --data.train_shards='/data/imagenet/train-{000000..001023}.tar'
 """
+
+
+def usage(argv: list[str] = ()) -> str:
+    """USAGE plus every config field; the [preset: value] marks follow a --preset in argv."""
+    from .config import PRESETS, config_help
+
+    preset = "demo"
+    for i, a in enumerate(argv):
+        if a.startswith("--preset="):
+            preset = a.partition("=")[2]
+        elif a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    preset = preset if preset in PRESETS else "demo"
+    return f"{USAGE}\nfields (type, default, what it does):\n{config_help(preset)}\n"
 
 
 def finish_demo(cfg: Config, result, log=print) -> dict:
@@ -73,7 +91,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(usage(argv))
         return 0
     try:
         cfg, rest = parse_cli(argv)
@@ -89,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     backend_factory = None
     if cfg.engine.backend == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            print("error: engine.backend=deepspeed needs DeepSpeed, which is not installed: "
+                  "pip install 'ldae-fast[scale]' (or run on one device with --engine.backend=single)",
+                  file=sys.stderr)
+            return 2
         from .engine.deepspeed_backend import DeepSpeedBackend
         backend_factory = DeepSpeedBackend
     t0 = time.time()

@@ -46,17 +46,24 @@ def kernel_device(request):
     return device
 
 
+def shared_data(rel: str, probe: str) -> Path:
+    """``../shared/data/<rel>``, or skip when it is absent: a fresh clone has no shared data and
+    the rest of the suite needs none. Under CI=true a missing directory fails instead, so a CI
+    machine that lost its data cannot pass by skipping the tests that read real files."""
+    d = SHARED_DATA / rel
+    if not (d / probe).exists():
+        msg = f"real test data missing: {d / probe} (see ../shared/data/README.md)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg + "; CI=true requires it")
+        pytest.skip(msg)
+    return d
+
+
 @pytest.fixture
 def tinyimagenet_dir() -> Path:
-    d = SHARED_DATA / "tinyimagenet-wds"
-    if not (d / "train-000000.tar.gz").exists():
-        pytest.fail(f"real test data missing: {d} (see ../shared/data/README.md)")
-    return d
+    return shared_data("tinyimagenet-wds", "train-000000.tar.gz")
 
 
 @pytest.fixture
 def mnist_dir() -> Path:
-    d = SHARED_DATA / "mnist"
-    if not (d / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"real test data missing: {d}")
-    return d
+    return shared_data("mnist", "t10k-images-idx3-ubyte.gz")

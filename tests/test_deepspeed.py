@@ -152,13 +152,13 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     # ZeRO-3 state.pt holds no weights: export must consolidate the shards.
     st = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
     assert st["model"] is None and st["ema"] is None
-    assert main([str(runs / "z3"), str(tmp_path / "z3.safetensors")]) == 0
-    assert main([str(runs / "single4x2"), str(tmp_path / "ref.safetensors"), "--no-ema"]) == 0
-    got, ref = load_file(str(tmp_path / "z3.safetensors")), load_file(str(tmp_path / "ref.safetensors"))
+    assert main([str(runs / "z3"), str(tmp_path / "z3")]) == 0
+    assert main([str(runs / "single4x2"), str(tmp_path / "ref"), "--no-ema"]) == 0
+    got, ref = load_file(str(tmp_path / "z3" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
-    kwargs = json.loads(_meta(tmp_path / "z3.safetensors")["timm_kwargs"])
+    kwargs = json.loads(_meta(tmp_path / "z3" / "model.safetensors")["timm_kwargs"])
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
     vit.load_state_dict(got, strict=True)
 

@@ -1,4 +1,4 @@
-"""DeepSpeed backend: ZeRO 1-3, bf16, gradient accumulation and clipping, FusedAdam on CUDA.
+"""DeepSpeed backend: ZeRO 1-3, bf16, gradient accumulation and clipping, FusedAdam / FusedLamb on CUDA.
 
 The DeepSpeed JSON is generated from our config (`ds_config`), so there is one source of truth; a
 user JSON (`engine.deepspeed_config`) may override any key. Launch with `deepspeed train.py ...` or
@@ -49,6 +49,9 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
         "steps_per_print": 1 << 30,  # our logger prints; DeepSpeed's own lines would duplicate it
         "wall_clock_breakdown": False,
     }
+    if cfg.optim.name == "lamb":
+        # DeepSpeed lists no LAMB among ZeRO's tested optimizers and refuses one without this.
+        c["zero_allow_untested_optimizer"] = True
     if cfg.engine.deepspeed_config:
         path = Path(cfg.engine.deepspeed_config)
         if not path.is_file():
@@ -89,6 +92,31 @@ def _init_distributed(on_cuda: bool) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
 
 
+def _lamb(model, cfg: Config, groups: list[dict], lr: float, betas, on_cuda: bool):
+    """DeepSpeed's FusedLamb on CUDA; timm's Lamb where it cannot run (CPU, or its JIT build fails).
+
+    FusedLamb adapts every tensor, its trust ratio clamped to [0.01, 10]; timm's, as configured
+    here, adapts the weight matrices unclamped: close, not equal. DeepSpeed clips the gradients
+    (gradient_clipping = optim.clip_grad), so FusedLamb's own clipping stays off (max_grad_norm=0).
+    """
+    from .optim import LAMB_EPS, lamb_param_groups, timm_lamb
+
+    # ZeRO hands the optimizer flat partitions of many tensors, so the norms behind the trust
+    # ratio are taken per partition, not per layer (deepspeedai/DeepSpeed#490).
+    warnings.warn("optim.name=lamb under DeepSpeed ZeRO: the trust ratio is computed per flattened ZeRO "
+                  "partition, not per layer, so it is not the LAMB of a single device; compare a short "
+                  "run against engine.backend=single before relying on it", stacklevel=3)
+
+    if on_cuda:
+        try:
+            from deepspeed.ops.lamb import FusedLamb
+            return FusedLamb(groups, lr=lr, betas=betas, eps=LAMB_EPS, max_grad_norm=0.0)
+        except Exception as e:  # its JIT build needs nvcc matching torch's CUDA
+            warnings.warn(f"DeepSpeed FusedLamb unavailable ({type(e).__name__}: {e}); using timm's Lamb",
+                          stacklevel=3)
+    return timm_lamb(lamb_param_groups(model, cfg.optim.weight_decay), lr, betas)
+
+
 class DeepSpeedBackend:
     """Same surface as engine.loop.SingleDevice: backward / step / state_dict / load_state_dict."""
 
@@ -98,7 +126,7 @@ class DeepSpeedBackend:
         try:
             import deepspeed
         except ImportError as e:
-            raise RuntimeError("engine.backend='deepspeed' needs DeepSpeed: pip install deepspeed") from e
+            raise RuntimeError("engine.backend=deepspeed needs DeepSpeed: pip install 'ldae-fast[scale]'") from e
         import torch.distributed as dist
 
         on_cuda = next(model.parameters()).is_cuda
@@ -112,7 +140,9 @@ class DeepSpeedBackend:
         groups = param_groups(model, cfg.optim.weight_decay)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         opt = None
-        if on_cuda:
+        if cfg.optim.name == "lamb":
+            opt = _lamb(model, cfg, groups, lr, betas, on_cuda)
+        elif on_cuda:
             try:
                 from deepspeed.ops.adam import FusedAdam
                 opt = FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)

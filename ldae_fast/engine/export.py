@@ -1,8 +1,9 @@
-"""`ldae-fast export CKPT OUT.safetensors`: the encoder with timm VisionTransformer names.
+"""`ldae-fast export CKPT OUT_DIR`: the encoder as a timm VisionTransformer in timm's local-dir layout.
 
-The file loads strictly into `timm.create_model(<any vit name>, pretrained=False, **kwargs)` with the
-kwargs stored in its metadata; `load_exported_encoder` does exactly that, so evaluation can run
-from an export alone.
+OUT_DIR/config.json (architecture, constructor arguments, input size, mean/std) and
+OUT_DIR/model.safetensors load with `timm.create_model('local-dir:OUT_DIR', pretrained=True)`,
+strictly. The weights file also carries the timm kwargs in its metadata; `load_exported_encoder`
+reads them, so evaluation can run from an export alone.
 """
 
 from __future__ import annotations
@@ -40,29 +41,60 @@ class EncoderOnly(torch.nn.Module):
         self.encoder = encoder
 
 
+WEIGHTS_FILE = "model.safetensors"  # the name timm's local-dir loader looks for first
+
+
 def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    from ..models.timm_export import timm_kwargs, timm_state_dict
+    """Write OUT/config.json + OUT/model.safetensors (timm's local-dir layout); -> the weights file.
+
+    The safetensors metadata also carries the timm kwargs and our config, which is what
+    `load_exported_encoder` reads, so evaluation can run from the weights file alone.
+    """
+    from safetensors.torch import save_file
+
+    from ..models.timm_export import timm_config, timm_kwargs, timm_state_dict
     from .checkpoint import load_for_eval
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; the export is a directory "
+                              f"({out}/config.json + {out}/{WEIGHTS_FILE})")
+    _check_source(Path(ckpt))
     cfg, model, _ = load_for_eval(ckpt, use_ema=use_ema)
     sd = {k: v.detach().float().contiguous() for k, v in timm_state_dict(model.encoder).items()}
     meta = {"timm_kwargs": json.dumps(timm_kwargs(model.encoder)), "ldae_config": json.dumps(cfg.to_dict()),
             "source": str(ckpt), "weights": "ema" if use_ema else "model"}
-    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: timm needs both, and a directory without config.json is
+    # plainly unfinished rather than a config pointing at stale or missing weights.
+    for name, write in ((WEIGHTS_FILE, lambda t: save_file(sd, str(t), metadata=meta)),
+                        ("config.json", lambda t: t.write_text(
+                            json.dumps(timm_config(model.encoder), indent=2) + "\n"))):
+        tmp = out / (name + ".tmp")
+        write(tmp)
+        tmp.replace(out / name)
+    return out / WEIGHTS_FILE
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(out)
-    return out
+
+def _check_source(p: Path) -> None:
+    """A missing checkpoint, in this command's words (the shared resolver speaks of --resume)."""
+    from .checkpoint import is_complete, latest_checkpoint
+
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p}: no such file or directory")
+    if p.is_dir() and not is_complete(p) and latest_checkpoint(p) is None:
+        raise FileNotFoundError(f"checkpoint {p}: not a complete checkpoint (no meta.json) and no "
+                                f"complete checkpoint under {p / 'checkpoints'}")
 
 
 def load_exported_encoder(path: str | Path):
-    """-> (Config, EncoderOnly(TimmEncoder), None) from an exported .safetensors."""
+    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors."""
     import timm
     from safetensors import safe_open
 
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -77,19 +109,21 @@ def load_exported_encoder(path: str | Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ldae-fast export", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="ldae-fast export", description=__doc__.split("\n")[0],
+        epilog="Load with timm.create_model('local-dir:OUT_DIR', pretrained=True); evaluate with "
+               "`ldae-fast eval --checkpoint OUT_DIR/model.safetensors`.")
     ap.add_argument("checkpoint", help="checkpoint directory (step_*), run directory, or DeepSpeed checkpoint")
-    ap.add_argument("out", help="output .safetensors")
+    ap.add_argument("out", metavar="OUT_DIR", help="output directory (created): config.json + model.safetensors")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     a = ap.parse_args(argv)
     try:
         path = export_encoder(a.checkpoint, a.out, use_ema=not a.no_ema)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    kwargs = json.loads(_meta(path)["timm_kwargs"])
-    print(f"wrote {path}\nload with: timm.create_model('vit_base_patch16_224', pretrained=False, **{kwargs})"
-          " then load_state_dict(safetensors.torch.load_file(path), strict=True)")
+    print(f"wrote {path.parent}/config.json and {path}\n"
+          f"load with: timm.create_model('local-dir:{path.parent}', pretrained=True)")
     return 0
 
 

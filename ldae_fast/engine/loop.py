@@ -24,7 +24,7 @@ from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
 from . import checkpoint as ckpt_mod
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops_per_image
-from .optim import EMA, build_adamw, lr_at
+from .optim import EMA, build_optimizer, lr_at
 from .profiling import StepProfiler, nvtx_range
 
 
@@ -147,7 +147,7 @@ class SingleDevice:
     def __init__(self, cfg: Config, model: torch.nn.Module, lr: float):
         self.cfg = cfg
         self.model = model
-        self.optimizer = build_adamw(model, cfg, lr)
+        self.optimizer = build_optimizer(model, cfg, lr)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.engine.grad_accum).backward()
@@ -212,6 +212,10 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     lr0 = cfg.lr(world)
     total = cfg.total_steps(world)
     warmup = int(round(cfg.optim.warmup_epochs * cfg.steps_per_epoch(world)))
+    if warmup >= total:
+        warnings.warn(f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} is {warmup} warm-up steps, not fewer "
+                      f"than the run's {total}: the learning rate never reaches its peak {lr0:.3g}; "
+                      "shorten the warm-up or lengthen the run", stacklevel=2)
     logger = MetricLogger(out_dir, total, enabled=is_main if log_enabled is None else log_enabled,
                           progress=cfg.engine.progress)
     if is_main:
@@ -308,6 +312,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         if deadline is not None and done < total and time.time() >= deadline:
             logger.info(f"engine.time_budget_s={cfg.engine.time_budget_s:g} spent: stopping at step {done} of {total}")
             total = done  # this step is the last: its log line and the final checkpoint follow
+        logger.tick(done, cfg.global_batch(world))
         if done % cfg.engine.log_every == 0 or done == total:
             if world > 1:  # every rank must stop at the same log step, or the others hang
                 first_bad = backend.all_reduce_max(first_bad)

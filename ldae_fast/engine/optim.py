@@ -29,6 +29,34 @@ def build_adamw(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.O
     return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), **kwargs)
 
 
+# Large-batch runs (a global batch of 4k-32k) are where LAMB's per-layer trust ratio pays; eps as
+# in timm's Lamb and the LAMB paper's BERT runs. DeepSpeed's FusedLamb gets the same value.
+LAMB_EPS = 1e-6
+
+
+def lamb_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """`param_groups`, with the trust ratio on the weight matrices whatever the weight decay:
+    timm's Lamb adapts only groups with weight decay unless told, and the paper's recipe has none,
+    which would make 'lamb' plain Adam. Biases, norms and the class token stay unadapted."""
+    decay, no_decay = param_groups(model, weight_decay)
+    return [{**decay, "always_adapt": True}, {**no_decay, "always_adapt": False}]
+
+
+def timm_lamb(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """timm's Lamb without its own gradient clipping: the loop clips to optim.clip_grad first."""
+    from timm.optim import Lamb
+
+    return Lamb(groups, lr=lr, betas=betas, eps=LAMB_EPS, max_grad_norm=None)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """optim.name: 'adamw' (`build_adamw`) or 'lamb' (timm's Lamb, one device)."""
+    if cfg.optim.name == "lamb":
+        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        return timm_lamb(lamb_param_groups(model, cfg.optim.weight_decay), lr, betas)
+    return build_adamw(model, cfg, lr)
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warm-up from 0, then half-cycle cosine down to min_lr at total_steps."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -11,6 +11,9 @@ into plain ViT parameters:
     LayerNorm_noaffine(x) * (1 + scale) + shift   ->  LayerNorm with weight 1 + scale, bias shift
     gate * (h W^T + b)                            ->  Linear with weight diag(gate) W, bias gate * b
 so the exported model is an ordinary timm ViT with no trace of the conditioning.
+
+`timm_config` is the `config.json` of timm's local-dir layout, so that an export directory holding
+it and `model.safetensors` loads with `timm.create_model('local-dir:PATH', pretrained=True)` alone.
 """
 
 from __future__ import annotations
@@ -49,6 +52,46 @@ def timm_kwargs(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]
         # A string, so the kwargs stay JSON-serialisable for an exported config.
         act_layer="gelu_tanh",
     )
+
+
+# The timm architecture the kwargs specialise; any ViT name works, the kwargs define the shape.
+TIMM_ARCH = "vit_base_patch16_224"
+
+
+def timm_config(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]:
+    """timm's `config.json` for the encoder: the constructor arguments plus the pretrained_cfg
+    that timm's data helpers (`resolve_data_config`, `create_transform`) read.
+
+    Without it timm falls back to the architecture's defaults (224 px, mean/std 0.5), which are
+    not what the encoder was trained on; mean/std, resolution and crop follow our data pipeline.
+    """
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+
+    kwargs = timm_kwargs(encoder, global_pool)
+    size = int(encoder.img_size)
+    return {
+        "architecture": TIMM_ARCH,
+        "num_classes": 0,
+        "num_features": int(encoder.embed_dim),
+        "global_pool": global_pool,
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "tag": "ldae",
+            "custom_load": False,
+            "input_size": [int(encoder.in_chans), size, size],
+            # Position embeddings are learnt for this grid; timm may still resample them on request.
+            "fixed_input_size": True,
+            "interpolation": "bilinear",
+            "crop_pct": size / eval_resize_size(size),
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
 
 
 def _block_modulations(encoder: ViTEncoder, sigma: float) -> list[tuple[torch.Tensor, ...]] | None:
@@ -121,7 +164,7 @@ def to_timm(encoder: ViTEncoder, global_pool: str = "avg", sigma: float = 0.0):
         import timm
     except ImportError as e:  # timm is a dependency, but keep the failure readable
         raise ImportError("exporting to timm needs timm: `pip install timm`") from e
-    model = timm.create_model("vit_base_patch16_224", pretrained=False,
+    model = timm.create_model(TIMM_ARCH, pretrained=False,
                               **timm_kwargs(encoder, global_pool))
     model.load_state_dict(timm_state_dict(encoder, sigma), strict=True)
     return model.to(device=encoder.cls_token.device, dtype=encoder.cls_token.dtype).eval()
