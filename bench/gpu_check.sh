@@ -328,7 +328,8 @@ run_stages() {
     echo "=== [$((SECONDS - START)) s] done; files in $OUT_DIR:"
     ls -la "$OUT_DIR"
     cat "$OUT_DIR/summary.md"
-    rm -rf "$SCRATCH/profile"
+    rm -rf "$SCRATCH/profile" "$SCRATCH/summary.md"
+    rmdir "$SCRATCH" 2>/dev/null # kept when it holds files moved out of $OUT
     return $FAILED
 }
 
