@@ -14,7 +14,7 @@
 #   gpu_check.log    everything this script printed
 #   summary.md       bench/make_perf_section.py over the files above, rewritten after each stage
 #
-# Here, first (copies 5 train + 1 val Tiny ImageNet shards, about 42 MB, into gpu-data/; fetches
+# Here, after the last commit (copies 5 train + 1 val Tiny ImageNet shards, about 42 MB, into gpu-data/; fetches
 # wheels into .whl/ only if the GPU image lacks a package; checks what travels fits 64 MiB; records
 # the commit and prints the device call with it filled in):
 #   bench/gpu_check.sh --prepare
@@ -268,6 +268,7 @@ stage() { # stage NAME LIMIT FILE LOG CMD...: run CMD under LIMIT, record its ro
     record "$name" --rc "$rc" --seconds "$((SECONDS - t0))" --limit-s "$limit" "${extra[@]}"
     tidy
     summarize
+    return "$rc"
 }
 
 skip() { # skip NAME STATUS: a stage that did not run
@@ -305,15 +306,16 @@ run_stages() {
     fi
 
     if [ "$(left)" -ge "$PROFILE_MIN" ] || [ "$DRY" = 1 ]; then
-        stage profile "$(within "$(left)")" - - "${PROFILE[@]}" --no-write --profile "$SCRATCH/profile"
-        if [ "$DRY" = 0 ]; then
-            local table
+        local t0=$SECONDS table
+        if stage profile "$(within "$(left)")" - - "${PROFILE[@]}" --no-write --profile "$SCRATCH/profile" \
+            && [ "$DRY" = 0 ]; then
             table=$(ls "$SCRATCH"/profile/*/profile_top_kernels.md 2>/dev/null | head -n 1)
             if [ -n "$table" ]; then
                 cp "$table" "$OUT_DIR/profile.md"
             else
                 FAILED=1
-                record profile --status "failed: no profile_top_kernels.md written" --seconds 0
+                record profile --status "failed: exit 0 but no profile_top_kernels.md written" \
+                    --seconds "$((SECONDS - t0))"
             fi
         fi
     else
@@ -326,7 +328,8 @@ run_stages() {
     echo "=== [$((SECONDS - START)) s] done; files in $OUT_DIR:"
     ls -la "$OUT_DIR"
     cat "$OUT_DIR/summary.md"
-    rm -rf "$SCRATCH/profile"
+    rm -rf "$SCRATCH/profile" "$SCRATCH/summary.md"
+    rmdir "$SCRATCH" 2>/dev/null # kept when it holds files moved out of $OUT
     return $FAILED
 }
 
