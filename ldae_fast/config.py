@@ -463,12 +463,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 PAPER_GLOBAL_BATCH = 2048
 
 
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _parse_value(raw: str, typ: Any) -> Any:
     if typ in (bool, "bool"):
         low = raw.lower()
-        if low in ("1", "true", "yes", "on"):
+        if low in _TRUE_WORDS:
             return True
-        if low in ("0", "false", "no", "off"):
+        if low in _FALSE_WORDS:
             return False
         raise ConfigError(f"expected a boolean (true/false), got {raw!r}")
     if typ in (int, "int"):
@@ -515,7 +519,7 @@ def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) 
 ALIASES = {"kernels": "engine.kernels", "resume": "engine.resume", "out": "engine.out_dir",
            "steps": "engine.steps", "device": "engine.device"}
 
-_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+_BOOL_WORDS = _TRUE_WORDS + _FALSE_WORDS
 
 
 def _field_type(key: str) -> Any:

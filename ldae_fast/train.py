@@ -25,7 +25,7 @@ values: --section.field=value and --section.field value are the same; booleans a
   [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
   saved config.json instead.
 examples:
-  python train.py                                   # the demo, CPU, ~2 minutes
+  python train.py                                   # the demo on the CPU (timings: README)
   python train.py --preset tiny-imagenet --engine.epochs=1
   deepspeed train.py --preset ldae-vitb --data.train_shards='/data/imagenet/train-{000000..001023}.tar'
 """
