@@ -1,10 +1,9 @@
 """Evaluation: LARS, linear probe (fast and full), kNN, fine-tuning, denoising figure, driver.
 
-Most tests use small stand-in modules with the encoder's methods, so they run before the model,
-data and checkpoint pieces exist; the ones that need those pieces skip until they land.
+Most tests use small stand-in modules with the encoder's methods (fast, and they pin down the
+surface eval relies on); the rest run the real model, engine and export.
 """
 
-import importlib
 import json
 import math
 import types
@@ -14,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from ldae_fast import models
+from ldae_fast.engine import export, loop
 from ldae_fast.eval import driver
 from ldae_fast.eval.features import extract_features
 from ldae_fast.eval.knn import knn_classify
@@ -37,21 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _need(module: str, *attrs: str):
-    """The module, or a skip while a teammate's piece has not landed (any other import error,
-    i.e. a bug in a piece that exists, still fails the test)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            pytest.skip(f"{module} is not written yet")
-        raise
-    for a in attrs:
-        if not hasattr(mod, a):
-            pytest.skip(f"{module}.{a} is not written yet")
-    return mod
 
 
 class StandInEncoder(nn.Module):
@@ -245,8 +231,6 @@ def test_finetune_few_steps_with_timm_vit():
 
 
 def test_finetune_from_our_encoder():
-    models = _need("ldae_fast.models", "build_model")
-    _need("ldae_fast.models.timm_export", "timm_kwargs", "timm_state_dict")
     from ldae_fast.config import build_config
     from ldae_fast.eval.finetune import build_finetune_model, finetune, recipe_for
 
@@ -264,7 +248,6 @@ def test_finetune_from_our_encoder():
     assert res["steps"] == 2 and math.isfinite(res["last_loss"])
 
     # An exported encoder comes back from load_for_eval as a timm ViT behind our interface.
-    export = _need("ldae_fast.engine.export", "TimmEncoder")
     wrapped = export.TimmEncoder(models.to_timm(enc))
     vit2 = build_finetune_model(wrapped, num_classes=5, drop_path=0.1)
     assert vit2.head.out_features == 5 and vit2.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
@@ -333,7 +316,6 @@ def test_driver_data_resolution(tinyimagenet_dir):
 
 def _tiny_checkpoint(tmp_path):
     """A real checkpoint from two training steps of a very small model (the lead's engine)."""
-    loop = _need("ldae_fast.engine.loop", "train")
     from ldae_fast.config import build_config
 
     over = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "2",
@@ -346,9 +328,6 @@ def _tiny_checkpoint(tmp_path):
 
 
 def test_driver_end_to_end_tiny_imagenet(tinyimagenet_dir, tmp_path):
-    _need("ldae_fast.engine.checkpoint", "load_for_eval")
-    _need("ldae_fast.models.timm_export", "timm_kwargs", "timm_state_dict")
-    _need("ldae_fast.data", "build_eval_arrays", "normalize", "denormalize")
     ckpt = _tiny_checkpoint(tmp_path)
     out = tmp_path / "eval"
     common = ["--data", str(tinyimagenet_dir), "--max-train-images", "300", "--max-val-images", "100",
@@ -374,7 +353,6 @@ def test_driver_end_to_end_tiny_imagenet(tinyimagenet_dir, tmp_path):
     assert Image.open(out / "denoising.png").size == (9 * 64 + 10 * 2, 8 * 64 + 9 * 2 + 26)
 
     # The same encoder exported to .safetensors: a timm ViT behind our interface.
-    export = _need("ldae_fast.engine.export", "export_encoder")
     st = export.export_encoder(ckpt, tmp_path / "enc.safetensors")
     out2 = tmp_path / "eval-st"
     rc = driver.main(["--checkpoint", str(st), *common, "--protocols", "linear-fast,finetune,figure",
