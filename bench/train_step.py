@@ -73,7 +73,7 @@ from ldae_fast.models import build_model  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
 from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
-from ldae_fast.tokenizer import PCATokenizer  # noqa: E402
+from ldae_fast.tokenizers import PCATokenizer  # noqa: E402
 
 SIZE_LABELS = {"tiny": "tiny", "S": "ViT-S", "B": "ViT-B", "halfL": "ViT-1/2L", "L": "ViT-L"}
 

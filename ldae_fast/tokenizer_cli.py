@@ -6,7 +6,7 @@ import sys
 import time
 
 from .config import ConfigError, parse_cli
-from .tokenizer import fit_pca
+from .tokenizers import fit_pca
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ import torch
 
 from ldae_fast.config import build_config
 from ldae_fast.objectives.ldae import LDAEObjective, resolve_kernels, step_seed
-from ldae_fast.tokenizer import fit_pca
+from ldae_fast.tokenizers import fit_pca
 
 
 def _setup(**over):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..tokenizer import PCATokenizer
+from ..tokenizers import tokenizer_from_state
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -151,7 +151,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
         weights = consolidated_model_state(ckpt)
     model.load_state_dict(weights)
     model.eval()
-    tok = PCATokenizer.from_state(st["tokenizer"]["tensors"], st["tokenizer"]["meta"]) if st.get("tokenizer") else None
+    tok = tokenizer_from_state(st["tokenizer"]["tensors"], st["tokenizer"]["meta"]) if st.get("tokenizer") else None
     return cfg, model, tok
 
 

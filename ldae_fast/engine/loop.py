@@ -20,7 +20,7 @@ import torch
 from ..config import CUDA_GRAPH_MODES, Config
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives.ldae import LDAEObjective
-from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
+from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import checkpoint as ckpt_mod
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops_per_image
@@ -46,7 +46,7 @@ class TrainResult:
     images_per_s: float = 0.0
     model: torch.nn.Module | None = None
     ema: EMA | None = None
-    tokenizer: PCATokenizer | None = None
+    tokenizer: Tokenizer | None = None
     is_main: bool = True
 
 
@@ -115,25 +115,17 @@ def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> N
             "them, start a new run (a new out_dir) from the exported weights.")
 
 
-def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> PCATokenizer:
+def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> Tokenizer:
     """From the checkpoint being resumed, a saved file, or a fresh fit on the training stream."""
-    t = cfg.tokenizer
     if resume_state is not None and resume_state.get("tokenizer"):
         tk = resume_state["tokenizer"]
-        return PCATokenizer.from_state(tk["tensors"], tk["meta"])
-    if t.kind == "pixel":
-        return pixel_tokenizer(cfg.model.patch_size)
-    if t.path:
-        return PCATokenizer.load(t.path, patch_size=cfg.model.patch_size, latent_dim=t.latent_dim, kind="pca")
+        return tokenizer_from_state(tk["tensors"], tk["meta"])
     from ..data import build_train_stream
 
-    stream = build_train_stream(cfg, rank=0, world_size=1)
-    t0 = time.time()
-    tok = fit_pca((imgs for imgs, _ in stream), cfg.model.patch_size, t.latent_dim, t.fit_images)
-    ev = float(tok.explained_variance()[t.latent_dim - 1])
-    log(f"fitted patch PCA on {t.fit_images} images ({tok.num_patches_fitted} patches, D={tok.D}) in "
-        f"{time.time() - t0:.1f}s; the first d={t.latent_dim} components explain {100 * ev:.1f}% of the variance")
-    return tok
+    def images():
+        return (imgs for imgs, _ in build_train_stream(cfg, rank=0, world_size=1))
+
+    return prepare_tokenizer(cfg, images, log)
 
 
 class SingleDevice:

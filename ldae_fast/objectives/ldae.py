@@ -15,7 +15,7 @@ import torch
 from .. import reference, schedules
 from ..config import Config
 from ..markers import nvtx_range
-from ..tokenizer import PCATokenizer
+from ..tokenizers import PCATokenizer
 
 _MASK63 = (1 << 63) - 1
 
