@@ -129,6 +129,15 @@ class NoiseConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    method: str = "ldae"
+    """The method trained (objectives.METHODS): 'ldae'."""
+
+    def __post_init__(self) -> None:
+        _one_of("objective.method", self.method, ("ldae",))
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"
     """'synthetic' (built in, no download) or 'wds' (WebDataset shards in the ImageNet layout)."""
@@ -316,6 +325,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

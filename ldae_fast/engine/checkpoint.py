@@ -129,6 +129,16 @@ def load_state(ckpt: str | Path, map_location="cpu") -> dict[str, Any]:
     return torch.load(Path(ckpt) / "state.pt", map_location=map_location, weights_only=False)
 
 
+def method_state(state: dict) -> dict | None:
+    """The method's part of a checkpoint; checkpoints written before it nested under 'method'
+    kept the tokenizer at the top level."""
+    if state.get("method"):
+        return state["method"]
+    if state.get("tokenizer"):
+        return {"tokenizer": state["tokenizer"]}
+    return None
+
+
 def load_for_eval(path: str | Path, use_ema: bool = True):
     """-> (Config, LDAEModel, PCATokenizer | None) from a checkpoint dir, a run dir, a DeepSpeed
     checkpoint written by our engine, or an exported encoder .safetensors (then the model holds the
@@ -151,7 +161,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
         weights = consolidated_model_state(ckpt)
     model.load_state_dict(weights)
     model.eval()
-    tok = tokenizer_from_state(st["tokenizer"]["tensors"], st["tokenizer"]["meta"]) if st.get("tokenizer") else None
+    ms = method_state(st)
+    tok = tokenizer_from_state(ms["tokenizer"]["tensors"], ms["tokenizer"]["meta"]) if ms else None
     return cfg, model, tok
 
 

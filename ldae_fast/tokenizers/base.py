@@ -22,10 +22,14 @@ class Tokenizer(Protocol):
 
     def linear_maps(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(encoder (d, D), decoder (D, d)) when the tokenizer is an affine map of the patch (then
-        the fused noise kernel applies); None for a nonlinear one."""
+        the fused noise kernel applies, with the tokenizer's `mean` (D,) patch as the offset);
+        None for a nonlinear one."""
 
     def to(self, device) -> Tokenizer:
         ...
+
+    def save(self, path) -> None:
+        """A standalone file (safetensors, metadata in its header) that `load` refuses to misuse."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (saved with safetensors or weights_only torch.load)."""
