@@ -140,7 +140,7 @@ def method_state(state: dict) -> dict | None:
 
 
 def load_for_eval(path: str | Path, use_ema: bool = True):
-    """-> (Config, LDAEModel, PCATokenizer | None) from a checkpoint dir, a run dir, a DeepSpeed
+    """-> (Config, LDAEModel, Tokenizer | None) from a checkpoint dir, a run dir, a DeepSpeed
     checkpoint written by our engine, or an exported encoder .safetensors (then the model holds the
     encoder alone and the tokenizer is None)."""
     from ..models import build_model

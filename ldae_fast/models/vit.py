@@ -184,7 +184,11 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
 
 
 class LDAEModel(nn.Module):
-    """x_in (B, C, H, W) noisy image, sigma (B,) -> x_hat (B, C, H, W) predicted clean image."""
+    """x_in (B, C, H, W) noisy image + conditioning -> x_hat (B, C, H, W) predicted clean image.
+
+    The conditioning comes as keyword arguments, DiT's model_kwargs: the method builds the dict
+    (`model(x_in, **cond)`), so a new kind (a class label) is a key, not a new signature.
+    """
 
     def __init__(self, encoder: ViTEncoder, decoder: ViTDecoder) -> None:
         super().__init__()
@@ -193,7 +197,10 @@ class LDAEModel(nn.Module):
         self.patch_size = encoder.patch_size
         self.img_size = encoder.img_size
 
-    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """sigma: (B,) noise levels (None: clean input)."""
+        if cond:
+            raise ValueError(f"LDAEModel has no conditioning on {', '.join(sorted(cond))} (it takes sigma only)")
         # Phase markers for Nsight / the profiler (no-ops without CUDA or a running profiler).
         with nvtx_range("encoder"):
             tokens = self.encoder.forward_features(x_in, sigma)

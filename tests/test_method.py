@@ -1,0 +1,102 @@
+"""The method seam: the registry is the only door, the batch travels whole, the method's state
+nests in the checkpoint and older checkpoints still load."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldae_fast.batch import Batch
+from ldae_fast.config import build_config
+from ldae_fast.engine import checkpoint as ck
+from ldae_fast.engine.loop import train
+from ldae_fast.objectives import METHODS, Method, build_method
+from ldae_fast.objectives import ldae as ldae_obj
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
+    "data.img_size": "16", "data.batch_size": "4", "data.synthetic_images": "32", "tokenizer.fit_images": "16",
+    "engine.kernels": "reference", "engine.log_every": "1", "engine.progress": "false",
+    "eval.probe": "false", "eval.figure": "false",
+}
+
+
+def _cfg(tmp_path, **over):
+    return build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run"),
+                                 **{k: str(v) for k, v in over.items()}})
+
+
+def test_engine_eval_and_bench_name_no_concrete_method_or_tokenizer():
+    concrete = re.compile(r"objectives\.ldae|objectives import .*LDAE|tokenizers\.(pca|pixel)|"
+                          r"PCATokenizer|PixelTokenizer|LDAEMethod|fit_pca")
+    bad = []
+    for folder in ("ldae_fast/engine", "ldae_fast/eval", "bench"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if concrete.search(line):
+                    bad.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not bad, "reach methods and tokenizers through their registries:\n" + "\n".join(bad)
+
+
+def test_build_method_from_the_registry():
+    cfg = build_config("demo", {"engine.kernels": "reference"})
+    m = build_method(cfg, "cpu")
+    assert isinstance(m, Method) and type(m) is METHODS["ldae"] and m.kernels == "reference"
+    with pytest.raises(RuntimeError, match="prepare"):
+        m.state_dict()
+    cfg.objective.method = "bogus"
+    with pytest.raises(ValueError, match="objective.method='bogus'"):
+        build_method(cfg, "cpu")
+
+
+def test_the_batch_reaches_the_method_with_its_labels(tmp_path, monkeypatch):
+    seen = []
+    real = ldae_obj.LDAEMethod.__call__
+
+    def spy(self, model, batch, step, *a, **kw):
+        seen.append(batch)
+        return real(self, model, batch, step, *a, **kw)
+
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "__call__", spy)
+    train(_cfg(tmp_path, **{"engine.steps": 2}))
+    assert len(seen) == 2 and all(isinstance(b, Batch) for b in seen)
+    for b in seen:
+        assert b.images.shape == (4, 3, 16, 16) and b.labels is not None
+        assert b.labels.shape == (4,) and b.labels.dtype == torch.int64
+
+
+def test_model_takes_conditioning_as_keywords():
+    from ldae_fast.models import build_model
+
+    cfg = build_config("demo", TINY)
+    model = build_model(cfg.model, 16)
+    x, s = torch.randn(2, 3, 16, 16), torch.rand(2)
+    assert torch.equal(model(x, **{"sigma": s}), model(x, s))
+    with pytest.raises(ValueError, match="no conditioning on label"):
+        model(x, sigma=s, label=torch.zeros(2, dtype=torch.long))
+
+
+def test_method_state_nests_under_one_key_and_old_checkpoints_resume(tmp_path):
+    over = {"engine.steps": 4, "engine.ckpt_every": 2}
+    ref = train(_cfg(tmp_path / "a", **over))
+    st = ck.load_state(ref.checkpoint)
+    assert "tokenizer" not in st and set(st["method"]) == {"tokenizer"}
+    assert torch.equal(st["method"]["tokenizer"]["tensors"]["basis"], ref.tokenizer.basis_full.cpu())
+
+    # The step-2 checkpoint rewritten in the format before the method seam: tokenizer at the top.
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    shutil.rmtree(tmp_path / "b" / "run" / "checkpoints" / "step_00000004")
+    step2 = ck.latest_checkpoint(tmp_path / "b" / "run") / "state.pt"
+    assert step2.parent.name == "step_00000002"
+    old = ck.load_state(step2.parent)
+    old["tokenizer"] = old.pop("method")["tokenizer"]
+    torch.save(old, step2)
+    res = train(_cfg(tmp_path / "b", **{**over, "engine.resume": "auto"}))
+    a, b = ref.model.state_dict(), res.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    _, _, tok = ck.load_for_eval(step2.parent)
+    assert torch.equal(tok.basis_full, ref.tokenizer.basis_full.cpu())
