@@ -214,7 +214,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
     else:
-        model = build_model(m, s.img_size)
+        model = build_model(m, s.img_size, kernels=kernels)
         fcfg = m
     model = model.to(s.device).train()
     info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)

@@ -67,8 +67,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (less memory, ~30% more compute)."""
     fused_adaln: bool = False
-    """adaLN blocks: LayerNorm + modulate as one Triton kernel (forward and backward) on CUDA
-    (or under TRITON_INTERPRET=1); elsewhere the plain PyTorch ops. Off by default until a GPU
+    """adaLN blocks: LayerNorm + modulate as one Triton kernel (forward and backward) where
+    engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
+    elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
 
     def __post_init__(self) -> None:

@@ -100,3 +100,16 @@ def test_method_state_nests_under_one_key_and_old_checkpoints_resume(tmp_path):
         assert torch.equal(a[k], b[k]), k
     _, _, tok = ck.load_for_eval(step2.parent)
     assert torch.equal(tok.basis_full, ref.tokenizer.basis_full.cpu())
+
+
+def test_engine_kernels_reaches_the_models_kernels(tmp_path, monkeypatch):
+    """--kernels reference --model.fused_adaln=true runs no Triton, in the model as in the method."""
+    from ldae_fast.kernels import adaln_norm
+
+    def fused(*a, **k):
+        raise AssertionError("the fused adaLN kernel ran under engine.kernels=reference")
+
+    monkeypatch.setattr(adaln_norm, "adaln_layernorm", fused)
+    res = train(_cfg(tmp_path, **{"engine.steps": 1, "model.fused_adaln": "true"}))
+    assert res.steps == 1
+    assert not res.model.encoder.blocks[0].norm_modulate.on["cpu"]

@@ -185,7 +185,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     resume_dir = ckpt_mod.resolve_resume(cfg.engine.resume, out_dir)
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
 
-    model = build_model(cfg.model, cfg.data.img_size).to(device)
+    model = build_model(cfg.model, cfg.data.img_size, kernels=cfg.engine.kernels).to(device)
     graphs = cfg.engine.compile and cfg.engine.compile_mode in CUDA_GRAPH_MODES
     if cfg.engine.compile:
         compile_blocks(model, mode=cfg.engine.compile_mode)

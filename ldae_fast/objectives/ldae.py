@@ -8,7 +8,6 @@ and w_i = 1 / 0.1 across PCA components.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,37 +19,11 @@ from .. import schedules
 from ..batch import Batch
 from ..config import Config
 from ..kernels import latent_noise, pca_loss
+from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
 from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
-
-
-def resolve_kernels(mode: str, device: torch.device | str) -> str:
-    """The one place that decides between the Triton kernels and the PyTorch reference.
-
-    'auto': Triton on CUDA (when triton imports), the reference on CPU. 'triton' on CPU runs the
-    kernels in the Triton interpreter and needs TRITON_INTERPRET=1 set before triton is imported.
-    """
-    device = torch.device(device)
-    if mode == "reference":
-        return "reference"
-    if mode not in ("auto", "triton"):
-        raise ValueError(f"kernels={mode!r}; choose auto, triton or reference")
-    try:
-        from ..kernels import triton_available
-        have_triton = triton_available()
-    except ImportError:
-        have_triton = False
-    if mode == "auto":
-        return "triton" if (device.type == "cuda" and have_triton) else "reference"
-    if not have_triton:
-        raise RuntimeError("kernels='triton' was asked for but triton is not importable here; "
-                           "install triton or use --kernels=reference")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernels='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                           "(before starting Python) or use --kernels=reference")
-    return "triton"
 
 
 @dataclass
