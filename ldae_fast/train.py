@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_main and (cfg.preset == "demo" or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
-            from .engine.checkpoint import load_for_eval
+            from .eval.reader import load_for_eval
             _, model, _ = load_for_eval(result.checkpoint)
             result.model, result.ema = model, None
         finish_demo(cfg, result)

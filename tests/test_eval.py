@@ -15,7 +15,7 @@ from torch import nn
 
 from ldae_fast import models
 from ldae_fast.engine import export, loop
-from ldae_fast.eval import driver
+from ldae_fast.eval import driver, reader
 from ldae_fast.eval.features import extract_features
 from ldae_fast.eval.knn import knn_classify
 from ldae_fast.eval.lars import LARS
@@ -248,7 +248,7 @@ def test_finetune_from_our_encoder():
     assert res["steps"] == 2 and math.isfinite(res["last_loss"])
 
     # An exported encoder comes back from load_for_eval as a timm ViT behind our interface.
-    wrapped = export.TimmEncoder(models.to_timm(enc))
+    wrapped = reader.TimmEncoder(models.to_timm(enc))
     vit2 = build_finetune_model(wrapped, num_classes=5, drop_path=0.1)
     assert vit2.head.out_features == 5 and vit2.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     x = _color_images(2, 2, size)[0]

@@ -21,9 +21,9 @@ TINY = {
 def test_export_loads_strictly_in_timm_and_matches_features(tmp_path, use_ema):
     from safetensors.torch import load_file
 
-    from ldae_fast.engine.checkpoint import load_for_eval
     from ldae_fast.engine.export import _meta, main
     from ldae_fast.engine.loop import train
+    from ldae_fast.eval.reader import load_for_eval
 
     res = train(build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")}))
     out = tmp_path / "enc.safetensors"

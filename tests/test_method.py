@@ -98,8 +98,10 @@ def test_method_state_nests_under_one_key_and_old_checkpoints_resume(tmp_path):
     a, b = ref.model.state_dict(), res.model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    _, _, tok = ck.load_for_eval(step2.parent)
-    assert torch.equal(tok.basis_full, ref.tokenizer.basis_full.cpu())
+    from ldae_fast.eval.reader import load_for_eval
+
+    _, _, method = load_for_eval(step2.parent)
+    assert torch.equal(method.tokenizer.basis_full, ref.tokenizer.basis_full.cpu())
 
 
 def test_engine_kernels_reaches_the_models_kernels(tmp_path, monkeypatch):
@@ -113,3 +115,20 @@ def test_engine_kernels_reaches_the_models_kernels(tmp_path, monkeypatch):
     res = train(_cfg(tmp_path, **{"engine.steps": 1, "model.fused_adaln": "true"}))
     assert res.steps == 1
     assert not res.model.encoder.blocks[0].norm_modulate.on["cpu"]
+
+
+def test_checkpoint_and_export_do_not_import_each_other():
+    import ast
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    assert not {n for n in imported("ldae_fast/engine/checkpoint.py") if "export" in n or "eval" in n}
+    assert not {n for n in imported("ldae_fast/engine/export.py") if "checkpoint" in n}

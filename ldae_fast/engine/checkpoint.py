@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..tokenizers import tokenizer_from_state
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -137,33 +136,6 @@ def method_state(state: dict) -> dict | None:
     if state.get("tokenizer"):
         return {"tokenizer": state["tokenizer"]}
     return None
-
-
-def load_for_eval(path: str | Path, use_ema: bool = True):
-    """-> (Config, LDAEModel, Tokenizer | None) from a checkpoint dir, a run dir, a DeepSpeed
-    checkpoint written by our engine, or an exported encoder .safetensors (then the model holds the
-    encoder alone and the tokenizer is None)."""
-    from ..models import build_model
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from .export import load_exported_encoder
-        return load_exported_encoder(path)
-    ckpt = resolve_resume(str(path), path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    st = load_state(ckpt)
-    cfg = Config.from_dict(st["config"])
-    model = build_model(cfg.model, cfg.data.img_size)
-    weights = st.get("ema") if use_ema and st.get("ema") else st.get("model")
-    if weights is None:
-        from .deepspeed_backend import consolidated_model_state
-        weights = consolidated_model_state(ckpt)
-    model.load_state_dict(weights)
-    model.eval()
-    ms = method_state(st)
-    tok = tokenizer_from_state(ms["tokenizer"]["tensors"], ms["tokenizer"]["meta"]) if ms else None
-    return cfg, model, tok
 
 
 def config_of(ckpt: str | Path) -> Config:

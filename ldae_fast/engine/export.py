@@ -1,8 +1,8 @@
 """`ldae-fast export CKPT OUT.safetensors`: the encoder with timm VisionTransformer names.
 
 The file loads strictly into `timm.create_model(<any vit name>, pretrained=False, **kwargs)` with the
-kwargs stored in its metadata; `load_exported_encoder` does exactly that, so evaluation can run
-from an export alone.
+kwargs stored in its metadata; `eval.reader.load_exported_encoder` does exactly that, so
+evaluation can run from an export alone.
 """
 
 from __future__ import annotations
@@ -12,37 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from ..config import Config
-
-
-class TimmEncoder(torch.nn.Module):
-    """A timm VisionTransformer behind our encoder interface (forward_features / pooled)."""
-
-    def __init__(self, vit: torch.nn.Module):
-        super().__init__()
-        self.vit = vit
-        self.num_features = vit.embed_dim
-        self.blocks = vit.blocks
-
-    def forward_features(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        return self.vit.forward_features(x)
-
-    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-        tok = self.forward_features(x)
-        return tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)
-
-
-class EncoderOnly(torch.nn.Module):
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
 
 def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    from ..eval.reader import load_for_eval
     from ..models.timm_export import timm_kwargs, timm_state_dict
-    from .checkpoint import load_for_eval
 
     cfg, model, _ = load_for_eval(ckpt, use_ema=use_ema)
     sd = {k: v.detach().float().contiguous() for k, v in timm_state_dict(model.encoder).items()}
@@ -56,24 +29,6 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     save_file(sd, str(tmp), metadata=meta)
     tmp.replace(out)
     return out
-
-
-def load_exported_encoder(path: str | Path):
-    """-> (Config, EncoderOnly(TimmEncoder), None) from an exported .safetensors."""
-    import timm
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if "timm_kwargs" not in meta:
-        raise ValueError(f"{path} was not written by `ldae-fast export` (no timm_kwargs metadata)")
-    kwargs = json.loads(meta["timm_kwargs"])
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
-    vit.load_state_dict(sd, strict=True)
-    vit.eval()
-    cfg = Config.from_dict(json.loads(meta["ldae_config"]))
-    return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
 def main(argv: list[str] | None = None) -> int:

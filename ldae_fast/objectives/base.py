@@ -31,6 +31,9 @@ class Method(Protocol):
                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """For figures: per noise level, (what the network saw, what it returned)."""
 
+    def to(self, device) -> Method:
+        """The same method (state included) for another device."""
+
     def state_dict(self) -> dict:
         """Tensors and JSON-able values only: nested in the checkpoint under 'method'."""
 

@@ -44,13 +44,14 @@ class LDAEMethod:
     name = "ldae"
 
     def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, kernels: str | None = None):
         self.cfg = cfg
         self.noise_cfg = cfg.noise
         self.p = cfg.model.patch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.kernels = resolve_kernels(cfg.engine.kernels, self.device)
+        self._mode = cfg.engine.kernels if kernels is None else kernels
+        self.kernels = resolve_kernels(self._mode, self.device)
         self.tok: Tokenizer | None = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
@@ -65,6 +66,9 @@ class LDAEMethod:
         # The loss needs only V_d: the identity in DESIGN.md avoids the (D, D) product per token.
         self.basis = self.tok.linear_maps()[0].contiguous()
         self.mean = self.tok.mean.contiguous()
+
+    def to(self, device: torch.device | str) -> LDAEMethod:
+        return LDAEMethod(self.cfg, device, self.rank, self.world_size, self.tok, self._mode)
 
     @property
     def tokenizer(self) -> Tokenizer:
