@@ -19,7 +19,7 @@ USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--sectio
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl
-sections: model, tokenizer, noise, data, optim, engine, eval (see ldae_fast/config.py for fields)
+sections: model, tokenizer, noise, objective, data, optim, engine, eval (see ldae_fast/config.py for fields)
 examples:
   python train.py                                   # the demo, CPU, ~2 minutes
   python train.py --preset tiny-imagenet --engine.epochs=1
@@ -45,8 +45,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     if cfg.eval.figure:
         imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
         sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
-        path = denoise_figure(model, result.tokenizer, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png",
-                              seed=cfg.engine.seed)
+        path = denoise_figure(model, result.method, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png")
         log(f"figure (clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}): {path}")
         out["figure"] = str(path)
     if cfg.eval.probe:

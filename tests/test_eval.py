@@ -6,7 +6,6 @@ surface eval relies on); the rest run the real model, engine and export.
 
 import json
 import math
-import types
 
 import numpy as np
 import pytest
@@ -269,11 +268,19 @@ class StandInDenoiser(nn.Module):
         return self.a * x_in / (1 + sigma.view(-1, 1, 1, 1) ** 2)
 
 
-def _stand_in_tokenizer(p=4, d=8):
+def _stand_in_method(p=4, d=8, size=16):
+    """The l-DAE method with a random orthonormal basis in place of a fitted one."""
+    from ldae_fast.config import build_config
+    from ldae_fast.objectives import build_method
+    from ldae_fast.tokenizers import tokenizer_from_state
+
     D = 3 * p * p
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
-    return types.SimpleNamespace(patch_size=p, d=d, basis=q.t()[:d].contiguous(),
-                                 basis_full=q.t().contiguous(), mean=torch.zeros(D))
+    tok = tokenizer_from_state({"basis": q.t().contiguous(), "mean": torch.zeros(D), "eigenvalues": torch.ones(D)},
+                               {"kind": "pca", "patch_size": p, "latent_dim": d})
+    cfg = build_config("demo", {"model.patch_size": str(p), "data.img_size": str(size),
+                                "tokenizer.latent_dim": str(d), "engine.kernels": "reference"})
+    return build_method(cfg, "cpu", tokenizer=tok)
 
 
 def test_denoise_figure_pixel_size(tmp_path):
@@ -282,7 +289,7 @@ def test_denoise_figure_pixel_size(tmp_path):
     from ldae_fast.eval.figure import denoise_figure
 
     imgs = _norm(torch.rand(3, 3, 16, 16))
-    path = denoise_figure(StandInDenoiser(), _stand_in_tokenizer(), imgs, [0.5, 1.0],
+    path = denoise_figure(StandInDenoiser(), _stand_in_method(), imgs, [0.5, 1.0],
                             tmp_path / "fig.png", denorm=_denorm)
     im = Image.open(path)
     # cells 16 px x4 = 64, 5 columns (clean + 2 x noisy/denoised), 2 px gaps, 26 px of labels.
@@ -290,7 +297,7 @@ def test_denoise_figure_pixel_size(tmp_path):
     tile = torch.from_numpy(np.asarray(im.convert("RGB"))[28:28 + 64, 2:2 + 64].copy())
     expect = (_denorm(imgs[0]).clamp(0, 1) * 255).round().repeat_interleave(4, 1).repeat_interleave(4, 2)
     assert torch.equal(tile.permute(2, 0, 1), expect.to(torch.uint8))
-    plain = denoise_figure(StandInDenoiser(), _stand_in_tokenizer(), imgs[:2], [0.2],
+    plain = denoise_figure(StandInDenoiser(), _stand_in_method(), imgs[:2], [0.2],
                              tmp_path / "plain.png", denorm=_denorm, scale=1, pad=1, labels=False)
     assert Image.open(plain).size == (3 * 16 + 4, 2 * 16 + 3)
 

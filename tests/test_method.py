@@ -132,3 +132,54 @@ def test_checkpoint_and_export_do_not_import_each_other():
 
     assert not {n for n in imported("ldae_fast/engine/checkpoint.py") if "export" in n or "eval" in n}
     assert not {n for n in imported("ldae_fast/engine/export.py") if "checkpoint" in n}
+
+
+class _Spy(torch.nn.Module):
+    """Records the network input; returns it unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x_in, sigma):
+        self.inputs.append(x_in.detach().clone())
+        return x_in
+
+
+def _fitted_method(**over):
+    from ldae_fast.tokenizers import prepare_tokenizer
+
+    cfg = build_config("demo", {"engine.kernels": "reference", "tokenizer.fit_images": "64",
+                                **{k: str(v) for k, v in over.items()}})
+    imgs = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tok = prepare_tokenizer(cfg, lambda: iter([imgs]), log=lambda _: None)
+    return build_method(cfg, "cpu", tokenizer=tok), imgs[:1].contiguous()
+
+
+def test_input_scaling_divides_by_the_signal_plus_noise_scale():
+    plain, x = _fitted_method()
+    scaled, _ = _fitted_method(**{"noise.input_scaling": "true"})
+    a, b = plain.add_noise(x, 3), scaled.add_noise(x, 3)
+    torch.testing.assert_close(b.sigma, a.sigma)
+    k = (a.gamma.square() + a.sigma.square()).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(b.x_in * k, a.x_in)
+    assert not torch.allclose(b.x_in, a.x_in)
+
+
+@pytest.mark.parametrize("schedule", ["linear_gamma2", "ddpm_linear_beta", "sigma_linear"])
+def test_figure_shows_the_input_training_gives_the_network(schedule):
+    """The figure's noisy column is the training input at the same sigma and noise draw: the
+    schedule's gamma and noise.input_scaling included (a VP schedule has gamma = sqrt(1 - sigma^2),
+    not the final recipe's 1)."""
+    from ldae_fast.eval.figure import denoise_columns
+
+    method, x = _fitted_method(**{"noise.schedule": schedule, "noise.input_scaling": "true"})
+    nb = method.add_noise(x, 3, t=torch.tensor([0.6]))
+    spy = _Spy()
+    cols = denoise_columns(spy, method, x, [float(nb.sigma[0])], step=3)
+    assert len(cols) == 3 and torch.equal(cols[1], spy.inputs[0])
+    # gamma is recomputed from a float32 sigma: near sigma = 1 that costs a few 1e-5 of z0.
+    torch.testing.assert_close(cols[1], nb.x_in, rtol=1e-4, atol=1e-4)
+    if schedule != "sigma_linear":
+        unit = method.noisy_input(x, torch.ones(1), nb.sigma, 3)  # what the demo's figure used to draw
+        assert not torch.allclose(unit, nb.x_in, rtol=1e-3, atol=1e-3)

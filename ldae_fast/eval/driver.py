@@ -339,7 +339,7 @@ def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Pat
         return None
     sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
     model.to(device)
-    p = denoise_figure(model, method.tokenizer, images, sigmas, path, seed=seed, schedule=cfg.noise.schedule)
+    p = denoise_figure(model, method, images, sigmas, path, step=seed)
     log(f"figure: {p}")
     return p
 
