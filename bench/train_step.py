@@ -74,9 +74,9 @@ from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
-from ldae_fast.objectives.ldae import LDAEObjective  # noqa: E402
+from ldae_fast.objectives import Batch, Method, build_method  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
-from ldae_fast.tokenizer import PCATokenizer  # noqa: E402
+from ldae_fast.tokenizers import Tokenizer, tokenizer_from_state  # noqa: E402
 
 SIZE_LABELS = {"tiny": "tiny", "S": "ViT-S", "B": "ViT-B", "halfL": "ViT-1/2L", "L": "ViT-L"}
 
@@ -146,14 +146,16 @@ class TimmPeer(nn.Module):
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.in_chans)
 
 
-def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> PCATokenizer:
+def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> Tokenizer:
     """An orthonormal basis with the PCA tokenizer's shapes: the step's cost does not depend on
     which basis it is, and fitting a real one would measure the fit, not the step."""
     D = 3 * patch_size**2
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
     evals = torch.linspace(1.0, 1e-3, D, dtype=torch.float64)
-    return PCATokenizer(q.t().contiguous().float(), torch.zeros(D), evals.float(), patch_size, latent_dim)
+    return tokenizer_from_state({"basis": q.t().contiguous().float(), "mean": torch.zeros(D),
+                                 "eigenvalues": evals.float()},
+                                {"kind": "pca", "patch_size": patch_size, "latent_dim": latent_dim})
 
 
 # One measured configuration ----------------------------------------------------------------------
@@ -191,7 +193,7 @@ def _cpu_kernels_choice() -> tuple[str, str]:
 
 
 def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
-                  ) -> tuple[nn.Module, LDAEObjective, torch.optim.Optimizer, Callable, dict]:
+                  ) -> tuple[nn.Module, Method, torch.optim.Optimizer, Callable, dict]:
     """Model, objective, optimizer and the step function of one variant, plus row facts."""
     v = VARIANTS[key]
     info: dict[str, Any] = {"kernels": v["kernels"], "attn": v["attn"], "compile": v["compile"], "note": ""}
@@ -215,14 +217,14 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
     else:
-        model = build_model(m, s.img_size)
+        model = build_model(m, s.img_size, kernels=kernels)
         fcfg = m
     model = model.to(s.device).train()
     info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)
     info["train_gflop"] = _sig(info["train_flops_per_image"] / 1e9, 4)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    objective = LDAEObjective(cfg, random_tokenizer(s.patch_size, s.latent_dim), s.device)
-    info["kernels"] = objective.backend
+    objective = build_method(cfg, s.device, tokenizer=random_tokenizer(s.patch_size, s.latent_dim))
+    info["kernels"] = objective.kernels
 
     if v["ours_optim"]:
         opt = build_adamw(model, cfg, lr=1e-4)
@@ -253,7 +255,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         # ranges; the model marks encoder and decoder), then what the engine does after it.
         if graphs:
             mark_step_begin()
-        loss = objective(forward, x, i, s.amp)
+        loss = objective(forward, Batch(x), i, autocast_dtype=s.amp)
         with nvtx_range("backward"):
             loss.backward()
         with nvtx_range("optimizer"):

@@ -67,8 +67,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (less memory, ~30% more compute)."""
     fused_adaln: bool = False
-    """adaLN blocks: LayerNorm + modulate as one Triton kernel (forward and backward) on CUDA
-    (or under TRITON_INTERPRET=1); elsewhere the plain PyTorch ops. Off by default until a GPU
+    """adaLN blocks: LayerNorm + modulate as one Triton kernel (forward and backward) where
+    engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
+    elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
 
     def __post_init__(self) -> None:
@@ -126,6 +127,15 @@ class NoiseConfig:
         _check(self.sigma_max > 0, f"noise.sigma_max={self.sigma_max} must be > 0")
         _check(self.num_timesteps >= 1, "noise.num_timesteps must be >= 1")
         _check(self.low_weight >= 0 and self.high_weight >= 0, "noise.*_weight must be >= 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    method: str = "ldae"
+    """The method trained (objectives.METHODS): 'ldae'."""
+
+    def __post_init__(self) -> None:
+        _one_of("objective.method", self.method, ("ldae",))
 
 
 @dataclass
@@ -337,6 +347,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

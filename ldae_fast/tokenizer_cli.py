@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, parse_cli
-from .tokenizer import fit_pca
+from .tokenizers import fit_pca
 
 
 def default_out(cfg) -> str:

@@ -63,8 +63,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     if cfg.eval.figure:
         imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
         sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
-        path = denoise_figure(model, result.tokenizer, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png",
-                              seed=cfg.engine.seed)
+        path = denoise_figure(model, result.method, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png")
         log(f"figure (clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}): {path}")
         out["figure"] = str(path)
     if cfg.eval.probe:
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_main and (cfg.preset == "demo" or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
-            from .engine.checkpoint import load_for_eval
+            from .eval.reader import load_for_eval
             _, model, _ = load_for_eval(result.checkpoint)
             result.model, result.ema = model, None
         finish_demo(cfg, result)

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import NonFiniteLoss, train
@@ -64,18 +65,18 @@ def test_ema_batched_update_matches_per_tensor_rule():
 
 def test_fixed_batch_loss_goes_down():
     from ldae_fast.models import build_model
-    from ldae_fast.tokenizer import fit_pca
+    from ldae_fast.tokenizers import fit_pca
 
     cfg = build_config("demo", {**TINY})
     torch.manual_seed(0)
     x = torch.randn(8, 3, 16, 16)
     tok = fit_pca(iter([x]), 4, cfg.tokenizer.latent_dim, 8)
-    obj = ldae_obj.LDAEObjective(cfg, tok, "cpu")
+    obj = ldae_obj.LDAEMethod(cfg, "cpu", tokenizer=tok)
     model = build_model(cfg.model, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(60):
-        loss = obj(model, x, step % 4)  # four fixed noise draws
+        loss = obj(model, Batch(x), step % 4)  # four fixed noise draws
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -111,18 +112,18 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
     over = {"engine.steps": 8, "engine.ckpt_every": 3, "engine.deterministic": "true"}
     ref = train(_cfg(tmp_path / "a", **over))
 
-    real_call = ldae_obj.LDAEObjective.__call__
+    real_call = ldae_obj.LDAEMethod.__call__
 
-    def crashing(self, model, x, step, amp=None, **kw):
+    def crashing(self, model, batch, step, *a, **kw):
         if step == 5:
             raise KeyboardInterrupt("simulated crash")
-        return real_call(self, model, x, step, amp, **kw)
+        return real_call(self, model, batch, step, *a, **kw)
 
-    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", crashing)
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "__call__", crashing)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path / "b", **over))
     assert ck.latest_checkpoint(tmp_path / "b" / "run").name == "step_00000003"
-    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", real_call)
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "__call__", real_call)
     res = train(_cfg(tmp_path / "b", **over, **{"engine.resume": "auto"}))
     a, b = _params(ref.model), _params(res.model)
     for k in a:
@@ -151,13 +152,13 @@ def test_loop_passes_each_micro_batch_its_rows(tmp_path, monkeypatch):
     """With accumulation the loop hands the objective the optimizer step and the micro-batch's
     place, so the noise rows follow the global batch (test_objective checks the rows)."""
     seen = []
-    real = ldae_obj.LDAEObjective.add_noise
+    real = ldae_obj.LDAEMethod.add_noise
 
     def spy(self, x, step, t=None, micro=0, accum=1):
         seen.append((step, micro, accum))
         return real(self, x, step, t, micro=micro, accum=accum)
 
-    monkeypatch.setattr(ldae_obj.LDAEObjective, "add_noise", spy)
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "add_noise", spy)
     train(_cfg(tmp_path, **{"engine.steps": 2, "data.batch_size": 4, "engine.grad_accum": 2}))
     assert seen == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
 
@@ -192,13 +193,13 @@ def test_keep_last_prunes(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(tmp_path, monkeypatch):
-    real_call = ldae_obj.LDAEObjective.__call__
+    real_call = ldae_obj.LDAEMethod.__call__
 
-    def poisoned(self, model, x, step, amp=None, **kw):
-        loss = real_call(self, model, x, step, amp, **kw)
+    def poisoned(self, model, batch, step, *a, **kw):
+        loss = real_call(self, model, batch, step, *a, **kw)
         return loss * float("nan") if step == 2 else loss
 
-    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", poisoned)
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "__call__", poisoned)
     with pytest.raises(NonFiniteLoss, match="non-finite at step 3"):
         train(_cfg(tmp_path, **{"engine.steps": 6}))
     assert ck.latest_checkpoint(tmp_path / "run") is None
@@ -307,7 +308,7 @@ def test_training_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
     from ldae_fast.engine import loop as loop_mod
 
     counter = _ReadBackCounter(monkeypatch)
-    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", counter.watch(ldae_obj.LDAEObjective.__call__))
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "__call__", counter.watch(ldae_obj.LDAEMethod.__call__))
     monkeypatch.setattr(loop_mod.SingleDevice, "backward", counter.watch(loop_mod.SingleDevice.backward))
     monkeypatch.setattr(loop_mod.SingleDevice, "step", counter.watch(loop_mod.SingleDevice.step))
     monkeypatch.setattr(loop_mod.EMA, "update", counter.watch(loop_mod.EMA.update))
@@ -334,7 +335,7 @@ def test_training_step_has_no_cuda_sync(tmp_path, monkeypatch):
                 torch.cuda.set_sync_debug_mode("default")
         return run
 
-    for owner, name in ((ldae_obj.LDAEObjective, "__call__"), (loop_mod.SingleDevice, "backward"),
+    for owner, name in ((ldae_obj.LDAEMethod, "__call__"), (loop_mod.SingleDevice, "backward"),
                         (loop_mod.SingleDevice, "step"), (loop_mod.EMA, "update")):
         monkeypatch.setattr(owner, name, strict(getattr(owner, name)))
     res = train(_cfg(tmp_path, **{"engine.steps": 3, "engine.log_every": 3, "engine.device": "cuda",

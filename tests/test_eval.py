@@ -1,20 +1,20 @@
 """Evaluation: LARS, linear probe (fast and full), kNN, fine-tuning, denoising figure, driver.
 
-Most tests use small stand-in modules with the encoder's methods, so they run before the model,
-data and checkpoint pieces exist; the ones that need those pieces skip until they land.
+Most tests use small stand-in modules with the encoder's methods (fast, and they pin down the
+surface eval relies on); the rest run the real model, engine and export.
 """
 
-import importlib
 import json
 import math
-import types
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ldae_fast.eval import driver
+from ldae_fast import models
+from ldae_fast.engine import export, loop
+from ldae_fast.eval import driver, reader
 from ldae_fast.eval.features import extract_features
 from ldae_fast.eval.knn import knn_classify
 from ldae_fast.eval.lars import LARS
@@ -37,21 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _need(module: str, *attrs: str):
-    """The module, or a skip while a teammate's piece has not landed (any other import error,
-    i.e. a bug in a piece that exists, still fails the test)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            pytest.skip(f"{module} is not written yet")
-        raise
-    for a in attrs:
-        if not hasattr(mod, a):
-            pytest.skip(f"{module}.{a} is not written yet")
-    return mod
 
 
 class StandInEncoder(nn.Module):
@@ -245,8 +230,6 @@ def test_finetune_few_steps_with_timm_vit():
 
 
 def test_finetune_from_our_encoder():
-    models = _need("ldae_fast.models", "build_model")
-    _need("ldae_fast.models.timm_export", "timm_kwargs", "timm_state_dict")
     from ldae_fast.config import build_config
     from ldae_fast.eval.finetune import build_finetune_model, finetune, recipe_for
 
@@ -264,8 +247,7 @@ def test_finetune_from_our_encoder():
     assert res["steps"] == 2 and math.isfinite(res["last_loss"])
 
     # An exported encoder comes back from load_for_eval as a timm ViT behind our interface.
-    export = _need("ldae_fast.engine.export", "TimmEncoder")
-    wrapped = export.TimmEncoder(models.to_timm(enc))
+    wrapped = reader.TimmEncoder(models.to_timm(enc))
     vit2 = build_finetune_model(wrapped, num_classes=5, drop_path=0.1)
     assert vit2.head.out_features == 5 and vit2.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     x = _color_images(2, 2, size)[0]
@@ -286,11 +268,19 @@ class StandInDenoiser(nn.Module):
         return self.a * x_in / (1 + sigma.view(-1, 1, 1, 1) ** 2)
 
 
-def _stand_in_tokenizer(p=4, d=8):
+def _stand_in_method(p=4, d=8, size=16):
+    """The l-DAE method with a random orthonormal basis in place of a fitted one."""
+    from ldae_fast.config import build_config
+    from ldae_fast.objectives import build_method
+    from ldae_fast.tokenizers import tokenizer_from_state
+
     D = 3 * p * p
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
-    return types.SimpleNamespace(patch_size=p, d=d, basis=q.t()[:d].contiguous(),
-                                 basis_full=q.t().contiguous(), mean=torch.zeros(D))
+    tok = tokenizer_from_state({"basis": q.t().contiguous(), "mean": torch.zeros(D), "eigenvalues": torch.ones(D)},
+                               {"kind": "pca", "patch_size": p, "latent_dim": d})
+    cfg = build_config("demo", {"model.patch_size": str(p), "data.img_size": str(size),
+                                "tokenizer.latent_dim": str(d), "engine.kernels": "reference"})
+    return build_method(cfg, "cpu", tokenizer=tok)
 
 
 def test_denoise_figure_pixel_size(tmp_path):
@@ -299,7 +289,7 @@ def test_denoise_figure_pixel_size(tmp_path):
     from ldae_fast.eval.figure import denoise_figure
 
     imgs = _norm(torch.rand(3, 3, 16, 16))
-    path = denoise_figure(StandInDenoiser(), _stand_in_tokenizer(), imgs, [0.5, 1.0],
+    path = denoise_figure(StandInDenoiser(), _stand_in_method(), imgs, [0.5, 1.0],
                             tmp_path / "fig.png", denorm=_denorm)
     im = Image.open(path)
     # cells 16 px x4 = 64, 5 columns (clean + 2 x noisy/denoised), 2 px gaps, 26 px of labels.
@@ -307,7 +297,7 @@ def test_denoise_figure_pixel_size(tmp_path):
     tile = torch.from_numpy(np.asarray(im.convert("RGB"))[28:28 + 64, 2:2 + 64].copy())
     expect = (_denorm(imgs[0]).clamp(0, 1) * 255).round().repeat_interleave(4, 1).repeat_interleave(4, 2)
     assert torch.equal(tile.permute(2, 0, 1), expect.to(torch.uint8))
-    plain = denoise_figure(StandInDenoiser(), _stand_in_tokenizer(), imgs[:2], [0.2],
+    plain = denoise_figure(StandInDenoiser(), _stand_in_method(), imgs[:2], [0.2],
                              tmp_path / "plain.png", denorm=_denorm, scale=1, pad=1, labels=False)
     assert Image.open(plain).size == (3 * 16 + 4, 2 * 16 + 3)
 
@@ -333,7 +323,6 @@ def test_driver_data_resolution(tinyimagenet_dir):
 
 def _tiny_checkpoint(tmp_path):
     """A real checkpoint from two training steps of a very small model (the lead's engine)."""
-    loop = _need("ldae_fast.engine.loop", "train")
     from ldae_fast.config import build_config
 
     over = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "2",
@@ -346,9 +335,6 @@ def _tiny_checkpoint(tmp_path):
 
 
 def test_driver_end_to_end_tiny_imagenet(tinyimagenet_dir, tmp_path):
-    _need("ldae_fast.engine.checkpoint", "load_for_eval")
-    _need("ldae_fast.models.timm_export", "timm_kwargs", "timm_state_dict")
-    _need("ldae_fast.data", "build_eval_arrays", "normalize", "denormalize")
     ckpt = _tiny_checkpoint(tmp_path)
     out = tmp_path / "eval"
     common = ["--data", str(tinyimagenet_dir), "--max-train-images", "300", "--max-val-images", "100",
@@ -374,7 +360,6 @@ def test_driver_end_to_end_tiny_imagenet(tinyimagenet_dir, tmp_path):
     assert Image.open(out / "denoising.png").size == (9 * 64 + 10 * 2, 8 * 64 + 9 * 2 + 26)
 
     # The same encoder exported to .safetensors: a timm ViT behind our interface.
-    export = _need("ldae_fast.engine.export", "export_encoder")
     st = export.export_encoder(ckpt, tmp_path / "enc.safetensors")
     out2 = tmp_path / "eval-st"
     rc = driver.main(["--checkpoint", str(st), *common, "--protocols", "linear-fast,finetune,figure",

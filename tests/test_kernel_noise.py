@@ -204,6 +204,14 @@ def test_reference_path(device):
     assert torch.equal(again, out)
     tri = latent_noise(x, basis, mean, gamma, sigma, p, seed=5, return_eps=True)[1]
     assert tri.shape == eps.shape
+    # A sample's reference noise depends on (seed, its counters) alone, like the kernel's: rows
+    # 1..2 drawn on their own (offset = 1 N d) are rows 1..2 of the whole call.
+    N = (H // p) * (W // p)
+    _, part = latent_noise(x[1:].contiguous(), basis, mean, gamma[1:].contiguous(), sigma[1:].contiguous(), p,
+                           seed=5, offset=N * d, return_eps=True, kernels="reference")
+    assert torch.equal(part, eps[1:])
+    _, other = latent_noise(x, basis, mean, gamma, sigma, p, seed=6, return_eps=True, kernels="reference")
+    assert not torch.equal(other, eps)
 
 
 def _bad_cases(device):

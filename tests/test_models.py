@@ -318,22 +318,22 @@ def test_compile_blocks_regional_with_mode(monkeypatch):
 def test_fused_adaln_model_matches_unfused(kernel_device, amp):
     """model.fused_adaln swaps LayerNorm + modulate for the Triton kernel (interpreted on CPU)
     in every block and the final layer: same outputs and gradients, parameters untouched."""
-    from ldae_fast.models import blocks
+    from ldae_fast.kernels import adaln_norm
 
     device = kernel_device
-    assert blocks._FUSED_ADALN_ON[torch.device(device).type], "the kernel must run in this test"
     plain = perturbed(build_model(tiny_cfg(), IMG)).to(device)
-    fused = build_model(tiny_cfg(fused_adaln=True), IMG).to(device)
+    fused = build_model(tiny_cfg(fused_adaln=True), IMG, kernels="triton").to(device)
+    assert fused.decoder.final_layer.norm_modulate.on[torch.device(device).type], "the kernel must run here"
     fused.load_state_dict(plain.state_dict())
     calls = []
-    real = blocks._adaln.adaln_layernorm
+    real = adaln_norm.adaln_layernorm
     blocks_calls = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
     x, sigma = images(device=device), torch.tensor([0.3, 1.2], device=device)
     outs, grads = [], []
     for m in (plain, fused):
         m.zero_grad()
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(blocks._adaln, "adaln_layernorm", blocks_calls)
+            mp.setattr(adaln_norm, "adaln_layernorm", blocks_calls)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                 y = m(x, sigma)
         y.float().square().mean().backward()
@@ -348,18 +348,34 @@ def test_fused_adaln_model_matches_unfused(kernel_device, amp):
         torch.testing.assert_close(grads[1][k], grads[0][k], **tol, msg=k)
 
 
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_fused_adaln_honours_engine_kernels(kernels, monkeypatch):
+    """model.fused_adaln asks for the kernel; engine.kernels decides: 'reference' (and 'auto' on
+    CPU, as for the noise and the loss) runs the reference path in every modulated norm, even
+    where the kernel could run (TRITON_INTERPRET=1 here)."""
+    from ldae_fast.kernels import adaln_norm, modules
+
+    fused_calls, ref_calls = [], []
+    real_ref = modules.adaln_reference
+    monkeypatch.setattr(adaln_norm, "adaln_layernorm", lambda *a, **k: fused_calls.append(1))
+    monkeypatch.setattr(modules, "adaln_reference", lambda *a: ref_calls.append(1) or real_ref(*a))
+    model = build_model(tiny_cfg(fused_adaln=True), IMG, kernels=kernels)
+    model(images(), torch.tensor([0.3, 1.2]))
+    assert fused_calls == [] and len(ref_calls) == 9  # 2 + 2 blocks x 2 norms + the final layer
+
+
 def test_fused_adaln_blocks_compile_without_graph_breaks(kernel_device, monkeypatch):
     """The regional compile of training (one torch.compile per block) traces through the fused
     op: fullgraph=True fails on any graph break, and the op is what runs."""
-    from ldae_fast.models import blocks
+    from ldae_fast.kernels import adaln_norm
 
     torch._dynamo.reset()
-    model = perturbed(build_model(tiny_cfg(fused_adaln=True), IMG)).to(kernel_device)
+    model = perturbed(build_model(tiny_cfg(fused_adaln=True), IMG, kernels="triton")).to(kernel_device)
     x, sigma = images(device=kernel_device), torch.tensor([0.3, 1.2], device=kernel_device)
     want = model(x, sigma)
     calls = []
     real = torch.ops.ldae.adaln_layernorm_fwd
-    monkeypatch.setattr(blocks._adaln, "_fwd_op", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(adaln_norm, "_fwd_op", lambda *a: calls.append(1) or real(*a))
     for blk in [*model.encoder.blocks, *model.decoder.blocks]:
         blk.compile(backend="eager", fullgraph=True)
     torch.testing.assert_close(model(x, sigma), want)

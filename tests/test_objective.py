@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from ldae_fast.config import build_config
-from ldae_fast.objectives.ldae import LDAEObjective, resolve_kernels, step_seed
-from ldae_fast.tokenizer import fit_pca
+from ldae_fast.kernels.dispatch import resolve_kernels
+from ldae_fast.objectives.ldae import LDAEMethod
+from ldae_fast.seeding import derive_seed
+from ldae_fast.tokenizers import fit_pca
 
 
 def _setup(**over):
@@ -26,11 +28,11 @@ def test_resolve_kernels(monkeypatch):
 
 def test_noise_is_keyed_on_step():
     cfg, tok, x = _setup()
-    obj = LDAEObjective(cfg, tok, "cpu")
+    obj = LDAEMethod(cfg, "cpu", tokenizer=tok)
     a, b, c = obj.add_noise(x, 5), obj.add_noise(x, 5), obj.add_noise(x, 6)
     assert torch.equal(a.x_in, b.x_in) and torch.equal(a.sigma, b.sigma)
     assert not torch.equal(a.x_in, c.x_in)
-    assert step_seed(0, 1) != step_seed(0, 2) != step_seed(1, 1)
+    assert derive_seed(0, 1) != derive_seed(0, 2) != derive_seed(1, 1) != derive_seed(1, 0)
     # final recipe: sigma in [0, sqrt 2], lambda = 1 / (1 + sigma^2)
     assert float(a.sigma.max()) <= 2 ** 0.5 and float(a.sigma.min()) >= 0
     torch.testing.assert_close(a.lam, 1 / (1 + a.sigma**2))
@@ -38,7 +40,7 @@ def test_noise_is_keyed_on_step():
 
 def test_noise_lives_in_the_latent_space():
     cfg, tok, x = _setup()
-    obj = LDAEObjective(cfg, tok, "cpu")
+    obj = LDAEMethod(cfg, "cpu", tokenizer=tok)
     t = torch.zeros(len(x))
     clean = obj.add_noise(x, 0, t=t).x_in
     noisy = obj.add_noise(x, 0, t=torch.ones(len(x))).x_in
@@ -54,7 +56,7 @@ def test_noise_lives_in_the_latent_space():
 
 def test_perfect_prediction_has_zero_loss_and_errors_are_weighted():
     cfg, tok, x = _setup()
-    obj = LDAEObjective(cfg, tok, "cpu")
+    obj = LDAEMethod(cfg, "cpu", tokenizer=tok)
     lam = torch.ones(len(x))
     assert float(obj.loss(x, x, lam)) == 0.0
     # an error inside span(V_d) costs 10x the same-sized error outside it (w = 1 vs 0.1)
@@ -77,14 +79,14 @@ def test_noise_is_keyed_on_the_row_of_the_global_batch(world, kernels):
     cfg = build_config("demo", {"engine.kernels": kernels})
     tok = fit_pca(iter([torch.randn(16, 3, 32, 32)]), cfg.model.patch_size, cfg.tokenizer.latent_dim, 16)
     x = torch.randn(8, 3, 32, 32)
-    whole = LDAEObjective(cfg, tok, "cpu").add_noise(x, 7)
+    whole = LDAEMethod(cfg, "cpu", tokenizer=tok).add_noise(x, 7)
     B, accum = 8 // (2 * world), 2
     for micro in range(accum):
         for rank in range(world):
             rows = slice((micro * world + rank) * B, (micro * world + rank + 1) * B)
-            part = LDAEObjective(cfg, tok, "cpu", rank=rank, world_size=world).add_noise(
+            part = LDAEMethod(cfg, "cpu", rank=rank, world_size=world, tokenizer=tok).add_noise(
                 x[rows], 7, micro=micro, accum=accum)
             torch.testing.assert_close(part.x_in, whole.x_in[rows])
             torch.testing.assert_close(part.sigma, whole.sigma[rows])
     with pytest.raises(ValueError, match="micro=2 must lie in"):
-        LDAEObjective(cfg, tok, "cpu").add_noise(x, 7, micro=2, accum=2)
+        LDAEMethod(cfg, "cpu", tokenizer=tok).add_noise(x, 7, micro=2, accum=2)

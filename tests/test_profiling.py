@@ -9,8 +9,8 @@ from ldae_fast import markers
 from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig
 from ldae_fast.engine.profiling import TOP_KERNELS_FILE, StepProfiler, nvtx_range, top_kernels_table
 from ldae_fast.models import build_model
-from ldae_fast.objectives.ldae import LDAEObjective
-from ldae_fast.tokenizer import pixel_tokenizer
+from ldae_fast.objectives.ldae import LDAEMethod
+from ldae_fast.tokenizers import PixelTokenizer
 
 TINY = dict(size="tiny", width=32, num_heads=2, encoder_depth=1, decoder_depth=1, patch_size=4)
 
@@ -71,7 +71,7 @@ def _tiny_step():
     cfg = Config(model=ModelConfig(**TINY), tokenizer=TokenizerConfig(kind="pixel", latent_dim=48),
                  data=DataConfig(img_size=16, batch_size=4), engine=EngineConfig(kernels="reference", steps=1))
     model = build_model(cfg.model, 16)
-    obj = LDAEObjective(cfg, pixel_tokenizer(4), "cpu")
+    obj = LDAEMethod(cfg, "cpu", tokenizer=PixelTokenizer.create(4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(4, 3, 16, 16)
 

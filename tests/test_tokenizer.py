@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ldae_fast import reference
-from ldae_fast.tokenizer import PCATokenizer, TokenizerMismatch, fit_pca, pixel_tokenizer
+from ldae_fast.tokenizers import PCATokenizer, PixelTokenizer, TokenizerMismatch, fit_pca
 
 
 def _images(n, seed=0, size=16):
@@ -71,6 +71,28 @@ def test_save_load_and_refusals(tok, tmp_path):
 
 
 def test_pixel_tokenizer_is_identity():
-    t = pixel_tokenizer(2)
+    t = PixelTokenizer.create(2)
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(t.decode(t.encode(x), 4, 4), x)
+
+
+def test_registry_round_trip_and_linear_maps():
+    from ldae_fast.config import build_config
+    from ldae_fast.tokenizers import TOKENIZERS, Tokenizer, prepare_tokenizer, tokenizer_from_state
+
+    assert set(TOKENIZERS) >= {"pca", "pixel"}
+    cfg = build_config("demo", {"tokenizer.fit_images": "64", "tokenizer.latent_dim": "8"})
+    tok = prepare_tokenizer(cfg, lambda: _batches(_images(64)), log=lambda _: None)
+    assert isinstance(tok, Tokenizer) and tok.kind == "pca" and tok.d == 8
+    E, G = tok.linear_maps()
+    assert E.shape == (8, tok.D) and G.shape == (tok.D, 8)
+    x = _images(4)
+    z = tok.encode(x)
+    torch.testing.assert_close(z, (reference.patchify(x, 4) - tok.mean) @ E.t())
+    back = tokenizer_from_state(tok.state_dict(), tok.metadata())
+    assert type(back) is PCATokenizer and torch.equal(back.basis, tok.basis)
+
+    pix = prepare_tokenizer(build_config("demo", {"tokenizer.kind": "pixel", "tokenizer.latent_dim": "48"}),
+                            lambda: iter(()), log=lambda _: None)
+    assert type(tokenizer_from_state(pix.state_dict(), pix.metadata())) is PixelTokenizer
+    torch.testing.assert_close(pix.decode(pix.encode(x), 16, 16), x)

@@ -22,7 +22,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .transforms import mix_seed, single_thread
+from ..seeding import derive_seed
+from .transforms import single_thread
 
 NUM_KINDS = 8
 NUM_TEXTURES = 6
@@ -113,7 +114,7 @@ def _render(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tu
     per = _NUM_PARAMS + 3 * 4 * 4 + 3 * s * s
     rnd = torch.empty(n, per)
     for row, idx in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(mix_seed(seed, idx))
+        g = torch.Generator().manual_seed(derive_seed(seed, idx))
         torch.rand(per, generator=g, out=rnd[row])
     p = rnd[:, :_NUM_PARAMS]
     clutter = rnd[:, _NUM_PARAMS : _NUM_PARAMS + 48].view(n, 3, 4, 4)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..seeding import derive_seed
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,26 +42,13 @@ DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ImageLike = Union[Image.Image, bytes, bytearray, memoryview]
 
 
-def mix_seed(*xs: int) -> int:
-    """Deterministic 63-bit seed from small integers (a splitmix64-style finaliser per step).
-
-    Every random stream of the data pipeline is keyed this way on its position (seed, epoch,
-    batch, sample...), never on a running RNG, so any position can be regenerated on resume.
-    """
-    h = 0x9E3779B97F4A7C15
-    m = (1 << 64) - 1
-    for x in xs:
-        h = (h ^ (int(x) & m)) & m
-        h = (h * 0xBF58476D1CE4E5B9) & m
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & m
-        h ^= h >> 29
-    return h >> 1
+# data/wds.py imports the derivation under this name.
+mix_seed = derive_seed
 
 
 def generator_for(*xs: int) -> torch.Generator:
-    """A CPU torch.Generator seeded by `mix_seed(*xs)`."""
-    return torch.Generator().manual_seed(mix_seed(*xs))
+    """A CPU torch.Generator seeded by `derive_seed(*xs)`."""
+    return torch.Generator().manual_seed(derive_seed(*xs))
 
 
 @contextmanager

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..tokenizer import PCATokenizer
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -129,30 +128,14 @@ def load_state(ckpt: str | Path, map_location="cpu") -> dict[str, Any]:
     return torch.load(Path(ckpt) / "state.pt", map_location=map_location, weights_only=False)
 
 
-def load_for_eval(path: str | Path, use_ema: bool = True):
-    """-> (Config, LDAEModel, PCATokenizer | None) from a checkpoint dir, a run dir, a DeepSpeed
-    checkpoint written by our engine, or an exported encoder .safetensors (then the model holds the
-    encoder alone and the tokenizer is None)."""
-    from ..models import build_model
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from .export import load_exported_encoder
-        return load_exported_encoder(path)
-    ckpt = resolve_resume(str(path), path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    st = load_state(ckpt)
-    cfg = Config.from_dict(st["config"])
-    model = build_model(cfg.model, cfg.data.img_size)
-    weights = st.get("ema") if use_ema and st.get("ema") else st.get("model")
-    if weights is None:
-        from .deepspeed_backend import consolidated_model_state
-        weights = consolidated_model_state(ckpt)
-    model.load_state_dict(weights)
-    model.eval()
-    tok = PCATokenizer.from_state(st["tokenizer"]["tensors"], st["tokenizer"]["meta"]) if st.get("tokenizer") else None
-    return cfg, model, tok
+def method_state(state: dict) -> dict | None:
+    """The method's part of a checkpoint; checkpoints written before it nested under 'method'
+    kept the tokenizer at the top level."""
+    if state.get("method"):
+        return state["method"]
+    if state.get("tokenizer"):
+        return {"tokenizer": state["tokenizer"]}
+    return None
 
 
 def config_of(ckpt: str | Path) -> Config:

@@ -2,7 +2,7 @@
 
 OUT_DIR/config.json (architecture, constructor arguments, input size, mean/std) and
 OUT_DIR/model.safetensors load with `timm.create_model('local-dir:OUT_DIR', pretrained=True)`,
-strictly. The weights file also carries the timm kwargs in its metadata; `load_exported_encoder`
+strictly. The weights file also carries the timm kwargs in its metadata; `eval.reader.load_exported_encoder`
 reads them, so evaluation can run from an export alone.
 """
 
@@ -12,34 +12,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
-
-from ..config import Config
-
-
-class TimmEncoder(torch.nn.Module):
-    """A timm VisionTransformer behind our encoder interface (forward_features / pooled)."""
-
-    def __init__(self, vit: torch.nn.Module):
-        super().__init__()
-        self.vit = vit
-        self.num_features = vit.embed_dim
-        self.blocks = vit.blocks
-
-    def forward_features(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        return self.vit.forward_features(x)
-
-    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-        tok = self.forward_features(x)
-        return tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)
-
-
-class EncoderOnly(torch.nn.Module):
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
 
 WEIGHTS_FILE = "model.safetensors"  # the name timm's local-dir loader looks for first
 
@@ -52,8 +24,8 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     """
     from safetensors.torch import save_file
 
+    from ..eval.reader import load_for_eval
     from ..models.timm_export import timm_config, timm_kwargs, timm_state_dict
-    from .checkpoint import load_for_eval
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -85,27 +57,6 @@ def _check_source(p: Path) -> None:
     if p.is_dir() and not is_complete(p) and latest_checkpoint(p) is None:
         raise FileNotFoundError(f"checkpoint {p}: not a complete checkpoint (no meta.json) and no "
                                 f"complete checkpoint under {p / 'checkpoints'}")
-
-
-def load_exported_encoder(path: str | Path):
-    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors."""
-    import timm
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if "timm_kwargs" not in meta:
-        raise ValueError(f"{path} was not written by `ldae-fast export` (no timm_kwargs metadata)")
-    kwargs = json.loads(meta["timm_kwargs"])
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
-    vit.load_state_dict(sd, strict=True)
-    vit.eval()
-    cfg = Config.from_dict(json.loads(meta["ldae_config"]))
-    return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
 def main(argv: list[str] | None = None) -> int:

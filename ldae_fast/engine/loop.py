@@ -1,7 +1,8 @@
 """The training loop: thin, model-agnostic, resumable.
 
-Everything specific to l-DAE lives in the objective; everything specific to a device strategy lives
-in the backend (single device here, DeepSpeed in deepspeed_backend.py).
+Everything specific to a method (l-DAE, its tokenizer, its noise) lives behind the objectives
+registry; everything specific to a device strategy lives in the backend (single device here,
+DeepSpeed in deepspeed_backend.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config
 from ..models.compile import compile_blocks, mark_step_begin
-from ..objectives.ldae import LDAEObjective
-from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
+from ..objectives import Method, build_method
 from . import checkpoint as ckpt_mod
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops_per_image
@@ -46,8 +47,12 @@ class TrainResult:
     images_per_s: float = 0.0
     model: torch.nn.Module | None = None
     ema: EMA | None = None
-    tokenizer: PCATokenizer | None = None
+    method: Method | None = None
     is_main: bool = True
+
+    @property
+    def tokenizer(self):
+        return getattr(self.method, "tokenizer", None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,27 +120,6 @@ def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> N
             "them, start a new run (a new out_dir) from the exported weights.")
 
 
-def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> PCATokenizer:
-    """From the checkpoint being resumed, a saved file, or a fresh fit on the training stream."""
-    t = cfg.tokenizer
-    if resume_state is not None and resume_state.get("tokenizer"):
-        tk = resume_state["tokenizer"]
-        return PCATokenizer.from_state(tk["tensors"], tk["meta"])
-    if t.kind == "pixel":
-        return pixel_tokenizer(cfg.model.patch_size)
-    if t.path:
-        return PCATokenizer.load(t.path, patch_size=cfg.model.patch_size, latent_dim=t.latent_dim, kind="pca")
-    from ..data import build_train_stream
-
-    stream = build_train_stream(cfg, rank=0, world_size=1)
-    t0 = time.time()
-    tok = fit_pca((imgs for imgs, _ in stream), cfg.model.patch_size, t.latent_dim, t.fit_images)
-    ev = float(tok.explained_variance()[t.latent_dim - 1])
-    log(f"fitted patch PCA on {t.fit_images} images ({tok.num_patches_fitted} patches, D={tok.D}) in "
-        f"{time.time() - t0:.1f}s; the first d={t.latent_dim} components explain {100 * ev:.1f}% of the variance")
-    return tok
-
-
 class SingleDevice:
     """One device, no launcher: plain autograd + torch.optim."""
 
@@ -201,7 +185,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     resume_dir = ckpt_mod.resolve_resume(cfg.engine.resume, out_dir)
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
 
-    model = build_model(cfg.model, cfg.data.img_size).to(device)
+    model = build_model(cfg.model, cfg.data.img_size, kernels=cfg.engine.kernels).to(device)
     graphs = cfg.engine.compile and cfg.engine.compile_mode in CUDA_GRAPH_MODES
     if cfg.engine.compile:
         compile_blocks(model, mode=cfg.engine.compile_mode)
@@ -222,10 +206,16 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
 
-    tok = build_tokenizer(cfg, resume_state, logger.info)
+    method = build_method(cfg, device, rank=rank, world_size=world)
+
+    def fit_images():
+        return (imgs for imgs, _ in build_train_stream(cfg, rank=0, world_size=1))
+
+    method.prepare(fit_images, rank=rank, log=logger.info,
+                   broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
+                   state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
     if is_main and resume_state is None:
-        tok.save(out_dir / "tokenizer.safetensors")
-    objective = LDAEObjective(cfg, tok, device, rank=rank, world_size=world)
+        method.export(out_dir)
     amp = autocast_dtype(cfg.engine.precision, device)
     # Under ZeRO-3 each rank holds a shard of every parameter, so a full-parameter EMA would need a
     # gather per step; it is off there (the log says so).
@@ -254,7 +244,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                                       if device.type == "cuda" else None)
     # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    logger.info(f"model {cfg.model.size} ({n_params / 1e6:.2f}M params) on {device}, kernels={objective.backend}, "
+    logger.info(f"model {cfg.model.size} ({n_params / 1e6:.2f}M params) on {device}, kernels={method.kernels}, "
                 f"precision={'bf16' if amp else 'fp32'}, world={world}, global batch={cfg.global_batch(world)}, "
                 f"lr={lr0:.3g}, steps={total} (warm-up {warmup})")
 
@@ -266,8 +256,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         state.update(step=step, world_size=world,
                      ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
                      data=data, data_ranks=data_ranks,
-                     rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
-                     tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
+                     rng=ckpt_mod.rng_state(), config=cfg.to_dict(), method=method.state_dict())
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
                                          extra_meta={"preset": cfg.preset}, writer=backend.save_extra,
                                          is_main=is_main, barrier=getattr(backend, "barrier", None))
@@ -290,13 +279,12 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         for micro in range(cfg.engine.grad_accum):
             if graphs:  # each micro-batch replays the graphs: the last one's outputs are spent
                 mark_step_begin()
-            images, _ = next(it)
-            images = images.to(device, non_blocking=True)
-            loss = objective(backend.model, images, step, amp, micro=micro, accum=cfg.engine.grad_accum)
+            batch = Batch.of(next(it)).to(device, non_blocking=True)
+            loss = method(backend.model, batch, step, micro, cfg.engine.grad_accum, autocast_dtype=amp)
             with nvtx_range("backward"):
                 backend.backward(loss)
             step_loss += loss.detach() / cfg.engine.grad_accum
-            win_images += images.shape[0] * world
+            win_images += len(batch) * world
         with nvtx_range("optimizer"):
             norm = backend.step(lr)
             if ema is not None:
@@ -350,4 +338,4 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
         if last_ckpt is not None:
             logger.info(f"checkpoint: {last_ckpt}")
     logger.close()
-    return TrainResult(out_dir, total, final_loss, losses, last_ckpt, ips, model, ema, tok, is_main)
+    return TrainResult(out_dir, total, final_loss, losses, last_ckpt, ips, model, ema, method, is_main)

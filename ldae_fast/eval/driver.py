@@ -86,7 +86,7 @@ def _make_log():
 
 
 def _load_checkpoint(path: str):
-    from ldae_fast.engine.checkpoint import load_for_eval
+    from .reader import load_for_eval
 
     if not Path(path).exists():
         raise EvalError(f"--checkpoint {path}: no such file or directory")
@@ -206,7 +206,7 @@ def run(args) -> dict:
     device = resolve_device(args.device)
 
     log(f"loading {args.checkpoint}")
-    cfg, model, tok = _load_checkpoint(args.checkpoint)
+    cfg, model, method = _load_checkpoint(args.checkpoint)
     cfg, data_desc = with_data(cfg, args.data, args.val_data, args.max_train_images)
     encoder = model.encoder
     log(f"model {cfg.model.size} (width {cfg.model.width}, {cfg.model.encoder_depth} encoder blocks, "
@@ -304,7 +304,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     figure_path = None
     if "figure" in protocols:
-        figure_path = _figure(cfg, model, tok, val[0][:args.figure_images], out / "denoising.png",
+        figure_path = _figure(cfg, model, method, val[0][:args.figure_images], out / "denoising.png",
                               device, args.seed, log)
 
     table = markdown_table(rows)
@@ -330,16 +330,16 @@ def run(args) -> dict:
     return dict(rows=rows, out=str(out), figure=str(figure_path) if figure_path else None, meta=meta)
 
 
-def _figure(cfg, model, tok, images, path, device, seed, log) -> Optional[Path]:
+def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Path]:
     from .figure import denoise_figure
 
-    if tok is None:
+    if method is None:
         log("figure: skipped (the checkpoint holds an encoder only; the figure needs the decoder "
             "and the tokenizer)")
         return None
     sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
     model.to(device)
-    p = denoise_figure(model, tok, images, sigmas, path, seed=seed, schedule=cfg.noise.schedule)
+    p = denoise_figure(model, method, images, sigmas, path, step=seed)
     log(f"figure: {p}")
     return p
 

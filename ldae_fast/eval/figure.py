@@ -1,8 +1,9 @@
 """Clean / noisy / denoised grid, like the paper's Figure 8, as one PNG (Pillow only).
 
-Rows are images; columns are the clean image, then for each sigma the noisy network input (noise
-added in the PCA latent space, `reference.latent_noise`) and the network's output. Every sigma uses
-the same eps, so a row shows one noise pattern growing rather than a fresh draw per column.
+Rows are images; columns are the clean image, then for each sigma the network input and the
+network's output, both from the method's own sampler (`Method.sample`): the noising, the
+schedule's gamma and noise.input_scaling are training's. Every sigma uses the same eps, so a row
+shows one noise pattern growing rather than a fresh draw per column.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ldae_fast import reference
-
-from .features import frozen, module_device
+from .features import module_device
 
 LINE = 12  # header text line height in pixels
 
@@ -31,37 +30,15 @@ def figure_size(rows: int, n_sigmas: int, cell: int, pad: int = 2, labels: bool 
     return cols * cell + (cols + 1) * pad, rows * cell + (rows + 1) * pad + header_height(labels, pad)
 
 
-def gamma_for(sigma: float, schedule: str = "sigma_linear") -> float:
-    """gamma paired with a given sigma: 1 in the final recipe (variance exploding); the
-    variance-preserving schedules of the trajectory have gamma^2 + sigma^2 = 1."""
-    if schedule == "sigma_linear":
-        return 1.0
-    if sigma > 1:
-        raise ValueError(f"sigma={sigma} > 1 is not reachable with the variance-preserving "
-                         f"schedule {schedule!r}")
-    return math.sqrt(1.0 - sigma * sigma)
-
-
 @torch.no_grad()
-def denoise_columns(model: nn.Module, tokenizer, images: torch.Tensor, sigmas: Sequence[float],
-                    seed: int = 0, schedule: str = "sigma_linear") -> list[torch.Tensor]:
-    """[clean, noisy(s0), denoised(s0), noisy(s1), ...], each (B, 3, H, W) normalised, on CPU."""
-    device = module_device(model)
-    x = images.to(device).float()
-    B, _, H, W = x.shape
-    p = int(tokenizer.patch_size)
-    basis = tokenizer.basis.to(device).float()
-    mean = tokenizer.mean.to(device).float()
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(B, (H // p) * (W // p), basis.shape[0], generator=gen).to(device)
-    cols = [x.cpu()]
-    with frozen(model):
-        for s in sigmas:
-            sig = torch.full((B,), float(s), device=device)
-            gam = torch.full((B,), gamma_for(float(s), schedule), device=device)
-            noisy, _ = reference.latent_noise(x, basis, mean, gam, sig, eps, p)
-            den = model(noisy, sig).float()
-            cols += [noisy.cpu(), den.cpu()]
+def denoise_columns(model: nn.Module, method, images: torch.Tensor, sigmas: Sequence[float],
+                    step: int = 0) -> list[torch.Tensor]:
+    """[clean, noisy(s0), denoised(s0), noisy(s1), ...], each (B, 3, H, W) normalised, on CPU.
+    The noise is that of training step `step` (method.sample)."""
+    method = method.to(module_device(model))
+    cols = [images.float().cpu()]
+    for x_in, x_hat in method.sample(model, images, sigmas, step=step):
+        cols += [x_in.float().cpu(), x_hat.float().cpu()]
     return cols
 
 
@@ -84,13 +61,12 @@ def _column_labels(sigmas: Sequence[float]) -> list[tuple[str, str]]:
 
 def denoise_figure(
     model: nn.Module,
-    tokenizer,
+    method,
     images: torch.Tensor,
     sigmas: Sequence[float],
     path: str | Path,
     *,
-    seed: int = 0,
-    schedule: str = "sigma_linear",
+    step: int = 0,
     denorm: Optional[Callable] = None,
     scale: Optional[int] = None,
     pad: int = 2,
@@ -105,7 +81,7 @@ def denoise_figure(
     B, _, H, W = images.shape
     if scale is None:
         scale = max(1, math.ceil(64 / W))
-    cols = denoise_columns(model, tokenizer, images, sigmas, seed, schedule)
+    cols = denoise_columns(model, method, images, sigmas, step)
     pix = [_to_pixels(c, denorm, scale) for c in cols]
     ch, cw = H * scale, W * scale
     n_sig = len(sigmas)

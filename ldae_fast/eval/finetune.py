@@ -82,7 +82,7 @@ def _timm_vit_from(encoder: nn.Module, num_classes: int, drop_path: float, pool:
     gp = "avg" if pool == "avg" else "token"
     vit = getattr(encoder, "vit", None)
     if vit is not None:
-        # An exported .safetensors loads as a timm ViT already (engine.export.TimmEncoder).
+        # An exported .safetensors loads as a timm ViT already (eval.reader.TimmEncoder).
         model = copy.deepcopy(vit)
         model.reset_classifier(num_classes, global_pool=gp)
         _set_drop_path(model, drop_path)

@@ -17,12 +17,12 @@ Layers: `_latent_noise_kernel` (@triton.jit) -> `latent_noise_triton` (launcher,
 traces around it, an autograd.Function otherwise; or the plain-PyTorch path with kernels='reference').
 """
 
-import hashlib
 from typing import Tuple, Union
 
 import torch
 
 from .. import reference
+from ..seeding import derive_seed
 from ._common import (
     IMAGE_DTYPES,
     check_int,
@@ -224,17 +224,28 @@ if has_custom_op():
     _custom_op = _latent_noise_op
 
 
-def _reference_noise(x, basis, mean, gamma, sigma, p, seed, offset):
-    """kernels='reference': the same math through reference.py with eps from torch.randn.
+def reference_eps(seed: int, offset: int, B: int, N: int, d: int, device) -> torch.Tensor:
+    """The reference path's eps (B, N, d): sample b is torch.randn from a generator keyed on
+    (seed, offset + b N d), the counter of its first element in the kernel's numbering.
 
-    The draw is reproducible for a given (seed, offset) but is not the Philox stream of the kernel.
+    So, like the kernel's stream, a sample's noise depends on (seed, its counters) alone: a call
+    on rows lo..lo+B-1 (offset = lo N d) draws exactly those rows of the call on the whole batch,
+    which is what lets ranks and accumulated micro-batches draw what one process draws. The
+    values are torch.randn's, not the kernel's Philox stream.
     """
+    eps = torch.empty(B, N, d, device=device, dtype=torch.float32)
+    gen = torch.Generator(device=device)
+    for b in range(B):
+        gen.manual_seed(derive_seed(seed, offset + b * N * d))
+        eps[b] = torch.randn(N, d, generator=gen, device=device, dtype=torch.float32)
+    return eps
+
+
+def _reference_noise(x, basis, mean, gamma, sigma, p, seed, offset):
+    """kernels='reference': the same math through reference.py with eps from `reference_eps`."""
     B, C, H, W = x.shape
     N = (H // p) * (W // p)
-    digest = hashlib.blake2b(f"{seed}:{offset}".encode(), digest_size=8).digest()
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    eps = torch.randn(B, N, basis.shape[0], generator=gen, device=x.device, dtype=torch.float32)
+    eps = reference_eps(seed, offset, B, N, basis.shape[0], x.device)
     out, _ = reference.latent_noise(x, basis, mean, gamma, sigma, eps, p)
     z0 = (reference.patchify(x.float(), p) - mean.float()) @ basis.float().t()
     return out, z0, eps
@@ -272,8 +283,8 @@ def latent_noise(
             offset += B N d, or with another seed, gives independent noise.
         return_z0, return_eps: also return z0 / eps, (B, N, d) float32.
         kernels: 'triton' (the fused kernel; on CPU only under TRITON_INTERPRET=1) or
-            'reference' (plain PyTorch; eps from torch.randn seeded by (seed, offset), so not
-            the kernel's stream).
+            'reference' (plain PyTorch; eps from `reference_eps`, torch.randn keyed per sample
+            on (seed, counter), so not the kernel's stream).
 
     Returns:
         x_noisy (x's dtype, contiguous), or the tuple (x_noisy, z0?, eps?) of what was asked,
@@ -308,4 +319,4 @@ def latent_noise_counter_span(x_shape, d: int, p: int) -> int:
     return B * (H // p) * (W // p) * d
 
 
-__all__ = ["latent_noise", "latent_noise_triton", "LatentNoiseFunction", "latent_noise_counter_span"]
+__all__ = ["latent_noise", "latent_noise_triton", "reference_eps", "LatentNoiseFunction", "latent_noise_counter_span"]

@@ -14,35 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels import adaln_norm as _adaln
-from ..kernels._common import HAS_TRITON, is_interpreted
 from ..kernels.attention import attention, resolve_backend
+from ..kernels.modules import AdaLNLayerNorm
 
 LN_EPS = 1e-6  # timm's ViT and DiT both use 1e-6; matching it keeps the timm export exact.
-
-# Where the fused adaLN kernel can run, fixed when the kernels are defined (compiled for GPUs, or
-# interpreted on CPU under TRITON_INTERPRET=1). A plain dict lookup, so torch.compile guards on
-# it instead of tracing triton's internals.
-_INTERPRETED = HAS_TRITON and is_interpreted(_adaln._adaln_ln_fwd_kernel)
-_FUSED_ADALN_ON = {"cuda": HAS_TRITON and not _INTERPRETED, "cpu": _INTERPRETED}
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift with per-sample (B, C) shift/scale broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                  fused: bool) -> torch.Tensor:
-    """modulate(norm(x), shift, scale); with `fused`, one Triton kernel where it can run.
-
-    Under bf16 autocast the residual stream x is float32 (the position embedding promotes it) and
-    shift/scale are bf16 (a Linear's output); both paths then compute in float32 and return
-    float32, which the next Linear casts to bf16.
-    """
-    if fused and _FUSED_ADALN_ON.get(x.device.type, False):
-        return _adaln.adaln_layernorm(x, shift, scale, norm.eps)
-    return modulate(norm(x), shift, scale)
 
 
 class Attention(nn.Module):
@@ -90,19 +65,21 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 backend: str = "auto", fused_adaln: bool = False) -> None:
+                 backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
         super().__init__()
         if cond not in ("adaln", "none"):
             raise ValueError(f"cond={cond!r}; choose 'adaln' or 'none'")
         self.cond = cond
-        self.fused_adaln = fused_adaln
         affine = cond == "none"
+        # With adaLN the norms carry no parameters: kept for timm's names and the plain-ViT path;
+        # the modulated norm runs through the kernels' face, which picks the fused kernel or not.
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=affine)
         self.attn = Attention(dim, num_heads, backend)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=affine)
         self.mlp = Mlp(dim, mlp_hidden(dim, mlp_ratio))
         if cond == "adaln":
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+            self.norm_modulate = AdaLNLayerNorm(LN_EPS, fused_adaln, kernels)
         # Activation checkpointing lives inside the block, so a compiled block (compile_blocks)
         # traces the checkpoint as part of its graph and the partitioner recomputes inside it.
         # Checkpointing a compiled block from outside fails on torch < 2.5 (the recomputation
@@ -123,8 +100,8 @@ class Block(nn.Module):
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
         sh1, sc1, g1, sh2, sc2, g2 = self.modulation(c)
-        x = x + g1.unsqueeze(1) * self.attn(norm_modulate(self.norm1, x, sh1, sc1, self.fused_adaln))
-        return x + g2.unsqueeze(1) * self.mlp(norm_modulate(self.norm2, x, sh2, sc2, self.fused_adaln))
+        x = x + g1.unsqueeze(1) * self.attn(self.norm_modulate(x, sh1, sc1))
+        return x + g2.unsqueeze(1) * self.mlp(self.norm_modulate(x, sh2, sc2))
 
 
 class PatchEmbed(nn.Module):
@@ -181,17 +158,18 @@ class SigmaEmbedder(nn.Module):
 class FinalLayer(nn.Module):
     """Tokens -> p*p*C pixels per patch: norm (adaLN-modulated when cond='adaln') + linear."""
 
-    def __init__(self, dim: int, out_dim: int, cond: str = "adaln", fused_adaln: bool = False) -> None:
+    def __init__(self, dim: int, out_dim: int, cond: str = "adaln", fused_adaln: bool = False,
+                 kernels: str = "auto") -> None:
         super().__init__()
         self.cond = cond
-        self.fused_adaln = fused_adaln
         self.norm = nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=cond == "none")
         self.linear = nn.Linear(dim, out_dim)
         if cond == "adaln":
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+            self.norm_modulate = AdaLNLayerNorm(LN_EPS, fused_adaln, kernels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if self.cond == "adaln":
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-            return self.linear(norm_modulate(self.norm, x, shift, scale, self.fused_adaln))
+            return self.linear(self.norm_modulate(x, shift, scale))
         return self.linear(self.norm(x))

@@ -83,7 +83,7 @@ def _init_common(module: nn.Module) -> None:
 class ViTEncoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 attn_backend: str = "auto", fused_adaln: bool = False) -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
@@ -98,7 +98,7 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
                              persistent=False)
         self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln) for _ in range(depth))
+            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
         # Affine and unconditioned even with adaLN: the features must not depend on a sigma that
         # evaluation does not have, and timm's `norm` is a plain LayerNorm.
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
@@ -147,7 +147,7 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
 class ViTDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 attn_backend: str = "auto", fused_adaln: bool = False) -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
@@ -159,8 +159,8 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
                              persistent=False)
         self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond, fused_adaln)
+            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond, fused_adaln, kernels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -184,7 +184,11 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
 
 
 class LDAEModel(nn.Module):
-    """x_in (B, C, H, W) noisy image, sigma (B,) -> x_hat (B, C, H, W) predicted clean image."""
+    """x_in (B, C, H, W) noisy image + conditioning -> x_hat (B, C, H, W) predicted clean image.
+
+    The conditioning comes as keyword arguments, DiT's model_kwargs: the method builds the dict
+    (`model(x_in, **cond)`), so a new kind (a class label) is a key, not a new signature.
+    """
 
     def __init__(self, encoder: ViTEncoder, decoder: ViTDecoder) -> None:
         super().__init__()
@@ -193,7 +197,10 @@ class LDAEModel(nn.Module):
         self.patch_size = encoder.patch_size
         self.img_size = encoder.img_size
 
-    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """sigma: (B,) noise levels (None: clean input)."""
+        if cond:
+            raise ValueError(f"LDAEModel has no conditioning on {', '.join(sorted(cond))} (it takes sigma only)")
         # Phase markers for Nsight / the profiler (no-ops without CUDA or a running profiler).
         with nvtx_range("encoder"):
             tokens = self.encoder.forward_features(x_in, sigma)
@@ -209,21 +216,22 @@ class LDAEModel(nn.Module):
         return self.encoder.grad_checkpointing
 
 
-def _dims(cfg: ModelConfig) -> dict:
+def _dims(cfg: ModelConfig, kernels: str) -> dict:
     return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
-                attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln)
+                attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels)
 
 
-def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> ViTEncoder:
-    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth, **_dims(cfg))
+def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
+    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth, **_dims(cfg, kernels))
 
 
-def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> LDAEModel:
-    """The l-DAE encoder-decoder for square img_size x img_size inputs with in_chans channels."""
+def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
+    """The l-DAE encoder-decoder for square img_size x img_size inputs with in_chans channels.
+    `kernels` is engine.kernels: with model.fused_adaln it decides where the fused kernel runs."""
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
-    enc = build_encoder(cfg, img_size, in_chans)
-    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth, **_dims(cfg))
+    enc = build_encoder(cfg, img_size, in_chans, kernels)
+    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth, **_dims(cfg, kernels))
     model = LDAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model

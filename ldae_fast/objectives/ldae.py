@@ -1,61 +1,29 @@
-"""The l-DAE objective: a batch of clean images in, a scalar loss out (no training-loop code).
+"""l-DAE as a method: clean images in, a scalar loss out; the same noising for figures.
 
 Final recipe (DESIGN.md): t ~ U(0, 1) per sample, gamma_t = 1, sigma_t = sqrt(2) t; noise added to
-the first d PCA components of each patch; the network sees the inverse-PCA noisy image and predicts
-the clean image; loss weighted 1 / (1 + sigma^2) per sample and w_i = 1 / 0.1 across PCA components.
+the first d latent components of each patch (a linear tokenizer: PCA or pixels); the network sees
+the decoded noisy image and predicts the clean image; loss weighted 1 / (1 + sigma^2) per sample
+and w_i = 1 / 0.1 across PCA components.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from .. import reference, schedules
+from .. import schedules
+from ..batch import Batch
 from ..config import Config
+from ..kernels import latent_noise, pca_loss
+from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
-from ..tokenizer import PCATokenizer
-
-_MASK63 = (1 << 63) - 1
-
-
-def resolve_kernels(mode: str, device: torch.device | str) -> str:
-    """The one place that decides between the Triton kernels and the PyTorch reference.
-
-    'auto': Triton on CUDA (when triton imports), the reference on CPU. 'triton' on CPU runs the
-    kernels in the Triton interpreter and needs TRITON_INTERPRET=1 set before triton is imported.
-    """
-    device = torch.device(device)
-    if mode == "reference":
-        return "reference"
-    if mode not in ("auto", "triton"):
-        raise ValueError(f"kernels={mode!r}; choose auto, triton or reference")
-    try:
-        from ..kernels import triton_available
-        have_triton = triton_available()
-    except ImportError:
-        have_triton = False
-    if mode == "auto":
-        return "triton" if (device.type == "cuda" and have_triton) else "reference"
-    if not have_triton:
-        raise RuntimeError("kernels='triton' was asked for but triton is not importable here; "
-                           "install triton or use --kernels=reference")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernels='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                           "(before starting Python) or use --kernels=reference")
-    return "triton"
-
-
-def step_seed(base_seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
-    """A 63-bit seed keyed on (seed, step, rank, stream), so the noise of a step does not depend
-    on what ran before it: a resumed run draws exactly what the uninterrupted run drew."""
-    x = (base_seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
-         + stream * 0x2545F4914F6CDD1D) & _MASK63
-    x ^= x >> 31
-    x = (x * 0xD6E8FEB86659FD93) & _MASK63
-    x ^= x >> 29
-    return x
+from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
+from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
+from . import sampling
 
 
 @dataclass
@@ -69,33 +37,92 @@ class NoisyBatch:
     """Per-sample loss weight, (B,)."""
 
 
-class LDAEObjective:
-    """Turns clean images into (noisy input, loss); holds the tokenizer and the kernel choice."""
+class LDAEMethod:
+    """Owns the tokenizer, the noise (schedule, keyed draws, input scaling), the loss and the
+    sampler; the kernel choice is resolved once, for its device."""
 
-    def __init__(self, cfg: Config, tokenizer: PCATokenizer, device: torch.device | str, rank: int = 0,
-                 world_size: int = 1):
+    name = "ldae"
+
+    def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
+                 tokenizer: Tokenizer | None = None, kernels: str | None = None):
         self.cfg = cfg
         self.noise_cfg = cfg.noise
         self.p = cfg.model.patch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        self._mode = cfg.engine.kernels if kernels is None else kernels
+        self.kernels = resolve_kernels(self._mode, self.device)
+        self.tok: Tokenizer | None = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+
+    # setup ----------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        maps = tokenizer.linear_maps()
+        if maps is None:
+            raise ValueError(f"tokenizer.kind={tokenizer.kind!r} is not linear; l-DAE's noise and "
+                             "PCA-space loss need a linear tokenizer (pca or pixel)")
         self.tok = tokenizer.to(self.device)
-        self.backend = resolve_kernels(cfg.engine.kernels, self.device)
-        if self.backend == "triton":
-            from .. import kernels
-            self._k = kernels
         # The loss needs only V_d: the identity in DESIGN.md avoids the (D, D) product per token.
-        self.basis = self.tok.basis.contiguous()
+        self.basis = self.tok.linear_maps()[0].contiguous()
         self.mean = self.tok.mean.contiguous()
 
+    def to(self, device: torch.device | str) -> LDAEMethod:
+        return LDAEMethod(self.cfg, device, self.rank, self.world_size, self.tok, self._mode)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.tok is None:
+            raise RuntimeError("the method has no tokenizer yet: call prepare() first")
+        return self.tok
+
+    def prepare(self, images: Callable[[], Iterable[torch.Tensor]], *, rank: int = 0,
+                broadcast: Callable[[Any], Any] | None = None, log: Callable[[str], None] = print,
+                state: dict | None = None) -> None:
+        if state is not None:
+            self.load_state_dict(state)
+            return
+        tok = prepare_tokenizer(self.cfg, images, log) if (broadcast is None or rank == 0) else None
+        if broadcast is not None:
+            payload = broadcast((tok.state_dict(), tok.metadata()) if rank == 0 else None)
+            if rank != 0:
+                tok = tokenizer_from_state(*payload)
+        self.set_tokenizer(tok)
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": {"tensors": self.tokenizer.state_dict(), "meta": self.tokenizer.metadata()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        tk = state["tokenizer"]
+        self.set_tokenizer(tokenizer_from_state(tk["tensors"], tk["meta"]))
+
+    def export(self, out_dir: Path) -> None:
+        self.tokenizer.save(Path(out_dir) / "tokenizer.safetensors")
+
+    # noise ----------------------------------------------------------------------------------
     def noise_levels(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.noise_cfg
         gamma, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps)
         return gamma, sigma, schedules.loss_weight(n.loss_weight, gamma, sigma)
 
+    def noisy_input(self, x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, step: int,
+                    row: int = 0) -> torch.Tensor:
+        """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded,
+        scaled by noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b)."""
+        B = x.shape[0]
+        N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
+        seed = derive_seed(self.cfg.engine.seed, TAG_NOISE, step)
+        with torch.no_grad():
+            # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
+            x_in = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
+                                seed=seed, offset=row * N * self.tok.d, kernels=self.kernels)
+            if self.noise_cfg.input_scaling:
+                x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(B, 1, 1, 1).to(x_in.dtype)
+        return x_in
+
     def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None, micro: int = 0,
                   accum: int = 1) -> NoisyBatch:
-        """Sample t per image (unless given) and noise x in PCA space; no gradient flows to x.
+        """Sample t per image (unless given) and noise x in the latent; no gradient flows to x.
 
         Draws are keyed on the optimizer step and on the sample's place in the step's global batch:
         micro-batch m of `accum` on rank r holds rows (m * world + r) * B .. + B - 1. So N ranks x
@@ -106,42 +133,42 @@ class LDAEObjective:
             raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
         B = x.shape[0]
         Bg, lo = B * self.world_size * accum, B * (micro * self.world_size + self.rank)
-        seed = step_seed(self.cfg.engine.seed, step)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
         if t is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_NOISE_LEVEL, step))
             t = torch.rand(Bg, generator=gen, device=self.device)[lo:lo + B]
         gamma, sigma, lam = self.noise_levels(t.float())
-        N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
-        with torch.no_grad():
-            if self.backend == "triton":
-                # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
-                x_in = self._k.latent_noise(x, self.basis, self.mean, gamma, sigma, self.p,
-                                            seed=seed, offset=lo * N * self.tok.d)
-            else:
-                # The reference draws the whole global batch and keeps its rows: simple, and
-                # it is the CPU / test path; each micro-batch pays for world x accum batches of
-                # draws, which only matters with --kernels reference on a GPU.
-                eps = torch.randn(Bg, N, self.tok.d, generator=gen, device=self.device)[lo:lo + B]
-                x_in, _ = reference.latent_noise(x, self.basis, self.mean, gamma, sigma, eps, self.p)
-            if self.noise_cfg.input_scaling:
-                x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(B, 1, 1, 1).to(x_in.dtype)
-        return NoisyBatch(x_in, sigma, gamma, lam)
+        return NoisyBatch(self.noisy_input(x, gamma, sigma, step, lo), sigma, gamma, lam)
 
+    def condition(self, sigma: torch.Tensor, batch: Batch | None = None) -> dict:
+        """The model's conditioning (DiT's model_kwargs)."""
+        return {"sigma": sigma}
+
+    # loss -----------------------------------------------------------------------------------
     def loss(self, pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         n = self.noise_cfg
-        if self.backend == "triton":
-            return self._k.pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight)
-        return reference.pca_loss_fast(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight)
+        return pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight, kernels=self.kernels)
 
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, step: int,
-                 autocast_dtype: torch.dtype | None = None, micro: int = 0, accum: int = 1) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, batch: Batch, step: int, micro: int = 0, accum: int = 1,
+                 *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        x = batch.images
         with nvtx_range("noise"):
             nb = self.add_noise(x, step, micro=micro, accum=accum)
+        cond = self.condition(nb.sigma, batch)
         if autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=autocast_dtype):
-                pred = model(nb.x_in, nb.sigma)
+                pred = model(nb.x_in, **cond)
         else:
-            pred = model(nb.x_in, nb.sigma)
+            pred = model(nb.x_in, **cond)
         with nvtx_range("loss"):
             return self.loss(pred, x, nb.lam)
+
+    # sampling -------------------------------------------------------------------------------
+    def sample(self, model: torch.nn.Module, images: torch.Tensor, sigmas: Sequence[float], *, step: int = 0
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sigma, (network input, denoised image): the noise of training step `step` (the same
+        eps at every sigma), gamma from noise.schedule, input scaling as configured."""
+        x = images.to(self.device).float().contiguous()
+        return sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
+                                          lambda x_, g, s: self.noisy_input(x_, g, s, step),
+                                          self.condition)

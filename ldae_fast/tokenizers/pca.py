@@ -1,20 +1,21 @@
 """Patch-wise PCA tokenizer: fitted on a stream of images, saved and loaded as safetensors.
 
 The basis V (D, D) has orthonormal rows sorted by decreasing eigenvalue of the patch covariance;
-the latent of a patch is (patch - mu) V_d^T with V_d = V[:d]. The 'pixel' tokenizer of the
-paper's trajectory is the identity basis with zero mean (and d = D).
+the latent of a patch is (patch - mu) V_d^T with V_d = V[:d]. Linear, so `linear_maps()` hands
+(V_d, V_d^T) to the fused noise kernel; the PCA-space loss also reads the full V.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import reference
+from .. import reference
 
 FORMAT_VERSION = 1
 
@@ -90,7 +91,7 @@ class PCATokenizer:
         return self.eigenvalues.cumsum(0) / total
 
     def to(self, device) -> PCATokenizer:
-        return PCATokenizer(self.basis_full.to(device), self.mean.to(device), self.eigenvalues.to(device),
+        return type(self)(self.basis_full.to(device), self.mean.to(device), self.eigenvalues.to(device),
                             self.patch_size, self.d, self.kind, self.channels, self.num_patches_fitted)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,14 @@ class PCATokenizer:
     def decode(self, z: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """latents (B, N, d) -> images, the inverse PCA (exact only on span(V_d))."""
         return reference.unpatchify(z @ self.basis + self.mean, self.patch_size, H, W, self.channels)
+
+    def linear_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder (d, D), decoder (D, d)): latent = (patch - mean) E^T, patch = latent G^T + mean."""
+        return self.basis, self.basis.t()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        other = type(self).from_state(tensors, meta)
+        self.__dict__.update(other.__dict__)
 
     def metadata(self) -> dict:
         ev = self.explained_variance()
@@ -160,6 +169,20 @@ class PCATokenizer:
         return cls.from_state(tensors, meta)
 
 
+def prepare(cfg, images: Callable[[], Iterable[torch.Tensor]], log: Callable[[str], None]) -> PCATokenizer:
+    """The run's basis: loaded from tokenizer.path (checked against the config), else fitted on
+    tokenizer.fit_images images of `images()`."""
+    t = cfg.tokenizer
+    if t.path:
+        return PCATokenizer.load(t.path, patch_size=cfg.model.patch_size, latent_dim=t.latent_dim, kind="pca")
+    t0 = time.time()
+    tok = fit_pca(images(), cfg.model.patch_size, t.latent_dim, t.fit_images)
+    ev = float(tok.explained_variance()[t.latent_dim - 1])
+    log(f"fitted patch PCA on {t.fit_images} images ({tok.num_patches_fitted} patches, D={tok.D}) in "
+        f"{time.time() - t0:.1f}s; the first d={t.latent_dim} components explain {100 * ev:.1f}% of the variance")
+    return tok
+
+
 def fit_pca(images: Iterable[torch.Tensor], patch_size: int, latent_dim: int, max_images: int,
             progress=None) -> PCATokenizer:
     """Fit on batches (B, C, H, W) of normalised images until `max_images` have been seen."""
@@ -184,9 +207,3 @@ def fit_pca(images: Iterable[torch.Tensor], patch_size: int, latent_dim: int, ma
     if not 1 <= latent_dim <= D:
         raise ValueError(f"latent_dim={latent_dim} must be in 1..{D} for patch size {patch_size}")
     return PCATokenizer(basis.float(), mean.float(), evals.float(), patch_size, latent_dim, "pca", channels, acc.n)
-
-
-def pixel_tokenizer(patch_size: int, channels: int = 3) -> PCATokenizer:
-    """Identity basis, zero mean: noise added to pixels (d = D)."""
-    D = channels * patch_size**2
-    return PCATokenizer(torch.eye(D), torch.zeros(D), torch.ones(D), patch_size, D, "pixel", channels, 0)

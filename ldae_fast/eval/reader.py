@@ -1,0 +1,94 @@
+"""Loading for evaluation and export: a checkpoint (ours, DeepSpeed's, a run directory) or an
+exported encoder, as (config, model, method).
+
+The reading side of the checkpoint and export formats; the writers stay in engine/. It builds
+models and the method through their registries, so the engine never has to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+
+
+class TimmEncoder(torch.nn.Module):
+    """A timm VisionTransformer behind our encoder interface (forward_features / pooled)."""
+
+    def __init__(self, vit: torch.nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.num_features = vit.embed_dim
+        self.blocks = vit.blocks
+
+    def forward_features(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vit.forward_features(x)
+
+    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        tok = self.forward_features(x)
+        return tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)
+
+
+class EncoderOnly(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+
+def load_exported_encoder(path: str | Path):
+    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors."""
+    import timm
+    from safetensors import safe_open
+
+    from ..engine.export import WEIGHTS_FILE
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if "timm_kwargs" not in meta:
+        raise ValueError(f"{path} was not written by `ldae-fast export` (no timm_kwargs metadata)")
+    kwargs = json.loads(meta["timm_kwargs"])
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+    vit.load_state_dict(sd, strict=True)
+    vit.eval()
+    cfg = Config.from_dict(json.loads(meta["ldae_config"]))
+    return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
+
+
+def load_for_eval(path: str | Path, use_ema: bool = True):
+    """-> (Config, model, Method | None) from a checkpoint dir, a run dir, a DeepSpeed checkpoint
+    written by our engine, or an exported encoder .safetensors (then the model holds the encoder
+    alone and there is no method). The method is on the CPU with engine.kernels='auto' (a run
+    trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
+    from ..engine.checkpoint import load_state, method_state, resolve_resume
+    from ..engine.export import WEIGHTS_FILE
+    from ..models import build_model
+    from ..objectives import build_method
+
+    path = Path(path)
+    if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():
+        return load_exported_encoder(path)
+    ckpt = resolve_resume(str(path), path)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    st = load_state(ckpt)
+    cfg = Config.from_dict(st["config"])
+    model = build_model(cfg.model, cfg.data.img_size)
+    weights = st.get("ema") if use_ema and st.get("ema") else st.get("model")
+    if weights is None:
+        from ..engine.deepspeed_backend import consolidated_model_state
+        weights = consolidated_model_state(ckpt)
+    model.load_state_dict(weights)
+    model.eval()
+    ms = method_state(st)
+    method = None
+    if ms is not None:
+        method = build_method(cfg, "cpu", kernels="auto")
+        method.load_state_dict(ms)
+    return cfg, model, method
