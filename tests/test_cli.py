@@ -74,9 +74,8 @@ FIT = ["--tokenizer.fit_images=16", "--data.synthetic_images=32", "--data.batch_
 
 
 def test_fit_pca_out_forms_write_the_file(tmp_path, monkeypatch, capsys):
-    from ldae_fast.tokenizer import PCATokenizer
-
     from ldae_fast import tokenizer_cli
+    from ldae_fast.tokenizers.pca import PCATokenizer
 
     monkeypatch.chdir(tmp_path)
     demo_tok = tmp_path / "runs" / "demo" / "tokenizer.safetensors"

@@ -31,7 +31,6 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; the export is a directory "
                               f"({out}/config.json + {out}/{WEIGHTS_FILE})")
-    _check_source(Path(ckpt))
     cfg, model, _ = load_for_eval(ckpt, use_ema=use_ema)
     sd = {k: v.detach().float().contiguous() for k, v in timm_state_dict(model.encoder).items()}
     meta = {"timm_kwargs": json.dumps(timm_kwargs(model.encoder)), "ldae_config": json.dumps(cfg.to_dict()),
@@ -46,17 +45,6 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
         write(tmp)
         tmp.replace(out / name)
     return out / WEIGHTS_FILE
-
-
-def _check_source(p: Path) -> None:
-    """A missing checkpoint, in this command's words (the shared resolver speaks of --resume)."""
-    from .checkpoint import is_complete, latest_checkpoint
-
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p}: no such file or directory")
-    if p.is_dir() and not is_complete(p) and latest_checkpoint(p) is None:
-        raise FileNotFoundError(f"checkpoint {p}: not a complete checkpoint (no meta.json) and no "
-                                f"complete checkpoint under {p / 'checkpoints'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,17 @@ def load_exported_encoder(path: str | Path):
     return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
+def _check_checkpoint_path(p: Path) -> None:
+    """A missing checkpoint in eval's and export's words (the resume resolver speaks of --resume)."""
+    from ..engine.checkpoint import is_complete, latest_checkpoint
+
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p}: no such file or directory")
+    if p.is_dir() and not is_complete(p) and latest_checkpoint(p) is None:
+        raise FileNotFoundError(f"checkpoint {p}: not a complete checkpoint (no meta.json) and no "
+                                f"complete checkpoint under {p / 'checkpoints'}")
+
+
 def load_for_eval(path: str | Path, use_ema: bool = True):
     """-> (Config, model, Method | None) from a checkpoint dir, a run dir, a DeepSpeed checkpoint
     written by our engine, or an exported encoder .safetensors (then the model holds the encoder
@@ -74,6 +85,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():
         return load_exported_encoder(path)
+    _check_checkpoint_path(path)
     ckpt = resolve_resume(str(path), path)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint at {path}")
