@@ -157,8 +157,11 @@ class DeepSpeedBackend:
         if not (ds_dir / DS_TAG).is_dir():
             raise FileNotFoundError(f"{ckpt_dir} has no DeepSpeed state (ds/{DS_TAG}); was it written by a "
                                     "single-device run? Resume it with --engine.backend=single")
-        self.engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
+        from .checkpoint import weights_only_loads
+
+        with weights_only_loads(_ds_safe_globals()):  # DeepSpeed's loader asks for weights_only=False
+            self.engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -191,8 +194,30 @@ class DeepSpeedBackend:
         return self._all_reduce(t, dist.ReduceOp.MAX)
 
 
+# Plain-data classes DeepSpeed pickles into its optimizer state: a loss-scale record, an int enum
+# and a (start, numel) pair. Allowed by name; nothing else in its files may be an object.
+_DS_SAFE = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+            "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _ds_safe_globals() -> tuple:
+    import importlib
+
+    out = []
+    for name in _DS_SAFE:
+        mod, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(mod), attr))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
 def consolidated_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from a (possibly ZeRO-3 sharded) checkpoint of ours."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt_dir) / "ds"), tag=DS_TAG)
+    from .checkpoint import weights_only_loads
+
+    with weights_only_loads(_ds_safe_globals()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt_dir) / "ds"), tag=DS_TAG)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, sanitize_stored_config
 
 
 class TimmEncoder(torch.nn.Module):
@@ -72,7 +72,7 @@ def load_exported_encoder(path: str | Path):
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
     vit.load_state_dict(sd, strict=True)
     vit.eval()
-    cfg = Config.from_dict(json.loads(meta["ldae_config"]))
+    cfg = Config.from_dict(sanitize_stored_config(json.loads(meta["ldae_config"]), f"export {path}"))
     return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
