@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        print(f"ldae-fast: usage error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)} "
+              "(see ldae-fast --help)", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[cmd]
     rc = getattr(importlib.import_module(module), func)(rest)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import sys
 import time
 
-from .config import ConfigError, parse_cli
+from .config import parse_cli
+from .errors import UsageError, run_cli
 from .tokenizer import fit_pca
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(_main, argv, "ldae-fast fit-pca")
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip().split("\n")[0].strip("`") + "\n\nFits on `tokenizer.fit_images` images of the "
               "training stream of the config (preset + overrides); writes the basis and a .json summary.")
@@ -19,18 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--out" in argv:
         i = argv.index("--out")
         if i + 1 >= len(argv):
-            print("--out needs a path", file=sys.stderr)
-            return 2
+            raise UsageError("--out needs a path")
         out = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
-    try:
-        cfg, rest = parse_cli(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg, rest = parse_cli(argv)
     if rest:
-        print(f"unknown arguments: {' '.join(rest)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown arguments: {' '.join(rest)} (see ldae-fast fit-pca --help)")
     out = out or f"{cfg.engine.out_dir}/tokenizer.safetensors"
     from .data import build_train_stream
 

@@ -7,13 +7,13 @@ the same probe on a randomly initialised encoder.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, parse_cli
+from .config import Config, parse_cli
+from .errors import UsageError, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR]
@@ -71,32 +71,28 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """User errors end as one stderr line and an exit code of their kind (see errors.py);
+    --debug or LDAE_DEBUG=1 adds the traceback."""
+    return run_cli(_main, argv, "train.py")
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    try:
-        cfg, rest = parse_cli(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg, rest = parse_cli(argv)
     rest = [a for a in rest if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if rest:
-        print(f"unknown arguments: {' '.join(rest)}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown arguments: {' '.join(rest)} (see python train.py --help)")
 
-    from .engine.loop import NonFiniteLoss, train
+    from .engine.loop import train
 
     backend_factory = None
     if cfg.engine.backend == "deepspeed":
         from .engine.deepspeed_backend import DeepSpeedBackend
         backend_factory = DeepSpeedBackend
     t0 = time.time()
-    try:
-        result = train(cfg, backend_factory=backend_factory)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    result = train(cfg, backend_factory=backend_factory)
     if result.model is None or result.steps == 0:
         return 0
     is_main = getattr(result, "is_main", True)

@@ -360,7 +360,7 @@ def test_make_shards_cli_gzip(tmp_path, capsys):
     shard = tmp_path / "gz" / "s-000.tar.gz"
     assert shard.read_bytes()[:2] == b"\x1f\x8b"
     assert len(read_raw_labels(str(shard))) == 7
-    assert shards_mod.main([str(tmp_path / "nope"), str(tmp_path / "x-%d.tar")]) == 2
+    assert shards_mod.main([str(tmp_path / "nope"), str(tmp_path / "x-%d.tar")]) == 4  # file error
 
 
 # WebDataset stream ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .optim import param_groups
 
 DS_TAG = "state"
@@ -53,10 +53,15 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
         path = Path(cfg.engine.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"engine.deepspeed_config={path}: no such file")
-        user = json.loads(path.read_text())
+        try:
+            user = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"engine.deepspeed_config={path}: not valid JSON ({e})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"engine.deepspeed_config={path}: expected a JSON object")
         owned = [k for k in _OWNED_KEYS if k in user]
         if owned:
-            raise ValueError(f"engine.deepspeed_config={path} sets {owned}: the optimizer and learning-rate "
+            raise ConfigError(f"engine.deepspeed_config={path} sets {owned}: the optimizer and learning-rate "
                              "schedule come from the optim.* settings; remove those keys")
         deep_update(c, user)
     # The data stream and the lr rule read data.batch_size / engine.grad_accum, so a JSON that
@@ -67,10 +72,10 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
     bad = {k: c.get(k) for k, v in want.items() if c.get(k) != v}
     # The loop decides on the EMA and on where weights are saved from engine.zero_stage.
     if c.get("zero_optimization", {}).get("stage") != cfg.engine.zero_stage:
-        raise ValueError(f"engine.deepspeed_config sets zero_optimization.stage="
+        raise ConfigError(f"engine.deepspeed_config sets zero_optimization.stage="
                          f"{c['zero_optimization'].get('stage')}; set --engine.zero_stage instead")
     if bad:
-        raise ValueError(f"engine.deepspeed_config sets {bad}, but this run has {want} (micro x grad_accum x "
+        raise ConfigError(f"engine.deepspeed_config sets {bad}, but this run has {want} (micro x grad_accum x "
                          f"{world_size} ranks); set --data.batch_size / --engine.grad_accum instead")
     return c
 

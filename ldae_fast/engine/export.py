@@ -7,9 +7,7 @@ from an export alone.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -77,16 +75,20 @@ def load_exported_encoder(path: str | Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ldae-fast export", description=__doc__.split("\n")[0])
+    from ..errors import run_cli
+
+    return run_cli(_main, argv, "ldae-fast export")
+
+
+def _main(argv: list[str]) -> int:
+    from ..errors import ArgParser
+
+    ap = ArgParser(prog="ldae-fast export", description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="checkpoint directory (step_*), run directory, or DeepSpeed checkpoint")
     ap.add_argument("out", help="output .safetensors")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     a = ap.parse_args(argv)
-    try:
-        path = export_encoder(a.checkpoint, a.out, use_ema=not a.no_ema)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export_encoder(a.checkpoint, a.out, use_ema=not a.no_ema)
     kwargs = json.loads(_meta(path)["timm_kwargs"])
     print(f"wrote {path}\nload with: timm.create_model('vit_base_patch16_224', pretrained=False, **{kwargs})"
           " then load_state_dict(safetensors.torch.load_file(path), strict=True)")

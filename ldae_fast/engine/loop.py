@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CUDA_GRAPH_MODES, Config
+from ..config import CUDA_GRAPH_MODES, Config, ConfigError
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives.ldae import LDAEObjective
 from ..tokenizer import PCATokenizer, fit_pca, pixel_tokenizer
@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
+        raise ConfigError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
     return torch.device(name)
 
 

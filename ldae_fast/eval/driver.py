@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from ldae_fast.config import PRESETS, ConfigError
+from ldae_fast.config import PRESETS
+from ldae_fast.errors import ArgParser, UsageError, run_cli
 
 from .features import extract_features, feature_dim, resolve_device
 from .finetune import recipe_for
@@ -33,12 +34,12 @@ PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class EvalError(RuntimeError):
+class EvalError(RuntimeError, UsageError):
     """A user-facing problem (bad flag, missing data); printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgParser(
         prog="ldae-fast eval",
         description="Linear probe / kNN / fine-tuning / denoising figure of an l-DAE checkpoint, "
                     "each beside the same architecture with random weights.")
@@ -344,26 +345,16 @@ def _figure(cfg, model, tok, images, path, device, seed, log) -> Optional[Path]:
     return p
 
 
-def _data_error() -> type:
-    """The data pipeline's user-facing error (missing shards, too many bad samples), if present."""
-    try:
-        from ldae_fast.data.badsamples import DataError
-    except ImportError:
-        return EvalError
-    return DataError
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(_main, argv, "ldae-fast eval")
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        run(args)
-    except (EvalError, ConfigError, _data_error()) as e:
-        print(f"ldae-fast eval: error: {e}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
 
 

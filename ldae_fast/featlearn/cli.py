@@ -7,7 +7,6 @@ import datetime as _dt
 import json
 import platform
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -51,7 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..errors import ArgParser
+
+    p = ArgParser(
         prog="ldae-fast featlearn",
         description='Feature learning in diffusion models vs classification (Han et al., ICLR 2025): '
         "two-layer networks on two-patch data; signal learning vs noise memorization.",
@@ -208,12 +209,18 @@ def _write_outputs(args: argparse.Namespace, out: Path, runs: list[dict], second
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..errors import run_cli
+
+    return run_cli(_main, argv, "ldae-fast featlearn")
+
+
+def _main(argv: list[str]) -> int:
+    from ..errors import UsageError
+
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         run(args, log=lambda s: print(s, flush=True))
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FloatingPointError) as e:
+        raise UsageError(str(e)) from e
     return 0
