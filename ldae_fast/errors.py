@@ -82,15 +82,16 @@ def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, p
     try:
         return int(fn(argv) or 0)
     except UserError as e:
+        err: BaseException = e
         code, text = e.exit_code, f"{e.category}: {one_line(e)}"
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         # OS errors name their file; a raw one from deep inside is still the user's file.
-        code = EXIT_CODES["file"]
+        err, code = e, EXIT_CODES["file"]
         name = f"{e.filename}: " if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
         text = f"file error: {name}{one_line(e.strerror if name and e.strerror else e)}"
-    except KeyboardInterrupt:
-        code, text = EXIT_CODES["interrupted"], "interrupted"
+    except KeyboardInterrupt as e:
+        err, code, text = e, EXIT_CODES["interrupted"], "interrupted"
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(err)
     print(f"{prog}: {text}", file=sys.stderr, flush=True)
     return code

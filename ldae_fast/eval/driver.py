@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ldae_fast.config import PRESETS
-from ldae_fast.errors import ArgParser, UsageError, run_cli
+from ldae_fast.errors import ArgParser, FileProblem, UsageError, run_cli
 
 from .features import extract_features, feature_dim, resolve_device
 from .finetune import recipe_for
@@ -90,11 +90,11 @@ def _load_checkpoint(path: str):
     from ldae_fast.engine.checkpoint import load_for_eval
 
     if not Path(path).exists():
-        raise EvalError(f"--checkpoint {path}: no such file or directory")
+        raise FileProblem(f"--checkpoint {path}: no such file or directory")
     try:
         return load_for_eval(path)
     except FileNotFoundError as e:
-        raise EvalError(f"--checkpoint {path}: {e}") from None
+        raise FileProblem(f"--checkpoint {path}: {e}") from None
 
 
 def _random_encoder(cfg):
