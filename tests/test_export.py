@@ -51,5 +51,5 @@ def test_export_loads_strictly_in_timm_and_matches_features(tmp_path, use_ema):
 def test_export_of_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     from ldae_fast.engine.export import main
 
-    assert main([str(tmp_path / "nope"), str(tmp_path / "x.safetensors")]) == 2
+    assert main([str(tmp_path / "nope"), str(tmp_path / "x.safetensors")]) == 4  # file error
     assert "error:" in capsys.readouterr().err
