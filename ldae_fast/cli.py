@@ -26,6 +26,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--debug"]:  # `ldae-fast --debug CMD ...`: the command's wrapper reads it
+        argv = [*argv[1:], "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

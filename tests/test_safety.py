@@ -242,6 +242,22 @@ def test_finite_divergence_stops_naming_the_step(tmp_path):
                                         "engine.diverge_checks": 2}))
 
 
+def test_checkpoints_written_while_diverging_do_not_prune_the_last_healthy_one(tmp_path, monkeypatch):
+    real = DivergenceGuard.observe
+
+    def diverging_from_step_6(self, step, grad_norm, good=None):
+        return real(self, step, 1.0 if step <= 4 else float("inf"), good)
+
+    monkeypatch.setattr(DivergenceGuard, "observe", diverging_from_step_6)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"since step 6.*Newest good checkpoint: \S*step_00000004"):
+        train(_cfg(out, **{"engine.steps": 40, "engine.ckpt_every": 2, "engine.keep_last": 2,
+                           "engine.diverge_checks": 4}))
+    # 6, 8, 10 were written while the guard counted; keep_last=2 keeps 8 and 10, and 4 survives.
+    assert [d.name for d in ck.list_checkpoints(out)] == ["step_00000004", "step_00000008", "step_00000010"]
+    assert ck.newest_good(out).name == "step_00000004"
+
+
 def test_divergence_guard_counts_consecutive_checks():
     g = DivergenceGuard(bound=10.0, checks=3)
     g.observe(1, float("inf"))

@@ -212,17 +212,14 @@ def _read_meta(d: Path) -> dict:
 
 
 def _prune(out_dir: str | Path, keep_last: int, just_written: Path) -> None:
-    """Delete all but the newest `keep_last`; never the one just written, never the newest one
-    recorded as finite (a good checkpoint must survive whatever comes after it)."""
+    """Delete all but the newest `keep_last`; never the one just written, never the newest good
+    one (finite, and not written while the divergence guard was counting): a good checkpoint must
+    survive whatever comes after it."""
     cks = list_checkpoints(out_dir)
     protect = {just_written.name}
-    for d in reversed(cks):
-        try:
-            if _read_meta(d).get("finite") is True:
-                protect.add(d.name)
-                break
-        except CheckpointError:
-            continue
+    good = newest_good(out_dir)
+    if good is not None:
+        protect.add(good.name)
     for old in cks[:-keep_last]:
         if old.name not in protect:
             shutil.rmtree(old, ignore_errors=True)
@@ -384,12 +381,14 @@ def config_of(ckpt: str | Path) -> Config:
 
 
 def newest_good(out_dir: str | Path) -> Path | None:
-    """Newest complete format-2 checkpoint recorded as finite (its files are not re-hashed)."""
+    """Newest complete format-2 checkpoint recorded as finite and not written during a run of
+    diverged log lines (its files are not re-hashed)."""
     for d in reversed(list_checkpoints(out_dir)):
         try:
             meta = _read_meta(d)
         except CheckpointError:
             continue
-        if meta.get("format_version") == FORMAT_VERSION and meta.get("finite") is True:
+        if (meta.get("format_version") == FORMAT_VERSION and meta.get("finite") is True
+                and not meta.get("diverging", False)):
             return d
     return None

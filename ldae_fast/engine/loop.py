@@ -279,7 +279,8 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(),
                      tokenizer={"tensors": tok.state_dict(), "meta": tok.metadata()})
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
-                                         extra_meta={"preset": cfg.preset}, writer=backend.save_extra,
+                                         extra_meta={"preset": cfg.preset, "diverging": div_guard.run > 0},
+                                         writer=backend.save_extra,
                                          is_main=is_main, barrier=getattr(backend, "barrier", None))
 
     it = iter(stream)
