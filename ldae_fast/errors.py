@@ -71,7 +71,13 @@ def debug_enabled(argv: Sequence[str] = ()) -> bool:
 
 
 def one_line(msg: object) -> str:
-    return " ".join(str(msg).split())
+    text = str(msg)
+    if "Original Traceback" in text:
+        # Re-raised by a DataLoader from a worker: the message embeds the worker's traceback;
+        # its last line is the original error.
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return " ".join(text.split())
 
 
 def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, prog: str) -> int:

@@ -92,6 +92,8 @@ CASES = [
     ("shards-missing", "train", [*WDS, "--data.train_shards={d}/none-{{0..1}}.tar"], C["data"], "none-0.tar"),
     ("bad-rate", "train", [*WDS, "--data.train_shards={d}/junk-0.tar", "--engine.steps=4"], C["data"],
      "too many bad samples"),
+    ("bad-rate-in-worker", "train", [*WDS, "--data.train_shards={d}/junk-0.tar", "--engine.steps=4",
+                                     "--data.num_workers=1"], C["data"], "data error: too many bad samples"),
     ("old-format", "train", ["--engine.out_dir={d}/oldrun", "--engine.resume=auto", "--engine.steps=4"],
      C["checkpoint"], "format version 1"),
     ("resume-shape", "train", ["--engine.out_dir={d}/run", "--engine.resume=auto", "--engine.steps=4",
@@ -136,7 +138,7 @@ def test_user_error_is_one_line_and_its_exit_code(env, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == code, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Caught" not in err
     assert len(lines) == 1, err
     assert text in lines[0], lines[0]
 
