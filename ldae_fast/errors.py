@@ -66,6 +66,19 @@ class ArgParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (an inf or NaN rate would fail steps later, unnamed)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
 def debug_enabled(argv: Sequence[str] = ()) -> bool:
     return "--debug" in argv or os.environ.get("LDAE_DEBUG", "").lower() in ("1", "true", "yes", "on")
 

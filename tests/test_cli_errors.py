@@ -111,6 +111,8 @@ CASES = [
     ("eval-bad-protocol", "eval", ["--checkpoint", "{d}/run", "--protocols", "magic"], C["config"], "magic"),
     ("eval-old-format", "eval", ["--checkpoint", "{d}/oldrun", "--out", "{out}"], C["checkpoint"],
      "format version 1"),
+    ("eval-inf-blr", "eval", ["--checkpoint", "{d}/run", "--blr", "inf"], C["config"], "finite"),
+    ("featlearn-nan-lr", "featlearn", ["synthetic", "--clf-lr", "nan"], C["config"], "finite"),
     ("eval-bad-int", "eval", ["--checkpoint", "{d}/run", "--epochs", "many"], C["config"], "--epochs"),
     ("export-missing", "export", ["{d}/nope", "{out}/e.safetensors"], C["file"], "nope"),
     ("export-no-args", "export", [], C["config"], "required"),

@@ -314,6 +314,8 @@ def test_fresh_run_into_an_old_directory_is_refused_or_overwritten(trained, tmp_
         res = train(_cfg(run, **{"engine.steps": 2, "engine.overwrite": "true"}))
     assert [d.name for d in ck.list_checkpoints(run)] == ["step_00000002"] == [res.checkpoint.name]
     assert ck.load_state(res.checkpoint)["step"] == 2 and not (run / rundir.LOCK).exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2]  # the old run's lines went with its checkpoints
 
 
 def test_lock_refuses_a_second_owner_and_takes_over_a_stale_one(tmp_path):

@@ -98,8 +98,10 @@ def check_fresh(out_dir: str | Path, resume: str, overwrite: bool, is_main: bool
             "--engine.overwrite=true to delete them")
     if is_main:
         shutil.rmtree(root)
-        warnings.warn(f"engine.overwrite: deleted {len(old)} checkpoint(s) of an earlier run under {root}",
-                      stacklevel=2)
+        # The old run's metric lines would otherwise be read as this run's.
+        (Path(out_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        warnings.warn(f"engine.overwrite: deleted {len(old)} checkpoint(s) of an earlier run under {root} "
+                      "and its metrics.jsonl", stacklevel=2)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ldae_fast.config import PRESETS
-from ldae_fast.errors import ArgParser, FileProblem, UsageError, run_cli
+from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
 from .features import extract_features, feature_dim, resolve_device
 from .finetune import recipe_for
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-batch-size", type=int, default=None, help="default 1024 (MAE)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="linear-probe batch (default eval.probe_batch_size)")
-    ap.add_argument("--blr", type=float, default=None, help="linear-probe base lr (default eval.probe_blr)")
+    ap.add_argument("--blr", type=finite_float, default=None, help="linear-probe base lr (default eval.probe_blr)")
     ap.add_argument("--pool", choices=("avg", "cls"), default="avg", help="feature pooling")
     ap.add_argument("--knn-k", default=None, help="comma-separated k (default eval.knn_k)")
     ap.add_argument("--figure-images", type=int, default=8, help="rows of the denoising figure")

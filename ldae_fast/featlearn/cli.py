@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import finite_float
 from . import data as fdata
 from . import report
 from .train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
@@ -27,16 +28,16 @@ FULL = {"diff_iters": 40_000, "diff_lr": 0.5, "n_test": 3000, "n_test_per_class"
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--diff-iters", type=int, default=None, help="diffusion GD iterations (40000; --quick: 8000)")
-    g.add_argument("--diff-lr", type=float, default=None, help="diffusion step size (0.5; --quick: 2.5)")
-    g.add_argument("--t", type=float, default=0.2, help="diffusion time: alpha=exp(-t), beta=sqrt(1-exp(-2t))")
+    g.add_argument("--diff-lr", type=finite_float, default=None, help="diffusion step size (0.5; --quick: 2.5)")
+    g.add_argument("--t", type=finite_float, default=0.2, help="diffusion time: alpha=exp(-t), beta=sqrt(1-exp(-2t))")
     g.add_argument(
         "--n-eps", type=int, default=0,
         help="0 (default): exact expectation over the DDPM noise; N > 0: N sampled draws per step (slow)",
     )
     g.add_argument("--clf-iters", type=int, default=500, help="classifier GD iterations")
-    g.add_argument("--clf-lr", type=float, default=0.1, help="classifier step size")
+    g.add_argument("--clf-lr", type=finite_float, default=0.1, help="classifier step size")
     g.add_argument("--m", type=int, default=20, help="network width")
-    g.add_argument("--sigma0", type=float, default=1e-3, help="init std of the weights")
+    g.add_argument("--sigma0", type=finite_float, default=1e-3, help="init std of the weights")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table averages them")
     g.add_argument("--records", type=int, default=None, help="metric records per run (200; --quick: 60)")
     g.add_argument("--quick", action="store_true", help="shortened run (see QUICK in cli.py)")
@@ -62,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synthetic", help="x1 = mu_y, x2 ~ N(0, sigma_xi^2 I_d)")
     s.add_argument("--d", type=int, default=1000, help="patch dimension")
     s.add_argument("--n", type=int, default=30, help="training samples")
-    s.add_argument("--sigma-xi", type=float, default=1.0, help="noise-patch std")
+    s.add_argument("--sigma-xi", type=finite_float, default=1.0, help="noise-patch std")
     s.add_argument(
-        "--mu-norms", type=float, nargs="+", default=[5.0, 15.0],
+        "--mu-norms", type=finite_float, nargs="+", default=[5.0, 15.0],
         help="|mu| per regime (5 -> n SNR^2 = 0.75, 15 -> 6.75 at the defaults)",
     )
     s.add_argument("--n-test", type=int, default=None, help="fresh test samples (3000; --quick: 1000)")
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-per-class", type=int, default=50, help="training images per digit")
     m.add_argument("--n-test-per-class", type=int, default=None, help="test images per digit (500; --quick: 300)")
     m.add_argument("--digits", type=int, nargs=2, default=[0, 1], help="digit for y=+1, digit for y=-1")
-    m.add_argument("--n-snr2", type=float, nargs="+", default=[0.75, 6.75], help="n SNR^2 per regime (sets the pixel scale)")
-    m.add_argument("--sigma-xi", type=float, default=1.0, help="noise-patch std")
+    m.add_argument("--n-snr2", type=finite_float, nargs="+", default=[0.75, 6.75], help="n SNR^2 per regime (sets the pixel scale)")
+    m.add_argument("--sigma-xi", type=finite_float, default=1.0, help="noise-patch std")
     _common(m)
     return p
 
