@@ -123,6 +123,17 @@ def test_the_payload_is_live(trained, tmp_path):
     assert (tmp_path / "marker").exists()
 
 
+def test_loads_inside_deepspeed_are_forced_to_weights_only(tmp_path):
+    """DeepSpeed's loader passes weights_only=False itself; our context overrides it."""
+    torch.save({"x": torch.ones(2), "evil": _Payload(tmp_path / "marker")}, tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match="pickled objects"), ck.weights_only_loads():
+        torch.load(tmp_path / "f.pt", weights_only=False)
+    assert not (tmp_path / "marker").exists()
+    torch.save({"x": torch.ones(2)}, tmp_path / "ok.pt")
+    with ck.weights_only_loads():
+        assert torch.equal(torch.load(tmp_path / "ok.pt", weights_only=False)["x"], torch.ones(2))
+
+
 def test_old_format_is_refused_naming_the_version(trained, tmp_path):
     run = _copy_run(trained, tmp_path / "run")
     d = ck.latest_checkpoint(run)
@@ -220,6 +231,28 @@ def test_nan_between_log_steps_writes_no_nan_checkpoint(tmp_path, monkeypatch):
     for d in ck.list_checkpoints(out):
         st = ck.load_state(d)
         assert all(torch.isfinite(v).all() for v in st["model"].values())
+
+
+def test_non_finite_weights_with_a_finite_loss_are_not_saved(tmp_path, monkeypatch):
+    from ldae_fast.engine import loop as loop_mod
+
+    real = loop_mod.SingleDevice.step
+    calls = []
+
+    def poisoning(self, lr):
+        norm = real(self, lr)
+        calls.append(1)
+        if len(calls) == 2:  # after the loss of step 2 was computed (finite)
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+        return norm
+
+    monkeypatch.setattr(loop_mod.SingleDevice, "step", poisoning)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"weights became non-finite by step 2.*step_00000001"):
+        train(_cfg(out, **{"engine.steps": 6, "engine.log_every": 6, "engine.ckpt_every": 1,
+                           "optim.ema_decay": 0}))
+    assert [d.name for d in ck.list_checkpoints(out)] == ["step_00000001"]
 
 
 def test_keep_last_never_prunes_the_newest_finite(tmp_path):
