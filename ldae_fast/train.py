@@ -16,10 +16,12 @@ from .config import Config, parse_cli
 from .errors import UsageError, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
-                       [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR]
+                       [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl
 sections: model, tokenizer, noise, data, optim, engine, eval (see ldae_fast/config.py for fields)
+errors: one line on stderr and an exit code per kind (README "Exit codes"); --debug or
+  LDAE_DEBUG=1 adds the traceback
 examples:
   python train.py                                   # the demo, CPU, ~2 minutes
   python train.py --preset tiny-imagenet --engine.epochs=1

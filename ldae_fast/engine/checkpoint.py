@@ -225,11 +225,6 @@ def _prune(out_dir: str | Path, keep_last: int, just_written: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def format_version_of(d: Path) -> int:
-    v = _read_meta(d).get("format_version", 1)
-    return v if isinstance(v, int) else -1
-
-
 def _check_format(d: Path) -> dict:
     meta = _read_meta(d)
     v = meta.get("format_version", 1)
