@@ -89,6 +89,7 @@ CASES = [
     ("config-bad-json", "train", ["--config={d}/bad.json"], C["config"], "bad.json: not valid JSON"),
     ("config-bad-type", "train", ["--config={d}/typed.json"], C["config"], "typed.json: optim.blr"),
     ("resume-missing", "train", ["--engine.resume={d}/nothing"], C["file"], "nothing"),
+    ("tokenizer-not-safetensors", "train", ["--tokenizer.path={d}/bad.json"], C["file"], "tokenizer.path="),
     ("shards-missing", "train", [*WDS, "--data.train_shards={d}/none-{{0..1}}.tar"], C["data"], "none-0.tar"),
     ("bad-rate", "train", [*WDS, "--data.train_shards={d}/junk-0.tar", "--engine.steps=4"], C["data"],
      "too many bad samples"),

@@ -109,3 +109,20 @@ def check_before_save(step: int, first_bad: torch.Tensor, model, ema, newest_goo
         raise NonFiniteLoss(f"the weights became non-finite by step {step} (the loss was still finite); not "
                             f"writing its checkpoint. Newest good checkpoint: {newest_good}. Try a lower "
                             "--optim.blr or --optim.clip_grad.")
+
+
+def load_user_tokenizer(path: str, patch_size: int, latent_dim: int):
+    """tokenizer.path, with a file that is not a tokenizer reported as the user's file."""
+    from ..config import ConfigError
+    from ..errors import FileProblem
+    from ..tokenizer import PCATokenizer, TokenizerMismatch
+
+    try:
+        return PCATokenizer.load(path, patch_size=patch_size, latent_dim=latent_dim, kind="pca")
+    except (FileNotFoundError, UserError):
+        raise
+    except TokenizerMismatch as e:  # a basis for another patch size / latent dim: its message says which
+        raise ConfigError(f"tokenizer.path: {e}") from e
+    except Exception as e:  # whatever safetensors or the basis check raise on a foreign file
+        raise FileProblem(f"tokenizer.path={path}: not a readable tokenizer .safetensors "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

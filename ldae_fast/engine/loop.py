@@ -122,7 +122,7 @@ def build_tokenizer(cfg: Config, resume_state: dict | None, log) -> PCATokenizer
     if t.kind == "pixel":
         return pixel_tokenizer(cfg.model.patch_size)
     if t.path:
-        return PCATokenizer.load(t.path, patch_size=cfg.model.patch_size, latent_dim=t.latent_dim, kind="pca")
+        return guard.load_user_tokenizer(t.path, cfg.model.patch_size, t.latent_dim)
     from ..data import build_train_stream
 
     stream = build_train_stream(cfg, rank=0, world_size=1)
