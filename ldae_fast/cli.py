@@ -26,12 +26,15 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--debug"]:  # `ldae-fast --debug CMD ...`: the command's wrapper reads it
+        argv = [*argv[1:], "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        print(f"ldae-fast: usage error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)} "
+              "(see ldae-fast --help)", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[cmd]
     rc = getattr(importlib.import_module(module), func)(rest)

@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A configuration value is invalid; the message says which and what is allowed."""
+
+    exit_code = 2
+    category = "config error"
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -181,6 +186,12 @@ class DataConfig:
     they are held in memory; the crops are drawn from these (0: data.img_size)."""
     class_subset: int = 0
     """'resident': keep only classes 0..K-1 of train and val (0: all classes)."""
+    num_classes: int = 0
+    """Classes of the labelled shards (0: unknown); a .cls label outside 0..num_classes-1 is a
+    bad sample (negative or non-integer labels always are)."""
+    max_image_pixels: int = 64_000_000
+    """Largest image (width x height) decoded; a larger one is a counted bad sample, refused
+    from its header before any decode (PIL's own bomb warning starts near 89 MP)."""
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "wds", "resident"))
@@ -195,6 +206,8 @@ class DataConfig:
                f"data.resident_decode_size={self.resident_decode_size} must be >= 0")
         _check(self.class_subset == 0 or self.class_subset >= 2,
                f"data.class_subset={self.class_subset} must be 0 (all classes) or >= 2")
+        _check(self.num_classes >= 0, f"data.num_classes={self.num_classes} must be >= 0")
+        _check(self.max_image_pixels >= 1, f"data.max_image_pixels={self.max_image_pixels} must be >= 1")
 
 
 @dataclass
@@ -280,6 +293,14 @@ class EngineConfig:
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the logged MFU (0: the bf16 dense peak of a known GPU, looked
     up by name in engine/mfu.py; no MFU on CPU or an unknown GPU)."""
+    overwrite: bool = False
+    """A fresh run (no `resume`) into an out_dir that holds checkpoints deletes them first;
+    without it such a run is refused, so an old run is never pruned into or resumed by mistake."""
+    diverge_grad_norm: float = 1e6
+    """Divergence guard: a logged (window-mean) gradient norm above this, or non-finite, counts
+    as diverged (0: only a non-finite norm counts)."""
+    diverge_checks: int = 3
+    """Stop the run after this many consecutive diverged log lines (0: never stop)."""
 
     def __post_init__(self) -> None:
         _one_of("engine.backend", self.backend, ("single", "deepspeed"))
@@ -300,6 +321,8 @@ class EngineConfig:
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
         _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")
+        _check(self.diverge_grad_norm >= 0, f"engine.diverge_grad_norm={self.diverge_grad_norm} must be >= 0")
+        _check(self.diverge_checks >= 0, f"engine.diverge_checks={self.diverge_checks} must be >= 0")
 
 
 @dataclass
@@ -357,6 +380,10 @@ class Config:
     """Name of the preset this config started from (informational)."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            sec = getattr(self, f.name)
+            if dataclasses.is_dataclass(sec):
+                _check_types(f.name, sec)
         self.validate()
 
     # Derived quantities -------------------------------------------------------------------
@@ -420,19 +447,93 @@ class Config:
                 known = {f.name for f in dataclasses.fields(sub)}
                 bad = set(value) - known
                 _check(not bad, f"unknown field(s) {sorted(bad)} in section {name!r}; known: {sorted(known)}")
-                kwargs[name] = sub(**value)
+                kwargs[name] = _build_section(name, sub, value)
             else:
                 kwargs[name] = value
         return cls(**kwargs)
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config file (JSON); every error names the file (and the field)."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        try:
+            d = json.loads(text, parse_constant=_no_constant)
+        except ValueError as e:
+            raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+        _check(isinstance(d, dict), f"--config {path}: expected a JSON object of sections")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a config may hold")
 
 
 def _section_type(name: str) -> type:
     hints = typing.get_type_hints(Config)
     return hints[name]
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "str": "a string"}
+
+
+def _coerce(key: str, typ: str, value: Any) -> Any:
+    """`value` of field `key` as its declared type, or ConfigError naming the field. Numbers
+    must be finite: an inf or NaN learning rate or noise level would only fail steps later."""
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str)}.get(typ, True)
+    _check(ok, f"{key}: expected {_TYPE_NAMES.get(typ, typ)}, got {value!r} ({type(value).__name__})")
+    if typ == "float":
+        value = float(value)
+        _check(math.isfinite(value), f"{key}={value} must be a finite number")
+    return value
+
+
+def _build_section(name: str, sub: type, values: dict[str, Any]) -> Any:
+    types = {f.name: f.type for f in dataclasses.fields(sub)}
+    return sub(**{k: _coerce(f"{name}.{k}", types[k], v) for k, v in values.items()})
+
+
+def _check_types(name: str, sec: Any) -> None:
+    for f in dataclasses.fields(sec):
+        setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, getattr(sec, f.name)))
+
+
+# Shard URL fields whose value can start a process or reach the network.
+_SHARD_FIELDS = ("train_shards", "val_shards")
+
+
+def is_untrusted_url(url: str) -> bool:
+    """A `pipe:` command or a remote URL (anything with a scheme other than file:)."""
+    parts = [p.strip() for p in str(url).split("::")]
+    return any(p.startswith("pipe:") or ("://" in p and not p.startswith("file:")) for p in parts)
+
+
+def sanitize_stored_config(d: dict[str, Any], source: str, from_cli: set[str] = frozenset()) -> dict[str, Any]:
+    """A config dict read from a file (a checkpoint, an export), with every pipe: or remote
+    shard URL the user did not give on this run's command line blanked (and a warning): a
+    downloaded file must not be able to run a command or fetch from a host of its choosing."""
+    import warnings
+
+    data = d.get("data")
+    if not isinstance(data, dict):
+        return d
+    out = {**d, "data": dict(data)}
+    for f in _SHARD_FIELDS:
+        key = f"data.{f}"
+        v = data.get(f)
+        if isinstance(v, str) and is_untrusted_url(v) and key not in from_cli:
+            out["data"][f] = ""
+            warnings.warn(f"{source} stores {key}={v[:80]!r}, a pipe: command or remote URL; it is not "
+                          f"used (pass --{key}=... on the command line to use such a URL)", stacklevel=2)
+    return out
 
 
 # Presets ----------------------------------------------------------------------------------
@@ -493,9 +594,12 @@ def _parse_value(raw: str, typ: Any) -> Any:
             raise ConfigError(f"expected an integer, got {raw!r}") from None
     if typ in (float, "float"):
         try:
-            return float(raw)
+            v = float(raw)
         except ValueError:
             raise ConfigError(f"expected a number, got {raw!r}") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"expected a finite number, got {raw!r}")
+        return v
     return raw
 
 
@@ -591,6 +695,12 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
         i += consumed
     if config_file:
         base = Config.load(config_file)
+        for f in _SHARD_FIELDS:
+            v = getattr(base.data, f)
+            _check(not is_untrusted_url(v) or f"data.{f}" in overrides,
+                   f"--config {config_file}: data.{f}={v[:80]!r} is a pipe: command or remote URL, which "
+                   f"runs a command or reaches the network, so it is taken from the command line only: "
+                   f"pass --data.{f}=... to use it")
         tree = base.to_dict()
         tree.pop("preset")
         for k, v in overrides.items():

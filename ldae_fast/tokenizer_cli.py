@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, parse_cli
+from .config import parse_cli
+from .errors import UsageError, run_cli
 from .tokenizers import fit_pca
 
 
@@ -24,13 +25,13 @@ def _take_out(argv: list[str]) -> tuple[str | None, list[str]]:
         a = argv[i]
         if a == "--out":
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError("--out needs a file path")
+                raise UsageError("--out needs a file path")
             out, i = argv[i + 1], i + 2
             continue
         if a.startswith("--out="):
             out = a.partition("=")[2]
             if not out:
-                raise ConfigError("--out needs a file path")
+                raise UsageError("--out needs a file path")
         else:
             rest.append(a)
         i += 1
@@ -38,7 +39,10 @@ def _take_out(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(_main, argv, "ldae-fast fit-pca")
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print("usage: ldae-fast fit-pca [--preset NAME] [--section.field=value ...] [--out FILE.safetensors]\n\n"
               "Fits the patch-wise PCA on tokenizer.fit_images images of the config's training stream\n"
@@ -47,19 +51,13 @@ def main(argv: list[str] | None = None) -> int:
               "runs/fit-pca/PRESET-pP-dD-nN.safetensors. Train with it: --tokenizer.path=FILE.\n"
               "Config fields: `python train.py --help`.")
         return 0
-    try:
-        out, argv = _take_out(argv)
-        cfg, rest = parse_cli(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    out, argv = _take_out(argv)
+    cfg, rest = parse_cli(argv)
     if rest:
-        print(f"unknown arguments: {' '.join(rest)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown arguments: {' '.join(rest)} (see ldae-fast fit-pca --help)")
     out = out or default_out(cfg)
     if Path(out).is_dir():
-        print(f"error: --out {out} is a directory; give the .safetensors file to write", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out} is a directory; give the .safetensors file to write")
     from .data import build_train_stream
 
     n = cfg.tokenizer.fit_images

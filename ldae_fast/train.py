@@ -8,22 +8,24 @@ the same probe on a randomly initialised encoder.
 from __future__ import annotations
 
 import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, parse_cli
+from .config import Config, parse_cli
+from .errors import UsageError, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
-                       [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR]
+                       [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl
 values: --section.field=value and --section.field value are the same; booleans also take
   --section.field (true) and --no-section.field (false). A preset sets some fields (shown as
   [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
   saved config.json instead.
+errors: one line on stderr and an exit code per kind (README "Exit codes"); --debug or
+  LDAE_DEBUG=1 adds the traceback
 examples:
   python train.py                                   # the demo on the CPU (timings: README)
   python train.py --preset tiny-imagenet --engine.epochs=1
@@ -88,37 +90,31 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """User errors end as one stderr line and an exit code of their kind (see errors.py);
+    --debug or LDAE_DEBUG=1 adds the traceback."""
+    return run_cli(_main, argv, "train.py")
+
+
+def _main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage(argv))
         return 0
-    try:
-        cfg, rest = parse_cli(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg, rest = parse_cli(argv)
     rest = [a for a in rest if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if rest:
-        print(f"unknown arguments: {' '.join(rest)}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown arguments: {' '.join(rest)} (see python train.py --help)")
 
-    from .engine.loop import NonFiniteLoss, train
+    from .engine.loop import train
 
     backend_factory = None
     if cfg.engine.backend == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
-            print("error: engine.backend=deepspeed needs DeepSpeed, which is not installed: "
-                  "pip install 'ldae-fast[scale]' (or run on one device with --engine.backend=single)",
-                  file=sys.stderr)
-            return 2
+            raise UsageError("engine.backend=deepspeed needs DeepSpeed, which is not installed: "
+                             "pip install 'ldae-fast[scale]' (or run on one device with --engine.backend=single)")
         from .engine.deepspeed_backend import DeepSpeedBackend
         backend_factory = DeepSpeedBackend
     t0 = time.time()
-    try:
-        result = train(cfg, backend_factory=backend_factory)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    result = train(cfg, backend_factory=backend_factory)
     if result.model is None or result.steps == 0:
         return 0
     is_main = getattr(result, "is_main", True)

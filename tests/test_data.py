@@ -360,7 +360,7 @@ def test_make_shards_cli_gzip(tmp_path, capsys):
     shard = tmp_path / "gz" / "s-000.tar.gz"
     assert shard.read_bytes()[:2] == b"\x1f\x8b"
     assert len(read_raw_labels(str(shard))) == 7
-    assert shards_mod.main([str(tmp_path / "nope"), str(tmp_path / "x-%d.tar")]) == 2
+    assert shards_mod.main([str(tmp_path / "nope"), str(tmp_path / "x-%d.tar")]) == 4  # file error
 
 
 # WebDataset stream ---------------------------------------------------------------------------
@@ -416,15 +416,16 @@ def test_wds_resume_in_process_and_resampled(tmp_path):
     assert torch.equal(outs[0], outs[1]) and sd["batches"] == 3
 
 
-def test_corrupt_jpeg_and_missing_label_are_skipped(tmp_path, caplog):
+def test_corrupt_jpeg_is_skipped_and_a_missing_label_pretrains(tmp_path, caplog):
     pattern = _id_shards(tmp_path, 1, 150, bad={37: "corrupt", 90: "nocls"})
     cfg = _wds_cfg(pattern, **{"data.max_bad_fraction": 0.05, "data.shuffle_buffer": 1})
     s = build_train_stream(cfg)
     with caplog.at_level(logging.WARNING, logger="ldae_fast.data"):
-        labels = torch.cat([y for _, y in _take(s, 18)])  # 148 good samples -> 18 full batches
-    assert s.stats() == {"good": 144, "bad": 2}
-    assert 37 not in labels.tolist() and 90 not in labels.tolist()
-    assert "s00037" in caplog.text and "s00090" in caplog.text and "ids-000.tar" in caplog.text
+        labels = torch.cat([y for _, y in _take(s, 18)])  # 149 good samples -> 18 full batches
+    assert s.stats() == {"good": 144, "bad": 1}
+    # Pretraining needs no label: the sample without .cls is trained on, with label -1.
+    assert 37 not in labels.tolist() and 90 not in labels.tolist() and -1 in labels.tolist()
+    assert "s00037" in caplog.text and "ids-000.tar" in caplog.text and "s00090" not in caplog.text
 
 
 def test_bad_fraction_over_limit_raises(tmp_path):

@@ -133,8 +133,8 @@ def test_deepspeed_checkpoint_resumes_and_continues(runs, tmp_path):
     assert (out / "checkpoints" / "step_00000003" / "ds" / "state").is_dir()
     launch("deepspeed", out, {**Z2, "engine.resume": "auto"})
     _assert_same_curve(metrics(src), metrics(out))
-    a = torch.load(src / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
-    b = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    a = torch.load(src / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    b = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
     for k in a["ema"]:
@@ -150,7 +150,7 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     from ldae_fast.engine.export import _meta, main
 
     # ZeRO-3 state.pt holds no weights: export must consolidate the shards.
-    st = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    st = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
     assert st["model"] is None and st["ema"] is None
     assert main([str(runs / "z3"), str(tmp_path / "z3")]) == 0
     assert main([str(runs / "single4x2"), str(tmp_path / "ref"), "--no-ema"]) == 0

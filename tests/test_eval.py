@@ -318,7 +318,7 @@ def test_driver_data_resolution(tinyimagenet_dir):
     syn, _ = driver.with_data(pre, "synthetic")
     assert syn.data.source == "synthetic"
     assert driver.main(["--checkpoint", "x", "--protocols", "linear-fast,bogus"]) == 2
-    assert driver.main(["--checkpoint", str(tinyimagenet_dir / "nothing-here")]) == 2
+    assert driver.main(["--checkpoint", str(tinyimagenet_dir / "nothing-here")]) == 4  # file error
 
 
 def _tiny_checkpoint(tmp_path):

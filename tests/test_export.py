@@ -79,6 +79,6 @@ def test_export_refuses_an_existing_file_as_its_directory(tmp_path, capsys):
 def test_export_of_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     from ldae_fast.engine.export import main
 
-    assert main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 4  # file error
     err = capsys.readouterr().err
     assert "error: checkpoint" in err and "--resume" not in err

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import UserError
+
 log = logging.getLogger("ldae_fast.data")
 
 # Below this many samples a single bad one would already exceed any sensible fraction.
@@ -18,8 +20,11 @@ MIN_SAMPLES_BEFORE_LIMIT = 100
 _LOG_EACH_UP_TO = 50
 
 
-class DataError(RuntimeError):
+class DataError(RuntimeError, UserError):
     """The data cannot be read as configured; the message says what and where."""
+
+    exit_code = 5
+    category = "data error"
 
 
 class BadSampleCounter:

@@ -14,7 +14,6 @@ CLI: `ldae-fast make-shards SRC OUT_PATTERN [--maxcount N] [--gzip] [--seed S]`.
 
 from __future__ import annotations
 
-import argparse
 import gzip as gzip_mod
 import io
 import logging
@@ -170,7 +169,15 @@ def write_shards(
 
 def main(argv: list[str] | None = None) -> int:
     """`ldae-fast make-shards SRC OUT_PATTERN [--maxcount N] [--gzip] [--seed S]`."""
-    ap = argparse.ArgumentParser(
+    from ..errors import run_cli
+
+    return run_cli(_main, argv, "ldae-fast make-shards")
+
+
+def _main(argv: list[str]) -> int:
+    from ..errors import ArgParser, UsageError
+
+    ap = ArgParser(
         prog="ldae-fast make-shards",
         description="Write WebDataset shards (KEY.jpg + KEY.cls) from an ImageFolder tree "
                     "SRC/<class>/<image>; class index = sorted folder order; classes.tsv beside.")
@@ -197,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = write_shards(args.src, args.out_pattern, max_count=args.maxcount,
                              seed=None if args.seed < 0 else args.seed, gzip=args.gzip, progress=progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"make-shards: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     print(f"make-shards: wrote {len(paths)} shard(s) in {time.time() - t0:.1f}s: "
           f"{paths[0] if paths else ''} ... (classes.tsv beside them)", file=sys.stderr)
     return 0

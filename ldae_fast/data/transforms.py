@@ -95,11 +95,23 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # PIL helpers -------------------------------------------------------------------------------
-def open_image(data: ImageLike) -> Image.Image:
-    """A lazily decoded PIL image (only the header is parsed until pixels are needed)."""
-    if isinstance(data, Image.Image):
-        return data
-    return Image.open(io.BytesIO(bytes(data)))
+# Default of data.max_image_pixels: well under PIL's bomb warning (~89 MP), above any photo a
+# training set needs (ImageNet's largest are ~20 MP); 64 MP of RGB is ~190 MB decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than allowed; refused before decoding."""
+
+
+def open_image(data: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A lazily decoded PIL image (only the header is parsed until pixels are needed); larger
+    than `max_pixels` (width x height, from the header) raises ImageTooLarge."""
+    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(bytes(data)))
+    if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+        raise ImageTooLarge(f"image of {img.size[0]}x{img.size[1]} = {img.size[0] * img.size[1] / 1e6:.0f} MP "
+                            f"exceeds data.max_image_pixels={max_pixels}")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -219,12 +231,14 @@ def train_transform(
     ratio: tuple[float, float] = DEFAULT_RATIO,
     hflip: bool = True,
     gen: torch.Generator | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
     """Encoded bytes or a PIL image -> RandomResizedCrop + flip -> uint8 (3, size, size).
 
-    Raises whatever PIL raises on a corrupt image; the caller counts it as a bad sample.
+    Raises whatever PIL raises on a corrupt image, ImageTooLarge past `max_pixels`; the caller
+    counts either as a bad sample.
     """
-    img = open_image(data)
+    img = open_image(data, max_pixels)
     box = sample_crop_box(img.size[0], img.size[1], scale, ratio, gen)
     flip = sample_flip(hflip, gen)
     out = _resample_box(img, box, size)
@@ -233,9 +247,9 @@ def train_transform(
     return pil_to_tensor(out)
 
 
-def eval_transform(data: ImageLike, size: int) -> torch.Tensor:
+def eval_transform(data: ImageLike, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Encoded bytes or a PIL image -> resize + centre crop -> uint8 (3, size, size)."""
-    img = open_image(data)
+    img = open_image(data, max_pixels)
     box = center_crop_box(img.size[0], img.size[1], size)
     return pil_to_tensor(_resample_box(img, box, size))
 

@@ -3,7 +3,10 @@
 Shards are tar files (plain or gzipped) whose members come in groups sharing a key:
 `KEY.jpg` (or .jpeg/.png/.webp) and `KEY.cls` (the class index in ASCII). URLs: local paths,
 `file:PATH`, brace patterns (`train-{000000..000146}.tar`), several patterns joined by `::`,
-`pipe:COMMAND` (the command writes the shard to stdout) and http(s) URLs (read via `curl`).
+`pipe:COMMAND ARGS` (one command, split like a shell would split it but run without a shell, so
+no pipes or redirections; it writes the shard to stdout) and http(s) URLs (read by `curl`, the
+URL passed as one argument). Configs stored in checkpoints or exports never bring a pipe: or
+remote URL into effect (see config.sanitize_stored_config).
 The reader is our own streaming tar reader rather than the `webdataset` package's pipeline,
 because exact resume and per-sample bad-data accounting need control over every stage.
 
@@ -30,8 +33,15 @@ of its batches that was handed out.
   run would have; both are i.i.d. draws with replacement, so nothing is lost statistically.
 For 'synthetic' the position is (epoch, batch index) and resume is exact (see synthetic.py).
 
-Bad data: a sample whose image does not decode, whose .cls is missing or unreadable, or whose
-image member is missing is counted, logged with shard and key, and skipped. A shard that cannot
+Labels: `.cls` is optional for pretraining (a sample without one gets label -1); evaluation
+needs one per sample and stops with a DataError naming shard and key. A label that is not a
+plain decimal integer, is negative, does not fit 31 bits, or is >= data.num_classes (when set)
+is a bad sample.
+
+Bad data: a sample whose image does not decode, is larger than data.max_image_pixels (checked
+from its header, before decoding), whose .cls is unreadable, or whose image member is missing
+is counted, logged with shard and key, and skipped. A tar member whose header claims more bytes
+than the shard holds (or than MAX_MEMBER_BYTES) makes the shard broken. A shard that cannot
 be opened or stops mid-way (truncated tar or gzip, failed pipe command) is logged with the shard
 name and how far it got, counts as one bad sample, and reading goes on with the next shard: a
 single cut-off download must not kill a long run, and the fraction limit still stops a run
@@ -46,6 +56,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import warnings
@@ -166,16 +177,29 @@ class RawSample:
     shard: str
 
 
+def command_of(url: str) -> list[str]:
+    """The argv a remote or pipe: URL is read with; never a shell command line."""
+    if url.startswith(("http://", "https://")):
+        # "--" ends curl's options: a URL cannot smuggle in a flag.
+        return ["curl", "-fsSL", "--", url]
+    try:
+        argv = shlex.split(url[len("pipe:"):])
+    except ValueError as e:
+        raise DataError(f"cannot parse the command of {url!r}: {e}") from None
+    if not argv:
+        raise DataError(f"{url!r} names no command")
+    return argv
+
+
 @contextmanager
 def _open_stream(url: str) -> Iterator[Any]:
-    if url.startswith(("http://", "https://")):
-        url = f"pipe:curl -fsSL {url!r}"
-    if not url.startswith("pipe:"):
+    if not url.startswith(("pipe:", "http://", "https://")):
         with open(_local_path(url), "rb", buffering=1 << 20) as f:
             yield f
         return
-    cmd = url[len("pipe:"):]
-    proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+    argv = command_of(url)
+    cmd = shlex.join(argv)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=1 << 20)
     assert proc.stdout is not None
     try:
         yield proc.stdout
@@ -218,14 +242,30 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+# No image member is this large; a header claiming more is damaged (or hostile).
+MAX_MEMBER_BYTES = 1 << 31
+_CHUNK = 1 << 24
+
+
 def _read_exact(f: Any, n: int) -> bytes:
-    data = f.read(n)
-    while len(data) < n:
-        more = f.read(n - len(data))
+    # In bounded chunks: a header that claims more than the stream holds must end in a clear
+    # error at the stream's end, not in one giant allocation.
+    parts, got = [], 0
+    while got < n:
+        more = f.read(min(_CHUNK, n - got))
         if not more:
-            raise TarFormatError(f"unexpected end of data ({len(data)} of {n} bytes of a member)")
-        data += more
-    return data
+            raise TarFormatError(f"unexpected end of data ({got} of {n} bytes of a member)")
+        parts.append(more)
+        got += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _remaining(f: Any) -> int | None:
+    """Bytes left in a plain local file (None for a pipe or a decompressed stream)."""
+    try:
+        return os.fstat(f.fileno()).st_size - f.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _decompressed(f: Any) -> Any:
@@ -255,7 +295,9 @@ def iter_tar(f: Any) -> Iterator[tuple[str, bytes]]:
     is cut exactly between members (no end-of-archive marker). Handles ustar
     prefixes, GNU long names and pax path/size records, which is what tar writers produce.
     """
+    raw = f
     f = _decompressed(f)
+    plain = f is raw
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
@@ -271,7 +313,16 @@ def iter_tar(f: Any) -> Iterator[tuple[str, bytes]]:
         want = _octal(header[148:156])
         if sum(header[:148]) + 256 + sum(header[156:]) != want:
             raise TarFormatError("damaged tar header (checksum mismatch)")
-        size = int(pax.get("size", _octal(header[124:136])))
+        try:
+            size = int(pax.get("size", _octal(header[124:136])))
+        except ValueError:
+            raise TarFormatError("damaged tar header (unreadable member size)") from None
+        left = _remaining(f) if plain else None
+        if size < 0 or size > MAX_MEMBER_BYTES or (left is not None and size > left):
+            room = f"{left} bytes left in the shard" if left is not None and size > left else \
+                f"the {MAX_MEMBER_BYTES} a member may have"
+            raise TarFormatError(f"a member header claims {size} bytes, more than {room} (damaged or "
+                                 f"hostile shard)")
         kind = header[156:157]
         data = _read_exact(f, size) if size else b""
         pad = -size % 512
@@ -318,23 +369,57 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def _finish_group(key: str, parts: dict[str, bytes], shard: str, counter: BadSampleCounter) -> RawSample | None:
+_LABEL_RE = re.compile(r"[0-9]+")
+MAX_LABEL = 2**31 - 1
+NO_LABEL = -1
+
+
+class LabelPolicy:
+    """What a sample's .cls must be: `required` (evaluation) or optional (pretraining: a
+    missing label is NO_LABEL), and below `num_classes` when that is known (> 0)."""
+
+    def __init__(self, required: bool = False, num_classes: int = 0) -> None:
+        self.required, self.num_classes = required, num_classes
+
+    def parse(self, raw: bytes | None, shard: str, key: str) -> tuple[int | None, str]:
+        """(label, '') or (None, why it is bad)."""
+        if raw is None:
+            if self.required:
+                raise DataError(f"shard {shard} key {key!r} has no .cls label: evaluation (linear probe, "
+                                "kNN, fine-tuning) needs a label per sample; pretraining does not")
+            return NO_LABEL, ""
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return None, f"unreadable .cls content {raw[:20]!r}"
+        if not _LABEL_RE.fullmatch(text):
+            what = "negative" if re.fullmatch(r"-[0-9]+", text) else "not a non-negative integer"
+            return None, f".cls {text[:24]!r} is {what}"
+        label = int(text) if len(text) <= 10 else MAX_LABEL + 1
+        if label > MAX_LABEL:
+            return None, f".cls {text!r} is too large (labels are below 2^31)"
+        if self.num_classes and label >= self.num_classes:
+            return None, f".cls {label} is >= data.num_classes={self.num_classes}"
+        return label, ""
+
+
+_DEFAULT_LABELS = LabelPolicy()
+
+
+def _finish_group(key: str, parts: dict[str, bytes], shard: str, counter: BadSampleCounter,
+                  labels: LabelPolicy = _DEFAULT_LABELS) -> RawSample | None:
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if img_ext is None:
         counter.record(shard, key, f"no image member (.jpg) among {sorted(parts)}")
         return None
-    if "cls" not in parts:
-        counter.record(shard, key, "missing .cls label member")
-        return None
-    try:
-        label = int(parts["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        counter.record(shard, key, f"unreadable .cls content {parts['cls'][:20]!r}")
+    label, why = labels.parse(parts.get("cls"), shard, key)
+    if label is None:
+        counter.record(shard, key, why)
         return None
     return RawSample(key, parts[img_ext], label, shard)
 
 
-def iter_shard(url: str, counter: BadSampleCounter) -> Iterator[RawSample]:
+def iter_shard(url: str, counter: BadSampleCounter, labels: LabelPolicy = _DEFAULT_LABELS) -> Iterator[RawSample]:
     """Samples of one shard in tar order. A shard that breaks off is logged, counted as one bad
     sample, and ends early (the partial sample at the break is dropped)."""
     key: str | None = None
@@ -349,14 +434,14 @@ def iter_shard(url: str, counter: BadSampleCounter) -> Iterator[RawSample]:
                 mkey, ext = split
                 if mkey != key:
                     if key is not None:
-                        s = _finish_group(key, parts, url, counter)
+                        s = _finish_group(key, parts, url, counter, labels)
                         if s is not None:
                             n += 1
                             yield s
                     key, parts = mkey, {}
                 parts[ext] = data
             if key is not None:
-                s = _finish_group(key, parts, url, counter)
+                s = _finish_group(key, parts, url, counter, labels)
                 key = None
                 if s is not None:
                     n += 1
@@ -409,7 +494,8 @@ class WdsTrainSource(IterableDataset):
     def __init__(self, urls: list[str], *, img_size: int, batch_size: int, scale: tuple[float, float],
                  hflip: bool, shuffle_buffer: int, max_bad_fraction: float, seed: int, rank: int,
                  world_size: int, num_roles: int, rotation: int, starts: list[tuple[int, int]],
-                 resampled: bool, resample_key: int, gpu: bool, normalize_in_worker: bool) -> None:
+                 resampled: bool, resample_key: int, gpu: bool, normalize_in_worker: bool,
+                 labels: LabelPolicy = _DEFAULT_LABELS, max_pixels: int | None = None) -> None:
         super().__init__()
         self.urls = urls
         self.img_size, self.batch_size, self.scale, self.hflip = img_size, batch_size, scale, hflip
@@ -417,6 +503,7 @@ class WdsTrainSource(IterableDataset):
         self.rank, self.world_size, self.num_roles, self.rotation = rank, world_size, num_roles, rotation
         self.starts, self.resampled, self.resample_key = starts, resampled, resample_key
         self.gpu, self.normalize_in_worker = gpu, normalize_in_worker
+        self.labels, self.max_pixels = labels, max_pixels
 
     # One slot's sample stream: yields (epoch, index in epoch, raw sample); index counts
     # samples out of the shuffle buffer, the unit of the saved position.
@@ -429,7 +516,7 @@ class WdsTrainSource(IterableDataset):
                 empty = 0
                 while True:
                     got = False
-                    for s in iter_shard(self.urls[rng.randrange(len(self.urls))], counter):
+                    for s in iter_shard(self.urls[rng.randrange(len(self.urls))], counter, self.labels):
                         got = True
                         yield s
                     empty = 0 if got else empty + 1
@@ -449,7 +536,7 @@ class WdsTrainSource(IterableDataset):
 
             def samples(mine: list[str] = mine) -> Iterator[RawSample]:
                 for url in mine:
-                    yield from iter_shard(url, counter)
+                    yield from iter_shard(url, counter, self.labels)
 
             buf_rng = random.Random(mix_seed(self.seed, _TAG_BUFFER, epoch, slot))
             replay = skip > 0
@@ -472,14 +559,15 @@ class WdsTrainSource(IterableDataset):
         S = self.img_size
         try:
             if self.gpu:
-                img = open_image(raw.data)  # header only: size and mode for the crop box
+                img = open_image(raw.data, self.max_pixels)  # header only: size, mode, crop box
                 if img.format == "JPEG" and img.mode in ("RGB", "L"):
                     box = sample_crop_box(img.size[0], img.size[1], self.scale, gen=gen)
                     flip = sample_flip(self.hflip, gen)
                     # A dict, not a tuple: DataLoader's convert/pin steps turn tuples into lists.
                     return {"jpeg": torch.frombuffer(bytearray(raw.data), dtype=torch.uint8),
                             "box": list(box), "flip": flip}
-            return train_transform(raw.data, S, self.scale, hflip=self.hflip, gen=gen)
+            return train_transform(raw.data, S, self.scale, hflip=self.hflip, gen=gen,
+                                   max_pixels=self.max_pixels)
         except Exception as e:  # untrusted bytes: any decoder failure means a bad sample
             counter.record(raw.shard, raw.key, f"cannot decode image: {type(e).__name__}: {str(e)[:160]}")
             return None
@@ -688,7 +776,8 @@ class TrainStream:
             # must play that role for the round-robin order to continue unchanged.
             rotation=self.batches % self.num_roles, starts=list(self._starts),
             resampled=d.resampled, resample_key=self._resample_key, gpu=self.gpu,
-            normalize_in_worker=normalize_in_worker)
+            normalize_in_worker=normalize_in_worker, labels=LabelPolicy(False, d.num_classes),
+            max_pixels=d.max_image_pixels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._it_id += 1
@@ -793,7 +882,7 @@ def build_eval_arrays(cfg: Config, split: str, max_images: int | None = None) ->
 
     def decode(raw: RawSample) -> torch.Tensor | Exception:
         try:
-            return eval_transform(raw.data, d.img_size)
+            return eval_transform(raw.data, d.img_size, max_pixels=d.max_image_pixels)
         except Exception as e:  # untrusted bytes: any decoder failure means a bad sample;
             return e  # returned, not raised, so the caller reports it in sample order
 
@@ -812,7 +901,7 @@ def build_eval_arrays(cfg: Config, split: str, max_images: int | None = None) ->
     with ThreadPoolExecutor(max_workers=max(1, d.num_workers)) as pool:
         chunk: list[RawSample] = []
         for url in urls:
-            for raw in iter_shard(url, counter):
+            for raw in iter_shard(url, counter, LabelPolicy(True, d.num_classes)):
                 chunk.append(raw)
                 if len(chunk) >= 256:
                     consume(chunk, pool)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .optim import param_groups
 
 DS_TAG = "state"
@@ -56,10 +56,15 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
         path = Path(cfg.engine.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"engine.deepspeed_config={path}: no such file")
-        user = json.loads(path.read_text())
+        try:
+            user = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"engine.deepspeed_config={path}: not valid JSON ({e})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"engine.deepspeed_config={path}: expected a JSON object")
         owned = [k for k in _OWNED_KEYS if k in user]
         if owned:
-            raise ValueError(f"engine.deepspeed_config={path} sets {owned}: the optimizer and learning-rate "
+            raise ConfigError(f"engine.deepspeed_config={path} sets {owned}: the optimizer and learning-rate "
                              "schedule come from the optim.* settings; remove those keys")
         deep_update(c, user)
     # The data stream and the lr rule read data.batch_size / engine.grad_accum, so a JSON that
@@ -70,10 +75,10 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
     bad = {k: c.get(k) for k, v in want.items() if c.get(k) != v}
     # The loop decides on the EMA and on where weights are saved from engine.zero_stage.
     if c.get("zero_optimization", {}).get("stage") != cfg.engine.zero_stage:
-        raise ValueError(f"engine.deepspeed_config sets zero_optimization.stage="
+        raise ConfigError(f"engine.deepspeed_config sets zero_optimization.stage="
                          f"{c['zero_optimization'].get('stage')}; set --engine.zero_stage instead")
     if bad:
-        raise ValueError(f"engine.deepspeed_config sets {bad}, but this run has {want} (micro x grad_accum x "
+        raise ConfigError(f"engine.deepspeed_config sets {bad}, but this run has {want} (micro x grad_accum x "
                          f"{world_size} ranks); set --data.batch_size / --engine.grad_accum instead")
     return c
 
@@ -187,8 +192,11 @@ class DeepSpeedBackend:
         if not (ds_dir / DS_TAG).is_dir():
             raise FileNotFoundError(f"{ckpt_dir} has no DeepSpeed state (ds/{DS_TAG}); was it written by a "
                                     "single-device run? Resume it with --engine.backend=single")
-        self.engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
+        from .checkpoint import weights_only_loads
+
+        with weights_only_loads(_ds_safe_globals()):  # DeepSpeed's loader asks for weights_only=False
+            self.engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -221,8 +229,30 @@ class DeepSpeedBackend:
         return self._all_reduce(t, dist.ReduceOp.MAX)
 
 
+# Plain-data classes DeepSpeed pickles into its optimizer state: a loss-scale record, an int enum
+# and a (start, numel) pair. Allowed by name; nothing else in its files may be an object.
+_DS_SAFE = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+            "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _ds_safe_globals() -> tuple:
+    import importlib
+
+    out = []
+    for name in _DS_SAFE:
+        mod, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(mod), attr))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
 def consolidated_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from a (possibly ZeRO-3 sharded) checkpoint of ours."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt_dir) / "ds"), tag=DS_TAG)
+    from .checkpoint import weights_only_loads
+
+    with weights_only_loads(_ds_safe_globals()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt_dir) / "ds"), tag=DS_TAG)

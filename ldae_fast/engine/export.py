@@ -8,9 +8,7 @@ reads them, so evaluation can run from an export alone.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 WEIGHTS_FILE = "model.safetensors"  # the name timm's local-dir loader looks for first
@@ -24,12 +22,13 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     """
     from safetensors.torch import save_file
 
+    from ..errors import UsageError
     from ..eval.reader import load_for_eval
     from ..models.timm_export import timm_config, timm_kwargs, timm_state_dict
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; the export is a directory "
+        raise UsageError(f"{out} exists and is not a directory; the export is a directory "
                               f"({out}/config.json + {out}/{WEIGHTS_FILE})")
     cfg, model, _ = load_for_eval(ckpt, use_ema=use_ema)
     sd = {k: v.detach().float().contiguous() for k, v in timm_state_dict(model.encoder).items()}
@@ -48,7 +47,15 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    from ..errors import run_cli
+
+    return run_cli(_main, argv, "ldae-fast export")
+
+
+def _main(argv: list[str]) -> int:
+    from ..errors import ArgParser
+
+    ap = ArgParser(
         prog="ldae-fast export", description=__doc__.split("\n")[0],
         epilog="Load with timm.create_model('local-dir:OUT_DIR', pretrained=True); evaluate with "
                "`ldae-fast eval --checkpoint OUT_DIR/model.safetensors`.")
@@ -56,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", metavar="OUT_DIR", help="output directory (created): config.json + model.safetensors")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     a = ap.parse_args(argv)
-    try:
-        path = export_encoder(a.checkpoint, a.out, use_ema=not a.no_ema)
-    except (FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export_encoder(a.checkpoint, a.out, use_ema=not a.no_ema)
     print(f"wrote {path.parent}/config.json and {path}\n"
           f"load with: timm.create_model('local-dir:{path.parent}', pretrained=True)")
     return 0

@@ -19,18 +19,16 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from ..config import CUDA_GRAPH_MODES, Config
+from ..config import CUDA_GRAPH_MODES, Config, ConfigError
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from . import checkpoint as ckpt_mod
+from . import guard, rundir
+from .guard import NonFiniteLoss, ResumeMismatch
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops_per_image
 from .optim import EMA, build_optimizer, lr_at
 from .profiling import StepProfiler, nvtx_range
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def start_step_of(state: dict) -> int:
@@ -59,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
+        raise ConfigError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
     return torch.device(name)
 
 
@@ -94,10 +92,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class ResumeMismatch(RuntimeError):
-    pass
-
-
 def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> None:
     """Refuse a resume that would silently change the run.
 
@@ -112,6 +106,10 @@ def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> N
            "ranks": state.get("world_size")}
     now = {"data.batch_size": cfg.data.batch_size, "engine.grad_accum": cfg.engine.grad_accum, "ranks": world}
     diff = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and int(was[k]) != now[k]]
+    shape = guard.model_shape_diff(saved, cfg)
+    if shape:
+        raise ResumeMismatch(f"{ckpt_dir} holds another model ({', '.join(shape)}): a resume keeps the "
+                             "model's shape; start a new run (a new out_dir) to train another one")
     if diff:
         raise ResumeMismatch(
             f"{ckpt_dir} cannot be resumed as configured ({', '.join(diff)}): step numbers and the data "
@@ -158,7 +156,15 @@ class SingleDevice:
 
 
 def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
-    """Run (or resume) the pretraining described by cfg; returns the final state and losses."""
+    """Run (or resume) the pretraining described by cfg; returns the final state and losses.
+
+    The run owns engine.out_dir while it runs (see rundir.py)."""
+    with rundir.owned(cfg.engine.out_dir, cfg.engine.resume, cfg.engine.overwrite,
+                      is_main=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg, backend_factory, log_enabled)
+
+
+def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
     from ..data import build_train_stream
     from ..models import build_model
 
@@ -249,6 +255,14 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                 f"lr={lr0:.3g}, steps={total} (warm-up {warmup})")
 
     def save(step: int) -> Path:
+        # The one host sync of a checkpoint: a non-finite state is never written.
+        try:
+            guard.check_before_save(step, first_bad, model, ema, ckpt_mod.newest_good(out_dir),
+                                    getattr(backend, "all_reduce_max", None) if world > 1 else None)
+        except NonFiniteLoss:
+            logger.close()
+            prof.close()
+            raise
         state = backend.state_dict()
         data = stream.state_dict()
         # Each rank reads its own shards: rank 0 writes state.pt, so it keeps every rank's position.
@@ -258,7 +272,8 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                      data=data, data_ranks=data_ranks,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(), method=method.state_dict())
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
-                                         extra_meta={"preset": cfg.preset}, writer=backend.save_extra,
+                                         extra_meta={"preset": cfg.preset, "diverging": div_guard.run > 0},
+                                         writer=backend.save_extra,
                                          is_main=is_main, barrier=getattr(backend, "barrier", None))
 
     it = iter(stream)
@@ -268,6 +283,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     win_steps, win_images, t_win = 0, 0, time.time()
     last_ckpt, final_loss, ips = None, float("nan"), 0.0
+    div_guard = guard.DivergenceGuard(cfg.engine.diverge_grad_norm, cfg.engine.diverge_checks)
     prof = (StepProfiler.from_config(cfg.profile, out_dir / "profile", available=total - start,
                                      log=logger.info)
             if is_main else StepProfiler(out_dir, 0))
@@ -310,7 +326,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                 prof.close()
                 raise NonFiniteLoss(
                     f"loss became non-finite at step {bad} (lr {lr_at(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
-                    f"stopping without saving. Last complete checkpoint: {ckpt_mod.latest_checkpoint(out_dir)}. "
+                    f"stopping without saving. Newest good checkpoint: {ckpt_mod.newest_good(out_dir)}. "
                     "Try a lower --optim.blr, --optim.clip_grad, or --engine.precision=fp32.")
             dt = time.time() - t_win
             if world > 1:  # the loss of the global batch, comparable to a single-device run's
@@ -325,6 +341,12 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
                 rec["mfu"] = round(tflops / peak, 4)
             rec["peak_mem_mb"] = round(peak_memory_mb(device), 1)
             logger.log(done, rec)
+            try:
+                div_guard.observe(done, rec["grad_norm"], lambda: ckpt_mod.newest_good(out_dir))
+            except guard.Diverged:
+                logger.close()
+                prof.close()
+                raise
             win_loss.zero_()
             win_norm.zero_()
             win_steps, win_images, t_win = 0, 0, time.time()

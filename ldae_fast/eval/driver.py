@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from ldae_fast.config import PRESETS, ConfigError
+from ldae_fast.config import PRESETS
+from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
 from .features import extract_features, feature_dim, resolve_device
 from .finetune import recipe_for
@@ -33,12 +34,12 @@ PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class EvalError(RuntimeError):
+class EvalError(RuntimeError, UsageError):
     """A user-facing problem (bad flag, missing data); printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgParser(
         prog="ldae-fast eval",
         description="Linear probe / kNN / fine-tuning / denoising figure of an l-DAE checkpoint, "
                     "each beside the same architecture with random weights.")
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-batch-size", type=int, default=None, help="default 1024 (MAE)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="linear-probe batch (default eval.probe_batch_size)")
-    ap.add_argument("--blr", type=float, default=None, help="linear-probe base lr (default eval.probe_blr)")
+    ap.add_argument("--blr", type=finite_float, default=None, help="linear-probe base lr (default eval.probe_blr)")
     ap.add_argument("--pool", choices=("avg", "cls"), default="avg", help="feature pooling")
     ap.add_argument("--knn-k", default=None, help="comma-separated k (default eval.knn_k)")
     ap.add_argument("--figure-images", type=int, default=8, help="rows of the denoising figure")
@@ -89,11 +90,11 @@ def _load_checkpoint(path: str):
     from .reader import load_for_eval
 
     if not Path(path).exists():
-        raise EvalError(f"--checkpoint {path}: no such file or directory")
+        raise FileProblem(f"--checkpoint {path}: no such file or directory")
     try:
         return load_for_eval(path)
     except FileNotFoundError as e:
-        raise EvalError(f"--checkpoint {path}: {e}") from None
+        raise FileProblem(f"--checkpoint {path}: {e}") from None
 
 
 def _random_encoder(cfg):
@@ -344,26 +345,16 @@ def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Pat
     return p
 
 
-def _data_error() -> type:
-    """The data pipeline's user-facing error (missing shards, too many bad samples), if present."""
-    try:
-        from ldae_fast.data.badsamples import DataError
-    except ImportError:
-        return EvalError
-    return DataError
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(_main, argv, "ldae-fast eval")
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        run(args)
-    except (EvalError, ConfigError, _data_error()) as e:
-        print(f"ldae-fast eval: error: {e}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
 
 

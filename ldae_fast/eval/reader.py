@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, sanitize_stored_config
+from ..errors import CheckpointError
 
 
 class TimmEncoder(torch.nn.Module):
@@ -57,7 +58,7 @@ def load_exported_encoder(path: str | Path):
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
     vit.load_state_dict(sd, strict=True)
     vit.eval()
-    cfg = Config.from_dict(json.loads(meta["ldae_config"]))
+    cfg = Config.from_dict(sanitize_stored_config(json.loads(meta["ldae_config"]), f"export {path}"))
     return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
@@ -90,13 +91,17 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint at {path}")
     st = load_state(ckpt)
-    cfg = Config.from_dict(st["config"])
+    cfg = Config.from_dict(sanitize_stored_config(st["config"], f"checkpoint {ckpt}"))
     model = build_model(cfg.model, cfg.data.img_size)
     weights = st.get("ema") if use_ema and st.get("ema") else st.get("model")
     if weights is None:
         from ..engine.deepspeed_backend import consolidated_model_state
         weights = consolidated_model_state(ckpt)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}: its weights do not fit the model its own config describes "
+                              f"({str(e).splitlines()[0]})") from None
     model.eval()
     ms = method_state(st)
     method = None

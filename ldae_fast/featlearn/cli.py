@@ -7,12 +7,12 @@ import datetime as _dt
 import json
 import platform
 import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..errors import finite_float
 from . import data as fdata
 from . import report
 from .train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
@@ -28,16 +28,16 @@ FULL = {"diff_iters": 40_000, "diff_lr": 0.5, "n_test": 3000, "n_test_per_class"
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--diff-iters", type=int, default=None, help="diffusion GD iterations (40000; --quick: 8000)")
-    g.add_argument("--diff-lr", type=float, default=None, help="diffusion step size (0.5; --quick: 2.5)")
-    g.add_argument("--t", type=float, default=0.2, help="diffusion time: alpha=exp(-t), beta=sqrt(1-exp(-2t))")
+    g.add_argument("--diff-lr", type=finite_float, default=None, help="diffusion step size (0.5; --quick: 2.5)")
+    g.add_argument("--t", type=finite_float, default=0.2, help="diffusion time: alpha=exp(-t), beta=sqrt(1-exp(-2t))")
     g.add_argument(
         "--n-eps", type=int, default=0,
         help="0 (default): exact expectation over the DDPM noise; N > 0: N sampled draws per step (slow)",
     )
     g.add_argument("--clf-iters", type=int, default=500, help="classifier GD iterations")
-    g.add_argument("--clf-lr", type=float, default=0.1, help="classifier step size")
+    g.add_argument("--clf-lr", type=finite_float, default=0.1, help="classifier step size")
     g.add_argument("--m", type=int, default=20, help="network width")
-    g.add_argument("--sigma0", type=float, default=1e-3, help="init std of the weights")
+    g.add_argument("--sigma0", type=finite_float, default=1e-3, help="init std of the weights")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table averages them")
     g.add_argument("--records", type=int, default=None, help="metric records per run (200; --quick: 60)")
     g.add_argument("--quick", action="store_true", help="shortened run (see QUICK in cli.py)")
@@ -51,7 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..errors import ArgParser
+
+    p = ArgParser(
         prog="ldae-fast featlearn",
         description='Feature learning in diffusion models vs classification (Han et al., ICLR 2025): '
         "two-layer networks on two-patch data; signal learning vs noise memorization.",
@@ -61,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synthetic", help="x1 = mu_y, x2 ~ N(0, sigma_xi^2 I_d)")
     s.add_argument("--d", type=int, default=1000, help="patch dimension")
     s.add_argument("--n", type=int, default=30, help="training samples")
-    s.add_argument("--sigma-xi", type=float, default=1.0, help="noise-patch std")
+    s.add_argument("--sigma-xi", type=finite_float, default=1.0, help="noise-patch std")
     s.add_argument(
-        "--mu-norms", type=float, nargs="+", default=[5.0, 15.0],
+        "--mu-norms", type=finite_float, nargs="+", default=[5.0, 15.0],
         help="|mu| per regime (5 -> n SNR^2 = 0.75, 15 -> 6.75 at the defaults)",
     )
     s.add_argument("--n-test", type=int, default=None, help="fresh test samples (3000; --quick: 1000)")
@@ -74,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-per-class", type=int, default=50, help="training images per digit")
     m.add_argument("--n-test-per-class", type=int, default=None, help="test images per digit (500; --quick: 300)")
     m.add_argument("--digits", type=int, nargs=2, default=[0, 1], help="digit for y=+1, digit for y=-1")
-    m.add_argument("--n-snr2", type=float, nargs="+", default=[0.75, 6.75], help="n SNR^2 per regime (sets the pixel scale)")
-    m.add_argument("--sigma-xi", type=float, default=1.0, help="noise-patch std")
+    m.add_argument("--n-snr2", type=finite_float, nargs="+", default=[0.75, 6.75], help="n SNR^2 per regime (sets the pixel scale)")
+    m.add_argument("--sigma-xi", type=finite_float, default=1.0, help="noise-patch std")
     _common(m)
     return p
 
@@ -208,12 +210,18 @@ def _write_outputs(args: argparse.Namespace, out: Path, runs: list[dict], second
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..errors import run_cli
+
+    return run_cli(_main, argv, "ldae-fast featlearn")
+
+
+def _main(argv: list[str]) -> int:
+    from ..errors import UsageError
+
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         run(args, log=lambda s: print(s, flush=True))
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FloatingPointError) as e:
+        raise UsageError(str(e)) from e
     return 0

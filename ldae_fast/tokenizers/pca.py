@@ -174,13 +174,29 @@ def prepare(cfg, images: Callable[[], Iterable[torch.Tensor]], log: Callable[[st
     tokenizer.fit_images images of `images()`."""
     t = cfg.tokenizer
     if t.path:
-        return PCATokenizer.load(t.path, patch_size=cfg.model.patch_size, latent_dim=t.latent_dim, kind="pca")
+        return _load_user_basis(t.path, cfg.model.patch_size, t.latent_dim)
     t0 = time.time()
     tok = fit_pca(images(), cfg.model.patch_size, t.latent_dim, t.fit_images)
     ev = float(tok.explained_variance()[t.latent_dim - 1])
     log(f"fitted patch PCA on {t.fit_images} images ({tok.num_patches_fitted} patches, D={tok.D}) in "
         f"{time.time() - t0:.1f}s; the first d={t.latent_dim} components explain {100 * ev:.1f}% of the variance")
     return tok
+
+
+def _load_user_basis(path: str, patch_size: int, latent_dim: int) -> PCATokenizer:
+    """tokenizer.path, with a file that is not a tokenizer reported as the user's file."""
+    from ..config import ConfigError
+    from ..errors import FileProblem, UserError
+
+    try:
+        return PCATokenizer.load(path, patch_size=patch_size, latent_dim=latent_dim, kind="pca")
+    except (FileNotFoundError, UserError):
+        raise
+    except TokenizerMismatch as e:  # a basis for another patch size / latent dim: its message says which
+        raise ConfigError(f"tokenizer.path: {e}") from e
+    except Exception as e:  # whatever safetensors or the basis check raise on a foreign file
+        raise FileProblem(f"tokenizer.path={path}: not a readable tokenizer .safetensors "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def fit_pca(images: Iterable[torch.Tensor], patch_size: int, latent_dim: int, max_images: int,
