@@ -117,7 +117,7 @@ CASES = [
     ("eval-bad-int", "eval", ["--checkpoint", "{d}/run", "--epochs", "many"], C["config"], "--epochs"),
     ("export-missing", "export", ["{d}/nope", "{out}/e.safetensors"], C["file"], "nope"),
     ("export-no-args", "export", [], C["config"], "required"),
-    ("fit-pca-no-out", "fit-pca", ["--out"], C["config"], "--out needs a path"),
+    ("fit-pca-no-out", "fit-pca", ["--out"], C["config"], "--out needs a file path"),
     ("fit-pca-bad-field", "fit-pca", ["--tokenizer.latent_dim=0"], C["config"], "tokenizer.latent_dim"),
     ("fit-pca-no-shards", "fit-pca", [*WDS, "--data.train_shards=", "--out", "{out}/t.safetensors"],
      C["data"], "data.train_shards is empty"),

@@ -25,6 +25,7 @@ from ldae_fast.engine import rundir
 from ldae_fast.engine.guard import Diverged, DivergenceGuard, NonFiniteLoss, ResumeMismatch
 from ldae_fast.engine.loop import train
 from ldae_fast.errors import CheckpointError, RunDirError
+from ldae_fast.eval.reader import load_for_eval
 from ldae_fast.objectives import ldae as ldae_obj
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +182,7 @@ def test_remote_url_in_a_checkpoint_config_is_dropped(trained, tmp_path):
     torch.save(st, d / "state.pt")
     _rehash(d)
     with pytest.warns(UserWarning, match="not used"):
-        cfg, _, _ = ck.load_for_eval(d)
+        cfg, _, _ = load_for_eval(d)
     assert cfg.data.train_shards == "" and cfg.data.val_shards == ""
 
 
@@ -210,13 +211,13 @@ def test_remote_urls_run_without_a_shell(tmp_path):
 
 # 2. No good checkpoint is lost -----------------------------------------------------------------
 def _nan_at(monkeypatch, bad_step: int):
-    real = ldae_obj.LDAEObjective.__call__
+    real = ldae_obj.LDAEMethod.__call__
 
-    def poisoned(self, model, x, step, amp=None, **kw):
-        loss = real(self, model, x, step, amp, **kw)
+    def poisoned(self, model, batch, step, *args, **kw):
+        loss = real(self, model, batch, step, *args, **kw)
         return loss * float("nan") if step == bad_step else loss
 
-    monkeypatch.setattr(ldae_obj.LDAEObjective, "__call__", poisoned)
+    monkeypatch.setattr(ldae_obj.LDAEMethod, "__call__", poisoned)
 
 
 def test_nan_between_log_steps_writes_no_nan_checkpoint(tmp_path, monkeypatch):

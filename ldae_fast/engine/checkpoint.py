@@ -341,13 +341,10 @@ def load_state(ckpt: str | Path, map_location="cpu") -> dict[str, Any]:
 
 
 def method_state(state: dict) -> dict | None:
-    """The method's part of a checkpoint; checkpoints written before it nested under 'method'
-    kept the tokenizer at the top level."""
-    if state.get("method"):
-        return state["method"]
-    if state.get("tokenizer"):
-        return {"tokenizer": state["tokenizer"]}
-    return None
+    """The method's part of a checkpoint (its tokenizer and whatever else it keeps). Checkpoints
+    from before format 2 kept the tokenizer at the top level; they are refused at load
+    (`_check_format`), never unpickled."""
+    return state.get("method") or None
 
 
 def config_of(ckpt: str | Path) -> Config:
