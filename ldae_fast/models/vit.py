@@ -226,7 +226,11 @@ def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> ViTEnco
 
 
 def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> LDAEModel:
-    """The l-DAE encoder-decoder for square img_size x img_size inputs with in_chans channels."""
+    """The network cfg.arch names (l-DAE's encoder-decoder, or DiffMAE's in diffmae.py) for square
+    img_size x img_size inputs with in_chans channels."""
+    if cfg.arch == "diffmae":
+        from .diffmae import build_diffmae
+        return build_diffmae(cfg, img_size, in_chans)
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = build_encoder(cfg, img_size, in_chans)
@@ -250,8 +254,11 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
       adaLN only    per image, not per token: 2 L w (6w) block modulation, 2 w (2w) final
                     modulation, 2 x 2 (256 w + w^2) for the two sigma embedders.
     Backward is about 2x forward, so a training step is ~3x this (plus one more forward of the
-    blocks with gradient checkpointing).
+    blocks with gradient checkpointing). DiffMAE's count (75% masking) is in diffmae.py.
     """
+    if cfg.arch == "diffmae":
+        from .diffmae import flops_per_image as diffmae_flops
+        return diffmae_flops(cfg, img_size, in_chans)
     p, w = cfg.patch_size, cfg.width
     N = (img_size // p) ** 2
     T = N + 1
