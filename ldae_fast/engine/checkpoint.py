@@ -162,7 +162,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     model.load_state_dict(weights)
     model.eval()
     ms = method_state(st)
-    tok = tokenizer_from_state(ms["tokenizer"]["tensors"], ms["tokenizer"]["meta"]) if ms else None
+    tok = (tokenizer_from_state(ms["tokenizer"]["tensors"], ms["tokenizer"]["meta"])
+           if ms and "tokenizer" in ms else None)  # a method without a tokenizer (DiffMAE)
     return cfg, model, tok
 
 
