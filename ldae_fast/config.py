@@ -502,8 +502,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "diffmae-demo": {
         "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32,
         "model.decoder_depth": 2, "data.batch_size": 64, "data.synthetic_images": 2048,
-        "optim.blr": 1.5e-3, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.ema_decay": 0.0,
-        "optim.clip_grad": 0.0, "engine.epochs": 12, "engine.log_every": 32, "objective.sample_steps": 50,
+        "optim.blr": 4e-3, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.ema_decay": 0.0,
+        "optim.clip_grad": 0.0, "engine.epochs": 6, "engine.log_every": 16, "objective.sample_steps": 50,
         "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/diffmae-demo",
     },
     "diffmae-vitb": {**_DIFFMAE_RECIPE, "model.size": "B", "engine.out_dir": "runs/diffmae-vitb"},

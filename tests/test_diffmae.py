@@ -318,3 +318,17 @@ def test_config_refuses_a_network_the_method_cannot_train():
     with pytest.raises(ConfigError, match="decoder_kind"):
         build_config("diffmae-demo", {"model.decoder_kind": "unet"})
     assert build_config("demo").model.arch == "ldae"
+
+
+def test_train_main_writes_the_inpainting_figure(tmp_path):
+    from PIL import Image
+
+    from ldae_fast.train import main
+    args = ["--preset", "diffmae-demo", f"--engine.out_dir={tmp_path / 'run'}"]
+    args += [f"--{k}={v}" for k, v in {**TINY, "eval.figure": "true", "engine.steps": "2",
+                                       "objective.sample_steps": "4"}.items()]
+    assert main(args) == 0
+    png = tmp_path / "run" / "inpainting.png"
+    img = Image.open(png)
+    # 4 images x 2 masks rows; original, masked, t = 1000, 500, 0 columns of 64 px cells.
+    assert img.size == (5 * 64 + 6 * 2, 12 + 2 + 8 * 64 + 9 * 2)

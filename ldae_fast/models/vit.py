@@ -273,7 +273,14 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
 
 
 def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
-    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)."""
+    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded);
+    DiffMAE's are counted on a model built on the meta device (no memory, no compute)."""
+    if cfg.arch == "diffmae":
+        from .diffmae import build_diffmae
+        with torch.device("meta"):
+            m = build_diffmae(cfg, img_size, in_chans)
+        enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
+        return {"encoder": enc, "decoder": dec, "total": enc + dec}
     p, w = cfg.patch_size, cfg.width
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"
