@@ -137,6 +137,19 @@ def test_model_predicts_masked_patches_and_its_encoder_serves_eval(kind):
     assert model.encoder.forward_features(x).shape == (2, 17, 32)
 
 
+def test_encoder_exports_to_timm_exactly():
+    import timm
+
+    from ldae_fast.models import timm_kwargs, timm_state_dict
+    model = build_model(_cfg().model, 16).eval()
+    for p in model.encoder.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(model.encoder)).eval()
+    vit.load_state_dict(timm_state_dict(model.encoder), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(vit.forward_features(x), model.encoder.forward_features(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["joint", "cross", "cross_self"])
 def test_analytic_flops_match_the_counted_matmuls(kind):
     from torch.utils.flop_counter import FlopCounterMode

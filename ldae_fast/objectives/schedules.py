@@ -11,7 +11,7 @@ keeps its abar values and gets the betas that reproduce them, beta'_i = 1 - abar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ def ddpm_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: fl
 class DiffusionSchedule:
     betas: torch.Tensor
     """(T,) float64; index i is DDPM's step t = i + 1."""
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def ddpm(cls, num_timesteps: int = 1000, rho: float = 1.0) -> DiffusionSchedule:
@@ -45,9 +46,16 @@ class DiffusionSchedule:
         return torch.cumprod(1.0 - self.betas, 0)
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 for integer steps t (any shape) in [0, T)."""
-        ab = self.alphas_cumprod.to(t.device)[t.long()]
-        return ab.sqrt().float(), (1.0 - ab).sqrt().float()
+        """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 for integer steps t (any shape) in [0, T).
+
+        The tables are computed in float64 once per device and kept there, so a training step
+        indexes them without a host-to-device copy."""
+        key = str(t.device)
+        if key not in self._tables:
+            ab = self.alphas_cumprod
+            self._tables[key] = (ab.sqrt().float().to(t.device), (1.0 - ab).sqrt().float().to(t.device))
+        a, s = self._tables[key]
+        return a[t.long()], s[t.long()]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t for x0 (B, ...) at per-sample steps t (B,)."""
