@@ -210,6 +210,7 @@ def test_method_call_noises_and_scores_the_masked_patches(monkeypatch):
     assert torch.equal(m2.draw_mask(4, 16, 3, *m2.rows(4, 1, 2)).mask,
                        method.draw_mask(16, 16, 3, 0, 16).mask[12:16])
     assert torch.equal(m2.draw_eps(2, 16, 48, 3, 13), method.draw_eps(4, 16, 48, 3, 12)[1:3])
+    assert torch.equal(m2.draw_t(4, 3, *m2.rows(4, 1, 2)), method.draw_t(16, 3, 0, 16)[12:16])
 
 
 def test_norm_pix_target_is_per_patch_normalised():
