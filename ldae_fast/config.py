@@ -46,7 +46,11 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # "ViT-1/2L": the two halves of DiT-L, the paper's default.
     "halfL": dict(width=1024, encoder_depth=12, decoder_depth=12, num_heads=16),
     "L": dict(width=1024, encoder_depth=24, decoder_depth=24, num_heads=16),
+    # ViT-H/14's encoder (DiffMAE's largest); its presets set their own decoder.
+    "H": dict(width=1280, encoder_depth=32, decoder_depth=32, num_heads=16),
 }
+ARCHS = ("ldae", "diffmae")
+DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
 
 
 @dataclass
@@ -76,6 +80,16 @@ class ModelConfig:
     engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
     elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
+    arch: str = ""
+    """Network: 'ldae' (encoder-decoder on all tokens) or 'diffmae' (masked encoder + diffusion
+    decoder); '' takes the one objective.method trains."""
+    decoder_kind: str = "joint"
+    """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
+    (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention)."""
+    decoder_width: int = 0
+    """DiffMAE decoder width (0: model.width)."""
+    decoder_heads: int = 0
+    """DiffMAE decoder attention heads (0: model.num_heads)."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -90,6 +104,14 @@ class ModelConfig:
         _check(self.num_heads >= 1 and self.width % self.num_heads == 0,
                f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
+        _check(self.arch in ("",) + ARCHS, f"model.arch={self.arch!r} is not allowed; choose one of "
+               f"{', '.join(ARCHS)} (or leave it empty for the method's own)")
+        _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
+        self.decoder_width = self.decoder_width or self.width
+        self.decoder_heads = self.decoder_heads or self.num_heads
+        _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
+               f"model.decoder_width={self.decoder_width} must be divisible by "
+               f"model.decoder_heads={self.decoder_heads}")
 
 
 @dataclass
@@ -137,10 +159,22 @@ class NoiseConfig:
 @dataclass
 class ObjectiveConfig:
     method: str = "ldae"
-    """The method trained (objectives.METHODS): 'ldae'."""
+    """The method trained (objectives.METHODS): 'ldae' or 'diffmae'."""
+    mask_ratio: float = 0.75
+    """DiffMAE: fraction of patches hidden from the encoder, per sample."""
+    rho: float = 0.8
+    """DiffMAE: every DDPM beta (linear 1e-4..0.02 over noise.num_timesteps) raised to rho;
+    smaller rho, more noise (the supplement compares 1.0, 0.8, 0.6)."""
+    norm_pix_loss: bool = False
+    """DiffMAE: diffuse and predict per-patch normalised pixels (MAE's target) instead of pixels."""
+    sample_steps: int = 100
+    """DiffMAE inpainting: reverse-diffusion steps (strided over noise.num_timesteps; T = all)."""
 
     def __post_init__(self) -> None:
-        _one_of("objective.method", self.method, ("ldae",))
+        _one_of("objective.method", self.method, ARCHS)
+        _check(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio={self.mask_ratio} must lie in [0, 1)")
+        _check(self.rho > 0, f"objective.rho={self.rho} must be > 0")
+        _check(self.sample_steps >= 1, f"objective.sample_steps={self.sample_steps} must be >= 1")
 
 
 @dataclass
@@ -397,6 +431,14 @@ class Config:
         return (self.data.img_size // self.model.patch_size) ** 2
 
     def validate(self) -> None:
+        # Each method trains its own network; the saved config names the one it built.
+        self.model.arch = self.model.arch or self.objective.method
+        _check(self.model.arch == self.objective.method,
+               f"model.arch={self.model.arch!r} cannot train objective.method={self.objective.method!r}; "
+               f"set model.arch={self.objective.method} (or leave it empty)")
+        _check(self.objective.sample_steps <= self.noise.num_timesteps,
+               f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
+               f"{self.noise.num_timesteps}")
         p, s = self.model.patch_size, self.data.img_size
         _check(s % p == 0, f"data.img_size={s} is not divisible by model.patch_size={p}; "
                f"choose an image size that is a multiple of {p}")
@@ -546,6 +588,19 @@ _PAPER_RECIPE = {
     "engine.backend": "deepspeed", "tokenizer.fit_images": 50_000, "engine.log_every": 50,
     "engine.ckpt_every": 2000, "optim.clip_grad": 0.0,
 }
+# DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
+# 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,
+# batch 4096, 1600 epochs, no gradient clipping; 224 px, 75% masking, MAE's decoder (8 x 512).
+_DIFFMAE_RECIPE = {
+    "objective.method": "diffmae", "objective.mask_ratio": 0.75, "model.patch_size": 16,
+    "model.decoder_width": 512, "model.decoder_depth": 8, "model.decoder_heads": 16,
+    "data.img_size": 224, "data.source": "wds", "data.epoch_size": _IMAGENET_EPOCH,
+    "data.batch_size": 256, "engine.grad_accum": 2, "data.num_workers": 10, "data.hflip": True,
+    "data.crop_min_scale": 0.2, "optim.blr": 1.5e-4, "optim.beta1": 0.9, "optim.beta2": 0.95,
+    "optim.weight_decay": 0.05, "optim.warmup_epochs": 40, "optim.min_lr": 0.0, "optim.clip_grad": 0.0,
+    "optim.ema_decay": 0.0, "engine.epochs": 1600, "engine.backend": "deepspeed", "engine.log_every": 50,
+    "engine.ckpt_every": 2000,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds per step on 2 CPU cores: fits PCA, pretrains, figure and probe in under 3 minutes.
     "demo": {
@@ -570,7 +625,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ldae-vitb": {**_PAPER_RECIPE, "model.size": "B", "engine.out_dir": "runs/ldae-vitb"},
     "ldae-vithalfl": {**_PAPER_RECIPE, "model.size": "halfL", "engine.out_dir": "runs/ldae-vithalfl"},
     "ldae-vitl": {**_PAPER_RECIPE, "model.size": "L", "engine.out_dir": "runs/ldae-vitl"},
+    # DiffMAE on the built-in data: a tiny masked encoder + joint decoder, CPU minutes.
+    "diffmae-demo": {
+        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32,
+        "model.decoder_depth": 2, "data.batch_size": 64, "data.synthetic_images": 2048,
+        "optim.blr": 4e-3, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.ema_decay": 0.0,
+        "optim.clip_grad": 0.0, "engine.epochs": 6, "engine.log_every": 16, "objective.sample_steps": 50,
+        "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/diffmae-demo",
+    },
+    "diffmae-vitb": {**_DIFFMAE_RECIPE, "model.size": "B", "engine.out_dir": "runs/diffmae-vitb"},
+    "diffmae-vitl": {**_DIFFMAE_RECIPE, "model.size": "L", "engine.out_dir": "runs/diffmae-vitl"},
+    "diffmae-vith": {**_DIFFMAE_RECIPE, "model.size": "H", "model.patch_size": 14,
+                     "engine.out_dir": "runs/diffmae-vith"},
 }
+# DiffMAE's global batch (supplement Table 1a): the recipes reach it with 8 ranks x 256 x 2.
+DIFFMAE_GLOBAL_BATCH = 4096
+# The supplement's Table 1b (ImageNet fine-tuning of the pretrained encoder, pixel targets), as
+# eval.finetune.FinetuneRecipe fields; lr = blr * batch / 256. Shared by every size: AdamW
+# (0.9, 0.999), wd 0.05, cosine to 1e-6 after 5 warm-up epochs, RandAug (9, 0.5), mixup 0.8,
+# cutmix 1.0, label smoothing 0.1, batch 1024; the head is average pool, a fresh LayerNorm and a
+# linear layer initialised with std 2^-5.
+_DIFFMAE_FT_COMMON = dict(batch_size=1024, min_lr=1e-6, warmup_epochs=5.0, weight_decay=0.05,
+                          betas=(0.9, 0.999), mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+                          rand_augment="rand-m9-mstd0.5-inc1", pool="avg")
+DIFFMAE_FINETUNE: dict[str, dict[str, Any]] = {
+    "B": {**_DIFFMAE_FT_COMMON, "blr": 5e-4, "layer_decay": 0.65, "epochs": 100, "drop_path": 0.1},
+    "L": {**_DIFFMAE_FT_COMMON, "blr": 1e-3, "layer_decay": 0.7, "epochs": 50, "drop_path": 0.1},
+    "H": {**_DIFFMAE_FT_COMMON, "blr": 1e-3, "layer_decay": 0.75, "epochs": 50, "drop_path": 0.3},
+}
+DIFFMAE_HEAD_INIT_STD = 2 ** -5
 # The paper's global batch is 2048: the recipes above reach it with 8 ranks x 256.
 PAPER_GLOBAL_BATCH = 2048
 

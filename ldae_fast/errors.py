@@ -50,6 +50,13 @@ class CheckpointError(UserError):
     category = "checkpoint error"
 
 
+class ResumeMismatch(RuntimeError, UserError):
+    """A checkpoint that cannot be resumed as configured (model shape, batch split, method state)."""
+
+    exit_code = 7
+    category = "resume mismatch"
+
+
 class RunDirError(UserError):
     exit_code = 9
     category = "run directory error"

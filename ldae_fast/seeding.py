@@ -16,6 +16,8 @@ TAG_NOISE = 32
 """The noise eps of a training step (the kernels' seed; rows by counter offset)."""
 TAG_MASK = 33
 """Per-sample patch masks (DiffMAE)."""
+TAG_SAMPLE = 34
+"""Draws of a sampler (DiffMAE's inpainting: the starting noise and each step's noise)."""
 
 
 def derive_seed(*keys: int) -> int:

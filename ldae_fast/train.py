@@ -19,7 +19,8 @@ from .errors import UsageError, run_cli
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
 
-presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl
+presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
+         diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith
 values: --section.field=value and --section.field value are the same; booleans also take
   --section.field (true) and --no-section.field (false). A preset sets some fields (shown as
   [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
@@ -62,7 +63,20 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     src = result.ema if result.ema is not None else result.model
     model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
     model = model.eval()
-    if cfg.eval.figure:
+    if cfg.eval.figure and getattr(result.method, "figure_kind", "denoise") == "inpaint":
+        from .eval.inpaint_figure import inpaint_figure
+        from .objectives import build_method
+        # A CPU twin of the trained method, beside the CPU copy of the model.
+        method = build_method(cfg, "cpu")
+        method.load_state_dict(result.method.state_dict())
+        imgs, _ = build_eval_arrays(cfg, "val", max_images=4)
+        levels = (cfg.noise.num_timesteps, cfg.noise.num_timesteps // 2, 0)
+        path = inpaint_figure(method, model, imgs, Path(cfg.engine.out_dir) / "inpainting.png",
+                              levels=levels)
+        log(f"figure (original / masked / inpainted at t {', '.join(map(str, levels))}; random and "
+            f"center masks, {cfg.objective.sample_steps} reverse steps): {path}")
+        out["figure"] = str(path)
+    elif cfg.eval.figure:
         imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
         sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
         path = denoise_figure(model, result.method, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png")
@@ -122,7 +136,7 @@ def _main(argv: list[str]) -> int:
         first, last = result.losses[0][1], result.losses[-1][1]
         print(f"pretraining done in {time.time() - t0:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
-    if is_main and (cfg.preset == "demo" or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
+    if is_main and (cfg.preset in ("demo", "diffmae-demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
             from .eval.reader import load_for_eval

@@ -22,9 +22,9 @@ from ldae_fast.data.badsamples import BadSampleCounter, DataError
 from ldae_fast.data.wds import LabelPolicy, command_of, iter_shard, iter_tar
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine import rundir
-from ldae_fast.engine.guard import Diverged, DivergenceGuard, NonFiniteLoss, ResumeMismatch
+from ldae_fast.engine.guard import Diverged, DivergenceGuard, NonFiniteLoss
 from ldae_fast.engine.loop import train
-from ldae_fast.errors import CheckpointError, RunDirError
+from ldae_fast.errors import CheckpointError, ResumeMismatch, RunDirError
 from ldae_fast.eval.reader import load_for_eval
 from ldae_fast.objectives import ldae as ldae_obj
 

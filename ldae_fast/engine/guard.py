@@ -76,9 +76,6 @@ def params_finite(*modules_or_dicts, reduce_max=None) -> bool:
     return int(flag.item()) == 0
 
 
-class ResumeMismatch(RuntimeError, UserError):
-    exit_code = 7
-    category = "resume mismatch"
 
 
 # Fields that fix the shapes of the saved tensors.

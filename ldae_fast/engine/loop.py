@@ -20,11 +20,12 @@ import torch
 
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError
+from ..errors import ResumeMismatch
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from . import checkpoint as ckpt_mod
 from . import guard, rundir
-from .guard import NonFiniteLoss, ResumeMismatch
+from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops_per_image
 from .optim import EMA, build_optimizer, lr_at

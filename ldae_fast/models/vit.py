@@ -226,8 +226,12 @@ def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
 
 
 def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
-    """The l-DAE encoder-decoder for square img_size x img_size inputs with in_chans channels.
-    `kernels` is engine.kernels: with model.fused_adaln it decides where the fused kernel runs."""
+    """The network cfg.arch names (l-DAE's encoder-decoder, or DiffMAE's in diffmae.py) for square
+    img_size x img_size inputs with in_chans channels. `kernels` is engine.kernels: with
+    model.fused_adaln it decides where the fused kernel runs."""
+    if cfg.arch == "diffmae":
+        from .diffmae import build_diffmae
+        return build_diffmae(cfg, img_size, in_chans, kernels)
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = build_encoder(cfg, img_size, in_chans, kernels)
@@ -251,8 +255,11 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
       adaLN only    per image, not per token: 2 L w (6w) block modulation, 2 w (2w) final
                     modulation, 2 x 2 (256 w + w^2) for the two sigma embedders.
     Backward is about 2x forward, so a training step is ~3x this (plus one more forward of the
-    blocks with gradient checkpointing).
+    blocks with gradient checkpointing). DiffMAE's count (75% masking) is in diffmae.py.
     """
+    if cfg.arch == "diffmae":
+        from .diffmae import flops_per_image as diffmae_flops
+        return diffmae_flops(cfg, img_size, in_chans)
     p, w = cfg.patch_size, cfg.width
     N = (img_size // p) ** 2
     T = N + 1
@@ -267,7 +274,14 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
 
 
 def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
-    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)."""
+    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded);
+    DiffMAE's are counted on a model built on the meta device (no memory, no compute)."""
+    if cfg.arch == "diffmae":
+        from .diffmae import build_diffmae
+        with torch.device("meta"):
+            m = build_diffmae(cfg, img_size, in_chans)
+        enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
+        return {"encoder": enc, "decoder": dec, "total": enc + dec}
     p, w = cfg.patch_size, cfg.width
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"

@@ -1,4 +1,4 @@
-"""Methods (l-DAE; DiffMAE next): the registry the engine, eval and bench build them through.
+"""Methods (l-DAE, DiffMAE): the registry the engine, eval and bench build them through.
 
 `build_method(cfg, device, ...)` is the only door: nothing outside objectives/ and tokenizers/
 names a concrete method or tokenizer.
@@ -10,9 +10,10 @@ import torch
 
 from ..batch import Batch
 from .base import Method
+from .diffmae import DiffMAEMethod
 from .ldae import LDAEMethod
 
-METHODS: dict[str, type] = {"ldae": LDAEMethod}
+METHODS: dict[str, type] = {"ldae": LDAEMethod, "diffmae": DiffMAEMethod}
 
 
 def build_method(cfg, device: torch.device | str, rank: int = 0, world_size: int = 1,

@@ -1,0 +1,261 @@
+"""DiffMAE's network: a ViT encoder over the visible patches and a diffusion decoder that denoises
+the masked ones.
+
+Encoder: the plain ViT of vit.py (cond='none': affine pre-norm blocks, class token, fixed 2-D
+sin-cos position embedding, final LayerNorm), run on the visible patches only; the same module
+evaluates whole images, so the probe, kNN, fine-tune and timm export take it unchanged. Then a
+linear projection to the decoder width (the LayerNorm before it is the encoder's own `norm`).
+
+Decoder: the masked patches, noised by the forward process, are embedded by their own linear
+map (the clean visible ones went through the encoder's patch embedding), get the decoder's fixed
+position embedding and are conditioned on the step t through adaLN-Zero. Three layouts behind
+`kind`:
+  joint       self-attention over [encoder tokens, noised tokens] together (a vanilla ViT decoder);
+  cross       the noised tokens cross-attend to the encoder tokens, no attention among themselves;
+  cross_self  cross-attention to the encoder, then self-attention among the noised tokens.
+The output is the clean pixels of each masked patch, (B, n_masked, p*p*C), in patchify's order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from ..kernels.attention import attention, resolve_backend
+from ..kernels.modules import AdaLNLayerNorm
+from ..markers import nvtx_range
+from .blocks import (
+    LN_EPS,
+    Attention,
+    Block,
+    FinalLayer,
+    Mlp,
+    SigmaEmbedder,
+    mlp_hidden,
+)
+from .pos_embed import sincos_2d
+from .vit import SIGMA_FREQ_DIM, ViTEncoder, _CheckpointedBlocks, _init_common
+
+DECODER_KINDS = ("joint", "cross", "cross_self")
+
+
+def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def encode_visible(encoder: ViTEncoder, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images, (B, n_keep) visible patch ids -> (B, 1 + n_keep, width) after the
+    encoder's final norm; the hidden patches never enter the blocks."""
+    B = x.shape[0]
+    pos = encoder.pos_embed.to(x.dtype)
+    tokens = _gather(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
+    cls = (encoder.cls_token + pos[:, :1]).expand(B, -1, -1).to(tokens.dtype)
+    tokens = torch.cat([cls, tokens], dim=1)
+    for blk in encoder.blocks:
+        tokens = blk(tokens, None)
+    return encoder.norm(tokens)
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, N, C), keys and values from ctx (B, M, C), through the kernels'
+    attention function (which takes M != N)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.backend = resolve_backend(backend)
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        M = ctx.shape[1]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(ctx).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, kv[0], kv[1], backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossBlock(nn.Module):
+    """adaLN-Zero block for the noised tokens: cross-attention to the context, optionally
+    self-attention among the tokens, then the MLP; every branch gated from t's embedding."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, self_attn: bool = False,
+                 backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
+        super().__init__()
+        self.branches = 3 if self_attn else 2
+        self.norm_ctx = nn.LayerNorm(dim, eps=LN_EPS)
+        self.cross = CrossAttention(dim, num_heads, backend)
+        if self_attn:
+            self.attn = Attention(dim, num_heads, backend)
+        self.mlp = Mlp(dim, mlp_hidden(dim, mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
+        self.norm_modulate = AdaLNLayerNorm(LN_EPS, fused_adaln, kernels)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, ctx, c, use_reentrant=False)
+        return self._forward(x, ctx, c)
+
+    def _forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        mods = self.adaLN_modulation(c).chunk(3 * self.branches, dim=-1)
+        sh, sc, g = mods[0:3]
+        x = x + g.unsqueeze(1) * self.cross(self.norm_modulate(x, sh, sc),
+                                            self.norm_ctx(ctx))
+        if self.branches == 3:
+            sh, sc, g = mods[3:6]
+            x = x + g.unsqueeze(1) * self.attn(self.norm_modulate(x, sh, sc))
+        sh, sc, g = mods[-3:]
+        return x + g.unsqueeze(1) * self.mlp(self.norm_modulate(x, sh, sc))
+
+
+class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
+    def __init__(self, img_size: int, patch_size: int, enc_width: int, in_chans: int = 3, width: int = 512,
+                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, kind: str = "joint",
+                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
+        super().__init__()
+        if kind not in DECODER_KINDS:
+            raise ValueError(f"decoder kind={kind!r}; choose one of {', '.join(DECODER_KINDS)}")
+        self.kind, self.patch_size, self.in_chans = kind, patch_size, in_chans
+        g = img_size // patch_size
+        D = patch_size * patch_size * in_chans
+        self.enc_proj = nn.Linear(enc_width, width)
+        self.noisy_embed = nn.Linear(D, width)
+        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
+                             persistent=False)
+        self.t_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM, scale=1.0)
+        if kind == "joint":
+            self.blocks = nn.ModuleList(
+                Block(width, num_heads, mlp_ratio, "adaln", attn_backend, fused_adaln, kernels) for _ in range(depth))
+        else:
+            self.blocks = nn.ModuleList(
+                CrossBlock(width, num_heads, mlp_ratio, kind == "cross_self", attn_backend, fused_adaln, kernels)
+                for _ in range(depth))
+        self.final_layer = FinalLayer(width, D, "adaln", fused_adaln, kernels)
+        _init_common(self)
+        for m in self.modules():
+            if isinstance(m, CrossBlock):
+                nn.init.zeros_(m.adaLN_modulation[-1].weight)
+                nn.init.zeros_(m.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, ctx: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor,
+                noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ctx: encoder tokens (B, 1 + n_keep, enc_width) with the class token first; noisy: the
+        masked patches at step t, (B, n_masked, D); t: (B,) integer steps -> (B, n_masked, D)."""
+        pos = self.pos_embed.to(ctx.dtype)
+        B = ctx.shape[0]
+        pos_vis = torch.cat([pos[:, :1].expand(B, -1, -1), _gather(pos[:, 1:].expand(B, -1, -1), ids_keep)], 1)
+        ctx = self.enc_proj(ctx) + pos_vis
+        x = self.noisy_embed(noisy.to(ctx.dtype)) + _gather(pos[:, 1:].expand(B, -1, -1), ids_masked)
+        c = self.t_embed(t.float())
+        if self.kind == "joint":
+            n_ctx = ctx.shape[1]
+            h = torch.cat([ctx, x], dim=1)
+            for blk in self.blocks:
+                h = blk(h, c)
+            x = h[:, n_ctx:]
+        else:
+            for blk in self.blocks:
+                x = blk(x, ctx, c)
+        return self.final_layer(x, c)
+
+
+class DiffMAEModel(nn.Module):
+    """(clean images, mask, noised masked patches, t) -> predicted clean masked patches.
+
+    The conditioning travels as keyword arguments (DiT's model_kwargs): the method calls
+    `model(x, ids_keep=..., ids_masked=..., noisy=..., t=...)`. `encode` / `decode` split the two
+    halves for the sampler, which encodes once and decodes at every step.
+    """
+
+    def __init__(self, encoder: ViTEncoder, decoder: DiffMAEDecoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.patch_size = encoder.patch_size
+        self.img_size = encoder.img_size
+
+    def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        return encode_visible(self.encoder, x, ids_keep)
+
+    def decode(self, ctx, ids_keep, ids_masked, noisy, t) -> torch.Tensor:
+        return self.decoder(ctx, ids_keep, ids_masked, noisy, t)
+
+    def forward(self, x: torch.Tensor, *, ids_keep: torch.Tensor, ids_masked: torch.Tensor,
+                noisy: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if cond:
+            raise ValueError(f"DiffMAEModel has no conditioning on {', '.join(sorted(cond))}")
+        with nvtx_range("encoder"):
+            ctx = self.encode(x, ids_keep)
+        with nvtx_range("decoder"):
+            return self.decode(ctx, ids_keep, ids_masked, noisy, t)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.encoder.grad_checkpointing
+
+
+def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> DiffMAEModel:
+    if img_size % cfg.patch_size:
+        raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
+    enc = ViTEncoder(img_size, cfg.patch_size, in_chans, width=cfg.width, depth=cfg.encoder_depth,
+                     num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond="none",
+                     attn_backend=cfg.attn_backend, kernels=kernels)
+    dec = DiffMAEDecoder(img_size, cfg.patch_size, cfg.width, in_chans, width=cfg.decoder_width,
+                         depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
+                         kind=cfg.decoder_kind, attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln,
+                         kernels=kernels)
+    model = DiffMAEModel(enc, dec)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_ratio: float = 0.75) -> float:
+    """Analytic forward FLOPs of one image (multiply-add = 2), matmuls only, as vit.flops_per_image.
+
+    Encoder on T_e = 1 + n_keep tokens (width w, L_e blocks); decoder width v, L_d blocks, over
+    T_c = 1 + n_keep context and M = N - n_keep noised tokens:
+      encoder blocks  L_e [2 T_e w (4w + 2h) + 4 T_e^2 w], patch embedding 2 N (p^2 C) w (the
+                      strided conv embeds every patch, then the visible ones are gathered)
+      projections     2 T_c w v (encoder -> decoder), 2 M D v (noised patches), 2 M v D (head)
+      joint           L_d [2 T v (4v + 2h') + 4 T^2 v] with T = T_c + M
+      cross           L_d [2 M v (2v + 2h') + 2 T_c v (2v) + 4 M T_c v]   (q, proj; kv; attention)
+      cross_self      cross + L_d [2 M v (4v) + 4 M^2 v]
+      per image       adaLN maps 2 v (k v) per block (k = 6 joint, 6 cross, 9 cross_self), 2 v (2v)
+                      the final layer's, 2 (256 v + v^2) the t embedding
+    """
+    p, w, v = cfg.patch_size, cfg.width, cfg.decoder_width
+    N = (img_size // p) ** 2
+    keep = max(1, int(N * (1.0 - mask_ratio)))  # objectives.masking.num_visible's rounding
+    M, Te = N - keep, keep + 1
+    h, hd = mlp_hidden(w, cfg.mlp_ratio), mlp_hidden(v, cfg.mlp_ratio)
+    D = p * p * in_chans
+    f = cfg.encoder_depth * (2 * Te * w * (4 * w + 2 * h) + 4 * Te * Te * w) + 2 * N * D * w
+    f += 2 * Te * w * v + 2 * M * D * v + 2 * M * v * D
+    if cfg.decoder_kind == "joint":
+        T = Te + M
+        f += cfg.decoder_depth * (2 * T * v * (4 * v + 2 * hd) + 4 * T * T * v)
+    else:
+        blk = 2 * M * v * (2 * v + 2 * hd) + 2 * Te * v * 2 * v + 4 * M * Te * v
+        if cfg.decoder_kind == "cross_self":
+            blk += 2 * M * v * 4 * v + 4 * M * M * v
+        f += cfg.decoder_depth * blk
+    k = 9 if cfg.decoder_kind == "cross_self" else 6
+    f += cfg.decoder_depth * 2 * v * k * v + 2 * v * 2 * v + 2 * (SIGMA_FREQ_DIM * v + v * v)
+    return float(f)
+
+
+__all__ = ["CrossAttention", "CrossBlock", "DECODER_KINDS", "DiffMAEDecoder", "DiffMAEModel",
+           "build_diffmae", "encode_visible", "flops_per_image"]

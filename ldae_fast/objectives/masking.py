@@ -1,0 +1,97 @@
+"""Patch masks for DiffMAE: MAE's per-sample random masking, keyed like every other draw, and the
+fixed center block the inpainting figures use.
+
+A mask is carried as index tensors, as in MAE: `ids_keep` (B, n_keep) are the visible patches,
+`ids_masked` (B, N - n_keep) the hidden ones, `ids_restore` (B, N) undoes the shuffle (position
+of patch n in the concatenation [visible, masked]), and `mask` (B, N) is True where hidden.
+Every row hides the same number of patches, so visible and masked tokens stack into dense
+tensors and the encoder runs on n_keep tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..seeding import TAG_MASK, derive_seed
+
+
+@dataclass
+class PatchMask:
+    ids_keep: torch.Tensor
+    """(B, n_keep) int64 indices of the visible patches."""
+    ids_masked: torch.Tensor
+    """(B, N - n_keep) int64 indices of the hidden patches."""
+    ids_restore: torch.Tensor
+    """(B, N) int64: patch n sits at position ids_restore[b, n] of cat([visible, masked])."""
+    mask: torch.Tensor
+    """(B, N) bool, True where the patch is hidden."""
+
+    @property
+    def num_keep(self) -> int:
+        return self.ids_keep.shape[1]
+
+    def to(self, device) -> PatchMask:
+        return PatchMask(*(t.to(device) for t in (self.ids_keep, self.ids_masked, self.ids_restore, self.mask)))
+
+
+def num_visible(num_patches: int, ratio: float) -> int:
+    """Visible patches per sample at mask ratio `ratio` (MAE's rounding: int(N (1 - ratio))),
+    at least one so the encoder always has a token to see."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio {ratio} must lie in [0, 1)")
+    return max(1, int(num_patches * (1.0 - ratio)))
+
+
+def from_scores(scores: torch.Tensor, num_keep: int) -> PatchMask:
+    """Keep the `num_keep` lowest-scoring patches of each row (B, N); ties keep index order."""
+    B, N = scores.shape
+    ids_shuffle = torch.argsort(scores, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(B, N, dtype=torch.bool, device=scores.device)
+    mask[:, :num_keep] = False
+    mask = torch.gather(mask, 1, ids_restore)
+    return PatchMask(ids_shuffle[:, :num_keep], ids_shuffle[:, num_keep:], ids_restore, mask)
+
+
+def random_masking(batch: int, num_patches: int, ratio: float, *, seed: int, step: int, row: int = 0,
+                   global_batch: int | None = None, device: torch.device | str = "cpu") -> PatchMask:
+    """MAE's random masking of rows row .. row + batch - 1 of training step `step`'s global batch.
+
+    The uniform scores of the whole global batch come from one generator keyed on
+    (seed, TAG_MASK, step) and each caller takes its rows, so a micro-batch on a rank draws the
+    masks that one process with the whole global batch draws for those rows.
+    """
+    gb = global_batch if global_batch is not None else row + batch
+    if row < 0 or row + batch > gb:
+        raise ValueError(f"rows {row}..{row + batch - 1} lie outside a global batch of {gb}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, TAG_MASK, step))
+    scores = torch.rand(gb, num_patches, generator=gen, device=device)[row:row + batch]
+    return from_scores(scores, num_visible(num_patches, ratio))
+
+
+def center_block_mask(batch: int, grid_h: int, grid_w: int, fraction: float = 0.5,
+                      device: torch.device | str = "cpu") -> PatchMask:
+    """Hide the central block of `fraction` of each side (the supplement's center 128x128 of a
+    256x256 image is fraction 0.5), the same block for every row."""
+    bh, bw = max(1, round(grid_h * fraction)), max(1, round(grid_w * fraction))
+    top, left = (grid_h - bh) // 2, (grid_w - bw) // 2
+    hidden = torch.zeros(grid_h, grid_w, dtype=torch.bool, device=device)
+    hidden[top:top + bh, left:left + bw] = True
+    hidden = hidden.flatten()
+    if bool(hidden.all()):
+        raise ValueError(f"a center block of fraction {fraction} hides the whole {grid_h}x{grid_w} grid")
+    scores = hidden.float().expand(batch, -1)
+    return from_scores(scores, int((~hidden).sum()))
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, N, C) at ids (B, M) -> (B, M, C)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of base (B, N, C) with rows ids (B, M) replaced by values (B, M, C)."""
+    return base.scatter(1, ids.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values.to(base.dtype))
