@@ -12,6 +12,11 @@ colours, background gradient, low-frequency clutter, two distractor dots and pix
 random per image, and with the default 8 classes the colour carries no class information. So the
 class is a question of shape and texture, not of mean colour: raw pixels are a weak linear
 feature, while an encoder that has learned shapes separates the classes well.
+
+Two more kinds (`data.synthetic_kind`), each keyed on its own tag so no image repeats another
+kind's: 'gratings' (the demo's: the class is the orientation of a muted two-colour grating, a
+property of every patch's local structure that no colour statistic carries) and 'layouts' (three
+identical dots whose arrangement is the class: a bag of patches is the same for every class).
 """
 
 from __future__ import annotations
