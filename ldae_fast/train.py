@@ -49,10 +49,13 @@ def usage(argv: list[str] = ()) -> str:
 
 
 def finish_demo(cfg: Config, result, log=print) -> dict:
-    """Figure + quick linear probe of the trained encoder against a random-init floor."""
+    """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
+    encoder of the same architecture (the floor) and chance."""
     from .data import build_eval_arrays
+    from .eval.features import extract_features
     from .eval.figure import denoise_figure
-    from .eval.linear_probe import quick_probe
+    from .eval.knn import knn_classify
+    from .eval.linear_probe import linear_probe_fast
     from .models import build_model
 
     out = {}
@@ -87,19 +90,33 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         train_arr = build_eval_arrays(cfg, "train")
         val_arr = build_eval_arrays(cfg, "val")
         torch.manual_seed(cfg.engine.seed)
-        ours = quick_probe(model.encoder, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
-                           batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
-        torch.manual_seed(cfg.engine.seed)
         rand_model = build_model(cfg.model, cfg.data.img_size).eval()
-        floor = quick_probe(rand_model.encoder, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
-                            batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
+        ks = [int(k) for k in cfg.eval.knn_k.split(",") if k.strip()]
+        k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
+        scores = {}
+        for name, enc in (("pretrained", model.encoder), ("random-init", rand_model.encoder)):
+            # One feature pass per encoder serves both the probe and the kNN.
+            feats = (extract_features(enc, train_arr[0], batch_size=cfg.eval.probe_batch_size),
+                     extract_features(enc, val_arr[0], batch_size=cfg.eval.probe_batch_size))
+            torch.manual_seed(cfg.engine.seed)
+            probe = linear_probe_fast(enc, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
+                                      batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr, cached=feats)
+            # Centred on the train mean: a random encoder's features share one large direction
+            # that swamps the cosine similarity; removing it is fair to both encoders.
+            mu = feats[0].mean(0, keepdim=True)
+            knn = knn_classify(feats[0] - mu, train_arr[1], feats[1] - mu, val_arr[1], ks=[k])[k]
+            scores[name] = (probe["top1"], knn["top1"])
         chance = 100.0 / max(1, int(train_arr[1].max()) + 1)
-        log(f"linear probe (fast, cached features; {len(train_arr[1])} train / {len(val_arr[1])} val images, "
-            f"{cfg.eval.probe_epochs} epochs, {time.time() - t0:.0f}s):\n"
-            f"  pretrained encoder   top-1 {ours['top1']:.1f}%\n"
-            f"  random-init encoder  top-1 {floor['top1']:.1f}%\n"
-            f"  chance               top-1 {chance:.1f}%")
-        out.update(probe_top1=ours["top1"], random_top1=floor["top1"])
+        (ours, ours_knn), (floor, floor_knn) = scores["pretrained"], scores["random-init"]
+        log(f"frozen-encoder evaluation ({len(train_arr[1])} train / {len(val_arr[1])} val images; linear "
+            f"probe: {cfg.eval.probe_epochs} epochs on cached features; kNN: k={k}, centred features; "
+            f"{time.time() - t0:.0f}s):\n"
+            f"                        probe top-1   kNN top-1\n"
+            f"  pretrained encoder    {ours:10.1f}%  {ours_knn:9.1f}%\n"
+            f"  random-init encoder   {floor:10.1f}%  {floor_knn:9.1f}%\n"
+            f"  chance                {chance:10.1f}%  {chance:9.1f}%")
+        out.update(probe_top1=ours, random_top1=floor, knn_top1=ours_knn, random_knn_top1=floor_knn,
+                   chance=chance)
     return out
 
 

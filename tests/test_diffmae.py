@@ -8,6 +8,7 @@ import torch
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import DIFFMAE_FINETUNE, DIFFMAE_GLOBAL_BATCH, ConfigError, build_config
+from ldae_fast.errors import ResumeMismatch
 from ldae_fast.models import build_model
 from ldae_fast.objectives import METHODS, Method, build_method
 from ldae_fast.objectives import diffmae as dm
@@ -289,12 +290,14 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     st = ck.load_state(res.checkpoint)
     assert st["method"]["schedule"] == {"num_timesteps": 1000, "rho": 0.8}
-    cfg, model, tok = ck.load_for_eval(res.checkpoint)
-    assert tok is None and cfg.model.arch == "diffmae"
+    from ldae_fast.eval.reader import load_for_eval
+
+    cfg, model, method = load_for_eval(res.checkpoint)
+    assert method.name == "diffmae" and cfg.model.arch == "diffmae"
     assert torch.equal(model.state_dict()[next(iter(a))], a[next(iter(a))])
     # Another schedule would resume a different run.
     m = build_method(_cfg(**{"objective.rho": "0.6"}), "cpu")
-    with pytest.raises(ValueError, match="objective.rho"):
+    with pytest.raises(ResumeMismatch, match="objective.rho"):
         m.prepare(lambda: [], state=st["method"])
 
 

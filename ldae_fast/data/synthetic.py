@@ -12,6 +12,11 @@ colours, background gradient, low-frequency clutter, two distractor dots and pix
 random per image, and with the default 8 classes the colour carries no class information. So the
 class is a question of shape and texture, not of mean colour: raw pixels are a weak linear
 feature, while an encoder that has learned shapes separates the classes well.
+
+Two more kinds (`data.synthetic_kind`), each keyed on its own tag so no image repeats another
+kind's: 'gratings' (the demo's: the class is the orientation of a muted two-colour grating, a
+property of every patch's local structure that no colour statistic carries) and 'layouts' (three
+identical dots whose arrangement is the class: a bag of patches is the same for every class).
 """
 
 from __future__ import annotations
@@ -185,20 +190,132 @@ def _render(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tu
     return out, labels
 
 
+# Layouts: three identical dots whose arrangement is the class (unit offsets, before the
+# per-image scale, rotation jitter and position).
+_LAYOUTS = (
+    ((-1.0, 0.0), (0.0, 0.0), (1.0, 0.0)),  # horizontal line
+    ((0.0, -1.0), (0.0, 0.0), (0.0, 1.0)),  # vertical line
+    ((-0.71, -0.71), (0.0, 0.0), (0.71, 0.71)),  # diagonal
+    ((-0.71, 0.71), (0.0, 0.0), (0.71, -0.71)),  # anti-diagonal
+    ((0.0, -0.8), (-0.7, 0.4), (0.7, 0.4)),  # triangle, apex up
+    ((0.0, 0.8), (-0.7, -0.4), (0.7, -0.4)),  # apex down
+    ((-0.8, 0.0), (0.4, -0.7), (0.4, 0.7)),  # apex left
+    ((0.8, 0.0), (-0.4, -0.7), (-0.4, 0.7)),  # apex right
+)
+_LAYOUT_TAG = 101  # keys the layouts' random numbers apart from the shapes'
+_LAYOUT_PARAMS = 16
+
+
+def _render_layouts(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'layouts' kind: every image holds the same parts (three dots of one random colour on a
+    random gradient), so a bag of its patches says almost nothing about the class; only where the
+    dots sit relative to each other does. Classes past 8 rotate the 8 layouts by (c // 8) * 15 deg."""
+    n, s = indices.numel(), size
+    labels = torch.remainder(indices, num_classes).to(torch.int64)
+    per = _LAYOUT_PARAMS + 3 * s * s
+    rnd = torch.empty(n, per)
+    for row, idx in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed(mix_seed(seed, _LAYOUT_TAG, idx))
+        torch.rand(per, generator=g, out=rnd[row])
+    p = rnd[:, :_LAYOUT_PARAMS]
+    noise = rnd[:, _LAYOUT_PARAMS:].view(n, 3, s, s).sub_(0.5).mul_(math.sqrt(12.0))
+    lin = (torch.arange(s, dtype=torch.float32) + 0.5) * (2.0 / s) - 1.0
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    sharp = s / 2.0
+
+    def col(i: int) -> torch.Tensor:
+        return p[:, i].view(n, 1, 1)
+
+    bg_v = 0.2 + 0.6 * p[:, 0]
+    bg_a = _hsv_to_rgb(p[:, 1], 0.5 * p[:, 2], bg_v).view(n, 3, 1, 1)
+    bg_b = _hsv_to_rgb(p[:, 3], 0.5 * p[:, 4], (bg_v + 0.25 * (p[:, 5] - 0.5)).clamp(0, 1)).view(n, 3, 1, 1)
+    ang = p[:, 6] * 2 * math.pi
+    ramp = (xx * (0.5 * torch.cos(ang)).view(n, 1, 1)).add_(yy * (0.5 * torch.sin(ang)).view(n, 1, 1)).add_(0.5)
+    img = bg_a + (bg_b - bg_a) * ramp.unsqueeze(1)
+
+    offsets = torch.tensor(_LAYOUTS, dtype=torch.float32)[torch.remainder(labels, len(_LAYOUTS))]  # (n, 3, 2)
+    rot = torch.div(labels, len(_LAYOUTS), rounding_mode="floor").to(torch.float32) * (math.pi / 12)
+    rot = rot + 0.3 * (p[:, 7] - 0.5)
+    spacing = 0.34 + 0.14 * p[:, 8]
+    radius = 0.13 + 0.06 * p[:, 9]
+    reach = (0.92 - spacing - radius).clamp(min=0.0)
+    cx, cy = (p[:, 10] * 2 - 1) * reach, (p[:, 11] * 2 - 1) * reach
+    cos_t, sin_t = torch.cos(rot), torch.sin(rot)
+    ox = (offsets[..., 0] * cos_t[:, None] - offsets[..., 1] * sin_t[:, None]) * spacing[:, None] + cx[:, None]
+    oy = (offsets[..., 0] * sin_t[:, None] + offsets[..., 1] * cos_t[:, None]) * spacing[:, None] + cy[:, None]
+    fg_v = torch.remainder(bg_v + 0.35 + 0.3 * p[:, 12], 1.0).clamp(0.15, 1.0)
+    fg = _hsv_to_rgb(p[:, 13], 0.45 + 0.55 * p[:, 14], fg_v).view(n, 3, 1, 1)
+    mask = torch.zeros(n, s, s)
+    for j in range(3):
+        d = (xx - ox[:, j].view(n, 1, 1)).square_().add_((yy - oy[:, j].view(n, 1, 1)).square_()).sqrt_()
+        mask = torch.maximum(mask, _soft(radius.view(n, 1, 1) - d, sharp))
+    img.lerp_(fg.expand_as(img), mask.unsqueeze(1))
+    img.addcmul_(noise, 0.03 + 0.04 * col(15).unsqueeze(1))
+    return (img.clamp_(0, 1) * 255).round_().to(torch.uint8), labels
+
+
+_GRATING_TAG = 102
+
+
+def _render_gratings(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'gratings' kind: a grating between two random colours whose orientation is the class
+    (class c at c * 180 / C degrees, jittered by a quarter of the spacing), with random spatial
+    frequency, phase and contrast, low-frequency clutter and pixel noise. The mean colour says
+    nothing about the class; the local structure of every patch does."""
+    n, s = indices.numel(), size
+    labels = torch.remainder(indices, num_classes).to(torch.int64)
+    per = _LAYOUT_PARAMS + 3 * 4 * 4 + 3 * s * s
+    rnd = torch.empty(n, per)
+    for row, idx in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed(mix_seed(seed, _GRATING_TAG, idx))
+        torch.rand(per, generator=g, out=rnd[row])
+    p = rnd[:, :_LAYOUT_PARAMS]
+    clutter = rnd[:, _LAYOUT_PARAMS:_LAYOUT_PARAMS + 48].view(n, 3, 4, 4)
+    noise = rnd[:, _LAYOUT_PARAMS + 48:].view(n, 3, s, s).sub_(0.5).mul_(math.sqrt(12.0))
+    lin = (torch.arange(s, dtype=torch.float32) + 0.5) * (2.0 / s) - 1.0
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    step = math.pi / num_classes
+    theta = labels.to(torch.float32) * step + 0.5 * step * (p[:, 0] - 0.5)
+    freq = (3.0 + 3.0 * p[:, 1]) * math.pi  # 3 .. 6 cycles across the image: an edge in most patches
+    phase = p[:, 2] * 2 * math.pi
+    u = xx * torch.cos(theta).view(n, 1, 1) + yy * torch.sin(theta).view(n, 1, 1)
+    wave = torch.sin(u * freq.view(n, 1, 1) + phase.view(n, 1, 1)).mul_(0.5).add_(0.5)
+    v_a = 0.15 + 0.7 * p[:, 3]
+    # Muted colours of one hue: colour varies from image to image (no class signal in it) without
+    # being the dominant difference between images, which would swamp any distance on features.
+    col_a = _hsv_to_rgb(p[:, 4], 0.3 * p[:, 5], v_a).view(n, 3, 1, 1)
+    contrast = 0.25 + 0.35 * p[:, 6]
+    v_b = torch.where(v_a > 0.5, v_a - contrast, v_a + contrast)
+    col_b = _hsv_to_rgb(p[:, 4] + 0.1 * (p[:, 7] - 0.5), 0.3 * p[:, 8], v_b).view(n, 3, 1, 1)
+    img = col_a + (col_b - col_a) * wave.unsqueeze(1)
+    up = _upsample_matrix(4, s)
+    img.add_(torch.matmul(torch.matmul(up, (clutter - 0.5) * 0.3), up.T))
+    img.addcmul_(noise, 0.03 + 0.04 * p[:, 9].view(n, 1, 1, 1))
+    return (img.clamp_(0, 1) * 255).round_().to(torch.uint8), labels
+
+
+SYNTHETIC_KINDS = ("shapes", "layouts", "gratings")
+
+
 def make_synthetic(
-    num_images: int, num_classes: int, img_size: int, seed: int = DATASET_SEED, start: int = 0
+    num_images: int, num_classes: int, img_size: int, seed: int = DATASET_SEED, start: int = 0,
+    kind: str = "shapes",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [start, start + num_images) of the set: uint8 (N, 3, S, S) and int64 labels (N,).
 
     Labels are index mod num_classes, so every split of at least num_classes images is balanced.
+    `kind`: 'shapes' (the module docstring) or 'layouts' (`_render_layouts`).
     """
     if num_images < 0 or num_classes < 2 or img_size < 1:
         raise ValueError("make_synthetic needs num_images >= 0, num_classes >= 2, img_size >= 1")
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {', '.join(SYNTHETIC_KINDS)}")
+    render = {"shapes": _render, "layouts": _render_layouts, "gratings": _render_gratings}[kind]
     idx = torch.arange(start, start + num_images, dtype=torch.int64)
     # Chunks of ~1 MB per plane stay in cache; on them intra-op threads do not pay off.
     chunk = max(1, (1 << 18) // (img_size * img_size))
     with single_thread():
-        parts = [_render(idx[i : i + chunk], num_classes, img_size, seed) for i in range(0, num_images, chunk)]
+        parts = [render(idx[i : i + chunk], num_classes, img_size, seed) for i in range(0, num_images, chunk)]
     if not parts:
         return torch.empty(0, 3, img_size, img_size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
@@ -206,13 +323,14 @@ def make_synthetic(
 
 @lru_cache(maxsize=4)
 def synthetic_split(
-    split: str, num_images: int, num_classes: int, img_size: int, seed: int = DATASET_SEED
+    split: str, num_images: int, num_classes: int, img_size: int, seed: int = DATASET_SEED,
+    kind: str = "shapes",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 'train' split ([0, num_images)) or the disjoint 'val' split (the next
     `synthetic_val_size` indices). Cached: callers must not modify the returned tensors."""
     if split == "train":
-        return make_synthetic(num_images, num_classes, img_size, seed, start=0)
+        return make_synthetic(num_images, num_classes, img_size, seed, start=0, kind=kind)
     if split == "val":
         n_val = synthetic_val_size(num_images, num_classes)
-        return make_synthetic(n_val, num_classes, img_size, seed, start=num_images)
+        return make_synthetic(n_val, num_classes, img_size, seed, start=num_images, kind=kind)
     raise ValueError(f"unknown split {split!r}; choose 'train' or 'val'")

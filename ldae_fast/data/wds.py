@@ -683,7 +683,7 @@ class TrainStream:
         self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         if self.source == "synthetic":
             self._images, self._labels = synthetic_split(
-                "train", d.synthetic_images, d.synthetic_classes, d.img_size)
+                "train", d.synthetic_images, d.synthetic_classes, d.img_size, kind=d.synthetic_kind)
             need = d.batch_size * world_size
             if len(self._images) < need:
                 raise DataError(f"data.synthetic_images={d.synthetic_images} is smaller than one global "
@@ -868,7 +868,8 @@ def build_eval_arrays(cfg: Config, split: str, max_images: int | None = None) ->
     if max_images == 0:
         return torch.empty(0, 3, d.img_size, d.img_size), torch.empty(0, dtype=torch.int64)
     if d.source == "synthetic":
-        imgs, labels = synthetic_split(split, d.synthetic_images, d.synthetic_classes, d.img_size)
+        imgs, labels = synthetic_split(split, d.synthetic_images, d.synthetic_classes, d.img_size,
+                                       kind=d.synthetic_kind)
         if max_images is not None:
             imgs, labels = imgs[:max_images], labels[:max_images]
         with single_thread():
