@@ -33,6 +33,8 @@ from ldae_fast.data import (
 )
 from ldae_fast.data import shards as shards_mod
 from ldae_fast.data.badsamples import BadSampleCounter
+from ldae_fast.data.eval_arrays import read_raw_labels
+from ldae_fast.data.tar import iter_shard
 from ldae_fast.data.transforms import (
     CropBox,
     crop_resize_flip_batch,
@@ -40,7 +42,7 @@ from ldae_fast.data.transforms import (
     generator_for,
     single_thread,
 )
-from ldae_fast.data.wds import brace_expand, expand_urls, iter_shard, read_raw_labels
+from ldae_fast.data.urls import brace_expand, expand_urls
 
 
 # Helpers -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ldae_fast.data")
 
 CACHE_VERSION = 1
-# Domain tags for `generator_for`, distinct from those of wds.py.
+# Domain tags for `generator_for`, distinct from those of sources.py.
 _TAG_RES_PERM = 31
 _TAG_RES_AUG = 32
 
@@ -66,15 +66,15 @@ def default_cache_dir() -> Path:
 
 def cache_key(urls: list[str], size: int) -> tuple[str, dict[str, Any]]:
     """(hex key, the description it hashes) of a shard list decoded at `size`."""
-    from .wds import _is_local, _local_path
+    from .urls import is_local, local_path
 
     shards = []
     for u in urls:
-        if not _is_local(u):
+        if not is_local(u):
             raise DataError(f"data.source='resident' reads local shard files; {u!r} is not one "
                             "(copy the shards to disk, or use data.source='wds')")
-        st = os.stat(_local_path(u))
-        shards.append([os.path.abspath(_local_path(u)), st.st_size, st.st_mtime_ns])
+        st = os.stat(local_path(u))
+        shards.append([os.path.abspath(local_path(u)), st.st_size, st.st_mtime_ns])
     desc = {"version": CACHE_VERSION, "size": size, "shards": shards}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20], desc
 
@@ -82,7 +82,7 @@ def cache_key(urls: list[str], size: int) -> tuple[str, dict[str, Any]]:
 def decode_shards(urls: list[str], size: int, max_bad_fraction: float, what: str,
                   threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Every readable sample of `urls`, in shard and tar order: uint8 (N,3,S,S), int64 (N,)."""
-    from .wds import iter_shard
+    from .tar import iter_shard
 
     counter = BadSampleCounter(max_bad_fraction, what)
     imgs: list[torch.Tensor] = []
@@ -172,7 +172,7 @@ def resident_arrays(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor
     """uint8 images and labels of data.train_shards ('train') or data.val_shards ('val'), decoded
     at `resident_decode_size`, cached, with data.class_subset applied. The train arrays at
     decode size = img_size are exactly what `build_eval_arrays` gives, before normalisation."""
-    from .wds import expand_urls
+    from .urls import expand_urls
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: choose 'train' or 'val'")
@@ -188,7 +188,7 @@ def resident_arrays(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor
 
 class ResidentStream:
     """Endless (images float32 (B,3,S,S) normalised, labels int64 (B,)) batches of one rank, from
-    the resident array; the same interface as `wds.TrainStream` (iteration, `state_dict`,
+    the resident array; the same interface as `stream.TrainStream` (iteration, `state_dict`,
     `load_state_dict`, `stats`, `epoch`, `close`). Batches are made on `device` (the CPU when
     None); see the module docstring for order and resume."""
 

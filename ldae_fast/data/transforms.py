@@ -42,7 +42,7 @@ DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ImageLike = Union[Image.Image, bytes, bytearray, memoryview]
 
 
-# data/wds.py imports the derivation under this name.
+# data/sources.py imports the derivation under this name.
 mix_seed = derive_seed
 
 
