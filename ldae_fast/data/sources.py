@@ -16,14 +16,16 @@ set (resident.py) needs no workers and has its own stream.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .badsamples import BadSampleCounter, DataError
 from .shuffle import shard_order, shuffled
+from .synthetic import synthetic_split
 from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
     crop_resize_flip_batch,
@@ -36,6 +38,10 @@ from .transforms import (
     single_thread,
     train_transform,
 )
+from .urls import expand_urls
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 # Domain tags for `generator_for` / `mix_seed`, so no two random streams share a key
 # (11, the shard order, is shuffle.py's; 31-32 are resident.py's).
@@ -213,4 +219,149 @@ class SyntheticTrainSource(IterableDataset):
             j += self.num_roles
 
 
-__all__ = ["WdsTrainSource", "SyntheticTrainSource"]
+
+
+# Main-process side: what the stream needs of a source ---------------------------------------
+class TrainSource(Protocol):
+    """One kind of worker source, seen from `stream.TrainStream` in the main process: checks and
+    holds what its workers need, builds their dataset for the current position, and owns the
+    part of the position that is its own (the stream keeps the count of batches handed out)."""
+
+    gpu_decode: ClassVar[bool]  # whether data.gpu_decode applies (JPEGs handed to the GPU)
+    batches_per_epoch: int
+
+    def epoch(self, batches: int) -> int: ...
+
+    def state_dict(self, batches: int) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        """Take a saved position; returns the number of batches handed out to continue from."""
+
+    def on_batch(self, meta: dict[str, Any]) -> None:
+        """A worker's batch was handed out; `meta` is what the worker sent with it."""
+
+    def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
+        """The workers' dataset that continues after `batches` batches handed out."""
+
+
+class SyntheticSource:
+    """The built-in set: the position is (epoch, batch index), exact on resume."""
+
+    gpu_decode: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, num_roles: int) -> None:
+        d = cfg.data
+        self.cfg, self.rank, self.world_size, self.num_roles = cfg, rank, world_size, num_roles
+        self.seed = cfg.engine.seed
+        self._images, self._labels = synthetic_split(
+            "train", d.synthetic_images, d.synthetic_classes, d.img_size)
+        need = d.batch_size * world_size
+        if len(self._images) < need:
+            raise DataError(f"data.synthetic_images={d.synthetic_images} is smaller than one global "
+                            f"batch ({d.batch_size} x {world_size} ranks = {need})")
+        self.batches_per_epoch = len(self._images) // need
+
+    def epoch(self, batches: int) -> int:
+        return batches // self.batches_per_epoch
+
+    def state_dict(self, batches: int) -> dict[str, Any]:
+        sd: dict[str, Any] = {}
+        sd["epoch"], sd["batch"] = divmod(batches, self.batches_per_epoch)
+        sd["batches_per_epoch"] = self.batches_per_epoch
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        epoch, b = int(sd["epoch"]), int(sd["batch"])
+        if sd.get("world_size", self.world_size) != self.world_size:
+            # Same epoch and same share of it done, split over the new number of ranks.
+            b = b * int(sd["world_size"]) // self.world_size
+            # stacklevel 3: the warning points at the caller of TrainStream.load_state_dict.
+            warnings.warn("data position saved with another world size: resuming at the same "
+                          "point of the epoch, not bit-identically", stacklevel=3)
+        return epoch * self.batches_per_epoch + min(b, self.batches_per_epoch)
+
+    def on_batch(self, meta: dict[str, Any]) -> None:
+        pass  # the position follows from the batch count alone
+
+    def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
+        d = self.cfg.data
+        scale = (d.crop_min_scale, 1.0)
+        return SyntheticTrainSource(
+            self._images, self._labels, batch_size=d.batch_size, img_size=d.img_size, scale=scale,
+            hflip=d.hflip, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            num_roles=self.num_roles, start=batches, normalize_in_worker=normalize_in_worker)
+
+
+class WdsSource:
+    """WebDataset shards: the position adds each worker's (epoch, samples out of its shuffle
+    buffer), or, resampled, the batch count the stream was re-seeded from (stream.py)."""
+
+    gpu_decode: ClassVar[bool] = True
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, num_roles: int) -> None:
+        d = cfg.data
+        self.cfg, self.rank, self.world_size, self.num_roles = cfg, rank, world_size, num_roles
+        self.seed = cfg.engine.seed
+        self.urls = expand_urls(d.train_shards, "data.train_shards")
+        slots = world_size * self.num_roles
+        if not d.resampled and len(self.urls) < slots:
+            raise DataError(
+                f"data.train_shards={d.train_shards!r} has {len(self.urls)} shard(s), fewer than "
+                f"{world_size} rank(s) x {self.num_roles} worker(s) = {slots} readers: some would "
+                f"get no data. Write more, smaller shards (`ldae-fast make-shards --maxcount`), "
+                f"lower data.num_workers, or set data.resampled=true")
+        self._starts = [(0, 0)] * self.num_roles
+        self._resample_key = 0
+        self.batches_per_epoch = max(1, cfg.epoch_size() // (d.batch_size * world_size))
+
+    def epoch(self, batches: int) -> int:
+        if self.cfg.data.resampled:
+            return batches // self.batches_per_epoch
+        return min(e for e, _ in self._starts)
+
+    def state_dict(self, batches: int) -> dict[str, Any]:
+        return {"resampled": bool(self.cfg.data.resampled), "positions": [list(p) for p in self._starts]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        batches = int(sd["batches"])
+        if self.cfg.data.resampled:
+            self._resample_key = batches
+            return batches
+        same = sd.get("world_size") == self.world_size and sd.get("num_workers") == self.num_roles
+        positions = [tuple(p) for p in sd.get("positions", [])]
+        if same and len(positions) == self.num_roles and not sd.get("resampled", False):
+            self._starts = [(int(e), int(n)) for e, n in positions]
+        else:
+            e0 = min((int(e) for e, _ in positions), default=0)
+            # stacklevel 3: the warning points at the caller of TrainStream.load_state_dict.
+            warnings.warn(f"data position saved with world_size={sd.get('world_size')}, num_workers="
+                          f"{sd.get('num_workers')}, resampled={sd.get('resampled')}; this run has "
+                          f"{self.world_size}, {self.num_roles}, {self.cfg.data.resampled}: restarting "
+                          f"at the beginning of epoch {e0}, not bit-identically", stacklevel=3)
+            self._starts = [(e0, 0)] * self.num_roles
+        return batches
+
+    def on_batch(self, meta: dict[str, Any]) -> None:
+        self._starts[meta["role"]] = tuple(meta["pos"])
+
+    def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
+        d = self.cfg.data
+        scale = (d.crop_min_scale, 1.0)
+        return WdsTrainSource(
+            self.urls, img_size=d.img_size, batch_size=d.batch_size, scale=scale, hflip=d.hflip,
+            shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction, seed=self.seed,
+            rank=self.rank, world_size=self.world_size, num_roles=self.num_roles,
+            # The next batch to hand out is worker (batches mod W)'s: the new loader's worker 0
+            # must play that role for the round-robin order to continue unchanged.
+            rotation=batches % self.num_roles, starts=list(self._starts),
+            resampled=d.resampled, resample_key=self._resample_key, gpu=gpu,
+            normalize_in_worker=normalize_in_worker, labels=LabelPolicy(False, d.num_classes),
+            max_pixels=d.max_image_pixels)
+
+
+# The sources TrainStream serves, by data.source ('resident' has its own stream: resident.py).
+SOURCES: dict[str, type[SyntheticSource] | type[WdsSource]] = {"synthetic": SyntheticSource, "wds": WdsSource}
+
+
+__all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource",
+           "SOURCES"]

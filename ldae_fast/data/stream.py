@@ -26,11 +26,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .badsamples import DataError
-from .sources import SyntheticTrainSource, WdsTrainSource
-from .synthetic import synthetic_split
-from .tar import LabelPolicy
+from .sources import SOURCES, TrainSource
 from .transforms import CropBox, crop_resize_flip, decode_jpegs, gpu_decode_available, normalize
-from .urls import expand_urls
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -60,8 +57,12 @@ class TrainStream:
         self.seed = cfg.engine.seed
         self.num_workers = d.num_workers
         self.num_roles = max(1, d.num_workers)
+        if d.source not in SOURCES:
+            raise DataError(f"TrainStream reads data.source in {sorted(SOURCES)}, not {d.source!r}: "
+                            "build the stream with build_train_stream")
+        kind = SOURCES[d.source]
         self.gpu = False
-        if d.gpu_decode and d.source == "wds":
+        if d.gpu_decode and kind.gpu_decode:
             if gpu_decode_available():
                 self.gpu = True
                 if device is None:
@@ -75,35 +76,13 @@ class TrainStream:
         self._worker_counts: dict[int, tuple[int, int]] = {}
         self._it_id = 0
         self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if self.source == "synthetic":
-            self._images, self._labels = synthetic_split(
-                "train", d.synthetic_images, d.synthetic_classes, d.img_size)
-            need = d.batch_size * world_size
-            if len(self._images) < need:
-                raise DataError(f"data.synthetic_images={d.synthetic_images} is smaller than one global "
-                                f"batch ({d.batch_size} x {world_size} ranks = {need})")
-            self.batches_per_epoch = len(self._images) // need
-        else:
-            self.urls = expand_urls(d.train_shards, "data.train_shards")
-            slots = world_size * self.num_roles
-            if not d.resampled and len(self.urls) < slots:
-                raise DataError(
-                    f"data.train_shards={d.train_shards!r} has {len(self.urls)} shard(s), fewer than "
-                    f"{world_size} rank(s) x {self.num_roles} worker(s) = {slots} readers: some would "
-                    f"get no data. Write more, smaller shards (`ldae-fast make-shards --maxcount`), "
-                    f"lower data.num_workers, or set data.resampled=true")
-            self._starts = [(0, 0)] * self.num_roles
-            self._resample_key = 0
-            self.batches_per_epoch = max(1, cfg.epoch_size() // (d.batch_size * world_size))
+        self.src: TrainSource = kind(cfg, rank, world_size, self.num_roles)
+        self.batches_per_epoch = self.src.batches_per_epoch
 
     # Position ---------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        if self.source == "synthetic":
-            return self.batches // self.batches_per_epoch
-        if self.cfg.data.resampled:
-            return self.batches // self.batches_per_epoch
-        return min(e for e, _ in self._starts)
+        return self.src.epoch(self.batches)
 
     def stats(self) -> dict[str, int]:
         """Samples decoded and bad samples skipped by the workers of this iterator (for 'wds')."""
@@ -114,12 +93,7 @@ class TrainStream:
     def state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {"source": self.source, "batches": self.batches, "seed": self.seed,
                               "world_size": self.world_size, "num_workers": self.num_roles}
-        if self.source == "synthetic":
-            sd["epoch"], sd["batch"] = divmod(self.batches, self.batches_per_epoch)
-            sd["batches_per_epoch"] = self.batches_per_epoch
-        else:
-            sd["resampled"] = bool(self.cfg.data.resampled)
-            sd["positions"] = [list(p) for p in self._starts]
+        sd.update(self.src.state_dict(self.batches))
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -128,50 +102,11 @@ class TrainStream:
                             f"this run reads {self.source!r}")
         self._it = None
         self._it_id += 1
-        if self.source == "synthetic":
-            epoch, b = int(sd["epoch"]), int(sd["batch"])
-            if sd.get("world_size", self.world_size) != self.world_size:
-                # Same epoch and same share of it done, split over the new number of ranks.
-                b = b * int(sd["world_size"]) // self.world_size
-                warnings.warn("data position saved with another world size: resuming at the same "
-                              "point of the epoch, not bit-identically", stacklevel=2)
-            self.batches = epoch * self.batches_per_epoch + min(b, self.batches_per_epoch)
-            return
-        self.batches = int(sd["batches"])
-        if self.cfg.data.resampled:
-            self._resample_key = self.batches
-            return
-        same = sd.get("world_size") == self.world_size and sd.get("num_workers") == self.num_roles
-        positions = [tuple(p) for p in sd.get("positions", [])]
-        if same and len(positions) == self.num_roles and not sd.get("resampled", False):
-            self._starts = [(int(e), int(n)) for e, n in positions]
-        else:
-            e0 = min((int(e) for e, _ in positions), default=0)
-            warnings.warn(f"data position saved with world_size={sd.get('world_size')}, num_workers="
-                          f"{sd.get('num_workers')}, resampled={sd.get('resampled')}; this run has "
-                          f"{self.world_size}, {self.num_roles}, {self.cfg.data.resampled}: restarting "
-                          f"at the beginning of epoch {e0}, not bit-identically", stacklevel=2)
-            self._starts = [(e0, 0)] * self.num_roles
+        self.batches = self.src.load_state_dict(sd)
 
     # Iteration --------------------------------------------------------------------------------
     def _dataset(self, normalize_in_worker: bool) -> IterableDataset:
-        d = self.cfg.data
-        scale = (d.crop_min_scale, 1.0)
-        if self.source == "synthetic":
-            return SyntheticTrainSource(
-                self._images, self._labels, batch_size=d.batch_size, img_size=d.img_size, scale=scale,
-                hflip=d.hflip, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                num_roles=self.num_roles, start=self.batches, normalize_in_worker=normalize_in_worker)
-        return WdsTrainSource(
-            self.urls, img_size=d.img_size, batch_size=d.batch_size, scale=scale, hflip=d.hflip,
-            shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction, seed=self.seed,
-            rank=self.rank, world_size=self.world_size, num_roles=self.num_roles,
-            # The next batch to hand out is worker (batches mod W)'s: the new loader's worker 0
-            # must play that role for the round-robin order to continue unchanged.
-            rotation=self.batches % self.num_roles, starts=list(self._starts),
-            resampled=d.resampled, resample_key=self._resample_key, gpu=self.gpu,
-            normalize_in_worker=normalize_in_worker, labels=LabelPolicy(False, d.num_classes),
-            max_pixels=d.max_image_pixels)
+        return self.src.dataset(self.batches, gpu=self.gpu, normalize_in_worker=normalize_in_worker)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._it_id += 1
@@ -204,8 +139,8 @@ class TrainStream:
                 payload = normalize(payload.to(dev, non_blocking=True))
                 labels = labels.to(dev, non_blocking=True)
             self.batches += 1
-            if "role" in meta:
-                self._starts[meta["role"]] = tuple(meta["pos"])
+            self.src.on_batch(meta)
+            if "good" in meta:  # a worker that counts its good and bad samples
                 self._worker_counts[meta["role"]] = (meta["good"], meta["bad"])
             yield payload, labels
 
