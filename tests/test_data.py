@@ -143,6 +143,23 @@ def test_eval_transform_rule():
     assert out.shape == (3, 32, 32) and int(out.float().mean().round()) == 128
 
 
+def test_random_resized_crop_batch_draws_box_then_flip_per_image():
+    """The one augmentation function keeps the draws of the per-image recipe it replaced (box,
+    then flip, image by image) and leaves the generator where that recipe left it."""
+    from ldae_fast.data.transforms import random_resized_crop_batch, sample_flip
+
+    x = torch.randint(0, 256, (5, 3, 12, 10), dtype=torch.uint8)
+    g1, g2 = generator_for(7, 1), generator_for(7, 1)
+    got = random_resized_crop_batch(x, 8, (0.3, 1.0), True, g1)
+    boxes, flips = [], []
+    for _ in range(5):
+        boxes.append(sample_crop_box(10, 12, (0.3, 1.0), gen=g2))
+        flips.append(sample_flip(True, g2))
+    want = crop_resize_flip_batch(x, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips), 8)
+    assert torch.equal(got, want) and any(flips) and not all(flips)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
 def test_sample_crop_box_respects_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

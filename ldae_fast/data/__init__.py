@@ -26,8 +26,10 @@ from .transforms import (
     eval_resize_size,
     eval_transform,
     normalize,
+    random_resized_crop_batch,
     random_resized_crop_tensor,
     sample_crop_box,
+    sample_crop_flip,
     to_rgb,
     train_transform,
 )
@@ -36,7 +38,8 @@ from .urls import expand_urls
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "denormalize", "to_rgb", "train_transform",
     "eval_transform", "eval_resize_size", "sample_crop_box", "crop_resize_flip",
-    "random_resized_crop_tensor", "make_synthetic", "synthetic_split", "synthetic_val_size",
+    "random_resized_crop_tensor", "random_resized_crop_batch", "sample_crop_flip",
+    "make_synthetic", "synthetic_split", "synthetic_val_size",
     "TrainStream", "build_train_stream", "build_eval_arrays", "expand_urls", "write_shards",
     "DataError", "BadSampleCounter",
 ]

@@ -5,7 +5,7 @@ For sets that fit on the device (Tiny ImageNet: 50,500 images are 155 MB at 32 p
 decoded once (resize shorter side + centre crop to `data.resident_decode_size`, the evaluation
 rule of transforms.py) into a uint8 array (N, 3, S, S) that is cached on the host, then copied to
 the training device; each batch is gathered, cropped and flipped there in one `grid_sample` call
-(`transforms.crop_resize_flip_batch`). On the CPU the same code runs on the array in RAM.
+(`transforms.random_resized_crop_batch`). On the CPU the same code runs on the array in RAM.
 
 Cache: `<cache_dir>/resident-<key>.npy` (images), `-labels.npy`, and a JSON sidecar written last
 (its presence marks a complete cache). The key hashes the shard list with each shard's size and
@@ -35,12 +35,10 @@ import torch
 
 from .badsamples import BadSampleCounter, DataError
 from .transforms import (
-    crop_resize_flip_batch,
     eval_transform,
     generator_for,
     normalize,
-    sample_crop_box,
-    sample_flip,
+    random_resized_crop_batch,
     single_thread,
 )
 
@@ -257,14 +255,8 @@ class ResidentStream:
         gb = b * self.world_size + self.rank
         idx = self.permutation(epoch)[gb * self.batch_size:(gb + 1) * self.batch_size]
         gen = generator_for(self.seed, _TAG_RES_AUG, epoch, gb)
-        H, W = self.images.shape[-2:]
-        boxes, flips = [], []
-        for _ in range(len(idx)):
-            boxes.append(sample_crop_box(W, H, self.scale, gen=gen))
-            flips.append(sample_flip(self.hflip, gen))
         idx = idx.to(self.device)
-        out = crop_resize_flip_batch(self.images[idx], torch.tensor(boxes, dtype=torch.float32),
-                                     torch.tensor(flips), self.img_size)
+        out = random_resized_crop_batch(self.images[idx], self.img_size, self.scale, self.hflip, gen)
         return out, self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

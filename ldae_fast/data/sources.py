@@ -28,13 +28,12 @@ from .shuffle import shard_order, shuffled
 from .synthetic import synthetic_split
 from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
-    crop_resize_flip_batch,
     generator_for,
     mix_seed,
     normalize,
     open_image,
-    sample_crop_box,
-    sample_flip,
+    random_resized_crop_batch,
+    sample_crop_flip,
     single_thread,
     train_transform,
 )
@@ -136,8 +135,7 @@ class WdsTrainSource(IterableDataset):
             if self.gpu:
                 img = open_image(raw.data, self.max_pixels)  # header only: size, mode, crop box
                 if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                    box = sample_crop_box(img.size[0], img.size[1], self.scale, gen=gen)
-                    flip = sample_flip(self.hflip, gen)
+                    box, flip = sample_crop_flip(img.size[0], img.size[1], self.scale, self.hflip, gen)
                     # A dict, not a tuple: DataLoader's convert/pin steps turn tuples into lists.
                     return {"jpeg": torch.frombuffer(bytearray(raw.data), dtype=torch.uint8),
                             "box": list(box), "flip": flip}
@@ -199,13 +197,7 @@ class SyntheticTrainSource(IterableDataset):
         gb = b * self.world_size + self.rank
         idx = perm[gb * self.batch_size : (gb + 1) * self.batch_size]
         gen = generator_for(self.seed, _TAG_SYN_AUG, epoch, gb)
-        H, W = self.images.shape[-2:]
-        boxes, flips = [], []
-        for _ in range(len(idx)):
-            boxes.append(sample_crop_box(W, H, self.scale, gen=gen))
-            flips.append(sample_flip(self.hflip, gen))
-        out = crop_resize_flip_batch(self.images[idx], torch.tensor(boxes, dtype=torch.float32),
-                                     torch.tensor(flips), self.img_size)
+        out = random_resized_crop_batch(self.images[idx], self.img_size, self.scale, self.hflip, gen)
         return out, self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
