@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 from ldae_fast.config import build_config  # noqa: E402
 from ldae_fast.data import BadSampleCounter, build_train_stream, expand_urls, write_shards  # noqa: E402
+from ldae_fast.data.tar import iter_shard  # noqa: E402
 from ldae_fast.data.transforms import gpu_decode_available  # noqa: E402
-from ldae_fast.data.wds import iter_shard  # noqa: E402
 from ldae_fast.engine.profiling import profile_calls  # noqa: E402
 
 DEFAULT_SHARDS = ROOT.parent / "shared" / "data" / "tinyimagenet-wds" / "train-{000000..000009}.tar.gz"

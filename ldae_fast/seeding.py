@@ -3,7 +3,7 @@
 Each draw is keyed on its position (seed, domain tag, epoch / step, sample or batch row, ...),
 never on a running generator, so any step can be regenerated exactly on resume and N ranks draw
 what one process draws. Domain tags keep streams apart: 11-29 belong to the data pipeline
-(data/wds.py), 31-49 to the methods (below).
+(data/shuffle.py, data/sources.py, data/resident.py), 31-49 to the methods (below).
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ from ldae_fast.data import (
 )
 from ldae_fast.data import shards as shards_mod
 from ldae_fast.data.badsamples import BadSampleCounter
+from ldae_fast.data.eval_arrays import read_raw_labels
+from ldae_fast.data.tar import iter_shard
 from ldae_fast.data.transforms import (
     CropBox,
     crop_resize_flip_batch,
@@ -40,7 +42,7 @@ from ldae_fast.data.transforms import (
     generator_for,
     single_thread,
 )
-from ldae_fast.data.wds import brace_expand, expand_urls, iter_shard, read_raw_labels
+from ldae_fast.data.urls import brace_expand, expand_urls
 
 
 # Helpers -------------------------------------------------------------------------------------
@@ -139,6 +141,23 @@ def test_eval_transform_rule():
     wide = Image.new("L", (80, 40), 128)
     out = eval_transform(wide, 32)
     assert out.shape == (3, 32, 32) and int(out.float().mean().round()) == 128
+
+
+def test_random_resized_crop_batch_draws_box_then_flip_per_image():
+    """The one augmentation function keeps the draws of the per-image recipe it replaced (box,
+    then flip, image by image) and leaves the generator where that recipe left it."""
+    from ldae_fast.data.transforms import random_resized_crop_batch, sample_flip
+
+    x = torch.randint(0, 256, (5, 3, 12, 10), dtype=torch.uint8)
+    g1, g2 = generator_for(7, 1), generator_for(7, 1)
+    got = random_resized_crop_batch(x, 8, (0.3, 1.0), True, g1)
+    boxes, flips = [], []
+    for _ in range(5):
+        boxes.append(sample_crop_box(10, 12, (0.3, 1.0), gen=g2))
+        flips.append(sample_flip(True, g2))
+    want = crop_resize_flip_batch(x, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips), 8)
+    assert torch.equal(got, want) and any(flips) and not all(flips)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
 def test_sample_crop_box_respects_scale_and_ratio():

@@ -12,7 +12,7 @@ import torch
 from ldae_fast.config import build_config
 from ldae_fast.data import build_eval_arrays, build_train_stream, normalize, resident
 from ldae_fast.data.badsamples import DataError
-from ldae_fast.data.wds import read_raw_labels
+from ldae_fast.data.eval_arrays import read_raw_labels
 
 TINY = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyimagenet-wds"
 

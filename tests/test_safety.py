@@ -19,7 +19,8 @@ from PIL import Image
 
 from ldae_fast.config import ConfigError, build_config, parse_cli
 from ldae_fast.data.badsamples import BadSampleCounter, DataError
-from ldae_fast.data.wds import LabelPolicy, command_of, iter_shard, iter_tar
+from ldae_fast.data.tar import LabelPolicy, iter_shard, iter_tar
+from ldae_fast.data.urls import command_of
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine import rundir
 from ldae_fast.engine.guard import Diverged, DivergenceGuard, NonFiniteLoss

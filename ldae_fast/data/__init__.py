@@ -1,15 +1,22 @@
 """Data: WebDataset streaming, shard writer, decode/augment, the built-in synthetic set.
 
+Modules by job: urls (shard URLs, opening them), tar (the tar reader, samples, labels), shuffle
+(shard order, shuffle buffer), sources (the worker datasets), stream (the resumable training
+stream), eval_arrays (labelled splits for evaluation), resident (the in-memory set), transforms,
+synthetic, shards (the writer), badsamples.
+
 Entry points for the rest of the package:
 - `build_train_stream(cfg, rank, world_size)` -> `TrainStream`, endless normalised batches with
-  `state_dict()` / `load_state_dict()` (resume rule: ldae_fast/data/wds.py docstring);
+  `state_dict()` / `load_state_dict()` (resume rule: ldae_fast/data/stream.py docstring);
 - `build_eval_arrays(cfg, split, max_images)` -> (images, labels) for probes, kNN, figures;
 - `normalize` / `denormalize` with the ImageNet mean and std;
 - `write_shards` and the `ldae-fast make-shards` CLI (`shards.main`).
 """
 
 from .badsamples import BadSampleCounter, DataError
+from .eval_arrays import build_eval_arrays
 from .shards import write_shards
+from .stream import TrainStream, build_train_stream
 from .synthetic import make_synthetic, synthetic_split, synthetic_val_size
 from .transforms import (
     IMAGENET_MEAN,
@@ -19,17 +26,20 @@ from .transforms import (
     eval_resize_size,
     eval_transform,
     normalize,
+    random_resized_crop_batch,
     random_resized_crop_tensor,
     sample_crop_box,
+    sample_crop_flip,
     to_rgb,
     train_transform,
 )
-from .wds import TrainStream, build_eval_arrays, build_train_stream, expand_urls
+from .urls import expand_urls
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "denormalize", "to_rgb", "train_transform",
     "eval_transform", "eval_resize_size", "sample_crop_box", "crop_resize_flip",
-    "random_resized_crop_tensor", "make_synthetic", "synthetic_split", "synthetic_val_size",
+    "random_resized_crop_tensor", "random_resized_crop_batch", "sample_crop_flip",
+    "make_synthetic", "synthetic_split", "synthetic_val_size",
     "TrainStream", "build_train_stream", "build_eval_arrays", "expand_urls", "write_shards",
     "DataError", "BadSampleCounter",
 ]

@@ -5,7 +5,7 @@ For sets that fit on the device (Tiny ImageNet: 50,500 images are 155 MB at 32 p
 decoded once (resize shorter side + centre crop to `data.resident_decode_size`, the evaluation
 rule of transforms.py) into a uint8 array (N, 3, S, S) that is cached on the host, then copied to
 the training device; each batch is gathered, cropped and flipped there in one `grid_sample` call
-(`transforms.crop_resize_flip_batch`). On the CPU the same code runs on the array in RAM.
+(`transforms.random_resized_crop_batch`). On the CPU the same code runs on the array in RAM.
 
 Cache: `<cache_dir>/resident-<key>.npy` (images), `-labels.npy`, and a JSON sidecar written last
 (its presence marks a complete cache). The key hashes the shard list with each shard's size and
@@ -35,12 +35,10 @@ import torch
 
 from .badsamples import BadSampleCounter, DataError
 from .transforms import (
-    crop_resize_flip_batch,
     eval_transform,
     generator_for,
     normalize,
-    sample_crop_box,
-    sample_flip,
+    random_resized_crop_batch,
     single_thread,
 )
 
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ldae_fast.data")
 
 CACHE_VERSION = 1
-# Domain tags for `generator_for`, distinct from those of wds.py.
+# Domain tags for `generator_for`, distinct from those of sources.py.
 _TAG_RES_PERM = 31
 _TAG_RES_AUG = 32
 
@@ -66,15 +64,15 @@ def default_cache_dir() -> Path:
 
 def cache_key(urls: list[str], size: int) -> tuple[str, dict[str, Any]]:
     """(hex key, the description it hashes) of a shard list decoded at `size`."""
-    from .wds import _is_local, _local_path
+    from .urls import is_local, local_path
 
     shards = []
     for u in urls:
-        if not _is_local(u):
+        if not is_local(u):
             raise DataError(f"data.source='resident' reads local shard files; {u!r} is not one "
                             "(copy the shards to disk, or use data.source='wds')")
-        st = os.stat(_local_path(u))
-        shards.append([os.path.abspath(_local_path(u)), st.st_size, st.st_mtime_ns])
+        st = os.stat(local_path(u))
+        shards.append([os.path.abspath(local_path(u)), st.st_size, st.st_mtime_ns])
     desc = {"version": CACHE_VERSION, "size": size, "shards": shards}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20], desc
 
@@ -82,7 +80,7 @@ def cache_key(urls: list[str], size: int) -> tuple[str, dict[str, Any]]:
 def decode_shards(urls: list[str], size: int, max_bad_fraction: float, what: str,
                   threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Every readable sample of `urls`, in shard and tar order: uint8 (N,3,S,S), int64 (N,)."""
-    from .wds import iter_shard
+    from .tar import iter_shard
 
     counter = BadSampleCounter(max_bad_fraction, what)
     imgs: list[torch.Tensor] = []
@@ -172,7 +170,7 @@ def resident_arrays(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor
     """uint8 images and labels of data.train_shards ('train') or data.val_shards ('val'), decoded
     at `resident_decode_size`, cached, with data.class_subset applied. The train arrays at
     decode size = img_size are exactly what `build_eval_arrays` gives, before normalisation."""
-    from .wds import expand_urls
+    from .urls import expand_urls
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: choose 'train' or 'val'")
@@ -188,7 +186,7 @@ def resident_arrays(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor
 
 class ResidentStream:
     """Endless (images float32 (B,3,S,S) normalised, labels int64 (B,)) batches of one rank, from
-    the resident array; the same interface as `wds.TrainStream` (iteration, `state_dict`,
+    the resident array; the same interface as `stream.TrainStream` (iteration, `state_dict`,
     `load_state_dict`, `stats`, `epoch`, `close`). Batches are made on `device` (the CPU when
     None); see the module docstring for order and resume."""
 
@@ -257,14 +255,8 @@ class ResidentStream:
         gb = b * self.world_size + self.rank
         idx = self.permutation(epoch)[gb * self.batch_size:(gb + 1) * self.batch_size]
         gen = generator_for(self.seed, _TAG_RES_AUG, epoch, gb)
-        H, W = self.images.shape[-2:]
-        boxes, flips = [], []
-        for _ in range(len(idx)):
-            boxes.append(sample_crop_box(W, H, self.scale, gen=gen))
-            flips.append(sample_flip(self.hflip, gen))
         idx = idx.to(self.device)
-        out = crop_resize_flip_batch(self.images[idx], torch.tensor(boxes, dtype=torch.float32),
-                                     torch.tensor(flips), self.img_size)
+        out = random_resized_crop_batch(self.images[idx], self.img_size, self.scale, self.hflip, gen)
         return out, self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,11 +4,15 @@ All randomness comes from a `torch.Generator` the caller passes, so the data str
 one generator per sample (or per batch) from its position and a resumed run redraws exactly the
 same crops and flips.
 
-Two implementations of the same random-resized-crop + flip:
+RandomResizedCrop + flip: `sample_crop_flip` is the one place a box and a flip are drawn (box
+first, then flip, a fixed amount of randomness per image); the paths that apply them:
 - PIL (`train_transform`), used by the CPU decode workers: the JPEG is decoded at a reduced DCT
   scale when the crop allows it (`Image.draft`), and crop + resize happen in one resampling step;
-- tensors (`crop_resize_flip`), used for the synthetic set and after GPU (nvjpeg) decode.
-Both draw the crop box with `sample_crop_box`, so a box means the same thing in either path.
+- tensors: `crop_resize_flip` for one image (after GPU (nvjpeg) decode, whose boxes the workers
+  draw), `random_resized_crop_batch` for a batch of same-size images (the synthetic and resident
+  sets: one `grid_sample` call).
+So a box means the same thing in every path. (eval/linear_probe.py and eval/finetune.py follow
+their papers' recipes with their own draws.)
 
 Evaluation rule (`eval_resize_size`): for a target side S >= 224 (ImageNet scale) the shorter
 image side is resized to round(S * 256 / 224) and the centre S x S is kept, the usual 0.875
@@ -42,7 +46,7 @@ DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ImageLike = Union[Image.Image, bytes, bytearray, memoryview]
 
 
-# data/wds.py imports the derivation under this name.
+# data/sources.py imports the derivation under this name.
 mix_seed = derive_seed
 
 
@@ -189,6 +193,20 @@ def sample_flip(hflip: bool, gen: torch.Generator | None = None) -> bool:
     return hflip and u < 0.5
 
 
+def sample_crop_flip(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    hflip: bool,
+    gen: torch.Generator | None = None,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> tuple[CropBox, bool]:
+    """RandomResizedCrop's box and the horizontal flip of one image, drawn from `gen` in that
+    order (the flip is drawn even when `hflip` is off, so the draws do not depend on it)."""
+    box = sample_crop_box(width, height, scale, ratio, gen)
+    return box, sample_flip(hflip, gen)
+
+
 def eval_resize_size(size: int) -> int:
     """Shorter-side length before the centre crop (see the module docstring for the rule)."""
     return int(round(size * 256 / 224)) if size >= 224 else size
@@ -239,8 +257,7 @@ def train_transform(
     counts either as a bad sample.
     """
     img = open_image(data, max_pixels)
-    box = sample_crop_box(img.size[0], img.size[1], scale, ratio, gen)
-    flip = sample_flip(hflip, gen)
+    box, flip = sample_crop_flip(img.size[0], img.size[1], scale, hflip, gen, ratio)
     out = _resample_box(img, box, size)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -311,9 +328,27 @@ def random_resized_crop_tensor(
     gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Tensor twin of `train_transform` for an already decoded (C, H, W) image."""
-    box = sample_crop_box(img.shape[-1], img.shape[-2], scale, ratio, gen)
-    flip = sample_flip(hflip, gen)
+    box, flip = sample_crop_flip(img.shape[-1], img.shape[-2], scale, hflip, gen, ratio)
     return crop_resize_flip(img, box, size, flip)
+
+
+def random_resized_crop_batch(
+    imgs: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    hflip: bool,
+    gen: torch.Generator | None = None,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> torch.Tensor:
+    """RandomResizedCrop + flip of same-size images (B, C, H, W) on their device: a box and a
+    flip per image from `gen`, in batch order, then one `crop_resize_flip_batch` call."""
+    H, W = imgs.shape[-2:]
+    boxes, flips = [], []
+    for _ in range(imgs.shape[0]):
+        box, flip = sample_crop_flip(W, H, scale, hflip, gen, ratio)
+        boxes.append(box)
+        flips.append(flip)
+    return crop_resize_flip_batch(imgs, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips), size)
 
 
 # GPU (nvjpeg) decode ---------------------------------------------------------------------------

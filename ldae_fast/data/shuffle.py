@@ -1,0 +1,41 @@
+"""Data order: each epoch's shard permutation and the shuffle buffer of raw samples."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .transforms import generator_for
+
+# Domain tag for `generator_for` (the data pipeline's tags, 11-29, are listed in sources.py).
+_TAG_SHARD_ORDER = 11
+
+
+def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle buffer; drained in random order when the input ends."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for x in items:
+        if len(buf) < bufsize:
+            buf.append(x)
+            continue
+        j = rng.randrange(bufsize)
+        out, buf[j] = buf[j], x
+        yield out
+    while buf:
+        j = rng.randrange(len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Epoch `epoch`'s shard permutation, identical on every rank."""
+    return torch.randperm(num_shards, generator=generator_for(seed, _TAG_SHARD_ORDER, epoch)).tolist()
+
+
+__all__ = ["shuffled", "shard_order"]
