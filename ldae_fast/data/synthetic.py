@@ -215,7 +215,7 @@ def _render_layouts(indices: torch.Tensor, num_classes: int, size: int, seed: in
     per = _LAYOUT_PARAMS + 3 * s * s
     rnd = torch.empty(n, per)
     for row, idx in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(mix_seed(seed, _LAYOUT_TAG, idx))
+        g = torch.Generator().manual_seed(derive_seed(seed, _LAYOUT_TAG, idx))
         torch.rand(per, generator=g, out=rnd[row])
     p = rnd[:, :_LAYOUT_PARAMS]
     noise = rnd[:, _LAYOUT_PARAMS:].view(n, 3, s, s).sub_(0.5).mul_(math.sqrt(12.0))
@@ -267,7 +267,7 @@ def _render_gratings(indices: torch.Tensor, num_classes: int, size: int, seed: i
     per = _LAYOUT_PARAMS + 3 * 4 * 4 + 3 * s * s
     rnd = torch.empty(n, per)
     for row, idx in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(mix_seed(seed, _GRATING_TAG, idx))
+        g = torch.Generator().manual_seed(derive_seed(seed, _GRATING_TAG, idx))
         torch.rand(per, generator=g, out=rnd[row])
     p = rnd[:, :_LAYOUT_PARAMS]
     clutter = rnd[:, _LAYOUT_PARAMS:_LAYOUT_PARAMS + 48].view(n, 3, 4, 4)
