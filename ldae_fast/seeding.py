@@ -3,7 +3,8 @@
 Each draw is keyed on its position (seed, domain tag, epoch / step, sample or batch row, ...),
 never on a running generator, so any step can be regenerated exactly on resume and N ranks draw
 what one process draws. Domain tags keep streams apart: 11-29 belong to the data pipeline
-(data/shuffle.py, data/sources.py, data/resident.py), 31-49 to the methods (below).
+(data/shuffle.py, data/sources.py 12-22, data/resident.py 23-24), 31-49 to the methods (below),
+101 and up to the built-in synthetic image kinds (data/synthetic.py).
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ log = logging.getLogger("ldae_fast.data")
 
 CACHE_VERSION = 1
 # Domain tags for `generator_for`, distinct from those of sources.py.
-_TAG_RES_PERM = 31
-_TAG_RES_AUG = 32
+_TAG_RES_PERM = 23
+_TAG_RES_AUG = 24
 
 # Host arrays already loaded in this process, by cache key: the tokenizer fit and the trainer
 # both open the stream, and the second should not read the file again.

@@ -42,8 +42,8 @@ from .urls import expand_urls
 if TYPE_CHECKING:
     from ..config import Config
 
-# Domain tags for `generator_for` / `mix_seed`, so no two random streams share a key
-# (11, the shard order, is shuffle.py's; 31-32 are resident.py's).
+# Domain tags for `generator_for` / `derive_seed`, so no two random streams share a key
+# (11, the shard order, is shuffle.py's; 23-24 are resident.py's).
 _TAG_BUFFER = 12
 _TAG_AUG = 13
 _TAG_RESAMPLE = 14
