@@ -16,6 +16,8 @@ TAG_NOISE = 32
 """The noise eps of a training step (the kernels' seed; rows by counter offset)."""
 TAG_MASK = 33
 """Per-sample patch masks (DiffMAE)."""
+TAG_LABEL_DROP = 34
+"""Which training labels are dropped to the null class (model.class_cond)."""
 
 
 def derive_seed(*keys: int) -> int:

@@ -50,6 +50,7 @@ def usage(argv: list[str] = ()) -> str:
 def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure + quick linear probe of the trained encoder against a random-init floor."""
     from .data import build_eval_arrays
+    from .eval.features import probe_view
     from .eval.figure import denoise_figure
     from .eval.linear_probe import quick_probe
     from .models import build_model
@@ -73,11 +74,12 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         train_arr = build_eval_arrays(cfg, "train")
         val_arr = build_eval_arrays(cfg, "val")
         torch.manual_seed(cfg.engine.seed)
-        ours = quick_probe(model.encoder, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
+        method = result.method.to("cpu") if cfg.eval.probe_input == "noisy" else None
+        ours = quick_probe(probe_view(model.encoder, cfg, method), train_arr, val_arr, epochs=cfg.eval.probe_epochs,
                            batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
         torch.manual_seed(cfg.engine.seed)
         rand_model = build_model(cfg.model, cfg.data.img_size).eval()
-        floor = quick_probe(rand_model.encoder, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
+        floor = quick_probe(probe_view(rand_model.encoder, cfg, method), train_arr, val_arr, epochs=cfg.eval.probe_epochs,
                             batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
         chance = 100.0 / max(1, int(train_arr[1].max()) + 1)
         log(f"linear probe (fast, cached features; {len(train_arr[1])} train / {len(val_arr[1])} val images, "

@@ -21,7 +21,7 @@ from ..config import Config
 from ..kernels import latent_noise, pca_loss
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
-from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
+from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
 
@@ -102,7 +102,7 @@ class LDAEMethod:
     # noise ----------------------------------------------------------------------------------
     def noise_levels(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.noise_cfg
-        gamma, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps)
+        gamma, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps, n.single_sigma)
         return gamma, sigma, schedules.loss_weight(n.loss_weight, gamma, sigma)
 
     def noisy_input(self, x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, step: int,
@@ -140,9 +140,24 @@ class LDAEMethod:
         gamma, sigma, lam = self.noise_levels(t.float())
         return NoisyBatch(self.noisy_input(x, gamma, sigma, step, lo), sigma, gamma, lam)
 
-    def condition(self, sigma: torch.Tensor, batch: Batch | None = None) -> dict:
-        """The model's conditioning (DiT's model_kwargs)."""
-        return {"sigma": sigma}
+    def condition(self, sigma: torch.Tensor, batch: Batch | None = None, step: int = 0, row: int = 0) -> dict:
+        """The model's conditioning (DiT's model_kwargs). With model.class_cond the labels join it,
+        each dropped to the null class with probability model.label_dropout (keyed on the step and
+        the sample's row of the global batch); no batch (figures) means the null class."""
+        cond = {"sigma": sigma}
+        m = self.cfg.model
+        if m.class_cond:
+            labels = None if batch is None else batch.labels
+            if labels is not None:
+                labels = labels.to(sigma.device).long()
+                if m.label_dropout > 0:
+                    gen = torch.Generator(device="cpu")
+                    gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_LABEL_DROP, step))
+                    B = labels.shape[0]
+                    u = torch.rand(row + B, generator=gen)[row:].to(sigma.device)
+                    labels = torch.where(u < m.label_dropout, torch.full_like(labels, m.num_classes), labels)
+            cond["labels"] = labels
+        return cond
 
     # loss -----------------------------------------------------------------------------------
     def loss(self, pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -154,7 +169,8 @@ class LDAEMethod:
         x = batch.images
         with nvtx_range("noise"):
             nb = self.add_noise(x, step, micro=micro, accum=accum)
-        cond = self.condition(nb.sigma, batch)
+        B = x.shape[0]
+        cond = self.condition(nb.sigma, batch, step, B * (micro * self.world_size + self.rank))
         if autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=autocast_dtype):
                 pred = model(nb.x_in, **cond)
