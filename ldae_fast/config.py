@@ -145,11 +145,17 @@ class NoiseConfig:
     """w_i of the loss for the remaining D-d components."""
     input_scaling: bool = False
     """Scale the network input by 1/sqrt(gamma^2+sigma^2) (a step of the paper's trajectory)."""
+    target: str = "x0"
+    """What the loss compares the network's output image with: 'x0' (the original image, the
+    w-weighted PCA-space loss: final), 'z0' (the clean latent) or 'eps' (the noise); for z0 / eps
+    the output image is encoded through the tokenizer first (l-DAE Table 3's "output through
+    inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
 
     def __post_init__(self) -> None:
         _one_of("noise.schedule", self.schedule, SCHEDULES)
         _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
+        _one_of("noise.target", self.target, ("x0", "z0", "eps"))
         _check(self.sigma_max > 0, f"noise.sigma_max={self.sigma_max} must be > 0")
         _check(self.num_timesteps >= 1, "noise.num_timesteps must be >= 1")
         _check(self.low_weight >= 0 and self.high_weight >= 0, "noise.*_weight must be >= 0")

@@ -46,17 +46,14 @@ class Row:
 
 # Settings every row shares unless a row changes them: the paper's pretraining recipe at the
 # trajectory's scale (App. A), center crop (no augmentation), input scaling 1/sqrt(gamma^2+sigma^2)
-# (the identity on the variance-preserving schedules of the first rows), loss on the d latent
-# components only (w = 1 / 0) until 'predict-x0-w'.
+# (the identity on the variance-preserving schedules of the first rows), predict the noise.
 BASE: dict[str, Any] = {
-    "model.size": "halfL", "data.crop": "center", "noise.input_scaling": True,
-    "noise.low_weight": 1.0, "noise.high_weight": 0.0,
+    "model.size": "halfL", "data.crop": "center", "noise.input_scaling": True, "noise.target": "eps",
 }
 
-_IO_NOTE = ("ours: image input and output through the tokenizer, target z0 (w = 1 / 0); the paper's "
-            "row feeds and predicts latent tokens")
-_EPS_NOTE = ("ours: image input and output through the tokenizer, target z0 (w = 1 / 0); the paper's "
-             "row predicts the noise from latent tokens")
+_IO_NOTE = ("ours: the network sees and returns images through the tokenizer (the loss compares the "
+            "output's latent with the target); the paper's row feeds and predicts latent tokens")
+_EPS_NOTE = _IO_NOTE
 
 _ROWS: list[Row] = [
     # Table 1: from DiT towards a denoising autoencoder.
@@ -105,12 +102,11 @@ for _img, _p, _acc in ((256, 16, 23.6), (128, 8, None), (64, 4, None), (32, 2, N
                            if _acc is None else "") + _EPS_NOTE))
 
 # Table 3 and the last steps, from the d=32 PCA entry. Our network always sees the noisy image
-# (latent decoded through the tokenizer) and returns an image, so rows before 'predict-x0-w' train
-# "image in, image out, predict z0" (BASE's w = 1 / 0: the loss is |V_d (x - x_hat)|^2 = |z0 - z0_hat|^2),
-# where the paper's first rows predict noise from latent tokens; their `note` says so.
+# (latent decoded through the tokenizer) and returns an image whose latent the eps / z0 losses
+# compare, where the paper's first rows feed and predict latent tokens; their `note` says so.
 _ROWS += [
     Row("lambda-gamma2", "pca-d32", "predict clean latent z0, lambda_t = gamma_t^2", 62.4, "l-DAE Table 3",
-        {"noise.loss_weight": "gamma2"}, note=_IO_NOTE),
+        {"noise.target": "z0", "noise.loss_weight": "gamma2"}, note=_IO_NOTE),
     Row("remove-input-scaling", "lambda-gamma2",
         "gamma = 1, sigma linear 0..sqrt(2), lambda = 1/(1+sigma^2)", 63.6, "l-DAE Table 3",
         {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2", "noise.input_scaling": False},
@@ -121,7 +117,7 @@ _ROWS += [
         {}, note="same settings as the row above here: our network's output is always the image"),
     Row("predict-x0-w", "image-output",
         "predict the original image, loss lambda sum_i w_i r_i^2 (w = 1 / 0.1)", 64.5, "l-DAE Table 3",
-        {"noise.high_weight": 0.1}),
+        {"noise.target": "x0", "noise.low_weight": 1.0, "noise.high_weight": 0.1}),
     Row("single-level", "predict-x0-w", "single noise level sigma = 1/3", 61.5, "l-DAE Sec. 6",
         {"noise.schedule": "single_level"}),
     Row("random-crop", "predict-x0-w", "random resized crop (the final l-DAE)", 65.0, "l-DAE Sec. 6",

@@ -215,3 +215,52 @@ def test_class_conditioning_embeds_labels_and_drops_them():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="without class conditioning"):
         build_model(build_config("demo").model, 32)(x, s, labels=torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("target", ["z0", "eps"])
+def test_latent_targets_are_the_noise_draws(target):
+    """noise.target z0 / eps: the loss compares the output image's latent with the z0 or eps of
+    the very draw that made the input, so the right prediction gives zero loss."""
+    from ldae_fast import reference
+    from ldae_fast.batch import Batch
+    from ldae_fast.objectives import build_method
+    from ldae_fast.tokenizers import fit_pca
+
+    c = build_config("demo", {"noise.target": target, "noise.schedule": "linear_gamma2", "tokenizer.latent_dim": "8",
+                              "engine.kernels": "reference"})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    tok = fit_pca(iter([torch.randn(16, 3, 32, 32, generator=g)]), 4, 8, 16)
+    method = build_method(c, "cpu", tokenizer=tok)
+    nb = method.add_noise(x, step=5)
+    assert nb.target.shape == (3, 64, 8)
+    V, mu = method.basis, method.mean
+    z0 = (reference.patchify(x, 4) - mu) @ V.t()
+    if target == "z0":
+        torch.testing.assert_close(nb.target, z0, atol=1e-4, rtol=1e-4)
+    else:
+        # z_t = gamma z0 + sigma eps, read back from the (unscaled: VP) input.
+        zt = (reference.patchify(nb.x_in, 4) - mu) @ V.t()
+        torch.testing.assert_close(zt, nb.gamma.view(-1, 1, 1) * z0 + nb.sigma.view(-1, 1, 1) * nb.target,
+                                   atol=1e-4, rtol=1e-4)
+    perfect = reference.unpatchify(nb.target @ V + mu, 4, 32, 32)
+    assert float(method.loss(perfect, x, nb.lam, nb.target)) < 1e-8
+    assert float(method.loss(perfect + 0.1, x, nb.lam, nb.target)) > 1e-4
+
+    class Echo(torch.nn.Module):
+        def forward(self, x_in, sigma=None):
+            return x_in
+
+    # Through __call__: the same draw (same step) feeds the loss.
+    loss = method(Echo(), Batch(x), step=5)
+    lat = (reference.patchify(nb.x_in, 4) - mu) @ V.t()
+    expect = (nb.lam * (lat - nb.target).square().sum(-1).mean(-1)).mean()
+    torch.testing.assert_close(loss, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_trajectory_targets():
+    assert build_config("pca-d32").noise.target == "eps"
+    assert build_config("lambda-gamma2").noise.target == "z0"
+    c = build_config("predict-x0-w")
+    assert (c.noise.target, c.noise.low_weight, c.noise.high_weight) == ("x0", 1.0, 0.1)
+    assert build_config("ldae-vitb").noise.target == "x0"

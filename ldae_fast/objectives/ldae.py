@@ -21,6 +21,7 @@ from ..config import Config
 from ..kernels import latent_noise, pca_loss
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
+from ..reference import patchify
 from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
@@ -35,6 +36,8 @@ class NoisyBatch:
     gamma: torch.Tensor
     lam: torch.Tensor
     """Per-sample loss weight, (B,)."""
+    target: torch.Tensor | None = None
+    """The latent target (B, N, d) of noise.target 'z0' / 'eps'; None for 'x0' (the image)."""
 
 
 class LDAEMethod:
@@ -106,19 +109,22 @@ class LDAEMethod:
         return gamma, sigma, schedules.loss_weight(n.loss_weight, gamma, sigma)
 
     def noisy_input(self, x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, step: int,
-                    row: int = 0) -> torch.Tensor:
+                    row: int = 0, target: str = "x0"):
         """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded,
-        scaled by noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b)."""
+        scaled by noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b).
+        With target 'z0' or 'eps', returns (x_in, that latent (B, N, d)) from the same pass."""
         B = x.shape[0]
         N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
         seed = derive_seed(self.cfg.engine.seed, TAG_NOISE, step)
         with torch.no_grad():
             # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
-            x_in = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
-                                seed=seed, offset=row * N * self.tok.d, kernels=self.kernels)
+            out = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
+                               seed=seed, offset=row * N * self.tok.d, return_z0=target == "z0",
+                               return_eps=target == "eps", kernels=self.kernels)
+            x_in, lat = (out, None) if target == "x0" else out
             if self.noise_cfg.input_scaling:
                 x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(B, 1, 1, 1).to(x_in.dtype)
-        return x_in
+        return x_in if target == "x0" else (x_in, lat)
 
     def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None, micro: int = 0,
                   accum: int = 1) -> NoisyBatch:
@@ -138,7 +144,11 @@ class LDAEMethod:
             gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_NOISE_LEVEL, step))
             t = torch.rand(Bg, generator=gen, device=self.device)[lo:lo + B]
         gamma, sigma, lam = self.noise_levels(t.float())
-        return NoisyBatch(self.noisy_input(x, gamma, sigma, step, lo), sigma, gamma, lam)
+        target = self.noise_cfg.target
+        if target == "x0":
+            return NoisyBatch(self.noisy_input(x, gamma, sigma, step, lo), sigma, gamma, lam)
+        x_in, lat = self.noisy_input(x, gamma, sigma, step, lo, target)
+        return NoisyBatch(x_in, sigma, gamma, lam, lat)
 
     def condition(self, sigma: torch.Tensor, batch: Batch | None = None, step: int = 0, row: int = 0) -> dict:
         """The model's conditioning (DiT's model_kwargs). With model.class_cond the labels join it,
@@ -160,9 +170,15 @@ class LDAEMethod:
         return cond
 
     # loss -----------------------------------------------------------------------------------
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor,
+             latent_target: torch.Tensor | None = None) -> torch.Tensor:
         n = self.noise_cfg
-        return pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight, kernels=self.kernels)
+        if latent_target is None:
+            return pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight, kernels=self.kernels)
+        # z0 / eps: the output image through the tokenizer's encoder, compared in the latent.
+        lat = (patchify(pred.float(), self.p) - self.mean) @ self.basis.t()
+        per_token = (lat - latent_target).square().sum(-1).mean(-1)
+        return (lam.float() * per_token).mean()
 
     def __call__(self, model: torch.nn.Module, batch: Batch, step: int, micro: int = 0, accum: int = 1,
                  *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -177,7 +193,7 @@ class LDAEMethod:
         else:
             pred = model(nb.x_in, **cond)
         with nvtx_range("loss"):
-            return self.loss(pred, x, nb.lam)
+            return self.loss(pred, x, nb.lam, nb.target)
 
     # sampling -------------------------------------------------------------------------------
     def sample(self, model: torch.nn.Module, images: torch.Tensor, sigmas: Sequence[float], *, step: int = 0
