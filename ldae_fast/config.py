@@ -74,6 +74,15 @@ class ModelConfig:
     (l-DAE Table 1's first row, 57.5%)."""
     num_classes: int = 0
     """Classes of the label embedding (0: data.num_classes, or data.synthetic_classes)."""
+    input: str = "image"
+    """What the network is fed: 'image' (the noisy latent decoded through the tokenizer: final) or
+    'latent' (the noisy latent tokens (B, N, d) themselves, l-DAE Table 3's rows before 'image
+    input through inverse PCA')."""
+    output: str = "image"
+    """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
+    z0 / eps target directly."""
+    latent_dim: int = 0
+    """d of latent input / output (0: tokenizer.latent_dim; set by the config)."""
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
@@ -101,6 +110,8 @@ class ModelConfig:
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
         _check(0 <= self.label_dropout < 1, f"model.label_dropout={self.label_dropout} must be in [0, 1)")
         _check(self.num_classes >= 0, f"model.num_classes={self.num_classes} must be >= 0")
+        _one_of("model.input", self.input, ("image", "latent"))
+        _one_of("model.output", self.output, ("image", "latent"))
         _check(not self.class_cond or self.cond == "adaln",
                "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
 
@@ -455,6 +466,15 @@ class Config:
         _check(self.tokenizer.latent_dim <= D,
                f"tokenizer.latent_dim={self.tokenizer.latent_dim} is larger than 3*p^2={D} "
                f"(patch size {p}); allowed: 1..{D}")
+        if "latent" in (self.model.input, self.model.output):
+            if self.model.latent_dim == 0:
+                self.model.latent_dim = self.tokenizer.latent_dim
+            _check(self.model.latent_dim == self.tokenizer.latent_dim,
+                   f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
+                   f"{self.tokenizer.latent_dim}; leave it at 0")
+        _check(not (self.model.output == "latent" and self.noise.target == "x0"),
+               "noise.target='x0' (the original image) needs model.output='image'; a latent output "
+               "predicts noise.target='z0' or 'eps'")
         if self.model.class_cond and self.model.num_classes == 0:
             self.model.num_classes = (self.data.synthetic_classes if self.data.source == "synthetic"
                                       else self.data.num_classes)

@@ -74,7 +74,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         train_arr = build_eval_arrays(cfg, "train")
         val_arr = build_eval_arrays(cfg, "val")
         torch.manual_seed(cfg.engine.seed)
-        method = result.method.to("cpu") if cfg.eval.probe_input == "noisy" else None
+        method = result.method.to("cpu")
         ours = quick_probe(probe_view(model.encoder, cfg, method), train_arr, val_arr, epochs=cfg.eval.probe_epochs,
                            batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr)
         torch.manual_seed(cfg.engine.seed)

@@ -46,14 +46,12 @@ class Row:
 
 # Settings every row shares unless a row changes them: the paper's pretraining recipe at the
 # trajectory's scale (App. A), center crop (no augmentation), input scaling 1/sqrt(gamma^2+sigma^2)
-# (the identity on the variance-preserving schedules of the first rows), predict the noise.
+# (the identity on the variance-preserving schedules of the first rows), the network fed and
+# predicting latent tokens (B, N, d), its target the noise.
 BASE: dict[str, Any] = {
     "model.size": "halfL", "data.crop": "center", "noise.input_scaling": True, "noise.target": "eps",
+    "model.input": "latent", "model.output": "latent",
 }
-
-_IO_NOTE = ("ours: the network sees and returns images through the tokenizer (the loss compares the "
-            "output's latent with the target); the paper's row feeds and predicts latent tokens")
-_EPS_NOTE = _IO_NOTE
 
 _ROWS: list[Row] = [
     # Table 1: from DiT towards a denoising autoencoder.
@@ -63,16 +61,15 @@ _ROWS: list[Row] = [
          "noise.schedule": "ddpm_linear_beta",
          "noise.loss_weight": "uniform"},
         note="our conv VAE with its adversarial term stands in for DiT's VQGAN (no perceptual loss: "
-             "it needs supervised VGG weights); " + _EPS_NOTE),
+             "it needs supervised VGG weights)"),
     Row("dit-uncond", "dit-cond", "remove class conditioning", 62.5, "l-DAE Table 1",
-        {"model.class_cond": False, "model.num_classes": 0}, note=_EPS_NOTE),
+        {"model.class_cond": False, "model.num_classes": 0}),
     Row("dit-no-perceptual", "dit-uncond", "tokenizer without perceptual loss", 58.4, "l-DAE Table 1",
-        {}, note="same settings as the row above here: our tokenizer never had the perceptual loss; "
-        + _EPS_NOTE),
+        {}, note="same settings as the row above here: our tokenizer never had the perceptual loss"),
     Row("dit-no-adversarial", "dit-no-perceptual", "tokenizer without adversarial loss (KL conv VAE)",
-        59.0, "l-DAE Table 1", {CONV_VAE_ADVERSARIAL: False}, note=_EPS_NOTE),
+        59.0, "l-DAE Table 1", {CONV_VAE_ADVERSARIAL: False}),
     Row("dit-linear-gamma2", "dit-no-adversarial", "noise schedule linear in gamma^2", 63.4,
-        "l-DAE Table 1", {"noise.schedule": "linear_gamma2"}, note=_EPS_NOTE),
+        "l-DAE Table 1", {"noise.schedule": "linear_gamma2"}),
 ]
 
 # Table 2: the tokenizer and its latent dimension d per token, from the Table 1 endpoint.
@@ -89,8 +86,7 @@ for _kind, _accs in _TABLE2.items():
         _over[CONV_VAE_ADVERSARIAL] = False if _kind == CONV_VAE else UNSET
         _ROWS.append(Row(f"{_short}-d{_d}", "dit-linear-gamma2", f"tokenizer {_kind}, d={_d}", _acc,
                          "l-DAE Table 2", _over,
-                         note=("conv VAE's per-token d calibrated x4 as in the paper; " if _kind == CONV_VAE
-                               else "") + _EPS_NOTE))
+                         note="conv VAE's per-token d calibrated x4 as in the paper" if _kind == CONV_VAE else ""))
 
 # Fig. 5: the pixel tokenizer (identity on patches of a resized image), sequence length 256.
 for _img, _p, _acc in ((256, 16, 23.6), (128, 8, None), (64, 4, None), (32, 2, None)):
@@ -98,23 +94,20 @@ for _img, _p, _acc in ((256, 16, 23.6), (128, 8, None), (64, 4, None), (32, 2, N
                      _acc, "l-DAE Fig. 5",
                      {"tokenizer.kind": "pixel", "tokenizer.latent_dim": 3 * _p * _p, CONV_VAE_ADVERSARIAL: UNSET,
                       "model.patch_size": _p, "data.img_size": _img},
-                     note=("Fig. 5: 64/4 is the best and 128/8, 32/2 lie between; only 256/16 is printed; "
-                           if _acc is None else "") + _EPS_NOTE))
+                     note="Fig. 5: 64/4 is the best and 128/8, 32/2 lie between; only 256/16 is printed"
+                     if _acc is None else ""))
 
-# Table 3 and the last steps, from the d=32 PCA entry. Our network always sees the noisy image
-# (latent decoded through the tokenizer) and returns an image whose latent the eps / z0 losses
-# compare, where the paper's first rows feed and predict latent tokens; their `note` says so.
+# Table 3 and the last steps, from the d=32 PCA entry.
 _ROWS += [
     Row("lambda-gamma2", "pca-d32", "predict clean latent z0, lambda_t = gamma_t^2", 62.4, "l-DAE Table 3",
-        {"noise.target": "z0", "noise.loss_weight": "gamma2"}, note=_IO_NOTE),
+        {"noise.target": "z0", "noise.loss_weight": "gamma2"}),
     Row("remove-input-scaling", "lambda-gamma2",
         "gamma = 1, sigma linear 0..sqrt(2), lambda = 1/(1+sigma^2)", 63.6, "l-DAE Table 3",
-        {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2", "noise.input_scaling": False},
-        note=_IO_NOTE),
+        {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2", "noise.input_scaling": False}),
     Row("image-input", "remove-input-scaling", "image input through inverse PCA", 63.6, "l-DAE Table 3",
-        {}, note="same settings as the row above here: our network's input is always the image"),
+        {"model.input": "image"}),
     Row("image-output", "image-input", "image output through inverse PCA", 63.9, "l-DAE Table 3",
-        {}, note="same settings as the row above here: our network's output is always the image"),
+        {"model.output": "image"}),
     Row("predict-x0-w", "image-output",
         "predict the original image, loss lambda sum_i w_i r_i^2 (w = 1 / 0.1)", 64.5, "l-DAE Table 3",
         {"noise.target": "x0", "noise.low_weight": 1.0, "noise.high_weight": 0.1}),

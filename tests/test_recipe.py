@@ -264,3 +264,53 @@ def test_trajectory_targets():
     c = build_config("predict-x0-w")
     assert (c.noise.target, c.noise.low_weight, c.noise.high_weight) == ("x0", 1.0, 0.1)
     assert build_config("ldae-vitb").noise.target == "x0"
+
+
+def test_latent_tokens_in_and_out():
+    """model.input / model.output = 'latent': the network is fed z_t (B, N, d) and returns (B, N, d),
+    compared with the target directly; figures and the probe go through the tokenizer."""
+    from ldae_fast import reference
+    from ldae_fast.batch import Batch
+    from ldae_fast.eval.features import probe_view
+    from ldae_fast.models import build_model, flops_per_image, param_count
+    from ldae_fast.objectives import build_method
+    from ldae_fast.tokenizers import fit_pca
+
+    c = build_config("demo", {"model.input": "latent", "model.output": "latent", "noise.target": "eps",
+                              "noise.schedule": "linear_gamma2", "tokenizer.latent_dim": "8",
+                              "engine.kernels": "reference"})
+    assert c.model.latent_dim == 8
+    g = torch.Generator().manual_seed(0)
+    tok = fit_pca(iter([torch.randn(16, 3, 32, 32, generator=g)]), 4, 8, 16)
+    method = build_method(c, "cpu", tokenizer=tok)
+    torch.manual_seed(0)
+    model = build_model(c.model, 32)
+    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, 32)["total"]
+    img = build_config("demo").model
+    assert param_count(c.model, 32)["total"] < param_count(img, 32)["total"]
+    assert flops_per_image(c.model, 32) < flops_per_image(img, 32)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    nb = method.add_noise(x, step=1)
+    assert nb.x_in.shape == (2, 64, 8) and nb.target.shape == (2, 64, 8)
+    z0 = method.tokens(x)
+    torch.testing.assert_close(nb.x_in, nb.gamma.view(-1, 1, 1) * z0 + nb.sigma.view(-1, 1, 1) * nb.target,
+                               atol=1e-5, rtol=1e-5)
+    out = model(nb.x_in, nb.sigma)
+    assert out.shape == (2, 64, 8)
+    loss = method(model, Batch(x), step=1)
+    # The zero-initialised head predicts 0: the loss is lambda |eps|^2 per token.
+    torch.testing.assert_close(loss, (nb.lam * nb.target.square().sum(-1).mean(-1)).mean())
+    loss.backward()
+    assert model.encoder.patch_embed.proj.weight.grad is not None
+    pairs = method.sample(model, x, [0.5])
+    assert pairs[0][0].shape == x.shape and pairs[0][1].shape == x.shape
+    view = probe_view(model.encoder.eval(), c, method)
+    with torch.no_grad():
+        f = view.pooled(x)
+        ref = model.encoder.pooled(reference.patchify(x, 4).sub(method.mean) @ method.basis.t(),
+                                   sigma=view.sigma)
+    torch.testing.assert_close(f, ref)
+    with pytest.raises(ValueError, match="needs the checkpoint's method"):
+        probe_view(model.encoder, c)
+    with pytest.raises(ConfigError, match="needs model.output='image'"):
+        build_config("demo", {"model.output": "latent"})

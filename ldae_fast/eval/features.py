@@ -119,11 +119,14 @@ class ProbeView(nn.Module):
     (the method's training noise, a fixed draw per batch position)."""
 
     def __init__(self, encoder: nn.Module, sigma: float = 0.0, depth: int = 0,
-                 noisy_input: Optional[Callable] = None, gamma: float = 1.0) -> None:
+                 noisy_input: Optional[Callable] = None, gamma: float = 1.0,
+                 tokens: Optional[Callable] = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.sigma, self.depth, self.gamma = float(sigma), int(depth), float(gamma)
         self.noisy_input = noisy_input
+        self.tokens = tokens
+        """Clean images -> latent tokens, for an encoder fed latent tokens (model.input='latent')."""
         self.num_features = feature_dim(encoder)
         self._calls = 0
 
@@ -134,6 +137,8 @@ class ProbeView(nn.Module):
             s = torch.full((B,), self.sigma, device=x.device)
             x = self.noisy_input(x.float(), g, s, self._calls).to(x.dtype)
             self._calls += 1
+        elif self.tokens is not None:
+            x = self.tokens(x.float()).to(x.dtype)
         if not hasattr(self.encoder, "pooled"):
             return pool_features(self.encoder, x, pool)
         kw = {}
@@ -151,8 +156,18 @@ def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
     e = cfg.eval
     sigma = probe_sigma(cfg)
     noisy = e.probe_input == "noisy" and sigma > 0
-    if sigma == 0 and not e.probe_depth and not noisy:
+    latent = getattr(encoder, "latent_in", 0) > 0
+    if sigma == 0 and not e.probe_depth and not noisy and not latent:
         return encoder
+    tok = None
+    if latent:
+        if method is None:
+            raise ValueError("an encoder fed latent tokens (model.input='latent') needs the checkpoint's "
+                             "method (tokenizer) to be probed")
+        md = method.device
+
+        def tok(x):
+            return method.tokens(x.to(md)).to(x.device)
     fn, gamma = None, 1.0
     if noisy:
         if method is None:
@@ -165,4 +180,4 @@ def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
 
         def fn(x, g, s, step):
             return method.noisy_input(x.to(md), g.to(md), s.to(md), step).to(x.device)
-    return ProbeView(encoder, sigma, e.probe_depth, fn, gamma)
+    return ProbeView(encoder, sigma, e.probe_depth, fn, gamma, tok)

@@ -121,6 +121,9 @@ def timm_state_dict(encoder: ViTEncoder, sigma: float = 0.0) -> dict[str, torch.
 
     Tensors are fresh contiguous copies (safe for safetensors) in the encoder's dtype and device.
     """
+    if getattr(encoder, "latent_in", 0):
+        raise ValueError("this encoder is fed latent tokens (model.input='latent'), not images: it has no "
+                         "timm VisionTransformer form")
     dtype = encoder.cls_token.dtype
     sd: dict[str, torch.Tensor] = {}
 

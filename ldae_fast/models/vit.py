@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..markers import nvtx_range
 from ..reference import unpatchify
-from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, mlp_hidden
+from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, TokenEmbed, mlp_hidden
 from .pos_embed import sincos_2d
 
 SIGMA_FREQ_DIM = 256
@@ -109,13 +109,16 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
                  attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, latent_in: int = 0) -> None:
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
         self.num_features = self.embed_dim = width
+        self.latent_in = latent_in
+        """> 0: the encoder takes (B, N, latent_in) latent tokens, not images."""
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
+        self.patch_embed = (TokenEmbed(img_size, patch_size, latent_in, width) if latent_in
+                            else PatchEmbed(img_size, patch_size, in_chans, width))
         g = self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -179,8 +182,10 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
                  attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, latent_out: int = 0) -> None:
         super().__init__()
+        self.latent_out = latent_out
+        """> 0: the decoder returns (B, N, latent_out) latent tokens, not an image."""
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         self.img_size, self.patch_size, self.out_chans, self.cond = img_size, patch_size, out_chans, cond
@@ -193,7 +198,8 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
         self.label_embed = LabelEmbedder(num_classes, width) if num_classes else None
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond, fused_adaln, kernels)
+        self.final_layer = FinalLayer(width, latent_out or patch_size * patch_size * out_chans, cond,
+                                      fused_adaln, kernels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -212,8 +218,10 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
         return self.final_layer(x[:, 1:], c)
 
     def forward(self, tokens: torch.Tensor, sigma=None, labels=None) -> torch.Tensor:
-        """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W)."""
+        """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W), or latent tokens (B, N, d)."""
         patches = self.forward_patches(tokens, sigma, labels)
+        if self.latent_out:
+            return patches
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
 
 
@@ -260,7 +268,8 @@ def _dims(cfg: ModelConfig, kernels: str) -> dict:
 
 
 def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
-    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth, **_dims(cfg, kernels))
+    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth,
+                      latent_in=cfg.latent_dim if cfg.input == "latent" else 0, **_dims(cfg, kernels))
 
 
 def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
@@ -269,7 +278,8 @@ def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = build_encoder(cfg, img_size, in_chans, kernels)
-    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth, **_dims(cfg, kernels))
+    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth,
+                     latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, kernels))
     model = LDAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
@@ -296,24 +306,30 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     T = N + 1
     h = mlp_hidden(w, cfg.mlp_ratio)
     L = cfg.encoder_depth + cfg.decoder_depth
-    D = p * p * in_chans
+    D_in, D = _io_dims(cfg, in_chans)
     flops = L * (2 * T * w * (3 * w + w + 2 * h) + 4 * T * T * w)
-    flops += 2 * N * (p * p * in_chans) * w + 2 * T * w * w + 2 * N * w * D
+    flops += 2 * N * D_in * w + 2 * T * w * w + 2 * N * w * D
     if cfg.cond == "adaln":
         flops += 2 * L * w * 6 * w + 2 * w * 2 * w + 2 * 2 * (SIGMA_FREQ_DIM * w + w * w)
     return float(flops)
 
 
+def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
+    """Per-token input and output widths: C p^2 for images, d for latent tokens."""
+    D = cfg.patch_size**2 * in_chans
+    return (cfg.latent_dim if cfg.input == "latent" else D), (cfg.latent_dim if cfg.output == "latent" else D)
+
+
 def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
     """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)."""
-    p, w = cfg.patch_size, cfg.width
+    w = cfg.width
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"
     block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
     block += (6 * w * w + 6 * w) if adaln else 4 * w
     sigma_embed = (SIGMA_FREQ_DIM * w + w + w * w + w) if adaln else 0
-    D = p * p * in_chans
-    enc = (in_chans * p * p * w + w) + w + cfg.encoder_depth * block + 2 * w + sigma_embed
+    D_in, D = _io_dims(cfg, in_chans)
+    enc = (D_in * w + w) + w + cfg.encoder_depth * block + 2 * w + sigma_embed
     dec = (w * w + w) + cfg.decoder_depth * block + sigma_embed + (w * D + D)
     dec += (2 * w * w + 2 * w) if adaln else 2 * w
     if cfg.class_cond:

@@ -21,7 +21,7 @@ from ..config import Config
 from ..kernels import latent_noise, pca_loss
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
-from ..reference import patchify
+from ..reference import patchify, unpatchify
 from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
@@ -110,21 +110,43 @@ class LDAEMethod:
 
     def noisy_input(self, x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, step: int,
                     row: int = 0, target: str = "x0"):
-        """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded,
-        scaled by noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b).
+        """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded
+        (or the noisy latent tokens z_t (B, N, d) themselves with model.input='latent'), scaled by
+        noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b).
         With target 'z0' or 'eps', returns (x_in, that latent (B, N, d)) from the same pass."""
         B = x.shape[0]
         N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
         seed = derive_seed(self.cfg.engine.seed, TAG_NOISE, step)
+        latent_in = self.cfg.model.input == "latent"
+        want_z0, want_eps = latent_in or target == "z0", latent_in or target == "eps"
         with torch.no_grad():
             # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
             out = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
-                               seed=seed, offset=row * N * self.tok.d, return_z0=target == "z0",
-                               return_eps=target == "eps", kernels=self.kernels)
-            x_in, lat = (out, None) if target == "x0" else out
+                               seed=seed, offset=row * N * self.tok.d, return_z0=want_z0,
+                               return_eps=want_eps, kernels=self.kernels)
+            parts = list(out) if (want_z0 or want_eps) else [out]
+            x_in = parts.pop(0)
+            z0 = parts.pop(0) if want_z0 else None
+            eps = parts.pop(0) if want_eps else None
+            shape = (B, 1, 1) if latent_in else (B, 1, 1, 1)
+            if latent_in:
+                x_in = gamma.float().view(shape) * z0 + sigma.float().view(shape) * eps
             if self.noise_cfg.input_scaling:
-                x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(B, 1, 1, 1).to(x_in.dtype)
-        return x_in if target == "x0" else (x_in, lat)
+                x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(shape).to(x_in.dtype)
+        if target == "x0":
+            return x_in
+        return x_in, (z0 if target == "z0" else eps)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean images (B, C, H, W) -> their latent tokens z0 (B, N, d)."""
+        return (patchify(x.float(), self.p) - self.mean) @ self.basis.t()
+
+    def to_image(self, t: torch.Tensor) -> torch.Tensor:
+        """Latent tokens (B, N, d) back to an image through the tokenizer; an image passes through."""
+        if t.dim() != 3:
+            return t
+        s = self.cfg.data.img_size
+        return unpatchify(t.float() @ self.basis + self.mean, self.p, s, s)
 
     def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None, micro: int = 0,
                   accum: int = 1) -> NoisyBatch:
@@ -175,8 +197,8 @@ class LDAEMethod:
         n = self.noise_cfg
         if latent_target is None:
             return pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight, kernels=self.kernels)
-        # z0 / eps: the output image through the tokenizer's encoder, compared in the latent.
-        lat = (patchify(pred.float(), self.p) - self.mean) @ self.basis.t()
+        # z0 / eps: a latent output as it is, an image through the tokenizer's encoder.
+        lat = pred.float() if pred.dim() == 3 else self.tokens(pred)
         per_token = (lat - latent_target).square().sum(-1).mean(-1)
         return (lam.float() * per_token).mean()
 
@@ -201,6 +223,8 @@ class LDAEMethod:
         """Per sigma, (network input, denoised image): the noise of training step `step` (the same
         eps at every sigma), gamma from noise.schedule, input scaling as configured."""
         x = images.to(self.device).float().contiguous()
-        return sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
-                                          lambda x_, g, s: self.noisy_input(x_, g, s, step),
-                                          self.condition)
+        pairs = sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
+                                           lambda x_, g, s: self.noisy_input(x_, g, s, step),
+                                           self.condition)
+        # Latent inputs / outputs are shown as the images they decode to.
+        return [(self.to_image(a), self.to_image(b)) for a, b in pairs]
