@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .trajectory import trajectory_presets
 
 
 class ConfigError(ValueError, UserError):
@@ -71,6 +72,23 @@ class ModelConfig:
     """Patch size p of both the model and the PCA tokenizer."""
     cond: str = "adaln"
     """Noise-level conditioning: 'adaln' (DiT-style adaLN-Zero on sigma_t) or 'none'."""
+    class_cond: bool = False
+    """Class conditioning as DiT's: a label embedding added to the adaLN conditioning, labels
+    dropped to a null class at rate label_dropout in training; evaluation feeds the null class
+    (l-DAE Table 1's first row, 57.5%)."""
+    num_classes: int = 0
+    """Classes of the label embedding (0: data.num_classes, or data.synthetic_classes)."""
+    input: str = "image"
+    """What the network is fed: 'image' (the noisy latent decoded through the tokenizer: final) or
+    'latent' (the noisy latent tokens (B, N, d) themselves, l-DAE Table 3's rows before 'image
+    input through inverse PCA')."""
+    output: str = "image"
+    """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
+    z0 / eps target directly."""
+    latent_dim: int = 0
+    """d of latent input / output (0: tokenizer.latent_dim; set by the config)."""
+    label_dropout: float = 0.1
+    """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
     """Attention: 'auto' (fastest present), 'sdpa', 'xformers' or 'math' (the reference)."""
     grad_checkpointing: bool = False
@@ -112,6 +130,12 @@ class ModelConfig:
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
                f"model.decoder_width={self.decoder_width} must be divisible by "
                f"model.decoder_heads={self.decoder_heads}")
+        _check(0 <= self.label_dropout < 1, f"model.label_dropout={self.label_dropout} must be in [0, 1)")
+        _check(self.num_classes >= 0, f"model.num_classes={self.num_classes} must be >= 0")
+        _one_of("model.input", self.input, ("image", "latent"))
+        _one_of("model.output", self.output, ("image", "latent"))
+        _check(not self.class_cond or self.cond == "adaln",
+               "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
 
 
 @dataclass
@@ -131,26 +155,40 @@ class TokenizerConfig:
         _check(self.fit_images >= 1, f"tokenizer.fit_images={self.fit_images} must be >= 1")
 
 
+SCHEDULES = ("sigma_linear", "ddpm_linear_beta", "linear_gamma2", "single_level")
+LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
+
+
 @dataclass
 class NoiseConfig:
     schedule: str = "sigma_linear"
-    """'sigma_linear' (final: gamma=1, sigma linear 0..sigma_max), 'ddpm_linear_beta', 'linear_gamma2'."""
+    """'sigma_linear' (final: gamma=1, sigma linear 0..sigma_max), 'ddpm_linear_beta', 'linear_gamma2',
+    'single_level' (gamma=1, sigma=single_sigma for every sample)."""
     sigma_max: float = math.sqrt(2.0)
     """Largest sigma of the sigma_linear schedule."""
     num_timesteps: int = 1000
     """T of the discrete DDPM schedule."""
+    single_sigma: float = 1.0 / 3.0
+    """sigma of the single_level schedule (l-DAE Sec. 6: sigma = 1/3 gives 61.5%)."""
     loss_weight: str = "inv_1p_sigma2"
-    """lambda_t: 'inv_1p_sigma2' (1/(1+sigma^2), final), 'uniform'."""
+    """lambda_t: 'inv_1p_sigma2' (1/(1+sigma^2), final), 'uniform' (1), 'gamma2' (gamma_t^2)."""
     low_weight: float = 1.0
     """w_i of the loss for the d principal components the noise lives in."""
     high_weight: float = 0.1
     """w_i of the loss for the remaining D-d components."""
     input_scaling: bool = False
     """Scale the network input by 1/sqrt(gamma^2+sigma^2) (a step of the paper's trajectory)."""
+    target: str = "x0"
+    """What the loss compares the network's output image with: 'x0' (the original image, the
+    w-weighted PCA-space loss: final), 'z0' (the clean latent) or 'eps' (the noise); for z0 / eps
+    the output image is encoded through the tokenizer first (l-DAE Table 3's "output through
+    inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
 
     def __post_init__(self) -> None:
-        _one_of("noise.schedule", self.schedule, ("sigma_linear", "ddpm_linear_beta", "linear_gamma2"))
-        _one_of("noise.loss_weight", self.loss_weight, ("inv_1p_sigma2", "uniform"))
+        _one_of("noise.schedule", self.schedule, SCHEDULES)
+        _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
+        _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
+        _one_of("noise.target", self.target, ("x0", "z0", "eps"))
         _check(self.sigma_max > 0, f"noise.sigma_max={self.sigma_max} must be > 0")
         _check(self.num_timesteps >= 1, "noise.num_timesteps must be >= 1")
         _check(self.low_weight >= 0 and self.high_weight >= 0, "noise.*_weight must be >= 0")
@@ -204,6 +242,10 @@ class DataConfig:
     """Smallest area fraction of RandomResizedCrop."""
     hflip: bool = True
     """Random horizontal flip."""
+    crop: str = "random_resized"
+    """Training crop: 'random_resized' (RandomResizedCrop from crop_min_scale, flip per hflip) or
+    'center' (the largest centred square, no flip: no augmentation, as every row of the l-DAE
+    trajectory before its last; sets crop_min_scale=1 and hflip=false)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of samples is corrupt (after the first 100)."""
     synthetic_images: int = 2048
@@ -233,6 +275,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "wds", "resident"))
+        _one_of("data.crop", self.crop, ("random_resized", "center"))
+        if self.crop == "center":
+            # The streams read these two; scale 1 is the centred square (transforms.sample_crop_box).
+            self.crop_min_scale, self.hflip = 1.0, False
         _check(self.img_size >= 1, f"data.img_size={self.img_size} must be >= 1")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -371,7 +417,9 @@ class EvalConfig:
     probe_epochs: int = 90
     """Linear-probe epochs (MAE protocol: 90)."""
     probe_blr: float = 0.1
-    """Linear-probe base lr (LARS), lr = blr * batch / 256."""
+    """Linear-probe base lr (LARS), lr = blr * batch / 256. The one probe-lr flag. l-DAE App. A
+    prints "lr 6.4e-3" at batch 16384, while MAE's protocol it follows (blr 0.1 at that batch)
+    gives 6.4: the paper presets keep MAE's blr 0.1 (lr 6.4); pass 1e-4 for the printed 6.4e-3."""
     probe_batch_size: int = 256
     """Linear-probe batch size."""
     knn_k: str = "20,200"
@@ -380,6 +428,17 @@ class EvalConfig:
     """Write the clean / noisy / denoised figure at the end of training."""
     figure_sigmas: str = "0.2,0.6,1.0,1.4"
     """Noise levels (sigma) of the figure's columns."""
+    probe_t: int = 10
+    """Noise step t (of noise.num_timesteps) the encoder is conditioned on for the probe and kNN;
+    l-DAE App. A fixes t = 10 of 1000 (64.5% vs 64.1% at t = 0)."""
+    probe_sigma: float = -1.0
+    """Probe noise level sigma given directly (>= 0), instead of noise.schedule at probe_t."""
+    probe_input: str = "clean"
+    """'clean' (l-DAE App. A: clean image, conditioned on probe_t) or 'noisy' (noised at that
+    level through the tokenizer; l-DAE App. A: 65.0% at t = 10..40, its Table 4 setting)."""
+    probe_depth: int = 0
+    """Probe after the first k encoder blocks (0: all); l-DAE App. A probes DiT-L at k = 9..15,
+    best at 12 (64.5%)."""
 
     def __post_init__(self) -> None:
         _check(self.probe_epochs >= 1 and self.probe_batch_size >= 1, "eval.probe_* must be >= 1")
@@ -390,6 +449,9 @@ class EvalConfig:
             raise ConfigError(f"eval.knn_k / eval.figure_sigmas must be comma-separated numbers: {e}") from None
         _check(all(k >= 1 for k in ks), "eval.knn_k values must be >= 1")
         _check(all(s >= 0 for s in sig), "eval.figure_sigmas values must be >= 0")
+        _check(self.probe_t >= 0, f"eval.probe_t={self.probe_t} must be >= 0")
+        _one_of("eval.probe_input", self.probe_input, ("clean", "noisy"))
+        _check(self.probe_depth >= 0, f"eval.probe_depth={self.probe_depth} must be >= 0 (0: all blocks)")
 
 
 @dataclass
@@ -451,6 +513,23 @@ class Config:
         _check(self.tokenizer.latent_dim <= D,
                f"tokenizer.latent_dim={self.tokenizer.latent_dim} is larger than 3*p^2={D} "
                f"(patch size {p}); allowed: 1..{D}")
+        if "latent" in (self.model.input, self.model.output):
+            if self.model.latent_dim == 0:
+                self.model.latent_dim = self.tokenizer.latent_dim
+            _check(self.model.latent_dim == self.tokenizer.latent_dim,
+                   f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
+                   f"{self.tokenizer.latent_dim}; leave it at 0")
+        _check(not (self.model.output == "latent" and self.noise.target == "x0"),
+               "noise.target='x0' (the original image) needs model.output='image'; a latent output "
+               "predicts noise.target='z0' or 'eps'")
+        if self.model.class_cond and self.model.num_classes == 0:
+            self.model.num_classes = (self.data.synthetic_classes if self.data.source == "synthetic"
+                                      else self.data.num_classes)
+            _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
+                   "data.num_classes) >= 2: the number of classes of the labelled data")
+        _check(self.eval.probe_depth <= self.model.encoder_depth,
+               f"eval.probe_depth={self.eval.probe_depth} is deeper than the encoder's "
+               f"{self.model.encoder_depth} blocks (model.encoder_depth); allowed: 0..{self.model.encoder_depth}")
         if self.data.source in ("wds", "resident"):
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,
@@ -586,12 +665,17 @@ def sanitize_stored_config(d: dict[str, Any], source: str, from_cli: set[str] = 
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
 _IMAGENET_EPOCH = 1_281_167
+# l-DAE App. A: patch 16, d = 32 (Table 2: PCA d=32 65.1%, d=128 53.9%), batch 2048, blr 1e-4,
+# 100 warm-up epochs, no weight decay, 400 epochs, AdamW as DiT's (betas 0.9, 0.999); probe at t = 10
+# of 1000 with clean input, MAE's probe (batch 16384, blr 0.1: see eval.probe_blr for the lr).
 _PAPER_RECIPE = {
-    "model.patch_size": 16, "tokenizer.latent_dim": 128, "data.img_size": 256, "data.source": "wds",
+    "model.patch_size": 16, "tokenizer.latent_dim": 32, "data.img_size": 256, "data.source": "wds",
     "data.epoch_size": _IMAGENET_EPOCH, "data.batch_size": 256, "data.num_workers": 10,
     "optim.blr": 1e-4, "optim.weight_decay": 0.0, "optim.warmup_epochs": 100, "engine.epochs": 400,
+    "optim.beta1": 0.9, "optim.beta2": 0.999,
     "engine.backend": "deepspeed", "tokenizer.fit_images": 50_000, "engine.log_every": 50,
     "engine.ckpt_every": 2000, "optim.clip_grad": 0.0,
+    "eval.probe_t": 10, "eval.probe_input": "clean", "eval.probe_batch_size": 16384, "eval.probe_blr": 0.1,
 }
 # DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
 # 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,
@@ -645,6 +729,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "diffmae-vitl": {**_DIFFMAE_RECIPE, "model.size": "L", "engine.out_dir": "runs/diffmae-vitl"},
     "diffmae-vith": {**_DIFFMAE_RECIPE, "model.size": "H", "model.patch_size": 14,
                      "engine.out_dir": "runs/diffmae-vith"},
+    # The deconstruction trajectory, one preset per row (ldae_fast/trajectory.py).
+    **trajectory_presets(_PAPER_RECIPE),
 }
 # DiffMAE's global batch (supplement Table 1a): the recipes reach it with 8 ranks x 256 x 2.
 DIFFMAE_GLOBAL_BATCH = 4096

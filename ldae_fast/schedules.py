@@ -35,22 +35,33 @@ def linear_gamma2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return g2.sqrt(), (1.0 - g2).sqrt()
 
 
+def single_level(t: torch.Tensor, sigma: float = 1.0 / 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One noise level for every t: gamma = 1, sigma fixed (l-DAE Sec. 6 tries sigma = 1/3)."""
+    return torch.ones_like(t), torch.full_like(t, sigma)
+
+
 def loss_weight(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """lambda_t: 'inv_1p_sigma2' = 1 / (1 + sigma^2) (final recipe), 'uniform' = 1."""
+    """lambda_t: 'inv_1p_sigma2' = 1 / (1 + sigma^2) (final recipe), 'uniform' = 1, 'gamma2' =
+    gamma^2 (l-DAE Table 3's z0 row: the eps loss rewritten for a z0 target on a VP schedule)."""
     if kind == "inv_1p_sigma2":
         return 1.0 / (1.0 + sigma.square())
     if kind == "uniform":
         return torch.ones_like(sigma)
-    raise ValueError(f"unknown loss weight {kind!r}; known: inv_1p_sigma2, uniform")
+    if kind == "gamma2":
+        return gamma.square()
+    raise ValueError(f"unknown loss weight {kind!r}; known: inv_1p_sigma2, uniform, gamma2")
 
 
 def gamma_sigma(t: torch.Tensor, schedule: str, sigma_max: float = math.sqrt(2.0),
-                num_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+                num_timesteps: int = 1000, single_sigma: float = 1.0 / 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the schedule's name (config: noise.schedule)."""
+    if schedule == "single_level":
+        return single_level(t, single_sigma)
     if schedule == "sigma_linear":
         return sigma_linear(t, sigma_max)
     if schedule == "ddpm_linear_beta":
         return ddpm_linear_beta(t, num_timesteps)
     if schedule == "linear_gamma2":
         return linear_gamma2(t)
-    raise ValueError(f"unknown schedule {schedule!r}; known: sigma_linear, ddpm_linear_beta, linear_gamma2")
+    raise ValueError(f"unknown schedule {schedule!r}; known: sigma_linear, ddpm_linear_beta, linear_gamma2, "
+                     "single_level")

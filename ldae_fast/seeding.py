@@ -19,6 +19,8 @@ TAG_MASK = 33
 """Per-sample patch masks (DiffMAE)."""
 TAG_SAMPLE = 34
 """Draws of a sampler (DiffMAE's inpainting: the starting noise and each step's noise)."""
+TAG_LABEL_DROP = 35
+"""Which training labels are dropped to the null class (model.class_cond)."""
 
 
 def derive_seed(*keys: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import parse_cli
 from .errors import UsageError, run_cli
-from .tokenizers import fit_pca
+from .tokenizers import fit_config, fit_pca
 
 
 def default_out(cfg) -> str:
@@ -73,7 +73,7 @@ def _main(argv: list[str]) -> int:
         msg = f"fit-pca: {seen}/{total} images, {now - t0:.0f}s"
         print(("\r" + msg) if tty else msg, end="" if tty else "\n", file=sys.stderr, flush=True)
 
-    stream = build_train_stream(cfg)
+    stream = build_train_stream(fit_config(cfg))
     tok = fit_pca((x for x, _ in stream), cfg.model.patch_size, cfg.tokenizer.latent_dim, n, progress)
     if tty:
         print(file=sys.stderr)

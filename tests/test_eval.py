@@ -242,7 +242,7 @@ def test_finetune_from_our_encoder():
     size = cfg.data.img_size
     train, val = _color_images(16, 4, size, seed=0), _color_images(8, 4, size, seed=1)
     recipe = recipe_for(enc, batch_size=8, epochs=1, max_steps=2)
-    assert recipe.layer_decay == 0.65 and recipe.drop_path == 0.1
+    assert recipe.layer_decay == 0.85 and recipe.drop_path == 0.1
     res = finetune(enc, train, val, recipe, norm=_norm, denorm=_denorm)
     assert res["steps"] == 2 and math.isfinite(res["last_loss"])
 

@@ -168,6 +168,10 @@ def sample_crop_box(
     area = float(width * height)
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     tries = torch.rand(10, 4, generator=gen, dtype=torch.float64).tolist()
+    if scale[0] >= 1.0:
+        # data.crop='center' (scale (1, 1)): the largest centred square, DiT/ADM's center crop.
+        side = min(width, height)
+        return CropBox((width - side) // 2, (height - side) // 2, side, side)
     for u_area, u_ratio, u_x, u_y in tries:
         target = area * (scale[0] + u_area * (scale[1] - scale[0]))
         aspect = math.exp(lo + u_ratio * (hi - lo))

@@ -23,6 +23,7 @@ from ..config import CUDA_GRAPH_MODES, Config, ConfigError
 from ..errors import ResumeMismatch
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
+from ..tokenizers import fit_config
 from . import checkpoint as ckpt_mod
 from . import guard, rundir
 from .guard import NonFiniteLoss
@@ -216,7 +217,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     method = build_method(cfg, device, rank=rank, world_size=world)
 
     def fit_images():
-        return (imgs for imgs, _ in build_train_stream(cfg, rank=0, world_size=1))
+        return (imgs for imgs, _ in build_train_stream(fit_config(cfg), rank=0, world_size=1))
 
     method.prepare(fit_images, rank=rank, log=logger.info,
                    broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,

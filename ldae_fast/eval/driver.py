@@ -26,7 +26,7 @@ import torch
 from ldae_fast.config import PRESETS
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
-from .features import extract_features, feature_dim, resolve_device
+from .features import extract_features, feature_dim, probe_sigma, probe_view, resolve_device
 from .finetune import recipe_for
 from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
@@ -57,15 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-val-images", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None,
                     help="epochs of every trained protocol (defaults: linear-fast eval.probe_epochs, "
-                         "linear 90, finetune 100, or 50 for a 24-block encoder)")
+                         "linear 90, finetune 100)")
     ap.add_argument("--finetune-epochs", type=int, default=None, help="overrides --epochs for finetune")
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="stop fine-tuning after this many steps (0: full schedule)")
-    ap.add_argument("--finetune-batch-size", type=int, default=None, help="default 1024 (MAE)")
+    ap.add_argument("--finetune-batch-size", type=int, default=None, help="default 1024 (l-DAE App. A)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="linear-probe batch (default eval.probe_batch_size)")
     ap.add_argument("--blr", type=finite_float, default=None, help="linear-probe base lr (default eval.probe_blr)")
     ap.add_argument("--pool", choices=("avg", "cls"), default="avg", help="feature pooling")
+    ap.add_argument("--probe-t", type=int, default=None,
+                    help="noise step (of noise.num_timesteps) the probe and kNN condition on "
+                         "(default eval.probe_t: 10, l-DAE App. A)")
+    ap.add_argument("--probe-sigma", type=finite_float, default=None,
+                    help="condition on this sigma instead of the schedule's at --probe-t")
+    ap.add_argument("--probe-input", choices=("clean", "noisy"), default=None,
+                    help="clean image or noised at that level (default eval.probe_input)")
+    ap.add_argument("--probe-depth", type=int, default=None,
+                    help="probe after the first k encoder blocks (default eval.probe_depth, 0: all)")
     ap.add_argument("--knn-k", default=None, help="comma-separated k (default eval.knn_k)")
     ap.add_argument("--figure-images", type=int, default=8, help="rows of the denoising figure")
     ap.add_argument("--num-workers", type=int, default=None,
@@ -84,6 +93,29 @@ def _make_log():
         print(f"[eval {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     return log
+
+
+def _with_probe_flags(cfg, args):
+    """cfg with the --probe-* flags in its eval section (validated like config values)."""
+    from ldae_fast.config import EvalConfig
+
+    over = {k: v for k, v in (("probe_t", args.probe_t), ("probe_sigma", args.probe_sigma),
+                              ("probe_input", args.probe_input), ("probe_depth", args.probe_depth))
+            if v is not None}
+    if not over:
+        return cfg
+    ev = EvalConfig(**{**dataclasses.asdict(cfg.eval), **over})
+    return dataclasses.replace(cfg, eval=ev)
+
+
+def _probe_view(enc, cfg, method, device):
+    if method is None:
+        # An exported encoder: its conditioning is folded at sigma = 0 and it has no tokenizer.
+        if cfg.eval.probe_input == "noisy" or cfg.eval.probe_depth:
+            raise EvalError("--probe-input noisy and --probe-depth need a training checkpoint; an exported "
+                            "encoder has no tokenizer and its conditioning is folded at sigma = 0")
+        return enc
+    return probe_view(enc, cfg, method.to(device))
 
 
 def _load_checkpoint(path: str):
@@ -220,11 +252,17 @@ def run(args) -> dict:
     log(f"data: {train[0].shape[0]} train / {val[0].shape[0]} val images, {C} classes "
         f"({(train[0].numel() + val[0].numel()) * 4 / 2**30:.2f} GiB, {time.perf_counter() - t:.1f}s)")
 
+    cfg = _with_probe_flags(cfg, args)
     encoders = [("checkpoint", encoder)]
     if not args.no_baseline and any(p != "figure" for p in protocols):
         encoders.append(("random init", _random_encoder(cfg)))
     for _, enc in encoders:
         enc.to(device)
+    # The probes see the encoder at the configured t, input and depth; fine-tuning the bare one.
+    views = {name: _probe_view(enc, cfg, method, device) for name, enc in encoders}
+    log(f"probe: sigma {probe_sigma(cfg):.4g} (eval.probe_t={cfg.eval.probe_t}"
+        + (f", probe_sigma={cfg.eval.probe_sigma:g}" if cfg.eval.probe_sigma >= 0 else "")
+        + f"), {cfg.eval.probe_input} input, depth {cfg.eval.probe_depth or 'all'}")
 
     bs = args.batch_size or cfg.eval.probe_batch_size
     blr = args.blr or cfg.eval.probe_blr
@@ -236,9 +274,9 @@ def run(args) -> dict:
         # charge the extraction to each row, since each protocol alone would pay it.
         if name not in feats:
             t0 = time.perf_counter()
-            ftr = extract_features(enc, train[0], batch_size=bs, pool=args.pool, log=log,
+            ftr = extract_features(views[name], train[0], batch_size=bs, pool=args.pool, log=log,
                                    desc=f"{name} train features")
-            fva = extract_features(enc, val[0], batch_size=bs, pool=args.pool, log=log,
+            fva = extract_features(views[name], val[0], batch_size=bs, pool=args.pool, log=log,
                                    desc=f"{name} val features")
             feats[name] = (ftr, fva, time.perf_counter() - t0)
             log(f"{name}: features {tuple(ftr.shape)} in {feats[name][2]:.1f}s")
@@ -272,7 +310,7 @@ def run(args) -> dict:
             elif proto == "linear":
                 from .linear_probe import linear_probe
 
-                res = linear_probe(enc, train, val, epochs=args.epochs or 90, batch_size=bs, blr=blr,
+                res = linear_probe(views[name], train, val, epochs=args.epochs or 90, batch_size=bs, blr=blr,
                                    pool=args.pool, seed=args.seed, num_classes=C, log=log,
                                    desc=f"linear/{name}")
                 rows.append(_row(FULL_PROTOCOL, name, res, lr=res["lr"], batch_size=res["batch_size"]))

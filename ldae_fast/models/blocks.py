@@ -124,6 +124,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class TokenEmbed(nn.Module):
+    """Latent tokens (B, N, d) -> width, a linear map per token: the embedding of a network that
+    is fed the tokenizer's latent instead of the image (model.input='latent')."""
+
+    def __init__(self, img_size: int, patch_size: int, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Linear(in_dim, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 3 or z.shape[1] != self.num_patches or z.shape[2] != self.proj.in_features:
+            raise ValueError(f"latent input is {tuple(z.shape)}; this model takes (B, {self.num_patches}, "
+                             f"{self.proj.in_features}) tokens")
+        return self.proj(z)
+
+
 class SigmaEmbedder(nn.Module):
     """Noise level sigma (B,) -> (B, dim): sinusoidal features of ``scale * sigma`` then an MLP.
 

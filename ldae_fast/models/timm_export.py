@@ -104,6 +104,9 @@ def _block_modulations(encoder: ViTEncoder, sigma: float) -> list[tuple[torch.Te
     lin1, lin2 = emb.mlp[0], emb.mlp[2]
     c = F.linear(F.silu(F.linear(freqs, lin1.weight.double(), lin1.bias.double())),
                  lin2.weight.double(), lin2.bias.double())
+    if getattr(encoder, "label_embed", None) is not None:
+        # A class-conditional encoder is evaluated on the null class (no label at test time).
+        c = c + encoder.label_embed.table.weight[-1:].double()
     out = []
     for blk in encoder.blocks:
         lin = blk.adaLN_modulation[-1]
@@ -118,6 +121,9 @@ def timm_state_dict(encoder: ViTEncoder, sigma: float = 0.0) -> dict[str, torch.
 
     Tensors are fresh contiguous copies (safe for safetensors) in the encoder's dtype and device.
     """
+    if getattr(encoder, "latent_in", 0):
+        raise ValueError("this encoder is fed latent tokens (model.input='latent'), not images: it has no "
+                         "timm VisionTransformer form")
     dtype = encoder.cls_token.dtype
     sd: dict[str, torch.Tensor] = {}
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..markers import nvtx_range
 from ..reference import unpatchify
-from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, mlp_hidden
+from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, TokenEmbed, mlp_hidden
 from .pos_embed import sincos_2d
 
 SIGMA_FREQ_DIM = 256
@@ -80,16 +80,45 @@ def _init_common(module: nn.Module) -> None:
             nn.init.zeros_(m.adaLN_modulation[-1].bias)
 
 
+class LabelEmbedder(nn.Module):
+    """Class label (B,) -> (B, dim), DiT's: one row per class plus a last, null row that a dropped
+    or absent label maps to."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, labels, batch: int, ref: torch.Tensor) -> torch.Tensor:
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=ref.device)
+        return self.table(labels.to(ref.device).long().reshape(batch))
+
+
+def _add_label(c: torch.Tensor | None, embedder: LabelEmbedder | None, labels, batch: int,
+               ref: torch.Tensor) -> torch.Tensor | None:
+    if embedder is None:
+        if labels is not None:
+            raise ValueError("the model was built without class conditioning (model.class_cond) but got labels")
+        return c
+    return c + embedder(labels, batch, ref)
+
+
 class ViTEncoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
+                 num_classes: int = 0, latent_in: int = 0) -> None:
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
         self.num_features = self.embed_dim = width
+        self.latent_in = latent_in
+        """> 0: the encoder takes (B, N, latent_in) latent tokens, not images."""
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
+        self.patch_embed = (TokenEmbed(img_size, patch_size, latent_in, width) if latent_in
+                            else PatchEmbed(img_size, patch_size, in_chans, width))
         g = self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -97,6 +126,7 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
                              persistent=False)
         self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
+        self.label_embed = LabelEmbedder(num_classes, width) if num_classes else None
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
         # Affine and unconditioned even with adaLN: the features must not depend on a sigma that
@@ -112,31 +142,35 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def embed_sigma(self, sigma, batch: int, ref: torch.Tensor) -> torch.Tensor | None:
-        """The conditioning vector c (B, width) for noise level sigma; None when cond='none'."""
+    def embed_sigma(self, sigma, batch: int, ref: torch.Tensor, labels=None) -> torch.Tensor | None:
+        """The conditioning vector c (B, width) for noise level sigma (and class labels, with
+        class conditioning: None is the null class); None when cond='none'."""
         if self.sigma_embed is None:
             return None
-        return self.sigma_embed(_sigma_vector(sigma, batch, ref))
+        return _add_label(self.sigma_embed(_sigma_vector(sigma, batch, ref)), self.label_embed, labels,
+                          batch, ref)
 
-    def forward_features(self, x: torch.Tensor, sigma=None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, sigma=None, labels=None, depth: int = 0) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + N, width) tokens, class token first, after the final norm.
 
-        sigma: (B,) noise levels of x; None means a clean image (sigma = 0).
+        sigma: (B,) noise levels of x; None means a clean image (sigma = 0). depth: run only the
+        first `depth` blocks before the norm (0: all), for probing inside the encoder.
         """
         B = x.shape[0]
         pos = self.pos_embed.to(x.dtype)
         tokens = self.patch_embed(x) + pos[:, 1:]
         cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)
         tokens = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
-        c = self.embed_sigma(sigma, B, x)
-        tokens = _run_blocks(self.blocks, tokens, c)
+        c = self.embed_sigma(sigma, B, x, labels)
+        blocks = self.blocks if not depth else self.blocks[:depth]
+        tokens = _run_blocks(blocks, tokens, c)
         return self.norm(tokens)
 
     forward = forward_features
 
-    def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None, depth: int = 0) -> torch.Tensor:
         """(B, width) image features: mean of the patch tokens (MAE's linear probe) or the class token."""
-        tokens = self.forward_features(x, sigma)
+        tokens = self.forward_features(x, sigma, depth=depth)
         if pool == "avg":
             return tokens[:, 1:].mean(dim=1)
         if pool == "cls":
@@ -147,8 +181,11 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
 class ViTDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
+                 num_classes: int = 0, latent_out: int = 0) -> None:
         super().__init__()
+        self.latent_out = latent_out
+        """> 0: the decoder returns (B, N, latent_out) latent tokens, not an image."""
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         self.img_size, self.patch_size, self.out_chans, self.cond = img_size, patch_size, out_chans, cond
@@ -158,9 +195,11 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
         self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
                              persistent=False)
         self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
+        self.label_embed = LabelEmbedder(num_classes, width) if num_classes else None
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch_size * patch_size * out_chans, cond, fused_adaln, kernels)
+        self.final_layer = FinalLayer(width, latent_out or patch_size * patch_size * out_chans, cond,
+                                      fused_adaln, kernels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -169,17 +208,20 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward_patches(self, tokens: torch.Tensor, sigma=None) -> torch.Tensor:
+    def forward_patches(self, tokens: torch.Tensor, sigma=None, labels=None) -> torch.Tensor:
         """Encoder tokens (B, 1 + N, width) -> per-patch pixels (B, N, p*p*C)."""
         B = tokens.shape[0]
         x = self.embed(tokens) + self.pos_embed.to(tokens.dtype)
-        c = None if self.sigma_embed is None else self.sigma_embed(_sigma_vector(sigma, B, tokens))
+        c = None if self.sigma_embed is None else _add_label(
+            self.sigma_embed(_sigma_vector(sigma, B, tokens)), self.label_embed, labels, B, tokens)
         x = _run_blocks(self.blocks, x, c)
         return self.final_layer(x[:, 1:], c)
 
-    def forward(self, tokens: torch.Tensor, sigma=None) -> torch.Tensor:
-        """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W)."""
-        patches = self.forward_patches(tokens, sigma)
+    def forward(self, tokens: torch.Tensor, sigma=None, labels=None) -> torch.Tensor:
+        """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W), or latent tokens (B, N, d)."""
+        patches = self.forward_patches(tokens, sigma, labels)
+        if self.latent_out:
+            return patches
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
 
 
@@ -197,15 +239,18 @@ class LDAEModel(nn.Module):
         self.patch_size = encoder.patch_size
         self.img_size = encoder.img_size
 
-    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor | None = None, **cond) -> torch.Tensor:
-        """sigma: (B,) noise levels (None: clean input)."""
+    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor | None = None, labels=None,
+                **cond) -> torch.Tensor:
+        """sigma: (B,) noise levels (None: clean input); labels: (B,) classes, the null class
+        (num_classes) where dropped, None for all-null (class-conditional models only)."""
         if cond:
-            raise ValueError(f"LDAEModel has no conditioning on {', '.join(sorted(cond))} (it takes sigma only)")
+            raise ValueError(f"LDAEModel has no conditioning on {', '.join(sorted(cond))} "
+                             "(it takes sigma and labels)")
         # Phase markers for Nsight / the profiler (no-ops without CUDA or a running profiler).
         with nvtx_range("encoder"):
-            tokens = self.encoder.forward_features(x_in, sigma)
+            tokens = self.encoder.forward_features(x_in, sigma, labels)
         with nvtx_range("decoder"):
-            return self.decoder(tokens, sigma)
+            return self.decoder(tokens, sigma, labels)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
@@ -218,11 +263,13 @@ class LDAEModel(nn.Module):
 
 def _dims(cfg: ModelConfig, kernels: str) -> dict:
     return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
-                attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels)
+                attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels,
+                num_classes=cfg.num_classes if cfg.class_cond else 0)
 
 
 def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
-    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth, **_dims(cfg, kernels))
+    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth,
+                      latent_in=cfg.latent_dim if cfg.input == "latent" else 0, **_dims(cfg, kernels))
 
 
 def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
@@ -235,7 +282,8 @@ def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = build_encoder(cfg, img_size, in_chans, kernels)
-    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth, **_dims(cfg, kernels))
+    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth,
+                     latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, kernels))
     model = LDAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
@@ -265,12 +313,18 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     T = N + 1
     h = mlp_hidden(w, cfg.mlp_ratio)
     L = cfg.encoder_depth + cfg.decoder_depth
-    D = p * p * in_chans
+    D_in, D = _io_dims(cfg, in_chans)
     flops = L * (2 * T * w * (3 * w + w + 2 * h) + 4 * T * T * w)
-    flops += 2 * N * (p * p * in_chans) * w + 2 * T * w * w + 2 * N * w * D
+    flops += 2 * N * D_in * w + 2 * T * w * w + 2 * N * w * D
     if cfg.cond == "adaln":
         flops += 2 * L * w * 6 * w + 2 * w * 2 * w + 2 * 2 * (SIGMA_FREQ_DIM * w + w * w)
     return float(flops)
+
+
+def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
+    """Per-token input and output widths: C p^2 for images, d for latent tokens."""
+    D = cfg.patch_size**2 * in_chans
+    return (cfg.latent_dim if cfg.input == "latent" else D), (cfg.latent_dim if cfg.output == "latent" else D)
 
 
 def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
@@ -282,14 +336,17 @@ def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str,
             m = build_diffmae(cfg, img_size, in_chans)
         enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
         return {"encoder": enc, "decoder": dec, "total": enc + dec}
-    p, w = cfg.patch_size, cfg.width
+    w = cfg.width
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"
     block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
     block += (6 * w * w + 6 * w) if adaln else 4 * w
     sigma_embed = (SIGMA_FREQ_DIM * w + w + w * w + w) if adaln else 0
-    D = p * p * in_chans
-    enc = (in_chans * p * p * w + w) + w + cfg.encoder_depth * block + 2 * w + sigma_embed
+    D_in, D = _io_dims(cfg, in_chans)
+    enc = (D_in * w + w) + w + cfg.encoder_depth * block + 2 * w + sigma_embed
     dec = (w * w + w) + cfg.decoder_depth * block + sigma_embed + (w * D + D)
     dec += (2 * w * w + 2 * w) if adaln else 2 * w
+    if cfg.class_cond:
+        enc += (cfg.num_classes + 1) * w
+        dec += (cfg.num_classes + 1) * w
     return {"encoder": enc, "decoder": dec, "total": enc + dec}

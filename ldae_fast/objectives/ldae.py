@@ -21,7 +21,8 @@ from ..config import Config
 from ..kernels import latent_noise, pca_loss
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
-from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
+from ..reference import patchify, unpatchify
+from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
 
@@ -35,6 +36,8 @@ class NoisyBatch:
     gamma: torch.Tensor
     lam: torch.Tensor
     """Per-sample loss weight, (B,)."""
+    target: torch.Tensor | None = None
+    """The latent target (B, N, d) of noise.target 'z0' / 'eps'; None for 'x0' (the image)."""
 
 
 class LDAEMethod:
@@ -102,23 +105,48 @@ class LDAEMethod:
     # noise ----------------------------------------------------------------------------------
     def noise_levels(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.noise_cfg
-        gamma, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps)
+        gamma, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps, n.single_sigma)
         return gamma, sigma, schedules.loss_weight(n.loss_weight, gamma, sigma)
 
     def noisy_input(self, x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, step: int,
-                    row: int = 0) -> torch.Tensor:
-        """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded,
-        scaled by noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b)."""
+                    row: int = 0, target: str = "x0"):
+        """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded
+        (or the noisy latent tokens z_t (B, N, d) themselves with model.input='latent'), scaled by
+        noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b).
+        With target 'z0' or 'eps', returns (x_in, that latent (B, N, d)) from the same pass."""
         B = x.shape[0]
         N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
         seed = derive_seed(self.cfg.engine.seed, TAG_NOISE, step)
+        latent_in = self.cfg.model.input == "latent"
+        want_z0, want_eps = latent_in or target == "z0", latent_in or target == "eps"
         with torch.no_grad():
             # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
-            x_in = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
-                                seed=seed, offset=row * N * self.tok.d, kernels=self.kernels)
+            out = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
+                               seed=seed, offset=row * N * self.tok.d, return_z0=want_z0,
+                               return_eps=want_eps, kernels=self.kernels)
+            parts = list(out) if (want_z0 or want_eps) else [out]
+            x_in = parts.pop(0)
+            z0 = parts.pop(0) if want_z0 else None
+            eps = parts.pop(0) if want_eps else None
+            shape = (B, 1, 1) if latent_in else (B, 1, 1, 1)
+            if latent_in:
+                x_in = gamma.float().view(shape) * z0 + sigma.float().view(shape) * eps
             if self.noise_cfg.input_scaling:
-                x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(B, 1, 1, 1).to(x_in.dtype)
-        return x_in
+                x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(shape).to(x_in.dtype)
+        if target == "x0":
+            return x_in
+        return x_in, (z0 if target == "z0" else eps)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean images (B, C, H, W) -> their latent tokens z0 (B, N, d)."""
+        return (patchify(x.float(), self.p) - self.mean) @ self.basis.t()
+
+    def to_image(self, t: torch.Tensor) -> torch.Tensor:
+        """Latent tokens (B, N, d) back to an image through the tokenizer; an image passes through."""
+        if t.dim() != 3:
+            return t
+        s = self.cfg.data.img_size
+        return unpatchify(t.float() @ self.basis + self.mean, self.p, s, s)
 
     def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None, micro: int = 0,
                   accum: int = 1) -> NoisyBatch:
@@ -138,30 +166,56 @@ class LDAEMethod:
             gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_NOISE_LEVEL, step))
             t = torch.rand(Bg, generator=gen, device=self.device)[lo:lo + B]
         gamma, sigma, lam = self.noise_levels(t.float())
-        return NoisyBatch(self.noisy_input(x, gamma, sigma, step, lo), sigma, gamma, lam)
+        target = self.noise_cfg.target
+        if target == "x0":
+            return NoisyBatch(self.noisy_input(x, gamma, sigma, step, lo), sigma, gamma, lam)
+        x_in, lat = self.noisy_input(x, gamma, sigma, step, lo, target)
+        return NoisyBatch(x_in, sigma, gamma, lam, lat)
 
-    def condition(self, sigma: torch.Tensor, batch: Batch | None = None) -> dict:
-        """The model's conditioning (DiT's model_kwargs)."""
-        return {"sigma": sigma}
+    def condition(self, sigma: torch.Tensor, batch: Batch | None = None, step: int = 0, row: int = 0) -> dict:
+        """The model's conditioning (DiT's model_kwargs). With model.class_cond the labels join it,
+        each dropped to the null class with probability model.label_dropout (keyed on the step and
+        the sample's row of the global batch); no batch (figures) means the null class."""
+        cond = {"sigma": sigma}
+        m = self.cfg.model
+        if m.class_cond:
+            labels = None if batch is None else batch.labels
+            if labels is not None:
+                labels = labels.to(sigma.device).long()
+                if m.label_dropout > 0:
+                    gen = torch.Generator(device="cpu")
+                    gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_LABEL_DROP, step))
+                    B = labels.shape[0]
+                    u = torch.rand(row + B, generator=gen)[row:].to(sigma.device)
+                    labels = torch.where(u < m.label_dropout, torch.full_like(labels, m.num_classes), labels)
+            cond["labels"] = labels
+        return cond
 
     # loss -----------------------------------------------------------------------------------
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, lam: torch.Tensor,
+             latent_target: torch.Tensor | None = None) -> torch.Tensor:
         n = self.noise_cfg
-        return pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight, kernels=self.kernels)
+        if latent_target is None:
+            return pca_loss(pred, target, self.basis, lam, self.p, n.low_weight, n.high_weight, kernels=self.kernels)
+        # z0 / eps: a latent output as it is, an image through the tokenizer's encoder.
+        lat = pred.float() if pred.dim() == 3 else self.tokens(pred)
+        per_token = (lat - latent_target).square().sum(-1).mean(-1)
+        return (lam.float() * per_token).mean()
 
     def __call__(self, model: torch.nn.Module, batch: Batch, step: int, micro: int = 0, accum: int = 1,
                  *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         x = batch.images
         with nvtx_range("noise"):
             nb = self.add_noise(x, step, micro=micro, accum=accum)
-        cond = self.condition(nb.sigma, batch)
+        B = x.shape[0]
+        cond = self.condition(nb.sigma, batch, step, B * (micro * self.world_size + self.rank))
         if autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=autocast_dtype):
                 pred = model(nb.x_in, **cond)
         else:
             pred = model(nb.x_in, **cond)
         with nvtx_range("loss"):
-            return self.loss(pred, x, nb.lam)
+            return self.loss(pred, x, nb.lam, nb.target)
 
     # sampling -------------------------------------------------------------------------------
     def sample(self, model: torch.nn.Module, images: torch.Tensor, sigmas: Sequence[float], *, step: int = 0
@@ -169,6 +223,8 @@ class LDAEMethod:
         """Per sigma, (network input, denoised image): the noise of training step `step` (the same
         eps at every sigma), gamma from noise.schedule, input scaling as configured."""
         x = images.to(self.device).float().contiguous()
-        return sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
-                                          lambda x_, g, s: self.noisy_input(x_, g, s, step),
-                                          self.condition)
+        pairs = sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
+                                           lambda x_, g, s: self.noisy_input(x_, g, s, step),
+                                           self.condition)
+        # Latent inputs / outputs are shown as the images they decode to.
+        return [(self.to_image(a), self.to_image(b)) for a, b in pairs]

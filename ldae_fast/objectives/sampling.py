@@ -16,9 +16,9 @@ from torch import nn
 
 
 def gamma_for_sigma(sigma: float, schedule: str) -> float:
-    """gamma paired with sigma by a schedule: 1 for sigma_linear (variance exploding); the
+    """gamma paired with sigma by a schedule: 1 for sigma_linear and single_level; the
     variance-preserving schedules have gamma^2 + sigma^2 = 1."""
-    if schedule == "sigma_linear":
+    if schedule in ("sigma_linear", "single_level"):
         return 1.0
     if sigma > 1:
         raise ValueError(f"sigma={sigma} > 1 is not reachable with the variance-preserving "

@@ -38,6 +38,16 @@ def _spec(kind: str, where: str) -> TokenizerSpec:
     return TOKENIZERS[kind]
 
 
+def fit_config(cfg):
+    """The config whose training stream a tokenizer is fitted on: center crops, no flip, whatever
+    the run's augmentation (l-DAE fits its PCA on un-augmented patches)."""
+    import dataclasses
+
+    if cfg.data.crop == "center":
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="center"))
+
+
 def prepare_tokenizer(cfg, images: Callable[[], Iterable[torch.Tensor]], log: Callable[[str], None] = print
                       ) -> Tokenizer:
     return _spec(cfg.tokenizer.kind, "tokenizer.kind").prepare(cfg, images, log)
@@ -48,4 +58,4 @@ def tokenizer_from_state(tensors: dict[str, torch.Tensor], meta: dict) -> Tokeni
 
 
 __all__ = ["TOKENIZERS", "PCATokenizer", "PixelTokenizer", "Tokenizer", "TokenizerMismatch", "TokenizerSpec",
-           "fit_pca", "prepare_tokenizer", "tokenizer_from_state"]
+           "fit_config", "fit_pca", "prepare_tokenizer", "tokenizer_from_state"]
