@@ -126,9 +126,11 @@ class TokenizerConfig:
     """conv-vae: peak Adam learning rate (5% warm-up, then cosine to 0)."""
     conv_width: int = 32
     """conv-vae: channels of its first convolution (2x after the first downsampling)."""
-    adv_weight: float = 0.0
-    """conv-vae: weight of the adversarial term from a patch discriminator trained from scratch
-    over the fit's second half; 0: off."""
+    adversarial: bool = False
+    """conv-vae: add the adversarial term of a patch discriminator trained from scratch (over the
+    fit's second half), in place of the paper's VQGAN's (docs/tokenizers.md)."""
+    adv_weight: float = 0.1
+    """conv-vae: weight of that term (per-pixel loss units) when tokenizer.adversarial is on."""
 
     def __post_init__(self) -> None:
         _one_of("tokenizer.kind", self.kind, ("pca", "pixel", "patch-ae", "patch-vae", "conv-vae"))

@@ -63,7 +63,7 @@ def _usage(cmd: str) -> str:
             "pca: patch-wise PCA; patch-ae / patch-vae: linear d x D encoder and decoder fitted by Adam\n"
             "(tokenizer.fit_steps, fit_lr, fit_batch, fit_patches; the VAE's KL weight tokenizer.beta);\n"
             "conv-vae: a stride-8 convolutional KL-VAE (tokenizer.conv_steps, conv_lr, conv_batch,\n"
-            "conv_width, beta, adv_weight; model.patch_size a multiple of 8). --kind X is\n"
+            "conv_width, beta, adversarial, adv_weight; model.patch_size a multiple of 8). --kind X is\n"
             "--tokenizer.kind=X. --out FILE and --out=FILE are the same; without --out the file is\n"
             "runs/fit-KIND/PRESET-pP-dD-nN.safetensors. Train with it: --tokenizer.path=FILE (any kind).\n"
             "Config fields: `python train.py --help`.")

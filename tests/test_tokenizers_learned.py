@@ -93,6 +93,17 @@ def test_conv_vae_beats_its_untrained_self(fitted):
     assert tok.fit["recon_mse"] > 0 and tok.fit["kl"] > 0
 
 
+def test_conv_vae_adversarial_term_changes_the_fit_and_is_not_saved():
+    kw = {"max_images": 32, "steps": 6, "lr": 3e-3, "batch": 8, "beta": 0.01, "width": 4, "seed": 0}
+    plain = fit_conv_vae(_batches(_images(32)), 8, 8, adv_weight=0.0, **kw)
+    adv = fit_conv_vae(_batches(_images(32)), 8, 8, adv_weight=0.5, **kw)
+    assert adv.fit["adv_weight"] == 0.5 and math.isfinite(adv.fit["recon_mse"])
+    assert adv.state_dict().keys() == plain.state_dict().keys()
+    assert all(k.startswith(("encoder.", "decoder.")) for k in adv.state_dict())
+    # The same seed and data: only the discriminator's term (its second half) tells them apart.
+    assert not torch.equal(adv.state_dict()["decoder.0.weight"], plain.state_dict()["decoder.0.weight"])
+
+
 def test_ae_recovers_a_d_dim_subspace_like_pca():
     g = torch.Generator().manual_seed(0)
     d, D, n = 6, 48, 256
@@ -206,10 +217,12 @@ def test_fit_tokenizer_cli_writes_each_kind(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     runs = {"patch-ae": ["--tokenizer.fit_steps=20"], "patch-vae": ["--tokenizer.fit_steps=20"],
-            "conv-vae": ["--model.patch_size=8", "--tokenizer.conv_steps=3", "--tokenizer.conv_width=4"]}
+            "conv-vae": ["--model.patch_size=8", "--tokenizer.conv_steps=3", "--tokenizer.conv_width=4",
+                         "--tokenizer.adversarial=true"]}
     for kind, extra in runs.items():
         assert cli.main(["fit-tokenizer", "--kind", kind, *FIT, *extra, f"--out={kind}.safetensors"]) == 0
         tensors, meta = read_tokenizer_file(tmp_path / f"{kind}.safetensors")
+        assert kind != "conv-vae" or meta["fit"]["adv_weight"] == 0.1
         classes = {"patch-ae": PatchAETokenizer, "patch-vae": PatchVAETokenizer, "conv-vae": ConvVAETokenizer}
         assert meta["kind"] == kind and type(tokenizer_from_state(tensors, meta)) is classes[kind]
     assert "saved patch-vae.safetensors" in capsys.readouterr().out

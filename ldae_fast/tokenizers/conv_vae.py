@@ -5,7 +5,7 @@ Stride 8 (three stride-2 convolutions) to a latent map of c channels; a token is
 the paper's "per-token dim calibrated x4"). tokenizer.latent_dim is that d, and c follows from it.
 
 Loss per image: squared error summed over pixels + tokenizer.beta x KL, plus, with
-tokenizer.adv_weight > 0, a hinge adversarial term from a patch discriminator trained alongside
+tokenizer.adversarial on, tokenizer.adv_weight x a hinge adversarial term from a patch discriminator trained alongside
 from scratch over the fit's second half (the paper's tokenizers use a pretrained VQGAN and a
 perceptual loss whose weights are supervised: docs/tokenizers.md). Nonlinear, so
 `linear_maps()` is None and a method uses its reference path.
@@ -239,7 +239,7 @@ def prepare(cfg, images: Callable[[], Iterable[torch.Tensor]], log: Callable[[st
     t0 = time.time()
     tok = fit_conv_vae(images(), cfg.model.patch_size, t.latent_dim, max_images=t.fit_images, steps=t.conv_steps,
                        lr=t.conv_lr, batch=t.conv_batch, beta=t.beta, width=t.conv_width,
-                       adv_weight=t.adv_weight, seed=cfg.engine.seed, log=log)
+                       adv_weight=t.adv_weight if t.adversarial else 0.0, seed=cfg.engine.seed, log=log)
     log(f"fitted the conv VAE ({tok.latent_channels} latent channels, width {tok.width}) on "
         f"{tok.num_images_fitted} images in {time.time() - t0:.1f}s; reconstruction MSE "
         f"{tok.fit['recon_mse']:.4g} per pixel, KL {tok.fit['kl']:.4g} per image")
