@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "train": ("ldae_fast.train", "main", "pretrain (same as python train.py)"),
     "fit-pca": ("ldae_fast.tokenizer_cli", "main", "fit the patch-wise PCA tokenizer and save it"),
+    "fit-tokenizer": ("ldae_fast.tokenizer_cli", "main_tokenizer", "fit a tokenizer (pca, patch-ae, patch-vae, conv-vae)"),
     "make-shards": ("ldae_fast.data.shards", "main", "turn an ImageFolder tree into WebDataset shards"),
     "eval": ("ldae_fast.eval.driver", "main", "linear probe / kNN / fine-tune / figure of a checkpoint"),
     "export": ("ldae_fast.engine.export", "main", "write the encoder as timm-named safetensors"),

@@ -141,18 +141,55 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     kind: str = "pca"
-    """'pca' (patch-wise PCA, the paper's final tokenizer) or 'pixel' (identity basis, d = 3p^2)."""
+    """'pca' (patch-wise PCA, the paper's final tokenizer), 'pixel' (identity basis, d = 3p^2),
+    'patch-ae' / 'patch-vae' (linear d x D encoder and decoder fitted by gradient descent, the
+    VAE with a KL term) or 'conv-vae' (a small convolutional KL-VAE, stride 8): l-DAE Table 2."""
     latent_dim: int = 16
-    """d: number of principal components the noise is added in (1..3p^2)."""
+    """d: latent dimension per patch the noise is added in (1..3p^2); for conv-vae d = c (p/8)^2
+    with c its latent channels (p a multiple of 8)."""
     path: str = ""
-    """A saved basis (.safetensors) to load; empty: fit one at the start of the run."""
+    """A saved tokenizer (.safetensors, any kind: its metadata names it) to load; empty: fit one
+    at the start of the run."""
     fit_images: int = 2048
-    """Images streamed through the running covariance when fitting."""
+    """Images the tokenizer is fitted on (streamed through PCA's covariance; held as patches or
+    images for the learned kinds)."""
+    fit_patches: int = 131072
+    """patch-ae / patch-vae: most patches kept for the fit (drawn evenly from every image)."""
+    fit_steps: int = 2000
+    """patch-ae / patch-vae: Adam steps of the fit."""
+    fit_batch: int = 1024
+    """patch-ae / patch-vae: patches per step."""
+    fit_lr: float = 1e-2
+    """patch-ae / patch-vae: peak Adam learning rate (5% warm-up, then cosine to 0)."""
+    beta: float = 0.01
+    """patch-vae / conv-vae: KL weight; loss = summed squared error + beta KL (a Gaussian decoder
+    of variance beta/2)."""
+    conv_steps: int = 300
+    """conv-vae: Adam steps of the fit."""
+    conv_batch: int = 32
+    """conv-vae: images per step."""
+    conv_lr: float = 1e-3
+    """conv-vae: peak Adam learning rate (5% warm-up, then cosine to 0)."""
+    conv_width: int = 32
+    """conv-vae: channels of its first convolution (2x after the first downsampling)."""
+    adversarial: bool = False
+    """conv-vae: add the adversarial term of a patch discriminator trained from scratch (over the
+    fit's second half), in place of the paper's VQGAN's (docs/tokenizers.md)."""
+    adv_weight: float = 0.1
+    """conv-vae: weight of that term (per-pixel loss units) when tokenizer.adversarial is on."""
 
     def __post_init__(self) -> None:
-        _one_of("tokenizer.kind", self.kind, ("pca", "pixel"))
+        _one_of("tokenizer.kind", self.kind, ("pca", "pixel", "patch-ae", "patch-vae", "conv-vae"))
         _check(self.latent_dim >= 1, f"tokenizer.latent_dim={self.latent_dim} must be >= 1")
-        _check(self.fit_images >= 1, f"tokenizer.fit_images={self.fit_images} must be >= 1")
+        for name in ("fit_images", "fit_patches", "fit_steps", "fit_batch", "conv_steps", "conv_batch",
+                     "conv_width"):
+            _check(getattr(self, name) >= 1, f"tokenizer.{name}={getattr(self, name)} must be >= 1")
+        for name in ("fit_lr", "conv_lr"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v > 0, f"tokenizer.{name}={v} must be > 0")
+        for name in ("beta", "adv_weight"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v >= 0, f"tokenizer.{name}={v} must be >= 0")
 
 
 SCHEDULES = ("sigma_linear", "ddpm_linear_beta", "linear_gamma2", "single_level")

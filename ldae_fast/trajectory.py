@@ -57,7 +57,7 @@ _ROWS: list[Row] = [
     # Table 1: from DiT towards a denoising autoencoder.
     Row("dit-cond", None, "DiT baseline (class-conditional, VQGAN, DDPM schedule, predict noise)", 57.5,
         "l-DAE Table 1",
-        {"tokenizer.kind": CONV_VAE, "model.class_cond": True, "model.num_classes": 1000,
+        {"tokenizer.kind": CONV_VAE, CONV_VAE_ADVERSARIAL: True, "model.class_cond": True, "model.num_classes": 1000,
          "noise.schedule": "ddpm_linear_beta",
          "noise.loss_weight": "uniform"},
         note="our conv VAE with its adversarial term stands in for DiT's VQGAN (no perceptual loss: "

@@ -17,7 +17,7 @@ import torch
 
 from .. import schedules
 from ..batch import Batch
-from ..config import Config
+from ..config import Config, ConfigError
 from ..kernels import latent_noise, pca_loss
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
@@ -63,8 +63,17 @@ class LDAEMethod:
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         maps = tokenizer.linear_maps()
         if maps is None:
-            raise ValueError(f"tokenizer.kind={tokenizer.kind!r} is not linear; l-DAE's noise and "
-                             "PCA-space loss need a linear tokenizer (pca or pixel)")
+            raise ConfigError(f"tokenizer.kind={tokenizer.kind!r} is not linear; l-DAE's noise and "
+                              "PCA-space loss need a linear tokenizer (pca or pixel)")
+        enc, dec = maps
+        eye = torch.eye(enc.shape[0], dtype=enc.dtype, device=enc.device)
+        # The noise path and the PCA-space loss use one basis both ways (decoder = encoder^T) and
+        # rely on its rows being orthonormal; a fitted AE/VAE map is neither, and would train on a
+        # silently wrong latent.
+        if not (torch.allclose(dec, enc.T, atol=1e-5) and torch.allclose(enc @ enc.T, eye, atol=1e-4)):
+            raise ConfigError(f"tokenizer.kind={tokenizer.kind!r}: l-DAE's noise and loss need an orthonormal "
+                              "basis with decoder = encoder^T (pca, pixel); a general linear encoder / decoder "
+                              "(patch-ae, patch-vae) is not supported by the noise path yet")
         self.tok = tokenizer.to(self.device)
         # The loss needs only V_d: the identity in DESIGN.md avoids the (D, D) product per token.
         self.basis = self.tok.linear_maps()[0].contiguous()
