@@ -280,7 +280,7 @@ def ratio_figure(path: str | Path, runs: list[dict]) -> Path:
         summary.append(Series(label, xs, means, color, dashed=dashed, markers=True))
     panels.append(
         Panel("ratio vs n SNR^2", summary, xlabel="n SNR^2", ylabel="signal / noise",
-              logx=True, logy=True, diagonal=0.5)
+              logx=True, logy=True, diagonal=1.0)
     )
     return save_figure(path, panels, cols=3, title="signal learning / noise memorization")
 
@@ -289,9 +289,10 @@ def growth_ratio(history: list[dict], factor: float = 5.0) -> float:
     """Increment ratio (signal - signal_0) / (noise - noise_0) over the growth phase.
 
     The end point is the last record where both metrics are still below `factor` times their
-    initial values, i.e. before either saturates. In this phase the theory predicts the two
-    grow at rates whose ratio is ~ n SNR^2 / 2 for the diffusion model (each mu_j sits in n/2
-    samples, each xi_i in one), which the end-of-training ratio no longer shows.
+    initial values, i.e. before either saturates. The paper states a signal/noise ratio of
+    Theta(n SNR^2) for the diffusion model, with no constant; the table divides by n SNR^2 so the
+    constant our runs imply can be read off (a heuristic guess is 1/2: each mu_j sits in n/2
+    samples, each xi_i in one).
     """
     s0, n0 = history[0]["signal"], history[0]["noise"]
     inside = [h for h in history if h["signal"] < factor * s0 and h["noise"] < factor * n0]
@@ -300,6 +301,12 @@ def growth_ratio(history: list[dict], factor: float = 5.0) -> float:
     if end["iter"] == 0 or dn <= 0:
         return math.nan
     return (end["signal"] - s0) / dn
+
+
+def ratio_at(history: list[dict], fraction: float) -> float:
+    """signal/noise at the record nearest fraction * (last iteration): is the run still moving?"""
+    target = fraction * history[-1]["iter"]
+    return min(history, key=lambda h: abs(h["iter"] - target))["ratio"]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -332,6 +339,8 @@ def summary_rows(runs: list[dict]) -> list[dict]:
                     "noise": [f["noise"] for f in finals],
                     "ratio": [f["ratio"] for f in finals],
                     "growth_ratio": [growth_ratio(r[model]["history"]) for r in group],
+                    "ratio_half": [ratio_at(r[model]["history"], 0.5) for r in group],
+                    "ratio_3q": [ratio_at(r[model]["history"], 0.75) for r in group],
                     "train_acc": [f.get("train_acc") for f in finals],
                     "test_acc": [f.get("test_acc") for f in finals],
                 }
@@ -342,16 +351,18 @@ def summary_rows(runs: list[dict]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| regime | n SNR² | model | iters | seeds | signal max_r\\|⟨w_r,μ⟩\\| | noise mean_i max_r\\|⟨w_r,ξ_i⟩\\| "
-        "| signal / noise | growth-phase Δsignal / Δnoise (n SNR²/2) | train acc | test acc |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| signal / noise at ½ · ¾ of iters | signal / noise (end) | growth-phase Δsignal / Δnoise "
+        "| growth ÷ n SNR² | train acc | test acc |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         regime = r["regime"].replace("|", "\\|")  # a bare "|" would end the table cell
         lines.append(
             f"| {regime} | {r['n_snr2']:.3g} | {r['model']} | {r['iters']} | {len(r['seeds'])} "
-            f"| {_mean_std(r['signal'])} | {_mean_std(r['noise'])} | {_mean_std(r['ratio'])} "
-            f"| {_mean_std(r['growth_ratio'])} ({r['n_snr2'] / 2:.3g}) "
+            f"| {_mean_std(r['signal'])} | {_mean_std(r['noise'])} "
+            f"| {_mean_std(r['ratio_half'])} · {_mean_std(r['ratio_3q'])} | {_mean_std(r['ratio'])} "
+            f"| {_mean_std(r['growth_ratio'])} | {_mean_std([g / r['n_snr2'] for g in r['growth_ratio']])} "
             f"| {_mean_std(r['train_acc'])} | {_mean_std(r['test_acc'])} |"
         )
     return "\n".join(lines)

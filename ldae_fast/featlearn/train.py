@@ -62,6 +62,8 @@ def _check_common(iters: int, lr: float, m: int, sigma0: float, n_records: int) 
 def record_steps(iters: int, n_records: int) -> set[int]:
     """Evenly spaced steps plus log-spaced early ones, so fast early dynamics are not missed."""
     steps = set(np.linspace(0, iters, n_records).round().astype(int).tolist())
+    # Exact quarter marks, so the table can show whether a run is still moving at its end.
+    steps |= {iters * k // 4 for k in range(1, 4)}
     if iters >= 1:
         steps |= set(np.geomspace(1, iters, max(2, n_records // 4)).round().astype(int).tolist())
     return steps
