@@ -111,16 +111,40 @@ def _upsample_matrix(src: int, dst: int) -> torch.Tensor:
     return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0].T.contiguous()
 
 
+def _keyed_uniforms(indices: torch.Tensor, per: int, *key_prefix: int) -> torch.Tensor:
+    """(n, per) uniforms, row i from its own generator keyed on (*key_prefix, index): an image
+    depends on its key and index only, never on which other images share the batch."""
+    rnd = torch.empty(indices.numel(), per)
+    for row, idx in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed(derive_seed(*key_prefix, idx))
+        torch.rand(per, generator=g, out=rnd[row])
+    return rnd
+
+
+def _pixel_grid(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yy, xx): pixel-centre coordinates in [-1, 1]; one pixel is 2/s wide."""
+    lin = (torch.arange(s, dtype=torch.float32) + 0.5) * (2.0 / s) - 1.0
+    return torch.meshgrid(lin, lin, indexing="ij")
+
+
+def _gradient_background(p: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor
+                         ) -> tuple[torch.Tensor, ...]:
+    """(brightness (n,), two colours (n, 3, 1, 1) from p[:, 0:6], a linear ramp (n, s, s) in the
+    direction p[:, 6]); the brightness is what a foreground keeps its distance from."""
+    n = p.shape[0]
+    bg_v = 0.2 + 0.6 * p[:, 0]
+    bg_a = _hsv_to_rgb(p[:, 1], 0.5 * p[:, 2], bg_v).view(n, 3, 1, 1)
+    bg_b = _hsv_to_rgb(p[:, 3], 0.5 * p[:, 4], (bg_v + 0.25 * (p[:, 5] - 0.5)).clamp(0, 1)).view(n, 3, 1, 1)
+    ang = p[:, 6] * 2 * math.pi
+    ramp = (xx * (0.5 * torch.cos(ang)).view(n, 1, 1)).add_(yy * (0.5 * torch.sin(ang)).view(n, 1, 1)).add_(0.5)
+    return bg_v, bg_a, bg_b, ramp
+
+
 def _render(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = indices.numel()
     s = size
     labels = torch.remainder(indices, num_classes).to(torch.int64)
-    # One generator per image: the image depends on (seed, index) only.
-    per = _NUM_PARAMS + 3 * 4 * 4 + 3 * s * s
-    rnd = torch.empty(n, per)
-    for row, idx in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(derive_seed(seed, idx))
-        torch.rand(per, generator=g, out=rnd[row])
+    rnd = _keyed_uniforms(indices, _NUM_PARAMS + 3 * 4 * 4 + 3 * s * s, seed)
     p = rnd[:, :_NUM_PARAMS]
     clutter = rnd[:, _NUM_PARAMS : _NUM_PARAMS + 48].view(n, 3, 4, 4)
     # Uniform -> approximately normal pixel noise (sum of uniforms would cost more draws).
@@ -132,9 +156,7 @@ def _render(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tu
     band = torch.div(variant, NUM_TEXTURES, rounding_mode="floor")
     num_bands = int(band.max()) + 1 if n else 1
 
-    # Pixel-centre coordinates in [-1, 1]; one pixel is 2/s wide.
-    lin = (torch.arange(s, dtype=torch.float32) + 0.5) * (2.0 / s) - 1.0
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    yy, xx = _pixel_grid(s)
     sharp = s / 2.0
 
     def col(i: int) -> torch.Tensor:
@@ -142,11 +164,7 @@ def _render(indices: torch.Tensor, num_classes: int, size: int, seed: int) -> tu
 
     # Background: a two-colour linear gradient in a random direction, plus 4x4 clutter.
     # (In-place ops throughout: this loop is memory bound and every temporary costs.)
-    bg_v = 0.2 + 0.6 * p[:, 0]
-    bg_a = _hsv_to_rgb(p[:, 1], 0.5 * p[:, 2], bg_v).view(n, 3, 1, 1)
-    bg_b = _hsv_to_rgb(p[:, 3], 0.5 * p[:, 4], (bg_v + 0.25 * (p[:, 5] - 0.5)).clamp(0, 1)).view(n, 3, 1, 1)
-    ang = p[:, 6] * 2 * math.pi
-    ramp = (xx * (0.5 * torch.cos(ang)).view(n, 1, 1)).add_(yy * (0.5 * torch.sin(ang)).view(n, 1, 1)).add_(0.5)
+    bg_v, bg_a, bg_b, ramp = _gradient_background(p, xx, yy)
     up = _upsample_matrix(4, s)
     img = torch.matmul(torch.matmul(up, (clutter - 0.5) * 0.35), up.T)
     img.add_(bg_a).addcmul_(bg_b - bg_a, ramp.unsqueeze(1))
@@ -212,25 +230,16 @@ def _render_layouts(indices: torch.Tensor, num_classes: int, size: int, seed: in
     dots sit relative to each other does. Classes past 8 rotate the 8 layouts by (c // 8) * 15 deg."""
     n, s = indices.numel(), size
     labels = torch.remainder(indices, num_classes).to(torch.int64)
-    per = _LAYOUT_PARAMS + 3 * s * s
-    rnd = torch.empty(n, per)
-    for row, idx in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(derive_seed(seed, _LAYOUT_TAG, idx))
-        torch.rand(per, generator=g, out=rnd[row])
+    rnd = _keyed_uniforms(indices, _LAYOUT_PARAMS + 3 * s * s, seed, _LAYOUT_TAG)
     p = rnd[:, :_LAYOUT_PARAMS]
     noise = rnd[:, _LAYOUT_PARAMS:].view(n, 3, s, s).sub_(0.5).mul_(math.sqrt(12.0))
-    lin = (torch.arange(s, dtype=torch.float32) + 0.5) * (2.0 / s) - 1.0
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    yy, xx = _pixel_grid(s)
     sharp = s / 2.0
 
     def col(i: int) -> torch.Tensor:
         return p[:, i].view(n, 1, 1)
 
-    bg_v = 0.2 + 0.6 * p[:, 0]
-    bg_a = _hsv_to_rgb(p[:, 1], 0.5 * p[:, 2], bg_v).view(n, 3, 1, 1)
-    bg_b = _hsv_to_rgb(p[:, 3], 0.5 * p[:, 4], (bg_v + 0.25 * (p[:, 5] - 0.5)).clamp(0, 1)).view(n, 3, 1, 1)
-    ang = p[:, 6] * 2 * math.pi
-    ramp = (xx * (0.5 * torch.cos(ang)).view(n, 1, 1)).add_(yy * (0.5 * torch.sin(ang)).view(n, 1, 1)).add_(0.5)
+    bg_v, bg_a, bg_b, ramp = _gradient_background(p, xx, yy)
     img = bg_a + (bg_b - bg_a) * ramp.unsqueeze(1)
 
     offsets = torch.tensor(_LAYOUTS, dtype=torch.float32)[torch.remainder(labels, len(_LAYOUTS))]  # (n, 3, 2)
@@ -264,16 +273,11 @@ def _render_gratings(indices: torch.Tensor, num_classes: int, size: int, seed: i
     nothing about the class; the local structure of every patch does."""
     n, s = indices.numel(), size
     labels = torch.remainder(indices, num_classes).to(torch.int64)
-    per = _LAYOUT_PARAMS + 3 * 4 * 4 + 3 * s * s
-    rnd = torch.empty(n, per)
-    for row, idx in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(derive_seed(seed, _GRATING_TAG, idx))
-        torch.rand(per, generator=g, out=rnd[row])
+    rnd = _keyed_uniforms(indices, _LAYOUT_PARAMS + 3 * 4 * 4 + 3 * s * s, seed, _GRATING_TAG)
     p = rnd[:, :_LAYOUT_PARAMS]
     clutter = rnd[:, _LAYOUT_PARAMS:_LAYOUT_PARAMS + 48].view(n, 3, 4, 4)
     noise = rnd[:, _LAYOUT_PARAMS + 48:].view(n, 3, s, s).sub_(0.5).mul_(math.sqrt(12.0))
-    lin = (torch.arange(s, dtype=torch.float32) + 0.5) * (2.0 / s) - 1.0
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    yy, xx = _pixel_grid(s)
     step = math.pi / num_classes
     theta = labels.to(torch.float32) * step + 0.5 * step * (p[:, 0] - 0.5)
     freq = (3.0 + 3.0 * p[:, 1]) * math.pi  # 3 .. 6 cycles across the image: an edge in most patches
