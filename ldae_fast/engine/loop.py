@@ -28,7 +28,7 @@ from . import checkpoint as ckpt_mod
 from . import guard, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
-from .mfu import peak_tflops_for, train_flops_per_image
+from .mfu import diffmae_train_flops_per_image, peak_tflops_for, train_flops_per_image
 from .optim import EMA, build_optimizer, lr_at
 from .profiling import StepProfiler, nvtx_range
 
@@ -247,7 +247,11 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     if start >= total:
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
 
-    _, flops_img = train_flops_per_image(cfg.model, cfg.data.img_size)
+    if cfg.model.arch == "diffmae":
+        # The masked encoder's cost follows the run's own mask ratio, not the 75% default.
+        _, flops_img = diffmae_train_flops_per_image(cfg.model, cfg.data.img_size, cfg.objective.mask_ratio)
+    else:
+        _, flops_img = train_flops_per_image(cfg.model, cfg.data.img_size)
     peak = cfg.engine.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device))[0]
                                       if device.type == "cuda" else None)
     # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.
