@@ -26,7 +26,8 @@ import results_io  # noqa: E402
 # column their rows have.
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "train_step": [
-        ("model", "model"), ("batch", "batch"), ("variant", "variant"), ("variant_name", "name"),
+        ("model", "model"), ("batch", "batch"), ("mask_ratio", "mask"), ("decoder_kind", "decoder"),
+        ("variant", "variant"), ("variant_name", "name"),
         ("train_gflop", "GFLOP/img"), ("images_per_s", "images/s"), ("tflops", "TFLOP/s"),
         ("mfu", "MFU"), ("peak_mem_gib", "peak mem (GiB)"), ("peak_reserved_gib", "reserved (GiB)"), ("vs_a", "x (a)"), ("vs_b", "x (b)"), ("vs_c", "x (c)"),
         ("vs_d", "x (d)"), ("cudagraph_skips", "graphs skipped"), ("status", "status"),
@@ -89,7 +90,8 @@ def is_gpu_run(run: dict[str, Any]) -> bool:
 # with the same key on the same GPU. A GPU session runs one benchmark as several commands (one
 # model or size each), so "newest run wins" would hide all but the last command's rows.
 ROW_KEYS: dict[str, tuple[str, ...]] = {
-    "train_step": ("model", "img", "patch", "precision", "batch", "variant"),
+    # DiffMAE rows add their mask ratio and decoder (None on l-DAE rows, so those keys stay as they were).
+    "train_step": ("model", "img", "patch", "precision", "batch", "mask_ratio", "decoder_kind", "variant"),
     "kernels": ("op", "variant", "dtype", "B", "d", "T", "C"),
 }
 

@@ -30,6 +30,15 @@ no activation checkpointing here) against a bf16 dense peak looked up by GPU nam
 same size and batch. A variant that fails (OOM at a batch size, a compile error) is a row saying
 so, not a crash.
 
+`--method diffmae` measures DiffMAE instead (GPU default: ViT-B and ViT-L, 224 px, patch 16, 75%
+masking, MAE's 8 x 512 decoder as the diffmae-vitb / -vitl presets, variants a, c, d): (a) our
+network with the reference objective, math attention, no compile, torch AdamW; (c) the same
+network assembled from timm Blocks (encoder on the visible tokens, a joint decoder over encoder
+and noised tokens, t's embedding added to the noised tokens instead of adaLN); (d) ours as the
+l-DAE rows run it. Its FLOPs are ldae_fast.engine.mfu.diffmae_train_flops_per_image: the encoder
+on the visible quarter of the tokens, the decoder on what model.decoder_kind attends over, and
+the backward without the input gradients nobody needs (it equals torch's FLOP counter).
+
 `--plan '128:a,c,d;256:d;128:b'` runs chosen variants at chosen micro-batches in the order written;
 `--budget-s` starts no variant after that many seconds (bench/gpu_check.sh's one-command GPU run).
 
@@ -62,18 +71,28 @@ import torch.nn as nn  # noqa: E402
 
 from ldae_fast.config import (  # noqa: E402
     CUDA_GRAPH_MODES,
+    DIFFMAE_DECODERS,
+    PRESETS,
     Config,
     DataConfig,
     EngineConfig,
     ModelConfig,
+    ObjectiveConfig,
     TokenizerConfig,
 )
-from ldae_fast.engine.mfu import peak_tflops_for, train_flops_per_image  # noqa: E402
+from ldae_fast.engine.mfu import (  # noqa: E402
+    diffmae_train_flops_per_image,
+    peak_tflops_for,
+    train_flops_per_image,
+)
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
 from ldae_fast.models import build_model  # noqa: E402
+from ldae_fast.models.blocks import SigmaEmbedder  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
+from ldae_fast.models.pos_embed import sincos_2d  # noqa: E402
+from ldae_fast.models.vit import SIGMA_FREQ_DIM  # noqa: E402
 from ldae_fast.objectives import Batch, Method, build_method  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
 from ldae_fast.tokenizers import Tokenizer, tokenizer_from_state  # noqa: E402
@@ -100,6 +119,25 @@ ABLATIONS = ("d-compile", "d-triton", "d+adaln", "d+graphs", "d+ckpt")
 GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
                     latent_dim=128, warmup=5, steps=20)
 CPU_SMOKE = dict(sizes="tiny", batch_sizes="4", img_size=32, patch_size=4, latent_dim=16, warmup=1, steps=2)
+# DiffMAE at the paper's ImageNet setting (224 px, patch 16); latent_dim is unused (pixels).
+DIFFMAE_GPU_DEFAULTS = dict(GPU_DEFAULTS, sizes="B,L", batch_sizes="256", img_size=224)
+METHODS = ("ldae", "diffmae")
+DEFAULT_VARIANTS = {"ldae": "a,b,c,d", "diffmae": "a,c,d"}
+
+
+def model_label(size: str, method: str = "ldae") -> str:
+    """The row's model name; DiffMAE rows carry the method in it, so the README's tables and
+    headlines (keyed on model) never mix them with l-DAE rows of the same ViT."""
+    label = SIZE_LABELS.get(size, size)
+    return f"DiffMAE {label}" if method == "diffmae" else label
+
+
+def diffmae_decoder(size: str) -> dict[str, Any]:
+    """The decoder the presets train with this encoder: diffmae-demo's for tiny, MAE's 8 x 512
+    (diffmae-vitb / -vitl) for the rest, read from the presets so the bench follows them."""
+    preset = PRESETS["diffmae-demo" if size == "tiny" else "diffmae-vitb"]
+    return {k.split(".", 1)[1]: v for k, v in preset.items()
+            if k in ("model.decoder_width", "model.decoder_depth", "model.decoder_heads")}
 
 
 # Models ------------------------------------------------------------------------------------------
@@ -146,6 +184,63 @@ class TimmPeer(nn.Module):
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.in_chans)
 
 
+def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class PeerNotApplicable(ValueError):
+    """A peer row that has no timm counterpart: its status says so instead of 'failed'."""
+
+
+class TimmDiffMAEPeer(nn.Module):
+    """DiffMAE variant (c): encoder and joint decoder stacks of timm Blocks, same widths, depths,
+    heads, tokens, position embeddings and head as ours. timm's Block takes no conditioning, so
+    t's embedding (the same 256 -> v -> v MLP as ours) is added to the noised tokens instead of
+    adaLN: its FLOPs are diffmae_train_flops_per_image(adaln=False), slightly less work than ours.
+    Called as the method calls our model: model(x, ids_keep=, ids_masked=, noisy=, t=)."""
+
+    def __init__(self, img_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+                 dec_width: int, dec_depth: int, dec_heads: int, mlp_ratio: float, in_chans: int = 3) -> None:
+        super().__init__()
+        from timm.layers import PatchEmbed
+        from timm.models.vision_transformer import Block
+
+        g = img_size // patch_size
+        D = patch_size * patch_size * in_chans
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.enc_proj = nn.Linear(width, dec_width)
+        self.noisy_embed = nn.Linear(D, dec_width)
+        self.register_buffer("decoder_pos_embed", sincos_2d(dec_width, g, g, cls_token=True).unsqueeze(0),
+                             persistent=False)
+        self.t_embed = SigmaEmbedder(dec_width, SIGMA_FREQ_DIM, scale=1.0)
+        self.decoder_blocks = nn.ModuleList(Block(dec_width, dec_heads, mlp_ratio, qkv_bias=True)
+                                            for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_width, eps=1e-6)
+        self.head = nn.Linear(dec_width, D)
+
+    def forward(self, x: torch.Tensor, *, ids_keep: torch.Tensor, ids_masked: torch.Tensor,
+                noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        pos = self.pos_embed.to(x.dtype)
+        h = _gather(self.patch_embed(x) + pos[:, 1:], ids_keep)
+        h = torch.cat([(self.cls_token + pos[:, :1]).expand(B, -1, -1).to(h.dtype), h], dim=1)
+        for blk in self.blocks:
+            h = blk(h)
+        ctx = self.enc_proj(self.norm(h))
+        dpos = self.decoder_pos_embed.to(ctx.dtype).expand(B, -1, -1)
+        ctx = ctx + torch.cat([dpos[:, :1], _gather(dpos[:, 1:], ids_keep)], dim=1)
+        q = (self.noisy_embed(noisy.to(ctx.dtype)) + _gather(dpos[:, 1:], ids_masked)
+             + self.t_embed(t.float()).unsqueeze(1).to(ctx.dtype))
+        h = torch.cat([ctx, q], dim=1)
+        for blk in self.decoder_blocks:
+            h = blk(h)
+        return self.head(self.decoder_norm(h[:, ctx.shape[1]:]))
+
+
 def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> Tokenizer:
     """An orthonormal basis with the PCA tokenizer's shapes: the step's cost does not depend on
     which basis it is, and fitting a real one would measure the fit, not the step."""
@@ -172,6 +267,9 @@ class Setup:
     amp: torch.dtype | None
     warmup: int
     steps: int
+    method: str = "ldae"
+    mask_ratio: float = ObjectiveConfig.mask_ratio
+    decoder_kind: str = ModelConfig.decoder_kind
 
 
 def _sync(device: torch.device) -> None:
@@ -203,16 +301,29 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     attn = v["attn"] if v["attn"] in ("auto", "math") else "auto"
     if attn == "auto" and not v["peer"]:
         info["attn"] = f"auto ({resolve_backend('auto')})"
+    diffmae = s.method == "diffmae"
+    extra: dict[str, Any] = {}
+    if diffmae:
+        extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, **diffmae_decoder(s.size))
     cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, attn_backend=attn,
                                    fused_adaln=v.get("fused_adaln", False),
-                                   grad_checkpointing=v.get("ckpt", False)),
+                                   grad_checkpointing=v.get("ckpt", False), **extra),
                  tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
+                 objective=ObjectiveConfig(method=s.method, mask_ratio=s.mask_ratio),
                  data=DataConfig(img_size=s.img_size, batch_size=s.batch),
                  engine=EngineConfig(kernels=kernels, steps=1))
     m = cfg.model
-    if v["peer"]:
-        model: nn.Module = TimmPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.decoder_depth,
-                                    m.num_heads, m.mlp_ratio)
+    if diffmae and v["peer"]:
+        if m.decoder_kind != "joint":
+            raise PeerNotApplicable(f"n/a: timm's Block has no cross-attention (decoder_kind={m.decoder_kind})")
+        model: nn.Module = TimmDiffMAEPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.num_heads,
+                                           m.decoder_width, m.decoder_depth, m.decoder_heads, m.mlp_ratio)
+        fcfg = m
+        fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
+        info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
+    elif v["peer"]:
+        model = TimmPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.decoder_depth,
+                         m.num_heads, m.mlp_ratio)
         fcfg = ModelConfig(size=s.size, patch_size=s.patch_size, cond="none")
         fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
@@ -220,10 +331,15 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         model = build_model(m, s.img_size, kernels=kernels)
         fcfg = m
     model = model.to(s.device).train()
-    info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)
+    if diffmae:
+        info["fwd_flops_per_image"], info["train_flops_per_image"] = diffmae_train_flops_per_image(
+            fcfg, s.img_size, s.mask_ratio, adaln=not v["peer"])
+    else:
+        info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)
     info["train_gflop"] = _sig(info["train_flops_per_image"] / 1e9, 4)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    objective = build_method(cfg, s.device, tokenizer=random_tokenizer(s.patch_size, s.latent_dim))
+    objective = build_method(cfg, s.device,
+                             tokenizer=None if diffmae else random_tokenizer(s.patch_size, s.latent_dim))
     info["kernels"] = objective.kernels
 
     if v["ours_optim"]:
@@ -238,7 +354,8 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     if v["compile"] == "full":
         forward = torch.compile(model, backend=compile_backend)
         # The objective calls self.loss: an instance attribute puts the compiled loss in its path.
-        objective.loss = torch.compile(objective.loss, backend=compile_backend)
+        if hasattr(objective, "loss"):
+            objective.loss = torch.compile(objective.loss, backend=compile_backend)
     elif v["compile"] == "blocks":
         mode = v.get("compile_mode", "default")
         info["compiled_blocks"] = compile_blocks(model, backend=compile_backend, mode=mode)
@@ -349,9 +466,20 @@ def _measure(key: str, s: Setup, row: dict[str, Any], peak: float | None, profil
 
 def _skipped_row(key: str, s: Setup, status: str) -> dict[str, Any]:
     """The row of a variant that was not measured (time budget, or still running)."""
-    return {"model": SIZE_LABELS.get(s.size, s.size), "size": s.size, "img": s.img_size, "patch": s.patch_size,
-            "batch": s.batch, "variant": key, "variant_name": VARIANTS[key]["name"], "status": status,
-            "images_per_s": None, "precision": "bf16" if s.amp == torch.bfloat16 else "fp32"}
+    return {**_row_ids(key, s), "status": status, "images_per_s": None}
+
+
+def _row_ids(key: str, s: Setup) -> dict[str, Any]:
+    """What a row measured (make_perf_section keys rows on these)."""
+    row = {"model": model_label(s.size, s.method), "method": s.method, "size": s.size, "img": s.img_size,
+           "patch": s.patch_size, "batch": s.batch}
+    if s.method == "diffmae":
+        dec = diffmae_decoder(s.size)
+        row.update(mask_ratio=s.mask_ratio, decoder_kind=s.decoder_kind,
+                   decoder=f"{dec.get('decoder_depth', 'enc')} x {dec.get('decoder_width', 'enc')}")
+    row.update(variant=key, variant_name=VARIANTS[key]["name"],
+               precision="bf16" if s.amp == torch.bfloat16 else "fp32")
+    return row
 
 
 _clock = time.monotonic
@@ -360,18 +488,17 @@ _clock = time.monotonic
 def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None = None,
                 profile_steps: int = 3, compile_backend: str = "inductor") -> dict[str, Any]:
     """One row: measure variant `key` at setup `s`; failures become the row's status."""
-    v = VARIANTS[key]
     row: dict[str, Any] = {
-        "model": SIZE_LABELS.get(s.size, s.size), "size": s.size, "img": s.img_size, "patch": s.patch_size,
-        "batch": s.batch, "variant": key, "variant_name": v["name"], "status": "ok",
+        **_row_ids(key, s), "status": "ok",
         "images_per_s": None, "step_ms": None, "tflops": None, "mfu": None, "peak_mem_gib": None,
         "peak_reserved_gib": None,
-        "precision": "bf16" if s.amp == torch.bfloat16 else "fp32",
     }
     _free(s.device)
     error: str | None = None
     try:
         _measure(key, s, row, peak, profile_dir, profile_steps, compile_backend)
+    except PeerNotApplicable as e:
+        error = str(e)
     except Exception as e:  # a failing variant is a result, not the end of the benchmark
         error = results_io.failure_status(e)
     if error is not None:
@@ -383,11 +510,14 @@ def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's throughput relative to variants a/b/c/d of the same model and batch (same run)."""
-    by_key = {(r["size"], r["batch"], r["variant"]): r for r in rows}
+    """Each row's throughput relative to variants a/b/c/d of the same method, model and batch (same run)."""
+    def ident(r: dict[str, Any]) -> tuple:
+        return (r.get("method", "ldae"), r["size"], r.get("img"), r.get("mask_ratio"), r["batch"])
+
+    by_key = {(*ident(r), r["variant"]): r for r in rows}
     for r in rows:
         for other in ("a", "b", "c", "d"):
-            o = by_key.get((r["size"], r["batch"], other))
+            o = by_key.get((*ident(r), other))
             ok = (o is not None and o.get("images_per_s") and r.get("images_per_s"))
             r[f"vs_{other}"] = _sig(r["images_per_s"] / o["images_per_s"], 4) if ok else None
 
@@ -398,18 +528,27 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", help=f"model sizes, comma-separated (GPU default {GPU_DEFAULTS['sizes']})")
-    ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']})")
+    ap.add_argument("--method", choices=METHODS, default="ldae",
+                    help="the method whose training step is measured (diffmae: see above)")
+    ap.add_argument("--mask-ratio", type=float, default=ObjectiveConfig.mask_ratio,
+                    help="diffmae: fraction of patches hidden from the encoder (default %(default)s)")
+    ap.add_argument("--decoder-kind", default=ModelConfig.decoder_kind,
+                    help="diffmae: model.decoder_kind, joint / cross / cross_self (default %(default)s; the timm "
+                         "peer exists for joint only)")
+    ap.add_argument("--sizes", help=f"model sizes, comma-separated (GPU default {GPU_DEFAULTS['sizes']}; "
+                                    f"diffmae {DIFFMAE_GPU_DEFAULTS['sizes']})")
+    ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']}; "
+                                          f"diffmae {DIFFMAE_GPU_DEFAULTS['batch_sizes']})")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)} "
-                         "(default a,b,c,d)")
+                         f"(default {DEFAULT_VARIANTS['ldae']}; diffmae {DEFAULT_VARIANTS['diffmae']})")
     ap.add_argument("--plan", default=None, metavar="B:V,V;B:V",
                     help="micro-batches and the variants at each, run in the order written, e.g. "
                          "'128:a,c,d;256:d;128:b' (instead of --batch-sizes x --variants)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no variant once this many seconds have passed: the rest become rows "
                          "with status 'skipped: time budget'")
-    ap.add_argument("--img-size", type=int, help="image side (GPU default 256)")
+    ap.add_argument("--img-size", type=int, help="image side (GPU default 256; diffmae 224)")
     ap.add_argument("--patch-size", type=int, help="patch size (GPU default 16)")
     ap.add_argument("--latent-dim", type=int, help="PCA latent dim d (GPU default 128)")
     ap.add_argument("--warmup", type=int, help="untimed steps first, compilation included (GPU default 5)")
@@ -446,7 +585,7 @@ def command_line(argv: list[str] | None) -> str:
 
 def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, bool]:
     smoke = args.cpu_smoke or not torch.cuda.is_available()
-    base = CPU_SMOKE if smoke else GPU_DEFAULTS
+    base = CPU_SMOKE if smoke else DIFFMAE_GPU_DEFAULTS if args.method == "diffmae" else GPU_DEFAULTS
     # Flags given override the defaults on CPU too (a bigger toy), so nothing asked is ignored.
     vals = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in base.items()}
     for k in ("img_size", "patch_size", "latent_dim", "steps"):
@@ -460,6 +599,10 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, boo
         raise SystemExit(f"--batch-sizes={vals['batch_sizes']!r}: comma-separated integers") from None
     if bad:
         raise SystemExit(f"--batch-sizes: {', '.join(bad)} must be >= 1")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise SystemExit(f"--mask-ratio={args.mask_ratio} must lie in [0, 1)")
+    if args.decoder_kind not in DIFFMAE_DECODERS:
+        raise SystemExit(f"--decoder-kind={args.decoder_kind!r}: choose one of {', '.join(DIFFMAE_DECODERS)}")
     return vals, torch.device("cpu" if smoke else "cuda"), smoke
 
 
@@ -479,7 +622,7 @@ def resolve_plan(args: argparse.Namespace, vals: dict[str, Any]) -> list[tuple[i
     """[(micro-batch, variants)] in the order they run: --plan as written, else every batch of
     --batch-sizes with every variant of --variants."""
     if args.plan is None:
-        keys = _variant_list(args.variants or "a,b,c,d")
+        keys = _variant_list(args.variants or DEFAULT_VARIANTS[args.method])
         return [(int(b), keys) for b in str(vals["batch_sizes"]).split(",") if b.strip()]
     if args.variants is not None or args.batch_sizes is not None:
         raise SystemExit("--plan names the batches and variants: drop --batch-sizes / --variants")
@@ -508,8 +651,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-TABLE_COLUMNS = ("model", "batch", "variant", "variant_name", "status", "train_gflop", "images_per_s",
-                 "tflops", "mfu", "peak_mem_gib", "peak_reserved_gib", "vs_a", "vs_b", "vs_c", "vs_d",
+TABLE_COLUMNS = ("model", "batch", "mask_ratio", "decoder_kind", "decoder", "variant", "variant_name", "status",
+                 "train_gflop", "images_per_s", "tflops", "mfu", "peak_mem_gib", "peak_reserved_gib", "vs_a", "vs_b", "vs_c", "vs_d",
                  "kernels", "attn", "compile", "cudagraph_skips", "optimizer", "note")
 
 
@@ -553,17 +696,24 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     print(f"reproduce: {cmd}")
     print(f"device: {gpu}; precision: {'bf16 autocast' if amp else 'fp32'}; "
           f"peak: {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'} ({peak_src})")
-    print("FLOPs: training = 3 x forward, forward = ldae_fast.models.flops_per_image "
-          "(matmuls only, 2 per multiply-add; peer counted with cond='none')")
+    diffmae = args.method == "diffmae"
+    if diffmae:
+        print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}")
+        print("FLOPs: ldae_fast.engine.mfu.diffmae_train_flops_per_image (forward + backward, matmuls only, "
+              "2 per multiply-add; encoder on the visible tokens; peer counted without adaLN)")
+    else:
+        print("FLOPs: training = 3 x forward, forward = ldae_fast.models.flops_per_image "
+              "(matmuls only, 2 per multiply-add; peer counted with cond='none')")
     if smoke:
         print(f"CPU smoke run ({'--cpu-smoke' if args.cpu_smoke else 'no CUDA device'}): toy sizes, "
               "timings are not performance numbers")
 
     setup_kw = dict(img_size=vals["img_size"], patch_size=vals["patch_size"], latent_dim=vals["latent_dim"],
-                    device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"])
+                    device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"], method=args.method,
+                    mask_ratio=args.mask_ratio, decoder_kind=args.decoder_kind)
     profile_dir = Path(args.profile) if args.profile else None
     meta = {
-        "benchmark": "train_step", "device": gpu, "smoke": smoke,
+        "benchmark": "train_step", "method": args.method, "device": gpu, "smoke": smoke,
         "precision": "bf16 autocast" if amp else "fp32", "tf32": device.type == "cuda",
         "peak_tflops": peak, "peak_source": peak_src,
         "flop_count": "training = 3 x forward; forward = ldae_fast.models.flops_per_image (matmuls, "
@@ -571,6 +721,13 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
                       "embedding included: ~0.9% above blocks x N x (24w^2 + 4Nw) at ViT-1/2L); "
                       "timm peer counted with cond='none'",
         "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
+        **({"mask_ratio": args.mask_ratio, "decoder_kind": args.decoder_kind,
+            "flop_count": "ldae_fast.engine.mfu.diffmae_train_flops_per_image: forward (matmuls, 2 FLOPs per "
+                          "multiply-add; encoder blocks on 1 + n_keep tokens, decoder on what decoder_kind "
+                          "attends over, attention's quadratic terms included) + backward (2 x forward less "
+                          "the input gradients of the patch, noised-patch and t embeddings), equal to "
+                          "torch.utils.flop_counter's count; timm peer counted without adaLN"}
+           if diffmae else {}),
         "warmup_steps": vals["warmup"], "timed_steps": vals["steps"],
         "timing": "CUDA events around the timed steps" if device.type == "cuda" else "time.perf_counter",
         "compile_backend": args.compile_backend,
