@@ -10,9 +10,11 @@
 #   kernels.json     stage 2: bench/kernels.py --quick (GB/s and the copy bandwidth of the same run)
 #   train_step.json  stage 3: bench/train_step.py ViT-1/2L
 #   learn.json       stage 4: bench/learn_check.py (pretrained vs random-init on real data)
-#   profile.md       stage 5: the top-kernel table of (d), if time is left
-#   gpu_check.log    everything this script printed
-#   summary.md       bench/make_perf_section.py over the files above, rewritten after each stage
+#   diffmae_step.json stage 5: bench/train_step.py --method diffmae, ViT-B and ViT-L at 224 px
+#   profile.md       stage 6: the top-kernel table of (d), if time is left
+#   gpu_check.log    everything this script printed, ending with bench/make_perf_section.py over
+#                    the files above (kept in a scratch folder after each stage, printed at the end;
+#                    `make_perf_section.py --results-dir FILES_AT` rebuilds it from the files)
 #
 # Here, after the last commit (copies 5 train + 1 val Tiny ImageNet shards, about 42 MB, into gpu-data/; fetches
 # wheels into .whl/ only if the GPU image lacks a package; checks what travels fits 64 MiB; records
@@ -39,12 +41,16 @@
 #   train    160   bench/train_step.py ViT-1/2L: (a), (c), (d) at micro-batch 128, (d) at 256 (the
 #                  memory target), then (b) at 128 if started within 80 s
 #   learn    rest  bench/learn_check.py on gpu-data (5 train shards, 1 val): pretraining budget
-#                  min(150, time left - 110) s, the limit 100 s above it (decode, calibration,
-#                  kNN and probe of the pretrained and 3 random-init encoders)
+#                  min(150, time left - 110 - 90) s, but never under min(75, time left - 110) s
+#                  (the 90 s kept for diffmae give way first), the limit 100 s above it (decode,
+#                  calibration, kNN and probe of the pretrained and 3 random-init encoders)
+#   diffmae   90   bench/train_step.py --method diffmae: ViT-B then ViT-L, (a), (c), (d) at
+#                  micro-batch 256, no variant started after 55 s; if 45 s are left
 #   profile  rest  (d) at 128 under the profiler, if 60 s are left: the top-kernel table
 # The first four stages' limits add up to 325 s, so the learning run gets at least 75 s of
-# pretraining even if every earlier stage runs into its limit, and 150 s when they end 65 s
-# sooner than that. A stage that runs into its limit
+# pretraining even if every earlier stage runs into its limit (diffmae is then skipped), and
+# 150 s when they end 155 s sooner than that (the first 90 s of that margin are diffmae's).
+# A stage that runs into its limit
 # gets SIGINT (pytest then prints its summary), SIGKILL 5 s later.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -176,7 +182,9 @@ if [ "$MODE" = gpu ]; then
         --val-shards "$VAL_SHARDS")
     PROFILE=("$PY" bench/train_step.py --sizes halfL --batch-sizes 128 --variants d --warmup 3 --steps 3
         --profile-steps 3)
+    DIFFMAE=("$PY" bench/train_step.py --method diffmae --sizes B,L --plan "256:a,c,d" --warmup 3 --steps 10)
     LIMIT_ENV=20 LIMIT_TESTS=75 LIMIT_KERNELS=70 LIMIT_TRAIN=160 LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
+    LEARN_KEEP=75 DIFFMAE_RESERVE=90 LIMIT_DIFFMAE=90 DIFFMAE_MIN=45 DIFFMAE_TAIL=35
     PROFILE_MIN=60
 else
     # Toy sizes on CPU through the same scripts and files; the Triton kernels run interpreted.
@@ -201,13 +209,15 @@ else
     LEARN=("$PY" bench/learn_check.py --toy --data-dir "$DATA_DIR" --train-shards 1 --val-shards 1)
     PROFILE=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --variants d --warmup 0 --steps 1
         --profile-steps 1)
+    DIFFMAE=("$PY" bench/train_step.py --method diffmae --cpu-smoke --compile-backend eager --plan "4:a,c,d")
     LIMIT_ENV=60 LIMIT_TESTS=150 LIMIT_KERNELS=120 LIMIT_TRAIN=150 LEARN_MAX=10 LEARN_MIN=5 LEARN_EXTRA=140
+    LEARN_KEEP=10 DIFFMAE_RESERVE=0 LIMIT_DIFFMAE=90 DIFFMAE_MIN=20 DIFFMAE_TAIL=30
     PROFILE_MIN=30
 fi
 [ -n "${LDAE_GIT_COMMIT:-}" ] || LDAE_GIT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "")
 export LDAE_GIT_COMMIT
 COMMAND="${LDAE_GIT_COMMIT:+LDAE_GIT_COMMIT=${LDAE_GIT_COMMIT%% *} }bash bench/gpu_check.sh${*:+ $*}"
-KEEP=" env.json tests.log kernels.json train_step.json learn.json profile.md gpu_check.log summary.md "
+KEEP=" env.json tests.log kernels.json train_step.json learn.json diffmae_step.json profile.md gpu_check.log "
 SCRATCH=${TMPDIR:-/tmp}/gpu_check.$$
 START=$SECONDS
 FAILED=0
@@ -242,8 +252,10 @@ tidy() { # only the files that come back stay in $OUT; the rest moves to $SCRATC
 }
 
 summarize() {
-    "$PY" bench/make_perf_section.py --results-dir "$OUT_DIR" --include-cpu --all >"$SCRATCH/summary.md" 2>/dev/null \
-        && mv "$SCRATCH/summary.md" "$OUT_DIR/summary.md"
+    # Kept out of $OUT (8 files come back, and it is rebuilt from them); printed at the end.
+    [ "$DRY" = 1 ] && return 0
+    "$PY" bench/make_perf_section.py --results-dir "$OUT_DIR" --include-cpu --all >"$SCRATCH/summary.md.tmp" 2>/dev/null \
+        && mv "$SCRATCH/summary.md.tmp" "$SCRATCH/summary.md"
 }
 
 stage() { # stage NAME LIMIT FILE LOG CMD...: run CMD under LIMIT, record its row, refresh the summary
@@ -292,8 +304,12 @@ run_stages() {
     stage kernels "$(within "$LIMIT_KERNELS")" kernels.json - "${KERNELS[@]}" --json "$OUT_DIR/kernels.json"
     stage train "$(within "$LIMIT_TRAIN")" train_step.json - "${TRAIN[@]}" --json "$OUT_DIR/train_step.json"
 
-    local budget
-    budget=$(($(left) - LEARN_EXTRA - 10))
+    local budget keep
+    budget=$(($(left) - LEARN_EXTRA - 10 - DIFFMAE_RESERVE))
+    if [ "$budget" -lt "$LEARN_KEEP" ]; then # the DiffMAE stage's reserve gives way first
+        keep=$(($(left) - LEARN_EXTRA - 10))
+        budget=$((keep < LEARN_KEEP ? keep : LEARN_KEEP))
+    fi
     [ "$budget" -gt "$LEARN_MAX" ] && budget=$LEARN_MAX
     [ "$budget" -lt "$LEARN_MIN" ] && budget=$LEARN_MIN
     if [ ! -f bench/learn_check.py ]; then
@@ -303,6 +319,15 @@ run_stages() {
     else
         stage learn "$(within $((budget + LEARN_EXTRA)))" learn.json - "${LEARN[@]}" --budget-s "$budget" \
             --out "$OUT_DIR/learn.json" --device auto
+    fi
+
+    if [ "$(left)" -ge "$DIFFMAE_MIN" ] || [ "$DRY" = 1 ]; then
+        local dlimit
+        dlimit=$(within "$LIMIT_DIFFMAE")
+        stage diffmae "$dlimit" diffmae_step.json - "${DIFFMAE[@]}" \
+            --budget-s "$((dlimit > DIFFMAE_TAIL + 1 ? dlimit - DIFFMAE_TAIL : 1))" --json "$OUT_DIR/diffmae_step.json"
+    else
+        skip diffmae "skipped: $(left) s left, under the $DIFFMAE_MIN s it needs"
     fi
 
     if [ "$(left)" -ge "$PROFILE_MIN" ] || [ "$DRY" = 1 ]; then
@@ -327,7 +352,7 @@ run_stages() {
     tidy
     echo "=== [$((SECONDS - START)) s] done; files in $OUT_DIR:"
     ls -la "$OUT_DIR"
-    cat "$OUT_DIR/summary.md"
+    [ -f "$SCRATCH/summary.md" ] && cat "$SCRATCH/summary.md"
     rm -rf "$SCRATCH/profile" "$SCRATCH/summary.md"
     rmdir "$SCRATCH" 2>/dev/null # kept when it holds files moved out of $OUT
     return $FAILED

@@ -287,8 +287,8 @@ ENVIRONMENT_KEYS = ("date", "command", "python", "platform", "git_commit", "torc
 GPU_CHECK = "gpu_check"
 GPU_CHECK_FILES: dict[str, str | None] = {
     "env.json": GPU_CHECK, "kernels.json": "kernels", "train_step.json": "train_step",
-    "learn.json": "learn_check", "tests.log": None, "profile.md": None, "gpu_check.log": None,
-    "summary.md": None,
+    "learn.json": "learn_check", "diffmae_step.json": "train_step", "tests.log": None, "profile.md": None,
+    "gpu_check.log": None,
 }
 # What a results file written without results_io (bench/learn_check.py) may lack and takes from
 # its gpu_check run's env.json.

@@ -176,7 +176,7 @@ def test_stage_commands_parse_with_todays_flags(mode):
     and on the GPU the first four limits leave the learning run at least 75 s of pretraining, so
     a lent GPU's minutes are not lost to a renamed flag or a plan that cannot fit."""
     stages = _dry_run(*([] if mode == "gpu" else ["--rehearse"]))
-    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "profile"]
+    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
     ts, kb = _load("train_step"), _load("kernels")
     for name, (_, argv) in stages.items():
         scripts = [w for w in argv if w.startswith("bench/") or w == "pytest"]
@@ -195,6 +195,11 @@ def test_stage_commands_parse_with_todays_flags(mode):
                 assert args.json.endswith("train_step.json")
                 if mode == "gpu":
                     assert args.sizes == "halfL" and plan == [(128, ["a", "c", "d"]), (256, ["d"]), (128, ["b"])]
+            elif name == "diffmae":
+                assert args.method == "diffmae" and args.json.endswith("diffmae_step.json")
+                assert [k for _, keys in plan for k in keys] == ["a", "c", "d"] and args.budget_s is not None
+                if mode == "gpu":
+                    assert args.sizes == "B,L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
             else:
                 assert plan[0][1] == ["d"] and args.profile and args.no_write
         elif "bench/learn_check.py" in scripts:
@@ -304,7 +309,8 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     assert r.returncode == (0 if learn else 1), log[-4000:]
 
     names = sorted(p.name for p in out.iterdir())
-    want = {"env.json", "tests.log", "kernels.json", "train_step.json", "profile.md", "gpu_check.log", "summary.md"}
+    want = {"env.json", "tests.log", "kernels.json", "train_step.json", "diffmae_step.json", "profile.md",
+            "gpu_check.log"}
     assert want | ({"learn.json"} if learn else set()) == set(names) and len(names) <= 8, names
 
     envj = json.loads((out / "env.json").read_text())
@@ -314,7 +320,7 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     assert "bash bench/gpu_check.sh --rehearse" in meta["command"] and meta["git_commit"]
     assert meta["data"]["dir"] and meta["files"]["learn.json"] == "learn_check"
     stages = {row["stage"]: row for row in envj["rows"]}
-    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "profile"]
+    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
     for name, row in stages.items():
         if name == "learn" and not learn:
             assert row["status"].startswith("failed: bench/learn_check.py is not in this tree")
@@ -336,16 +342,24 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     assert got[4][:2] == (4, "b") and got[4][2] in ("ok", "skipped: time budget (--budget-s 60)")
     assert ts["meta"]["plan"] == "4:a,c,d;8:d;4:b" and ts["meta"]["git_commit"]
     assert "|" in (out / "profile.md").read_text()
-    assert "### train_step" in (out / "summary.md").read_text()
-    assert "stage train: exit 0" in (out / "gpu_check.log").read_text()
+    dm = json.loads((out / "diffmae_step.json").read_text())
+    assert [(r["model"], r["variant"], r["status"]) for r in dm["rows"]] == [
+        ("DiffMAE tiny", v, "ok") for v in ("a", "c", "d")]
+    assert stages["diffmae"]["rows_ok"] == 3 and dm["meta"]["method"] == "diffmae"
+    log_text = (out / "gpu_check.log").read_text()
+    assert "stage train: exit 0" in log_text and "stage diffmae: exit 0" in log_text
+    # The summary is printed at the end rather than returned as a file of its own.
+    assert "### train_step" in log_text.split("done; files in")[-1]
 
     rio, perf = _load("results_io"), _load("make_perf_section")
     added = rio.import_results(out, home)
     stored = sorted(p.name for p in home.glob("*.json"))
-    assert [n.split("-")[0] for n in stored] == ["gpu_check", "kernels"] + (["learn_check"] if learn else []) + ["train_step"]
+    assert [n.split("-")[0] for n in stored] == (["gpu_check", "kernels"] + (["learn_check"] if learn else [])
+                                                 + ["train_step", "train_step"])
     raw = [p for p in added if p.parent != home]
-    assert sorted(p.name for p in raw) == ["gpu_check.log", "profile.md", "summary.md", "tests.log"]
+    assert sorted(p.name for p in raw) == ["gpu_check.log", "profile.md", "tests.log"]
     assert rio.import_results(out, home) == []
     text = perf.render(home, include_cpu=True)
     for section in ("### gpu_check", "### kernels", "### train_step") + (("### learn_check",) if learn else ()):
         assert section in text, section
+    assert "| DiffMAE tiny |" in text
