@@ -224,6 +224,8 @@ def test_stage_commands_parse_with_todays_flags(mode):
         total = int(re.search(r"GPU_CHECK_TOTAL_S:-(\d+)", text)[1])
         extra = int(re.search(r"LEARN_EXTRA=(\d+)", text)[1])
         assert total <= 540 and total - first_four - extra - 10 >= 75, (total, first_four)
+        # The diffmae stage's reserve gives way before those 75 s do.
+        assert int(re.search(r"LEARN_KEEP=(\d+)", text)[1]) >= 75
         assert f"limits add up to {first_four} s" in text
 
 
