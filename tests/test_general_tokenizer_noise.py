@@ -197,6 +197,14 @@ def test_conv_vae_method_reference_path():
     assert torch.equal(r1.target, nb.target[2:])
     torch.testing.assert_close(m.tokens(x), z0)
     torch.testing.assert_close(m.to_image(z0), tok.decode(z0, 32, 32))
+
+    class Echo(torch.nn.Module):
+        def forward(self, x_in, sigma=None):
+            return x_in
+
+    # Figures: the noisy tokens and the "denoised" ones, shown decoded.
+    (shown_in, shown_out), = m.sample(Echo(), x, [0.5])
+    assert shown_in.shape == shown_out.shape == x.shape
     # An image input goes through the tokenizer's decoder.
     ci = build_config("demo", {**LATENT, "model.input": "image", "model.patch_size": "8", "tokenizer.latent_dim": "8"})
     nbi = build_method(ci, "cpu", tokenizer=tok).add_noise(x, step=3)

@@ -167,8 +167,9 @@ class LDAEMethod:
         shape = (B, 1, 1) if latent_in else (B, 1, 1, 1)
         with torch.no_grad():
             if self.basis is None:
-                # Non-linear: the kernel's draws on the reference stream (per sample keyed on the
-                # counter of its first element), so ranks and micro-batches draw what one process does.
+                # Non-linear: eps from the reference stream on the kernel's counter layout (sample
+                # b keyed on the counter of its first element), so ranks and micro-batches draw
+                # what one process draws and a resume redraws the same noise.
                 z0 = self.tok.encode(x.float()).float()
                 eps = reference_eps(seed, row * N * d, B, N, d, x.device)
                 zt = gamma.float().view(B, 1, 1) * z0 + sigma.float().view(B, 1, 1) * eps
