@@ -87,6 +87,19 @@ def test_kernel_bf16_with_a_separate_decoder(kernel_device):
     assert err < 0.05, err
 
 
+def test_every_face_takes_the_decoder(kernel_device):
+    """The launcher and the autograd.Function (torch < 2.4's op) give the custom op's output."""
+    from ldae_fast.kernels.noise import LatentNoiseFunction, latent_noise_triton
+
+    p, H, W, B, d = 4, 8, 8, 2, 6
+    x, E, G, mean, gamma, sigma = _inputs(p, H, W, B, d, device=kernel_device)
+    want = latent_noise(x, E, mean, gamma, sigma, p, seed=8, offset=3, return_z0=True, decoder=G)
+    launcher = latent_noise_triton(x, E, mean, gamma, sigma, p, 8, 3, True, False, decoder=G)
+    fn = LatentNoiseFunction.apply(x, E, mean, gamma, sigma, p, 8, 3, True, False, G)
+    for got in (launcher, fn):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2].numel() == 0
+
+
 def test_reference_path_with_a_separate_decoder():
     p, H, W, B, d = 4, 8, 12, 3, 7
     x, E, G, mean, gamma, sigma = _inputs(p, H, W, B, d)
