@@ -43,13 +43,16 @@ def latent_noise(
     sigma: torch.Tensor,
     eps: torch.Tensor,
     p: int,
+    decoder: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The l-DAE noise op with a given eps.
+    """The l-DAE noise op with a given eps, for any linear tokenizer.
 
-    z0 = (patchify(x) - mu) V_d^T, z_t = gamma_b z0 + sigma_b eps, x_noisy = unpatchify(z_t V_d + mu).
-    basis is V_d (d, D); gamma, sigma are (B,); eps is (B, N, d). Returns (x_noisy, z0), computed in
-    float32 and returned in x's dtype. The components of x outside span(V_d) are dropped, as in
-    the paper: the network sees only the d-dimensional latent, projected back to pixels.
+    z0 = (patchify(x) - mu) E^T, z_t = gamma_b z0 + sigma_b eps, x_noisy = unpatchify(z_t G^T + mu),
+    with the encoder E = `basis` (d, D) and the decoder G = `decoder` (D, d); decoder None is PCA's
+    G = V_d^T, so x_noisy = unpatchify(z_t V_d + mu). gamma, sigma are (B,); eps is (B, N, d).
+    Returns (x_noisy, z0), computed in float32 and returned in x's dtype. The components of x the
+    decoder's range does not hold are dropped, as in the paper: the network sees only the
+    d-dimensional latent, mapped back to pixels.
     """
     B, C, H, W = x.shape
     dt = x.dtype
@@ -57,7 +60,8 @@ def latent_noise(
     V = basis.float()
     z0 = (tok - mean.float()) @ V.t()
     zt = gamma.float().view(B, 1, 1) * z0 + sigma.float().view(B, 1, 1) * eps.float()
-    out = unpatchify(zt @ V + mean.float(), p, H, W, C)
+    back = zt @ V if decoder is None else zt @ decoder.float().t()
+    out = unpatchify(back + mean.float(), p, H, W, C)
     return out.to(dt), z0.to(dt)
 
 

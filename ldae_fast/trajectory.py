@@ -10,8 +10,9 @@ center crops and no augmentation (every trajectory row before the last, l-DAE Se
 What cannot be reproduced as the paper had it is said in `note`: the DiT baseline's VQGAN and its
 perceptual loss need supervised (VGG) weights that cannot be fetched, and would make the rows
 illegitimate for self-supervised learning anyway, so those rows run with the project's own conv
-VAE (tokenizer kind 'conv-vae', fitted by `ldae-fast fit-tokenizer`). Rows whose tokenizer kind
-is not registered yet fail to build with a config error naming tokenizer.kind.
+VAE (tokenizer kind 'conv-vae', fitted by `ldae-fast fit-tokenizer`). Every row trains: l-DAE
+noises the patch-wise AE / VAE through their encoder and decoder, the conv VAE through its
+reference path (docs/tokenizers.md).
 
 This module is plain data (it imports nothing of the project), so config.py can read it.
 """

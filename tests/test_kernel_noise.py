@@ -294,7 +294,7 @@ loss = importlib.import_module("ldae_fast.kernels.pca_loss")
 i32 = dict.fromkeys(["N", "d", "D", "HW", "W", "wp", "CHW"], "i32")
 tiles = dict(P=16, BLOCK_T=128, BLOCK_D=64, BLOCK_K=16, DOT_PREC="tf32x3")
 jobs = [
-    (noise._latent_noise_kernel, dict(x_ptr="*bf16", out_ptr="*bf16", v_ptr="*fp32", mu_ptr="*fp32",
+    (noise._latent_noise_kernel, dict(x_ptr="*bf16", out_ptr="*bf16", v_ptr="*fp32", g_ptr="*fp32", mu_ptr="*fp32",
      gamma_ptr="*fp32", sigma_ptr="*fp32", z0_ptr="*fp32", eps_ptr="*fp32", seed="i64", offset="i32", **i32),
      dict(tiles, STORE_Z0=True, STORE_EPS=True)),
     (loss._pca_loss_fwd_kernel, dict(pred_ptr="*bf16", tgt_ptr="*fp32", v_ptr="*fp32", lam_ptr="*fp32",
@@ -355,7 +355,12 @@ def test_opcheck(device):
     x, basis, mean, gamma, sigma = _inputs(p, H, W, B, d, torch.float32, device)
     # test_autograd_registration is meaningless for an op with no gradient.
     torch.library.opcheck(torch.ops.ldae.latent_noise.default,
-                          (x, basis, mean, gamma, sigma, p, 3, 0, True, True),
+                          (x, basis, mean, gamma, sigma, p, 3, 0, True, True, None),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    # A separate decoder G (D, d): the general linear tokenizer's call.
+    G = torch.randn(basis.shape[1], d, device=device)
+    torch.library.opcheck(torch.ops.ldae.latent_noise.default,
+                          (x, basis, mean, gamma, sigma, p, 3, 0, True, False, G),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -187,23 +187,6 @@ def test_conv_vae_names_the_fields_it_cannot_honour():
         build_config("demo", {"tokenizer.kind": "vqgan"})
 
 
-def test_ldae_refuses_a_non_orthonormal_linear_tokenizer(tmp_path):
-    """l-DAE's noise and PCA-space loss use one orthonormal basis both ways; a fitted AE is not
-    one, so training with it is refused (one clear config error) rather than silently wrong."""
-    from ldae_fast.config import ConfigError
-    from ldae_fast.engine.loop import train
-
-    over = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-            "data.img_size": "16", "data.batch_size": "4", "data.synthetic_images": "32",
-            "tokenizer.fit_images": "16", "tokenizer.kind": "patch-ae", "tokenizer.fit_steps": "50",
-            "tokenizer.latent_dim": "8", "engine.kernels": "reference", "engine.progress": "false",
-            "eval.probe": "false", "eval.figure": "false", "engine.steps": "3", "engine.ckpt_every": "3",
-            "optim.warmup_epochs": "0",
-            "engine.out_dir": str(tmp_path / "run")}
-    with pytest.raises(ConfigError, match="orthonormal"):
-        train(build_config("demo", over))
-
-
 FIT = ["--tokenizer.fit_images=16", "--data.synthetic_images=32", "--data.batch_size=8", "--data.img_size=16"]
 
 

@@ -1,11 +1,12 @@
-"""Fused l-DAE noise: image -> patchify -> PCA latent -> add noise -> inverse PCA -> noisy image.
+"""Fused l-DAE noise: image -> patchify -> latent -> add noise -> decode -> noisy image, for any
+linear tokenizer (encoder E (d, D), decoder G (D, d); PCA is E = V_d, G = V_d^T).
 
 One program owns BLOCK_T consecutive tokens of one image. It walks the patch dimension D in
 chunks of BLOCK_D, loading each (BLOCK_T, BLOCK_D) tile straight from NCHW memory by index
-arithmetic (no patchify copy), and accumulates z0 = (x - mu) V_d^T with tl.dot. It then draws eps
-in registers, forms z_t = gamma_b z0 + sigma_b eps, and walks D again writing z_t V_d + mu back in
-image layout. HBM traffic is one read and one write of the image (plus the small basis, which
-stays in L2); the latent never leaves registers unless z0 / eps are asked for.
+arithmetic (no patchify copy), and accumulates z0 = (x - mu) E^T with tl.dot. It then draws eps
+in registers, forms z_t = gamma_b z0 + sigma_b eps, and walks D again writing z_t G^T + mu back in
+image layout. HBM traffic is one read and one write of the image (plus the small maps, which
+stay in L2); the latent never leaves registers unless z0 / eps are asked for.
 
 eps comes from Philox-4x32-10, the generator behind tl.randn, keyed on `seed` and a 64-bit counter
 `offset + ((b * N + n) * d + k)` for sample b, token n, latent k. Same (seed, offset) -> the same
@@ -17,7 +18,7 @@ Layers: `_latent_noise_kernel` (@triton.jit) -> `latent_noise_triton` (launcher,
 traces around it, an autograd.Function otherwise; or the plain-PyTorch path with kernels='reference').
 """
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -47,7 +48,7 @@ _MAX_OFFSET = 1 << 62  # keeps offset + B*N*d inside int64 inside the kernel
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _latent_noise_kernel(
-    x_ptr, out_ptr, v_ptr, mu_ptr, gamma_ptr, sigma_ptr, z0_ptr, eps_ptr,
+    x_ptr, out_ptr, v_ptr, g_ptr, mu_ptr, gamma_ptr, sigma_ptr, z0_ptr, eps_ptr,
     seed, offset,
     N, d, D, HW, W, wp, CHW,
     P: tl.constexpr,
@@ -68,7 +69,7 @@ def _latent_noise_kernel(
     k = tl.arange(0, BLOCK_K)
     k_mask = k < d
 
-    # Pass 1: z0 = (x - mu) V_d^T. Patch elements run in (C, P, P) order (basis and mean were
+    # Pass 1: z0 = (x - mu) E^T. Patch elements run in (C, P, P) order (the maps and mean were
     # permuted to match), so a tile row is a set of P-pixel runs contiguous in NCHW memory.
     z = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for j0 in range(0, D, BLOCK_D):
@@ -100,22 +101,23 @@ def _latent_noise_kernel(
         tl.store(eps_ptr + lat_off, eps, mask=lat_mask)
     g = tl.load(gamma_ptr + b)
     s = tl.load(sigma_ptr + b)
-    # Padding latents (k >= d) carry noise here but meet zero rows of V below.
+    # Padding latents (k >= d) carry noise here but meet zero rows of G^T below.
     z = g * z + s * eps
 
-    # Pass 2: x_noisy = z_t V_d + mu, written back where the tile came from.
+    # Pass 2: x_noisy = z_t G^T + mu, written back where the tile came from. G^T arrives as a
+    # (d, D) matrix like E (for PCA it is the same tensor), so both passes index it alike.
     for j0 in range(0, D, BLOCK_D):
         j = j0 + tl.arange(0, BLOCK_D)
         j_mask = j < D
         el_off = (j // (P * P)) * HW + ((j // P) % P) * W + (j % P)
-        v = tl.load(v_ptr + k[:, None] * D + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
+        v = tl.load(g_ptr + k[:, None] * D + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
         mu = tl.load(mu_ptr + j, mask=j_mask, other=0.0)
         o = tl.dot(z, v, input_precision=DOT_PREC) + mu[None, :]
         m = t_mask[:, None] & j_mask[None, :]
         tl.store(o_base + tok_off[:, None] + el_off[None, :], o.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps):
+def _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder=None):
     """Metadata-only checks (they run on FakeTensors too); returns (B, C, H, W, N, d, D)."""
     check_tensor(x, "x", _OP, ndim=4, dtypes=IMAGE_DTYPES)
     dev = x.device
@@ -128,6 +130,12 @@ def _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, retu
     if basis.shape[1] != D or not 1 <= d <= D:
         raise ValueError(f"{_OP}: basis must be V_d of shape (d, {D}) with 1 <= d <= {D} for "
                          f"{C} channels and patch size {p}; got {tuple(basis.shape)}")
+    if decoder is not None:
+        # Any strides: the launcher copies G^T into the kernel's patch order anyway.
+        check_tensor(decoder, "decoder", _OP, ndim=2, dtypes=(torch.float32,), device=dev, contiguous=False)
+        if tuple(decoder.shape) != (D, d):
+            raise ValueError(f"{_OP}: decoder must be G of shape (D, d) = ({D}, {d}) for the basis "
+                             f"{tuple(basis.shape)}; got {tuple(decoder.shape)}")
     check_tensor(mean, "mean", _OP, ndim=1, dtypes=(torch.float32,), device=dev)
     if mean.shape[0] != D:
         raise ValueError(f"{_OP}: mean must have shape ({D},), got {tuple(mean.shape)}")
@@ -146,7 +154,7 @@ def _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, retu
     return B, C, H, W, N, d, D
 
 
-def _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps):
+def _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder=None):
     """Allocate and launch; inputs already checked. Returns (x_noisy, z0, eps), the last two
     empty (numel 0) unless asked for."""
     B, C, H, W = x.shape
@@ -158,6 +166,8 @@ def _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps
     z0 = torch.empty(lat if return_z0 else (0,), device=x.device, dtype=torch.float32)
     eps = torch.empty(lat if return_eps else (0,), device=x.device, dtype=torch.float32)
     v_cm = patch_major_to_channel_major(basis, p, C)
+    # decoder None (PCA): pass 2 reads the very tensor pass 1 does, so its output is unchanged.
+    g_cm = v_cm if decoder is None else patch_major_to_channel_major(decoder.t(), p, C)
     mu_cm = patch_major_to_channel_major(mean, p, C)
     if is_interpreted(_latent_noise_kernel):
         cands = interpreter_tiles(N, D, d)
@@ -167,7 +177,7 @@ def _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps
     def run(t):
         with device_guard(x.device):
             _latent_noise_kernel[(triton.cdiv(N, t.BLOCK_T), B)](
-                x, out, v_cm, mu_cm, gamma, sigma, z0, eps,
+                x, out, v_cm, g_cm, mu_cm, gamma, sigma, z0, eps,
                 int(seed), int(offset),
                 N, d, D, H * W, W, W // p, C * H * W,
                 P=p, BLOCK_T=t.BLOCK_T, BLOCK_D=t.BLOCK_D, BLOCK_K=t.BLOCK_K,
@@ -180,25 +190,25 @@ def _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps
 
 
 def latent_noise_triton(x, basis, mean, gamma, sigma, p, seed, offset=0, return_z0=False,
-                        return_eps=False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        return_eps=False, decoder=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The host launcher: checks every argument, then runs the kernel (no autograd, no op
     registration). Returns (x_noisy, z0, eps); z0 / eps have numel 0 unless asked for."""
-    _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps)
-    return _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps)
+    _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder)
+    return _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder)
 
 
 class LatentNoiseFunction(torch.autograd.Function):
     """The op for torch < 2.4 (and for callers who want an autograd.Function): no gradient."""
 
     @staticmethod
-    def forward(ctx, x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps):
-        outs = _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps)
+    def forward(ctx, x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder=None):
+        outs = _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder)
         ctx.mark_non_differentiable(*outs)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):  # pragma: no cover - outputs are non-differentiable
-        return (None,) * 10
+        return (None,) * 11
 
 
 _custom_op = None
@@ -208,11 +218,12 @@ if has_custom_op():
     def _latent_noise_op(
         x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor, gamma: torch.Tensor,
         sigma: torch.Tensor, p: int, seed: int, offset: int, return_z0: bool, return_eps: bool,
+        decoder: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps)
+        return _launch(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder)
 
     @_latent_noise_op.register_fake
-    def _latent_noise_fake(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps):
+    def _latent_noise_fake(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder):
         B, C, H, W = x.shape
         d = basis.shape[0]
         N = (H // p) * (W // p)
@@ -241,12 +252,12 @@ def reference_eps(seed: int, offset: int, B: int, N: int, d: int, device) -> tor
     return eps
 
 
-def _reference_noise(x, basis, mean, gamma, sigma, p, seed, offset):
+def _reference_noise(x, basis, mean, gamma, sigma, p, seed, offset, decoder=None):
     """kernels='reference': the same math through reference.py with eps from `reference_eps`."""
     B, C, H, W = x.shape
     N = (H // p) * (W // p)
     eps = reference_eps(seed, offset, B, N, basis.shape[0], x.device)
-    out, _ = reference.latent_noise(x, basis, mean, gamma, sigma, eps, p)
+    out, _ = reference.latent_noise(x, basis, mean, gamma, sigma, eps, p, decoder)
     z0 = (reference.patchify(x.float(), p) - mean.float()) @ basis.float().t()
     return out, z0, eps
 
@@ -263,18 +274,23 @@ def latent_noise(
     return_z0: bool = False,
     return_eps: bool = False,
     *,
+    decoder: Optional[torch.Tensor] = None,
     kernels: str = "triton",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """Noise images in the d-dimensional PCA latent of each patch, in one pass over memory.
+    """Noise images in the d-dimensional latent of each patch of a linear tokenizer, in one pass
+    over memory.
 
-    z0 = (patchify(x) - mean) basis^T, z_t = gamma_b z0 + sigma_b eps,
-    x_noisy = unpatchify(z_t basis + mean); see `reference.latent_noise` for the spec.
+    z0 = (patchify(x) - mean) E^T, z_t = gamma_b z0 + sigma_b eps,
+    x_noisy = unpatchify(z_t G^T + mean), E = basis, G = decoder (PCA: G = basis^T, so
+    x_noisy = unpatchify(z_t basis + mean)); see `reference.latent_noise` for the spec.
 
     Args:
         x: (B, C, H, W) images, float32 / bfloat16 / float16, contiguous; H and W divisible by p.
-        basis: V_d, (d, C p^2) float32 with orthonormal rows, 1 <= d <= C p^2, in MAE's
-            (p, p, C) patch order.
-        mean: (C p^2,) float32 patch mean.
+        basis: the encoder E, (d, C p^2) float32, 1 <= d <= C p^2, in MAE's (p, p, C) patch
+            order; for PCA V_d, orthonormal rows.
+        mean: (C p^2,) float32 patch mean (the tokenizer's affine offset).
+        decoder: the decoder G, (C p^2, d) float32 in the same patch order, for a tokenizer whose
+            decoder is not basis^T (a patch-wise AE / VAE); None: G = basis^T.
         gamma, sigma: (B,) float32 per-sample coefficients.
         p: patch size.
         seed: 0 <= seed < 2**63, the Philox key.
@@ -292,13 +308,13 @@ def latent_noise(
     """
     if kernels not in ("triton", "reference"):
         raise ValueError(f"{_OP}: kernels={kernels!r}; choose 'triton' or 'reference'")
-    _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps)
+    _check_inputs(x, basis, mean, gamma, sigma, p, seed, offset, return_z0, return_eps, decoder)
     if kernels == "reference":
         with torch.no_grad():
-            out, z0, eps = _reference_noise(x, basis, mean, gamma, sigma, p, seed, offset)
+            out, z0, eps = _reference_noise(x, basis, mean, gamma, sigma, p, seed, offset, decoder)
     else:
         args = (x.detach(), basis.detach(), mean.detach(), gamma.detach(), sigma.detach(),
-                p, seed, offset, return_z0, return_eps)
+                p, seed, offset, return_z0, return_eps, None if decoder is None else decoder.detach())
         if _custom_op is not None:
             out, z0, eps = _custom_op(*args)
         else:

@@ -4,6 +4,17 @@ Final recipe (DESIGN.md): t ~ U(0, 1) per sample, gamma_t = 1, sigma_t = sqrt(2)
 the first d latent components of each patch (a linear tokenizer: PCA or pixels); the network sees
 the decoded noisy image and predicts the clean image; loss weighted 1 / (1 + sigma^2) per sample
 and w_i = 1 / 0.1 across PCA components.
+
+Every tokenizer trains (l-DAE Tables 1-2):
+- linear (`linear_maps()` gives encoder E (d, D), decoder G (D, d)): the fused noise kernel,
+  z0 = (patch - mean) E^T, x_in = z_t G^T + mean; PCA and pixels (G = E^T) take its one-basis call.
+  The x0 loss's weights w (low on the first d components, high on the rest) are defined in the
+  orthonormal PCA basis only: with another linear map, x0 is refused unless low = high, where the
+  loss is high |x - x_hat|^2 per patch, the same in any basis.
+- non-linear (the conv VAE, `linear_maps()` None): the reference path, z0 = tokenizer.encode(x)
+  (the posterior mean, no gradient), eps from `reference_eps` on the kernel's counter layout,
+  z_t = gamma z0 + sigma eps, fed as tokens or decoded by tokenizer.decode. The network must
+  output latent tokens: an image output would need a gradient through the non-linear encoder.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from ..batch import Batch
 from ..config import Config, ConfigError
 from ..kernels import latent_noise, pca_loss
 from ..kernels.dispatch import resolve_kernels
+from ..kernels.noise import reference_eps
 from ..markers import nvtx_range
 from ..reference import patchify, unpatchify
 from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
@@ -56,27 +68,50 @@ class LDAEMethod:
         self._mode = cfg.engine.kernels if kernels is None else kernels
         self.kernels = resolve_kernels(self._mode, self.device)
         self.tok: Tokenizer | None = None
+        self.basis: torch.Tensor | None = None
+        """The encoder E (d, D) of a linear tokenizer (PCA: V_d); None for a non-linear one."""
+        self.decoder: torch.Tensor | None = None
+        """The decoder G (D, d) when it is not basis^T (a patch-wise AE / VAE); else None."""
+        self.mean: torch.Tensor | None = None
+        # The conv VAE's kind is known before its (slow) fit: refuse what it cannot train up front.
+        if tokenizer is None and not cfg.tokenizer.path and cfg.tokenizer.kind == "conv-vae":
+            self._check_tokenizer(cfg.tokenizer.kind, linear=False, orthonormal=False)
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
     # setup ----------------------------------------------------------------------------------
+    def _check_tokenizer(self, kind: str, linear: bool, orthonormal: bool) -> None:
+        m, n = self.cfg.model, self.noise_cfg
+        if not linear and m.output != "latent":
+            raise ConfigError(
+                f"tokenizer.kind={kind!r} is not linear: l-DAE needs model.output='latent' with noise.target "
+                f"'z0' or 'eps' (got model.output={m.output!r}, noise.target={n.target!r}); an image output's "
+                "loss would need a gradient through its non-linear encoder")
+        if linear and not orthonormal and n.target == "x0" and n.low_weight != n.high_weight:
+            raise ConfigError(
+                f"noise.target='x0' with noise.low_weight={n.low_weight:g} != noise.high_weight={n.high_weight:g} "
+                f"weighs the residual's PCA components, which tokenizer.kind={kind!r} (a linear map that is not "
+                "an orthonormal basis used both ways) does not define; use tokenizer.kind=pca, equal weights "
+                "(a plain pixel loss), or noise.target='z0' / 'eps'")
+
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         maps = tokenizer.linear_maps()
-        if maps is None:
-            raise ConfigError(f"tokenizer.kind={tokenizer.kind!r} is not linear; l-DAE's noise and "
-                              "PCA-space loss need a linear tokenizer (pca or pixel)")
-        enc, dec = maps
-        eye = torch.eye(enc.shape[0], dtype=enc.dtype, device=enc.device)
-        # The noise path and the PCA-space loss use one basis both ways (decoder = encoder^T) and
-        # rely on its rows being orthonormal; a fitted AE/VAE map is neither, and would train on a
-        # silently wrong latent.
-        if not (torch.allclose(dec, enc.T, atol=1e-5) and torch.allclose(enc @ enc.T, eye, atol=1e-4)):
-            raise ConfigError(f"tokenizer.kind={tokenizer.kind!r}: l-DAE's noise and loss need an orthonormal "
-                              "basis with decoder = encoder^T (pca, pixel); a general linear encoder / decoder "
-                              "(patch-ae, patch-vae) is not supported by the noise path yet")
+        orthonormal = False
+        if maps is not None:
+            enc, dec = maps
+            eye = torch.eye(enc.shape[0], dtype=enc.dtype, device=enc.device)
+            orthonormal = bool(torch.allclose(dec, enc.T, atol=1e-5) and torch.allclose(enc @ enc.T, eye, atol=1e-4))
+        self._check_tokenizer(tokenizer.kind, maps is not None, orthonormal)
         self.tok = tokenizer.to(self.device)
+        maps = self.tok.linear_maps()
+        if maps is None:
+            self.basis = self.decoder = self.mean = None
+            return
+        enc, dec = maps
         # The loss needs only V_d: the identity in DESIGN.md avoids the (D, D) product per token.
-        self.basis = self.tok.linear_maps()[0].contiguous()
+        self.basis = enc.contiguous()
+        # Exactly E^T (PCA, pixels) keeps the one-basis kernel call, bit for bit as it always was.
+        self.decoder = None if torch.equal(dec, enc.t()) else dec.contiguous()
         self.mean = self.tok.mean.contiguous()
 
     def to(self, device: torch.device | str) -> LDAEMethod:
@@ -128,18 +163,28 @@ class LDAEMethod:
         seed = derive_seed(self.cfg.engine.seed, TAG_NOISE, step)
         latent_in = self.cfg.model.input == "latent"
         want_z0, want_eps = latent_in or target == "z0", latent_in or target == "eps"
+        d = self.tokenizer.d
+        shape = (B, 1, 1) if latent_in else (B, 1, 1, 1)
         with torch.no_grad():
-            # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
-            out = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
-                               seed=seed, offset=row * N * self.tok.d, return_z0=want_z0,
-                               return_eps=want_eps, kernels=self.kernels)
-            parts = list(out) if (want_z0 or want_eps) else [out]
-            x_in = parts.pop(0)
-            z0 = parts.pop(0) if want_z0 else None
-            eps = parts.pop(0) if want_eps else None
-            shape = (B, 1, 1) if latent_in else (B, 1, 1, 1)
-            if latent_in:
-                x_in = gamma.float().view(shape) * z0 + sigma.float().view(shape) * eps
+            if self.basis is None:
+                # Non-linear: eps from the reference stream on the kernel's counter layout (sample
+                # b keyed on the counter of its first element), so ranks and micro-batches draw
+                # what one process draws and a resume redraws the same noise.
+                z0 = self.tok.encode(x.float()).float()
+                eps = reference_eps(seed, row * N * d, B, N, d, x.device)
+                zt = gamma.float().view(B, 1, 1) * z0 + sigma.float().view(B, 1, 1) * eps
+                x_in = zt if latent_in else self.tok.decode(zt, x.shape[2], x.shape[3]).to(x.dtype)
+            else:
+                # The kernel's counter for element (b, n, i) is offset + (b*N + n)*d + i.
+                out = latent_noise(x, self.basis, self.mean, gamma.float(), sigma.float(), self.p,
+                                   seed=seed, offset=row * N * d, return_z0=want_z0,
+                                   return_eps=want_eps, decoder=self.decoder, kernels=self.kernels)
+                parts = list(out) if (want_z0 or want_eps) else [out]
+                x_in = parts.pop(0)
+                z0 = parts.pop(0) if want_z0 else None
+                eps = parts.pop(0) if want_eps else None
+                if latent_in:
+                    x_in = gamma.float().view(shape) * z0 + sigma.float().view(shape) * eps
             if self.noise_cfg.input_scaling:
                 x_in = x_in / (gamma.square() + sigma.square()).sqrt().view(shape).to(x_in.dtype)
         if target == "x0":
@@ -147,15 +192,22 @@ class LDAEMethod:
         return x_in, (z0 if target == "z0" else eps)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Clean images (B, C, H, W) -> their latent tokens z0 (B, N, d)."""
+        """Clean images (B, C, H, W) -> their latent tokens z0 (B, N, d), through the encoder E
+        (differentiable) or a non-linear tokenizer's encode (no gradient)."""
+        if self.basis is None:
+            return self.tokenizer.encode(x.float()).float()
         return (patchify(x.float(), self.p) - self.mean) @ self.basis.t()
 
     def to_image(self, t: torch.Tensor) -> torch.Tensor:
-        """Latent tokens (B, N, d) back to an image through the tokenizer; an image passes through."""
+        """Latent tokens (B, N, d) back to an image through the tokenizer's decoder G (or its
+        decode); an image passes through."""
         if t.dim() != 3:
             return t
         s = self.cfg.data.img_size
-        return unpatchify(t.float() @ self.basis + self.mean, self.p, s, s)
+        if self.basis is None:
+            return self.tokenizer.decode(t.float(), s, s).float()
+        back = self.basis if self.decoder is None else self.decoder.t()
+        return unpatchify(t.float() @ back + self.mean, self.p, s, s)
 
     def add_noise(self, x: torch.Tensor, step: int, t: torch.Tensor | None = None, micro: int = 0,
                   accum: int = 1) -> NoisyBatch:
