@@ -44,12 +44,12 @@
 #                  min(150, time left - 110 - 90) s, but never under min(75, time left - 110) s
 #                  (the 90 s kept for diffmae give way first), the limit 100 s above it (decode,
 #                  calibration, kNN and probe of the pretrained and 3 random-init encoders)
-#   diffmae   90   bench/train_step.py --method diffmae: ViT-B then ViT-L, (a), (c), (d) at
+#   diffmae   90   bench/train_step.py --method diffmae: ViT-L then ViT-B, (a), (c), (d) at
 #                  micro-batch 256, no variant started after 55 s; if 45 s are left
 #   profile  rest  (d) at 128 under the profiler, if 60 s are left: the top-kernel table
 # The first four stages' limits add up to 325 s, so the learning run gets at least 75 s of
 # pretraining even if every earlier stage runs into its limit (diffmae is then skipped), and
-# 150 s when they end 155 s sooner than that (the first 90 s of that margin are diffmae's).
+# 150 s when they end 165 s sooner than that (the first 90 s of that margin are diffmae's).
 # A stage that runs into its limit
 # gets SIGINT (pytest then prints its summary), SIGKILL 5 s later.
 set -uo pipefail
@@ -182,7 +182,7 @@ if [ "$MODE" = gpu ]; then
         --val-shards "$VAL_SHARDS")
     PROFILE=("$PY" bench/train_step.py --sizes halfL --batch-sizes 128 --variants d --warmup 3 --steps 3
         --profile-steps 3)
-    DIFFMAE=("$PY" bench/train_step.py --method diffmae --sizes B,L --plan "256:a,c,d" --warmup 3 --steps 10)
+    DIFFMAE=("$PY" bench/train_step.py --method diffmae --sizes L,B --plan "256:a,c,d" --warmup 3 --steps 10)
     LIMIT_ENV=20 LIMIT_TESTS=75 LIMIT_KERNELS=70 LIMIT_TRAIN=160 LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
     LEARN_KEEP=75 DIFFMAE_RESERVE=90 LIMIT_DIFFMAE=90 DIFFMAE_MIN=45 DIFFMAE_TAIL=35
     PROFILE_MIN=60

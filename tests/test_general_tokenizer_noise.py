@@ -236,6 +236,18 @@ def test_conv_vae_refuses_an_image_output_before_its_fit():
         build_method(c, "cpu", tokenizer=_conv_vae())
 
 
+@pytest.mark.parametrize("kind", ["patch-ae", "patch-vae"])
+def test_patch_ae_vae_refuse_the_weighted_x0_loss_before_their_fit(kind):
+    # build_method fits nothing: a refusal here comes before the (slow) tokenizer fit.
+    c = build_config("demo", {"tokenizer.kind": kind, "tokenizer.latent_dim": "8", "noise.target": "x0",
+                              "noise.low_weight": "1", "noise.high_weight": "0.1"})
+    with pytest.raises(ConfigError, match=rf"noise.target='x0'.*tokenizer.kind='{kind}'"):
+        build_method(c, "cpu")
+    # The same kind with the latent target builds (and would fit in prepare()).
+    ok = build_config("demo", {**LATENT, "tokenizer.kind": kind, "tokenizer.latent_dim": "8"})
+    assert build_method(ok, "cpu").tok is None
+
+
 @pytest.mark.parametrize("kind", ["patch-ae", "patch-vae", "conv-vae"])
 def test_method_state_round_trips_every_kind(kind, tmp_path):
     tok = {"patch-ae": _patch_ae, "patch-vae": lambda: _patch_ae(cls=PatchVAETokenizer),

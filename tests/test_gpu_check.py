@@ -38,8 +38,8 @@ def _load(name: str):
 
 # ViT-1/2L's step: 256 px, patch 16, d = 128, micro-batch 64; a DiT block's tokens (256 + class)
 # at width 1024. In the interpreter the same code at a toy size.
-REAL = {"noise": (64, 256, 16, 128), "loss": (64, 256, 16, 128), "adaln": (64, 257, 1024)}
-TOY = {"noise": (2, 32, 16, 128), "loss": (2, 32, 16, 128), "adaln": (2, 9, 64)}
+REAL = {"noise": (64, 256, 16, 128), "noise-G": (64, 256, 16, 32), "loss": (64, 256, 16, 128), "adaln": (64, 257, 1024)}
+TOY = {"noise": (2, 32, 16, 128), "noise-G": (2, 32, 16, 32), "loss": (2, 32, 16, 128), "adaln": (2, 9, 64)}
 # Below this share of the largest magnitude an error is rounding of the output dtype, not a bug.
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-9 / 10}
 
@@ -59,12 +59,13 @@ def _within(name, got, truth, yard, floor_dtype):
     assert err <= 2 * err_ref + floor, (name, err, err_ref, floor)
 
 
-def _noise_math(dt, x, basis, mean, gamma, sigma, eps, p):
+def _noise_math(dt, x, basis, mean, gamma, sigma, eps, p, decoder=None):
     B, _, H, W = x.shape
     V = basis.to(dt)
+    G = V.t() if decoder is None else decoder.to(dt)
     z0 = (reference.patchify(x.to(dt), p) - mean.to(dt)) @ V.t()
     zt = gamma.to(dt).view(B, 1, 1) * z0 + sigma.to(dt).view(B, 1, 1) * eps.to(dt)
-    return reference.unpatchify(zt @ V + mean.to(dt), p, H, W, 3), z0
+    return reference.unpatchify(zt @ G.t() + mean.to(dt), p, H, W, 3), z0
 
 
 def _loss_math(dt, pred, target, basis, lam, p):
@@ -84,30 +85,36 @@ def _adaln_math(dt, x, mod, dy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("op", ["noise", "loss", "adaln"])
+@pytest.mark.parametrize("op", ["noise", "noise-G", "loss", "adaln"])
 def test_kernel_matches_reference_at_real_shape(kernel_device, op, dtype):
     """Compiled on a GPU (LDAE_GPU_TESTS=1: gpu_check's first stage) at the training shapes, where
     tiles, masks and reductions differ from the tiny shapes of the kernel test files. Against
     float64 from the same inputs the kernel errs at most twice as much as the yardstick: in fp32
     the plain-PyTorch reference (ldae_fast.reference), in bf16 the same math done by PyTorch in
-    bf16 (the kernel test files' rule)."""
+    bf16 (the kernel test files' rule). 'noise-G' is the noise with a separate decoder G (a patch
+    AE / VAE tokenizer), whose second pass reads G across several tiles only at real shapes."""
     device = kernel_device
     g = torch.Generator().manual_seed(0)
-    if op in ("noise", "loss"):
+    if op in ("noise", "noise-G", "loss"):
         B, S, p, d = (REAL if device == "cuda" else TOY)[op]
         D = 3 * p * p
         basis = _basis(D, d).to(device)
-    if op == "noise":
+    if op in ("noise", "noise-G"):
         x = torch.randn(B, 3, S, S, generator=g).to(dtype).to(device)
         mean = (0.1 * torch.randn(D, generator=g)).to(device)
         gamma = (0.5 + torch.rand(B, generator=g)).to(device)
         sigma = (1.5 * torch.rand(B, generator=g)).to(device)
+        dec = None
+        if op == "noise-G":  # a fitted AE's maps: neither orthonormal nor each other's transpose
+            basis = (torch.randn(d, D, generator=g) / D**0.5).to(device)
+            dec = (torch.randn(D, d, generator=g) / d**0.5).to(device)
         out, z0, eps = kernels.latent_noise(x, basis, mean, gamma, sigma, p, seed=1234, offset=99,
-                                            return_z0=True, return_eps=True)
+                                            return_z0=True, return_eps=True, decoder=dec)
         assert out.shape == x.shape and out.dtype == dtype and eps.shape == (B, (S // p) ** 2, d)
         inputs = (x, basis, mean, gamma, sigma, eps, p)
-        truth = _noise_math(torch.float64, *inputs)
-        yard = reference.latent_noise(*inputs) if dtype == torch.float32 else _noise_math(dtype, *inputs)
+        truth = _noise_math(torch.float64, *inputs, decoder=dec)
+        yard = (reference.latent_noise(*inputs, decoder=dec) if dtype == torch.float32
+                else _noise_math(dtype, *inputs, decoder=dec))
         _within("x_noisy", out, truth[0], yard[0], dtype)
         _within("z0", z0, truth[1], yard[1], torch.float32)
         e = eps.double()
@@ -199,7 +206,7 @@ def test_stage_commands_parse_with_todays_flags(mode):
                 assert args.method == "diffmae" and args.json.endswith("diffmae_step.json")
                 assert [k for _, keys in plan for k in keys] == ["a", "c", "d"] and args.budget_s is not None
                 if mode == "gpu":
-                    assert args.sizes == "B,L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
+                    assert args.sizes == "L,B" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
             else:
                 assert plan[0][1] == ["d"] and args.profile and args.no_write
         elif "bench/learn_check.py" in scripts:

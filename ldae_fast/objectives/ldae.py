@@ -1,7 +1,7 @@
 """l-DAE as a method: clean images in, a scalar loss out; the same noising for figures.
 
 Final recipe (DESIGN.md): t ~ U(0, 1) per sample, gamma_t = 1, sigma_t = sqrt(2) t; noise added to
-the first d latent components of each patch (a linear tokenizer: PCA or pixels); the network sees
+the first d latent components of each patch (the PCA tokenizer); the network sees
 the decoded noisy image and predicts the clean image; loss weighted 1 / (1 + sigma^2) per sample
 and w_i = 1 / 0.1 across PCA components.
 
@@ -38,6 +38,13 @@ from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
 
+# What each learned tokenizer kind is, for the checks that can run before it is fitted.
+_LEARNED_KINDS = {
+    "conv-vae": {"linear": False, "orthonormal": False},
+    "patch-ae": {"linear": True, "orthonormal": False},
+    "patch-vae": {"linear": True, "orthonormal": False},
+}
+
 
 @dataclass
 class NoisyBatch:
@@ -73,9 +80,10 @@ class LDAEMethod:
         self.decoder: torch.Tensor | None = None
         """The decoder G (D, d) when it is not basis^T (a patch-wise AE / VAE); else None."""
         self.mean: torch.Tensor | None = None
-        # The conv VAE's kind is known before its (slow) fit: refuse what it cannot train up front.
-        if tokenizer is None and not cfg.tokenizer.path and cfg.tokenizer.kind == "conv-vae":
-            self._check_tokenizer(cfg.tokenizer.kind, linear=False, orthonormal=False)
+        # A learned tokenizer's kind says before its (slow) fit what it will be: the conv VAE is
+        # non-linear, a fitted patch AE / VAE is a linear map that is never orthonormal.
+        if tokenizer is None and not cfg.tokenizer.path and cfg.tokenizer.kind in _LEARNED_KINDS:
+            self._check_tokenizer(cfg.tokenizer.kind, **_LEARNED_KINDS[cfg.tokenizer.kind])
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
