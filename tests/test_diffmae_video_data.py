@@ -149,3 +149,26 @@ def test_video_config_errors_name_the_field(over, field):
 def test_video_needs_diffmae():
     with pytest.raises(ConfigError, match="objective.method"):
         build_config("demo", {"data.num_frames": "8", "data.synthetic_kind": "moving-shapes"})
+
+
+def test_write_video_shards_cli(tmp_path):
+    from ldae_fast.cli import main
+    rng = np.random.default_rng(2)
+    _frame_folders(tmp_path / "src", {f"clip{i}": _random_clip(rng, 3) for i in range(3)})
+    assert main(["write-video-shards", str(tmp_path / "src"), str(tmp_path / "out" / "c-%03d.tar")]) == 0
+    raws = list(iter_video_shard(str(tmp_path / "out" / "c-000.tar"), BadSampleCounter(0.0)))
+    assert sorted(r.key for r in raws) == ["clip0", "clip1", "clip2"] and all(r.label == -1 for r in raws)
+    assert main(["write-video-shards", str(tmp_path / "missing"), str(tmp_path / "o" / "c-%03d.tar")]) == 2
+
+
+def test_figure_clips_from_shards_skip_bad_ones(tmp_path):
+    from ldae_fast.data.video import video_eval_clips
+    rng = np.random.default_rng(3)
+    good = [np.stack(_random_clip(rng, 8, 24, 20)) for _ in range(3)]
+    shard = tmp_path / "val-000.tar"
+    _tar_with(shard, [("a.frames.npy", b"junk")] + [(f"g{i}.{FRAMES_EXT}", _npy(a)) for i, a in enumerate(good)])
+    cfg = build_config("diffmae-video-demo", {
+        "data.source": "wds-video", "data.train_shards": str(shard), "data.val_shards": str(shard),
+        "data.epoch_size": "3", "data.img_size": "16"})
+    clips = video_eval_clips(cfg, 2)
+    assert clips.shape == (2, 3, 8, 16, 16) and clips.dtype == torch.float32

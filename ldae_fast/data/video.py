@@ -191,8 +191,10 @@ def video_eval_clips(cfg: Config, max_clips: int = 4) -> torch.Tensor:
     out = []
     for url in urls:
         for raw in iter_video_shard(url, counter):
-            clip = decode_clip(raw.data, d.num_frames, d.frame_stride, d.max_image_pixels)
-            if clip is None:
+            try:
+                clip = decode_clip(raw.data, d.num_frames, d.frame_stride, d.max_image_pixels)
+            except Exception as e:  # untrusted bytes: a bad clip is skipped, as in training
+                counter.record(raw.shard, raw.key, f"cannot decode clip: {type(e).__name__}: {str(e)[:160]}")
                 continue
             C, T, H, W = clip.shape
             side = min(H, W)
@@ -290,7 +292,7 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def decode_clip(data: bytes, num_frames: int, stride: int = 1, max_pixels: int = 64_000_000,
-                gen: torch.Generator | None = None) -> torch.Tensor | None:
+                gen: torch.Generator | None = None) -> torch.Tensor:
     """A KEY.frames.npy payload -> uint8 (3, num_frames, H, W): a window of num_frames frames
     every `stride`-th, its start drawn from `gen` (the first window without one). Raises
     ValueError with the reason for anything that is not such a clip."""
