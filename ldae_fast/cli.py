@@ -12,6 +12,7 @@ COMMANDS = {
     "fit-pca": ("ldae_fast.tokenizer_cli", "main", "fit the patch-wise PCA tokenizer and save it"),
     "fit-tokenizer": ("ldae_fast.tokenizer_cli", "main_tokenizer", "fit a tokenizer (pca, patch-ae, patch-vae, conv-vae)"),
     "make-shards": ("ldae_fast.data.shards", "main", "turn an ImageFolder tree into WebDataset shards"),
+    "write-video-shards": ("ldae_fast.data.video", "main", "turn folders of frame folders into clip shards"),
     "eval": ("ldae_fast.eval.driver", "main", "linear probe / kNN / fine-tune / figure of a checkpoint"),
     "export": ("ldae_fast.engine.export", "main", "write the encoder as timm-named safetensors"),
     "featlearn": ("ldae_fast.featlearn.cli", "main", "the two-layer feature-learning study"),

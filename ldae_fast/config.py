@@ -108,6 +108,11 @@ class ModelConfig:
     """DiffMAE decoder width (0: model.width)."""
     decoder_heads: int = 0
     """DiffMAE decoder attention heads (0: model.num_heads)."""
+    tubelet: int = 1
+    """DiffMAE video: frames per spacetime patch (tubelet x patch_size x patch_size; the paper's
+    2x16x16 is tubelet 2); 1 for images."""
+    num_frames: int = 0
+    """Frames of a clip the network is built for (0: images); set from data.num_frames."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -127,6 +132,8 @@ class ModelConfig:
         _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
         self.decoder_width = self.decoder_width or self.width
         self.decoder_heads = self.decoder_heads or self.num_heads
+        _check(self.tubelet >= 1 and self.num_frames >= 0,
+               f"model.tubelet={self.tubelet} must be >= 1 and model.num_frames={self.num_frames} >= 0")
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
                f"model.decoder_width={self.decoder_width} must be divisible by "
                f"model.decoder_heads={self.decoder_heads}")
@@ -244,12 +251,16 @@ class ObjectiveConfig:
     """DiffMAE: diffuse and predict per-patch normalised pixels (MAE's target) instead of pixels."""
     sample_steps: int = 100
     """DiffMAE inpainting: reverse-diffusion steps (strided over noise.num_timesteps; T = all)."""
+    time_slice: int = 0
+    """DiffMAE video: which frame of each tubelet is noised and predicted (0 .. model.tubelet-1;
+    the target and the decoder's noisy input are that single time slice, docs/diffmae.md)."""
 
     def __post_init__(self) -> None:
         _one_of("objective.method", self.method, ARCHS)
         _check(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio={self.mask_ratio} must lie in [0, 1)")
         _check(self.rho > 0, f"objective.rho={self.rho} must be > 0")
         _check(self.sample_steps >= 1, f"objective.sample_steps={self.sample_steps} must be >= 1")
+        _check(self.time_slice >= 0, f"objective.time_slice={self.time_slice} must be >= 0")
 
 
 @dataclass
@@ -258,7 +269,8 @@ class DataConfig:
     """'synthetic' (built in, no download), 'wds' (WebDataset shards in the ImageNet layout,
     decoded as they stream) or 'resident' (the same shards decoded once into a uint8 array held
     on the training device, cropped and flipped there; for sets that fit in device memory: see
-    ldae_fast/data/resident.py)."""
+    ldae_fast/data/resident.py), or 'wds-video' (WebDataset shards of clips, KEY.frames.npy:
+    ldae_fast/data/video.py)."""
     train_shards: str = ""
     """Shard URLs for training: path, brace pattern (train-{000000..000009}.tar.gz) or pipe: URL."""
     val_shards: str = ""
@@ -292,7 +304,16 @@ class DataConfig:
     synthetic_kind: str = "shapes"
     """What the synthetic classes are: 'shapes' (shape kind x texture on clutter) or 'layouts'
     (three identical dots whose arrangement is the class: spatial structure, not colour or parts;
-    see data/synthetic.py)."""
+    see data/synthetic.py), 'gratings', or 'moving-shapes' (clips of data.num_frames frames:
+    shapes moving at constant velocity and bouncing off the borders, data/video.py)."""
+    num_frames: int = 0
+    """Frames per training clip (0: images). Video needs objective.method=diffmae and
+    data.source 'wds-video' or synthetic_kind 'moving-shapes'; batches are (B, C, T, H, W)."""
+    frame_stride: int = 1
+    """'wds-video': take every frame_stride-th frame of a stored clip (a random window)."""
+    repeated_aug: int = 1
+    """Repeated augmentation (video sources only): each clip yields this many differently
+    cropped samples in one batch; data.batch_size counts samples and must be a multiple of it."""
     gpu_decode: bool = False
     """Decode JPEGs on the GPU (torchvision.io.decode_jpeg) when CUDA is present."""
     cache_dir: str = ""
@@ -311,7 +332,7 @@ class DataConfig:
     from its header before any decode (PIL's own bomb warning starts near 89 MP)."""
 
     def __post_init__(self) -> None:
-        _one_of("data.source", self.source, ("synthetic", "wds", "resident"))
+        _one_of("data.source", self.source, ("synthetic", "wds", "resident", "wds-video"))
         _one_of("data.crop", self.crop, ("random_resized", "center"))
         if self.crop == "center":
             # The streams read these two; scale 1 is the centred square (transforms.sample_crop_box).
@@ -323,7 +344,19 @@ class DataConfig:
         _check(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
         _check(self.synthetic_images >= 1 and self.synthetic_classes >= 2,
                "data.synthetic_images must be >= 1 and data.synthetic_classes >= 2")
-        _one_of("data.synthetic_kind", self.synthetic_kind, ("shapes", "layouts", "gratings"))
+        _one_of("data.synthetic_kind", self.synthetic_kind, ("shapes", "layouts", "gratings", "moving-shapes"))
+        video = self.source == "wds-video" or (self.source == "synthetic" and self.synthetic_kind == "moving-shapes")
+        _check(video == (self.num_frames > 0),
+               f"data.num_frames={self.num_frames}: clips (num_frames >= 1) go with data.source='wds-video' "
+               f"or data.synthetic_kind='moving-shapes', images (0) with the others "
+               f"(data.source={self.source!r}, data.synthetic_kind={self.synthetic_kind!r})")
+        _check(self.frame_stride >= 1, f"data.frame_stride={self.frame_stride} must be >= 1")
+        _check(self.repeated_aug >= 1, f"data.repeated_aug={self.repeated_aug} must be >= 1")
+        _check(self.repeated_aug == 1 or video,
+               f"data.repeated_aug={self.repeated_aug} is implemented for the video sources only "
+               f"(data.source={self.source!r}); set it to 1")
+        _check(self.batch_size % self.repeated_aug == 0,
+               f"data.batch_size={self.batch_size} is not a multiple of data.repeated_aug={self.repeated_aug}")
         _check(self.resident_decode_size >= 0,
                f"data.resident_decode_size={self.resident_decode_size} must be >= 0")
         _check(self.class_subset == 0 or self.class_subset >= 2,
@@ -543,6 +576,7 @@ class Config:
         _check(self.objective.sample_steps <= self.noise.num_timesteps,
                f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
                f"{self.noise.num_timesteps}")
+        self._validate_video()
         p, s = self.model.patch_size, self.data.img_size
         _check(s % p == 0, f"data.img_size={s} is not divisible by model.patch_size={p}; "
                f"choose an image size that is a multiple of {p}")
@@ -567,13 +601,30 @@ class Config:
         _check(self.eval.probe_depth <= self.model.encoder_depth,
                f"eval.probe_depth={self.eval.probe_depth} is deeper than the encoder's "
                f"{self.model.encoder_depth} blocks (model.encoder_depth); allowed: 0..{self.model.encoder_depth}")
-        if self.data.source in ("wds", "resident"):
+        if self.data.source in ("wds", "resident", "wds-video"):
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,
                    f"data.source={self.data.source!r} needs data.epoch_size (images per epoch)")
         _check(self.engine.time_budget_s == 0 or self.engine.backend == "single",
                "engine.time_budget_s needs engine.backend='single' (ranks with their own clocks "
                "could stop at different steps)")
+
+    def _validate_video(self) -> None:
+        m, d = self.model, self.data
+        if d.num_frames:
+            _check(self.objective.method == "diffmae",
+                   f"data.num_frames={d.num_frames} (video) is trained by objective.method=diffmae only")
+            m.num_frames = m.num_frames or d.num_frames
+            _check(m.num_frames == d.num_frames,
+                   f"model.num_frames={m.num_frames} differs from data.num_frames={d.num_frames}; leave it at 0")
+            _check(d.num_frames % m.tubelet == 0,
+                   f"data.num_frames={d.num_frames} is not a multiple of model.tubelet={m.tubelet}")
+        else:
+            _check(m.num_frames == 0 and m.tubelet == 1,
+                   f"model.num_frames={m.num_frames} / model.tubelet={m.tubelet} need video data "
+                   "(data.num_frames >= 1)")
+        _check(self.objective.time_slice < m.tubelet,
+               f"objective.time_slice={self.objective.time_slice} must lie in 0..model.tubelet-1={m.tubelet - 1}")
 
     def epoch_size(self) -> int:
         return self.data.epoch_size or self.data.synthetic_images
@@ -727,6 +778,21 @@ _DIFFMAE_RECIPE = {
     "optim.ema_decay": 0.0, "engine.epochs": 1600, "engine.backend": "deepspeed", "engine.log_every": 50,
     "engine.ckpt_every": 2000,
 }
+# DiffMAE's Kinetics-400 pretraining (supplement Table 1a, video column): blr 8e-4, batch 512,
+# 400 epochs, gradient clipping 0.02, repeated augmentation 4, otherwise the image recipe (AdamW
+# (0.9, 0.95), wd 0.05, cosine, 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0);
+# ViT-L with 2x16x16 (or 2x14x14) spacetime patches, 90% masking. 16 frames at temporal stride 4
+# and 224 px are MAE-ST's input (our choice, not a supplement value). Batch 512 samples = 8 ranks
+# x 64 (16 clips x 4 augmentations each); an epoch counts epoch_size samples (MAE-ST's
+# "effective" epochs under repeated augmentation).
+_KINETICS400_EPOCH = 240_000  # about the Kinetics-400 train split; set data.epoch_size to yours
+_DIFFMAE_VIDEO_RECIPE = {
+    **_DIFFMAE_RECIPE, "model.size": "L", "model.tubelet": 2, "objective.mask_ratio": 0.9,
+    "data.source": "wds-video", "data.num_frames": 16, "data.frame_stride": 4,
+    "data.epoch_size": _KINETICS400_EPOCH, "data.batch_size": 64, "engine.grad_accum": 1,
+    "data.repeated_aug": 4, "optim.blr": 8e-4, "optim.clip_grad": 0.02, "engine.epochs": 400,
+}
+DIFFMAE_VIDEO_GLOBAL_BATCH = 512
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds per step on 2 CPU cores: fits PCA, pretrains, figure and probe in a few minutes.
     # Gratings whose orientation is the class: colour and brightness say nothing about it, so the
@@ -766,6 +832,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "diffmae-vitl": {**_DIFFMAE_RECIPE, "model.size": "L", "engine.out_dir": "runs/diffmae-vitl"},
     "diffmae-vith": {**_DIFFMAE_RECIPE, "model.size": "H", "model.patch_size": 14,
                      "engine.out_dir": "runs/diffmae-vith"},
+    # DiffMAE on video: 8-frame clips of moving shapes at 32 px, 2x4x4 tubelets, 90% masking.
+    "diffmae-video-demo": {
+        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "model.tubelet": 2,
+        "data.img_size": 32, "data.num_frames": 8, "data.synthetic_kind": "moving-shapes",
+        "objective.mask_ratio": 0.9, "model.decoder_depth": 2, "data.batch_size": 32,
+        "data.synthetic_images": 512, "optim.blr": 1.2e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1,
+        "optim.ema_decay": 0.0, "optim.clip_grad": 0.0, "engine.epochs": 6, "engine.log_every": 8,
+        "objective.sample_steps": 50, "eval.probe": False, "engine.out_dir": "runs/diffmae-video-demo",
+    },
+    "diffmae-video-vitl": {**_DIFFMAE_VIDEO_RECIPE, "engine.out_dir": "runs/diffmae-video-vitl"},
+    "diffmae-video-vitl14": {**_DIFFMAE_VIDEO_RECIPE, "model.patch_size": 14,
+                             "engine.out_dir": "runs/diffmae-video-vitl14"},
     # The deconstruction trajectory, one preset per row (ldae_fast/trajectory.py).
     **trajectory_presets(_PAPER_RECIPE),
 }

@@ -20,7 +20,8 @@ USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--sectio
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
-         diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith
+         diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith, diffmae-video-demo,
+         diffmae-video-vitl, diffmae-video-vitl14
 values: --section.field=value and --section.field value are the same; booleans also take
   --section.field (true) and --no-section.field (false). A preset sets some fields (shown as
   [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
@@ -72,12 +73,20 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         # A CPU twin of the trained method, beside the CPU copy of the model.
         method = build_method(cfg, "cpu")
         method.load_state_dict(result.method.state_dict())
-        imgs, _ = build_eval_arrays(cfg, "val", max_images=4)
-        levels = (cfg.noise.num_timesteps, cfg.noise.num_timesteps // 2, 0)
-        path = inpaint_figure(method, model, imgs, Path(cfg.engine.out_dir) / "inpainting.png",
-                              levels=levels)
-        log(f"figure (original / masked / inpainted at t {', '.join(map(str, levels))}; random and "
-            f"center masks, {cfg.objective.sample_steps} reverse steps): {path}")
+        if cfg.data.num_frames:
+            from .data.video import video_eval_clips
+            from .eval.inpaint_figure import video_inpaint_figure
+            path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4),
+                                        Path(cfg.engine.out_dir) / "video_inpainting.png")
+            log(f"video figure (original / masked / output frames at temporal stride {cfg.model.tubelet}; "
+                f"{cfg.objective.mask_ratio:.0%} random masks, {cfg.objective.sample_steps} reverse steps): {path}")
+        else:
+            imgs, _ = build_eval_arrays(cfg, "val", max_images=4)
+            levels = (cfg.noise.num_timesteps, cfg.noise.num_timesteps // 2, 0)
+            path = inpaint_figure(method, model, imgs, Path(cfg.engine.out_dir) / "inpainting.png",
+                                  levels=levels)
+            log(f"figure (original / masked / inpainted at t {', '.join(map(str, levels))}; random and "
+                f"center masks, {cfg.objective.sample_steps} reverse steps): {path}")
         out["figure"] = str(path)
     elif cfg.eval.figure:
         imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
@@ -155,7 +164,7 @@ def _main(argv: list[str]) -> int:
         first, last = result.losses[0][1], result.losses[-1][1]
         print(f"pretraining done in {time.time() - t0:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
-    if is_main and (cfg.preset in ("demo", "diffmae-demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
+    if is_main and (cfg.preset in ("demo", "diffmae-demo", "diffmae-video-demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
             from .eval.reader import load_for_eval

@@ -79,6 +79,13 @@ class WdsTrainSource(IterableDataset):
         self.gpu, self.normalize_in_worker = gpu, normalize_in_worker
         self.labels, self.max_pixels = labels, max_pixels
 
+    # What a subclass of another sample kind replaces (video.py's clip shards).
+    _read_shard = staticmethod(iter_shard)
+    _normalize = staticmethod(normalize)
+
+    def _collate(self, items: list[Any], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(items), torch.tensor(labels, dtype=torch.int64)
+
     # One slot's sample stream: yields (epoch, index in epoch, raw sample); index counts
     # samples out of the shuffle buffer, the unit of the saved position.
     def _positions(self, slot: int, role: int, counter: BadSampleCounter) -> Iterator[tuple[int, int, RawSample]]:
@@ -90,7 +97,7 @@ class WdsTrainSource(IterableDataset):
                 empty = 0
                 while True:
                     got = False
-                    for s in iter_shard(self.urls[rng.randrange(len(self.urls))], counter, self.labels):
+                    for s in self._read_shard(self.urls[rng.randrange(len(self.urls))], counter, self.labels):
                         got = True
                         yield s
                     empty = 0 if got else empty + 1
@@ -110,7 +117,7 @@ class WdsTrainSource(IterableDataset):
 
             def samples(mine: list[str] = mine) -> Iterator[RawSample]:
                 for url in mine:
-                    yield from iter_shard(url, counter, self.labels)
+                    yield from self._read_shard(url, counter, self.labels)
 
             buf_rng = random.Random(mix_seed(self.seed, _TAG_BUFFER, epoch, slot))
             replay = skip > 0
@@ -163,14 +170,14 @@ class WdsTrainSource(IterableDataset):
             if len(items) < B:
                 continue
             meta = {"role": role, "pos": (epoch, i + 1), "good": counter.good, "bad": counter.bad}
-            lab = torch.tensor(labels, dtype=torch.int64)
             if self.gpu:
                 payload: Any = {"items": items}
+                lab = torch.tensor(labels, dtype=torch.int64)
             else:
                 with single_thread():
-                    payload = torch.stack(items)
+                    payload, lab = self._collate(items, labels)
                     if self.normalize_in_worker:
-                        payload = normalize(payload)
+                        payload = self._normalize(payload)
             items, labels = [], []
             yield payload, lab, meta
 
@@ -355,5 +362,19 @@ class WdsSource:
 SOURCES: dict[str, type[SyntheticSource] | type[WdsSource]] = {"synthetic": SyntheticSource, "wds": WdsSource}
 
 
+def source_for(cfg: Config) -> type:
+    """The source class of cfg.data: SOURCES by data.source, or video.py's for clips."""
+    d = cfg.data
+    if d.num_frames:
+        from .video import SyntheticVideoSource, WdsVideoSource
+        video = {"synthetic": SyntheticVideoSource, "wds-video": WdsVideoSource}
+        if d.source in video:
+            return video[d.source]
+    if d.source not in SOURCES:
+        raise DataError(f"TrainStream reads data.source in {sorted(SOURCES) + ['wds-video']}, not {d.source!r}: "
+                        "build the stream with build_train_stream")
+    return SOURCES[d.source]
+
+
 __all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource",
-           "SOURCES"]
+           "SOURCES", "source_for"]

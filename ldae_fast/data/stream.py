@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .badsamples import DataError
-from .sources import SOURCES, TrainSource
+from .sources import TrainSource, source_for
 from .transforms import CropBox, crop_resize_flip, decode_jpegs, gpu_decode_available, normalize
 
 if TYPE_CHECKING:
@@ -57,10 +57,9 @@ class TrainStream:
         self.seed = cfg.engine.seed
         self.num_workers = d.num_workers
         self.num_roles = max(1, d.num_workers)
-        if d.source not in SOURCES:
-            raise DataError(f"TrainStream reads data.source in {sorted(SOURCES)}, not {d.source!r}: "
-                            "build the stream with build_train_stream")
-        kind = SOURCES[d.source]
+        kind = source_for(cfg)
+        # Clips (B, C, T, H, W) carry the channel axis elsewhere than images: the source says how.
+        self._normalize = getattr(kind, "normalize", normalize)
         self.gpu = False
         if d.gpu_decode and kind.gpu_decode:
             if gpu_decode_available():
@@ -136,7 +135,7 @@ class TrainStream:
             if self.gpu:
                 payload, labels = self._gpu_finish(payload["items"], labels)
             if on_device or self.gpu:
-                payload = normalize(payload.to(dev, non_blocking=True))
+                payload = self._normalize(payload.to(dev, non_blocking=True))
                 labels = labels.to(dev, non_blocking=True)
             self.batches += 1
             self.src.on_batch(meta)

@@ -4,6 +4,7 @@ One row per (image, mask kind); columns: the original, the masked input (hidden 
 dataset mean), then the method's inpainting at each level t (by default 1000, 500, 0): the x_0 the
 network predicts at that step of the reverse chain, visible patches kept, t = 0 the final sample.
 The sampling itself is the method's (`method.sample`), the same noising and schedule as training.
+`video_inpaint_figure` is the clips' version (original / masked / output rows over frames).
 """
 
 from __future__ import annotations
@@ -68,6 +69,53 @@ def inpaint_figure(method, model: nn.Module, images: torch.Tensor, path: str | P
     for j, text in enumerate(heads):
         tw = draw.textlength(text, font=font)
         draw.text((pad + j * (cw + pad) + max(0.0, (cw - tw) / 2), pad // 2), text, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path
+
+
+def video_inpaint_figure(method, model: nn.Module, clips: torch.Tensor, path: str | Path, *,
+                         mask: str = "random", steps: Optional[int] = None, denorm: Optional[Callable] = None,
+                         scale: Optional[int] = None, pad: int = 2) -> Path:
+    """The video figure: per clip three rows, the original, the masked input (hidden tubelets at
+    the dataset mean) and the final sample (t = 0), over the frames the method noises and
+    predicts (one time slice per tubelet: temporal stride model.tubelet, 2 for the paper's
+    2x16x16 patches). clips: (B, C, T, H, W) normalised."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if denorm is None:
+        from ldae_fast.data import denormalize as denorm
+    B, _, _, H, W = clips.shape
+    scale = scale or max(1, math.ceil(64 / W))
+    (masked, final), = method.sample(model, clips, (0,), mask=mask, steps=steps)
+    original = method.slice_frames(clips.float())
+    Tf = original.shape[2]
+    heads = ["original", "masked", "output"]
+    label_w = 52
+    ch, cw = H * scale, W * scale
+    top = LINE + pad
+    fw = label_w + Tf * cw + (Tf + 1) * pad
+    fh = top + 3 * B * ch + (3 * B + 1) * pad + (B - 1) * pad * 2
+    canvas = Image.new("RGB", (fw, fh), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    first = getattr(method, "time_slice", 0)
+    stride = getattr(method, "tubelet", 1)
+    for j in range(Tf):
+        text = f"frame {first + j * stride}"
+        tw = draw.textlength(text, font=font)
+        draw.text((label_w + pad + j * (cw + pad) + max(0.0, (cw - tw) / 2), pad // 2), text, fill=(0, 0, 0), font=font)
+    y = top + pad
+    for b in range(B):
+        for name, x in zip(heads, (original, masked, final)):
+            draw.text((2, y + ch // 2 - LINE // 2), name, fill=(0, 0, 0), font=font)
+            frames = x[b:b + 1].transpose(1, 2)[0]  # (T', C, H, W)
+            pix = _to_pixels(frames, denorm, scale)
+            for j in range(Tf):
+                canvas.paste(Image.fromarray(pix[j].numpy(), "RGB"), (label_w + pad + j * (cw + pad), y))
+            y += ch + pad
+        y += pad * 2
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")

@@ -14,6 +14,14 @@ position embedding and are conditioned on the step t through adaLN-Zero. Three l
   cross       the noised tokens cross-attend to the encoder tokens, no attention among themselves;
   cross_self  cross-attention to the encoder, then self-attention among the noised tokens.
 The output is the clean pixels of each masked patch, (B, n_masked, p*p*C), in patchify's order.
+
+Video (model.num_frames > 0): spacetime patches of model.tubelet x p x p, numbered time-major
+(n = t' * g^2 + row * g + col). The encoder's patch embedding is a Conv3d over the tubelet (a
+linear map of the flattened tubelet); the decoder embeds and predicts one p x p time slice of
+each tubelet (p*p*C values, the same as an image patch). Both position embeddings are fixed and
+separable: the first 3/4 of the channels carry MAE's 2-D sin-cos code of the patch's (row, col),
+the last 1/4 a 1-D sin-cos code of its tubelet index t' (concatenated, not summed, so no space
+and time code can cancel).
 """
 
 from __future__ import annotations
@@ -35,10 +43,48 @@ from .blocks import (
     SigmaEmbedder,
     mlp_hidden,
 )
-from .pos_embed import sincos_2d
+from .pos_embed import sincos_1d, sincos_2d
 from .vit import SIGMA_FREQ_DIM, ViTEncoder, _CheckpointedBlocks, _init_common
 
 DECODER_KINDS = ("joint", "cross", "cross_self")
+
+
+def sincos_spacetime(dim: int, time_grid: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """(time_grid * grid^2 [+1], dim) fixed embedding, time-major; a zero row first for the
+    class token. Channels: [2-D sin-cos of (row, col) | 1-D sin-cos of t'], 3/4 and 1/4."""
+    dim_t = dim // 16 * 4
+    if dim % 4 or dim_t == 0:
+        raise ValueError(f"a spacetime position embedding needs a width >= 16 divisible by 4, got {dim}")
+    space = sincos_2d(dim - dim_t, grid, grid)  # (g^2, dim - dim_t)
+    time = sincos_1d(dim_t, torch.arange(time_grid))  # (T', dim_t)
+    emb = torch.cat([space.repeat(time_grid, 1), time.repeat_interleave(grid * grid, dim=0)], dim=1)
+    if cls_token:
+        emb = torch.cat([emb.new_zeros(1, dim), emb], dim=0)
+    return emb
+
+
+class TubeletEmbed(nn.Module):
+    """(B, C, T, H, W) clips -> (B, T/tubelet * g^2, width) tokens, time-major, by a strided
+    Conv3d (kernel = stride = (tubelet, p, p)): a linear map of each flattened tubelet."""
+
+    def __init__(self, img_size: int, patch_size: int, tubelet: int, num_frames: int, in_chans: int,
+                 dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size or num_frames % tubelet:
+            raise ValueError(f"clip {num_frames}x{img_size}x{img_size} is not divisible into "
+                             f"{tubelet}x{patch_size}x{patch_size} tubelets")
+        self.img_size, self.patch_size, self.tubelet, self.num_frames = img_size, patch_size, tubelet, num_frames
+        self.grid_size = img_size // patch_size
+        self.time_grid = num_frames // tubelet
+        self.num_patches = self.time_grid * self.grid_size ** 2
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch_size, patch_size),
+                              stride=(tubelet, patch_size, patch_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or tuple(x.shape[2:]) != (self.num_frames, self.img_size, self.img_size):
+            raise ValueError(f"input is {tuple(x.shape)}; this model was built for clips (B, C, "
+                             f"{self.num_frames}, {self.img_size}, {self.img_size})")
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -46,8 +92,8 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def encode_visible(encoder: ViTEncoder, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) images, (B, n_keep) visible patch ids -> (B, 1 + n_keep, width) after the
-    encoder's final norm; the hidden patches never enter the blocks."""
+    """(B, C, H, W) images or (B, C, T, H, W) clips, (B, n_keep) visible patch ids ->
+    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks."""
     B = x.shape[0]
     pos = encoder.pos_embed.to(x.dtype)
     tokens = _gather(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
@@ -118,7 +164,9 @@ class CrossBlock(nn.Module):
 class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, enc_width: int, in_chans: int = 3, width: int = 512,
                  depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, kind: str = "joint",
-                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
+                 attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
+                 time_grid: int = 0) -> None:
+        """time_grid: tubelets along time for clips (0: images)."""
         super().__init__()
         if kind not in DECODER_KINDS:
             raise ValueError(f"decoder kind={kind!r}; choose one of {', '.join(DECODER_KINDS)}")
@@ -127,8 +175,8 @@ class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
         D = patch_size * patch_size * in_chans
         self.enc_proj = nn.Linear(enc_width, width)
         self.noisy_embed = nn.Linear(D, width)
-        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
-                             persistent=False)
+        pos = sincos_spacetime(width, time_grid, g) if time_grid else sincos_2d(width, g, g, cls_token=True)
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.t_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM, scale=1.0)
         if kind == "joint":
             self.blocks = nn.ModuleList(
@@ -207,16 +255,33 @@ class DiffMAEModel(nn.Module):
         return self.encoder.grad_checkpointing
 
 
+def _make_video_encoder(enc: ViTEncoder, cfg: ModelConfig, img_size: int, in_chans: int) -> None:
+    """Turn the image ViT into the clip encoder: tubelet embedding and spacetime positions; the
+    blocks, class token and norm stay the ViT's."""
+    emb = TubeletEmbed(img_size, cfg.patch_size, cfg.tubelet, cfg.num_frames, in_chans, cfg.width)
+    w = emb.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(emb.proj.bias)
+    enc.patch_embed = emb
+    enc.num_patches = emb.num_patches
+    enc.register_buffer("pos_embed", sincos_spacetime(cfg.width, emb.time_grid, emb.grid_size).unsqueeze(0)
+                        .to(enc.cls_token.device), persistent=False)
+
+
 def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> DiffMAEModel:
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = ViTEncoder(img_size, cfg.patch_size, in_chans, width=cfg.width, depth=cfg.encoder_depth,
                      num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond="none",
                      attn_backend=cfg.attn_backend, kernels=kernels)
+    time_grid = 0
+    if cfg.num_frames:
+        _make_video_encoder(enc, cfg, img_size, in_chans)
+        time_grid = cfg.num_frames // cfg.tubelet
     dec = DiffMAEDecoder(img_size, cfg.patch_size, cfg.width, in_chans, width=cfg.decoder_width,
                          depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
                          kind=cfg.decoder_kind, attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln,
-                         kernels=kernels)
+                         kernels=kernels, time_grid=time_grid)
     model = DiffMAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
@@ -225,6 +290,8 @@ def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
 def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_ratio: float = 0.75) -> float:
     """Analytic forward FLOPs of one image (multiply-add = 2), matmuls only, as vit.flops_per_image.
 
+    Clips: N = (T / tubelet) g^2 spacetime patches, the embedding maps tubelet p^2 C values, the
+    noised input and the head one time slice (D = p^2 C).
     Encoder on T_e = 1 + n_keep tokens (width w, L_e blocks); decoder width v, L_d blocks, over
     T_c = 1 + n_keep context and M = N - n_keep noised tokens:
       encoder blocks  L_e [2 T_e w (4w + 2h) + 4 T_e^2 w], patch embedding 2 N (p^2 C) w (the
@@ -237,12 +304,13 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
                       the final layer's, 2 (256 v + v^2) the t embedding
     """
     p, w, v = cfg.patch_size, cfg.width, cfg.decoder_width
-    N = (img_size // p) ** 2
+    N = (img_size // p) ** 2 * (cfg.num_frames // cfg.tubelet if cfg.num_frames else 1)
     keep = max(1, int(N * (1.0 - mask_ratio)))  # objectives.masking.num_visible's rounding
     M, Te = N - keep, keep + 1
     h, hd = mlp_hidden(w, cfg.mlp_ratio), mlp_hidden(v, cfg.mlp_ratio)
     D = p * p * in_chans
-    f = cfg.encoder_depth * (2 * Te * w * (4 * w + 2 * h) + 4 * Te * Te * w) + 2 * N * D * w
+    D_in = D * (cfg.tubelet if cfg.num_frames else 1)  # a clip's tubelet, a slice decoded
+    f = cfg.encoder_depth * (2 * Te * w * (4 * w + 2 * h) + 4 * Te * Te * w) + 2 * N * D_in * w
     f += 2 * Te * w * v + 2 * M * D * v + 2 * M * v * D
     if cfg.decoder_kind == "joint":
         T = Te + M
@@ -257,5 +325,5 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
     return float(f)
 
 
-__all__ = ["CrossAttention", "CrossBlock", "DECODER_KINDS", "DiffMAEDecoder", "DiffMAEModel",
-           "build_diffmae", "encode_visible", "flops_per_image"]
+__all__ = ["CrossAttention", "CrossBlock", "DECODER_KINDS", "DiffMAEDecoder", "DiffMAEModel", "TubeletEmbed",
+           "build_diffmae", "encode_visible", "flops_per_image", "sincos_spacetime"]

@@ -9,6 +9,12 @@ clean pixels. The loss is the mean squared error over the hidden patches only.
 
 Every draw (masks, t, eps) is keyed on (engine.seed, step, row of the step's global batch), as
 in l-DAE: a resumed run and N ranks draw what one uninterrupted process draws.
+
+Clips (B, C, T, H, W): the patches are the spacetime tubelets (model.tubelet x p x p, numbered
+time-major), masked by the same random masking at objective.mask_ratio; the encoder sees the
+visible tubelets whole, while the target and the decoder's noisy input are one time slice of
+each tubelet, frame objective.time_slice of it (frames time_slice, time_slice + tubelet, ...):
+every "patch" below is then that p x p slice.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class DiffMAEMethod:
         self._mode = cfg.engine.kernels if kernels is None else kernels
         self.kernels = resolve_kernels(self._mode, self.device)
         self.schedule = DiffusionSchedule.ddpm(cfg.noise.num_timesteps, self.obj.rho)
+        self.tubelet, self.time_slice = cfg.model.tubelet, self.obj.time_slice
+        self.video = cfg.data.num_frames > 0
 
     # seam -----------------------------------------------------------------------------------
     def prepare(self, images: Callable[[], Iterable[torch.Tensor]], *, rank: int = 0,
@@ -76,14 +84,18 @@ class DiffMAEMethod:
         return DiffMAEMethod(self.cfg, device, self.rank, self.world_size, kernels=self._mode)
 
     def state_dict(self) -> dict:
-        return {"schedule": {"num_timesteps": self.schedule.num_timesteps, "rho": float(self.obj.rho)},
-                "mask_ratio": float(self.obj.mask_ratio), "norm_pix_loss": bool(self.obj.norm_pix_loss)}
+        sd = {"schedule": {"num_timesteps": self.schedule.num_timesteps, "rho": float(self.obj.rho)},
+              "mask_ratio": float(self.obj.mask_ratio), "norm_pix_loss": bool(self.obj.norm_pix_loss)}
+        if self.video:
+            sd["time_slice"] = {"tubelet": self.tubelet, "slice": self.time_slice}
+        return sd
 
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint of another schedule or masking would resume a different run: refused."""
         mine = self.state_dict()
         for key, field in (("schedule", "noise.num_timesteps / objective.rho"),
-                           ("mask_ratio", "objective.mask_ratio"), ("norm_pix_loss", "objective.norm_pix_loss")):
+                           ("mask_ratio", "objective.mask_ratio"), ("norm_pix_loss", "objective.norm_pix_loss"),
+                           ("time_slice", "model.tubelet / objective.time_slice")):
             if key in state and state[key] != mine[key]:
                 raise ResumeMismatch(f"the checkpoint's DiffMAE {key} {state[key]} differs from the config's "
                                  f"{mine[key]} ({field}); resume with the checkpoint's values")
@@ -92,10 +104,41 @@ class DiffMAEMethod:
         """Nothing to write: DiffMAE keeps no fitted state beside the network."""
 
     # data -----------------------------------------------------------------------------------
+    def slice_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """The frames of clips (B, C, T, H, W) that are noised and predicted: time slice
+        `time_slice` of every tubelet, (B, C, T / tubelet, H, W)."""
+        return x[:, :, self.time_slice::self.tubelet]
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> patchify (B, N, D); clips -> the slice frames' patches, time-major (the
+        tubelets' order), (B, T' g^2, D)."""
+        if x.dim() == 4:
+            return patchify(x, self.p)
+        f = self.slice_frames(x)
+        B, C, T, H, W = f.shape
+        t = patchify(f.transpose(1, 2).reshape(B * T, C, H, W), self.p)
+        return t.reshape(B, T * t.shape[1], t.shape[2])
+
+    def _unpatchify(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of _patchify: images (B, C, H, W), or the slice frames (B, C, T', H, W) of clips."""
+        if like.dim() == 4:
+            B, C, H, W = like.shape
+            return unpatchify(t, self.p, H, W, C)
+        B, C, T, H, W = like.shape
+        Ts = len(range(self.time_slice, T, self.tubelet))
+        img = unpatchify(t.reshape(B * Ts, t.shape[1] // Ts, t.shape[2]), self.p, H, W, C)
+        return img.reshape(B, Ts, C, H, W).transpose(1, 2)
+
+    def num_patches(self, x: torch.Tensor) -> int:
+        """Patches (tubelets for clips) of one sample of x."""
+        g = x.shape[-1] // self.p
+        return g * g * (x.shape[2] // self.tubelet if x.dim() == 5 else 1)
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """What the decoder denoises and predicts: patchify(x) (B, N, D), per-patch normalised
-        (mean 0, variance 1 over D, as MAE's norm_pix_loss) when objective.norm_pix_loss."""
-        t = patchify(x.float(), self.p)
+        """What the decoder denoises and predicts: patchify(x) (B, N, D) (for clips, the slice of
+        each tubelet), per-patch normalised (mean 0, variance 1 over D, as MAE's norm_pix_loss)
+        when objective.norm_pix_loss."""
+        t = self._patchify(x.float())
         if self.obj.norm_pix_loss:
             mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
             t = (t - mu) / (var + NORM_PIX_EPS).sqrt()
@@ -155,13 +198,13 @@ class DiffMAEMethod:
             return masked_mse(pred, x0)
 
     # sampling -------------------------------------------------------------------------------
-    def make_mask(self, kind: str, batch: int, grid: int, step: int = 0) -> PatchMask:
+    def make_mask(self, kind: str, batch: int, grid: int, step: int = 0, frames: int = 1) -> PatchMask:
         """'random' (objective.mask_ratio, the draws of training step `step`) or 'center' (the
-        central half of each side)."""
+        central half of each side, in each of `frames` tubelet steps for clips)."""
         if kind == "random":
-            return self.draw_mask(batch, grid * grid, step, 0, batch)
+            return self.draw_mask(batch, grid * grid * frames, step, 0, batch)
         if kind == "center":
-            return masking.center_block_mask(batch, grid, grid, 0.5, device=self.device)
+            return masking.center_block_mask(batch, grid, grid, 0.5, device=self.device, frames=frames)
         raise ValueError(f"mask={kind!r}; choose 'random' or 'center'")
 
     @torch.no_grad()
@@ -205,31 +248,33 @@ class DiffMAEMethod:
         return scatter_tokens(target, mask.ids_masked, xt), snaps
 
     def to_image(self, patches: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Patches in the decoder's space -> (B, C, H, W). Per-patch normalised patches are mapped
-        back with each patch's own mean and variance from `images`, so such a figure borrows the
-        hidden patches' statistics from the original (stated in docs/diffmae.md)."""
-        B, C, H, W = images.shape
+        """Patches in the decoder's space -> (B, C, H, W) (clips: the slice frames, (B, C, T',
+        H, W)). Per-patch normalised patches are mapped back with each patch's own mean and
+        variance from `images`, so such a figure borrows the hidden patches' statistics from the
+        original (stated in docs/diffmae.md)."""
         if self.obj.norm_pix_loss:
-            raw = patchify(images.to(patches.device).float(), self.p)
+            raw = self._patchify(images.to(patches.device).float())
             mu, var = raw.mean(-1, keepdim=True), raw.var(-1, keepdim=True)
             patches = patches * (var + NORM_PIX_EPS).sqrt() + mu
-        return unpatchify(patches, self.p, H, W, C)
+        return self._unpatchify(patches, images)
 
     def masked_input(self, images: torch.Tensor, mask: PatchMask) -> torch.Tensor:
-        """The images with hidden patches set to 0 (the dataset mean after normalisation)."""
+        """The images (clips: their slice frames) with hidden patches set to 0 (the dataset mean
+        after normalisation)."""
         x = images.to(self.device).float()
-        B, C, H, W = x.shape
-        t = patchify(x, self.p) * (~mask.mask).unsqueeze(-1)
-        return unpatchify(t, self.p, H, W, C)
+        t = self._patchify(x) * (~mask.mask).unsqueeze(-1)
+        return self._unpatchify(t, x)
 
     def sample(self, model: torch.nn.Module, images: torch.Tensor, levels: Sequence[int] = (1000, 500, 0), *,
                step: int = 0, mask: str = "random", steps: int | None = None
                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per level t in `levels`, (masked input, inpainted image at t): the x_0 prediction at that
-        step of the reverse chain, with the visible patches kept; t = 0 is the final sample."""
+        step of the reverse chain, with the visible patches kept; t = 0 is the final sample. For
+        clips (B, C, T, H, W) both are the slice frames (B, C, T / tubelet, H, W)."""
         x = images.to(self.device).float()
         grid = x.shape[-1] // self.p
-        mk = self.make_mask(mask, x.shape[0], grid, step)
+        frames = x.shape[2] // self.tubelet if x.dim() == 5 else 1
+        mk = self.make_mask(mask, x.shape[0], grid, step, frames)
         final, snaps = self.inpaint(model, x, mk, steps=steps, record=[lv for lv in levels if lv > 0])
         snaps[0] = final
         masked = self.masked_input(x, mk)

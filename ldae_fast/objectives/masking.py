@@ -73,14 +73,15 @@ def random_masking(batch: int, num_patches: int, ratio: float, *, seed: int, ste
 
 
 def center_block_mask(batch: int, grid_h: int, grid_w: int, fraction: float = 0.5,
-                      device: torch.device | str = "cpu") -> PatchMask:
+                      device: torch.device | str = "cpu", frames: int = 1) -> PatchMask:
     """Hide the central block of `fraction` of each side (the supplement's center 128x128 of a
-    256x256 image is fraction 0.5), the same block for every row."""
+    256x256 image is fraction 0.5), the same block for every row; for clips the same block in
+    each of `frames` time steps of a time-major patch order."""
     bh, bw = max(1, round(grid_h * fraction)), max(1, round(grid_w * fraction))
     top, left = (grid_h - bh) // 2, (grid_w - bw) // 2
     hidden = torch.zeros(grid_h, grid_w, dtype=torch.bool, device=device)
     hidden[top:top + bh, left:left + bw] = True
-    hidden = hidden.flatten()
+    hidden = hidden.flatten().repeat(frames)
     if bool(hidden.all()):
         raise ValueError(f"a center block of fraction {fraction} hides the whole {grid_h}x{grid_w} grid")
     scores = hidden.float().expand(batch, -1)
