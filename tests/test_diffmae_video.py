@@ -97,6 +97,21 @@ def test_analytic_flops_match_the_counted_matmuls_for_clips():
     assert fc.get_total_flops() == flops_per_image(cfg.model, 16)
 
 
+def test_training_flops_of_a_clip_match_the_counter():
+    # The trainer's MFU: forward + backward, less the input gradients (the clip's tubelets) no one needs.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldae_fast.engine.mfu import diffmae_train_flops_per_image
+    cfg = _cfg(**{"model.attn_backend": "math"})
+    model = build_model(cfg.model, 16)
+    mk = random_masking(1, 32, 0.75, seed=0, step=0)
+    with FlopCounterMode(display=False) as fc:
+        out = model(torch.randn(1, 3, 4, 16, 16), ids_keep=mk.ids_keep, ids_masked=mk.ids_masked,
+                    noisy=torch.randn(1, 24, 48), t=torch.tensor([5]))
+        out.float().square().mean().backward()
+    assert diffmae_train_flops_per_image(cfg.model, 16, 0.75)[1] == pytest.approx(fc.get_total_flops(), rel=1e-9)
+
+
 # target and loss ----------------------------------------------------------------------------
 class Zero(torch.nn.Module):
     """Predicts 0 for every hidden slice, whatever it is shown."""

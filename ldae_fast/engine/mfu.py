@@ -47,7 +47,7 @@ def diffmae_train_flops_per_image(mcfg: ModelConfig, img_size: int, mask_ratio: 
                                   adaln: bool = True) -> tuple[float, float]:
     """(forward, training) FLOPs per image of a DiffMAE step that hides `mask_ratio` of the patches.
 
-    With N = (img/p)^2 patches, n_keep = int(N (1 - mask_ratio)) visible (the masking's rounding)
+    With N = (img/p)^2 patches (a clip: (T / tubelet) (img/p)^2), n_keep = int(N (1 - mask_ratio)) visible (the masking's rounding)
     and M = N - n_keep noised, D = p^2 C, encoder width w, decoder width v:
       forward   `models.diffmae.flops_per_image`: the encoder's blocks on 1 + n_keep tokens only (the
                 patch embedding still convolves all N patches), the decoder's on what
@@ -67,12 +67,14 @@ def diffmae_train_flops_per_image(mcfg: ModelConfig, img_size: int, mask_ratio: 
     from ..models.vit import SIGMA_FREQ_DIM
 
     p, w, v = mcfg.patch_size, mcfg.width, mcfg.decoder_width
-    N = (img_size // p) ** 2
+    clip = mcfg.num_frames // mcfg.tubelet if mcfg.num_frames else 0
+    N = (img_size // p) ** 2 * (clip or 1)  # a clip's spacetime patches
     keep = max(1, int(N * (1.0 - mask_ratio)))
     M, D = N - keep, p * p * in_chans
+    D_in = D * (mcfg.tubelet if clip else 1)  # a clip's tubelet is embedded, one slice noised
     fwd = diffmae_forward(mcfg, img_size, in_chans, mask_ratio=mask_ratio)
     if not adaln:
         k = 9 if mcfg.decoder_kind == "cross_self" else 6
         fwd -= mcfg.decoder_depth * 2 * v * k * v + 2 * v * 2 * v
-    no_input_grad = 2 * N * D * w + 2 * M * D * v + 2 * SIGMA_FREQ_DIM * v
+    no_input_grad = 2 * N * D_in * w + 2 * M * D * v + 2 * SIGMA_FREQ_DIM * v
     return float(fwd), float(3 * fwd - no_input_grad)
