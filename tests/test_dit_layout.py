@@ -280,3 +280,22 @@ def test_docs_table_is_the_codes():
             row = (f"| {size} | {layout} | {m.adaln_dim} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
                    f"{fwd / 1e9:.1f} | {tr / 1e9:.1f} |")
             assert row in text, row
+
+
+def test_eval_driver_on_a_dit_checkpoint(tmp_path):
+    """`ldae-fast eval` end to end on a dit checkpoint: probe, kNN, fine-tune and the denoising
+    figure all run on an encoder with no class token."""
+    from ldae_fast.engine.loop import train
+    from ldae_fast.eval import driver
+
+    res = train(build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")}))
+    out = tmp_path / "eval"
+    rc = driver.main(["--checkpoint", str(res.checkpoint), "--data", "synthetic", "--max-train-images", "64",
+                      "--max-val-images", "32", "--epochs", "1", "--batch-size", "32", "--finetune-steps", "1",
+                      "--finetune-batch-size", "16", "--num-workers", "0", "--knn-k", "5", "--no-baseline",
+                      "--protocols", "linear-fast,knn,finetune,figure", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {r["protocol"].split(" ")[0] for r in rows} >= {"knn", "finetune"}
+    assert all(r["feature_dim"] == 32 for r in rows)
+    assert (out / "denoising.png").is_file()
