@@ -299,3 +299,23 @@ def test_eval_driver_on_a_dit_checkpoint(tmp_path):
     assert {r["protocol"].split(" ")[0] for r in rows} >= {"knn", "finetune"}
     assert all(r["feature_dim"] == 32 for r in rows)
     assert (out / "denoising.png").is_file()
+
+
+def test_fused_adaln_dit_matches_unfused(kernel_device):
+    """The fused LayerNorm + modulate kernel (interpreted on CPU) reads shift / scale of width
+    `width` whatever c's width: the dit model gives the same outputs and gradients through it."""
+    device = kernel_device
+    plain = perturbed(build_model(cfg(encoder_depth=1, decoder_depth=1), IMG)).to(device)
+    fused = build_model(cfg(encoder_depth=1, decoder_depth=1, fused_adaln=True), IMG, kernels="triton").to(device)
+    assert fused.decoder.final_layer.norm_modulate.on[torch.device(device).type], "the kernel must run here"
+    fused.load_state_dict(plain.state_dict())
+    x, s = images().to(device), torch.tensor([0.3, 1.2], device=device)
+    outs, grads = [], []
+    for m in (plain, fused):
+        y = m(x, s)
+        y.square().mean().backward()
+        outs.append(y)
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
