@@ -51,6 +51,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "H": dict(width=1280, encoder_depth=32, decoder_depth=32, num_heads=16),
 }
 ARCHS = ("ldae", "diffmae")
+# l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
+MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
 
 
@@ -113,6 +115,21 @@ class ModelConfig:
     2x16x16 is tubelet 2); 1 for images."""
     num_frames: int = 0
     """Frames of a clip the network is built for (0: images); set from data.num_frames."""
+    layout: str = "mae"
+    """How l-DAE's network is cut in two (docs/model.md).
+    'dit': the paper's (l-DAE App. A), DiT cut in two: the encoder is DiT's first blocks, the
+    decoder the rest, on one token sequence (no class token), with nothing between them (no
+    LayerNorm, no embedding), one sigma embedder shared by all blocks and a conditioning vector of
+    width model.adaln_dim (width/4); features are the mean of the encoder's tokens.
+    'mae': this project's first layout, MAE-shaped halves: a class token, an affine LayerNorm
+    ending the encoder, a decoder embedding with its own position embedding, a sigma embedder per
+    half, full-width adaLN. The default, so checkpoints written before this field existed (which
+    store none) rebuild as what they were; the paper presets and the trajectory rows set 'dit'."""
+    adaln_dim: int = 0
+    """Width of the adaLN conditioning vector c (the sigma embedding, plus the label embedding
+    with class conditioning) that every block's modulation Linear(adaln_dim, 6 width) and the
+    final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
+    l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own)."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -143,6 +160,11 @@ class ModelConfig:
         _one_of("model.output", self.output, ("image", "latent"))
         _check(not self.class_cond or self.cond == "adaln",
                "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
+        _one_of("model.layout", self.layout, MODEL_LAYOUTS)
+        _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
+        if self.adaln_dim == 0:
+            self.adaln_dim = self.width // 4 if self.layout == "dit" else self.width
+        _check(self.adaln_dim >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
 
 
 @dataclass
@@ -573,6 +595,9 @@ class Config:
         _check(self.model.arch == self.objective.method,
                f"model.arch={self.model.arch!r} cannot train objective.method={self.objective.method!r}; "
                f"set model.arch={self.objective.method} (or leave it empty)")
+        _check(self.model.arch == "ldae" or self.model.layout == "mae",
+               f"model.layout={self.model.layout!r} is a layout of l-DAE's encoder-decoder; "
+               f"model.arch={self.model.arch!r} has its own (leave model.layout at 'mae')")
         _check(self.objective.sample_steps <= self.noise.num_timesteps,
                f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
                f"{self.noise.num_timesteps}")
@@ -755,7 +780,8 @@ def sanitize_stored_config(d: dict[str, Any], source: str, from_cli: set[str] = 
 _IMAGENET_EPOCH = 1_281_167
 # l-DAE App. A: patch 16, d = 32 (Table 2: PCA d=32 65.1%, d=128 53.9%), batch 2048, blr 1e-4,
 # 100 warm-up epochs, no weight decay, 400 epochs, AdamW as DiT's (betas 0.9, 0.999); probe at t = 10
-# of 1000 with clean input, MAE's probe (batch 16384, blr 0.1: see eval.probe_blr for the lr).
+# of 1000 with clean input, MAE's probe (batch 16384, blr 0.1: see eval.probe_blr for the lr);
+# the network is DiT cut in two (model.layout='dit', adaLN conditioning at width/4).
 _PAPER_RECIPE = {
     "model.patch_size": 16, "tokenizer.latent_dim": 32, "data.img_size": 256, "data.source": "wds",
     "data.epoch_size": _IMAGENET_EPOCH, "data.batch_size": 256, "data.num_workers": 10,
@@ -764,6 +790,7 @@ _PAPER_RECIPE = {
     "engine.backend": "deepspeed", "tokenizer.fit_images": 50_000, "engine.log_every": 50,
     "engine.ckpt_every": 2000, "optim.clip_grad": 0.0,
     "eval.probe_t": 10, "eval.probe_input": "clean", "eval.probe_batch_size": 16384, "eval.probe_blr": 0.1,
+    "model.layout": "dit",
 }
 # DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
 # 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,

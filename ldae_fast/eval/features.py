@@ -37,13 +37,18 @@ def autocast_for(device: torch.device, precision: str = "auto"):
 
 def pool_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
     """(B, C, H, W) images -> (B, F) features. The encoder's own `pooled` decides where its final
-    norm sits; modules without one get the MAE convention (mean over patch tokens, no class token)."""
+    norm sits and which tokens it averages (the l-DAE 'dit' layout has no class token: all of
+    them); modules without one get the MAE convention (mean over the tokens after
+    `num_prefix_tokens`, default 1, the class token)."""
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r}; choose one of {', '.join(POOLS)}")
     if hasattr(encoder, "pooled"):
         return encoder.pooled(x, pool=pool)
     tokens = encoder.forward_features(x)
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
+    prefix = int(getattr(encoder, "num_prefix_tokens", 1))
+    if pool == "cls" and prefix == 0:
+        raise ValueError("pool='cls' needs a class token; this encoder has none (use pool='avg')")
+    return tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(1)
 
 
 def feature_dim(encoder: nn.Module) -> int:

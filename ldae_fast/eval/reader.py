@@ -24,13 +24,18 @@ class TimmEncoder(torch.nn.Module):
         self.vit = vit
         self.num_features = vit.embed_dim
         self.blocks = vit.blocks
+        # 1 for an export of layout 'mae' (its class token), 0 for 'dit' (no class token).
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
 
     def forward_features(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         return self.vit.forward_features(x)
 
     def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        if pool == "cls" and not self.vit.has_class_token:
+            raise ValueError("pool='cls' needs a class token; this export (model.layout='dit') has none "
+                             "(use pool='avg')")
         tok = self.forward_features(x)
-        return tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)
+        return tok[:, 0] if pool == "cls" else tok[:, self.num_prefix_tokens:].mean(1)
 
 
 class EncoderOnly(torch.nn.Module):

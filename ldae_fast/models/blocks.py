@@ -62,10 +62,12 @@ class Block(nn.Module):
     conditioning vector c; the map is zero-initialised so every block starts as the identity.
     The LayerNorms then carry no affine parameters (the modulation replaces them).
     With ``cond == 'none'`` it is a plain ViT block with affine LayerNorms and c is ignored.
+    ``cond_dim`` is the width of c (0: dim, DiT's; l-DAE's paper layout uses dim/4).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond: str = "adaln",
-                 backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto") -> None:
+                 backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
+                 cond_dim: int = 0) -> None:
         super().__init__()
         if cond not in ("adaln", "none"):
             raise ValueError(f"cond={cond!r}; choose 'adaln' or 'none'")
@@ -78,7 +80,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=affine)
         self.mlp = Mlp(dim, mlp_hidden(dim, mlp_ratio))
         if cond == "adaln":
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
             self.norm_modulate = AdaLNLayerNorm(LN_EPS, fused_adaln, kernels)
         # Activation checkpointing lives inside the block, so a compiled block (compile_blocks)
         # traces the checkpoint as part of its graph and the partitioner recomputes inside it.
@@ -174,16 +176,17 @@ class SigmaEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Tokens -> p*p*C pixels per patch: norm (adaLN-modulated when cond='adaln') + linear."""
+    """Tokens -> p*p*C pixels per patch: norm (adaLN-modulated when cond='adaln', from a
+    conditioning vector of width cond_dim, 0: dim) + linear."""
 
     def __init__(self, dim: int, out_dim: int, cond: str = "adaln", fused_adaln: bool = False,
-                 kernels: str = "auto") -> None:
+                 kernels: str = "auto", cond_dim: int = 0) -> None:
         super().__init__()
         self.cond = cond
         self.norm = nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=cond == "none")
         self.linear = nn.Linear(dim, out_dim)
         if cond == "adaln":
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 2 * dim))
             self.norm_modulate = AdaLNLayerNorm(LN_EPS, fused_adaln, kernels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:

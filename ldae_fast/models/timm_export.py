@@ -12,6 +12,10 @@ into plain ViT parameters:
     gate * (h W^T + b)                            ->  Linear with weight diag(gate) W, bias gate * b
 so the exported model is an ordinary timm ViT with no trace of the conditioning.
 
+Layout 'dit' (no class token, no final norm) exports as timm's class_token=False,
+global_pool='avg', final_norm=False, fc_norm=False: forward_features gives the N patch tokens as
+our encoder does, and the pooled feature is their mean, the l-DAE probe's.
+
 `timm_config` is the `config.json` of timm's local-dir layout, so that an export directory holding
 it and `model.safetensors` loads with `timm.create_model('local-dir:PATH', pretrained=True)` alone.
 """
@@ -31,11 +35,16 @@ def timm_kwargs(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]
 
     global_pool: 'avg' (mean of the patch tokens after the final norm, MAE's linear-probe
     feature; ``fc_norm=False`` keeps the norm where our encoder has it, under the name ``norm``)
-    or 'token' (the class token). The head is left out (num_classes=0): the caller adds its own.
+    or 'token' (the class token; layout 'mae' only). The head is left out (num_classes=0): the
+    caller adds its own.
     """
     if global_pool not in ("avg", "token"):
         raise ValueError(f"global_pool={global_pool!r}; choose 'avg' or 'token'")
-    return dict(
+    has_cls = encoder.cls_token is not None
+    if global_pool == "token" and not has_cls:
+        raise ValueError(f"global_pool='token' needs a class token; model.layout={encoder.layout!r} has "
+                         "none (use 'avg')")
+    kw = dict(
         img_size=encoder.img_size,
         patch_size=encoder.patch_size,
         in_chans=encoder.in_chans,
@@ -44,7 +53,7 @@ def timm_kwargs(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]
         num_heads=encoder.num_heads,
         mlp_ratio=encoder.mlp_ratio,
         qkv_bias=True,
-        class_token=True,
+        class_token=has_cls,
         no_embed_class=False,
         num_classes=0,
         global_pool=global_pool,
@@ -52,6 +61,10 @@ def timm_kwargs(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]
         # A string, so the kwargs stay JSON-serialisable for an exported config.
         act_layer="gelu_tanh",
     )
+    if isinstance(encoder.norm, torch.nn.Identity):
+        # Only when needed, so a 'mae' export's kwargs stay what older timm versions accept.
+        kw["final_norm"] = False
+    return kw
 
 
 # The timm architecture the kwargs specialise; any ViT name works, the kwargs define the shape.
@@ -99,7 +112,7 @@ def _block_modulations(encoder: ViTEncoder, sigma: float) -> list[tuple[torch.Te
     if encoder.sigma_embed is None:
         return None
     emb = encoder.sigma_embed
-    ref = encoder.cls_token
+    ref = encoder.patch_embed.proj.weight
     freqs = emb.frequencies(torch.full((1,), float(sigma), device=ref.device)).double()
     lin1, lin2 = emb.mlp[0], emb.mlp[2]
     c = F.linear(F.silu(F.linear(freqs, lin1.weight.double(), lin1.bias.double())),
@@ -124,13 +137,14 @@ def timm_state_dict(encoder: ViTEncoder, sigma: float = 0.0) -> dict[str, torch.
     if getattr(encoder, "latent_in", 0):
         raise ValueError("this encoder is fed latent tokens (model.input='latent'), not images: it has no "
                          "timm VisionTransformer form")
-    dtype = encoder.cls_token.dtype
+    dtype = encoder.patch_embed.proj.weight.dtype
     sd: dict[str, torch.Tensor] = {}
 
     def put(name: str, t: torch.Tensor) -> None:
         sd[name] = t.detach().to(dtype).clone().contiguous()
 
-    put("cls_token", encoder.cls_token)
+    if encoder.cls_token is not None:
+        put("cls_token", encoder.cls_token)
     put("pos_embed", encoder.pos_embed)
     put("patch_embed.proj.weight", encoder.patch_embed.proj.weight)
     put("patch_embed.proj.bias", encoder.patch_embed.proj.bias)
@@ -159,8 +173,9 @@ def timm_state_dict(encoder: ViTEncoder, sigma: float = 0.0) -> dict[str, torch.
             lin = blk.get_submodule(name)
             put(pre + name + ".weight", gate.unsqueeze(1) * lin.weight.double())
             put(pre + name + ".bias", gate * lin.bias.double())
-    put("norm.weight", encoder.norm.weight)
-    put("norm.bias", encoder.norm.bias)
+    if not isinstance(encoder.norm, torch.nn.Identity):
+        put("norm.weight", encoder.norm.weight)
+        put("norm.bias", encoder.norm.bias)
     return sd
 
 
@@ -173,4 +188,5 @@ def to_timm(encoder: ViTEncoder, global_pool: str = "avg", sigma: float = 0.0):
     model = timm.create_model(TIMM_ARCH, pretrained=False,
                               **timm_kwargs(encoder, global_pool))
     model.load_state_dict(timm_state_dict(encoder, sigma), strict=True)
-    return model.to(device=encoder.cls_token.device, dtype=encoder.cls_token.dtype).eval()
+    w = encoder.patch_embed.proj.weight
+    return model.to(device=w.device, dtype=w.dtype).eval()

@@ -1,15 +1,22 @@
-"""The l-DAE network: a ViT encoder and a ViT decoder made of DiT-style blocks.
+"""The l-DAE network: a ViT encoder and a ViT decoder made of DiT-style blocks, in one of two
+layouts (model.layout; docs/model.md).
 
-Encoder: patch embedding + class token + fixed 2-D sin-cos position embedding -> blocks -> final
-(affine) LayerNorm. Its parameter names are timm's VisionTransformer names, so it loads into timm
-for evaluation (see timm_export.py). It owns its own noise-level embedder so it is self-contained:
-evaluation feeds clean images with sigma = 0, the same conditioning the export folds in.
+'dit', the paper's (l-DAE App. A: DiT-L cut in two): patch embedding + fixed 2-D sin-cos position
+embedding -> encoder blocks -> decoder blocks -> final layer, one token sequence throughout: no
+class token, nothing between the halves (no LayerNorm, no embedding), one sigma embedder whose
+conditioning vector c (width model.adaln_dim = width/4) every block of both halves reads. The
+encoder owns the embedder, so it stays self-contained for evaluation; its features are the mean
+of its output tokens (the paper's probe: average pool, then a BatchNorm without affine).
 
-Decoder: a linear embedding of the encoder tokens (as MAE's decoder_embed: the encoder output is
-normalised, the decoder gets to re-scale it) + its own fixed position embedding -> blocks -> final
-layer to p*p*C pixels per patch -> unpatchify (MAE's (p, p, C) order) to an image.
+'mae', this project's first layout: the encoder adds a class token and ends in an affine
+LayerNorm (MAE's encoder); the decoder re-embeds the encoder tokens with a linear map (MAE's
+decoder_embed: the encoder output is normalised, the decoder gets to re-scale it) plus its own
+position embedding; each half has its own sigma embedder and c is full width.
 
-Both halves are conditioned on sigma through adaLN-Zero (cond='adaln') or not at all (cond='none').
+Either way: -> final layer to p*p*C pixels per patch -> unpatchify (MAE's (p, p, C) order) to an
+image (or latent tokens), conditioned on sigma through adaLN-Zero (cond='adaln') or not at all
+(cond='none'). Encoder parameter names are timm's VisionTransformer names, so it loads into timm
+for evaluation (see timm_export.py).
 """
 
 from __future__ import annotations
@@ -105,33 +112,50 @@ def _add_label(c: torch.Tensor | None, embedder: LabelEmbedder | None, labels, b
     return c + embedder(labels, batch, ref)
 
 
+LAYOUTS = ("dit", "mae")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; choose one of {', '.join(LAYOUTS)}")
+
+
 class ViTEncoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
                  attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
-                 num_classes: int = 0, latent_in: int = 0) -> None:
+                 num_classes: int = 0, latent_in: int = 0, layout: str = "mae", cond_dim: int = 0) -> None:
         super().__init__()
+        _check_layout(layout)
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.depth, self.num_heads, self.mlp_ratio, self.cond = depth, num_heads, mlp_ratio, cond
         self.num_features = self.embed_dim = width
         self.latent_in = latent_in
         """> 0: the encoder takes (B, N, latent_in) latent tokens, not images."""
+        self.layout = layout
+        self.cond_dim = cond_dim or width
+        """Width of the conditioning vector c the blocks read (and the sigma embedder returns)."""
+        mae = layout == "mae"
+        self.num_prefix_tokens = 1 if mae else 0
+        """Tokens before the patch tokens in forward_features' output (the class token)."""
 
         self.patch_embed = (TokenEmbed(img_size, patch_size, latent_in, width) if latent_in
                             else PatchEmbed(img_size, patch_size, in_chans, width))
         g = self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if mae else None
         # Fixed, so not saved: rebuilt from the config, and checkpoints hold learned tensors only.
-        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
+        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=mae).unsqueeze(0),
                              persistent=False)
-        self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
-        self.label_embed = LabelEmbedder(num_classes, width) if num_classes else None
+        self.sigma_embed = SigmaEmbedder(self.cond_dim, SIGMA_FREQ_DIM) if cond == "adaln" else None
+        self.label_embed = LabelEmbedder(num_classes, self.cond_dim) if num_classes else None
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
+            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels, self.cond_dim)
+            for _ in range(depth))
         # Affine and unconditioned even with adaLN: the features must not depend on a sigma that
-        # evaluation does not have, and timm's `norm` is a plain LayerNorm.
-        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        # evaluation does not have, and timm's `norm` is a plain LayerNorm. DiT cut in two has
+        # no norm here: its decoder reads the encoder's block output as it is.
+        self.norm = nn.LayerNorm(width, eps=LN_EPS) if mae else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -140,66 +164,91 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         # A patch embedding is a linear map of the flattened patch: initialise it as one.
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
 
     def embed_sigma(self, sigma, batch: int, ref: torch.Tensor, labels=None) -> torch.Tensor | None:
-        """The conditioning vector c (B, width) for noise level sigma (and class labels, with
+        """The conditioning vector c (B, cond_dim) for noise level sigma (and class labels, with
         class conditioning: None is the null class); None when cond='none'."""
         if self.sigma_embed is None:
             return None
         return _add_label(self.sigma_embed(_sigma_vector(sigma, batch, ref)), self.label_embed, labels,
                           batch, ref)
 
+    def encode(self, x: torch.Tensor, sigma=None, labels=None,
+               depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) -> (tokens after the blocks, before the final norm; c), c the conditioning
+        vector the blocks read (None with cond='none'): what the 'dit' decoder continues from."""
+        B = x.shape[0]
+        pos = self.pos_embed.to(x.dtype)
+        p = self.num_prefix_tokens
+        tokens = self.patch_embed(x) + pos[:, p:]
+        if self.cls_token is not None:
+            cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)
+            tokens = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        c = self.embed_sigma(sigma, B, x, labels)
+        blocks = self.blocks if not depth else self.blocks[:depth]
+        return _run_blocks(blocks, tokens, c), c
+
     def forward_features(self, x: torch.Tensor, sigma=None, labels=None, depth: int = 0) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1 + N, width) tokens, class token first, after the final norm.
+        """(B, C, H, W) -> (B, num_prefix_tokens + N, width) tokens after the final norm (layout
+        'mae': class token first; 'dit': the N patch tokens, no norm).
 
         sigma: (B,) noise levels of x; None means a clean image (sigma = 0). depth: run only the
         first `depth` blocks before the norm (0: all), for probing inside the encoder.
         """
-        B = x.shape[0]
-        pos = self.pos_embed.to(x.dtype)
-        tokens = self.patch_embed(x) + pos[:, 1:]
-        cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)
-        tokens = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
-        c = self.embed_sigma(sigma, B, x, labels)
-        blocks = self.blocks if not depth else self.blocks[:depth]
-        tokens = _run_blocks(blocks, tokens, c)
-        return self.norm(tokens)
+        return self.norm(self.encode(x, sigma, labels, depth)[0])
 
     forward = forward_features
 
     def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None, depth: int = 0) -> torch.Tensor:
-        """(B, width) image features: mean of the patch tokens (MAE's linear probe) or the class token."""
+        """(B, width) image features: mean of the patch tokens (MAE's linear probe, l-DAE's) or the
+        class token (layout 'mae' only)."""
+        if pool not in ("avg", "cls"):
+            raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
+        if pool == "cls" and self.cls_token is None:
+            raise ValueError(f"pool='cls' needs a class token; model.layout={self.layout!r} has none "
+                             "(use pool='avg')")
         tokens = self.forward_features(x, sigma, depth=depth)
         if pool == "avg":
-            return tokens[:, 1:].mean(dim=1)
-        if pool == "cls":
-            return tokens[:, 0]
-        raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
+            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        return tokens[:, 0]
 
 
 class ViTDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, out_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, cond: str = "adaln",
                  attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
-                 num_classes: int = 0, latent_out: int = 0) -> None:
+                 num_classes: int = 0, latent_out: int = 0, layout: str = "mae", cond_dim: int = 0) -> None:
         super().__init__()
+        _check_layout(layout)
         self.latent_out = latent_out
         """> 0: the decoder returns (B, N, latent_out) latent tokens, not an image."""
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
         self.img_size, self.patch_size, self.out_chans, self.cond = img_size, patch_size, out_chans, cond
+        self.layout = layout
+        self.cond_dim = cond_dim or width
+        mae = layout == "mae"
+        self.num_prefix_tokens = 1 if mae else 0
         g = img_size // patch_size
         self.num_patches = g * g
-        self.embed = nn.Linear(width, width)
-        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
-                             persistent=False)
-        self.sigma_embed = SigmaEmbedder(width, SIGMA_FREQ_DIM) if cond == "adaln" else None
-        self.label_embed = LabelEmbedder(num_classes, width) if num_classes else None
+        # 'dit': the blocks continue the encoder's sequence, conditioned on the encoder's c, so
+        # the decoder has no embedding, position code or sigma embedder of its own.
+        self.embed = nn.Linear(width, width) if mae else None
+        if mae:
+            self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0),
+                                 persistent=False)
+        else:
+            self.pos_embed = None
+        own_cond = mae and cond == "adaln"
+        self.sigma_embed = SigmaEmbedder(self.cond_dim, SIGMA_FREQ_DIM) if own_cond else None
+        self.label_embed = LabelEmbedder(num_classes, self.cond_dim) if num_classes and mae else None
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels) for _ in range(depth))
+            Block(width, num_heads, mlp_ratio, cond, attn_backend, fused_adaln, kernels, self.cond_dim)
+            for _ in range(depth))
         self.final_layer = FinalLayer(width, latent_out or patch_size * patch_size * out_chans, cond,
-                                      fused_adaln, kernels)
+                                      fused_adaln, kernels, self.cond_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -208,18 +257,31 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward_patches(self, tokens: torch.Tensor, sigma=None, labels=None) -> torch.Tensor:
-        """Encoder tokens (B, 1 + N, width) -> per-patch pixels (B, N, p*p*C)."""
+    def _conditioning(self, tokens: torch.Tensor, sigma, labels, c: torch.Tensor | None):
+        if self.layout == "dit":
+            if c is None and self.cond == "adaln":
+                raise ValueError("the 'dit' decoder reads the encoder's conditioning vector: pass c "
+                                 "(ViTEncoder.encode returns it)")
+            return c
+        if c is not None:
+            raise ValueError("the 'mae' decoder embeds sigma itself: pass sigma (and labels), not c")
         B = tokens.shape[0]
-        x = self.embed(tokens) + self.pos_embed.to(tokens.dtype)
-        c = None if self.sigma_embed is None else _add_label(
+        return None if self.sigma_embed is None else _add_label(
             self.sigma_embed(_sigma_vector(sigma, B, tokens)), self.label_embed, labels, B, tokens)
-        x = _run_blocks(self.blocks, x, c)
-        return self.final_layer(x[:, 1:], c)
 
-    def forward(self, tokens: torch.Tensor, sigma=None, labels=None) -> torch.Tensor:
-        """Encoder tokens (B, 1 + N, width) -> image (B, C, H, W), or latent tokens (B, N, d)."""
-        patches = self.forward_patches(tokens, sigma, labels)
+    def forward_patches(self, tokens: torch.Tensor, sigma=None, labels=None,
+                        c: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder tokens (B, num_prefix_tokens + N, width) -> per-patch pixels (B, N, p*p*C).
+        Layout 'mae' takes sigma (and labels); 'dit' takes the encoder's conditioning vector c."""
+        c = self._conditioning(tokens, sigma, labels, c)
+        x = tokens if self.embed is None else self.embed(tokens) + self.pos_embed.to(tokens.dtype)
+        x = _run_blocks(self.blocks, x, c)
+        return self.final_layer(x[:, self.num_prefix_tokens:], c)
+
+    def forward(self, tokens: torch.Tensor, sigma=None, labels=None,
+                c: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder tokens -> image (B, C, H, W), or latent tokens (B, N, d)."""
+        patches = self.forward_patches(tokens, sigma, labels, c)
         if self.latent_out:
             return patches
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
@@ -247,6 +309,11 @@ class LDAEModel(nn.Module):
             raise ValueError(f"LDAEModel has no conditioning on {', '.join(sorted(cond))} "
                              "(it takes sigma and labels)")
         # Phase markers for Nsight / the profiler (no-ops without CUDA or a running profiler).
+        if self.encoder.layout == "dit":
+            with nvtx_range("encoder"):
+                tokens, c = self.encoder.encode(x_in, sigma, labels)
+            with nvtx_range("decoder"):
+                return self.decoder(tokens, c=c)
         with nvtx_range("encoder"):
             tokens = self.encoder.forward_features(x_in, sigma, labels)
         with nvtx_range("decoder"):
@@ -264,7 +331,8 @@ class LDAEModel(nn.Module):
 def _dims(cfg: ModelConfig, kernels: str) -> dict:
     return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
                 attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels,
-                num_classes=cfg.num_classes if cfg.class_cond else 0)
+                num_classes=cfg.num_classes if cfg.class_cond else 0, layout=cfg.layout,
+                cond_dim=cfg.adaln_dim)
 
 
 def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
@@ -293,15 +361,16 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     """Analytic forward FLOPs of one image through LDAEModel (multiply-add = 2 FLOPs).
 
     Counts every matmul/conv, nothing element-wise (norms, softmax, GELU, residuals, modulation):
-    with N patches, T = N + 1 tokens (class token included), width w, MLP hidden h, L = encoder +
-    decoder blocks, D = p*p*C:
+    with N patches, T tokens (N + 1 with layout 'mae''s class token, N with 'dit'), width w, MLP
+    hidden h, L = encoder + decoder blocks, D = p*p*C, a = model.adaln_dim (width of c):
       blocks        L * [2 T w (3w + w + 2h) + 4 T^2 w]   (= L T (24 w^2 + 4 T w) when h = 4w):
                     qkv, attention output projection, MLP; q k^T and attn @ v
       patch embed   2 N (p^2 C) w
-      decoder embed 2 T w^2
+      decoder embed 2 T w^2 (layout 'mae' only)
       head          2 N w D
-      adaLN only    per image, not per token: 2 L w (6w) block modulation, 2 w (2w) final
-                    modulation, 2 x 2 (256 w + w^2) for the two sigma embedders.
+      adaLN only    per image, not per token: 2 L a (6w) block modulation, 2 a (2w) final
+                    modulation, E x 2 (256 a + a^2) for the sigma embedders (E = 2 with 'mae',
+                    one per half; 1 with 'dit').
     Backward is about 2x forward, so a training step is ~3x this (plus one more forward of the
     blocks with gradient checkpointing). DiffMAE's count (75% masking) is in diffmae.py.
     """
@@ -309,15 +378,19 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
         from .diffmae import flops_per_image as diffmae_flops
         return diffmae_flops(cfg, img_size, in_chans)
     p, w = cfg.patch_size, cfg.width
+    mae = cfg.layout == "mae"
     N = (img_size // p) ** 2
-    T = N + 1
+    T = N + 1 if mae else N
     h = mlp_hidden(w, cfg.mlp_ratio)
     L = cfg.encoder_depth + cfg.decoder_depth
     D_in, D = _io_dims(cfg, in_chans)
     flops = L * (2 * T * w * (3 * w + w + 2 * h) + 4 * T * T * w)
-    flops += 2 * N * D_in * w + 2 * T * w * w + 2 * N * w * D
+    flops += 2 * N * D_in * w + 2 * N * w * D
+    if mae:
+        flops += 2 * T * w * w
     if cfg.cond == "adaln":
-        flops += 2 * L * w * 6 * w + 2 * w * 2 * w + 2 * 2 * (SIGMA_FREQ_DIM * w + w * w)
+        a = cfg.adaln_dim
+        flops += 2 * L * a * 6 * w + 2 * a * 2 * w + (2 if mae else 1) * 2 * (SIGMA_FREQ_DIM * a + a * a)
     return float(flops)
 
 
@@ -329,24 +402,32 @@ def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
 
 def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
     """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded);
-    DiffMAE's are counted on a model built on the meta device (no memory, no compute)."""
+    DiffMAE's are counted on a model built on the meta device (no memory, no compute).
+
+    Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = model.adaln_dim)
+    or, with cond='none', two affine LayerNorms. Layout 'mae' adds a class token and the final
+    LayerNorm to the encoder, the decoder embedding and a second sigma embedder (and label
+    embedding) to the decoder; 'dit' has one sigma embedder (and label embedding), in the encoder.
+    """
     if cfg.arch == "diffmae":
         from .diffmae import build_diffmae
         with torch.device("meta"):
             m = build_diffmae(cfg, img_size, in_chans)
         enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
         return {"encoder": enc, "decoder": dec, "total": enc + dec}
-    w = cfg.width
+    w, a = cfg.width, cfg.adaln_dim
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"
+    mae = cfg.layout == "mae"
     block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
-    block += (6 * w * w + 6 * w) if adaln else 4 * w
-    sigma_embed = (SIGMA_FREQ_DIM * w + w + w * w + w) if adaln else 0
+    block += (a * 6 * w + 6 * w) if adaln else 4 * w
+    sigma_embed = (SIGMA_FREQ_DIM * a + a + a * a + a) if adaln else 0
+    label_embed = (cfg.num_classes + 1) * a if cfg.class_cond else 0
     D_in, D = _io_dims(cfg, in_chans)
-    enc = (D_in * w + w) + w + cfg.encoder_depth * block + 2 * w + sigma_embed
-    dec = (w * w + w) + cfg.decoder_depth * block + sigma_embed + (w * D + D)
-    dec += (2 * w * w + 2 * w) if adaln else 2 * w
-    if cfg.class_cond:
-        enc += (cfg.num_classes + 1) * w
-        dec += (cfg.num_classes + 1) * w
+    enc = (D_in * w + w) + cfg.encoder_depth * block + sigma_embed + label_embed
+    dec = cfg.decoder_depth * block + (w * D + D)
+    dec += (a * 2 * w + 2 * w) if adaln else 2 * w
+    if mae:
+        enc += w + 2 * w  # class token, final LayerNorm
+        dec += (w * w + w) + sigma_embed + label_embed  # decoder embedding, its own embedders
     return {"encoder": enc, "decoder": dec, "total": enc + dec}

@@ -1,0 +1,321 @@
+"""model.layout='dit': l-DAE's network as its App. A describes it, DiT cut in two (no class token,
+nothing between encoder and decoder, one sigma embedder, adaLN conditioning at width/4), beside
+the 'mae' layout it replaces in the paper presets."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldae_fast.config import PRESETS, ConfigError, ModelConfig, build_config
+from ldae_fast.models import build_model, flops_per_image, param_count
+from ldae_fast.models.blocks import Block, FinalLayer, SigmaEmbedder
+from ldae_fast.trajectory import ROWS
+
+IMG = 32
+PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
+
+
+def cfg(layout="dit", **kw):
+    return ModelConfig(**{"size": "tiny", "patch_size": 4, "layout": layout, **kw})
+
+
+def perturbed(model, seed=0):
+    """adaLN-Zero and the zero head start as the identity / zeros: give every weight a value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def images(b=2, seed=1):
+    return torch.randn(b, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def test_paper_presets_and_trajectory_rows_are_dit_and_the_rest_keep_mae():
+    for name in PAPER + tuple(ROWS):
+        m = build_config(name).model
+        assert (m.layout, m.adaln_dim) == ("dit", m.width // 4), name
+    assert build_config("ldae-vitl").model.adaln_dim == 256
+    for name in ("demo", "tiny-imagenet", "diffmae-demo", "diffmae-vitb"):
+        m = build_config(name).model
+        assert (m.layout, m.adaln_dim) == ("mae", m.width), name
+    # A config stored before the field existed has no layout: it rebuilds as the model it was.
+    d = build_config("demo").to_dict()
+    del d["model"]["layout"], d["model"]["adaln_dim"]
+    from ldae_fast.config import Config
+    assert Config.from_dict(d).model.layout == "mae"
+    assert all("model.layout" not in PRESETS[n] for n in ("demo", "tiny-imagenet"))
+
+
+def test_layout_validation_names_the_field():
+    with pytest.raises(ConfigError, match="model.layout='vit'"):
+        ModelConfig(layout="vit")
+    with pytest.raises(ConfigError, match="model.adaln_dim=-1"):
+        ModelConfig(adaln_dim=-1)
+    with pytest.raises(ConfigError, match="model.layout='dit' is a layout of l-DAE"):
+        build_config("diffmae-demo", {"model.layout": "dit"})
+    assert ModelConfig(layout="dit", adaln_dim=40).adaln_dim == 40
+    assert ModelConfig(layout="mae", adaln_dim=24).adaln_dim == 24
+
+
+def test_dit_modules_no_class_token_no_extra_norm_one_embedder():
+    model = build_model(cfg(class_cond=True, num_classes=5), IMG)
+    enc, dec = model.encoder, model.decoder
+    names = dict(model.named_parameters())
+    assert enc.cls_token is None and not any("cls_token" in n for n in names)
+    assert isinstance(enc.norm, nn.Identity) and dec.embed is None and dec.pos_embed is None
+    # The only LayerNorms are the adaLN-modulated ones: no affine parameters anywhere.
+    assert not any(isinstance(m, nn.LayerNorm) and m.elementwise_affine for m in model.modules())
+    embedders = [n for n, m in model.named_modules() if isinstance(m, SigmaEmbedder)]
+    assert embedders == ["encoder.sigma_embed"] and dec.sigma_embed is None
+    labels = [n for n in names if "label_embed" in n]
+    assert labels == ["encoder.label_embed.table.weight"]
+    assert enc.label_embed.table.weight.shape == (6, 24)
+    # adaLN at width/4: c is 24 wide, every modulation reads 24 and writes 6 (2) x 96.
+    assert enc.sigma_embed.mlp[2].out_features == 24
+    mods = [m for m in model.modules() if isinstance(m, (Block, FinalLayer))]
+    assert len(mods) == 3 + 3 + 1
+    for m in mods:
+        lin = m.adaLN_modulation[-1]
+        assert lin.in_features == 24
+        assert lin.out_features == (6 if isinstance(m, Block) else 2) * 96
+    # The position code covers the N patch tokens only.
+    assert enc.pos_embed.shape == (1, (IMG // 4) ** 2, 96)
+
+
+def test_mae_layout_keeps_what_dit_drops():
+    model = build_model(cfg("mae"), IMG)
+    enc, dec = model.encoder, model.decoder
+    assert enc.cls_token is not None and isinstance(enc.norm, nn.LayerNorm) and isinstance(dec.embed, nn.Linear)
+    assert [n for n, m in model.named_modules() if isinstance(m, SigmaEmbedder)] == [
+        "encoder.sigma_embed", "decoder.sigma_embed"]
+    assert all(m.adaLN_modulation[-1].in_features == 96 for m in model.modules()
+               if isinstance(m, (Block, FinalLayer)))
+
+
+def test_dit_forward_is_one_sequence_through_both_halves():
+    """Written out by hand: patches + position -> every block, encoder then decoder, on one c ->
+    final layer. Nothing else sits between the halves."""
+    model = perturbed(build_model(cfg(), IMG)).eval()
+    enc, dec = model.encoder, model.decoder
+    x, s = images(), torch.tensor([0.1, 0.9])
+    with torch.no_grad():
+        c = enc.sigma_embed(s)
+        t = enc.patch_embed(x) + enc.pos_embed
+        for blk in list(enc.blocks) + list(dec.blocks):
+            t = blk(t, c)
+        from ldae_fast.reference import unpatchify
+        want = unpatchify(dec.final_layer(t, c), 4, IMG, IMG, 3)
+        torch.testing.assert_close(model(x, s), want, rtol=0, atol=0)
+        # The features are the encoder's block output as it is, averaged over all N tokens.
+        tok = enc.forward_features(x)
+        assert tok.shape == (2, 64, 96)
+        torch.testing.assert_close(enc.pooled(x), tok.mean(1))
+        # Probe at depth k: the mean after the first k blocks, with no norm.
+        t1 = enc.blocks[0](enc.patch_embed(x) + enc.pos_embed, enc.sigma_embed(torch.zeros(2)))
+        torch.testing.assert_close(enc.pooled(x, depth=1), t1.mean(1))
+        with pytest.raises(ValueError, match="pool='cls' needs a class token"):
+            enc.pooled(x, "cls")
+        with pytest.raises(ValueError, match="pass c"):
+            dec(tok)
+
+
+@pytest.mark.parametrize("layout", ["dit", "mae"])
+@pytest.mark.parametrize("kw", [{}, {"cond": "none"}, {"class_cond": True, "num_classes": 10},
+                                {"input": "latent", "output": "latent", "latent_dim": 8}])
+def test_param_count_is_the_built_models(layout, kw):
+    for size, patch, img in (("tiny", 4, 32), ("S", 8, 64)):
+        c = ModelConfig(size=size, patch_size=patch, layout=layout, **kw)
+        m = build_model(c, img)
+        counts = param_count(c, img)
+        assert counts["encoder"] == sum(p.numel() for p in m.encoder.parameters()), (size, kw)
+        assert counts["total"] == sum(p.numel() for p in m.parameters()), (size, kw)
+
+
+@pytest.mark.parametrize("size", ["halfL", "L"])
+def test_param_count_paper_sizes_on_meta(size):
+    """The table's sizes, built on the meta device (no memory): the analytic counts are exact,
+    and the dit layout saves what its adaLN, class token, norm, embedding and embedder cost."""
+    counts = {}
+    for layout in ("dit", "mae"):
+        c = ModelConfig(size=size, patch_size=16, layout=layout)
+        with torch.device("meta"):
+            m = build_model(c, 256)
+        counts[layout] = param_count(c, 256)["total"]
+        assert counts[layout] == sum(p.numel() for p in m.parameters())
+    w, L = 1024, ModelConfig(size=size).encoder_depth * 2
+    a = w // 4
+    saved = (L * 6 * w * (w - a) + 2 * w * (w - a)  # adaLN block + final modulations
+             + w + 2 * w + (w * w + w)  # class token, encoder norm, decoder embedding
+             + 2 * (256 * w + w * w + 2 * w) - (256 * a + a * a + 2 * a))  # two full embedders -> one small
+    assert counts["mae"] - counts["dit"] == saved
+
+
+@pytest.mark.parametrize("kw", [{}, {"cond": "none"}, {"class_cond": True, "num_classes": 4}])
+def test_flops_formula_counts_every_matmul_dit(kw):
+    c = cfg(attn_backend="math", encoder_depth=2, decoder_depth=1, **kw)
+    model = build_model(c, IMG)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images(), torch.tensor([0.1, 0.2]), **({"labels": torch.tensor([0, 1])} if kw.get("class_cond") else {}))
+    assert counter.get_total_flops() / 2 == flops_per_image(c, IMG)
+
+
+def test_train_flops_dit_below_mae():
+    from ldae_fast.engine.mfu import train_flops_per_image
+
+    dit, mae = (train_flops_per_image(ModelConfig(size="L", patch_size=16, layout=lay), 256) for lay in ("dit", "mae"))
+    assert dit[1] == 3 * dit[0] and dit[0] < mae[0]
+    # The class token's share: one of 257 tokens in every block, plus the decoder embedding.
+    assert 0.99 < dit[0] / mae[0] < 0.997
+
+
+TINY = {
+    "model.layout": "dit", "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "2",
+    "model.decoder_depth": "1", "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "32",
+    "tokenizer.fit_images": "16", "engine.kernels": "reference", "engine.log_every": "2",
+    "engine.progress": "false", "engine.steps": "3", "eval.probe": "false", "eval.figure": "false",
+    "optim.warmup_epochs": "0",
+}
+
+
+def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    from ldae_fast.engine.checkpoint import load_state
+    from ldae_fast.engine.export import main as export_main
+    from ldae_fast.engine.loop import train
+    from ldae_fast.eval.features import extract_features, probe_view
+    from ldae_fast.eval.reader import load_exported_encoder, load_for_eval
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    c = build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")})
+    res = train(c)
+    st = load_state(res.checkpoint)
+    assert st["config"]["model"]["layout"] == "dit" and st["config"]["model"]["adaln_dim"] == 8
+    assert not any("cls_token" in k or k.startswith("decoder.sigma_embed") for k in st["model"])
+    cfg2, model, method = load_for_eval(res.checkpoint, use_ema=False)
+    assert cfg2.model.layout == "dit" and model.encoder.cls_token is None
+    # Reload rebuilt the trained network exactly: the weights, and a forward pass, are the run's.
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, st["model"][k], rtol=0, atol=0)
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert model(x, torch.full((5,), 0.5)).shape == x.shape
+    view = probe_view(model.encoder, cfg2, method)
+    feats = extract_features(view, x, batch_size=2)
+    with torch.no_grad():
+        want = model.encoder.forward_features(x, sigma=view.sigma).mean(1)
+    torch.testing.assert_close(feats, want, rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / "enc"
+    assert export_main([str(res.checkpoint), str(out), "--no-ema"]) == 0
+    args = json.loads((out / "config.json").read_text())["model_args"]
+    assert args["class_token"] is False and args["final_norm"] is False and args["global_pool"] == "avg"
+    vit = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # strict load
+    assert vit.cls_token is None and isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity)
+    with torch.no_grad():
+        ours = model.encoder.forward_features(x)
+        torch.testing.assert_close(vit.forward_features(x), ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vit(x), ours.mean(1), rtol=1e-5, atol=1e-5)
+        _, enc, _ = load_exported_encoder(out)
+        torch.testing.assert_close(extract_features(enc.encoder, x), ours.mean(1), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="needs a class token"):
+            enc.encoder.pooled(x, "cls")
+
+
+def test_timm_export_folds_sigma_and_refuses_token_pool():
+    timm = pytest.importorskip("timm")
+    from ldae_fast.models.timm_export import timm_kwargs, timm_state_dict
+
+    enc = perturbed(build_model(cfg(class_cond=True, num_classes=3), IMG), seed=3).encoder.eval()
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(enc)).eval()
+    tm.load_state_dict(timm_state_dict(enc, sigma=0.4), strict=True)
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x), enc.forward_features(x, 0.4), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tm(x), enc.pooled(x, sigma=0.4), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="global_pool='token' needs a class token"):
+        timm_kwargs(enc, "token")
+
+
+def test_finetune_model_from_a_dit_encoder():
+    pytest.importorskip("timm")
+    from ldae_fast.eval.finetune import build_finetune_model
+
+    enc = perturbed(build_model(cfg(), IMG), seed=5).encoder.eval()
+    ft = build_finetune_model(enc, num_classes=4, drop_path=0.0).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True),
+                                   enc.pooled(x), atol=1e-5, rtol=1e-5)
+        assert ft(x).shape == (2, 4)
+
+
+def test_compile_and_checkpointing_see_every_block():
+    from ldae_fast.models.compile import compile_blocks
+
+    model = build_model(cfg(grad_checkpointing=True), IMG)
+    assert model.grad_checkpointing and all(b.grad_checkpointing for b in model.decoder.blocks)
+    x, s = images(), torch.tensor([0.3, 0.6])
+    perturbed(model)
+    out = model(x, s)
+    out.square().mean().backward()
+    assert model.encoder.sigma_embed.mlp[0].weight.grad is not None
+    assert compile_blocks(build_model(cfg(), IMG), backend="eager") == 6
+
+
+def test_docs_table_is_the_codes():
+    """docs/model.md's parameter / FLOP table, row by row, is what the code computes now."""
+    from pathlib import Path
+
+    from ldae_fast.engine.mfu import train_flops_per_image
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
+    for size in ("halfL", "L"):
+        for layout in ("dit", "mae"):
+            m = ModelConfig(size=size, patch_size=16, layout=layout)
+            pc, (fwd, tr) = param_count(m, 256), train_flops_per_image(m, 256)
+            row = (f"| {size} | {layout} | {m.adaln_dim} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
+                   f"{fwd / 1e9:.1f} | {tr / 1e9:.1f} |")
+            assert row in text, row
+
+
+def test_eval_driver_on_a_dit_checkpoint(tmp_path):
+    """`ldae-fast eval` end to end on a dit checkpoint: probe, kNN, fine-tune and the denoising
+    figure all run on an encoder with no class token."""
+    from ldae_fast.engine.loop import train
+    from ldae_fast.eval import driver
+
+    res = train(build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")}))
+    out = tmp_path / "eval"
+    rc = driver.main(["--checkpoint", str(res.checkpoint), "--data", "synthetic", "--max-train-images", "64",
+                      "--max-val-images", "32", "--epochs", "1", "--batch-size", "32", "--finetune-steps", "1",
+                      "--finetune-batch-size", "16", "--num-workers", "0", "--knn-k", "5", "--no-baseline",
+                      "--protocols", "linear-fast,knn,finetune,figure", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {r["protocol"].split(" ")[0] for r in rows} >= {"knn", "finetune"}
+    assert all(r["feature_dim"] == 32 for r in rows)
+    assert (out / "denoising.png").is_file()
+
+
+def test_fused_adaln_dit_matches_unfused(kernel_device):
+    """The fused LayerNorm + modulate kernel (interpreted on CPU) reads shift / scale of width
+    `width` whatever c's width: the dit model gives the same outputs and gradients through it."""
+    device = kernel_device
+    plain = perturbed(build_model(cfg(encoder_depth=1, decoder_depth=1), IMG)).to(device)
+    fused = build_model(cfg(encoder_depth=1, decoder_depth=1, fused_adaln=True), IMG, kernels="triton").to(device)
+    assert fused.decoder.final_layer.norm_modulate.on[torch.device(device).type], "the kernel must run here"
+    fused.load_state_dict(plain.state_dict())
+    x, s = images().to(device), torch.tensor([0.3, 1.2], device=device)
+    outs, grads = [], []
+    for m in (plain, fused):
+        y = m(x, s)
+        y.square().mean().backward()
+        outs.append(y)
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
