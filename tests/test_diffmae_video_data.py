@@ -107,6 +107,7 @@ def test_bad_clips_are_skipped_and_counted(tmp_path, caplog):
         ("bad2.frames.npy", _npy(np.zeros((2, 16, 16, 3), np.uint8))),                 # too few frames
         ("bad3.frames.npy", _npy(np.zeros((8, 16, 16, 3), np.float32))),               # wrong dtype
         ("bad4.jpg", b"not a clip"),                                                   # no frames member
+        ("bad5.frames.npy", _npy_header_bytes((4096, 8000, 8000, 3)) + bytes(64)),    # header lies
     ]
     members += [(f"h{i}.{FRAMES_EXT}", _npy(a)) for i, a in enumerate(good[3:])]
     shard = tmp_path / "clips-000.tar"
@@ -120,8 +121,9 @@ def test_bad_clips_are_skipped_and_counted(tmp_path, caplog):
         x1, _ = next(stream)
         x2, _ = next(stream)
     assert x1.shape == (3, 3, 8, 16, 16)
-    assert stream.stats()["bad"] == 5  # bad0..bad3 cannot be decoded, bad4 has no frames member
-    assert "'bad1': cannot decode clip" in caplog.text and "'bad4': no .frames.npy member" in caplog.text
+    assert stream.stats()["bad"] == 6  # bad0..3 and bad5 cannot be decoded, bad4 has no frames member
+    assert "'bad1': cannot decode clip" in caplog.text and "'bad5': cannot decode clip" in caplog.text
+    assert "clips-000.tar" in caplog.text and "'bad4': no .frames.npy member" in caplog.text
     # What came through is the six good clips, in some order (crops of 16 px frames at scale 1).
     assert not torch.isnan(torch.cat([x1, x2])).any()
 
@@ -172,3 +174,70 @@ def test_figure_clips_from_shards_skip_bad_ones(tmp_path):
         "data.epoch_size": "3", "data.img_size": "16"})
     clips = video_eval_clips(cfg, 2)
     assert clips.shape == (2, 3, 8, 16, 16) and clips.dtype == torch.float32
+
+
+def _npy_header_bytes(shape, descr="|u1", fortran=False) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buf.getvalue()
+
+
+def test_a_header_claiming_a_huge_clip_allocates_nothing():
+    import time
+    import tracemalloc
+    # 4096 frames of 8000 x 8000 pass the frame and pixel bounds; np.load would ask for 732 GiB.
+    data = _npy_header_bytes((4096, 8000, 8000, 3)) + bytes(1000)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match="bytes after its header"):
+            decode_clip(data, 8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20 and time.perf_counter() - t0 < 1.0
+
+
+def test_truncated_fortran_and_pickled_payloads_are_refused():
+    arr = np.random.default_rng(4).integers(0, 256, (8, 6, 5, 3), dtype=np.uint8)
+    good = _npy(arr)
+    assert torch.equal(decode_clip(good, 8), torch.from_numpy(arr).permute(3, 0, 1, 2))
+    with pytest.raises(ValueError, match="bytes after its header"):
+        decode_clip(good[:-1], 8)
+    with pytest.raises(ValueError, match="bytes after its header"):
+        decode_clip(good + b"\0", 8)
+    with pytest.raises(ValueError, match="Fortran"):
+        decode_clip(_npy_header_bytes(arr.shape, fortran=True) + arr.tobytes(order="F"), 8)
+
+
+class _Tripwire:
+    fired = False
+
+    def __reduce__(self):
+        return (_trip, ())
+
+
+def _trip():
+    _Tripwire.fired = True
+    return "fired"
+
+
+def test_a_pickle_behind_a_uint8_header_is_never_unpickled():
+    import pickle
+    body = pickle.dumps(np.array([_Tripwire()], dtype=object))
+    assert np.load(io.BytesIO(_npy(np.array([_Tripwire()], dtype=object), allow_pickle=True)),
+                   allow_pickle=True)[0] == "fired"  # the payload does run code where pickles load
+    _Tripwire.fired = False
+    with pytest.raises(ValueError, match="not uint8"):
+        decode_clip(_npy(np.array([_Tripwire()], dtype=object), allow_pickle=True), 1)
+    # A header that passes the dtype and shape checks, followed by pickle bytes: too few or too
+    # many bytes is a bad sample; exactly enough bytes are frames (noise), never objects.
+    for shape in [(8, 2, 2, 3), (1, 1, len(body), 1)]:
+        data = _npy_header_bytes(shape) + body
+        try:
+            clip = decode_clip(data, 1)
+        except ValueError as e:
+            assert "bytes after its header" in str(e)
+        else:
+            assert clip.dtype == torch.uint8
+    assert not _Tripwire.fired

@@ -10,8 +10,9 @@ line); pixel noise is drawn per frame. Label = index mod data.synthetic_classes.
 Shard layout (`data.source='wds-video'`): one sample per clip, members
   KEY.frames.npy   the frames, a NumPy .npy array uint8 (T, H, W, C), C = 3 (or 1, repeated)
   KEY.cls          optional class index (ASCII), as in the image shards
-read with np.load(allow_pickle=False) after the .npy header was checked (dtype uint8, 4-D, at
-most data.max_image_pixels per frame and MAX_CLIP_FRAMES frames). A sample without frames, with
+read as a view of the payload after the .npy header was checked (dtype uint8, C order, 4-D, at
+most data.max_image_pixels per frame and MAX_CLIP_FRAMES frames, exactly as many bytes as the
+header claims; nothing is unpickled). A sample without frames, with
 an unreadable or wrong-shaped array, too few frames or a bad label is a bad sample: logged with
 shard and key, counted against data.max_bad_fraction (badsamples.py), and skipped.
 
@@ -279,16 +280,19 @@ class SyntheticVideoSource(SyntheticSource):
 
 
 # Clip shards: reading --------------------------------------------------------------------------
-def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the array bytes) of a .npy payload; C order only."""
     f = io.BytesIO(data)
     major, _ = np.lib.format.read_magic(f)
     if major == 1:
-        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     elif major in (2, 3):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     else:
         raise ValueError(f"unsupported .npy version {major}")
-    return tuple(shape), dtype
+    if fortran:
+        raise ValueError("frames array is in Fortran order, not C order")
+    return tuple(shape), dtype, f.tell()
 
 
 def decode_clip(data: bytes, num_frames: int, stride: int = 1, max_pixels: int = 64_000_000,
@@ -296,20 +300,27 @@ def decode_clip(data: bytes, num_frames: int, stride: int = 1, max_pixels: int =
     """A KEY.frames.npy payload -> uint8 (3, num_frames, H, W): a window of num_frames frames
     every `stride`-th, its start drawn from `gen` (the first window without one). Raises
     ValueError with the reason for anything that is not such a clip."""
-    shape, dtype = _npy_header(data)
+    shape, dtype, offset = _npy_header(data)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
         raise ValueError(f"frames array is {dtype} {shape}, not uint8 (T, H, W, 3)")
-    T0, H, W, _ = shape
+    T0, H, W, C = shape
     if H * W > max_pixels or T0 > MAX_CLIP_FRAMES or min(H, W) < 1:
         raise ValueError(f"frames array {shape} exceeds {MAX_CLIP_FRAMES} frames or data.max_image_pixels="
                          f"{max_pixels} per frame")
+    # The header is untrusted: np.load would allocate whatever size it claims before reading a
+    # byte, so the payload must hold exactly that many bytes and is viewed, never copied whole.
+    count = T0 * H * W * C
+    if len(data) - offset != count:
+        raise ValueError(f"frames array {shape} needs {count} bytes after its header, the payload "
+                         f"has {len(data) - offset}")
     need = (num_frames - 1) * stride + 1
     if T0 < need:
         raise ValueError(f"clip has {T0} frames, fewer than the {need} that data.num_frames={num_frames} "
                          f"at data.frame_stride={stride} need")
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    arr = np.frombuffer(data, np.uint8, count, offset).reshape(shape)
     start = int(torch.randint(0, T0 - need + 1, (1,), generator=gen)) if gen is not None else 0
-    clip = torch.from_numpy(np.ascontiguousarray(arr[start:start + need:stride])).permute(3, 0, 1, 2)
+    window = arr[start:start + need:stride].copy()  # copies the window, not the clip
+    clip = torch.from_numpy(window).permute(3, 0, 1, 2)
     return clip.expand(3, -1, -1, -1).contiguous() if clip.shape[0] == 1 else clip.contiguous()
 
 
