@@ -302,11 +302,13 @@ class DataConfig:
     batch_size: int = 64
     """Micro-batch per device."""
     epoch_size: int = 0
-    """Images in one pass over the data (0: the synthetic set's size; required for 'wds')."""
+    """Samples (images, or clips for video) in one pass over the data (0: the synthetic set's size;
+    required for shards)."""
     num_workers: int = 0
     """DataLoader workers (0: decode in the main process)."""
     shuffle_buffer: int = 2000
-    """WebDataset sample shuffle buffer."""
+    """WebDataset sample shuffle buffer, per worker; it holds stored samples (for clips:
+    shuffle_buffer x workers x clip bytes per rank)."""
     resampled: bool = False
     """Draw shards with replacement, an endless stream (resume is keyed on the step)."""
     crop_min_scale: float = 0.2
@@ -629,7 +631,7 @@ class Config:
         if self.data.source in ("wds", "resident", "wds-video"):
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,
-                   f"data.source={self.data.source!r} needs data.epoch_size (images per epoch)")
+                   f"data.source={self.data.source!r} needs data.epoch_size (samples per epoch: images, or clips for video)")
         _check(self.engine.time_budget_s == 0 or self.engine.backend == "single",
                "engine.time_budget_s needs engine.backend='single' (ranks with their own clocks "
                "could stop at different steps)")
@@ -818,6 +820,9 @@ _DIFFMAE_VIDEO_RECIPE = {
     "data.source": "wds-video", "data.num_frames": 16, "data.frame_stride": 4,
     "data.epoch_size": _KINETICS400_EPOCH, "data.batch_size": 64, "engine.grad_accum": 1,
     "data.repeated_aug": 4, "optim.blr": 8e-4, "optim.clip_grad": 0.02, "engine.epochs": 400,
+    # Each worker's shuffle buffer holds whole stored clips (a 64-frame 256x340 clip is ~17 MB):
+    # the image recipes' 2000 x 10 workers would ask for hundreds of GB per rank (docs/diffmae.md).
+    "data.shuffle_buffer": 32, "data.num_workers": 4,
 }
 DIFFMAE_VIDEO_GLOBAL_BATCH = 512
 PRESETS: dict[str, dict[str, Any]] = {

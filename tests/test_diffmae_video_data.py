@@ -241,3 +241,12 @@ def test_a_pickle_behind_a_uint8_header_is_never_unpickled():
         else:
             assert clip.dtype == torch.uint8
     assert not _Tripwire.fired
+
+
+@pytest.mark.parametrize("preset", ["diffmae-video-vitl", "diffmae-video-vitl14"])
+def test_video_presets_keep_the_shuffle_buffer_in_memory(preset):
+    cfg = build_config(preset, {"data.train_shards": "x-{000000..000001}.tar"})
+    d = cfg.data
+    # A long stored clip (300 frames of 240 x 320 x 3) in every slot of every worker's buffer.
+    per_rank = d.shuffle_buffer * max(1, d.num_workers) * 300 * 240 * 320 * 3
+    assert d.shuffle_buffer <= 64 and per_rank < 16e9
