@@ -250,3 +250,19 @@ def test_video_presets_keep_the_shuffle_buffer_in_memory(preset):
     # A long stored clip (300 frames of 240 x 320 x 3) in every slot of every worker's buffer.
     per_rank = d.shuffle_buffer * max(1, d.num_workers) * 300 * 240 * 320 * 3
     assert d.shuffle_buffer <= 64 and per_rank < 16e9
+
+
+def test_frames_are_read_in_natural_order(tmp_path):
+    from ldae_fast.data.video import natural_key
+    names = ["f10.png", "f2.png", "f1.png", "f01.png", "g1.png", "f100.png", "f9.png"]
+    assert sorted(names, key=natural_key) == ["f01.png", "f1.png", "f2.png", "f9.png", "f10.png",
+                                              "f100.png", "g1.png"]
+    # Frame i carries the value i: the written clip must come back in 1, 2, ..., 12 order.
+    d = tmp_path / "src" / "clip"
+    d.mkdir(parents=True)
+    for i in range(1, 13):
+        Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(d / f"frame{i}.png")
+    (p,) = write_video_shards(tmp_path / "src", str(tmp_path / "out" / "c-%03d.tar"))
+    (raw,) = iter_video_shard(p, BadSampleCounter(0.0))
+    clip = decode_clip(raw.data, 12)
+    assert clip[0, :, 0, 0].tolist() == list(range(1, 13))

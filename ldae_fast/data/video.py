@@ -18,7 +18,7 @@ shard and key, counted against data.max_bad_fraction (badsamples.py), and skippe
 
 Writer: `ldae-fast write-video-shards SRC OUT_PATTERN [--maxcount N] [--seed S] [--gzip]`;
 SRC/<clip>/<frames> (unlabelled) or SRC/<class>/<clip>/<frames> (labelled, class index = sorted
-folder order), frames in sorted file-name order, all of one size.
+folder order), frames in natural file-name order (f2 before f10), all of one size.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import tarfile
 import time
@@ -422,9 +423,17 @@ class WdsVideoSource(WdsSource):
 
 
 # Clip shards: writing --------------------------------------------------------------------------
+def natural_key(name: str) -> tuple:
+    """Sort key comparing runs of digits by value: f2 before f10 (frame dumps rarely pad)."""
+    parts = re.split(r"(\d+)", name)
+    # Odd positions are digit runs; the text breaks ties between equal values (f01 vs f1).
+    return tuple((int(p), p) if i % 2 else p for i, p in enumerate(parts))
+
+
 def _frames_of(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted((p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name))
 
 
 def list_clip_folders(src: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
