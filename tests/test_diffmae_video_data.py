@@ -266,3 +266,35 @@ def test_frames_are_read_in_natural_order(tmp_path):
     (raw,) = iter_video_shard(p, BadSampleCounter(0.0))
     clip = decode_clip(raw.data, 12)
     assert clip[0, :, 0, 0].tolist() == list(range(1, 13))
+
+
+def test_clip_folders_mapping_to_one_key_fail_naming_both(tmp_path):
+    from ldae_fast.cli import main
+    from ldae_fast.data.video import ClipKeyClash
+    rng = np.random.default_rng(5)
+    _frame_folders(tmp_path / "src", {"x y": _random_clip(rng, 2), "x_y": _random_clip(rng, 2)})
+    out = tmp_path / "out" / "c-%03d.tar"
+    with pytest.raises(ClipKeyClash, match=r"x y.* and .*x_y.*'x_y'"):
+        write_video_shards(tmp_path / "src", str(out))
+    assert not list((tmp_path / "out").glob("*.tar*"))
+    assert main(["write-video-shards", str(tmp_path / "src"), str(out)]) == ClipKeyClash.exit_code == 5
+
+
+def test_long_keys_are_written_and_a_failed_shard_leaves_no_temp_file(tmp_path, monkeypatch):
+    import ldae_fast.data.video as video
+    rng = np.random.default_rng(6)
+    long = "c" * 150
+    clips = {f"cls/{long}": _random_clip(rng, 2), "cls/short": _random_clip(rng, 2)}
+    _frame_folders(tmp_path / "src", clips)
+    paths = write_video_shards(tmp_path / "src", str(tmp_path / "out" / "c-%03d.tar"))
+    again = write_video_shards(tmp_path / "src", str(tmp_path / "out2" / "c-%03d.tar"))
+    assert [open(p, "rb").read() for p in paths] == [open(p, "rb").read() for p in again]
+    keys = {r.key for p in paths for r in iter_video_shard(p, BadSampleCounter(0.0))}
+    assert keys == {f"cls_{long}", "cls_short"}
+
+    def broken_add(tar, name, data):
+        raise OSError("disk full")
+    monkeypatch.setattr(video, "_add", broken_add)
+    with pytest.raises(OSError, match="disk full"):
+        write_video_shards(tmp_path / "src", str(tmp_path / "out3" / "c-%03d.tar"))
+    assert [p.name for p in (tmp_path / "out3").iterdir()] == ["classes.tsv"]

@@ -23,6 +23,7 @@ folder order), frames in natural file-name order (f2 before f10), all of one siz
 
 from __future__ import annotations
 
+import contextlib
 import gzip as gzip_mod
 import io
 import logging
@@ -473,11 +474,31 @@ def _read_clip(folder: Path) -> np.ndarray:
     return np.stack(frames)
 
 
+class ClipKeyClash(DataError):
+    """Two clip folders whose names map to one shard key (their samples would merge)."""
+
+
+def _keyed(folders: list[tuple[Path, int]], root: Path) -> list[tuple[Path, int, str]]:
+    # The reader splits a member name at the first '.', so a key keeps only [alnum _ -].
+    seen: dict[str, Path] = {}
+    out = []
+    for folder, ci in folders:
+        rel = "_".join(folder.relative_to(root).parts)
+        key = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in rel)
+        if key in seen:
+            raise ClipKeyClash(f"write-video-shards: clip folders {seen[key]} and {folder} both map to the "
+                               f"sample key {key!r}; rename one of them")
+        seen[key] = folder
+        out.append((folder, ci, key))
+    return out
+
+
 def write_video_shards(src: str | os.PathLike, out_pattern: str, max_count: int = 200, seed: int | None = 0,
                        gzip: bool = False) -> list[str]:
     """Shards `out_pattern % i` of at most `max_count` clips (KEY.frames.npy [+ KEY.cls]);
-    byte-reproducible, each written under a temporary name and renamed when complete; a clip
-    folder that cannot be read is logged and left out. Returns the shard paths."""
+    byte-reproducible, each written under a temporary name and renamed when complete (removed
+    on failure); a clip folder that cannot be read is logged and left out; two folders mapping
+    to one key are a ClipKeyClash before anything is written. Returns the shard paths."""
     if max_count < 1:
         raise ValueError(f"max_count={max_count} must be >= 1")
     try:
@@ -485,7 +506,8 @@ def write_video_shards(src: str | os.PathLike, out_pattern: str, max_count: int 
     except TypeError:
         raise ValueError(f"out_pattern {out_pattern!r} needs a %d-style field, e.g. 'out/clips-%06d.tar'") from None
     root = Path(src)
-    classes, items = list_clip_folders(root)
+    classes, folders = list_clip_folders(root)
+    items = _keyed(folders, root)
     if seed is not None:
         random.Random(seed).shuffle(items)
     gz = gzip or out_pattern.endswith(".gz")
@@ -501,30 +523,35 @@ def write_video_shards(src: str | os.PathLike, out_pattern: str, max_count: int 
             name += ".gz"
         tmp = f"{name}.tmp{os.getpid()}"
         count = 0
-        with open(tmp, "wb") as raw:
-            fobj = gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gz else raw
-            try:
-                with tarfile.open(fileobj=fobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    while count < max_count and pos < len(items):
-                        folder, ci = items[pos]
-                        pos += 1
-                        try:
-                            arr = _read_clip(folder)
-                        except Exception as e:  # one unreadable clip is left out, not fatal
-                            skipped += 1
-                            log.warning("write-video-shards: leaving out %s: %s", folder, e)
-                            continue
-                        key = "_".join(folder.relative_to(root).parts)
-                        key = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in key)
-                        buf = io.BytesIO()
-                        np.save(buf, arr, allow_pickle=False)
-                        _add(tar, f"{key}.{FRAMES_EXT}", buf.getvalue())
-                        if ci >= 0:
-                            _add(tar, f"{key}.cls", str(ci).encode())
-                        count += 1
-            finally:
-                if fobj is not raw:
-                    fobj.close()
+        try:
+            with open(tmp, "wb") as raw:
+                fobj = gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gz else raw
+                try:
+                    # pax: keys of any length (ustar stops at 100 bytes); deterministic headers.
+                    with tarfile.open(fileobj=fobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                        while count < max_count and pos < len(items):
+                            folder, ci, key = items[pos]
+                            pos += 1
+                            try:
+                                arr = _read_clip(folder)
+                            except Exception as e:  # one unreadable clip is left out, not fatal
+                                skipped += 1
+                                log.warning("write-video-shards: leaving out %s: %s", folder, e)
+                                continue
+                            buf = io.BytesIO()
+                            np.save(buf, arr, allow_pickle=False)
+                            _add(tar, f"{key}.{FRAMES_EXT}", buf.getvalue())
+                            if ci >= 0:
+                                _add(tar, f"{key}.cls", str(ci).encode())
+                            count += 1
+                finally:
+                    if fobj is not raw:
+                        fobj.close()
+        except BaseException:
+            # A half-written shard must not stay behind under any name.
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         if count == 0:
             os.remove(tmp)
             continue
