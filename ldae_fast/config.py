@@ -652,6 +652,11 @@ class Config:
                    "(data.num_frames >= 1)")
         _check(self.objective.time_slice < m.tubelet,
                f"objective.time_slice={self.objective.time_slice} must lie in 0..model.tubelet-1={m.tubelet - 1}")
+        # Said now, not after the training it would follow: the probe, kNN and fine-tuning take
+        # images, and a clip encoder's patch embedding is 3-D.
+        _check(not (d.num_frames and self.eval.probe),
+               f"eval.probe: the linear probe and kNN take images, not the clips of data.num_frames="
+               f"{d.num_frames}; set eval.probe=false (the video figure still runs)")
 
     def epoch_size(self) -> int:
         return self.data.epoch_size or self.data.synthetic_images
@@ -822,7 +827,7 @@ _DIFFMAE_VIDEO_RECIPE = {
     "data.repeated_aug": 4, "optim.blr": 8e-4, "optim.clip_grad": 0.02, "engine.epochs": 400,
     # Each worker's shuffle buffer holds whole stored clips (a 64-frame 256x340 clip is ~17 MB):
     # the image recipes' 2000 x 10 workers would ask for hundreds of GB per rank (docs/diffmae.md).
-    "data.shuffle_buffer": 32, "data.num_workers": 4,
+    "data.shuffle_buffer": 32, "data.num_workers": 4, "eval.probe": False,
 }
 DIFFMAE_VIDEO_GLOBAL_BATCH = 512
 PRESETS: dict[str, dict[str, Any]] = {

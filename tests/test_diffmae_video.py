@@ -237,3 +237,33 @@ def test_video_demo_trains_and_writes_the_video_figure(tmp_path):
     img = Image.open(tmp_path / "run" / "video_inpainting.png")
     # 4 clips x (original, masked, output) rows of 64 px cells; 2 frame columns (stride 2 of 4).
     assert img.size == (52 + 2 * 64 + 3 * 2, 12 + 2 + 12 * 64 + 13 * 2 + 3 * 4)
+
+
+def test_an_image_method_refuses_a_video_checkpoints_method_state():
+    video = build_method(_cfg(), "cpu").state_dict()
+    image = build_method(build_config("diffmae-demo", {"objective.mask_ratio": "0.9"}), "cpu")
+    with pytest.raises(ResumeMismatch, match="time_slice"):
+        image.prepare(lambda: [], state=video)
+
+
+@pytest.mark.parametrize("preset", ["diffmae-video-demo", "diffmae-video-vitl"])
+def test_a_probe_on_clips_is_a_config_error_before_training(preset):
+    from ldae_fast.config import ConfigError
+    from ldae_fast.train import main
+    with pytest.raises(ConfigError, match=r"eval\.probe"):
+        build_config(preset, {"eval.probe": "true"})
+    assert main(["--preset", preset, "--eval.probe=true", "--engine.steps=1"]) == 2
+
+
+def test_export_and_eval_of_a_video_checkpoint_are_user_errors(tmp_path, capsys):
+    from ldae_fast.cli import main
+    from ldae_fast.engine.loop import train
+    res = train(_cfg(tmp_path, **{"engine.steps": 1, "engine.ckpt_every": 1}))
+    capsys.readouterr()
+    assert main(["export", str(res.checkpoint), str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.num_frames=4" in err and "timm" in err
+    assert not (tmp_path / "exp").exists()
+    assert main(["eval", "--checkpoint", str(res.checkpoint), "--protocols", "knn,finetune"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "knn,finetune" in err and "model.num_frames=4" in err

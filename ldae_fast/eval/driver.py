@@ -240,6 +240,10 @@ def run(args) -> dict:
 
     log(f"loading {args.checkpoint}")
     cfg, model, method = _load_checkpoint(args.checkpoint)
+    on_images = [p for p in protocols if p != "figure"]
+    if cfg.model.num_frames and on_images:
+        raise EvalError(f"--protocols {','.join(on_images)}: these take images, and {args.checkpoint} is a "
+                        f"video encoder (model.num_frames={cfg.model.num_frames})")
     cfg, data_desc = with_data(cfg, args.data, args.val_data, args.max_train_images)
     encoder = model.encoder
     log(f"model {cfg.model.size} (width {cfg.model.width}, {cfg.model.encoder_depth} encoder blocks, "

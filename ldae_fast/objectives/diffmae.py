@@ -96,9 +96,10 @@ class DiffMAEMethod:
         for key, field in (("schedule", "noise.num_timesteps / objective.rho"),
                            ("mask_ratio", "objective.mask_ratio"), ("norm_pix_loss", "objective.norm_pix_loss"),
                            ("time_slice", "model.tubelet / objective.time_slice")):
-            if key in state and state[key] != mine[key]:
+            # An image method has no time_slice: a video checkpoint's one differs from its None.
+            if key in state and state[key] != mine.get(key):
                 raise ResumeMismatch(f"the checkpoint's DiffMAE {key} {state[key]} differs from the config's "
-                                 f"{mine[key]} ({field}); resume with the checkpoint's values")
+                                 f"{mine.get(key)} ({field}); resume with the checkpoint's values")
 
     def export(self, out_dir: Path) -> None:
         """Nothing to write: DiffMAE keeps no fitted state beside the network."""
