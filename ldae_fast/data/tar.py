@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,9 +237,13 @@ def _finish_group(key: str, parts: dict[str, bytes], shard: str, counter: BadSam
     return RawSample(key, parts[img_ext], label, shard)
 
 
-def iter_shard(url: str, counter: BadSampleCounter, labels: LabelPolicy = _DEFAULT_LABELS) -> Iterator[RawSample]:
+def iter_shard(url: str, counter: BadSampleCounter, labels: LabelPolicy = _DEFAULT_LABELS,
+               finish: Callable[..., RawSample | None] | None = None, unit: str = "sample") -> Iterator[RawSample]:
     """Samples of one shard in tar order. A shard that breaks off is logged, counted as one bad
-    sample, and ends early (the partial sample at the break is dropped)."""
+    sample, and ends early (the partial sample at the break is dropped). `finish(key, parts,
+    shard, counter, labels)` turns one key's members into a sample or None (a bad one, counted):
+    an image's by default; `unit` names what a sample is in the log."""
+    finish = _finish_group if finish is None else finish
     key: str | None = None
     parts: dict[str, bytes] = {}
     n = 0
@@ -252,22 +256,22 @@ def iter_shard(url: str, counter: BadSampleCounter, labels: LabelPolicy = _DEFAU
                 mkey, ext = split
                 if mkey != key:
                     if key is not None:
-                        s = _finish_group(key, parts, url, counter, labels)
+                        s = finish(key, parts, url, counter, labels)
                         if s is not None:
                             n += 1
                             yield s
                     key, parts = mkey, {}
                 parts[ext] = data
             if key is not None:
-                s = _finish_group(key, parts, url, counter, labels)
+                s = finish(key, parts, url, counter, labels)
                 key = None
                 if s is not None:
                     n += 1
                     yield s
     except (OSError, EOFError, ValueError, zlib.error) as e:
-        log.error("shard %s is unreadable or truncated after %d sample(s) (at key %r): %s; "
-                  "going on with the next shard", url, n, key, e)
-        counter.record(url, key or "-", f"shard broke off after {n} samples: {e}")
+        log.error("shard %s is unreadable or truncated after %d %s(s) (at key %r): %s; "
+                  "going on with the next shard", url, n, unit, key, e)
+        counter.record(url, key or "-", f"shard broke off after {n} {unit}s: {e}")
 
 
 __all__ = ["RawSample", "TarFormatError", "iter_tar", "LabelPolicy", "iter_shard", "IMAGE_EXTS",

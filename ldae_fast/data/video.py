@@ -34,7 +34,6 @@ import re
 import sys
 import tarfile
 import time
-import zlib
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -58,7 +57,7 @@ from .synthetic import (
     _upsample_matrix,
     synthetic_val_size,
 )
-from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, _split_name, iter_tar
+from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
     CropBox,
     crop_resize_flip,
@@ -69,7 +68,6 @@ from .transforms import (
     sample_crop_flip,
     single_thread,
 )
-from .urls import open_url
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -340,36 +338,9 @@ def _finish_clip(key: str, parts: dict[str, bytes], shard: str, counter: BadSamp
 
 def iter_video_shard(url: str, counter: BadSampleCounter, labels: LabelPolicy = _DEFAULT_LABELS
                      ) -> Iterator[RawSample]:
-    """Clips of one shard in tar order (tar.iter_shard's rules: a shard that breaks off is
+    """Clips of one shard in tar order, by tar.iter_shard's rules (a shard that breaks off is
     logged, counted as one bad sample, and ends early)."""
-    key: str | None = None
-    parts: dict[str, bytes] = {}
-    n = 0
-    try:
-        with open_url(url) as f:
-            for name, data in iter_tar(f):
-                split = _split_name(name)
-                if split is None:
-                    continue
-                mkey, ext = split
-                if mkey != key:
-                    if key is not None:
-                        s = _finish_clip(key, parts, url, counter, labels)
-                        if s is not None:
-                            n += 1
-                            yield s
-                    key, parts = mkey, {}
-                parts[ext] = data
-            if key is not None:
-                s = _finish_clip(key, parts, url, counter, labels)
-                key = None
-                if s is not None:
-                    n += 1
-                    yield s
-    except (OSError, EOFError, ValueError, zlib.error) as e:
-        log.error("shard %s is unreadable or truncated after %d clip(s) (at key %r): %s; "
-                  "going on with the next shard", url, n, key, e)
-        counter.record(url, key or "-", f"shard broke off after {n} clips: {e}")
+    return iter_shard(url, counter, labels, finish=_finish_clip, unit="clip")
 
 
 class WdsVideoTrainSource(WdsTrainSource):
