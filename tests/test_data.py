@@ -368,6 +368,23 @@ def test_shard_writer_roundtrip(tmp_path, caplog):
     assert [Path(p).read_bytes() for p in again] == [Path(p).read_bytes() for p in paths]
 
 
+def test_shard_writer_keeps_long_names_and_no_half_shard(tmp_path, monkeypatch):
+    # A key past ustar's 100 bytes is written (pax) and read back; a failing write leaves no shard.
+    d = tmp_path / "src" / "cat"
+    d.mkdir(parents=True)
+    long = "x" * 140
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(d / f"{long}.png")
+    (path,) = write_shards(tmp_path / "src", str(tmp_path / "out" / "s-%03d.tar"))
+    assert [r.key for r in iter_shard(path, BadSampleCounter(0.0))] == [f"cat_{long}"]
+
+    def broken_add(tar, name, data):
+        raise OSError("disk full")
+    monkeypatch.setattr(shards_mod, "_add", broken_add)
+    with pytest.raises(OSError, match="disk full"):
+        write_shards(tmp_path / "src", str(tmp_path / "out2" / "s-%03d.tar"))
+    assert [p.name for p in (tmp_path / "out2").iterdir()] == ["classes.tsv"]
+
+
 def test_make_shards_cli_gzip(tmp_path, capsys):
     _image_folder(tmp_path / "src")
     rc = shards_mod.main([str(tmp_path / "src"), str(tmp_path / "gz" / "s-%03d.tar"), "--gzip",

@@ -281,7 +281,6 @@ def test_clip_folders_mapping_to_one_key_fail_naming_both(tmp_path):
 
 
 def test_long_keys_are_written_and_a_failed_shard_leaves_no_temp_file(tmp_path, monkeypatch):
-    import ldae_fast.data.video as video
     rng = np.random.default_rng(6)
     long = "c" * 150
     clips = {f"cls/{long}": _random_clip(rng, 2), "cls/short": _random_clip(rng, 2)}
@@ -294,7 +293,8 @@ def test_long_keys_are_written_and_a_failed_shard_leaves_no_temp_file(tmp_path, 
 
     def broken_add(tar, name, data):
         raise OSError("disk full")
-    monkeypatch.setattr(video, "_add", broken_add)
+    from ldae_fast.data import shards
+    monkeypatch.setattr(shards, "_add", broken_add)  # the one writer loop both shard writers use
     with pytest.raises(OSError, match="disk full"):
         write_video_shards(tmp_path / "src", str(tmp_path / "out3" / "c-%03d.tar"))
     assert [p.name for p in (tmp_path / "out3").iterdir()] == ["classes.tsv"]

@@ -14,6 +14,7 @@ CLI: `ldae-fast make-shards SRC OUT_PATTERN [--maxcount N] [--gzip] [--seed S]`.
 
 from __future__ import annotations
 
+import contextlib
 import gzip as gzip_mod
 import io
 import logging
@@ -23,8 +24,9 @@ import re
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
@@ -84,6 +86,74 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+T = TypeVar("T")
+
+
+def check_out_pattern(out_pattern: str, max_count: int, example: str) -> None:
+    if max_count < 1:
+        raise ValueError(f"max_count={max_count} must be >= 1")
+    try:
+        out_pattern % 0
+    except TypeError:
+        raise ValueError(f"out_pattern {out_pattern!r} needs a %d-style field for the shard number, "
+                         f"e.g. {example!r}") from None
+
+
+def write_tar_shards(items: Sequence[T], out_pattern: str, max_count: int, gz: bool,
+                     members: Callable[[T], list[tuple[str, bytes]]], tool: str,
+                     progress: Callable[[int, int, int], None] | None = None) -> tuple[list[str], int]:
+    """Shards `out_pattern % i` of at most `max_count` items, each item the tar members
+    `members(item)` returns; returns (shard paths, items left out). An item whose `members`
+    raises is logged and left out, not fatal. Byte-reproducible (fixed member headers, gzip with
+    mtime 0 and no name; pax format, which writes no extended header for short ASCII names, so
+    those shards are plain ustar); each shard is written under a temporary name, renamed when
+    complete and removed on any failure. `progress(done, total, shard_index)` after each item."""
+    paths: list[str] = []
+    pos = shard_i = skipped = 0
+    while pos < len(items):
+        name = out_pattern % shard_i
+        if gz and not name.endswith(".gz"):
+            name += ".gz"
+        tmp = f"{name}.tmp{os.getpid()}"
+        count = 0
+        try:
+            with open(tmp, "wb") as raw:
+                fobj = gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gz else raw
+                try:
+                    with tarfile.open(fileobj=fobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                        while count < max_count and pos < len(items):
+                            item = items[pos]
+                            pos += 1
+                            try:
+                                parts = members(item)
+                            except Exception as e:  # one unreadable source is left out, not fatal
+                                skipped += 1
+                                log.warning("%s: leaving out %s: %s", tool, item[0] if isinstance(item, tuple) else item, e)
+                                parts = None
+                            if parts is not None:
+                                for member, data in parts:
+                                    _add(tar, member, data)
+                                count += 1
+                            if progress is not None:
+                                progress(pos, len(items), shard_i)
+                finally:
+                    if fobj is not raw:
+                        fobj.close()
+        except BaseException:
+            with contextlib.suppress(OSError):  # a half-written shard must not stay behind
+                os.remove(tmp)
+            raise
+        if count == 0:  # everything left was unreadable: no empty shard
+            os.remove(tmp)
+            break
+        os.replace(tmp, name)
+        paths.append(name)
+        shard_i += 1
+    if skipped:
+        log.warning("%s: %d unreadable source(s) left out", tool, skipped)
+    return paths, skipped
+
+
 def write_shards(
     src: str | os.PathLike,
     out_pattern: str,
@@ -97,73 +167,31 @@ def write_shards(
     samples are shuffled with it so each shard mixes classes. `gzip` (or a pattern ending in
     .gz) compresses; ".gz" is appended to names that lack it. Unreadable source files are
     logged and left out. `progress(done, total, shard_index)` is called after each sample."""
-    if max_count < 1:
-        raise ValueError(f"max_count={max_count} must be >= 1")
-    try:
-        out_pattern % 0
-    except TypeError:
-        raise ValueError(f"out_pattern {out_pattern!r} needs a %d-style field for the shard number, "
-                         f"e.g. 'out/train-%06d.tar'") from None
+    check_out_pattern(out_pattern, max_count, "out/train-%06d.tar")
     root = Path(src)
     classes, items = list_image_folder(root)
     if seed is not None:
         random.Random(seed).shuffle(items)
-    gz = gzip or out_pattern.endswith(".gz")
     first = Path(out_pattern % 0)
     first.parent.mkdir(parents=True, exist_ok=True)
     (first.parent / "classes.tsv").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(classes)))
-
-    paths: list[str] = []
     used: set[str] = set()
-    skipped = 0
-    done = 0
-    shard_i = 0
-    pos = 0
-    while pos < len(items):
-        name = out_pattern % shard_i
-        if gz and not name.endswith(".gz"):
-            name += ".gz"
-        tmp = f"{name}.tmp{os.getpid()}"
-        with open(tmp, "wb") as raw:
-            fobj = gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gz else raw
-            try:
-                with tarfile.open(fileobj=fobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    count = 0
-                    while count < max_count and pos < len(items):
-                        path, ci = items[pos]
-                        pos += 1
-                        done += 1
-                        try:
-                            data = path.read_bytes()
-                            if not _is_jpeg(data):
-                                data = _to_jpeg(path)
-                        except Exception as e:  # any unreadable source image is left out, not fatal
-                            skipped += 1
-                            log.warning("make-shards: skipping unreadable %s: %s", path, e)
-                            if progress is not None:
-                                progress(done, len(items), shard_i)
-                            continue
-                        key = _key_for(path, root)
-                        base, n = key, 1
-                        while key in used:
-                            key, n = f"{base}_{n}", n + 1
-                        used.add(key)
-                        _add(tar, f"{key}.jpg", data)
-                        _add(tar, f"{key}.cls", str(ci).encode("ascii"))
-                        count += 1
-                        if progress is not None:
-                            progress(done, len(items), shard_i)
-            finally:
-                if fobj is not raw:
-                    fobj.close()
-        if count == 0:  # everything left was unreadable: no empty shard
-            os.remove(tmp)
-            break
-        os.replace(tmp, name)
-        paths.append(name)
-        shard_i += 1
-    if skipped:
-        log.warning("make-shards: %d unreadable file(s) left out", skipped)
+
+    def members(item: tuple[Path, int]) -> list[tuple[str, bytes]]:
+        path, ci = item
+        data = path.read_bytes()
+        if not _is_jpeg(data):
+            data = _to_jpeg(path)
+        # Keys of readable files only, so a left-out file takes no suffix from the next one.
+        key = base = _key_for(path, root)
+        n = 1
+        while key in used:
+            key, n = f"{base}_{n}", n + 1
+        used.add(key)
+        return [(f"{key}.jpg", data), (f"{key}.cls", str(ci).encode("ascii"))]
+
+    paths, _ = write_tar_shards(items, out_pattern, max_count, gzip or out_pattern.endswith(".gz"), members,
+                                "make-shards", progress)
     return paths
 
 

@@ -23,8 +23,6 @@ folder order), frames in natural file-name order (f2 before f10), all of one siz
 
 from __future__ import annotations
 
-import contextlib
-import gzip as gzip_mod
 import io
 import logging
 import math
@@ -32,7 +30,6 @@ import os
 import random
 import re
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -44,7 +41,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .badsamples import BadSampleCounter, DataError
-from .shards import IMAGE_SUFFIXES, _add
+from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
 from .synthetic import (
     DATASET_SEED,
@@ -470,67 +467,26 @@ def write_video_shards(src: str | os.PathLike, out_pattern: str, max_count: int 
     byte-reproducible, each written under a temporary name and renamed when complete (removed
     on failure); a clip folder that cannot be read is logged and left out; two folders mapping
     to one key are a ClipKeyClash before anything is written. Returns the shard paths."""
-    if max_count < 1:
-        raise ValueError(f"max_count={max_count} must be >= 1")
-    try:
-        out_pattern % 0
-    except TypeError:
-        raise ValueError(f"out_pattern {out_pattern!r} needs a %d-style field, e.g. 'out/clips-%06d.tar'") from None
+    check_out_pattern(out_pattern, max_count, "out/clips-%06d.tar")
     root = Path(src)
     classes, folders = list_clip_folders(root)
     items = _keyed(folders, root)
     if seed is not None:
         random.Random(seed).shuffle(items)
-    gz = gzip or out_pattern.endswith(".gz")
     first = Path(out_pattern % 0)
     first.parent.mkdir(parents=True, exist_ok=True)
     if classes:
         (first.parent / "classes.tsv").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(classes)))
-    paths: list[str] = []
-    pos, shard_i, skipped = 0, 0, 0
-    while pos < len(items):
-        name = out_pattern % shard_i
-        if gz and not name.endswith(".gz"):
-            name += ".gz"
-        tmp = f"{name}.tmp{os.getpid()}"
-        count = 0
-        try:
-            with open(tmp, "wb") as raw:
-                fobj = gzip_mod.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gz else raw
-                try:
-                    # pax: keys of any length (ustar stops at 100 bytes); deterministic headers.
-                    with tarfile.open(fileobj=fobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                        while count < max_count and pos < len(items):
-                            folder, ci, key = items[pos]
-                            pos += 1
-                            try:
-                                arr = _read_clip(folder)
-                            except Exception as e:  # one unreadable clip is left out, not fatal
-                                skipped += 1
-                                log.warning("write-video-shards: leaving out %s: %s", folder, e)
-                                continue
-                            buf = io.BytesIO()
-                            np.save(buf, arr, allow_pickle=False)
-                            _add(tar, f"{key}.{FRAMES_EXT}", buf.getvalue())
-                            if ci >= 0:
-                                _add(tar, f"{key}.cls", str(ci).encode())
-                            count += 1
-                finally:
-                    if fobj is not raw:
-                        fobj.close()
-        except BaseException:
-            # A half-written shard must not stay behind under any name.
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        if count == 0:
-            os.remove(tmp)
-            continue
-        os.replace(tmp, name)
-        paths.append(name)
-        shard_i += 1
-    if skipped:
-        log.warning("write-video-shards: %d unreadable clip folder(s) left out", skipped)
+
+    def members(item: tuple[Path, int, str]) -> list[tuple[str, bytes]]:
+        folder, ci, key = item
+        buf = io.BytesIO()
+        np.save(buf, _read_clip(folder), allow_pickle=False)
+        out = [(f"{key}.{FRAMES_EXT}", buf.getvalue())]
+        return out + ([(f"{key}.cls", str(ci).encode())] if ci >= 0 else [])
+
+    paths, _ = write_tar_shards(items, out_pattern, max_count, gzip or out_pattern.endswith(".gz"), members,
+                                "write-video-shards")
     return paths
 
 
