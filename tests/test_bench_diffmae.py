@@ -2,13 +2,11 @@
 mask ratio, and bench/train_step.py's `--method diffmae` rows (CPU smoke) through results_io and
 make_perf_section."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_import import load_bench
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldae_fast.config import build_config
@@ -16,27 +14,15 @@ from ldae_fast.engine.mfu import diffmae_train_flops_per_image
 from ldae_fast.models import build_model
 from ldae_fast.objectives.masking import random_masking
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_diffmae_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def ts():
-    return _load("train_step")
+    return load_bench("train_step")
 
 
 @pytest.fixture(scope="module")
 def perf():
-    return _load("make_perf_section")
+    return load_bench("make_perf_section")
 
 
 def _counted_step(model, ratio: float, batch: int = 2, img: int = 32, p: int = 4) -> tuple[float, float]:
@@ -149,7 +135,7 @@ def test_diffmae_rows_ours_eager_and_timm_peer_from_one_run(smoke, ts, capsys):
 
 def test_diffmae_results_import_and_render(smoke, perf, tmp_path):
     rows, _, out = smoke
-    rio = _load("results_io")
+    rio = load_bench("results_io")
     files = list((out / "results").glob("train_step-*.json"))
     assert len(files) == 1
     data = rio.load_results(files[0])

@@ -3,7 +3,6 @@ its stage commands, its --prepare step, and its --rehearsal on CPU end to end (e
 the same code at toy size), so the script is known to work before a GPU ever runs it."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_import import load_bench
 
 from ldae_fast import kernels, reference
 
@@ -22,16 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 SCRIPT = BENCH / "gpu_check.sh"
 LEARN_CHECK = BENCH / "learn_check.py"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_gc_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # The kernels against float64 at the shapes training runs ----------------------------------------
@@ -184,7 +174,7 @@ def test_stage_commands_parse_with_todays_flags(mode):
     a lent GPU's minutes are not lost to a renamed flag or a plan that cannot fit."""
     stages = _dry_run(*([] if mode == "gpu" else ["--rehearse"]))
     assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
-    ts, kb = _load("train_step"), _load("kernels")
+    ts, kb = load_bench("train_step"), load_bench("kernels")
     for name, (_, argv) in stages.items():
         scripts = [w for w in argv if w.startswith("bench/") or w == "pytest"]
         if name == "learn" and not LEARN_CHECK.exists():
@@ -248,7 +238,7 @@ def test_device_call_is_the_same_in_the_header_and_the_readme():
     header = SCRIPT.read_text().split("set -uo pipefail")[0]
     assert call(header) == call((BENCH / "README.md").read_text()) <= 600
     keep = re.search(r'^KEEP=" (.*) "$', SCRIPT.read_text(), re.M)[1].split()
-    rio = _load("results_io")
+    rio = load_bench("results_io")
     assert sorted(keep) == sorted(rio.GPU_CHECK_FILES) and len(keep) <= 8
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     r = subprocess.run(["bash", str(SCRIPT), "--nope"], capture_output=True, text=True, cwd=ROOT)
@@ -360,7 +350,7 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     # The summary is printed at the end rather than returned as a file of its own.
     assert "### train_step" in log_text.split("done; files in")[-1]
 
-    rio, perf = _load("results_io"), _load("make_perf_section")
+    rio, perf = load_bench("results_io"), load_bench("make_perf_section")
     added = rio.import_results(out, home)
     stored = sorted(p.name for p in home.glob("*.json"))
     assert [n.split("-")[0] for n in stored] == (["gpu_check", "kernels"] + (["learn_check"] if learn else [])

@@ -1,38 +1,24 @@
 """bench/train_step.py in its CPU smoke mode, and bench/make_perf_section.py on its output."""
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_import import load_bench
 
 from ldae_fast.config import ModelConfig
 from ldae_fast.models.vit import flops_per_image
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def ts():
-    return _load("train_step")
+    return load_bench("train_step")
 
 
 @pytest.fixture(scope="module")
 def perf():
-    return _load("make_perf_section")
+    return load_bench("make_perf_section")
 
 
 @pytest.fixture(scope="module")
