@@ -38,11 +38,11 @@ def images(b=2, seed=1):
 def test_paper_presets_and_trajectory_rows_are_dit_and_the_rest_keep_mae():
     for name in PAPER + tuple(ROWS):
         m = build_config(name).model
-        assert (m.layout, m.adaln_dim) == ("dit", m.width // 4), name
-    assert build_config("ldae-vitl").model.adaln_dim == 256
+        assert (m.layout, m.cond_width) == ("dit", m.width // 4), name
+    assert build_config("ldae-vitl").model.cond_width == 256
     for name in ("demo", "tiny-imagenet", "diffmae-demo", "diffmae-vitb"):
         m = build_config(name).model
-        assert (m.layout, m.adaln_dim) == ("mae", m.width), name
+        assert (m.layout, m.cond_width) == ("mae", m.width), name
     # A config stored before the field existed has no layout: it rebuilds as the model it was.
     d = build_config("demo").to_dict()
     del d["model"]["layout"], d["model"]["adaln_dim"]
@@ -58,8 +58,40 @@ def test_layout_validation_names_the_field():
         ModelConfig(adaln_dim=-1)
     with pytest.raises(ConfigError, match="model.layout='dit' is a layout of l-DAE"):
         build_config("diffmae-demo", {"model.layout": "dit"})
-    assert ModelConfig(layout="dit", adaln_dim=40).adaln_dim == 40
-    assert ModelConfig(layout="mae", adaln_dim=24).adaln_dim == 24
+    assert ModelConfig(layout="dit", adaln_dim=40).cond_width == 40
+    assert ModelConfig(layout="mae", adaln_dim=24).cond_width == 24
+
+
+def test_auto_adaln_dim_stays_auto_in_a_saved_config(tmp_path):
+    """model.adaln_dim=0 is saved as 0, so a reloaded config's c follows a later layout or width;
+    an explicit width (a config saved with a number in it) is kept whatever else changes."""
+    from ldae_fast.config import parse_cli
+
+    c = build_config("demo", {"model.layout": "mae"})
+    assert c.model.adaln_dim == 0 and c.model.cond_width == c.model.width == 96
+    path = tmp_path / "saved.json"
+    c.save(path)
+    assert json.loads(path.read_text())["model"]["adaln_dim"] == 0
+
+    def c_width(*flags):
+        mc = parse_cli(["--config", str(path), *flags])[0].model
+        enc = build_model(mc, 32).encoder
+        assert enc.sigma_embed.mlp[2].out_features == mc.cond_width
+        return mc.cond_width, param_count(mc, 32)["encoder"] == sum(p.numel() for p in enc.parameters())
+
+    assert c_width("--model.layout=dit") == (24, True)
+    assert c_width("--model.layout=dit", "--model.width=192", "--model.num_heads=3") == (48, True)
+    assert c_width("--model.width=192", "--model.num_heads=3") == (192, True)
+    assert c_width("--model.layout=dit", "--model.adaln_dim=40") == (40, True)
+    # A config that stores a number (written by hand, or resolved by an older version) rebuilds
+    # that network: the explicit width outlives a layout or width change.
+    d = json.loads(path.read_text())
+    d["model"]["adaln_dim"] = 96
+    path.write_text(json.dumps(d))
+    assert c_width() == (96, True)
+    assert c_width("--model.layout=dit") == (96, True)
+    assert flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit", adaln_dim=40), IMG) > \
+        flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit"), IMG)
 
 
 def test_dit_modules_no_class_token_no_extra_norm_one_embedder():
@@ -194,10 +226,11 @@ def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
     c = build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")})
     res = train(c)
     st = load_state(res.checkpoint)
-    assert st["config"]["model"]["layout"] == "dit" and st["config"]["model"]["adaln_dim"] == 8
+    assert st["config"]["model"]["layout"] == "dit" and st["config"]["model"]["adaln_dim"] == 0
     assert not any("cls_token" in k or k.startswith("decoder.sigma_embed") for k in st["model"])
     cfg2, model, method = load_for_eval(res.checkpoint, use_ema=False)
     assert cfg2.model.layout == "dit" and model.encoder.cls_token is None
+    assert cfg2.model.cond_width == 8 == model.encoder.sigma_embed.mlp[2].out_features
     # Reload rebuilt the trained network exactly: the weights, and a forward pass, are the run's.
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, st["model"][k], rtol=0, atol=0)
@@ -277,7 +310,7 @@ def test_docs_table_is_the_codes():
         for layout in ("dit", "mae"):
             m = ModelConfig(size=size, patch_size=16, layout=layout)
             pc, (fwd, tr) = param_count(m, 256), train_flops_per_image(m, 256)
-            row = (f"| {size} | {layout} | {m.adaln_dim} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
+            row = (f"| {size} | {layout} | {m.cond_width} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
                    f"{fwd / 1e9:.1f} | {tr / 1e9:.1f} |")
             assert row in text, row
 
