@@ -254,6 +254,12 @@ def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
         torch.testing.assert_close(vit(x), ours.mean(1), rtol=1e-5, atol=1e-5)
         _, enc, _ = load_exported_encoder(out)
         torch.testing.assert_close(extract_features(enc.encoder, x), ours.mean(1), rtol=1e-5, atol=1e-5)
+        # Fine-tuning from the export gets the same fresh norm after the pool as from the checkpoint.
+        from ldae_fast.eval.finetune import build_finetune_model
+        ft = build_finetune_model(enc.encoder, num_classes=3, drop_path=0.0).eval()
+        assert isinstance(ft.fc_norm, nn.LayerNorm) and isinstance(vit.fc_norm, nn.Identity)
+        torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True),
+                                   nn.functional.layer_norm(ours.mean(1), (32,), eps=1e-6), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="needs a class token"):
             enc.encoder.pooled(x, "cls")
 
@@ -279,11 +285,23 @@ def test_finetune_model_from_a_dit_encoder():
 
     enc = perturbed(build_model(cfg(), IMG), seed=5).encoder.eval()
     ft = build_finetune_model(enc, num_classes=4, drop_path=0.0).eval()
+    # MAE's fine-tuning head on an encoder with no norm of its own: a fresh LayerNorm after the
+    # average pool, at timm's identity init, then the classifier.
+    assert isinstance(ft.norm, nn.Identity) and isinstance(ft.fc_norm, nn.LayerNorm)
+    assert torch.equal(ft.fc_norm.weight, torch.ones(96)) and torch.equal(ft.fc_norm.bias, torch.zeros(96))
     x = images()
     with torch.no_grad():
+        want = nn.functional.layer_norm(enc.pooled(x), (96,), eps=1e-6)
         torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True),
-                                   enc.pooled(x), atol=1e-5, rtol=1e-5)
-        assert ft(x).shape == (2, 4)
+                                   want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ft(x), ft.head(want), atol=1e-5, rtol=1e-5)
+    # It trains: the norm's parameters are the fine-tuned model's, and get gradients.
+    ft.train()
+    ft(x).sum().backward()
+    assert ft.fc_norm.weight.grad is not None and ft.fc_norm.weight.grad.abs().sum() > 0
+    # 'mae' keeps its pretrained norm before the pool and adds none after it.
+    ft_mae = build_finetune_model(build_model(cfg("mae"), IMG).encoder, num_classes=4, drop_path=0.0)
+    assert isinstance(ft_mae.norm, nn.LayerNorm) and isinstance(ft_mae.fc_norm, nn.Identity)
 
 
 def test_compile_and_checkpointing_see_every_block():
