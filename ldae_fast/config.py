@@ -605,6 +605,12 @@ class Config:
         _check(self.model.arch == "ldae" or self.model.layout == "mae",
                f"model.layout={self.model.layout!r} is a layout of l-DAE's encoder-decoder; "
                f"model.arch={self.model.arch!r} has its own (leave model.layout at 'mae')")
+        # model.width is accepted too: it is what versions that wrote the resolved width back
+        # stored for every DiffMAE run, and those configs must still load.
+        _check(self.model.arch == "ldae" or self.model.adaln_dim in (0, self.model.width),
+               f"model.adaln_dim={self.model.adaln_dim} sets l-DAE's conditioning width; "
+               f"model.arch={self.model.arch!r} conditions its blocks at their own width "
+               f"(leave model.adaln_dim at 0)")
         _check(self.objective.sample_steps <= self.noise.num_timesteps,
                f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
                f"{self.noise.num_timesteps}")

@@ -58,6 +58,12 @@ def test_layout_validation_names_the_field():
         ModelConfig(adaln_dim=-1)
     with pytest.raises(ConfigError, match="model.layout='dit' is a layout of l-DAE"):
         build_config("diffmae-demo", {"model.layout": "dit"})
+    with pytest.raises(ConfigError, match="model.adaln_dim=24 sets l-DAE's conditioning width; "
+                       "model.arch='diffmae'"):
+        build_config("diffmae-demo", {"model.adaln_dim": "24"})
+    # 0, and the encoder width an older version stored for every DiffMAE run, still load.
+    w = build_config("diffmae-demo").model.width
+    assert build_config("diffmae-demo", {"model.adaln_dim": str(w)}).model.arch == "diffmae"
     assert ModelConfig(layout="dit", adaln_dim=40).cond_width == 40
     assert ModelConfig(layout="mae", adaln_dim=24).cond_width == 24
 
