@@ -310,17 +310,43 @@ def test_finetune_model_from_a_dit_encoder():
     assert isinstance(ft_mae.norm, nn.LayerNorm) and isinstance(ft_mae.fc_norm, nn.Identity)
 
 
-def test_compile_and_checkpointing_see_every_block():
+def _out_and_grads(model, x, s, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(x, s, labels=labels)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", ["checkpointing", "compile-eager", "compile-aot_eager",
+                                     "compile-aot_eager+checkpointing"])
+def test_compile_and_checkpointing_match_plain_eager(variant):
+    """Regional compilation and activation checkpointing change how the dit layout runs, not what
+    it computes: the output and every parameter's gradient (the shared sigma and label embedders'
+    included, whose c every block reads) equal plain eager's."""
     from ldae_fast.models.compile import compile_blocks
 
-    model = build_model(cfg(grad_checkpointing=True), IMG)
-    assert model.grad_checkpointing and all(b.grad_checkpointing for b in model.decoder.blocks)
-    x, s = images(), torch.tensor([0.3, 0.6])
-    perturbed(model)
-    out = model(x, s)
-    out.square().mean().backward()
-    assert model.encoder.sigma_embed.mlp[0].weight.grad is not None
-    assert compile_blocks(build_model(cfg(), IMG), backend="eager") == 6
+    torch._dynamo.reset()
+    c = cfg(class_cond=True, num_classes=3)
+    plain = perturbed(build_model(c, IMG), seed=7)
+    x, s, labels = images(), torch.tensor([0.3, 0.6]), torch.tensor([2, 0])
+    want, want_g = _out_and_grads(plain, x, s, labels)
+    assert all(g is not None and g.abs().sum() > 0 for g in want_g.values()), \
+        [n for n, g in want_g.items() if g is None or not g.abs().sum()]
+
+    model = build_model(c, IMG)
+    model.load_state_dict(plain.state_dict())
+    if "checkpointing" in variant:
+        model.set_grad_checkpointing(True)
+        assert all(b.grad_checkpointing for b in list(model.encoder.blocks) + list(model.decoder.blocks))
+    if variant.startswith("compile"):
+        backend = variant.split("-")[1].split("+")[0]
+        assert compile_blocks(model, backend=backend) == 6
+    got, got_g = _out_and_grads(model, x, s, labels)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got_g.keys() == want_g.keys()
+    for n, g in want_g.items():
+        torch.testing.assert_close(got_g[n], g, rtol=0, atol=1e-6, msg=n)
+    torch._dynamo.reset()
 
 
 def test_docs_table_is_the_codes():
