@@ -129,7 +129,8 @@ class ModelConfig:
     """Width of the adaLN conditioning vector c (the sigma embedding, plus the label embedding
     with class conditioning) that every block's modulation Linear(adaln_dim, 6 width) and the
     final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
-    l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own)."""
+    l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
+    network reads it through ModelConfig.cond_width and the 0 is what gets saved."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -162,9 +163,15 @@ class ModelConfig:
                "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
         _one_of("model.layout", self.layout, MODEL_LAYOUTS)
         _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
-        if self.adaln_dim == 0:
-            self.adaln_dim = self.width // 4 if self.layout == "dit" else self.width
-        _check(self.adaln_dim >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
+        _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
+
+    @property
+    def cond_width(self) -> int:
+        """The width c has: model.adaln_dim, or with 0 the layout's own. Derived on every read, never
+        stored back, so a saved config holding 0 follows a later --model.layout or --model.width."""
+        if self.adaln_dim:
+            return self.adaln_dim
+        return self.width // 4 if self.layout == "dit" else self.width
 
 
 @dataclass
@@ -600,6 +607,12 @@ class Config:
         _check(self.model.arch == "ldae" or self.model.layout == "mae",
                f"model.layout={self.model.layout!r} is a layout of l-DAE's encoder-decoder; "
                f"model.arch={self.model.arch!r} has its own (leave model.layout at 'mae')")
+        # model.width is accepted too: it is what versions that wrote the resolved width back
+        # stored for every DiffMAE run, and those configs must still load.
+        _check(self.model.arch == "ldae" or self.model.adaln_dim in (0, self.model.width),
+               f"model.adaln_dim={self.model.adaln_dim} sets l-DAE's conditioning width; "
+               f"model.arch={self.model.arch!r} conditions its blocks at their own width "
+               f"(leave model.adaln_dim at 0)")
         _check(self.objective.sample_steps <= self.noise.num_timesteps,
                f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
                f"{self.noise.num_timesteps}")

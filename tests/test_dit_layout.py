@@ -38,11 +38,11 @@ def images(b=2, seed=1):
 def test_paper_presets_and_trajectory_rows_are_dit_and_the_rest_keep_mae():
     for name in PAPER + tuple(ROWS):
         m = build_config(name).model
-        assert (m.layout, m.adaln_dim) == ("dit", m.width // 4), name
-    assert build_config("ldae-vitl").model.adaln_dim == 256
+        assert (m.layout, m.cond_width) == ("dit", m.width // 4), name
+    assert build_config("ldae-vitl").model.cond_width == 256
     for name in ("demo", "tiny-imagenet", "diffmae-demo", "diffmae-vitb"):
         m = build_config(name).model
-        assert (m.layout, m.adaln_dim) == ("mae", m.width), name
+        assert (m.layout, m.cond_width) == ("mae", m.width), name
     # A config stored before the field existed has no layout: it rebuilds as the model it was.
     d = build_config("demo").to_dict()
     del d["model"]["layout"], d["model"]["adaln_dim"]
@@ -58,8 +58,46 @@ def test_layout_validation_names_the_field():
         ModelConfig(adaln_dim=-1)
     with pytest.raises(ConfigError, match="model.layout='dit' is a layout of l-DAE"):
         build_config("diffmae-demo", {"model.layout": "dit"})
-    assert ModelConfig(layout="dit", adaln_dim=40).adaln_dim == 40
-    assert ModelConfig(layout="mae", adaln_dim=24).adaln_dim == 24
+    with pytest.raises(ConfigError, match="model.adaln_dim=24 sets l-DAE's conditioning width; "
+                       "model.arch='diffmae'"):
+        build_config("diffmae-demo", {"model.adaln_dim": "24"})
+    # 0, and the encoder width an older version stored for every DiffMAE run, still load.
+    w = build_config("diffmae-demo").model.width
+    assert build_config("diffmae-demo", {"model.adaln_dim": str(w)}).model.arch == "diffmae"
+    assert ModelConfig(layout="dit", adaln_dim=40).cond_width == 40
+    assert ModelConfig(layout="mae", adaln_dim=24).cond_width == 24
+
+
+def test_auto_adaln_dim_stays_auto_in_a_saved_config(tmp_path):
+    """model.adaln_dim=0 is saved as 0, so a reloaded config's c follows a later layout or width;
+    an explicit width (a config saved with a number in it) is kept whatever else changes."""
+    from ldae_fast.config import parse_cli
+
+    c = build_config("demo", {"model.layout": "mae"})
+    assert c.model.adaln_dim == 0 and c.model.cond_width == c.model.width == 96
+    path = tmp_path / "saved.json"
+    c.save(path)
+    assert json.loads(path.read_text())["model"]["adaln_dim"] == 0
+
+    def c_width(*flags):
+        mc = parse_cli(["--config", str(path), *flags])[0].model
+        enc = build_model(mc, 32).encoder
+        assert enc.sigma_embed.mlp[2].out_features == mc.cond_width
+        return mc.cond_width, param_count(mc, 32)["encoder"] == sum(p.numel() for p in enc.parameters())
+
+    assert c_width("--model.layout=dit") == (24, True)
+    assert c_width("--model.layout=dit", "--model.width=192", "--model.num_heads=3") == (48, True)
+    assert c_width("--model.width=192", "--model.num_heads=3") == (192, True)
+    assert c_width("--model.layout=dit", "--model.adaln_dim=40") == (40, True)
+    # A config that stores a number (written by hand, or resolved by an older version) rebuilds
+    # that network: the explicit width outlives a layout or width change.
+    d = json.loads(path.read_text())
+    d["model"]["adaln_dim"] = 96
+    path.write_text(json.dumps(d))
+    assert c_width() == (96, True)
+    assert c_width("--model.layout=dit") == (96, True)
+    assert flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit", adaln_dim=40), IMG) > \
+        flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit"), IMG)
 
 
 def test_dit_modules_no_class_token_no_extra_norm_one_embedder():
@@ -194,10 +232,11 @@ def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
     c = build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")})
     res = train(c)
     st = load_state(res.checkpoint)
-    assert st["config"]["model"]["layout"] == "dit" and st["config"]["model"]["adaln_dim"] == 8
+    assert st["config"]["model"]["layout"] == "dit" and st["config"]["model"]["adaln_dim"] == 0
     assert not any("cls_token" in k or k.startswith("decoder.sigma_embed") for k in st["model"])
     cfg2, model, method = load_for_eval(res.checkpoint, use_ema=False)
     assert cfg2.model.layout == "dit" and model.encoder.cls_token is None
+    assert cfg2.model.cond_width == 8 == model.encoder.sigma_embed.mlp[2].out_features
     # Reload rebuilt the trained network exactly: the weights, and a forward pass, are the run's.
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, st["model"][k], rtol=0, atol=0)
@@ -221,6 +260,12 @@ def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
         torch.testing.assert_close(vit(x), ours.mean(1), rtol=1e-5, atol=1e-5)
         _, enc, _ = load_exported_encoder(out)
         torch.testing.assert_close(extract_features(enc.encoder, x), ours.mean(1), rtol=1e-5, atol=1e-5)
+        # Fine-tuning from the export gets the same fresh norm after the pool as from the checkpoint.
+        from ldae_fast.eval.finetune import build_finetune_model
+        ft = build_finetune_model(enc.encoder, num_classes=3, drop_path=0.0).eval()
+        assert isinstance(ft.fc_norm, nn.LayerNorm) and isinstance(vit.fc_norm, nn.Identity)
+        torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True),
+                                   nn.functional.layer_norm(ours.mean(1), (32,), eps=1e-6), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="needs a class token"):
             enc.encoder.pooled(x, "cls")
 
@@ -246,24 +291,62 @@ def test_finetune_model_from_a_dit_encoder():
 
     enc = perturbed(build_model(cfg(), IMG), seed=5).encoder.eval()
     ft = build_finetune_model(enc, num_classes=4, drop_path=0.0).eval()
+    # MAE's fine-tuning head on an encoder with no norm of its own: a fresh LayerNorm after the
+    # average pool, at timm's identity init, then the classifier.
+    assert isinstance(ft.norm, nn.Identity) and isinstance(ft.fc_norm, nn.LayerNorm)
+    assert torch.equal(ft.fc_norm.weight, torch.ones(96)) and torch.equal(ft.fc_norm.bias, torch.zeros(96))
     x = images()
     with torch.no_grad():
+        want = nn.functional.layer_norm(enc.pooled(x), (96,), eps=1e-6)
         torch.testing.assert_close(ft.forward_head(ft.forward_features(x), pre_logits=True),
-                                   enc.pooled(x), atol=1e-5, rtol=1e-5)
-        assert ft(x).shape == (2, 4)
+                                   want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ft(x), ft.head(want), atol=1e-5, rtol=1e-5)
+    # It trains: the norm's parameters are the fine-tuned model's, and get gradients.
+    ft.train()
+    ft(x).sum().backward()
+    assert ft.fc_norm.weight.grad is not None and ft.fc_norm.weight.grad.abs().sum() > 0
+    # 'mae' keeps its pretrained norm before the pool and adds none after it.
+    ft_mae = build_finetune_model(build_model(cfg("mae"), IMG).encoder, num_classes=4, drop_path=0.0)
+    assert isinstance(ft_mae.norm, nn.LayerNorm) and isinstance(ft_mae.fc_norm, nn.Identity)
 
 
-def test_compile_and_checkpointing_see_every_block():
+def _out_and_grads(model, x, s, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(x, s, labels=labels)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", ["checkpointing", "compile-eager", "compile-aot_eager",
+                                     "compile-aot_eager+checkpointing"])
+def test_compile_and_checkpointing_match_plain_eager(variant):
+    """Regional compilation and activation checkpointing change how the dit layout runs, not what
+    it computes: the output and every parameter's gradient (the shared sigma and label embedders'
+    included, whose c every block reads) equal plain eager's."""
     from ldae_fast.models.compile import compile_blocks
 
-    model = build_model(cfg(grad_checkpointing=True), IMG)
-    assert model.grad_checkpointing and all(b.grad_checkpointing for b in model.decoder.blocks)
-    x, s = images(), torch.tensor([0.3, 0.6])
-    perturbed(model)
-    out = model(x, s)
-    out.square().mean().backward()
-    assert model.encoder.sigma_embed.mlp[0].weight.grad is not None
-    assert compile_blocks(build_model(cfg(), IMG), backend="eager") == 6
+    torch._dynamo.reset()
+    c = cfg(class_cond=True, num_classes=3)
+    plain = perturbed(build_model(c, IMG), seed=7)
+    x, s, labels = images(), torch.tensor([0.3, 0.6]), torch.tensor([2, 0])
+    want, want_g = _out_and_grads(plain, x, s, labels)
+    assert all(g is not None and g.abs().sum() > 0 for g in want_g.values()), \
+        [n for n, g in want_g.items() if g is None or not g.abs().sum()]
+
+    model = build_model(c, IMG)
+    model.load_state_dict(plain.state_dict())
+    if "checkpointing" in variant:
+        model.set_grad_checkpointing(True)
+        assert all(b.grad_checkpointing for b in list(model.encoder.blocks) + list(model.decoder.blocks))
+    if variant.startswith("compile"):
+        backend = variant.split("-")[1].split("+")[0]
+        assert compile_blocks(model, backend=backend) == 6
+    got, got_g = _out_and_grads(model, x, s, labels)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got_g.keys() == want_g.keys()
+    for n, g in want_g.items():
+        torch.testing.assert_close(got_g[n], g, rtol=0, atol=1e-6, msg=n)
+    torch._dynamo.reset()
 
 
 def test_docs_table_is_the_codes():
@@ -277,7 +360,7 @@ def test_docs_table_is_the_codes():
         for layout in ("dit", "mae"):
             m = ModelConfig(size=size, patch_size=16, layout=layout)
             pc, (fwd, tr) = param_count(m, 256), train_flops_per_image(m, 256)
-            row = (f"| {size} | {layout} | {m.adaln_dim} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
+            row = (f"| {size} | {layout} | {m.cond_width} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
                    f"{fwd / 1e9:.1f} | {tr / 1e9:.1f} |")
             assert row in text, row
 

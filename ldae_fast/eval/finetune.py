@@ -87,20 +87,30 @@ def _timm_vit_from(encoder: nn.Module, num_classes: int, drop_path: float, pool:
         model = copy.deepcopy(vit)
         model.reset_classifier(num_classes, global_pool=gp)
         _set_drop_path(model, drop_path)
-        return model
+        return _add_fc_norm(model)
     from ldae_fast.models.timm_export import timm_kwargs, timm_state_dict
 
-    # The export keeps our final norm before the pooling (fc_norm=False), so every pretrained
-    # weight loads and the fine-tuned trunk starts from the linear probe's features; MAE instead
-    # drops that norm for a fresh one after the pooling.
+    # A 'mae' encoder's final norm is kept before the pooling (fc_norm=False), so every
+    # pretrained weight loads and the fine-tuned trunk starts from the linear probe's features.
     kwargs = dict(timm_kwargs(encoder, global_pool=gp), num_classes=num_classes,
                   drop_path_rate=drop_path)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+    model = _add_fc_norm(timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs))
+    fresh = {"head.weight", "head.bias"} | {f"fc_norm.{n}" for n, _ in model.fc_norm.named_parameters()}
     missing, unexpected = model.load_state_dict(timm_state_dict(encoder), strict=False)
-    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+    if unexpected or set(missing) - fresh:
         raise RuntimeError(f"timm export does not match timm's VisionTransformer: missing "
-                           f"{sorted(set(missing) - {'head.weight', 'head.bias'})}, "
-                           f"unexpected {sorted(unexpected)}")
+                           f"{sorted(set(missing) - fresh)}, unexpected {sorted(unexpected)}")
+    return model
+
+
+def _add_fc_norm(model: nn.Module) -> nn.Module:
+    """An encoder that ends in no norm ('dit': its last block's output is the feature) gets MAE's
+    fine-tuning head: a fresh LayerNorm after the average pool (fc_norm), so the classifier reads
+    normalised features whatever scale the residual stream grew to. The linear probe keeps its
+    own BatchNorm without affine instead (eval/linear_probe.py)."""
+    if isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity):
+        # timm's norm_layer for ViT: LayerNorm with eps 1e-6, weight 1 and bias 0 to start.
+        model.fc_norm = nn.LayerNorm(model.embed_dim, eps=1e-6)
     return model
 
 

@@ -14,7 +14,8 @@ so the exported model is an ordinary timm ViT with no trace of the conditioning.
 
 Layout 'dit' (no class token, no final norm) exports as timm's class_token=False,
 global_pool='avg', final_norm=False, fc_norm=False: forward_features gives the N patch tokens as
-our encoder does, and the pooled feature is their mean, the l-DAE probe's.
+our encoder does, and the pooled feature is their mean, the l-DAE probe's. The export is the
+pretrained encoder only; fine-tuning (eval/finetune.py) adds MAE's fresh fc_norm after the pool.
 
 `timm_config` is the `config.json` of timm's local-dir layout, so that an export directory holding
 it and `model.safetensors` loads with `timm.create_model('local-dir:PATH', pretrained=True)` alone.

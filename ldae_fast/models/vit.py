@@ -4,9 +4,10 @@ layouts (model.layout; docs/model.md).
 'dit', the paper's (l-DAE App. A: DiT-L cut in two): patch embedding + fixed 2-D sin-cos position
 embedding -> encoder blocks -> decoder blocks -> final layer, one token sequence throughout: no
 class token, nothing between the halves (no LayerNorm, no embedding), one sigma embedder whose
-conditioning vector c (width model.adaln_dim = width/4) every block of both halves reads. The
-encoder owns the embedder, so it stays self-contained for evaluation; its features are the mean
-of its output tokens (the paper's probe: average pool, then a BatchNorm without affine).
+conditioning vector c (width ModelConfig.cond_width: width/4 unless model.adaln_dim says) every
+block of both halves reads. The encoder owns the embedder, so it stays self-contained for
+evaluation; its features are the mean of its output tokens (the paper's probe: average pool, then
+a BatchNorm without affine).
 
 'mae', this project's first layout: the encoder adds a class token and ends in an affine
 LayerNorm (MAE's encoder); the decoder re-embeds the encoder tokens with a linear map (MAE's
@@ -332,7 +333,7 @@ def _dims(cfg: ModelConfig, kernels: str) -> dict:
     return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
                 attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels,
                 num_classes=cfg.num_classes if cfg.class_cond else 0, layout=cfg.layout,
-                cond_dim=cfg.adaln_dim)
+                cond_dim=cfg.cond_width)
 
 
 def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
@@ -362,7 +363,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
 
     Counts every matmul/conv, nothing element-wise (norms, softmax, GELU, residuals, modulation):
     with N patches, T tokens (N + 1 with layout 'mae''s class token, N with 'dit'), width w, MLP
-    hidden h, L = encoder + decoder blocks, D = p*p*C, a = model.adaln_dim (width of c):
+    hidden h, L = encoder + decoder blocks, D = p*p*C, a = ModelConfig.cond_width (width of c):
       blocks        L * [2 T w (3w + w + 2h) + 4 T^2 w]   (= L T (24 w^2 + 4 T w) when h = 4w):
                     qkv, attention output projection, MLP; q k^T and attn @ v
       patch embed   2 N (p^2 C) w
@@ -389,7 +390,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     if mae:
         flops += 2 * T * w * w
     if cfg.cond == "adaln":
-        a = cfg.adaln_dim
+        a = cfg.cond_width
         flops += 2 * L * a * 6 * w + 2 * a * 2 * w + (2 if mae else 1) * 2 * (SIGMA_FREQ_DIM * a + a * a)
     return float(flops)
 
@@ -404,7 +405,7 @@ def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str,
     """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded);
     DiffMAE's are counted on a model built on the meta device (no memory, no compute).
 
-    Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = model.adaln_dim)
+    Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = ModelConfig.cond_width)
     or, with cond='none', two affine LayerNorms. Layout 'mae' adds a class token and the final
     LayerNorm to the encoder, the decoder embedding and a second sigma embedder (and label
     embedding) to the decoder; 'dit' has one sigma embedder (and label embedding), in the encoder.
@@ -415,7 +416,7 @@ def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str,
             m = build_diffmae(cfg, img_size, in_chans)
         enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
         return {"encoder": enc, "decoder": dec, "total": enc + dec}
-    w, a = cfg.width, cfg.adaln_dim
+    w, a = cfg.width, cfg.cond_width
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"
     mae = cfg.layout == "mae"
