@@ -109,11 +109,14 @@ def test_trajectory_rows_chain_one_change_each():
 
 @pytest.mark.parametrize("name", list(trajectory.ROWS))
 def test_trajectory_rows_build(name):
-    kind = trajectory.row_overrides(name).get("tokenizer.kind", "pca")
-    if kind not in TOKENIZERS:
-        pytest.skip(f"tokenizer kind {kind!r} is not registered")
+    from ldae_fast.objectives import build_method
+
+    assert trajectory.row_overrides(name).get("tokenizer.kind", "pca") in TOKENIZERS
     c = build_config(name)
     assert c.preset == name
+    # The method takes the row: every check that can refuse a combination before the tokenizer's
+    # fit (a non-linear tokenizer's image output, a weighted x0 loss on a learned linear map) passes.
+    assert build_method(c, "cpu").name == c.objective.method
     if name.startswith("pixel-"):
         assert c.num_patches == 256 and c.tokenizer.latent_dim == c.patch_dim
     if name != "random-crop":
