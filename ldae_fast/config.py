@@ -538,8 +538,9 @@ class EvalConfig:
     """'clean' (l-DAE App. A: clean image, conditioned on probe_t) or 'noisy' (noised at that
     level through the tokenizer; l-DAE App. A: 65.0% at t = 10..40, its Table 4 setting)."""
     probe_depth: int = 0
-    """Probe after the first k encoder blocks (0: all); l-DAE App. A probes DiT-L at k = 9..15,
-    best at 12 (64.5%)."""
+    """Probe after the first k blocks (0: all the encoder's); l-DAE App. A probes DiT-L at k =
+    9..15 of its 24, best at 12 (64.5%). With model.layout='dit' k may pass the encoder (up to
+    encoder_depth + decoder_depth): the decoder's first blocks continue the same tokens."""
 
     def __post_init__(self) -> None:
         _check(self.probe_epochs >= 1 and self.probe_batch_size >= 1, "eval.probe_* must be >= 1")
@@ -638,9 +639,12 @@ class Config:
                                       else self.data.num_classes)
             _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
                    "data.num_classes) >= 2: the number of classes of the labelled data")
-        _check(self.eval.probe_depth <= self.model.encoder_depth,
-               f"eval.probe_depth={self.eval.probe_depth} is deeper than the encoder's "
-               f"{self.model.encoder_depth} blocks (model.encoder_depth); allowed: 0..{self.model.encoder_depth}")
+        # 'dit' is one DiT cut in two: the probe may read past the cut (l-DAE App. A, k = 9..15 of 24).
+        room = self.model.encoder_depth + (self.model.decoder_depth if self.model.layout == "dit" else 0)
+        _check(self.eval.probe_depth <= room,
+               f"eval.probe_depth={self.eval.probe_depth} is deeper than the {room} blocks the probe can read "
+               f"(model.encoder_depth{' + model.decoder_depth with model.layout=dit' if room > self.model.encoder_depth else ''}"
+               f"); allowed: 0..{room}")
         if self.data.source in ("wds", "resident", "wds-video"):
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,

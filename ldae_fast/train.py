@@ -53,7 +53,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
     encoder of the same architecture (the floor) and chance."""
     from .data import build_eval_arrays
-    from .eval.features import extract_features, probe_view
+    from .eval.features import extract_features, probe_encoder, probe_view
     from .eval.figure import denoise_figure
     from .eval.knn import knn_classify
     from .eval.linear_probe import linear_probe_fast
@@ -104,8 +104,8 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
         scores = {}
         method = result.method.to("cpu")
-        for name, enc in (("pretrained", probe_view(model.encoder, cfg, method)),
-                          ("random-init", probe_view(rand_model.encoder, cfg, method))):
+        for name, enc in (("pretrained", probe_view(probe_encoder(model, cfg), cfg, method)),
+                          ("random-init", probe_view(probe_encoder(rand_model, cfg), cfg, method))):
             # One feature pass per encoder serves both the probe and the kNN.
             feats = (extract_features(enc, train_arr[0], batch_size=cfg.eval.probe_batch_size),
                      extract_features(enc, val_arr[0], batch_size=cfg.eval.probe_batch_size))

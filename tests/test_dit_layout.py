@@ -162,6 +162,44 @@ def test_dit_forward_is_one_sequence_through_both_halves():
             dec(tok)
 
 
+def test_probe_past_the_cut_reads_the_decoders_first_blocks():
+    """l-DAE App. A probes DiT-L at block k of its 24: in the dit layout k may pass the encoder, and
+    the features are the mean of the tokens after encoder blocks + the decoder's first k - L_e."""
+    from ldae_fast.eval.features import DitPrefix, probe_encoder, probe_view
+
+    model = perturbed(build_model(cfg(), IMG)).eval()
+    enc, dec = model.encoder, model.decoder
+    x, s = images(), 0.3
+    c_full = build_config("demo", {"model.layout": "dit", "eval.probe_depth": "6", "eval.probe_sigma": str(s)})
+    seen = {}
+    hook = dec.final_layer.register_forward_pre_hook(lambda m, a: seen.update(t=a[0]))
+    with torch.no_grad():
+        model(x, torch.full((2,), s))
+        hook.remove()
+        # k = all 6 blocks: exactly the tokens the final layer reads.
+        view = probe_view(probe_encoder(model, c_full), c_full)
+        torch.testing.assert_close(view.pooled(x), seen["t"].mean(1), rtol=0, atol=1e-6)
+        # k = 4: three encoder blocks, then the decoder's first, on the same c.
+        c4 = build_config("demo", {"model.layout": "dit", "eval.probe_depth": "4"})
+        p4 = probe_encoder(model, c4)
+        assert isinstance(p4, DitPrefix) and len(p4.blocks) == 1 and p4.blocks[0] is dec.blocks[0]
+        t, c = enc.encode(x)
+        torch.testing.assert_close(p4.pooled(x), dec.blocks[0](t, c).mean(1))
+        # Within the encoder the encoder itself answers.
+        assert probe_encoder(model, build_config("demo", {"model.layout": "dit", "eval.probe_depth": "3"})) is enc
+    # The config refuses what the network lacks; the mae layout stops at its encoder.
+    with pytest.raises(ConfigError, match=r"eval.probe_depth=7 is deeper than the 6 blocks"):
+        build_config("demo", {"model.layout": "dit", "eval.probe_depth": "7"})
+    with pytest.raises(ConfigError, match=r"eval.probe_depth=4 is deeper than the 3 blocks"):
+        build_config("demo", {"eval.probe_depth": "4"})
+    # A depth that bypassed the config (eval's --probe-depth) is an error, not a silent 'all blocks'.
+    mae_model = build_model(cfg("mae"), IMG)
+    bad = build_config("demo")
+    bad.eval.probe_depth = 5  # set after validation, as a flag that skips it would
+    with pytest.raises(ValueError, match="only the 'dit' layout continues"):
+        probe_encoder(mae_model, bad)
+
+
 @pytest.mark.parametrize("layout", ["dit", "mae"])
 @pytest.mark.parametrize("kw", [{}, {"cond": "none"}, {"class_cond": True, "num_classes": 10},
                                 {"input": "latent", "output": "latent", "latent_dim": 8}])
@@ -365,7 +403,7 @@ def test_docs_table_is_the_codes():
             assert row in text, row
 
 
-def test_eval_driver_on_a_dit_checkpoint(tmp_path):
+def test_eval_driver_on_a_dit_checkpoint(tmp_path, capsys):
     """`ldae-fast eval` end to end on a dit checkpoint: probe, kNN, fine-tune and the denoising
     figure all run on an encoder with no class token."""
     from ldae_fast.engine.loop import train
@@ -382,6 +420,13 @@ def test_eval_driver_on_a_dit_checkpoint(tmp_path):
     assert {r["protocol"].split(" ")[0] for r in rows} >= {"knn", "finetune"}
     assert all(r["feature_dim"] == 32 for r in rows)
     assert (out / "denoising.png").is_file()
+    # --probe-depth past the cut (2 encoder + 1 decoder blocks): 3 probes, 4 is refused in one line.
+    small = ["--checkpoint", str(res.checkpoint), "--data", "synthetic", "--max-train-images", "32",
+             "--max-val-images", "16", "--epochs", "1", "--batch-size", "16", "--num-workers", "0",
+             "--knn-k", "5", "--no-baseline", "--protocols", "knn"]
+    assert driver.main(small + ["--probe-depth", "3", "--out", str(tmp_path / "e3")]) == 0
+    assert driver.main(small + ["--probe-depth", "4", "--out", str(tmp_path / "e4")]) == 2
+    assert "eval.probe_depth=4 is deeper than the 3 blocks" in capsys.readouterr().err
 
 
 def test_fused_adaln_dit_matches_unfused(kernel_device):

@@ -95,8 +95,8 @@ def _probe(cfg, ckpt: Path, args, log) -> dict:
     """Quick probe + kNN of the EMA encoder and of a random-init one, at the row's probe settings."""
     from ldae_fast.data import build_eval_arrays
 
-    from .driver import _random_encoder
-    from .features import extract_features, probe_view
+    from .driver import _random_model
+    from .features import extract_features, probe_encoder, probe_view
     from .knn import knn_classify
     from .linear_probe import num_classes_of, train_head_cached
     from .reader import load_for_eval
@@ -110,8 +110,8 @@ def _probe(cfg, ckpt: Path, args, log) -> dict:
     C = num_classes_of(train[1], val[1])
     bs = min(cfg.eval.probe_batch_size, 1024)
     out = {}
-    for name, enc in (("ours", model.encoder), ("floor", _random_encoder(cfg))):
-        view = probe_view(enc.eval(), cfg, method)
+    for name, net in (("ours", model), ("floor", _random_model(cfg))):
+        view = probe_view(probe_encoder(net.eval(), cfg), cfg, method)
         ftr = extract_features(view, train[0], batch_size=bs)
         fva = extract_features(view, val[0], batch_size=bs)
         res = train_head_cached(ftr, train[1], fva, val[1], num_classes=C,

@@ -26,7 +26,14 @@ import torch
 from ldae_fast.config import PRESETS
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
-from .features import extract_features, feature_dim, probe_sigma, probe_view, resolve_device
+from .features import (
+    extract_features,
+    feature_dim,
+    probe_encoder,
+    probe_sigma,
+    probe_view,
+    resolve_device,
+)
 from .finetune import recipe_for
 from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
@@ -108,13 +115,17 @@ def _with_probe_flags(cfg, args):
     return dataclasses.replace(cfg, eval=ev)
 
 
-def _probe_view(enc, cfg, method, device):
+def _probe_view(model, cfg, method, device):
     if method is None:
         # An exported encoder: its conditioning is folded at sigma = 0 and it has no tokenizer.
         if cfg.eval.probe_input == "noisy" or cfg.eval.probe_depth:
             raise EvalError("--probe-input noisy and --probe-depth need a training checkpoint; an exported "
                             "encoder has no tokenizer and its conditioning is folded at sigma = 0")
-        return enc
+        return model.encoder
+    try:
+        enc = probe_encoder(model, cfg)
+    except ValueError as e:
+        raise EvalError(f"--probe-depth: {e}") from None
     return probe_view(enc, cfg, method.to(device))
 
 
@@ -129,14 +140,13 @@ def _load_checkpoint(path: str):
         raise FileProblem(f"--checkpoint {path}: {e}") from None
 
 
-def _random_encoder(cfg):
+def _random_model(cfg):
     """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
     from ldae_fast.models import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.engine.seed)
-        model = build_model(cfg.model, cfg.data.img_size)
-    return model.encoder
+        return build_model(cfg.model, cfg.data.img_size)
 
 
 def _find_path(pattern: str) -> str:
@@ -245,7 +255,6 @@ def run(args) -> dict:
         raise EvalError(f"--protocols {','.join(on_images)}: these take images, and {args.checkpoint} is a "
                         f"video encoder (model.num_frames={cfg.model.num_frames})")
     cfg, data_desc = with_data(cfg, args.data, args.val_data, args.max_train_images)
-    encoder = model.encoder
     log(f"model {cfg.model.size} (width {cfg.model.width}, {cfg.model.encoder_depth} encoder blocks, "
         f"patch {cfg.model.patch_size}), images {cfg.data.img_size}px, data {data_desc}, device {device}")
 
@@ -257,13 +266,14 @@ def run(args) -> dict:
         f"({(train[0].numel() + val[0].numel()) * 4 / 2**30:.2f} GiB, {time.perf_counter() - t:.1f}s)")
 
     cfg = _with_probe_flags(cfg, args)
-    encoders = [("checkpoint", encoder)]
+    models = [("checkpoint", model)]
     if not args.no_baseline and any(p != "figure" for p in protocols):
-        encoders.append(("random init", _random_encoder(cfg)))
-    for _, enc in encoders:
-        enc.to(device)
-    # The probes see the encoder at the configured t, input and depth; fine-tuning the bare one.
-    views = {name: _probe_view(enc, cfg, method, device) for name, enc in encoders}
+        models.append(("random init", _random_model(cfg)))
+    for _, m in models:
+        m.to(device)
+    encoders = [(name, m.encoder) for name, m in models]
+    # The probes see the network at the configured t, input and depth; fine-tuning the bare encoder.
+    views = {name: _probe_view(m, cfg, method, device) for name, m in models}
     log(f"probe: sigma {probe_sigma(cfg):.4g} (eval.probe_t={cfg.eval.probe_t}"
         + (f", probe_sigma={cfg.eval.probe_sigma:g}" if cfg.eval.probe_sigma >= 0 else "")
         + f"), {cfg.eval.probe_input} input, depth {cfg.eval.probe_depth or 'all'}")

@@ -154,6 +154,47 @@ class ProbeView(nn.Module):
         return self.encoder.pooled(x, pool=pool, **kw)
 
 
+class DitPrefix(nn.Module):
+    """A 'dit' l-DAE network read after its first k blocks where k passes the encoder / decoder
+    cut: the encoder's blocks, then the decoder's first `blocks` on the same tokens with the same
+    conditioning c. The two halves are one DiT there (no norm or embedding between them), so this
+    is the paper's probe at block k of DiT-L's 24 (l-DAE App. A: k = 9..15). Features: the mean of
+    all tokens, as the encoder's own."""
+
+    def __init__(self, encoder: nn.Module, blocks: nn.ModuleList) -> None:
+        super().__init__()
+        self.encoder, self.blocks = encoder, blocks
+        self.num_features = feature_dim(encoder)
+        self.latent_in = getattr(encoder, "latent_in", 0)
+        self.num_prefix_tokens = 0
+
+    def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None, depth: int = 0) -> torch.Tensor:
+        # `depth` is the one this view was built for (ProbeView passes it on).
+        from ldae_fast.models.vit import _run_blocks
+
+        if pool != "avg":
+            raise ValueError(f"pool={pool!r}: the 'dit' layout has no class token (use pool='avg')")
+        tokens, c = self.encoder.encode(x, sigma)
+        return _run_blocks(self.blocks, tokens, c).mean(dim=1)
+
+
+def probe_encoder(model: nn.Module, cfg) -> nn.Module:
+    """What the probe reads of `model` at eval.probe_depth: its encoder, or, with model.layout
+    'dit' and a depth past the encoder's blocks, the encoder continued through the decoder's
+    first blocks (DitPrefix). A depth past what the network has is an error, never a silent
+    'all blocks'."""
+    enc = model.encoder
+    k, n = int(cfg.eval.probe_depth), len(enc.blocks)
+    if k <= n:
+        return enc
+    dec = getattr(model, "decoder", None)
+    if getattr(enc, "layout", "mae") != "dit" or dec is None or k > n + len(dec.blocks):
+        room = (n + len(dec.blocks)) if (dec is not None and getattr(enc, "layout", "") == "dit") else n
+        raise ValueError(f"eval.probe_depth={k}: this network has {room} blocks to probe (0: all encoder "
+                         f"blocks); only the 'dit' layout continues past the encoder's {n}")
+    return DitPrefix(enc, dec.blocks[: k - n])
+
+
 def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
     """`encoder` wrapped with the config's probe settings (eval.probe_t / probe_sigma /
     probe_input / probe_depth); the bare encoder when they ask for nothing (sigma 0, clean, all
