@@ -39,14 +39,15 @@ def save_tokenizer_file(path: str | Path, tensors: dict[str, torch.Tensor], meta
     return path
 
 
-def read_tokenizer_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """-> (tensors, metadata) of a tokenizer file; FileNotFoundError when absent, ValueError when
-    the file is not an ldae-fast tokenizer."""
+def read_tokenizer_file(path: str | Path, fit_command: str = "ldae-fast fit-tokenizer"
+                        ) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (tensors, metadata) of a tokenizer file; FileNotFoundError (naming `fit_command`) when
+    absent, ValueError when the file is not an ldae-fast tokenizer."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path} (fit one with `ldae-fast fit-tokenizer`)")
+        raise FileNotFoundError(f"tokenizer file not found: {path} (fit one with `{fit_command}`)")
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}

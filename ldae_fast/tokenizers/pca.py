@@ -148,17 +148,12 @@ class PCATokenizer:
              kind: str | None = None) -> PCATokenizer:
         """Load a saved basis; refuse one whose patch size, latent dim or kind differs from the
         values given (those of the run's config)."""
-        from safetensors import safe_open
+        from ._io import read_tokenizer_file
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"tokenizer file not found: {path} (fit one with `ldae-fast fit-pca`)")
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if "ldae_tokenizer" not in header:
-            raise TokenizerMismatch(f"{path} is not an ldae-fast tokenizer (no 'ldae_tokenizer' metadata)")
-        meta = json.loads(header["ldae_tokenizer"])
+        try:
+            tensors, meta = read_tokenizer_file(path, "ldae-fast fit-pca")
+        except ValueError as e:
+            raise TokenizerMismatch(str(e)) from None
         checks = [("patch_size", "model.patch_size", patch_size), ("latent_dim", "tokenizer.latent_dim", latent_dim),
                   ("kind", "tokenizer.kind", kind)]
         for key, cfg_name, want in checks:
