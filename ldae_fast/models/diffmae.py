@@ -44,7 +44,7 @@ from .blocks import (
     mlp_hidden,
 )
 from .pos_embed import sincos_1d, sincos_2d
-from .vit import SIGMA_FREQ_DIM, ViTEncoder, _CheckpointedBlocks, _init_common
+from .vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
 
 DECODER_KINDS = ("joint", "cross", "cross_self")
 
@@ -216,7 +216,7 @@ class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
         return self.final_layer(x, c)
 
 
-class DiffMAEModel(nn.Module):
+class DiffMAEModel(EncoderDecoder):
     """(clean images, mask, noised masked patches, t) -> predicted clean masked patches.
 
     The conditioning travels as keyword arguments (DiT's model_kwargs): the method calls
@@ -246,13 +246,6 @@ class DiffMAEModel(nn.Module):
         with nvtx_range("decoder"):
             return self.decode(ctx, ids_keep, ids_masked, noisy, t)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
-        self.decoder.set_grad_checkpointing(enable)
-
-    @property
-    def grad_checkpointing(self) -> bool:
-        return self.encoder.grad_checkpointing
 
 
 def _make_video_encoder(enc: ViTEncoder, cfg: ModelConfig, img_size: int, in_chans: int) -> None:

@@ -288,7 +288,19 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.out_chans)
 
 
-class LDAEModel(nn.Module):
+class EncoderDecoder(nn.Module):
+    """A network of an `encoder` and a `decoder` that checkpoint their blocks together."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.encoder.grad_checkpointing
+
+
+class LDAEModel(EncoderDecoder):
     """x_in (B, C, H, W) noisy image + conditioning -> x_hat (B, C, H, W) predicted clean image.
 
     The conditioning comes as keyword arguments, DiT's model_kwargs: the method builds the dict
@@ -320,13 +332,6 @@ class LDAEModel(nn.Module):
         with nvtx_range("decoder"):
             return self.decoder(tokens, sigma, labels)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
-        self.decoder.set_grad_checkpointing(enable)
-
-    @property
-    def grad_checkpointing(self) -> bool:
-        return self.encoder.grad_checkpointing
 
 
 def _dims(cfg: ModelConfig, kernels: str) -> dict:
