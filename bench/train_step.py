@@ -93,7 +93,7 @@ from ldae_fast.models.blocks import SigmaEmbedder  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
 from ldae_fast.models.pos_embed import sincos_2d  # noqa: E402
 from ldae_fast.models.vit import SIGMA_FREQ_DIM  # noqa: E402
-from ldae_fast.objectives import Batch, Method, build_method  # noqa: E402
+from ldae_fast.methods import Batch, Method, build_method  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
 from ldae_fast.tokenizers import Tokenizer, tokenizer_from_state  # noqa: E402
 

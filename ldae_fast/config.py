@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .trajectory import trajectory_presets
 
 
 class ConfigError(ValueError, UserError):
@@ -270,7 +269,7 @@ class NoiseConfig:
 @dataclass
 class ObjectiveConfig:
     method: str = "ldae"
-    """The method trained (objectives.METHODS): 'ldae' or 'diffmae'."""
+    """The method trained (methods.METHODS): 'ldae' or 'diffmae'."""
     mask_ratio: float = 0.75
     """DiffMAE: fraction of patches hidden from the encoder, per sample."""
     rho: float = 0.8
@@ -847,6 +846,9 @@ _DIFFMAE_VIDEO_RECIPE = {
     "data.shuffle_buffer": 32, "data.num_workers": 4, "eval.probe": False,
 }
 DIFFMAE_VIDEO_GLOBAL_BATCH = 512
+# Imported here, after the sections: the methods package imports this module.
+from .methods.ldae.trajectory import trajectory_presets  # noqa: E402
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds per step on 2 CPU cores: fits PCA, pretrains, figure and probe in a few minutes.
     # Gratings whose orientation is the class: colour and brightness say nothing about it, so the
@@ -903,7 +905,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "diffmae-video-vitl": {**_DIFFMAE_VIDEO_RECIPE, "engine.out_dir": "runs/diffmae-video-vitl"},
     "diffmae-video-vitl14": {**_DIFFMAE_VIDEO_RECIPE, "model.patch_size": 14,
                              "engine.out_dir": "runs/diffmae-video-vitl14"},
-    # The deconstruction trajectory, one preset per row (ldae_fast/trajectory.py).
+    # The deconstruction trajectory, one preset per row (ldae_fast/methods/ldae/trajectory.py).
     **trajectory_presets(_PAPER_RECIPE),
 }
 # DiffMAE's global batch (supplement Table 1a): the recipes reach it with 8 ranks x 256 x 2.

@@ -54,7 +54,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     encoder of the same architecture (the floor) and chance."""
     from .data import build_eval_arrays
     from .eval.features import extract_features, probe_encoder, probe_view
-    from .eval.figure import denoise_figure
+    from .methods.ldae.figure import denoise_figure
     from .eval.knn import knn_classify
     from .eval.linear_probe import linear_probe_fast
     from .models import build_model
@@ -68,14 +68,14 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
     model = model.eval()
     if cfg.eval.figure and getattr(result.method, "figure_kind", "denoise") == "inpaint":
-        from .eval.inpaint_figure import inpaint_figure
-        from .objectives import build_method
+        from .methods.diffmae.figure import inpaint_figure
+        from .methods import build_method
         # A CPU twin of the trained method, beside the CPU copy of the model.
         method = build_method(cfg, "cpu")
         method.load_state_dict(result.method.state_dict())
         if cfg.data.num_frames:
             from .data.video import video_eval_clips
-            from .eval.inpaint_figure import video_inpaint_figure
+            from .methods.diffmae.figure import video_inpaint_figure
             path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4),
                                         Path(cfg.engine.out_dir) / "video_inpainting.png")
             log(f"video figure (original / masked / output frames at temporal stride {cfg.model.tubelet}; "

@@ -10,9 +10,9 @@ from ldae_fast.batch import Batch
 from ldae_fast.config import DIFFMAE_FINETUNE, DIFFMAE_GLOBAL_BATCH, ConfigError, build_config
 from ldae_fast.errors import ResumeMismatch
 from ldae_fast.models import build_model
-from ldae_fast.objectives import METHODS, Method, build_method
-from ldae_fast.objectives import diffmae as dm
-from ldae_fast.objectives.masking import (
+from ldae_fast.methods import METHODS, Method, build_method
+from ldae_fast.methods.diffmae import method as dm
+from ldae_fast.methods.diffmae.masking import (
     center_block_mask,
     from_scores,
     gather_tokens,
@@ -20,7 +20,7 @@ from ldae_fast.objectives.masking import (
     random_masking,
     scatter_tokens,
 )
-from ldae_fast.objectives.schedules import DiffusionSchedule, ddpm_betas
+from ldae_fast.methods.diffmae.schedules import DiffusionSchedule, ddpm_betas
 from ldae_fast.reference import patchify
 
 TINY = {
@@ -155,7 +155,7 @@ def test_encoder_exports_to_timm_exactly():
 def test_analytic_flops_match_the_counted_matmuls(kind):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldae_fast.models.diffmae import flops_per_image
+    from ldae_fast.methods.diffmae.model import flops_per_image
     from ldae_fast.models.vit import flops_per_image as dispatched
     cfg = build_config("diffmae-demo", {"model.decoder_kind": kind, "model.attn_backend": "math",
                                         "model.decoder_width": "64", "model.decoder_heads": "2"})

@@ -10,9 +10,9 @@ from ldae_fast.batch import Batch
 from ldae_fast.config import DIFFMAE_VIDEO_GLOBAL_BATCH, build_config
 from ldae_fast.errors import ResumeMismatch
 from ldae_fast.models import build_model
-from ldae_fast.models.diffmae import sincos_spacetime
-from ldae_fast.objectives import build_method
-from ldae_fast.objectives.masking import center_block_mask, gather_tokens, random_masking
+from ldae_fast.methods.diffmae.model import sincos_spacetime
+from ldae_fast.methods import build_method
+from ldae_fast.methods.diffmae.masking import center_block_mask, gather_tokens, random_masking
 from ldae_fast.reference import patchify
 
 # Clips of 4 frames at 16 px, 2x4x4 tubelets: 2 x 16 = 32 spacetime patches, 3 visible at 90%.
@@ -87,7 +87,7 @@ def test_tubelet_network_shapes_and_embedding():
 def test_analytic_flops_match_the_counted_matmuls_for_clips():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldae_fast.models.diffmae import flops_per_image
+    from ldae_fast.methods.diffmae.model import flops_per_image
     cfg = _cfg(**{"model.attn_backend": "math"})
     model = build_model(cfg.model, 16)
     mk = random_masking(1, 32, 0.75, seed=0, step=0)

@@ -9,7 +9,7 @@ from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import NonFiniteLoss, train
 from ldae_fast.engine.optim import EMA, lr_at
-from ldae_fast.objectives import ldae as ldae_obj
+from ldae_fast.methods.ldae import method as ldae_obj
 
 TINY = {
     "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",

@@ -1,6 +1,6 @@
 """The training loop: thin, model-agnostic, resumable.
 
-Everything specific to a method (l-DAE, its tokenizer, its noise) lives behind the objectives
+Everything specific to a method (l-DAE, its tokenizer, its noise) lives behind the methods
 registry; everything specific to a device strategy lives in the backend (single device here,
 DeepSpeed in deepspeed_backend.py).
 """
@@ -22,7 +22,7 @@ from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError
 from ..errors import ResumeMismatch
 from ..models.compile import compile_blocks, mark_step_begin
-from ..objectives import Method, build_method
+from ..methods import Method, build_method
 from ..tokenizers import fit_config
 from . import checkpoint as ckpt_mod
 from . import guard, rundir

@@ -65,7 +65,7 @@ def diffmae_train_flops_per_image(mcfg: ModelConfig, img_size: int, mask_ratio: 
     timm-block peer, whose blocks take no conditioning, adds t's embedding to its tokens instead.
     Activation-checkpoint recompute is not counted, as in `train_flops_per_image`.
     """
-    from ..models.diffmae import flops_per_image as diffmae_forward
+    from ..methods.diffmae.model import flops_per_image as diffmae_forward
     from ..models.vit import SIGMA_FREQ_DIM
 
     p, w, v = mcfg.patch_size, mcfg.width, mcfg.decoder_width

@@ -32,7 +32,7 @@ import torch
 
 from ldae_fast.config import build_config
 from ldae_fast.errors import ArgParser, UsageError, run_cli
-from ldae_fast.trajectory import ROWS
+from ldae_fast.methods.ldae.trajectory import ROWS
 
 RESULT_FILE = "result.json"
 

@@ -384,7 +384,7 @@ def run(args) -> dict:
 
 
 def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Path]:
-    from .figure import denoise_figure
+    from ..methods.ldae.figure import denoise_figure
 
     if method is None:
         log("figure: skipped (the checkpoint holds an encoder only; the figure needs the decoder "

@@ -111,7 +111,7 @@ def probe_sigma(cfg) -> float:
     e, n = cfg.eval, cfg.noise
     if e.probe_sigma >= 0:
         return float(e.probe_sigma)
-    from ldae_fast import schedules
+    from ldae_fast.methods.ldae import schedules
 
     t = torch.tensor([e.probe_t / n.num_timesteps], dtype=torch.float64)
     _, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps, n.single_sigma)
@@ -219,7 +219,7 @@ def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
         if method is None:
             raise ValueError("eval.probe_input='noisy' needs the checkpoint's method (tokenizer); "
                              "this encoder has none")
-        from ldae_fast.objectives.sampling import gamma_for_sigma
+        from ldae_fast.methods.sampling import gamma_for_sigma
 
         gamma = gamma_for_sigma(sigma, cfg.noise.schedule)
         md = method.device

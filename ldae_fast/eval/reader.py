@@ -86,7 +86,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     from ..engine.checkpoint import load_state, method_state, resolve_resume
     from ..engine.export import WEIGHTS_FILE
     from ..models import build_model
-    from ..objectives import build_method
+    from ..methods import build_method
 
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():

@@ -351,7 +351,7 @@ def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str
     img_size x img_size inputs with in_chans channels. `kernels` is engine.kernels: with
     model.fused_adaln it decides where the fused kernel runs."""
     if cfg.arch == "diffmae":
-        from .diffmae import build_diffmae
+        from ..methods.diffmae.model import build_diffmae
         return build_diffmae(cfg, img_size, in_chans, kernels)
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
@@ -381,7 +381,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     blocks with gradient checkpointing). DiffMAE's count (75% masking) is in diffmae.py.
     """
     if cfg.arch == "diffmae":
-        from .diffmae import flops_per_image as diffmae_flops
+        from ..methods.diffmae.model import flops_per_image as diffmae_flops
         return diffmae_flops(cfg, img_size, in_chans)
     p, w = cfg.patch_size, cfg.width
     mae = cfg.layout == "mae"
@@ -416,7 +416,7 @@ def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str,
     embedding) to the decoder; 'dit' has one sigma embedder (and label embedding), in the encoder.
     """
     if cfg.arch == "diffmae":
-        from .diffmae import build_diffmae
+        from ..methods.diffmae.model import build_diffmae
         with torch.device("meta"):
             m = build_diffmae(cfg, img_size, in_chans)
         enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))

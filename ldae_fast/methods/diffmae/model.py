@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
-from ..kernels.attention import attention, resolve_backend
-from ..kernels.modules import AdaLNLayerNorm
-from ..markers import nvtx_range
-from .blocks import (
+from ...config import ModelConfig
+from ...kernels.attention import attention, resolve_backend
+from ...kernels.modules import AdaLNLayerNorm
+from ...markers import nvtx_range
+from ...models.blocks import (
     LN_EPS,
     Attention,
     Block,
@@ -43,8 +43,8 @@ from .blocks import (
     SigmaEmbedder,
     mlp_hidden,
 )
-from .pos_embed import sincos_1d, sincos_2d
-from .vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
+from ...models.pos_embed import sincos_1d, sincos_2d
+from ...models.vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
 
 DECODER_KINDS = ("joint", "cross", "cross_self")
 
@@ -298,7 +298,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
     """
     p, w, v = cfg.patch_size, cfg.width, cfg.decoder_width
     N = (img_size // p) ** 2 * (cfg.num_frames // cfg.tubelet if cfg.num_frames else 1)
-    keep = max(1, int(N * (1.0 - mask_ratio)))  # objectives.masking.num_visible's rounding
+    keep = max(1, int(N * (1.0 - mask_ratio)))  # masking.num_visible's rounding
     M, Te = N - keep, keep + 1
     h, hd = mlp_hidden(w, cfg.mlp_ratio), mlp_hidden(v, cfg.mlp_ratio)
     D = p * p * in_chans

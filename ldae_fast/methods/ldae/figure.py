@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .features import module_device
+from ...eval.features import module_device
 
 LINE = 12  # header text line height in pixels
 

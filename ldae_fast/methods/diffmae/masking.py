@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..seeding import TAG_MASK, derive_seed
+from ...seeding import TAG_MASK, derive_seed
 
 
 @dataclass

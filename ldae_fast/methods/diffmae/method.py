@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from ..batch import Batch
-from ..config import Config
-from ..errors import ResumeMismatch
-from ..kernels.dispatch import resolve_kernels
-from ..markers import nvtx_range
-from ..reference import patchify, unpatchify
-from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed
+from ...batch import Batch
+from ...config import Config
+from ...errors import ResumeMismatch
+from ...kernels.dispatch import resolve_kernels
+from ...markers import nvtx_range
+from ...reference import patchify, unpatchify
+from ...seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed
 from . import masking
 from .masking import PatchMask, gather_tokens, scatter_tokens
-from .sampling import eval_mode
+from ..sampling import eval_mode
 from .schedules import DiffusionSchedule
 
 NORM_PIX_EPS = 1e-6
@@ -55,7 +55,7 @@ class DiffMAEMethod:
 
     name = "diffmae"
     figure_kind = "inpaint"
-    """The figure a demo writes for this method (eval/inpaint_figure.py)."""
+    """The figure a demo writes for this method (methods/diffmae/figure.py)."""
 
     def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
                  tokenizer=None, kernels: str | None = None):

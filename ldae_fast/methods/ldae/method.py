@@ -26,17 +26,17 @@ from typing import Any
 
 import torch
 
-from .. import schedules
-from ..batch import Batch
-from ..config import Config, ConfigError
-from ..kernels import latent_noise, pca_loss
-from ..kernels.dispatch import resolve_kernels
-from ..kernels.noise import reference_eps
-from ..markers import nvtx_range
-from ..reference import patchify, unpatchify
-from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
-from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
-from . import sampling
+from . import schedules
+from ...batch import Batch
+from ...config import Config, ConfigError
+from ...kernels import latent_noise, pca_loss
+from ...kernels.dispatch import resolve_kernels
+from ...kernels.noise import reference_eps
+from ...markers import nvtx_range
+from ...reference import patchify, unpatchify
+from ...seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
+from ...tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
+from .. import sampling
 
 # What each learned tokenizer kind is, for the checks that can run before it is fitted.
 _LEARNED_KINDS = {
