@@ -49,7 +49,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # ViT-H/14's encoder (DiffMAE's largest); its presets set their own decoder.
     "H": dict(width=1280, encoder_depth=32, decoder_depth=32, num_heads=16),
 }
-ARCHS = ("ldae", "diffmae")
 # l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
 MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
@@ -99,9 +98,6 @@ class ModelConfig:
     engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
     elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
-    arch: str = ""
-    """Network: 'ldae' (encoder-decoder on all tokens) or 'diffmae' (masked encoder + diffusion
-    decoder); '' takes the one objective.method trains."""
     decoder_kind: str = "joint"
     """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
     (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention)."""
@@ -144,8 +140,6 @@ class ModelConfig:
         _check(self.num_heads >= 1 and self.width % self.num_heads == 0,
                f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
-        _check(self.arch in ("",) + ARCHS, f"model.arch={self.arch!r} is not allowed; choose one of "
-               f"{', '.join(ARCHS)} (or leave it empty for the method's own)")
         _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
         self.decoder_width = self.decoder_width or self.width
         self.decoder_heads = self.decoder_heads or self.num_heads
@@ -269,7 +263,7 @@ class NoiseConfig:
 @dataclass
 class ObjectiveConfig:
     method: str = "ldae"
-    """The method trained (methods.METHODS): 'ldae' or 'diffmae'."""
+    """The method trained: a name in the methods registry (ldae_fast/methods/__init__.py)."""
     mask_ratio: float = 0.75
     """DiffMAE: fraction of patches hidden from the encoder, per sample."""
     rho: float = 0.8
@@ -284,7 +278,6 @@ class ObjectiveConfig:
     the target and the decoder's noisy input are that single time slice, docs/diffmae.md)."""
 
     def __post_init__(self) -> None:
-        _one_of("objective.method", self.method, ARCHS)
         _check(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio={self.mask_ratio} must lie in [0, 1)")
         _check(self.rho > 0, f"objective.rho={self.rho} must be > 0")
         _check(self.sample_steps >= 1, f"objective.sample_steps={self.sample_steps} must be >= 1")
@@ -599,20 +592,12 @@ class Config:
         return (self.data.img_size // self.model.patch_size) ** 2
 
     def validate(self) -> None:
-        # Each method trains its own network; the saved config names the one it built.
-        self.model.arch = self.model.arch or self.objective.method
-        _check(self.model.arch == self.objective.method,
-               f"model.arch={self.model.arch!r} cannot train objective.method={self.objective.method!r}; "
-               f"set model.arch={self.objective.method} (or leave it empty)")
-        _check(self.model.arch == "ldae" or self.model.layout == "mae",
-               f"model.layout={self.model.layout!r} is a layout of l-DAE's encoder-decoder; "
-               f"model.arch={self.model.arch!r} has its own (leave model.layout at 'mae')")
-        # model.width is accepted too: it is what versions that wrote the resolved width back
-        # stored for every DiffMAE run, and those configs must still load.
-        _check(self.model.arch == "ldae" or self.model.adaln_dim in (0, self.model.width),
-               f"model.adaln_dim={self.model.adaln_dim} sets l-DAE's conditioning width; "
-               f"model.arch={self.model.arch!r} conditions its blocks at their own width "
-               f"(leave model.adaln_dim at 0)")
+        # The method's own name list and relations live with the method (MethodSpec.validate).
+        from .methods import METHODS
+
+        _one_of("objective.method", self.objective.method, tuple(METHODS))
+        spec = METHODS[self.objective.method]
+        spec.validate(self)
         _check(self.objective.sample_steps <= self.noise.num_timesteps,
                f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
                f"{self.noise.num_timesteps}")
@@ -655,8 +640,12 @@ class Config:
     def _validate_video(self) -> None:
         m, d = self.model, self.data
         if d.num_frames:
-            _check(self.objective.method == "diffmae",
-                   f"data.num_frames={d.num_frames} (video) is trained by objective.method=diffmae only")
+            from .methods import METHODS
+
+            video = [n for n, s in METHODS.items() if s.video]
+            _check(self.objective.method in video,
+                   f"data.num_frames={d.num_frames} (video) is trained by objective.method="
+                   f"{' or '.join(video)} only")
             m.num_frames = m.num_frames or d.num_frames
             _check(m.num_frames == d.num_frames,
                    f"model.num_frames={m.num_frames} differs from data.num_frames={d.num_frames}; leave it at 0")
@@ -700,6 +689,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        d = _migrate(d)
         sections = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
@@ -730,6 +720,20 @@ class Config:
             return cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"--config {path}: {e}") from None
+
+
+def _migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as this version reads it: configs saved by older versions stored fields that
+    are now derived (model.arch, always equal to objective.method), which are dropped here."""
+    model = d.get("model")
+    if isinstance(model, dict) and "arch" in model:
+        model = dict(model)
+        arch = model.pop("arch")
+        method = (d.get("objective") or {}).get("method", ObjectiveConfig.method)
+        _check(arch in ("", method), f"model.arch={arch!r} differs from objective.method={method!r}: "
+               f"the method names its own network; drop model.arch")
+        d = {**d, "model": model}
+    return d
 
 
 def _no_constant(name: str) -> float:
@@ -800,116 +804,12 @@ def sanitize_stored_config(d: dict[str, Any], source: str, from_cli: set[str] = 
 
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
-_IMAGENET_EPOCH = 1_281_167
-# l-DAE App. A: patch 16, d = 32 (Table 2: PCA d=32 65.1%, d=128 53.9%), batch 2048, blr 1e-4,
-# 100 warm-up epochs, no weight decay, 400 epochs, AdamW as DiT's (betas 0.9, 0.999); probe at t = 10
-# of 1000 with clean input, MAE's probe (batch 16384, blr 0.1: see eval.probe_blr for the lr);
-# the network is DiT cut in two (model.layout='dit', adaLN conditioning at width/4).
-_PAPER_RECIPE = {
-    "model.patch_size": 16, "tokenizer.latent_dim": 32, "data.img_size": 256, "data.source": "wds",
-    "data.epoch_size": _IMAGENET_EPOCH, "data.batch_size": 256, "data.num_workers": 10,
-    "optim.blr": 1e-4, "optim.weight_decay": 0.0, "optim.warmup_epochs": 100, "engine.epochs": 400,
-    "optim.beta1": 0.9, "optim.beta2": 0.999,
-    "engine.backend": "deepspeed", "tokenizer.fit_images": 50_000, "engine.log_every": 50,
-    "engine.ckpt_every": 2000, "optim.clip_grad": 0.0,
-    "eval.probe_t": 10, "eval.probe_input": "clean", "eval.probe_batch_size": 16384, "eval.probe_blr": 0.1,
-    "model.layout": "dit",
-}
-# DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
-# 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,
-# batch 4096, 1600 epochs, no gradient clipping; 224 px, 75% masking, MAE's decoder (8 x 512).
-_DIFFMAE_RECIPE = {
-    "objective.method": "diffmae", "objective.mask_ratio": 0.75, "model.patch_size": 16,
-    "model.decoder_width": 512, "model.decoder_depth": 8, "model.decoder_heads": 16,
-    "data.img_size": 224, "data.source": "wds", "data.epoch_size": _IMAGENET_EPOCH,
-    "data.batch_size": 256, "engine.grad_accum": 2, "data.num_workers": 10, "data.hflip": True,
-    "data.crop_min_scale": 0.2, "optim.blr": 1.5e-4, "optim.beta1": 0.9, "optim.beta2": 0.95,
-    "optim.weight_decay": 0.05, "optim.warmup_epochs": 40, "optim.min_lr": 0.0, "optim.clip_grad": 0.0,
-    "optim.ema_decay": 0.0, "engine.epochs": 1600, "engine.backend": "deepspeed", "engine.log_every": 50,
-    "engine.ckpt_every": 2000,
-}
-# DiffMAE's Kinetics-400 pretraining (supplement Table 1a, video column): blr 8e-4, batch 512,
-# 400 epochs, gradient clipping 0.02, repeated augmentation 4, otherwise the image recipe (AdamW
-# (0.9, 0.95), wd 0.05, cosine, 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0);
-# ViT-L with 2x16x16 (or 2x14x14) spacetime patches, 90% masking. 16 frames at temporal stride 4
-# and 224 px are MAE-ST's input (our choice, not a supplement value). Batch 512 samples = 8 ranks
-# x 64 (16 clips x 4 augmentations each); an epoch counts epoch_size samples (MAE-ST's
-# "effective" epochs under repeated augmentation).
-_KINETICS400_EPOCH = 240_000  # about the Kinetics-400 train split; set data.epoch_size to yours
-_DIFFMAE_VIDEO_RECIPE = {
-    **_DIFFMAE_RECIPE, "model.size": "L", "model.tubelet": 2, "objective.mask_ratio": 0.9,
-    "data.source": "wds-video", "data.num_frames": 16, "data.frame_stride": 4,
-    "data.epoch_size": _KINETICS400_EPOCH, "data.batch_size": 64, "engine.grad_accum": 1,
-    "data.repeated_aug": 4, "optim.blr": 8e-4, "optim.clip_grad": 0.02, "engine.epochs": 400,
-    # Each worker's shuffle buffer holds whole stored clips (a 64-frame 256x340 clip is ~17 MB):
-    # the image recipes' 2000 x 10 workers would ask for hundreds of GB per rank (docs/diffmae.md).
-    "data.shuffle_buffer": 32, "data.num_workers": 4, "eval.probe": False,
-}
-DIFFMAE_VIDEO_GLOBAL_BATCH = 512
-# Imported here, after the sections: the methods package imports this module.
-from .methods.ldae.trajectory import trajectory_presets  # noqa: E402
+# Every preset belongs to a method (MethodSpec.presets); the registry collects them. Imported
+# here, after the sections: the methods package's specs are plain data that import nothing of
+# this module at load time.
+from .methods import all_presets  # noqa: E402
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds per step on 2 CPU cores: fits PCA, pretrains, figure and probe in a few minutes.
-    # Gratings whose orientation is the class: colour and brightness say nothing about it, so the
-    # probe shows what the pretraining learned about local structure (docs/results.md).
-    "demo": {
-        "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32, "tokenizer.latent_dim": 16,
-        "data.synthetic_kind": "gratings",
-        "tokenizer.fit_images": 1024, "data.batch_size": 64, "data.synthetic_images": 2048,
-        "optim.blr": 6e-3, "optim.warmup_epochs": 1, "engine.epochs": 10, "engine.log_every": 32,
-        # 2048 images give LARS ~8 steps an epoch: its trust-ratio-limited head barely moves at
-        # blr 0.1 (the ImageNet value, ~5000 steps an epoch), so the demo's probe uses blr 10.
-        "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/demo",
-    },
-    # ViT-S-sized model on Tiny ImageNet (64x64): ../shared/data/tinyimagenet-wds.
-    "tiny-imagenet": {
-        "model.size": "S", "model.patch_size": 8, "data.img_size": 64, "tokenizer.latent_dim": 32,
-        "data.source": "wds", "data.train_shards": "../shared/data/tinyimagenet-wds/train-{000000..000009}.tar.gz",
-        "data.val_shards": "../shared/data/tinyimagenet-wds/val-{000000..000001}.tar.gz",
-        "data.epoch_size": 50_500, "data.batch_size": 128, "data.num_workers": 2,
-        "tokenizer.fit_images": 10_000, "optim.blr": 1.5e-4, "optim.warmup_epochs": 5,
-        "engine.epochs": 50, "engine.log_every": 20, "engine.ckpt_every": 500,
-        "engine.out_dir": "runs/tiny-imagenet",
-    },
-    # The paper's ImageNet 256x256 recipes (global batch 2048 = 8 x 256 across ranks).
-    "ldae-vitb": {**_PAPER_RECIPE, "model.size": "B", "engine.out_dir": "runs/ldae-vitb"},
-    "ldae-vithalfl": {**_PAPER_RECIPE, "model.size": "halfL", "engine.out_dir": "runs/ldae-vithalfl"},
-    "ldae-vitl": {**_PAPER_RECIPE, "model.size": "L", "engine.out_dir": "runs/ldae-vitl"},
-    # DiffMAE on the built-in data: a tiny masked encoder + joint decoder, CPU minutes. The demo's
-    # gratings: this encoder's blocks are not zero-initialised, so its random-init probe floor is
-    # high there (~85%), and the pretrained probe still clears it (docs/diffmae.md). blr and
-    # length were tuned on seed 0; one decoder block halves the step time of two, which buys twice
-    # the steps in the same minutes.
-    "diffmae-demo": {
-        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32,
-        "data.synthetic_kind": "gratings",
-        "model.decoder_depth": 1, "data.batch_size": 64, "data.synthetic_images": 2048,
-        "optim.blr": 1.6e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.ema_decay": 0.0,
-        "optim.clip_grad": 0.0, "engine.epochs": 60, "engine.log_every": 64, "objective.sample_steps": 50,
-        "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/diffmae-demo",
-    },
-    "diffmae-vitb": {**_DIFFMAE_RECIPE, "model.size": "B", "engine.out_dir": "runs/diffmae-vitb"},
-    "diffmae-vitl": {**_DIFFMAE_RECIPE, "model.size": "L", "engine.out_dir": "runs/diffmae-vitl"},
-    "diffmae-vith": {**_DIFFMAE_RECIPE, "model.size": "H", "model.patch_size": 14,
-                     "engine.out_dir": "runs/diffmae-vith"},
-    # DiffMAE on video: 8-frame clips of moving shapes at 32 px, 2x4x4 tubelets, 90% masking.
-    "diffmae-video-demo": {
-        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "model.tubelet": 2,
-        "data.img_size": 32, "data.num_frames": 8, "data.synthetic_kind": "moving-shapes",
-        "objective.mask_ratio": 0.9, "model.decoder_depth": 2, "data.batch_size": 32,
-        "data.synthetic_images": 512, "optim.blr": 1.2e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1,
-        "optim.ema_decay": 0.0, "optim.clip_grad": 0.0, "engine.epochs": 6, "engine.log_every": 8,
-        "objective.sample_steps": 50, "eval.probe": False, "engine.out_dir": "runs/diffmae-video-demo",
-    },
-    "diffmae-video-vitl": {**_DIFFMAE_VIDEO_RECIPE, "engine.out_dir": "runs/diffmae-video-vitl"},
-    "diffmae-video-vitl14": {**_DIFFMAE_VIDEO_RECIPE, "model.patch_size": 14,
-                             "engine.out_dir": "runs/diffmae-video-vitl14"},
-    # The deconstruction trajectory, one preset per row (ldae_fast/methods/ldae/trajectory.py).
-    **trajectory_presets(_PAPER_RECIPE),
-}
-# DiffMAE's global batch (supplement Table 1a): the recipes reach it with 8 ranks x 256 x 2.
-DIFFMAE_GLOBAL_BATCH = 4096
+PRESETS: dict[str, dict[str, Any]] = all_presets()
 # The supplement's Table 1b (ImageNet fine-tuning of the pretrained encoder, pixel targets), as
 # eval.finetune.FinetuneRecipe fields; lr = blr * batch / 256. Shared by every size: AdamW
 # (0.9, 0.999), wd 0.05, cosine to 1e-6 after 5 warm-up epochs, RandAug (9, 0.5), mixup 0.8,

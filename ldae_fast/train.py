@@ -21,7 +21,7 @@ USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--sectio
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
          diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith, diffmae-video-demo,
-         diffmae-video-vitl, diffmae-video-vitl14
+         diffmae-video-vitl, diffmae-video-vitl14, mae-demo (and the l-DAE trajectory rows)
 values: --section.field=value and --section.field value are the same; booleans also take
   --section.field (true) and --no-section.field (false). A preset sets some fields (shown as
   [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
@@ -54,52 +54,29 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     encoder of the same architecture (the floor) and chance."""
     from .data import build_eval_arrays
     from .eval.features import extract_features, probe_encoder, probe_view
-    from .methods.ldae.figure import denoise_figure
     from .eval.knn import knn_classify
     from .eval.linear_probe import linear_probe_fast
-    from .models import build_model
+    from .methods import build_model, spec_for
 
     out = {}
     # A fresh fp32, uncompiled copy on the CPU: the trained module may hold bf16 parameters
     # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks; the EMA weights are what the
     # paper evaluates.
-    model = build_model(cfg.model, cfg.data.img_size)
+    model = build_model(cfg)
     src = result.ema if result.ema is not None else result.model
     model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
     model = model.eval()
-    if cfg.eval.figure and getattr(result.method, "figure_kind", "denoise") == "inpaint":
-        from .methods.diffmae.figure import inpaint_figure
-        from .methods import build_method
-        # A CPU twin of the trained method, beside the CPU copy of the model.
-        method = build_method(cfg, "cpu")
-        method.load_state_dict(result.method.state_dict())
-        if cfg.data.num_frames:
-            from .data.video import video_eval_clips
-            from .methods.diffmae.figure import video_inpaint_figure
-            path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4),
-                                        Path(cfg.engine.out_dir) / "video_inpainting.png")
-            log(f"video figure (original / masked / output frames at temporal stride {cfg.model.tubelet}; "
-                f"{cfg.objective.mask_ratio:.0%} random masks, {cfg.objective.sample_steps} reverse steps): {path}")
-        else:
-            imgs, _ = build_eval_arrays(cfg, "val", max_images=4)
-            levels = (cfg.noise.num_timesteps, cfg.noise.num_timesteps // 2, 0)
-            path = inpaint_figure(method, model, imgs, Path(cfg.engine.out_dir) / "inpainting.png",
-                                  levels=levels)
-            log(f"figure (original / masked / inpainted at t {', '.join(map(str, levels))}; random and "
-                f"center masks, {cfg.objective.sample_steps} reverse steps): {path}")
-        out["figure"] = str(path)
-    elif cfg.eval.figure:
-        imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
-        sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
-        path = denoise_figure(model, result.method, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png")
-        log(f"figure (clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}): {path}")
+    if cfg.eval.figure:
+        # The method's figure moves a twin of the method to where the CPU copy of the model is.
+        path, caption = spec_for(cfg).figure(cfg, model, result.method, Path(cfg.engine.out_dir))
+        log(f"figure ({caption}): {path}")
         out["figure"] = str(path)
     if cfg.eval.probe:
         t0 = time.time()
         train_arr = build_eval_arrays(cfg, "train")
         val_arr = build_eval_arrays(cfg, "val")
         torch.manual_seed(cfg.engine.seed)
-        rand_model = build_model(cfg.model, cfg.data.img_size).eval()
+        rand_model = build_model(cfg).eval()
         ks = [int(k) for k in cfg.eval.knn_k.split(",") if k.strip()]
         k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
         scores = {}
@@ -164,7 +141,7 @@ def _main(argv: list[str]) -> int:
         first, last = result.losses[0][1], result.losses[-1][1]
         print(f"pretraining done in {time.time() - t0:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
-    if is_main and (cfg.preset in ("demo", "diffmae-demo", "diffmae-video-demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
+    if is_main and (cfg.preset.endswith("demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
             from .eval.reader import load_for_eval

@@ -93,7 +93,7 @@ def test_run_writes_config_metrics_checkpoint(tmp_path):
     assert [r["step"] for r in lines] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in lines)
     # Achieved model TFLOP/s from the analytic count; no MFU without a known peak (CPU).
-    from ldae_fast.engine.mfu import train_flops_per_image
+    from ldae_fast.methods.ldae.flops import train_flops_per_image
 
     per_image = train_flops_per_image(cfg.model, cfg.data.img_size)[1]
     for r in lines:

@@ -124,7 +124,8 @@ def test_trajectory_rows_build(name):
 
 
 def test_probe_sigma_and_depth():
-    from ldae_fast.eval.features import ProbeView, probe_sigma, probe_view
+    from ldae_fast.eval.features import ProbeView, probe_view
+    from ldae_fast.methods.ldae.probe import probe_sigma
     from ldae_fast.models import build_model
 
     c = build_config("demo")

@@ -30,7 +30,7 @@ from .features import (
     extract_features,
     feature_dim,
     probe_encoder,
-    probe_sigma,
+    probe_note,
     probe_view,
     resolve_device,
 )
@@ -48,7 +48,7 @@ class EvalError(RuntimeError, UsageError):
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgParser(
         prog="ldae-fast eval",
-        description="Linear probe / kNN / fine-tuning / denoising figure of an l-DAE checkpoint, "
+        description="Linear probe / kNN / fine-tuning / the method's figure of a checkpoint, "
                     "each beside the same architecture with random weights.")
     ap.add_argument("--checkpoint", required=True,
                     help="single-device checkpoint (dir or file), DeepSpeed checkpoint dir, or an "
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-depth", type=int, default=None,
                     help="probe after the first k encoder blocks (default eval.probe_depth, 0: all)")
     ap.add_argument("--knn-k", default=None, help="comma-separated k (default eval.knn_k)")
-    ap.add_argument("--figure-images", type=int, default=8, help="rows of the denoising figure")
+    ap.add_argument("--figure-images", type=int, default=8, help="images in the figure")
     ap.add_argument("--num-workers", type=int, default=None,
                     help="fine-tuning augmentation workers (default data.num_workers)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -142,11 +142,11 @@ def _load_checkpoint(path: str):
 
 def _random_model(cfg):
     """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
-    from ldae_fast.models import build_model
+    from ldae_fast.methods import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.engine.seed)
-        return build_model(cfg.model, cfg.data.img_size)
+        return build_model(cfg)
 
 
 def _find_path(pattern: str) -> str:
@@ -274,9 +274,8 @@ def run(args) -> dict:
     encoders = [(name, m.encoder) for name, m in models]
     # The probes see the network at the configured t, input and depth; fine-tuning the bare encoder.
     views = {name: _probe_view(m, cfg, method, device) for name, m in models}
-    log(f"probe: sigma {probe_sigma(cfg):.4g} (eval.probe_t={cfg.eval.probe_t}"
-        + (f", probe_sigma={cfg.eval.probe_sigma:g}" if cfg.eval.probe_sigma >= 0 else "")
-        + f"), {cfg.eval.probe_input} input, depth {cfg.eval.probe_depth or 'all'}")
+    if any(p != "figure" for p in protocols):
+        log(f"probe: {probe_note(cfg)}")
 
     bs = args.batch_size or cfg.eval.probe_batch_size
     blr = args.blr or cfg.eval.probe_blr
@@ -357,7 +356,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     figure_path = None
     if "figure" in protocols:
-        figure_path = _figure(cfg, model, method, val[0][:args.figure_images], out / "denoising.png",
+        figure_path = _figure(cfg, model, method, val[0][:args.figure_images], out,
                               device, args.seed, log)
 
     table = markdown_table(rows)
@@ -373,7 +372,7 @@ def run(args) -> dict:
              f"'{FAST_PROTOCOL}': head trained on features of un-augmented images extracted "
              "once, not the full augmented protocol; times include feature extraction."]
     if figure_path:
-        notes.append(f"Denoising figure: {figure_path}")
+        notes.append(f"Figure: {figure_path}")
     md = "\n\n".join([f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]) + "\n"
     (out / "eval.md").write_text(md)
     (out / "eval.json").write_text(json.dumps(dict(meta, rows=rows, figure=str(figure_path or ""),
@@ -383,17 +382,17 @@ def run(args) -> dict:
     return dict(rows=rows, out=str(out), figure=str(figure_path) if figure_path else None, meta=meta)
 
 
-def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Path]:
-    from ..methods.ldae.figure import denoise_figure
+def _figure(cfg, model, method, images, out, device, seed, log) -> Optional[Path]:
+    """The checkpoint's method draws its own figure (MethodSpec.figure)."""
+    from ..methods import spec_for
 
     if method is None:
         log("figure: skipped (the checkpoint holds an encoder only; the figure needs the decoder "
             "and the tokenizer)")
         return None
-    sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
     model.to(device)
-    p = denoise_figure(model, method, images, sigmas, path, step=seed)
-    log(f"figure: {p}")
+    p, caption = spec_for(cfg).figure(cfg, model, method, out, images=images, step=seed)
+    log(f"figure ({caption}): {p}")
     return p
 
 

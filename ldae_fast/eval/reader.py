@@ -85,7 +85,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
     from ..engine.export import WEIGHTS_FILE
-    from ..models import build_model
+    from ..methods import build_model
     from ..methods import build_method
 
     path = Path(path)
@@ -97,7 +97,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
         raise FileNotFoundError(f"no checkpoint at {path}")
     st = load_state(ckpt)
     cfg = Config.from_dict(sanitize_stored_config(st["config"], f"checkpoint {ckpt}"))
-    model = build_model(cfg.model, cfg.data.img_size)
+    model = build_model(cfg)
     weights = st.get("ema") if use_ema and st.get("ema") else st.get("model")
     if weights is None:
         from ..engine.deepspeed_backend import consolidated_model_state

@@ -26,6 +26,11 @@ def gamma_for_sigma(sigma: float, schedule: str) -> float:
     return math.sqrt(1.0 - sigma * sigma)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters are (CPU for one without any): where its sampler runs."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     was = model.training

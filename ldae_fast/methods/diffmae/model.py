@@ -45,6 +45,8 @@ from ...models.blocks import (
 )
 from ...models.pos_embed import sincos_1d, sincos_2d
 from ...models.vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
+from ..masking import encode_visible
+from ..masking import gather_tokens as _gather
 
 DECODER_KINDS = ("joint", "cross", "cross_self")
 
@@ -85,23 +87,6 @@ class TubeletEmbed(nn.Module):
             raise ValueError(f"input is {tuple(x.shape)}; this model was built for clips (B, C, "
                              f"{self.num_frames}, {self.img_size}, {self.img_size})")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def encode_visible(encoder: ViTEncoder, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) images or (B, C, T, H, W) clips, (B, n_keep) visible patch ids ->
-    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks."""
-    B = x.shape[0]
-    pos = encoder.pos_embed.to(x.dtype)
-    tokens = _gather(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
-    cls = (encoder.cls_token + pos[:, :1]).expand(B, -1, -1).to(tokens.dtype)
-    tokens = torch.cat([cls, tokens], dim=1)
-    for blk in encoder.blocks:
-        tokens = blk(tokens, None)
-    return encoder.norm(tokens)
 
 
 class CrossAttention(nn.Module):
