@@ -34,6 +34,42 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
+class Derived:
+    """A field that stores what the user set and reads as what follows from the rest of the
+    config while it is unset (at its default): derived on every read, never written back, so a
+    saved config replayed with another `model.size` or `data.crop` is what a fresh run with
+    those values is. `read(section, stored)` gives the value a reader sees."""
+
+    def __init__(self, default: Any, read: Any) -> None:
+        self.default, self.read = default, read
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self.default  # the dataclass default
+        return self.read(obj, obj.__dict__.get(self.name, self.default))
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
+def stored(section: Any, name: str) -> Any:
+    """What a section stores for field `name` (for a Derived field, what the user set)."""
+    return section.__dict__[name]
+
+
+def _from_size(key: str) -> Derived:
+    return Derived(0, lambda m, v: v or MODEL_SIZES[m.size][key])
+
+
+def _from_run(key: str) -> Derived:
+    """A model field that follows another section (model.latent_dim, num_classes, num_frames):
+    the run's Config tells it once it is built (Config.__post_init__)."""
+    return Derived(0, lambda m, v: v or (m._run_value(key) if m.__dict__.get("_run") else 0))
+
+
 # torch.compile's modes; inductor records CUDA graphs in two of them.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -58,13 +94,13 @@ DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
 class ModelConfig:
     size: str = "tiny"
     """Named size (tiny, S, B, halfL, L); fills width/depths/heads that are left at 0."""
-    width: int = 0
+    width: int = _from_size("width")
     """Transformer width of encoder and decoder (0: from `size`)."""
-    encoder_depth: int = 0
+    encoder_depth: int = _from_size("encoder_depth")
     """Encoder blocks (0: from `size`)."""
-    decoder_depth: int = 0
+    decoder_depth: int = _from_size("decoder_depth")
     """Decoder blocks (0: from `size`)."""
-    num_heads: int = 0
+    num_heads: int = _from_size("num_heads")
     """Attention heads (0: from `size`)."""
     mlp_ratio: float = 4.0
     """MLP hidden width / width."""
@@ -76,7 +112,7 @@ class ModelConfig:
     """Class conditioning as DiT's: a label embedding added to the adaLN conditioning, labels
     dropped to a null class at rate label_dropout in training; evaluation feeds the null class
     (l-DAE Table 1's first row, 57.5%)."""
-    num_classes: int = 0
+    num_classes: int = _from_run("num_classes")
     """Classes of the label embedding (0: data.num_classes, or data.synthetic_classes)."""
     input: str = "image"
     """What the network is fed: 'image' (the noisy latent decoded through the tokenizer: final) or
@@ -85,7 +121,7 @@ class ModelConfig:
     output: str = "image"
     """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
     z0 / eps target directly."""
-    latent_dim: int = 0
+    latent_dim: int = _from_run("latent_dim")
     """d of latent input / output (0: tokenizer.latent_dim; set by the config)."""
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
@@ -101,14 +137,14 @@ class ModelConfig:
     decoder_kind: str = "joint"
     """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
     (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention)."""
-    decoder_width: int = 0
+    decoder_width: int = Derived(0, lambda m, v: v or m.width)
     """DiffMAE decoder width (0: model.width)."""
-    decoder_heads: int = 0
+    decoder_heads: int = Derived(0, lambda m, v: v or m.num_heads)
     """DiffMAE decoder attention heads (0: model.num_heads)."""
     tubelet: int = 1
     """DiffMAE video: frames per spacetime patch (tubelet x patch_size x patch_size; the paper's
     2x16x16 is tubelet 2); 1 for images."""
-    num_frames: int = 0
+    num_frames: int = _from_run("num_frames")
     """Frames of a clip the network is built for (0: images); set from data.num_frames."""
     layout: str = "mae"
     """How l-DAE's network is cut in two (docs/model.md).
@@ -129,9 +165,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
-        for k, v in MODEL_SIZES[self.size].items():
-            if getattr(self, k) == 0:
-                setattr(self, k, v)
         _one_of("model.cond", self.cond, ("adaln", "none"))
         _one_of("model.attn_backend", self.attn_backend, ("auto", "sdpa", "xformers", "math"))
         _check(self.patch_size >= 1, f"model.patch_size={self.patch_size} must be >= 1")
@@ -141,8 +174,6 @@ class ModelConfig:
                f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
         _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
-        self.decoder_width = self.decoder_width or self.width
-        self.decoder_heads = self.decoder_heads or self.num_heads
         _check(self.tubelet >= 1 and self.num_frames >= 0,
                f"model.tubelet={self.tubelet} must be >= 1 and model.num_frames={self.num_frames} >= 0")
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
@@ -157,6 +188,18 @@ class ModelConfig:
         _one_of("model.layout", self.layout, MODEL_LAYOUTS)
         _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
         _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
+
+    def _run_value(self, key: str) -> int:
+        """A value this section takes from the rest of the run's config (Config.__post_init__
+        links it): 0 when that config does not give one."""
+        run = self.__dict__["_run"]
+        if key == "latent_dim":
+            return run.tokenizer.latent_dim if "latent" in (self.input, self.output) else 0
+        if key == "num_classes":
+            if not self.class_cond:
+                return 0
+            return run.data.synthetic_classes if run.data.source == "synthetic" else run.data.num_classes
+        return run.data.num_frames  # num_frames
 
     @property
     def cond_width(self) -> int:
@@ -310,14 +353,14 @@ class DataConfig:
     shuffle_buffer x workers x clip bytes per rank)."""
     resampled: bool = False
     """Draw shards with replacement, an endless stream (resume is keyed on the step)."""
-    crop_min_scale: float = 0.2
+    crop_min_scale: float = Derived(0.2, lambda d, v: 1.0 if d.crop == "center" else v)
     """Smallest area fraction of RandomResizedCrop."""
-    hflip: bool = True
+    hflip: bool = Derived(True, lambda d, v: False if d.crop == "center" else v)
     """Random horizontal flip."""
     crop: str = "random_resized"
     """Training crop: 'random_resized' (RandomResizedCrop from crop_min_scale, flip per hflip) or
     'center' (the largest centred square, no flip: no augmentation, as every row of the l-DAE
-    trajectory before its last; sets crop_min_scale=1 and hflip=false)."""
+    trajectory before its last; crop_min_scale then reads 1 and hflip false, whatever they store)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of samples is corrupt (after the first 100)."""
     synthetic_images: int = 2048
@@ -357,9 +400,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "wds", "resident", "wds-video"))
         _one_of("data.crop", self.crop, ("random_resized", "center"))
-        if self.crop == "center":
-            # The streams read these two; scale 1 is the centred square (transforms.sample_crop_box).
-            self.crop_min_scale, self.hflip = 1.0, False
         _check(self.img_size >= 1, f"data.img_size={self.img_size} must be >= 1")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -579,6 +619,9 @@ class Config:
             sec = getattr(self, f.name)
             if dataclasses.is_dataclass(sec):
                 _check_types(f.name, sec)
+        # The model section's cross-section fields (latent_dim, num_classes, num_frames) read
+        # this config; a section object shared by two configs follows the newest.
+        self.model.__dict__["_run"] = self
         self.validate()
 
     # Derived quantities -------------------------------------------------------------------
@@ -610,17 +653,13 @@ class Config:
                f"tokenizer.latent_dim={self.tokenizer.latent_dim} is larger than 3*p^2={D} "
                f"(patch size {p}); allowed: 1..{D}")
         if "latent" in (self.model.input, self.model.output):
-            if self.model.latent_dim == 0:
-                self.model.latent_dim = self.tokenizer.latent_dim
             _check(self.model.latent_dim == self.tokenizer.latent_dim,
                    f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
                    f"{self.tokenizer.latent_dim}; leave it at 0")
         _check(not (self.model.output == "latent" and self.noise.target == "x0"),
                "noise.target='x0' (the original image) needs model.output='image'; a latent output "
                "predicts noise.target='z0' or 'eps'")
-        if self.model.class_cond and self.model.num_classes == 0:
-            self.model.num_classes = (self.data.synthetic_classes if self.data.source == "synthetic"
-                                      else self.data.num_classes)
+        if self.model.class_cond:
             _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
                    "data.num_classes) >= 2: the number of classes of the labelled data")
         # 'dit' is one DiT cut in two: the probe may read past the cut (l-DAE App. A, k = 9..15 of 24).
@@ -646,7 +685,6 @@ class Config:
             _check(self.objective.method in video,
                    f"data.num_frames={d.num_frames} (video) is trained by objective.method="
                    f"{' or '.join(video)} only")
-            m.num_frames = m.num_frames or d.num_frames
             _check(m.num_frames == d.num_frames,
                    f"model.num_frames={m.num_frames} differs from data.num_frames={d.num_frames}; leave it at 0")
             _check(d.num_frames % m.tubelet == 0,
@@ -681,7 +719,14 @@ class Config:
         return self.epoch_size() / self.global_batch(world_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What the user set, section by section: derived fields store their unset default, so
+        the saved config.json replays as intent (Derived)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            sec = getattr(self, f.name)
+            out[f.name] = ({g.name: stored(sec, g.name) for g in dataclasses.fields(sec)}
+                           if dataclasses.is_dataclass(sec) else sec)
+        return json.loads(json.dumps(out))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -717,7 +762,7 @@ class Config:
             raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
         _check(isinstance(d, dict), f"--config {path}: expected a JSON object of sections")
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(_unresolve(d))
         except ConfigError as e:
             raise ConfigError(f"--config {path}: {e}") from None
 
@@ -734,6 +779,43 @@ def _migrate(d: dict[str, Any]) -> dict[str, Any]:
                f"the method names its own network; drop model.arch")
         d = {**d, "model": model}
     return d
+
+
+def _unresolve(d: dict[str, Any]) -> dict[str, Any]:
+    """A config file written by a version that stored derived values back (model width / depths /
+    heads from model.size, decoder width / heads, latent_dim, num_classes, num_frames, the crop
+    fields of a center crop): a stored value equal to what would be derived from the stored
+    intent is taken as derived (unset), so a replay with another model.size, data.crop or
+    data.synthetic_classes follows it as a fresh run does."""
+    model, data = d.get("model"), d.get("data")
+    if not isinstance(model, dict):
+        return d
+    model, data = dict(model), dict(data) if isinstance(data, dict) else {}
+    tok = d.get("tokenizer") if isinstance(d.get("tokenizer"), dict) else {}
+    dims = MODEL_SIZES.get(model.get("size", ModelConfig.size), {})
+    for k, v in dims.items():
+        if model.get(k) == v:
+            model[k] = 0
+    width = model.get("width") or dims.get("width")
+    heads = model.get("num_heads") or dims.get("num_heads")
+    if model.get("decoder_width") == width:
+        model["decoder_width"] = 0
+    if model.get("decoder_heads") == heads:
+        model["decoder_heads"] = 0
+    derived = {"latent_dim": tok.get("latent_dim", TokenizerConfig.latent_dim),
+               "num_frames": data.get("num_frames", DataConfig.num_frames),
+               "num_classes": (data.get("synthetic_classes", DataConfig.synthetic_classes)
+                               if data.get("source", DataConfig.source) == "synthetic"
+                               else data.get("num_classes", DataConfig.num_classes))}
+    for k, v in derived.items():
+        if model.get(k) == v:
+            model[k] = 0
+    if data.get("crop") == "center" and (data.get("crop_min_scale"), data.get("hflip")) == (1.0, False):
+        data["crop_min_scale"], data["hflip"] = DataConfig.crop_min_scale, DataConfig.hflip
+    out = {**d, "model": model}
+    if data:
+        out["data"] = data
+    return out
 
 
 def _no_constant(name: str) -> float:
@@ -769,7 +851,7 @@ def _build_section(name: str, sub: type, values: dict[str, Any]) -> Any:
 
 def _check_types(name: str, sec: Any) -> None:
     for f in dataclasses.fields(sec):
-        setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, getattr(sec, f.name)))
+        setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, stored(sec, f.name)))
 
 
 # Shard URL fields whose value can start a process or reach the network.

@@ -85,10 +85,16 @@ _SHAPE_FIELDS = (("model", "width"), ("model", "encoder_depth"), ("model", "deco
 
 
 def model_shape_diff(saved: dict, cfg) -> list[str]:
-    """'section.field saved -> now' for each shape-defining field that differs."""
+    """'section.field saved -> now' for each shape-defining field that differs. A saved config
+    stores intent (0: from model.size): both sides are compared as they read, resolved."""
+    try:
+        saved_cfg = type(cfg).from_dict(saved)
+    except (ValueError, TypeError):
+        saved_cfg = None  # compare what the file holds, field by field
     out = []
     for sec, name in _SHAPE_FIELDS:
-        was = (saved.get(sec) or {}).get(name)
+        was = (getattr(getattr(saved_cfg, sec), name) if saved_cfg is not None
+               else (saved.get(sec) or {}).get(name))
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
