@@ -54,6 +54,7 @@ ARCHS = ("ldae", "diffmae")
 # l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
 MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
+DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
 
 
 @dataclass
@@ -105,7 +106,17 @@ class ModelConfig:
     decoder); '' takes the one objective.method trains."""
     decoder_kind: str = "joint"
     """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
-    (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention)."""
+    (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention).
+    'joint' is the default so checkpoints saved before the DiffMAE presets chose 'cross_self'
+    rebuild as what they were; the presets set it (docs/diffmae.md)."""
+    decoder_topdown: str = "last"
+    """Which encoder block each block of a 'cross' / 'cross_self' DiffMAE decoder reads:
+    'last' (every block the encoder's final output), 'deepest_first' (decoder block i reads
+    encoder block L_e-1-i, clamped at 0: DiffMAE Fig. 3's top-down wiring) or 'spread' (block i
+    reads encoder block L_e-1-floor(i L_e / L_d): deepest first, evenly spaced over the encoder
+    when the decoder is shallower). 'last' is the default (a checkpoint saved before this field
+    existed stores none and rebuilds as it was) and the only choice with 'joint'; the DiffMAE
+    ImageNet and video presets set 'deepest_first' (docs/diffmae.md)."""
     decoder_width: int = 0
     """DiffMAE decoder width (0: model.width)."""
     decoder_heads: int = 0
@@ -148,6 +159,10 @@ class ModelConfig:
         _check(self.arch in ("",) + ARCHS, f"model.arch={self.arch!r} is not allowed; choose one of "
                f"{', '.join(ARCHS)} (or leave it empty for the method's own)")
         _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
+        _one_of("model.decoder_topdown", self.decoder_topdown, DIFFMAE_TOPDOWN)
+        _check(self.decoder_topdown == "last" or self.decoder_kind != "joint",
+               f"model.decoder_topdown={self.decoder_topdown!r} needs model.decoder_kind=cross or cross_self "
+               "(the joint decoder reads the encoder's final output only: set model.decoder_topdown=last)")
         self.decoder_width = self.decoder_width or self.width
         self.decoder_heads = self.decoder_heads or self.num_heads
         _check(self.tubelet >= 1 and self.num_frames >= 0,
@@ -819,9 +834,14 @@ _PAPER_RECIPE = {
 # DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
 # 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,
 # batch 4096, 1600 epochs, no gradient clipping; 224 px, 75% masking, MAE's decoder (8 x 512).
+# The decoder is cross-self with its blocks top-down connected to the encoder's, deepest first
+# (DiffMAE Fig. 3 shows cross-self and cross decoders wired so; CrossMAE describes DiffMAE as
+# decoding by cross-attention); which encoder block an 8-block decoder reads under a 12- or
+# 24-block encoder is not in the text we have: 'deepest_first' is our reading (docs/diffmae.md).
 _DIFFMAE_RECIPE = {
     "objective.method": "diffmae", "objective.mask_ratio": 0.75, "model.patch_size": 16,
     "model.decoder_width": 512, "model.decoder_depth": 8, "model.decoder_heads": 16,
+    "model.decoder_kind": "cross_self", "model.decoder_topdown": "deepest_first",
     "data.img_size": 224, "data.source": "wds", "data.epoch_size": _IMAGENET_EPOCH,
     "data.batch_size": 256, "engine.grad_accum": 2, "data.num_workers": 10, "data.hflip": True,
     "data.crop_min_scale": 0.2, "optim.blr": 1.5e-4, "optim.beta1": 0.9, "optim.beta2": 0.95,
