@@ -257,7 +257,7 @@ class NoiseConfig:
     num_timesteps: int = 1000
     """T of the discrete DDPM schedule."""
     single_sigma: float = 1.0 / 3.0
-    """sigma of the single_level schedule (l-DAE Sec. 6: sigma = 1/3 gives 61.5%)."""
+    """sigma of the single_level schedule (l-DAE Sec. 4.3: sigma = 1/3 gives 61.5%)."""
     loss_weight: str = "inv_1p_sigma2"
     """lambda_t: 'inv_1p_sigma2' (1/(1+sigma^2), final), 'uniform' (1), 'gamma2' (gamma_t^2)."""
     low_weight: float = 1.0
