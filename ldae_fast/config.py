@@ -265,7 +265,11 @@ class NoiseConfig:
     high_weight: float = 0.1
     """w_i of the loss for the remaining D-d components."""
     input_scaling: bool = False
-    """Scale the network input by 1/sqrt(gamma^2+sigma^2) (a step of the paper's trajectory)."""
+    """Divide the network input by sqrt(gamma^2+sigma^2). Our option, not the paper's: l-DAE's
+    "input scaling" (Table 3) is gamma_t scaling the clean latent, z_t = gamma_t z0 + sigma_t eps,
+    and its "remove input scaling" row is noise.schedule=sigma_linear (gamma_t = 1, sigma_t linear
+    0..sqrt(2)), with no divisor. On the variance-preserving schedules (ddpm_linear_beta,
+    linear_gamma2) gamma^2 + sigma^2 = 1 and this does nothing; no preset sets it."""
     target: str = "x0"
     """What the loss compares the network's output image with: 'x0' (the original image, the
     w-weighted PCA-space loss: final), 'z0' (the clean latent) or 'eps' (the noise); for z0 / eps

@@ -61,8 +61,9 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
 
     out = {}
     # A fresh fp32, uncompiled copy on the CPU: the trained module may hold bf16 parameters
-    # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks; the EMA weights are what the
-    # paper evaluates.
+    # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks. The EMA weights when there are
+    # any: our inference from DiT's practice (the l-DAE paper builds on DiT, which samples from its
+    # EMA); l-DAE's text does not say which weights it probes.
     model = build_model(cfg.model, cfg.data.img_size)
     src = result.ema if result.ema is not None else result.model
     model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})

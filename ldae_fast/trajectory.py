@@ -46,11 +46,12 @@ class Row:
 
 
 # Settings every row shares unless a row changes them: the paper's pretraining recipe at the
-# trajectory's scale (App. A), center crop (no augmentation), input scaling 1/sqrt(gamma^2+sigma^2)
-# (the identity on the variance-preserving schedules of the first rows), the network fed and
-# predicting latent tokens (B, N, d), its target the noise.
+# trajectory's scale (App. A), center crop (no augmentation), the network fed and predicting
+# latent tokens (B, N, d), its target the noise. The paper's "input scaling" is gamma_t in
+# z_t = gamma_t z0 + sigma_t eps, which the variance-preserving schedules of the first rows have
+# and the sigma_linear schedule (gamma_t = 1) of "remove-input-scaling" drops.
 BASE: dict[str, Any] = {
-    "model.size": "halfL", "data.crop": "center", "noise.input_scaling": True, "noise.target": "eps",
+    "model.size": "halfL", "data.crop": "center", "noise.target": "eps",
     "model.input": "latent", "model.output": "latent",
 }
 
@@ -109,7 +110,7 @@ _ROWS += [
         {"noise.target": "z0", "noise.loss_weight": "gamma2"}),
     Row("remove-input-scaling", "lambda-gamma2",
         "gamma = 1, sigma linear 0..sqrt(2), lambda = 1/(1+sigma^2)", 63.6, "l-DAE Table 3",
-        {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2", "noise.input_scaling": False}),
+        {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2"}),
     Row("image-input", "remove-input-scaling", "image input through inverse PCA", 63.6, "l-DAE Table 3",
         {"model.input": "image"}),
     Row("image-output", "image-input", "image output through inverse PCA", 63.9, "l-DAE Table 3",

@@ -102,8 +102,9 @@ def test_trajectory_rows_chain_one_change_each():
     assert trajectory.row_overrides("predict-x0-w")["data.crop"] == "center"
     # Only the named change differs from the parent (beyond inherited keys).
     a, b = trajectory.row_overrides("remove-input-scaling"), trajectory.row_overrides("lambda-gamma2")
-    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {
-        "noise.schedule", "noise.loss_weight", "noise.input_scaling"}
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"noise.schedule", "noise.loss_weight"}
+    # The paper's input scaling is the schedule's gamma_t; our divisor option is never set by a row.
+    assert not any(build_config(r).noise.input_scaling for r in trajectory.ROWS)
     assert "tokenizer.adversarial" not in trajectory.row_overrides("pca-d32")
 
 
