@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-epochs", type=int)
     p.add_argument("--floor-seeds", type=int, default=3, help="random-init encoders (seeds 0..n-1)")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="also checkpoint every N steps and evaluate each checkpoint's encoder (rows "
+                        "'pretrained@step'): the probe / kNN against images seen (bench/plot_curve.py)")
     p.add_argument("--cache-dir", default="", help="resident cache (default: data.cache_dir's)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); on a shared, loaded CPU one "
@@ -120,7 +123,8 @@ def setup_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_config(setup: dict[str, Any], train: list[str], val: list[str], device: str, cache_dir: str,
-                run_dir: str, epoch_size: int, steps: int, budget_s: float, seed: int, warmup_frac: float):
+                run_dir: str, epoch_size: int, steps: int, budget_s: float, seed: int, warmup_frac: float,
+                curve_every: int = 0):
     from ldae_fast.config import build_config
 
     o: dict[str, Any] = {
@@ -135,6 +139,9 @@ def make_config(setup: dict[str, Any], train: list[str], val: list[str], device:
         "engine.log_every": max(1, min(50, steps // 10)), "engine.ckpt_every": 0, "engine.keep_last": 1,
         "engine.out_dir": run_dir, "engine.progress": False, "eval.probe": False, "eval.figure": False,
     }
+    if curve_every:
+        # Every checkpoint stays: each is one point of the curve.
+        o["engine.ckpt_every"], o["engine.keep_last"] = curve_every, max(1, steps // curve_every + 1)
     steps_per_epoch = max(1, epoch_size // setup["batch_size"])
     o["optim.warmup_epochs"] = max(warmup_frac * steps, 1) / steps_per_epoch
     for k, key in (("width", "model.width"), ("heads", "model.num_heads")):
@@ -275,10 +282,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="learn_check-"))
 
-    def cfg_with(epoch_size: int, steps: int, budget: float, sub: str):
+    def cfg_with(epoch_size: int, steps: int, budget: float, sub: str, curve_every: int = 0):
         try:
             return make_config(setup, train_urls, val_urls, args.device, args.cache_dir, str(run_root / sub),
-                               epoch_size, steps, budget, args.seed, args.warmup_frac)
+                               epoch_size, steps, budget, args.seed, args.warmup_frac, curve_every)
         except ValueError as e:  # ConfigError: a bad override
             raise UsageError(str(e)) from None
 
@@ -303,7 +310,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         ips = res.images_per_s
         steps = max(1, int(0.97 * args.budget_s * ips / setup["batch_size"]))
         stage("calibrate", steps=res.steps, images_per_s=round(ips, 1), planned_steps=steps)
-    cfg = cfg_with(n_train, steps, args.budget_s, "pretrain")
+    cfg = cfg_with(n_train, steps, args.budget_s, "pretrain", args.curve_every)
     t1 = time.time()
     res = train(cfg)
     train_s = time.time() - t1
@@ -333,6 +340,23 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         save()
         print(f"[learn_check] {name} seed {seed}: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
               f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+    if args.curve_every:
+        from ldae_fast.engine.checkpoint import list_checkpoints
+        from ldae_fast.eval.reader import load_for_eval
+
+        for ck in list_checkpoints(cfg.engine.out_dir):
+            _, m, _ = load_for_eval(ck)  # the EMA weights when the run kept them, as above
+            step = int(ck.name.rpartition("_")[2])
+            if step >= res.steps:
+                continue  # the final encoder is the 'pretrained' row already
+            e = m.encoder.float().to(device)
+            r = evaluate(e, tr, va, device, setup["probe_epochs"], num_classes)
+            doc["rows"].append({"encoder": "pretrained@step", "seed": args.seed, **r,
+                                "images_seen": step * cfg.data.batch_size, "steps": step, "train_s": "-",
+                                **common})
+            e.cpu()
+            save()
+            print(f"[learn_check] step {step}: kNN top-1 {r['knn_top1']}, probe top-1 {r['probe_top1']}", flush=True)
     floor = [r for r in doc["rows"] if r["encoder"] == "random-init"]
     pre = doc["rows"][0]
     if floor:

@@ -8,10 +8,13 @@ docs/ are pasted from this output rather than typed:
 
     python bench/seed_table.py runs/demo-s0/results.json runs/demo-s1/results.json runs/demo-s2/results.json
     python bench/seed_table.py --title "DiffMAE demo, cross_self top-down" runs/dm-cs-s*/results.json
+    python bench/seed_table.py --summary runs/diffmae-decoders/*/results.json
 
 Every file must come from the same preset and settings except the seed, output directory and
 run-time switches (engine.progress, engine.overwrite): otherwise the rows would not be seeds of
-one experiment, and the script says which setting differs.
+one experiment, and the script says which setting differs. With --summary the files are grouped
+by their settings instead, one line per group (mean ± std over its seeds), each group labelled by
+the settings that tell the groups apart.
 """
 
 from __future__ import annotations
@@ -108,19 +111,58 @@ def table(recs: list[dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def summary(recs: list[dict[str, Any]], title: str = "") -> str:
+    """One line per experiment (records grouped by their settings), mean ± std over its seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in recs:
+        groups.setdefault(tuple(sorted(_settings(r).items(), key=lambda kv: kv[0])), []).append(r)
+    keys = list(groups)
+    all_settings = [dict(k) for k in keys]
+    varying = sorted({k for s in all_settings for k in s if any(o.get(k) != s.get(k) for o in all_settings)})
+    cols = [(k, h) for k, h in COLUMNS if any(k in r["evaluation"] for r in recs)]
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| experiment | seeds | " + " | ".join(h for _, h in cols) + " | pretraining (mean) |")
+    lines.append("| --- | ---: | " + " | ".join("---:" for _ in cols) + " | ---: |")
+    for key, settings in zip(keys, all_settings):
+        rs = groups[key]
+        label = ", ".join(f"{sec}.{k}={settings.get((sec, k))}" for sec, k in varying) or "(one experiment)"
+        cells = []
+        for k, _ in cols:
+            vals = [r["evaluation"][k] for r in rs if r["evaluation"].get(k) is not None]
+            if not vals:
+                cells.append("-")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.1f}")
+            else:
+                cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
+        secs = [r.get("pretraining", {}).get("seconds") for r in rs]
+        secs = [x for x in secs if x is not None]
+        seeds = ",".join(str(r.get("seed")) for r in sorted(rs, key=lambda r: r.get("seed", 0)))
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells)
+                     + f" | {f'{statistics.mean(secs):.0f} s' if secs else '-'} |")
+    lines += ["", f"Percent top-1, mean ± sample std over the seeds listed (one seed: its value). Written by "
+              f"`bench/seed_table.py --summary` from {len(recs)} results.json files:", "", "```"]
+    lines += [r["_path"] for r in recs]
+    lines.append("```")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", type=Path, help="results.json files (one per seed)")
     ap.add_argument("--title", default="", help="a bold line above the table")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    ap.add_argument("--summary", action="store_true",
+                    help="group the files by their settings: one line per experiment")
     args = ap.parse_args(argv)
     try:
         recs = load(args.results)
-        check_same_experiment(recs)
+        if not args.summary:
+            check_same_experiment(recs)
     except TableError as e:
         print(f"seed_table: {e}", file=sys.stderr)
         return 2
-    md = table(recs, args.title)
+    md = summary(recs, args.title) if args.summary else table(recs, args.title)
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,5 +66,10 @@ def test_seed_table_assembles_the_files_and_refuses_mixed_experiments(tmp_path, 
     other, _ = _run(tmp_path, 2, capsys, **{"optim.blr": "1e-2"})
     assert st.main([str(paths[0]), str(other)]) == 2
     assert "optim.blr" in capsys.readouterr().err
+    # --summary groups them instead: one line per experiment, labelled by what differs.
+    assert st.main(["--summary", *map(str, paths), str(other)]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| optim.blr=")]
+    assert len(rows) == 2 and any("| 0,1 |" in r for r in rows) and any("| 2 |" in r for r in rows)
     with pytest.raises(st.TableError, match="not a readable"):
         st.load([tmp_path / "missing.json"])

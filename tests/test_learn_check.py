@@ -74,3 +74,27 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--train-shards 2" in err and "holds 1" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_curve_rows_and_their_plot(tmp_path, capsys):
+    """--curve-every keeps every checkpoint and evaluates each; bench/plot_curve.py draws them."""
+    d = tiny_imagenet_dir()
+    out = tmp_path / "curve.json"
+    rc = load_script().main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
+                             "--budget-s", "60", "--steps", "4", "--curve-every", "2", "--out", str(out),
+                             "--toy", "--device", "cpu", "--floor-seeds", "1",
+                             "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    curve = [r for r in rows if r["encoder"] == "pretrained@step"]
+    assert [r["steps"] for r in curve] == [2] and curve[0]["images_seen"] == 2 * 32
+    assert rows[0]["encoder"] == "pretrained" and rows[0]["steps"] == 4
+    spec = importlib.util.spec_from_file_location("plot_curve", ROOT / "bench" / "plot_curve.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    assert plot.curve_points(json.loads(out.read_text()), "probe_top1")[0][0] == 64
+    png = tmp_path / "curve.png"
+    assert plot.main([str(out), "--out", str(png)]) == 0
+    from PIL import Image
+    assert Image.open(png).size == (2 * plot.W, plot.H)
+    assert "64, " in capsys.readouterr().out
