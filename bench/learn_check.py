@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-epochs", type=int)
     p.add_argument("--floor-seeds", type=int, default=3, help="random-init encoders (seeds 0..n-1)")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--pixel-floor", action="store_true",
+                   help="also score the raw pixels (normalised, flattened) with the same kNN and probe")
     p.add_argument("--curve-every", type=int, default=0,
                    help="also checkpoint every N steps and evaluate each checkpoint's encoder (rows "
                         "'pretrained@step'): the probe / kNN against images seen (bench/plot_curve.py)")
@@ -176,12 +178,25 @@ def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
              val: tuple[torch.Tensor, torch.Tensor], device: torch.device, probe_epochs: int,
              num_classes: int) -> dict[str, Any]:
     """kNN and fast linear probe; k and the probe lr are chosen on a held-out fifth of train."""
+    t0 = time.time()
+    ftr, fva = features(encoder, train[0], device), features(encoder, val[0], device)
+    return evaluate_features(ftr, fva, train[1], val[1], device, probe_epochs, num_classes, t0)
+
+
+def pixel_features(images_u8: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    """The raw-pixel floor's features: each image normalised as the encoders see it, flattened."""
+    from ldae_fast.data import normalize
+
+    return torch.cat([normalize(c.to(device)).float().flatten(1) for c in images_u8.split(batch)])
+
+
+def evaluate_features(ftr: torch.Tensor, fva: torch.Tensor, ytr: torch.Tensor, yva: torch.Tensor,
+                      device: torch.device, probe_epochs: int, num_classes: int, t0: float) -> dict[str, Any]:
+    """evaluate's protocol on features already extracted."""
     from ldae_fast.eval.knn import knn_classify
     from ldae_fast.eval.linear_probe import train_head_cached
 
-    t0 = time.time()
-    ftr, fva = features(encoder, train[0], device), features(encoder, val[0], device)
-    ytr, yva = train[1].to(device), val[1].to(device)
+    ytr, yva = ytr.to(device), yva.to(device)
     fit, held = (i.to(device) for i in holdout_split(len(ytr)))
     ks = [k for k in KNN_KS if k <= len(fit)] or [len(fit)]
 
@@ -339,6 +354,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         e.cpu()
         save()
         print(f"[learn_check] {name} seed {seed}: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
+              f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+    if args.pixel_floor:
+        t2 = time.time()
+        r = evaluate_features(pixel_features(tr[0], device), pixel_features(va[0], device), tr[1], va[1], device,
+                              setup["probe_epochs"], num_classes, t2)
+        doc["rows"].append({"encoder": "raw pixels", "seed": "-", **r, "images_seen": 0, "steps": 0,
+                            "train_s": 0, **common})
+        save()
+        print(f"[learn_check] raw pixels: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
               f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
     if args.curve_every:
         from ldae_fast.engine.checkpoint import list_checkpoints
