@@ -178,3 +178,14 @@ def test_training_flops_of_top_down_decoders_match_the_counter(kind, topdown):
                                          "model.decoder_depth": "2"}).model
     extra = 0 if topdown == "last" else (2 - 1) * 2 * (1 + 4) * 32 * 32
     assert fwd == diffmae_train_flops_per_image(last, 16, 0.75)[0] + extra
+
+
+def test_resuming_with_another_decoder_wiring_is_refused():
+    from ldae_fast.engine.guard import model_shape_diff
+
+    cfg = build_config("diffmae-vitb")
+    old = build_config("diffmae-vitb", {"model.decoder_kind": "cross_self", "model.decoder_topdown": "last"}).to_dict()
+    assert model_shape_diff(old, cfg) == ["model.decoder_topdown last -> deepest_first"]
+    del old["model"]["decoder_topdown"]  # saved before the field: it was 'last'
+    assert model_shape_diff(old, cfg) == ["model.decoder_topdown last -> deepest_first"]
+    assert model_shape_diff(cfg.to_dict(), cfg) == []
