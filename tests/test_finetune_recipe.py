@@ -7,9 +7,19 @@ import json
 import pytest
 import torch
 
-from ldae_fast.config import DIFFMAE_FINETUNE, DIFFMAE_HEAD_INIT_STD, HEAD_INIT_STD_AS_PRINTED, build_config
+from ldae_fast.config import (
+    DIFFMAE_FINETUNE,
+    DIFFMAE_HEAD_INIT_STD,
+    HEAD_INIT_STD_AS_PRINTED,
+    build_config,
+)
 from ldae_fast.eval import driver
-from ldae_fast.eval.finetune import FinetuneRecipe, build_finetune_model, recipe_for, recipe_for_method
+from ldae_fast.eval.finetune import (
+    FinetuneRecipe,
+    build_finetune_model,
+    recipe_for,
+    recipe_for_method,
+)
 from ldae_fast.models import build_model
 
 
