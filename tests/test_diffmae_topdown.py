@@ -138,9 +138,12 @@ def test_a_config_saved_without_the_field_rebuilds_as_it_was(tmp_path):
     """A checkpoint written before model.decoder_topdown existed stores a cross_self decoder that
     read the encoder's final output: it must rebuild so, and its weights load strictly."""
     cfg = build_config("diffmae-demo", {**SMALL, "model.decoder_kind": "cross_self", "model.decoder_depth": "2"})
+    from ldae_fast.config import sanitize_stored_config
+
     old = cfg.to_dict()
     del old["model"]["decoder_topdown"]
-    again = Config.from_dict(old)
+    # load_for_eval's path for a checkpoint's stored config
+    again = Config.from_dict(sanitize_stored_config(old, "an old checkpoint"))
     assert again.model.decoder_topdown == "last" and again.model.decoder_kind == "cross_self"
     torch.manual_seed(0)
     before = build_model(cfg.model, 16)
