@@ -250,20 +250,27 @@ class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
         top-down wiring encode_visible's tuple of block outputs (keep_blocks=encoder_blocks_read);
         noisy: the masked patches at step t, (B, n_masked, D); t: (B,) integer steps ->
         (B, n_masked, D)."""
-        first = ctx if torch.is_tensor(ctx) else ctx[self.sources[0]]
-        pos = self.pos_embed.to(first.dtype)
-        B = first.shape[0]
+        if self.topdown == "last":
+            src_dtype, projected = ctx.dtype, [self.enc_proj(ctx)]
+        elif torch.is_tensor(ctx):
+            raise ValueError(f"decoder_topdown={self.topdown!r} reads encoder blocks "
+                             f"{self.encoder_blocks_read}: pass encode_visible's tuple of block outputs")
+        else:
+            src_dtype = ctx[self.sources[0]].dtype
+            projected = [proj(norm(ctx[j])) for j, norm, proj in zip(self.sources, self.ctx_norms, self.ctx_projs)]
+        # dtypes as the decoder has always had them: the position codes in the encoder output's
+        # dtype, the noised tokens in the dtype of (projected context + position code).
+        pos = self.pos_embed.to(src_dtype)
+        B = projected[0].shape[0]
         pos_vis = torch.cat([pos[:, :1].expand(B, -1, -1), _gather(pos[:, 1:].expand(B, -1, -1), ids_keep)], 1)
-        x = self.noisy_embed(noisy.to(first.dtype)) + _gather(pos[:, 1:].expand(B, -1, -1), ids_masked)
+        ctxs = [p + pos_vis for p in projected]
+        x = self.noisy_embed(noisy.to(ctxs[0].dtype)) + _gather(pos[:, 1:].expand(B, -1, -1), ids_masked)
         c = self.t_embed(t.float())
         if self.topdown != "last":
-            if torch.is_tensor(ctx):
-                raise ValueError(f"decoder_topdown={self.topdown!r} reads encoder blocks "
-                                 f"{self.encoder_blocks_read}: pass encode_visible's tuple of block outputs")
-            for blk, j, norm, proj in zip(self.blocks, self.sources, self.ctx_norms, self.ctx_projs):
-                x = blk(x, proj(norm(ctx[j])) + pos_vis, c)
+            for blk, ctx_i in zip(self.blocks, ctxs):
+                x = blk(x, ctx_i, c)
             return self.final_layer(x, c)
-        ctx = self.enc_proj(ctx) + pos_vis
+        ctx = ctxs[0]
         if self.kind == "joint":
             n_ctx = ctx.shape[1]
             h = torch.cat([ctx, x], dim=1)
