@@ -25,6 +25,8 @@ ALLOWED = {
     # The train-step benchmark's timm peers are per-method baselines (a timm ViT for l-DAE's
     # network, a timm joint decoder for DiffMAE's): each row names the method it stands beside.
     ("bench/train_step.py", None),
+    # 'mae' here is MAE's fine-tuning head init (2e-5), a recipe choice, not the method.
+    ("ldae_fast/eval/driver.py", "--finetune-head-init"),
 }
 # l-DAE's model.layout values include 'mae' (the MAE-shaped halves), older than the MAE method:
 # on a line about the layout the word is that value, not the method.

@@ -98,6 +98,15 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
+    from ..methods import spec_for
+
+    # The method's own shape fields; a saved config older than a field holds its default.
+    for (sec, name), default in spec_for(cfg).shape_fields:
+        was = (getattr(getattr(saved_cfg, sec), name) if saved_cfg is not None
+               else (saved.get(sec) or {}).get(name, default))
+        now = getattr(getattr(cfg, sec), name)
+        if was != now:
+            out.append(f"{sec}.{name} {was} -> {now}")
     return out
 
 

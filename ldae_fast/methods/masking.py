@@ -98,17 +98,26 @@ def scatter_tokens(base: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) 
     return base.scatter(1, ids.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values.to(base.dtype))
 
 
-def encode_visible(encoder, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+def encode_visible(encoder, x: torch.Tensor, ids_keep: torch.Tensor,
+                   keep_blocks: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """(B, C, H, W) images or (B, C, T, H, W) clips, (B, n_keep) visible patch ids ->
-    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks."""
+    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks.
+    keep_blocks: also return these blocks' outputs: a tuple with one entry per encoder block, the
+    output of each block in keep_blocks (the last one after the final norm), None elsewhere."""
     B = x.shape[0]
     pos = encoder.pos_embed.to(x.dtype)
     tokens = gather_tokens(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
     cls = (encoder.cls_token + pos[:, :1]).expand(B, -1, -1).to(tokens.dtype)
     tokens = torch.cat([cls, tokens], dim=1)
-    for blk in encoder.blocks:
+    outs: list[torch.Tensor | None] = []
+    for i, blk in enumerate(encoder.blocks):
         tokens = blk(tokens, None)
-    return encoder.norm(tokens)
+        outs.append(tokens if i in keep_blocks else None)
+    tokens = encoder.norm(tokens)
+    if not keep_blocks:
+        return tokens
+    outs[-1] = tokens
+    return tuple(outs)
 
 
 # MAE's norm_pix_loss: each target patch normalised by its own mean and variance over D.

@@ -43,5 +43,11 @@ class MethodSpec:
     """Relations between config fields this method needs; raises config.ConfigError."""
     video: bool = False
     """Trains on clips (data.num_frames > 0) as well as images."""
+    finetune_recipes: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
+    """() -> fine-tuning recipe fields (eval.finetune.FinetuneRecipe) by model.size, which `ldae-fast
+    eval --protocols finetune` applies to this method's checkpoints (empty: l-DAE's recipe)."""
+    shape_fields: tuple[tuple[tuple[str, str], Any], ...] = ()
+    """((section, field), default) of the config fields beyond the shared ones that set this
+    method's network shape: a resume that changes one is refused (engine.guard)."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""

@@ -46,6 +46,12 @@ def _probe_note(cfg) -> str:
     return f"clean unmasked input, depth {cfg.eval.probe_depth or 'all'}"
 
 
+def _finetune_recipes():
+    # Supplement Table 1b; config.py keeps the table (its fine-tuning fields are eval's).
+    from ...config import DIFFMAE_FINETUNE
+    return DIFFMAE_FINETUNE
+
+
 def _validate(cfg) -> None:
     from ...config import ConfigError
 
@@ -63,4 +69,7 @@ def _validate(cfg) -> None:
 
 SPEC = MethodSpec(name="diffmae", title="DiffMAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
-                  probe_note=_probe_note, validate=_validate, video=True)
+                  probe_note=_probe_note, validate=_validate, video=True,
+                  shape_fields=((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"),
+                                (("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
+                  finetune_recipes=_finetune_recipes)

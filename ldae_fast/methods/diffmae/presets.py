@@ -10,9 +10,14 @@ from ..spec import IMAGENET_TRAIN_IMAGES as _IMAGENET_EPOCH
 # DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
 # 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,
 # batch 4096, 1600 epochs, no gradient clipping; 224 px, 75% masking, MAE's decoder (8 x 512).
+# The decoder is cross-self with its blocks top-down connected to the encoder's, deepest first
+# (DiffMAE Fig. 3 shows cross-self and cross decoders wired so; CrossMAE describes DiffMAE as
+# decoding by cross-attention); which encoder block an 8-block decoder reads under a 12- or
+# 24-block encoder is not in the text we have: 'deepest_first' is our reading (docs/diffmae.md).
 _DIFFMAE_RECIPE = {
     "objective.method": "diffmae", "objective.mask_ratio": 0.75, "model.patch_size": 16,
     "model.decoder_width": 512, "model.decoder_depth": 8, "model.decoder_heads": 16,
+    "model.decoder_kind": "cross_self", "model.decoder_topdown": "deepest_first",
     "data.img_size": 224, "data.source": "wds", "data.epoch_size": _IMAGENET_EPOCH,
     "data.batch_size": 256, "engine.grad_accum": 2, "data.num_workers": 10, "data.hflip": True,
     "data.crop_min_scale": 0.2, "optim.blr": 1.5e-4, "optim.beta1": 0.9, "optim.beta2": 0.95,

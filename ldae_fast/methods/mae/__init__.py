@@ -56,4 +56,5 @@ def _validate(cfg) -> None:
 
 SPEC = MethodSpec(name="mae", title="MAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
-                  probe_note=_probe_note, validate=_validate)
+                  probe_note=_probe_note, validate=_validate,
+                  shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)))
