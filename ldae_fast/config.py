@@ -266,7 +266,9 @@ class TokenizerConfig:
     """conv-vae: weight of that term (per-pixel loss units) when tokenizer.adversarial is on."""
 
     def __post_init__(self) -> None:
-        _one_of("tokenizer.kind", self.kind, ("pca", "pixel", "patch-ae", "patch-vae", "conv-vae"))
+        from .tokenizers import TOKENIZERS
+
+        _one_of("tokenizer.kind", self.kind, tuple(TOKENIZERS))
         _check(self.latent_dim >= 1, f"tokenizer.latent_dim={self.latent_dim} must be >= 1")
         for name in ("fit_images", "fit_patches", "fit_steps", "fit_batch", "conv_steps", "conv_batch",
                      "conv_width"):
@@ -279,7 +281,6 @@ class TokenizerConfig:
             _check(math.isfinite(v) and v >= 0, f"tokenizer.{name}={v} must be >= 0")
 
 
-SCHEDULES = ("sigma_linear", "ddpm_linear_beta", "linear_gamma2", "single_level")
 LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
 
 
@@ -313,7 +314,9 @@ class NoiseConfig:
     inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
 
     def __post_init__(self) -> None:
-        _one_of("noise.schedule", self.schedule, SCHEDULES)
+        from .methods import noise_schedules
+
+        _one_of("noise.schedule", self.schedule, noise_schedules())
         _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
         _one_of("noise.target", self.target, ("x0", "z0", "eps"))

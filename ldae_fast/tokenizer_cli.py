@@ -11,7 +11,7 @@ from .config import parse_cli
 from .errors import UsageError, run_cli
 from .tokenizers import TOKENIZERS, fit_config, fit_pca
 
-FIT_KINDS = ("pca", "patch-ae", "patch-vae", "conv-vae")
+FIT_KINDS = tuple(k for k, spec in TOKENIZERS.items() if spec.fitted)
 
 
 def default_out(cfg) -> str:

@@ -43,6 +43,12 @@ def all_presets() -> dict[str, dict[str, Any]]:
     return out
 
 
+def noise_schedules() -> tuple[str, ...]:
+    """The names noise.schedule takes: l-DAE's schedule registry (methods/ldae/schedules.py)."""
+    from .ldae.schedules import SCHEDULES
+    return tuple(SCHEDULES)
+
+
 def ablation_rows() -> dict[str, Any]:
     """Every method's named ablation rows (MethodSpec.rows), by row name."""
     return {name: row for spec in METHODS.values() for name, row in spec.rows().items()}
@@ -64,4 +70,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["METHODS", "all_presets", "Batch", "Method", "MethodSpec", "ablation_rows", "build_method", "build_model", "spec_for"]
+__all__ = ["METHODS", "all_presets", "Batch", "Method", "MethodSpec", "ablation_rows", "build_method", "build_model", "noise_schedules", "spec_for"]

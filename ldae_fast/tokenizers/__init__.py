@@ -27,11 +27,13 @@ class TokenizerSpec:
     """(cfg, images: () -> iterable of (B, C, H, W) batches, log) -> the run's tokenizer."""
     from_state: Callable[[dict, dict], Tokenizer]
     """(tensors, metadata) -> the tokenizer they describe."""
+    fitted: bool = True
+    """Fitted to data (`ldae-fast fit-tokenizer --kind`); False: fixed (pixels)."""
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
     "pca": TokenizerSpec(pca.prepare, PCATokenizer.from_state),
-    "pixel": TokenizerSpec(pixel.prepare, PixelTokenizer.from_state),
+    "pixel": TokenizerSpec(pixel.prepare, PixelTokenizer.from_state, fitted=False),
     "patch-ae": TokenizerSpec(patch_ae.prepare, PatchAETokenizer.from_state),
     "patch-vae": TokenizerSpec(patch_vae.prepare, PatchVAETokenizer.from_state),
     "conv-vae": TokenizerSpec(conv_vae.prepare, ConvVAETokenizer.from_state),

@@ -19,6 +19,7 @@ Every tokenizer trains (l-DAE Tables 1-2):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +293,8 @@ class LDAEMethod:
         """Per sigma, (network input, denoised image): the noise of training step `step` (the same
         eps at every sigma), gamma from noise.schedule, input scaling as configured."""
         x = images.to(self.device).float().contiguous()
-        pairs = sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
+        gamma_of = functools.partial(schedules.gamma_for_sigma, schedule=self.noise_cfg.schedule)
+        pairs = sampling.denoise_at_levels(model, x, sigmas, gamma_of,
                                            lambda x_, g, s: self.noisy_input(x_, g, s, step),
                                            self.condition)
         # Latent inputs / outputs are shown as the images they decode to.

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ..probe import ProbeView
-from ..sampling import gamma_for_sigma
 from . import schedules
+from .schedules import gamma_for_sigma
 
 
 def probe_sigma(cfg) -> float:

@@ -8,6 +8,8 @@ the paper and is evaluated here at step round(t * (T - 1)).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +42,34 @@ def single_level(t: torch.Tensor, sigma: float = 1.0 / 3.0) -> tuple[torch.Tenso
     return torch.ones_like(t), torch.full_like(t, sigma)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    gamma_sigma: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    """(t, sigma_max, num_timesteps, single_sigma) -> (gamma_t, sigma_t)."""
+    variance_preserving: bool
+    """gamma^2 + sigma^2 = 1 (else gamma = 1)."""
+
+
+# noise.schedule's names: the one list (config validates against it).
+SCHEDULES: dict[str, Schedule] = {
+    "sigma_linear": Schedule(lambda t, sigma_max, T, single: sigma_linear(t, sigma_max), False),
+    "ddpm_linear_beta": Schedule(lambda t, sigma_max, T, single: ddpm_linear_beta(t, T), True),
+    "linear_gamma2": Schedule(lambda t, sigma_max, T, single: linear_gamma2(t), True),
+    "single_level": Schedule(lambda t, sigma_max, T, single: single_level(t, single), False),
+}
+
+
+def gamma_for_sigma(sigma: float, schedule: str) -> float:
+    """gamma paired with sigma by a schedule: 1 for sigma_linear and single_level; the
+    variance-preserving schedules have gamma^2 + sigma^2 = 1."""
+    if not SCHEDULES[schedule].variance_preserving:
+        return 1.0
+    if sigma > 1:
+        raise ValueError(f"sigma={sigma} > 1 is not reachable with the variance-preserving "
+                         f"schedule {schedule!r}")
+    return math.sqrt(1.0 - sigma * sigma)
+
+
 def loss_weight(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """lambda_t: 'inv_1p_sigma2' = 1 / (1 + sigma^2) (final recipe), 'uniform' = 1, 'gamma2' =
     gamma^2 (l-DAE Table 3's z0 row: the eps loss rewritten for a z0 target on a VP schedule)."""
@@ -55,13 +85,6 @@ def loss_weight(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Te
 def gamma_sigma(t: torch.Tensor, schedule: str, sigma_max: float = math.sqrt(2.0),
                 num_timesteps: int = 1000, single_sigma: float = 1.0 / 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the schedule's name (config: noise.schedule)."""
-    if schedule == "single_level":
-        return single_level(t, single_sigma)
-    if schedule == "sigma_linear":
-        return sigma_linear(t, sigma_max)
-    if schedule == "ddpm_linear_beta":
-        return ddpm_linear_beta(t, num_timesteps)
-    if schedule == "linear_gamma2":
-        return linear_gamma2(t)
-    raise ValueError(f"unknown schedule {schedule!r}; known: sigma_linear, ddpm_linear_beta, linear_gamma2, "
-                     "single_level")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule].gamma_sigma(t, sigma_max, num_timesteps, single_sigma)
