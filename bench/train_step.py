@@ -85,13 +85,13 @@ from ldae_fast.engine.mfu import peak_tflops_for  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
+from ldae_fast.methods import METHODS as REGISTRY  # noqa: E402
+from ldae_fast.methods import Batch, Method, build_method, build_model  # noqa: E402
+from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image  # noqa: E402
 from ldae_fast.models.blocks import SigmaEmbedder  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
 from ldae_fast.models.pos_embed import sincos_2d  # noqa: E402
 from ldae_fast.models.vit import SIGMA_FREQ_DIM  # noqa: E402
-from ldae_fast.methods import METHODS as REGISTRY  # noqa: E402
-from ldae_fast.methods import Batch, Method, build_method, build_model  # noqa: E402
-from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
 from ldae_fast.tokenizers import Tokenizer, tokenizer_from_state  # noqa: E402
 

@@ -8,11 +8,11 @@ import torch
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
-from ldae_fast.methods.diffmae.presets import DIFFMAE_VIDEO_GLOBAL_BATCH
 from ldae_fast.errors import ResumeMismatch
+from ldae_fast.methods import build_method
 from ldae_fast.methods.diffmae.model import build_diffmae as build_model
 from ldae_fast.methods.diffmae.model import sincos_spacetime
-from ldae_fast.methods import build_method
+from ldae_fast.methods.diffmae.presets import DIFFMAE_VIDEO_GLOBAL_BATCH
 from ldae_fast.methods.masking import center_block_mask, gather_tokens, random_masking
 from ldae_fast.reference import patchify
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from ldae_fast.methods.ldae import schedules, trajectory
 from ldae_fast.config import PRESETS, ConfigError, build_config
+from ldae_fast.methods.ldae import schedules, trajectory
 from ldae_fast.tokenizers import TOKENIZERS
 
 PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
@@ -191,8 +191,8 @@ def _tokens(enc, x):
 
 def test_noisy_probe_uses_the_method_noise():
     from ldae_fast.eval.features import probe_view
-    from ldae_fast.models import build_model
     from ldae_fast.methods import build_method
+    from ldae_fast.models import build_model
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"eval.probe_input": "noisy", "eval.probe_sigma": "0.5",
@@ -212,8 +212,8 @@ def test_noisy_probe_uses_the_method_noise():
 
 def test_class_conditioning_embeds_labels_and_drops_them():
     from ldae_fast.batch import Batch
-    from ldae_fast.models import build_model, param_count
     from ldae_fast.methods import build_method
+    from ldae_fast.models import build_model, param_count
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"model.class_cond": "true", "model.label_dropout": "0.5",
@@ -305,8 +305,8 @@ def test_latent_tokens_in_and_out():
     from ldae_fast import reference
     from ldae_fast.batch import Batch
     from ldae_fast.eval.features import probe_view
-    from ldae_fast.models import build_model, flops_per_image, param_count
     from ldae_fast.methods import build_method
+    from ldae_fast.models import build_model, flops_per_image, param_count
     from ldae_fast.tokenizers import fit_pca
 
     c = build_config("demo", {"model.input": "latent", "model.output": "latent", "noise.target": "eps",

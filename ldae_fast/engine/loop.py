@@ -21,8 +21,8 @@ import torch
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError
 from ..errors import ResumeMismatch
-from ..models.compile import compile_blocks, mark_step_begin
 from ..methods import Method, build_method
+from ..models.compile import compile_blocks, mark_step_begin
 from ..tokenizers import fit_config
 from . import checkpoint as ckpt_mod
 from . import guard, rundir

@@ -85,8 +85,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
     from ..engine.export import WEIGHTS_FILE
-    from ..methods import build_model
-    from ..methods import build_method
+    from ..methods import build_method, build_model
 
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():

@@ -8,7 +8,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-
 POOLS = ("avg", "cls")
 
 

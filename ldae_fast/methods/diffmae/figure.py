@@ -18,7 +18,6 @@ from torch import nn
 
 from ..sampling import device_of
 
-
 LINE = 12
 
 

@@ -33,10 +33,16 @@ from ...markers import nvtx_range
 from ...reference import patchify, unpatchify
 from ...seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed
 from .. import masking
-from ..masking import NORM_PIX_EPS, PatchMask, gather_tokens, masked_mse, normalize_patches, scatter_tokens
+from ..masking import (
+    NORM_PIX_EPS,
+    PatchMask,
+    gather_tokens,
+    masked_mse,
+    normalize_patches,
+    scatter_tokens,
+)
 from ..sampling import eval_mode
 from .schedules import DiffusionSchedule
-
 
 
 class DiffMAEMethod:

@@ -54,7 +54,13 @@ from ...models.blocks import (
     mlp_hidden,
 )
 from ...models.pos_embed import sincos_1d, sincos_2d
-from ...models.vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
+from ...models.vit import (
+    SIGMA_FREQ_DIM,
+    EncoderDecoder,
+    ViTEncoder,
+    _CheckpointedBlocks,
+    _init_common,
+)
 from ..masking import encode_visible
 from ..masking import gather_tokens as _gather
 

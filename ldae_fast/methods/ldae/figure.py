@@ -17,9 +17,6 @@ from torch import nn
 
 from ..sampling import device_of
 
-
-
-
 LINE = 12  # header text line height in pixels
 
 

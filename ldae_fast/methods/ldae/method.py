@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from . import schedules
 from ...batch import Batch
 from ...config import Config, ConfigError
 from ...kernels import latent_noise, pca_loss
@@ -38,6 +37,7 @@ from ...reference import patchify, unpatchify
 from ...seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
 from ...tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from .. import sampling
+from . import schedules
 
 # What each learned tokenizer kind is, for the checks that can run before it is fitted.
 _LEARNED_KINDS = {
