@@ -94,7 +94,8 @@ DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
 @dataclass
 class ModelConfig:
     size: str = "tiny"
-    """Named size (tiny, S, B, halfL, L); fills width/depths/heads that are left at 0."""
+    """Named size (tiny, S, B, halfL, L); width/depths/heads left at 0 read as this size's (derived
+    on every read, never stored, so a saved config replayed with another size takes its dims)."""
     width: int = _from_size("width")
     """Transformer width of encoder and decoder (0: from `size`)."""
     encoder_depth: int = _from_size("encoder_depth")
@@ -123,7 +124,7 @@ class ModelConfig:
     """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
     z0 / eps target directly."""
     latent_dim: int = _from_run("latent_dim")
-    """d of latent input / output (0: tokenizer.latent_dim; set by the config)."""
+    """d of latent input / output (0: tokenizer.latent_dim, read through the run's config)."""
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
@@ -156,7 +157,7 @@ class ModelConfig:
     """DiffMAE video: frames per spacetime patch (tubelet x patch_size x patch_size; the paper's
     2x16x16 is tubelet 2); 1 for images."""
     num_frames: int = _from_run("num_frames")
-    """Frames of a clip the network is built for (0: images); set from data.num_frames."""
+    """Frames of a clip the network is built for (0: data.num_frames, read through the run's config)."""
     layout: str = "mae"
     """How l-DAE's network is cut in two (docs/model.md).
     'dit': the paper's (l-DAE App. A), DiT cut in two: the encoder is DiT's first blocks, the
