@@ -11,6 +11,7 @@ from typing import Any
 
 from .diffmae import SPEC as _DIFFMAE
 from .ldae import SPEC as _LDAE
+from .ldae.config import NoiseConfig
 from .mae import SPEC as _MAE
 from .spec import MethodSpec
 
@@ -43,12 +44,6 @@ def all_presets() -> dict[str, dict[str, Any]]:
     return out
 
 
-def noise_schedules() -> tuple[str, ...]:
-    """The names noise.schedule takes: l-DAE's schedule registry (methods/ldae/schedules.py)."""
-    from .ldae.schedules import SCHEDULES
-    return tuple(SCHEDULES)
-
-
 def ablation_rows() -> dict[str, Any]:
     """Every method's named ablation rows (MethodSpec.rows), by row name."""
     return {name: row for spec in METHODS.values() for name, row in spec.rows().items()}
@@ -70,4 +65,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["METHODS", "all_presets", "Batch", "Method", "MethodSpec", "ablation_rows", "build_method", "build_model", "noise_schedules", "spec_for"]
+__all__ = ["METHODS", "all_presets", "Batch", "Method", "MethodSpec", "ablation_rows", "NoiseConfig", "build_method", "build_model", "spec_for"]
