@@ -112,7 +112,7 @@ def test_pickle_payload_never_runs(trained, tmp_path, loader, keep_format):
         from ldae_fast.eval.driver import main
         assert main(["--checkpoint", str(newest), "--out", str(tmp_path / "ev"), "--no-baseline"]) == 6
     else:
-        from ldae_fast.engine.export import main
+        from ldae_fast.eval.export import main
         assert main([str(newest), str(tmp_path / "enc.safetensors")]) == 6
     assert not (tmp_path / "marker").exists(), "unpickling the checkpoint ran code"
 
@@ -150,7 +150,7 @@ def _export_with_config(trained, tmp_path, data: dict) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ldae_fast.engine.export import export_encoder
+    from ldae_fast.eval.export import export_encoder
 
     path = export_encoder(ck.latest_checkpoint(trained), tmp_path / "enc.safetensors")
     with safe_open(str(path), framework="pt") as f:

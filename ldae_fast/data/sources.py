@@ -358,23 +358,4 @@ class WdsSource:
             max_pixels=d.max_image_pixels)
 
 
-# The sources TrainStream serves, by data.source ('resident' has its own stream: resident.py).
-SOURCES: dict[str, type[SyntheticSource] | type[WdsSource]] = {"synthetic": SyntheticSource, "wds": WdsSource}
-
-
-def source_for(cfg: Config) -> type:
-    """The source class of cfg.data: SOURCES by data.source, or video.py's for clips."""
-    d = cfg.data
-    if d.num_frames:
-        from .video import SyntheticVideoSource, WdsVideoSource
-        video = {"synthetic": SyntheticVideoSource, "wds-video": WdsVideoSource}
-        if d.source in video:
-            return video[d.source]
-    if d.source not in SOURCES:
-        raise DataError(f"TrainStream reads data.source in {sorted(SOURCES) + ['wds-video']}, not {d.source!r}: "
-                        "build the stream with build_train_stream")
-    return SOURCES[d.source]
-
-
-__all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource",
-           "SOURCES", "source_for"]
+__all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource"]

@@ -119,27 +119,24 @@ if HAS_TRITON and interpreter_env() and _triton_version() < (3, 7):
     _fix_interpreter_index()
 
 
-def triton_available(device: Optional[torch.device | str] = None) -> bool:
+def triton_available(device: Optional[torch.device | str] = None, kernel: Any = None) -> bool:
     """Whether the Triton path can run: triton imports, and either a CUDA device is present or the
     kernels were defined under the interpreter (TRITON_INTERPRET=1 before the first import).
 
     With `device`, answers for that device only ('cuda...' needs CUDA, 'cpu' the interpreter).
+    `kernel`: one of the @triton.jit kernels of this process; triton fixes the interpreter choice
+    when a kernel is defined, so the kernel answers even after the environment changed
+    (`ldae_fast.kernels.triton_available` passes one in).
     """
     if not HAS_TRITON:
         return False
-    interp = interpreter_env() or _kernels_interpreted()
+    interp = interpreter_env() or (kernel is not None and is_interpreted(kernel))
     if device is None:
         return interp or torch.cuda.is_available()
     dev = torch.device(device)
     if dev.type == "cpu":
         return interp
     return dev.type == "cuda" and torch.cuda.is_available() and not interp
-
-
-def _kernels_interpreted() -> bool:
-    from . import noise
-
-    return is_interpreted(noise._latent_noise_kernel)
 
 
 def check_runnable(kernel: Any, device: torch.device, op: str) -> None:
