@@ -8,7 +8,7 @@ from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import NonFiniteLoss, train
-from ldae_fast.engine.optim import EMA, lr_at
+from ldae_fast.engine.optim import EMA
 from ldae_fast.objectives import ldae as ldae_obj
 
 TINY = {
@@ -22,13 +22,6 @@ TINY = {
 def _cfg(tmp_path, **over):
     o = {**TINY, "engine.out_dir": str(tmp_path / "run"), **{k: str(v) for k, v in over.items()}}
     return build_config("demo", o)
-
-
-def test_lr_schedule():
-    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
-    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
-    assert lr_at(100, 1.0, 10, 100, min_lr=0.01) == pytest.approx(0.01)
 
 
 def test_ema_tracks_parameters():

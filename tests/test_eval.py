@@ -21,7 +21,6 @@ from ldae_fast.eval.knn import knn_classify
 from ldae_fast.eval.lars import LARS
 from ldae_fast.eval.linear_probe import (
     FAST_PROTOCOL,
-    cosine_lr,
     linear_probe,
     quick_probe,
     random_resized_crop_flip,
@@ -116,12 +115,7 @@ def test_lars_weight_decay_skips_1d_and_zero_grad_is_safe():
 
 # linear probe -------------------------------------------------------------------------------
 
-def test_cosine_schedule_and_topk():
-    assert cosine_lr(0, 1.0, 90, 10) == 0
-    assert cosine_lr(5, 1.0, 90, 10) == pytest.approx(0.5)
-    assert cosine_lr(10, 1.0, 90, 10) == pytest.approx(1.0)
-    assert cosine_lr(50, 1.0, 90, 10) == pytest.approx(0.5)
-    assert cosine_lr(90, 1.0, 90, 10) == pytest.approx(0.0, abs=1e-12)
+def test_topk():
     logits = torch.tensor([[0.0, 1, 2, 3, 4, 5], [5.0, 4, 3, 2, 1, 0]])
     assert topk_accuracy(logits, torch.tensor([5, 5])) == [50.0, 50.0]
     assert topk_accuracy(logits, torch.tensor([1, 1])) == [0.0, 100.0]

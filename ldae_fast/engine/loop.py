@@ -21,6 +21,7 @@ import torch
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError
 from ..errors import ResumeMismatch
+from ..lr_schedule import lr_at_step
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from ..tokenizers import fit_config
@@ -29,7 +30,7 @@ from . import guard, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import diffmae_train_flops_per_image, peak_tflops_for, train_flops_per_image
-from .optim import EMA, build_optimizer, lr_at
+from .optim import EMA, build_optimizer
 from .profiling import StepProfiler, nvtx_range
 
 
@@ -296,7 +297,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     model.train()
     deadline = time.time() + cfg.engine.time_budget_s if cfg.engine.time_budget_s > 0 else None
     for step in range(start, total):
-        lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
+        lr = lr_at_step(step, lr0, warmup, total, cfg.optim.min_lr)
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.engine.grad_accum):
             if graphs:  # each micro-batch replays the graphs: the last one's outputs are spent
@@ -331,7 +332,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
                 logger.close()
                 prof.close()
                 raise NonFiniteLoss(
-                    f"loss became non-finite at step {bad} (lr {lr_at(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
+                    f"loss became non-finite at step {bad} (lr {lr_at_step(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
                     f"stopping without saving. Newest good checkpoint: {ckpt_mod.newest_good(out_dir)}. "
                     "Try a lower --optim.blr, --optim.clip_grad, or --engine.precision=fp32.")
             dt = time.time() - t_win

@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..lr_schedule import warmup_cosine
 from .features import Log, autocast_for, frozen, module_device
-from .linear_probe import Arrays, cosine_lr, num_classes_of, topk_accuracy
+from .linear_probe import Arrays, num_classes_of, topk_accuracy
 
 PROTOCOL = "finetune"
 
@@ -289,7 +290,7 @@ def finetune_model(
             if step >= total:
                 break
             ep = step / steps_per_epoch
-            cur = cosine_lr(ep, lr, recipe.epochs, recipe.warmup_epochs, recipe.min_lr)
+            cur = warmup_cosine(ep, lr, recipe.warmup_epochs, recipe.epochs, recipe.min_lr)
             for g in opt.param_groups:
                 g["lr"] = cur * g.get("lr_scale", 1.0)
             x = norm(xb.to(device, non_blocking=True).float().div_(255))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lr_schedule import warmup_cosine
 from .features import (
     Log,
     autocast_for,
@@ -57,15 +58,6 @@ class LinearHead(nn.Module):
 
 def default_warmup(epochs: float) -> float:
     return min(10.0, epochs / 9.0)
-
-
-def cosine_lr(epoch: float, base_lr: float, epochs: float, warmup: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up over `warmup` epochs, then half-cycle cosine from base_lr to min_lr."""
-    if epoch < warmup:
-        return base_lr * epoch / warmup
-    span = max(epochs - warmup, 1e-12)
-    frac = min(max((epoch - warmup) / span, 0.0), 1.0)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 @torch.no_grad()
@@ -155,7 +147,7 @@ def _fit_head(head, epochs, steps_per_epoch, epoch_batches, base_lr, warmup, log
     for epoch in range(epochs):
         head.train()
         for step, (f, y) in enumerate(epoch_batches(epoch)):
-            lr = cosine_lr(epoch + step / steps_per_epoch, base_lr, epochs, warmup)
+            lr = warmup_cosine(epoch + step / steps_per_epoch, base_lr, warmup, epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = F.cross_entropy(head(f), y)
