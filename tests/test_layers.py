@@ -27,6 +27,7 @@ LAYERS = {
     "ldae_fast.markers": 1,  # NVTX phase markers: a leaf that models, methods and engine share
     "ldae_fast.schedules": 1,  # noise schedules: tensor math beside reference.py, imports nothing
     "ldae_fast.lr_schedule": 1,
+    "ldae_fast.device": 1,
     "ldae_fast.kernels": 2,
     "ldae_fast.config": 2,
     "ldae_fast.trajectory": 2,  # the trajectory rows as config presets (data, imports nothing)

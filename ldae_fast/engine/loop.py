@@ -20,6 +20,7 @@ import torch
 
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError
+from ..device import autocast_dtype, resolve_device
 from ..errors import ResumeMismatch
 from ..lr_schedule import lr_at_step
 from ..models.compile import compile_blocks, mark_step_begin
@@ -56,14 +57,6 @@ class TrainResult:
         return getattr(self.method, "tokenizer", None)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
-    return torch.device(name)
-
-
 def bind_local_rank(device: torch.device) -> None:
     """Make cuda:LOCAL_RANK the current device of a launched rank, before anything touches CUDA:
     otherwise every rank builds its model on GPU 0 first and leaves a context and a freed copy
@@ -74,12 +67,6 @@ def bind_local_rank(device: torch.device) -> None:
             raise RuntimeError(f"LOCAL_RANK={rank} but this process sees {n} GPU(s) "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
         torch.cuda.set_device(rank)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -171,7 +158,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     from ..data import build_train_stream
     from ..models import build_model
 
-    device = resolve_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device, "engine.device", ConfigError)
     bind_local_rank(device)
     out_dir = Path(cfg.engine.out_dir)
     seed_everything(cfg.engine.seed)

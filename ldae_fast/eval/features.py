@@ -9,30 +9,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..device import autocast_for
+
 POOLS = ("avg", "cls")
 Log = Optional[Callable[[str], None]]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
 
 
 def module_device(m: nn.Module) -> torch.device:
     for p in m.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA (the encoder trains that way); fp32 elsewhere, where CPU bf16
-    matmuls are slower than fp32 and would only add noise to the numbers."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def pool_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:

@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..device import autocast_for
 from ..lr_schedule import warmup_cosine
-from .features import Log, autocast_for, frozen, module_device
+from .features import Log, frozen, module_device
 from .linear_probe import Arrays, num_classes_of, topk_accuracy
 
 PROTOCOL = "finetune"

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import autocast_for
 from ..lr_schedule import warmup_cosine
 from .features import (
     Log,
-    autocast_for,
     extract_features,
     feature_dim,
     frozen,
