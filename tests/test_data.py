@@ -269,6 +269,13 @@ def test_synthetic_stream_epoch_and_exact_resume():
     assert c.state_dict()["epoch"] == 1
 
 
+def test_fewer_images_than_one_global_batch_names_the_field():
+    cfg = build_config("demo", {"data.synthetic_images": "48", "data.batch_size": "32"})
+    assert build_train_stream(cfg, world_size=1).src.batches_per_epoch == 1
+    with pytest.raises(DataError, match=r"data.synthetic_images: 48 images, fewer than one global batch of 64"):
+        build_train_stream(cfg, rank=1, world_size=2)
+
+
 def test_synthetic_eval_arrays():
     cfg = build_config("demo", {"data.synthetic_images": "256"})
     x, y = build_eval_arrays(cfg, "val", max_images=40)

@@ -42,6 +42,7 @@ from torch.utils.data import IterableDataset
 
 from .badsamples import BadSampleCounter, DataError
 from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
+from .shuffle import global_batches_per_epoch
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
 from .synthetic import (
     DATASET_SEED,
@@ -261,11 +262,8 @@ class SyntheticVideoSource(SyntheticSource):
         self.seed = cfg.engine.seed
         self._images, self._labels = moving_shapes_split(
             "train", d.synthetic_images, d.synthetic_classes, d.num_frames, d.img_size)
-        need = d.batch_size // d.repeated_aug * world_size
-        if len(self._images) < need:
-            raise DataError(f"data.synthetic_images={d.synthetic_images} clips are fewer than one global "
-                            f"batch ({d.batch_size // d.repeated_aug} clips x {world_size} ranks = {need})")
-        self.batches_per_epoch = len(self._images) // need
+        self.batches_per_epoch = global_batches_per_epoch(
+            len(self._images), d.batch_size // d.repeated_aug, world_size, "data.synthetic_images", "clips")
 
     def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
         d = self.cfg.data
