@@ -160,6 +160,16 @@ def test_random_resized_crop_batch_draws_box_then_flip_per_image():
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
+def test_random_resized_crop_batch_full_crop_is_the_identity():
+    from ldae_fast.data.transforms import random_resized_crop_batch
+
+    x = torch.randn(6, 3, 12, 12)
+    same = random_resized_crop_batch(x, 12, (1.0, 1.0), False, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x, atol=1e-5)
+    out = random_resized_crop_batch(x, 12, (0.08, 1.0), True, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.allclose(out, x)
+
+
 def test_sample_crop_box_respects_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

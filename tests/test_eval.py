@@ -23,7 +23,6 @@ from ldae_fast.eval.linear_probe import (
     FAST_PROTOCOL,
     linear_probe,
     quick_probe,
-    random_resized_crop_flip,
     topk_accuracy,
     train_head_cached,
 )
@@ -154,16 +153,6 @@ def test_quick_probe_and_full_probe_with_stand_in_encoder():
     full = linear_probe(enc, train, val, epochs=2, batch_size=256, blr=0.1, pool="cls")
     assert full["protocol"] == "linear" and 0 <= full["top1"] <= 100 and full["epochs"] == 2
     assert all(p.grad is None for p in enc.parameters()), "the encoder stays frozen"
-
-
-def test_random_resized_crop_flip():
-    x = torch.randn(6, 3, 12, 12)
-    g = torch.Generator().manual_seed(0)
-    same = random_resized_crop_flip(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
-    assert torch.allclose(same, x, atol=1e-5), "a full-image crop is the identity"
-    out = random_resized_crop_flip(x, g)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    assert not torch.allclose(out, x)
 
 
 def test_extract_features_batches_and_pools():

@@ -63,7 +63,7 @@ from .transforms import (
     generator_for,
     normalize,
     random_resized_crop_batch,
-    sample_crop_flip,
+    random_resized_crop_tensor,
     single_thread,
 )
 
@@ -359,8 +359,8 @@ class WdsVideoTrainSource(WdsTrainSource):
             flat = clip.reshape(C * T, H, W)
             crops = []
             for _ in range(self.repeats):
-                box, flip = sample_crop_flip(W, H, self.scale, self.hflip, gen)
-                crops.append(crop_resize_flip(flat, box, S, flip).view(C, T, S, S))
+                crops.append(random_resized_crop_tensor(flat, S, self.scale, hflip=self.hflip, gen=gen)
+                             .view(C, T, S, S))
             return torch.stack(crops)
         except Exception as e:  # untrusted bytes: any decoder failure means a bad sample
             counter.record(raw.shard, raw.key, f"cannot decode clip: {type(e).__name__}: {str(e)[:160]}")

@@ -14,7 +14,6 @@ Two modes:
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import random_resized_crop_batch
 from ..device import autocast_for
 from ..lr_schedule import warmup_cosine
 from .features import (
@@ -81,50 +81,6 @@ def _epoch_batches(M: int, batch_size: int, gen: torch.Generator) -> list[torch.
     if M < batch_size:
         return [perm]
     return list(perm[: (M // batch_size) * batch_size].split(batch_size))
-
-
-def random_resized_crop_flip(
-    x: torch.Tensor,
-    gen: torch.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-) -> torch.Tensor:
-    """Per-sample RandomResizedCrop (torchvision's sampling: 10 tries, then a center crop with the
-    ratio clamped) + horizontal flip, batched on x's device through roi_align (bilinear, one
-    sample per output pixel), back to x's size."""
-    from torchvision.ops import roi_align
-
-    B, _, H, W = x.shape
-    tries = 10
-    area = torch.empty(B, tries).uniform_(scale[0], scale[1], generator=gen) * (H * W)
-    logr = torch.empty(B, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
-    r = logr.exp()
-    w = (area * r).sqrt().round()
-    h = (area / r).sqrt().round()
-    ok = (w >= 1) & (h >= 1) & (w <= W) & (h <= H)
-    first = ok.float().argmax(1, keepdim=True)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-    in_ratio = W / H
-    if in_ratio < ratio[0]:
-        fw, fh = W, round(W / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(H * ratio[1]), H
-    else:
-        fw, fh = W, H
-    any_ok = ok.any(1)
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-    top = torch.where(any_ok, (torch.rand(B, generator=gen) * (H - h + 1)).floor(), (H - h) / 2)
-    left = torch.where(any_ok, (torch.rand(B, generator=gen) * (W - w + 1)).floor(), (W - w) / 2)
-    boxes = torch.stack([torch.arange(B, dtype=torch.float32), left, top, left + w, top + h], 1)
-    out = roi_align(x.float(), boxes.to(x.device), output_size=(H, W), spatial_scale=1.0,
-                    sampling_ratio=1, aligned=True).to(x.dtype)
-    if flip:
-        mask = (torch.rand(B, generator=gen) < 0.5).to(x.device).view(B, 1, 1, 1)
-        out = torch.where(mask, out.flip(-1), out)
-    return out
 
 
 def lars_budget(epochs: float, steps_per_epoch: int, lr: float) -> float:
@@ -274,8 +230,8 @@ def linear_probe(
             xb = images[idx]
             if pin:
                 xb = xb.pin_memory()
-            xb = random_resized_crop_flip(xb.to(device, non_blocking=True), gen,
-                                          scale=(min_crop_scale, 1.0))
+            xb = random_resized_crop_batch(xb.to(device, non_blocking=True), xb.shape[-1],
+                                           (min_crop_scale, 1.0), True, gen)
             with torch.no_grad(), autocast_for(device):
                 f = pool_features(encoder, xb, pool).float()
             yield f, labels[idx].to(device, non_blocking=True)
