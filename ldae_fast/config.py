@@ -921,9 +921,6 @@ DIFFMAE_FINETUNE: dict[str, dict[str, Any]] = {
     "L": {**_DIFFMAE_FT_COMMON, "blr": 1e-3, "layer_decay": 0.7, "epochs": 50, "drop_path": 0.1},
     "H": {**_DIFFMAE_FT_COMMON, "blr": 1e-3, "layer_decay": 0.75, "epochs": 50, "drop_path": 0.3},
 }
-DIFFMAE_HEAD_INIT_STD = 2 ** -5
-# The paper's global batch is 2048: the recipes above reach it with 8 ranks x 256.
-PAPER_GLOBAL_BATCH = 2048
 
 
 _TRUE_WORDS = ("1", "true", "yes", "on")

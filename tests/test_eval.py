@@ -14,8 +14,7 @@ from torch import nn
 
 from ldae_fast import models
 from ldae_fast.engine import loop
-from ldae_fast.eval import export
-from ldae_fast.eval import driver, reader
+from ldae_fast.eval import driver, export, reader
 from ldae_fast.eval.features import extract_features
 from ldae_fast.eval.knn import knn_classify
 from ldae_fast.eval.lars import LARS

@@ -20,8 +20,8 @@ TINY = {
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_export_is_a_timm_local_dir_with_matching_features(tmp_path, monkeypatch, use_ema):
     from ldae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from ldae_fast.eval.export import _meta, main
     from ldae_fast.engine.loop import train
+    from ldae_fast.eval.export import _meta, main
     from ldae_fast.eval.reader import load_exported_encoder, load_for_eval
 
     # The whole recipe must work offline: a hub lookup would fail here rather than be skipped.

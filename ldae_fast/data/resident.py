@@ -274,8 +274,3 @@ class ResidentStream:
 
     def close(self) -> None:
         pass
-
-
-def build_resident_stream(cfg: Config, rank: int = 0, world_size: int = 1,
-                          device: torch.device | str | None = None) -> ResidentStream:
-    return ResidentStream(cfg, rank, world_size, device)

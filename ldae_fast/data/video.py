@@ -59,7 +59,6 @@ from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
     CropBox,
     crop_resize_flip,
-    denormalize,
     generator_for,
     normalize,
     random_resized_crop_batch,
@@ -84,10 +83,6 @@ _TAG_VID_AUG = 26
 def normalize_clips(x: torch.Tensor) -> torch.Tensor:
     """(B, C, T, H, W) uint8 or [0, 1] float -> float32 normalised per channel."""
     return normalize(x.transpose(1, 2)).transpose(1, 2).contiguous()
-
-
-def denormalize_clips(x: torch.Tensor) -> torch.Tensor:
-    return denormalize(x.transpose(1, 2)).transpose(1, 2)
 
 
 # Moving shapes -----------------------------------------------------------------------------------
@@ -520,6 +515,6 @@ def _main(argv: list[str]) -> int:
 
 
 __all__ = ["FRAMES_EXT", "SyntheticVideoSource", "SyntheticVideoTrainSource", "WdsVideoSource",
-           "WdsVideoTrainSource", "decode_clip", "denormalize_clips", "iter_video_shard",
+           "WdsVideoTrainSource", "decode_clip", "iter_video_shard",
            "list_clip_folders", "make_moving_shapes", "moving_shapes_split", "normalize_clips",
            "video_eval_clips", "write_video_shards"]

@@ -23,8 +23,8 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     from safetensors.torch import save_file
 
     from ..errors import UsageError
-    from .reader import load_for_eval
     from ..models.timm_export import timm_config, timm_kwargs, timm_state_dict
+    from .reader import load_for_eval
 
     out = Path(out)
     if out.exists() and not out.is_dir():

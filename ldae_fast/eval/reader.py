@@ -85,8 +85,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     alone and there is no method). The method is on the CPU with engine.kernels='auto' (a run
     trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
-    from ..models.timm_export import WEIGHTS_FILE
     from ..models import build_model
+    from ..models.timm_export import WEIGHTS_FILE
     from ..objectives import build_method
 
     path = Path(path)
