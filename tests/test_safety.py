@@ -1,5 +1,5 @@
 """Safety: nothing a user loads runs code, no good checkpoint is lost, a run owns its directory,
-hostile or broken data is counted and named (issue 12). Tiny models, a few steps, CPU."""
+hostile or broken data is counted and named. Tiny models, a few steps, CPU."""
 
 import hashlib
 import io

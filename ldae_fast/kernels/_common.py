@@ -222,8 +222,8 @@ class Tiles(NamedTuple):
 def gpu_tiles(N: int, D: int, d: int, B: int, device: torch.device, prec: str) -> list[Tiles]:
     """Launch configurations to try on a GPU, best first.
 
-    Chosen from ptxas' resource report for sm_90 (AOT builds, triton 3.8), not from timings (no
-    GPU has timed them yet; LDAE_KERNEL_TILES tries another first): the first tile is the
+    Chosen from ptxas' resource report for sm_90 (AOT builds, triton 3.8), not from timings
+    (LDAE_KERNEL_TILES tries another first; bench/README.md): the first tile is the
     largest that builds without register spills and under ~115 KB of shared memory (pipelined
     tiles plus tl.dot operands; tf32x3 stores each operand twice). 128 tokens per tile spilled
     0.3-1.4 KB per thread at d = 16 and 128, so 64 is the most; a larger BLOCK_T would re-read

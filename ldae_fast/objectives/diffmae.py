@@ -66,7 +66,7 @@ class DiffMAEMethod:
         self.p = cfg.model.patch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        # Nothing here runs a Triton kernel yet; the resolution keeps `kernels` honest in the log.
+        # DiffMAE runs no Triton kernel of its own; resolving the mode keeps `kernels` honest in the log.
         self._mode = cfg.engine.kernels if kernels is None else kernels
         self.kernels = resolve_kernels(self._mode, self.device)
         self.schedule = DiffusionSchedule.ddpm(cfg.noise.num_timesteps, self.obj.rho)
