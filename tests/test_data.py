@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tar as _write_tar
 from PIL import Image
 
 from ldae_fast.config import build_config
@@ -55,16 +56,6 @@ def _jpeg(size: int = 8, mode: str = "RGB", seed: int = 0) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], gz: bool = False) -> str:
-    with tarfile.open(path, "w:gz" if gz else "w") as tar:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _id_shards(tmp: Path, n_shards: int, per_shard: int, bad: dict[int, str] | None = None) -> str:

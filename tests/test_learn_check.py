@@ -3,37 +3,16 @@ one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT.parent / "shared" / "data" / "tinyimagenet-wds"
+from bench_import import load_bench
 
 
-def tiny_imagenet_dir() -> Path:
-    """The shared Tiny ImageNet shards; skipped when absent, a failure under CI=true."""
-    if not (TINY / "train-000000.tar.gz").is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the shared data is missing: {TINY}")
-        pytest.skip(f"shared Tiny ImageNet shards not found at {TINY}")
-    return TINY
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("learn_check", ROOT / "bench" / "learn_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_toy_rehearsal_writes_rows_for_both_encoders(tmp_path, capsys):
-    d = tiny_imagenet_dir()
+def test_toy_rehearsal_writes_rows_for_both_encoders(tmp_path, capsys, tinyimagenet_dir):
+    d = tinyimagenet_dir
     out = tmp_path / "learn.json"
-    rc = load_script().main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
+    rc = load_bench("learn_check").main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
                              "--budget-s", "3", "--out", str(out), "--toy", "--device", "cpu",
                              "--floor-seeds", "2", "--cache-dir", str(tmp_path / "cache"),
                              "--run-dir", str(tmp_path / "runs")])
@@ -62,7 +41,7 @@ def test_toy_rehearsal_writes_rows_for_both_encoders(tmp_path, capsys):
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
-    mod = load_script()
+    mod = load_bench("learn_check")
     rc = mod.main(["--data-dir", str(tmp_path / "nope"), "--train-shards", "1", "--val-shards", "1",
                    "--budget-s", "1", "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err.strip()
