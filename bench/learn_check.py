@@ -149,11 +149,11 @@ def make_config(setup: dict[str, Any], train: list[str], val: list[str], device:
 def features(encoder: torch.nn.Module, images_u8: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
     """Mean-pooled encoder features of uint8 images, normalised on the device a batch at a time."""
     from ldae_fast.data import normalize
-    from ldae_fast.device import autocast_for
-    from ldae_fast.eval.features import frozen, pool_features
+    from ldae_fast.device import autocast_for, eval_mode
+    from ldae_fast.eval.features import pool_features
 
     out = []
-    with frozen(encoder):
+    with eval_mode(encoder):
         for chunk in images_u8.split(batch):
             with autocast_for(device):
                 out.append(pool_features(encoder, normalize(chunk.to(device)), "avg").float())

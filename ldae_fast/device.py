@@ -1,9 +1,10 @@
-"""The device a run asks for and the autocast its precision means: one answer for training,
-evaluation and the benches."""
+"""How a network runs here: the device a run asks for, the autocast its precision means, and
+eval mode for a stretch. One answer for training, evaluation, sampling and the benches."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -39,3 +40,14 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode for the duration, then the caller's mode back (a trainer may call us mid-run)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..device import autocast_for
+from ..device import autocast_for, eval_mode
 
 POOLS = ("avg", "cls")
 Log = Optional[Callable[[str], None]]
@@ -41,17 +40,6 @@ def feature_dim(encoder: nn.Module) -> int:
     return int(getattr(encoder, "num_features", 0) or getattr(encoder, "embed_dim", 0))
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Eval mode for the duration, then the caller's mode back (the trainer calls us mid-run)."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -72,7 +60,7 @@ def extract_features(
     out: list[torch.Tensor] = []
     t0 = last = time.perf_counter()
     pin = device.type == "cuda" and not images.is_cuda
-    with frozen(encoder):
+    with eval_mode(encoder):
         for start in range(0, M, batch_size):
             xb = images[start:start + batch_size]
             if pin:

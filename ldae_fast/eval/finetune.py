@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..device import autocast_for
+from ..device import autocast_for, eval_mode
 from ..lr_schedule import warmup_cosine
-from .features import Log, frozen, module_device
+from .features import Log, module_device
 from .linear_probe import Arrays, num_classes_of, topk_accuracy
 
 PROTOCOL = "finetune"
@@ -208,7 +208,7 @@ def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         batch_size: int = 256) -> list[float]:
     device = module_device(model)
     logits = []
-    with frozen(model):
+    with eval_mode(model):
         for s in range(0, images.shape[0], batch_size):
             with autocast_for(device):
                 logits.append(model(images[s:s + batch_size].to(device)).float())

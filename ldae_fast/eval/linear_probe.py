@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import random_resized_crop_batch
-from ..device import autocast_for
+from ..device import autocast_for, eval_mode
 from ..lr_schedule import warmup_cosine
 from .features import (
     Log,
     extract_features,
     feature_dim,
-    frozen,
     module_device,
     pool_features,
 )
@@ -237,7 +236,7 @@ def linear_probe(
             yield f, labels[idx].to(device, non_blocking=True)
 
     steps = max(1, M // bs)
-    with frozen(encoder):
+    with eval_mode(encoder):
         _fit_head(head, epochs, steps, batches, lr, default_warmup(epochs), log, desc)
     fva = extract_features(encoder, val[0], batch_size=batch_size, pool=pool, log=log,
                            desc=f"{desc} val features")

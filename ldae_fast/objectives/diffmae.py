@@ -27,6 +27,7 @@ import torch
 
 from ..batch import Batch
 from ..config import Config
+from ..device import eval_mode
 from ..errors import ResumeMismatch
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
@@ -34,7 +35,6 @@ from ..reference import patchify, unpatchify
 from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed, global_rows
 from . import masking
 from .masking import PatchMask, gather_tokens, scatter_tokens
-from .sampling import eval_mode
 from .schedules import DiffusionSchedule
 
 NORM_PIX_EPS = 1e-6
