@@ -26,8 +26,8 @@ LAYERS = {
     "ldae_fast.batch": 1,
     "ldae_fast.markers": 1,  # NVTX phase markers: a leaf that models, methods and engine share
     "ldae_fast.schedules": 1,  # noise schedules: tensor math beside reference.py, imports nothing
-    "ldae_fast.lr_schedule": 1,
-    "ldae_fast.device": 1,
+    "ldae_fast.lr_schedule": 1,  # warm-up + cosine, shared by the trainer, the tokenizer fits and eval
+    "ldae_fast.device": 1,  # device, autocast, eval mode: shared by engine, methods, eval, bench
     "ldae_fast.kernels": 2,
     "ldae_fast.config": 2,
     "ldae_fast.trajectory": 2,  # the trajectory rows as config presets (data, imports nothing)
