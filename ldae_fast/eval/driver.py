@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ldae_fast.config import PRESETS
+from ldae_fast.device import resolve_device
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
 from .features import (
@@ -32,7 +33,6 @@ from .features import (
     probe_encoder,
     probe_sigma,
     probe_view,
-    resolve_device,
 )
 from .finetune import recipe_for_method
 from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
