@@ -38,10 +38,12 @@ def test_kill_9_then_rerun_is_bit_identical(shards, tmp_path):
     ck = tmp_path / "ck"
     p = subprocess.Popen([sys.executable, str(HARNESS), str(shards), str(tmp_path / "cut.pt"), "--ckpt", str(ck),
                           "--sleep", "0.5"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = ck / "probe-state.pt"
     t0 = time.monotonic()
+    state = None
     while time.monotonic() - t0 < 240:
-        if state.exists() and int(torch.load(state, weights_only=True)["step"]) >= 3:
+        found = list(ck.glob("probe-*.pt"))
+        if found and int(torch.load(found[0], weights_only=True)["step"]) >= 3:
+            state = found[0]
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)

@@ -12,7 +12,7 @@ then the head takes one step on the whole global batch. The BatchNorm statistics
 the global batch's (sums all-reduced), so the step is the same whatever the split into ranks,
 micro-batches and accumulation. (MAE normalises per GPU, so its result moves with the GPU count.)
 
-Checkpoints (`ckpt_dir`, every `ckpt_every` steps and at the end; rank 0 writes, atomically) hold
+Checkpoints (`ckpt_dir`/probe-<fingerprint of the settings>.pt, every `ckpt_every` steps and at the end; rank 0 writes, atomically) hold
 the head with its BatchNorm running statistics, the LARS momentum, the step and every logical
 reader's data position: a run killed at any point and started again with the same arguments
 ends bit-identical to one that was never interrupted (on the same machine).
@@ -42,7 +42,6 @@ from .lars import LARS
 from .linear_probe import FULL_PROTOCOL, LinearHead, cosine_lr, default_warmup, lars_budget
 from .stream import EvalStream, SplitSpec
 
-CKPT_NAME = "probe-state.pt"
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,9 @@ def run_probe(
     warmup = default_warmup(s.epochs) if s.warmup_epochs < 0 else s.warmup_epochs
     opt = LARS(head.fc.parameters(), lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
     fp = s.fingerprint(train_spec, encoder_key)
-    ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir is not None else None
+    # One file per fingerprint: another checkpoint or other settings in the same directory start
+    # their own run instead of resuming this one.
+    ckpt = Path(ckpt_dir) / f"probe-{fp}.pt" if ckpt_dir is not None else None
     step0, positions = 0, None
     if ckpt is not None:
         if ranks.main:
@@ -242,4 +243,4 @@ def run_probe(
                 state={k: v.detach().cpu().clone() for k, v in head.state_dict().items()})
 
 
-__all__ = ["ProbeSettings", "run_probe", "evaluate_stream", "CKPT_NAME"]
+__all__ = ["ProbeSettings", "run_probe", "evaluate_stream"]

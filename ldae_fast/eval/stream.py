@@ -292,20 +292,26 @@ class EvalStream:
                 yield ch.images, ch.labels, ch.ids
 
 
-def count_samples(spec: SplitSpec) -> int:
-    """Samples with an image and a label in the split (tar headers only, no decode), capped by
-    max_images: the probe's epoch length when data.epoch_size does not give it."""
+def scan_split(spec: SplitSpec) -> tuple[int, int]:
+    """(samples with an image and a label, 1 + the largest label) of the split, capped by
+    max_images; tar headers and labels only, no decode. The probe's epoch length and class
+    count when data.epoch_size / data.num_classes do not give them."""
     counter = BadSampleCounter(1.0, spec.what)
     labels = LabelPolicy(True, spec.num_classes)
-    n = 0
+    n, top = 0, -1
     cap = spec.max_images if spec.max_images is not None else float("inf")
     for url in spec.urls:
-        for _ in iter_shard(url, counter, labels):
+        for raw in iter_shard(url, counter, labels):
             n += 1
+            top = max(top, raw.label)
             if n >= cap:
-                return n
-    return n
+                return n, top + 1
+    return n, top + 1
 
 
-__all__ = ["SplitSpec", "split_spec", "EvalStream", "Chunk", "count_samples", "readers_of_rank",
+def count_samples(spec: SplitSpec) -> int:
+    return scan_split(spec)[0]
+
+
+__all__ = ["SplitSpec", "split_spec", "EvalStream", "Chunk", "count_samples", "scan_split", "readers_of_rank",
            "reader_samples", "PROBE_SCALE"]
