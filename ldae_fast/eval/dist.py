@@ -41,12 +41,33 @@ def current() -> Ranks:
     return Ranks()
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place, returned). gloo has no float64 on every build, so the sum runs in
-    the tensor's own dtype; callers pass float64 where order matters."""
-    if current().distributed:
-        dist.all_reduce(t)
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    """t where the backend can reduce it: NCCL takes CUDA tensors only (host-side counts and
+    statistics travel through the current GPU)."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
     return t
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place, returned (any device; callers pass float64 where order matters)."""
+    if current().distributed:
+        c = _comm(t)
+        dist.all_reduce(c)
+        if c is not t:
+            t.copy_(c)
+    return t
+
+
+def all_gather_same(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor of the same shape, rank order, on t's device."""
+    r = current()
+    if not r.distributed:
+        return [t]
+    c = _comm(t.contiguous())
+    parts = [torch.zeros_like(c) for _ in range(r.world_size)]
+    dist.all_gather(parts, c)
+    return [p.to(t.device) for p in parts]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -63,14 +84,11 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     r = current()
     if not r.distributed:
         return t
-    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    ns = [torch.zeros_like(n) for _ in range(r.world_size)]
-    dist.all_gather(ns, n)
+    ns = all_gather_same(torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device))
     m = int(max(int(x) for x in ns))
     pad = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     pad[: t.shape[0]] = t
-    parts = [torch.zeros_like(pad) for _ in range(r.world_size)]
-    dist.all_gather(parts, pad)
+    parts = all_gather_same(pad)
     return torch.cat([p[: int(k)] for p, k in zip(parts, ns)])
 
 
@@ -79,5 +97,5 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["Ranks", "init_from_env", "current", "all_sum", "all_gather_objects", "all_gather_rows",
+__all__ = ["Ranks", "init_from_env", "current", "all_sum", "all_gather_same", "all_gather_objects", "all_gather_rows",
            "barrier"]

@@ -68,8 +68,8 @@ def knn_sharded(bank_rows: SplitRows, query_rows: SplitRows, rmap: RowMap, *, nu
         if pad > 0:
             best_s = torch.cat([best_s, torch.full((q.shape[0], pad), -2.0, device=device)], 1)
             best_y = torch.cat([best_y, torch.zeros((q.shape[0], pad), dtype=torch.int64, device=device)], 1)
-        all_s = torch.cat(_gather_cols(best_s.cpu()), 1)
-        all_y = torch.cat(_gather_cols(best_y.cpu()), 1)
+        all_s = torch.cat(edist.all_gather_same(best_s.cpu()), 1)
+        all_y = torch.cat(edist.all_gather_same(best_y.cpu()), 1)
         s, order = all_s.topk(kmax, dim=1)
         y_nb = all_y.gather(1, order)
         w = (s / temperature).exp()
@@ -88,15 +88,6 @@ def knn_sharded(bank_rows: SplitRows, query_rows: SplitRows, rmap: RowMap, *, nu
         log(f"knn ({rmap.kind}): " + ", ".join(f"k={k} top-1 {out[k]['top1']:.2f}" for k in ks)
             + f" ({time.perf_counter() - t0:.1f}s)")
     return out
-
-
-def _gather_cols(t: torch.Tensor) -> list[torch.Tensor]:
-    r = edist.current()
-    if not r.distributed:
-        return [t]
-    parts = [torch.zeros_like(t) for _ in range(r.world_size)]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return parts
 
 
 __all__ = ["knn_sharded"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldae_fast.data.transforms import normalize
-from ldae_fast.errors import ResumeMismatch
+from ldae_fast.errors import ResumeMismatch, UsageError
 
 from . import dist as edist
 from .features import Log, autocast_for, feature_dim, frozen, module_device, pool_features
@@ -147,8 +147,8 @@ def run_probe(
     N = ranks.world_size
     G = s.global_batch
     if G % train_spec.readers:
-        raise ResumeMismatch(f"the global batch {G} is not a multiple of --readers={train_spec.readers}: "
-                             f"every logical reader gives G / readers images per step")
+        raise UsageError(f"--batch-size {G} (the probe's global batch) is not a multiple of --readers="
+                         f"{train_spec.readers}: every logical reader gives G / readers images per step")
     device = module_device(encoder)
     dim = feature_dim(encoder)
     head = LinearHead(dim, s.num_classes, s.seed).to(device)

@@ -223,10 +223,6 @@ class StreamingEval:
         if not n_train:
             n_train = scan_split(self.train_flat)[0]
         G = batch_size
-        if G % self.sa.readers:
-            from .driver import EvalError
-
-            raise EvalError(f"--batch-size {G} is not a multiple of --readers {self.sa.readers}")
         micro = min(self.sa.micro_batch, max(1, G // self.ranks.world_size))
         s = ProbeSettings(epochs=epochs, global_batch=G, micro_batch=micro, blr=blr, num_train=n_train,
                           num_classes=C, seed=self.seed, pool=self.pool)

@@ -49,6 +49,7 @@ from ldae_fast.data.transforms import (
     train_transform,
 )
 from ldae_fast.data.urls import expand_urls
+from ldae_fast.errors import UsageError
 
 # Domain tags of the eval stream's draws (the data pipeline owns 11-29; see seeding.py).
 _TAG_EVAL_BUFFER = 26
@@ -87,7 +88,7 @@ def split_spec(cfg, split: str, *, augment: bool, readers: int = 16, seed: int =
     what = "data.train_shards" if split == "train" else "data.val_shards"
     urls = expand_urls(d.train_shards if split == "train" else d.val_shards, what)
     if readers < 1:
-        raise DataError(f"--readers={readers} must be >= 1")
+        raise UsageError(f"--readers={readers} must be >= 1")
     buf = (d.shuffle_buffer if augment else 0) if shuffle_buffer is None else shuffle_buffer
     return SplitSpec(tuple(urls), what, d.img_size, augment, PROBE_SCALE, buf, seed, max_images,
                      d.max_bad_fraction, d.max_image_pixels, d.num_classes, readers)
@@ -95,8 +96,8 @@ def split_spec(cfg, split: str, *, augment: bool, readers: int = 16, seed: int =
 
 def readers_of_rank(spec: SplitSpec, rank: int, world_size: int) -> list[int]:
     if spec.readers % world_size:
-        raise DataError(f"--readers={spec.readers} is not a multiple of the {world_size} ranks: every "
-                        f"rank must host as many logical readers as the others")
+        raise UsageError(f"--readers={spec.readers} is not a multiple of the {world_size} ranks: every "
+                         f"rank must host as many logical readers as the others")
     return list(range(rank, spec.readers, world_size))
 
 
