@@ -181,3 +181,33 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     for key, r in one.items():
         # Sums over ranks in another order: the accuracies of 20 val images may move by one image.
         assert abs(r["top1"] - two[key]["top1"]) <= 5.0 + 1e-9, key
+
+
+def test_driver_reuses_the_store_and_a_changed_setting_writes_another(tmp_path, capsys):
+    from ldae_fast.config import build_config
+    from ldae_fast.engine import loop
+    from ldae_fast.eval import driver
+
+    over = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1",
+            "model.decoder_depth": "1", "data.img_size": "16", "model.patch_size": "4",
+            "data.batch_size": "8", "data.synthetic_images": "32", "tokenizer.fit_images": "16",
+            "engine.kernels": "reference", "engine.steps": "1", "engine.progress": "false",
+            "eval.probe": "false", "eval.figure": "false", "engine.out_dir": str(tmp_path / "run")}
+    ckpt = loop.train(build_config("demo", over)).checkpoint
+    data = tmp_path / "data"
+    write_split(data, "train", 2, 12, size=20, classes=3)
+    write_split(data, "val", 1, 9, size=20, classes=3, seed=1)
+    store = tmp_path / "store"
+    args = ["--checkpoint", str(ckpt), "--data", str(data), "--protocols", "linear-fast", "--epochs", "1",
+            "--batch-size", "8", "--readers", "2", "--num-workers", "0", "--no-baseline", "--no-pixels",
+            "--feature-store", str(store), "--out", str(tmp_path / "out")]
+    assert driver.main(args) == 0
+    first = capsys.readouterr().out
+    (key,) = [p.name for p in store.iterdir()]
+    feat = store / key / "train-part00000.feat"
+    stamp = feat.stat().st_mtime_ns
+    assert "writing the feature store" in first
+    assert driver.main(args) == 0
+    assert "reusing the feature store" in capsys.readouterr().out and feat.stat().st_mtime_ns == stamp
+    assert driver.main(args + ["--probe-t", "40"]) == 0  # another probe view: another store
+    assert len(list(store.iterdir())) == 2 and "writing the feature store" in capsys.readouterr().out
