@@ -47,8 +47,11 @@ def _run(rank: int, a) -> None:
             time.sleep(a.sleep)
 
     res = run_probe(StandIn(), tr, va, s, ckpt_dir=a.ckpt or None, ckpt_every=1, encoder_key="standin",
-                    num_workers=a.workers, on_step=on_step, log=print if rank == 0 else None)
-    if rank == 0:
+                    num_workers=a.workers, on_step=on_step, log=print if rank == 0 else None,
+                    stop_after=a.stop_after)
+    if rank == 0 and "stopped_at" in res:
+        torch.save({"stopped_at": torch.tensor(res["stopped_at"])}, a.out)
+    elif rank == 0:
         torch.save(dict(res["state"], top1=torch.tensor(res["top1"]), resumed=torch.tensor(res["resumed_from"]),
                         val=torch.tensor(res["val_images"])), a.out)
     if a.world > 1:
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--stop-after", type=int, default=0)
     a = ap.parse_args()
     if a.world > 1:
         torch.multiprocessing.spawn(_run, args=(a,), nprocs=a.world)

@@ -136,3 +136,29 @@ def test_stream_peak_rss_does_not_grow_with_the_split(tmp_path):
     _, arr1 = _peak_rss_kib(small, "arrays")
     _, arr4 = _peak_rss_kib(big, "arrays")
     assert arr4 - arr1 > 30 * 1024, ("the in-RAM control grows with the split (the test can fail)", arr1, arr4)
+
+
+def test_uneven_shares_and_default_readers(tmp_path):
+    from ldae_fast.eval.stream import batch_shares, default_readers
+
+    assert batch_shares(10, 4) == {0: 3, 1: 3, 2: 2, 3: 2} and sum(batch_shares(16384, 80).values()) == 16384
+    assert [default_readers(n, w) for n, w in ((1, 0), (8, 10), (3, 2), (64, 10))] == [16, 80, 18, 640]
+    pat = write_split(tmp_path, "train", 3, 8)
+    spec = _spec(pat, "train", augment=True, readers=4, shuffle_buffer=3, seed=5, max_images=20)
+    shares = batch_shares(10, 4)
+    got = {}
+    for world in (1, 2):
+        rows = []
+        for rank in range(world):
+            st = EvalStream(spec, rank, world)
+            for step, x, y, pos in st.steps(shares):
+                assert x.shape[0] == sum(shares[r] for r in st.readers)
+                rows.append((step, rank, x))
+                if step == 2:
+                    break
+        got[world] = rows
+    one = {s: x for s, _, x in got[1]}
+    for s in range(3):  # rank 0 hosts readers 0, 2 (3 + 2 images), rank 1 readers 1, 3
+        r0 = next(x for st, rk, x in got[2] if st == s and rk == 0)
+        r1 = next(x for st, rk, x in got[2] if st == s and rk == 1)
+        assert torch.equal(one[s], torch.cat([r0[:3], r1[:3], r0[3:], r1[3:]]))

@@ -27,14 +27,19 @@ def shards(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def ref(shards, tmp_path_factory):
+    """The uninterrupted one-rank run every other run is compared with."""
+    return _harness(shards, tmp_path_factory.mktemp("ref") / "ref.pt")
+
+
 def _harness(shards, out, *args):
     subprocess.run([sys.executable, str(HARNESS), str(shards), str(out), *args], check=True, env=ENV,
                    capture_output=True, text=True, timeout=300)
     return torch.load(out, weights_only=True)
 
 
-def test_kill_9_then_rerun_is_bit_identical(shards, tmp_path):
-    ref = _harness(shards, tmp_path / "ref.pt")
+def test_kill_9_then_rerun_is_bit_identical(shards, ref, tmp_path):
     ck = tmp_path / "ck"
     p = subprocess.Popen([sys.executable, str(HARNESS), str(shards), str(tmp_path / "cut.pt"), "--ckpt", str(ck),
                           "--sleep", "0.5"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,9 +63,21 @@ def test_kill_9_then_rerun_is_bit_identical(shards, tmp_path):
     assert not torch.equal(ref["bn.running_var"], torch.ones_like(ref["bn.running_var"]))
 
 
-def test_two_ranks_and_micro_batches_equal_one_rank(shards, tmp_path):
-    one = _harness(shards, tmp_path / "one.pt")
+def test_two_ranks_and_micro_batches_equal_one_rank(shards, ref, tmp_path):
+    one = ref
     two = _harness(shards, tmp_path / "two.pt", "--world", "2", "--micro", "3", "--workers", "1")
     assert int(two["val"]) == int(one["val"]) == 20
     for k in ("fc.weight", "fc.bias", "bn.running_mean", "bn.running_var"):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_on_another_rank_count(shards, ref, tmp_path):
+    """Positions are per logical reader: a probe stopped on 1 rank continues on 2 with the same
+    global batches (float sums in another order)."""
+    ck = tmp_path / "ck"
+    part = _harness(shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "4")
+    assert int(part["stopped_at"]) == 4
+    res = _harness(shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--world", "2")
+    assert int(res["resumed"]) == 4
+    for k in ("fc.weight", "fc.bias", "bn.running_mean", "bn.running_var"):
+        torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)

@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc = ap.add_argument_group("streaming (shards: linear-fast, knn, linear; docs/eval.md)")
     sc.add_argument("--in-memory", action="store_true",
                     help="decode the capped splits into RAM instead of streaming them (small sets)")
-    sc.add_argument("--readers", type=int, default=16,
-                    help="logical readers per split; the global batch's content depends on this, not "
-                         "on ranks or workers (a multiple of the rank count)")
+    sc.add_argument("--readers", type=int, default=None,
+                    help="logical readers per split, a multiple of the rank count; the global batch's "
+                         "content depends on this, not on ranks or workers (default: the smallest "
+                         "multiple of ranks x workers >= 16; fix it to compare or resume runs on "
+                         "other rank counts)")
     sc.add_argument("--micro-batch", type=int, default=256,
                     help="images per encoder forward; the global batch is ranks x micro x accumulation")
     sc.add_argument("--feature-store", default=None,
@@ -507,12 +509,16 @@ def _streaming_runner(cfg, args, views, out: Path, device, log):
 
     if not kinds or any(k not in ROW_KINDS for k in kinds):
         raise EvalError(f"--knn-rows {args.knn_rows!r}: choose from {', '.join(ROW_KINDS)}")
-    if args.readers < 1 or args.micro_batch < 1:
+    from . import dist as edist
+    from .stream import default_readers
+
+    workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
+    readers = args.readers or default_readers(edist.current().world_size, workers)
+    if readers < 1 or args.micro_batch < 1:
         raise EvalError("--readers and --micro-batch must be >= 1")
     if not 0 <= args.holdout < 1:
         raise EvalError(f"--holdout {args.holdout}: a fraction in [0, 1)")
-    sa = ScaleArgs(readers=args.readers,
-                   num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
+    sa = ScaleArgs(readers=readers, num_workers=workers,
                    micro_batch=args.micro_batch,
                    store_root=Path(args.feature_store) if args.feature_store else out / "features",
                    store_dtype=args.store_dtype, blrs=blrs, holdout=args.holdout, knn_rows=kinds,

@@ -40,7 +40,7 @@ from . import dist as edist
 from .features import Log, autocast_for, feature_dim, frozen, module_device, pool_features
 from .lars import LARS
 from .linear_probe import FULL_PROTOCOL, LinearHead, cosine_lr, default_warmup, lars_budget
-from .stream import EvalStream, SplitSpec
+from .stream import EvalStream, SplitSpec, batch_shares
 
 
 
@@ -137,18 +137,21 @@ def run_probe(
     num_workers: int = 0,
     log: Log = None,
     on_step: Optional[Callable[[int], None]] = None,
+    stop_after: int = 0,
     desc: str = "linear",
 ) -> dict:
     """Train the probe head on the augmented training stream and evaluate it on the validation
-    stream; see the module docstring. Returns the result row and `state` (the head's tensors)."""
+    stream; see the module docstring. Returns the result row and `state` (the head's tensors).
+    `stop_after` > 0: checkpoint and return after that many steps of this call, without the
+    validation pass (a job with a time slot; the next run resumes)."""
     t_start = time.perf_counter()
     ranks = edist.current()
     s = settings
     N = ranks.world_size
     G = s.global_batch
-    if G % train_spec.readers:
-        raise UsageError(f"--batch-size {G} (the probe's global batch) is not a multiple of --readers="
-                         f"{train_spec.readers}: every logical reader gives G / readers images per step")
+    if G < train_spec.readers:
+        raise UsageError(f"--batch-size {G} (the probe's global batch) is smaller than --readers="
+                         f"{train_spec.readers}: every logical reader gives at least one image per step")
     device = module_device(encoder)
     dim = feature_dim(encoder)
     head = LinearHead(dim, s.num_classes, s.seed).to(device)
@@ -187,7 +190,7 @@ def run_probe(
         edist.barrier()
 
     train = EvalStream(train_spec, ranks.rank, N, num_workers)
-    per_reader = G // train_spec.readers
+    per_reader = batch_shares(G, train_spec.readers)
     t0 = last = time.perf_counter()
     loss_v = float("nan")
     if step0 < total:
@@ -230,6 +233,11 @@ def run_probe(
                     on_step(done)
                 if done >= total:
                     break
+                if stop_after and done - step0 >= stop_after:
+                    if ckpt is not None and done % max(1, ckpt_every):
+                        save(done, pos)
+                    return dict(stopped_at=done, steps=total, resumed_from=step0,
+                                seconds=time.perf_counter() - t_start)
     val = EvalStream(val_spec, ranks.rank, N, num_workers)
     top1, top5, nval = evaluate_stream(encoder, head, val, micro=s.micro_batch, pool=s.pool,
                                        precision=s.precision)

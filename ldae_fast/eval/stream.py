@@ -3,8 +3,9 @@
 Memory is bounded by the chunk, the shuffle buffer and the DataLoader's prefetch, never by the
 size of the split: nothing here holds more than a few chunks of decoded images.
 
-Logical readers. A split is read by R *logical readers* (`readers`, default 16), fixed by the
-user and independent of the number of ranks and workers: rank k hosts readers r = k, k + N,
+Logical readers. A split is read by R *logical readers* (`readers`), fixed by the user and
+independent of the number of ranks and workers (the CLI's default, `default_readers`, is the
+smallest multiple of ranks x workers >= 16): rank k hosts readers r = k, k + N,
 k + 2N, ... (N ranks), and the rank's DataLoader workers split those further. Reader r reads
 
 - shard-level: the shards `order[r::R]` (`order` a permutation keyed on (seed, epoch) for the
@@ -17,8 +18,9 @@ k + 2N, ... (N ranks), and the rank's DataLoader workers split those further. Re
 Every sample carries its id (shard index, ordinal in its shard), so a deterministic pass gives
 the same (id -> features) on any number of ranks, and the augmented stream draws each crop and
 flip from a generator keyed on (seed, epoch, reader, index in the reader's epoch). Because the
-global batch of the augmented stream is "the next G / R samples of every reader", its content does
-not depend on how many ranks or workers host the readers.
+global batch of the augmented stream is "the next G / R samples of every reader" (`batch_shares`
+when R does not divide G), its content does not depend on how many ranks or workers host the
+readers.
 
 Bad samples: counted per reader with the pretraining rule (badsamples.BadSampleCounter, the
 message names shard and key, fatal past data.max_bad_fraction); a sample whose image does not
@@ -184,7 +186,7 @@ class _Readers(IterableDataset):
     within a step (worker w hosts readers[w::W], all hosting the same number)."""
 
     def __init__(self, spec: SplitSpec, readers: list[int], starts: dict[int, tuple[int, int]],
-                 chunk: int, epochs: Optional[int], first_step: int) -> None:
+                 chunk: int | dict[int, int], epochs: Optional[int], first_step: int) -> None:
         super().__init__()
         self.spec, self.readers, self.starts = spec, readers, starts
         self.chunk, self.epochs, self.first_step = chunk, epochs, first_step
@@ -207,7 +209,8 @@ class _Readers(IterableDataset):
                 imgs, labels, ids = [], [], []
                 c = counters[r]
                 last = False
-                while len(imgs) < self.chunk:
+                want = self.chunk[r] if isinstance(self.chunk, dict) else self.chunk
+                while len(imgs) < want:
                     try:
                         epoch, i, sid, raw = next(its[r])
                     except StopIteration:
@@ -228,6 +231,20 @@ class _Readers(IterableDataset):
                 yield Chunk(r, step, x, torch.tensor(labels, dtype=torch.int64),
                             torch.tensor(ids, dtype=torch.int64).view(-1, 2), pos[r], c.good, c.bad, last)
             step += 1
+
+
+def batch_shares(global_batch: int, readers: int) -> dict[int, int]:
+    """Images each logical reader gives to one global batch: G // R, one more for the first
+    G mod R readers (a rule of the batch and the reader count alone)."""
+    q, rem = divmod(global_batch, readers)
+    return {r: q + (1 if r < rem else 0) for r in range(readers)}
+
+
+def default_readers(world_size: int, num_workers: int, at_least: int = 16) -> int:
+    """The smallest multiple of ranks x workers that is >= `at_least`: every worker of every rank
+    hosts the same number of readers, so decoding uses all the workers asked for."""
+    unit = world_size * max(1, num_workers)
+    return unit * -(-at_least // unit)
 
 
 def _workers_for(n_readers: int, num_workers: int) -> int:
@@ -263,11 +280,12 @@ class EvalStream:
         return {"good": sum(g for g, _ in self._counts.values()),
                 "bad": sum(b for _, b in self._counts.values())}
 
-    def steps(self, per_reader: int, first_step: int = 0,
+    def steps(self, per_reader: int | dict[int, int], first_step: int = 0,
               positions: Optional[dict[int, tuple[int, int]]] = None
               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[int, tuple[int, int]]]]:
         """Endless (step, images uint8, labels, positions of this rank's readers after the step):
-        `per_reader` samples of each hosted reader per step, in reader order."""
+        `per_reader` samples of each hosted reader per step (one count, or one per reader: see
+        `batch_shares`), in reader order."""
         starts = {r: tuple(positions[r]) for r in self.readers} if positions else {}
         ds = _Readers(self.spec, self.readers, starts, per_reader, None, first_step)
         pos = {r: starts.get(r, (0, 0)) for r in self.readers}
@@ -314,5 +332,5 @@ def count_samples(spec: SplitSpec) -> int:
     return scan_split(spec)[0]
 
 
-__all__ = ["SplitSpec", "split_spec", "EvalStream", "Chunk", "count_samples", "scan_split", "readers_of_rank",
+__all__ = ["SplitSpec", "split_spec", "EvalStream", "Chunk", "count_samples", "scan_split", "batch_shares", "default_readers", "readers_of_rank",
            "reader_samples", "PROBE_SCALE"]
