@@ -32,8 +32,8 @@ for _p in (str(ROOT), str(ROOT / "bench")):
 
 import results_io  # noqa: E402
 import torch  # noqa: E402
-
 from data import make_jpeg_shards  # noqa: E402  (bench/data.py)
+
 from ldae_fast.data.transforms import normalize  # noqa: E402
 from ldae_fast.data.urls import expand_urls  # noqa: E402
 from ldae_fast.eval.features import autocast_for, pool_features  # noqa: E402

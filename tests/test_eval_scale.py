@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from eval_shards import write_split
+
 from ldae_fast.eval.fast_heads import holdout_split, train_heads
 from ldae_fast.eval.feature_store import FeatureStore, SplitRows, weights_hash
 from ldae_fast.eval.knn import knn_classify

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from eval_shards import write_split
+
 from ldae_fast.data.urls import expand_urls
 from ldae_fast.eval.stream import EvalStream, SplitSpec, count_samples
 
@@ -151,7 +151,7 @@ def test_uneven_shares_and_default_readers(tmp_path):
         rows = []
         for rank in range(world):
             st = EvalStream(spec, rank, world)
-            for step, x, y, pos in st.steps(shares):
+            for step, x, _y, _pos in st.steps(shares):
                 assert x.shape[0] == sum(shares[r] for r in st.readers)
                 rows.append((step, rank, x))
                 if step == 2:

@@ -3,7 +3,6 @@ folder with a label file; both splits share the sorted-synset class index."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

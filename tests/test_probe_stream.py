@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from eval_shards import write_split
 
 HARNESS = Path(__file__).parent / "probe_harness.py"

@@ -11,7 +11,7 @@ to ties between equal similarities.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -43,7 +43,6 @@ from .linear_probe import FULL_PROTOCOL, LinearHead, cosine_lr, default_warmup, 
 from .stream import EvalStream, SplitSpec, batch_shares
 
 
-
 @dataclass(frozen=True)
 class ProbeSettings:
     """Everything that changes the probe's trajectory; a checkpoint resumes only under the same."""
