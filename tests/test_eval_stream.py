@@ -116,7 +116,11 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 def _peak_rss_kib(root: Path, mode: str) -> tuple[int, int]:
     code = _RSS_SCRIPT.format(tests=str(Path(__file__).parent))
-    out = subprocess.run([sys.executable, "-c", code, str(root), mode], capture_output=True,
+    # Through a small launcher: Linux carries a process's peak RSS across exec, and a child forked
+    # straight from this (large) pytest process would start its peak at pytest's RSS.
+    launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", code, str(root), mode],
+                         capture_output=True,
                          text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                          "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.returncode == 0, out.stderr[-2000:]
