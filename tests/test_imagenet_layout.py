@@ -86,3 +86,68 @@ def test_flat_val_errors_name_the_line(fake_imagenet, tmp_path, capsys):
     # Without --classes and no classes.tsv beside the output: the usage error says what to do.
     rc = make_shards([str(root / "val"), str(tmp_path / "p" / "val-%06d.tar"), "--val-labels", str(short)])
     assert rc == 2 and "--classes" in capsys.readouterr().err
+
+
+# The devkit: a level-5 MAT file written here the way MATLAB writes meta.mat (struct array,
+# compressed), to check our reader without scipy.
+def _el(typ: int, payload: bytes) -> bytes:
+    import struct
+
+    if len(payload) <= 4 and typ != 14:
+        return struct.pack("<HH", typ, len(payload)) + payload.ljust(4, b"\0")
+    return struct.pack("<II", typ, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+
+
+def _matrix(cls: int, dims: tuple[int, ...], body: bytes, name: str = "") -> bytes:
+    import struct
+
+    flags = _el(6, struct.pack("<II", cls, 0))
+    d = _el(5, struct.pack(f"<{len(dims)}i", *dims))
+    return _el(14, flags + d + _el(1, name.encode()) + body)
+
+
+def _double(v: float) -> bytes:
+    import struct
+
+    return _matrix(6, (1, 1), _el(9, struct.pack("<d", v)))
+
+
+def _char(text: str) -> bytes:
+    import struct
+
+    return _matrix(4, (1, len(text)), _el(4, struct.pack(f"<{len(text)}H", *map(ord, text))))
+
+
+def write_meta_mat(path: Path, synsets: list[tuple[int, str]]) -> None:
+    import zlib
+
+    fields = [b"ILSVRC2012_ID", b"WNID", b"children"]
+    width = 32
+    names = b"".join(f.ljust(width, b"\0") for f in fields)
+    body = _el(5, width.to_bytes(4, "little")) + _el(1, names)
+    for i, wnid in synsets:
+        body += _double(float(i)) + _char(wnid) + _el(14, b"")  # children: an empty matrix
+    var = _matrix(2, (len(synsets), 1), body, "synsets")
+    header = b"MATLAB 5.0 MAT-file, written by a test".ljust(116, b" ") + b"\0" * 8 + b"\x00\x01IM"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + _el(15, zlib.compress(var)))
+
+
+def test_make_shards_val_from_the_devkit(fake_imagenet, tmp_path):
+    root, truth = fake_imagenet
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    # The devkit's own ids: not the sorted order (id 1 is n02119789, as in the real devkit).
+    ids = {"n02119789": 1, "n04596742": 2, "n01440764": 3, "n00001740": 4}  # 4: an inner node
+    write_meta_mat(devkit / "data" / "meta.mat", [(i, w) for w, i in ids.items()])
+    lines = [str(ids[truth[f"ILSVRC2012_val_{n:08d}"]]) for n in range(1, 7)]
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(lines) + "\n")
+    order = sorted(SYNSETS)
+    for labels in (devkit, devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"):
+        out = tmp_path / f"s-{labels.name}"
+        assert make_shards([str(root / "val"), str(out / "val-%06d.tar"), "--val-labels", str(labels),
+                            "--classes", str(root / "train")]) == 0
+        assert _labels(out, "val") == {n: order.index(s) for n, s in truth.items()}
+    from ldae_fast.data.matfile import load_mat
+
+    syn = load_mat(devkit / "data" / "meta.mat")["synsets"]
+    assert [s["WNID"] for s in syn] == list(ids) and syn[0]["children"].size == 0

@@ -228,7 +228,8 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--gzip", action="store_true", help="gzip the shards (.tar.gz)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed (-1: keep sorted order)")
     ap.add_argument("--val-labels", default=None,
-                    help="SRC is one flat folder (ImageNet's val); this file labels it, one line per "
+                    help="SRC is one flat folder (ImageNet's val) labelled by the devkit folder "
+                         "(ILSVRC2012_devkit_t12: ground truth + meta.mat) or a file of one line per "
                          "image: FILENAME,SYNSET (e.g. LOC_val_solution.csv) or FILENAME INDEX")
     ap.add_argument("--classes", default=None,
                     help="with --val-labels: the class list (the classes.tsv written beside the train "
