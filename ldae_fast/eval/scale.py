@@ -102,7 +102,8 @@ class StreamingEval:
         root = self.sa.store_root or Path("runs") / "features"
         st = FeatureStore(root, self._store_settings(name, view), self.sa.store_dtype)
         t0 = time.perf_counter()
-        if st.complete():
+        # Rank 0 decides for all: ranks that disagreed would wait in different collectives.
+        if edist.all_gather_objects(st.complete())[0]:
             if self.log and self.ranks.main:
                 self.log(f"{name}: reusing the feature store {st.dir}")
         else:
