@@ -109,8 +109,10 @@ class StreamingEval:
         else:
             if self.log and self.ranks.main:
                 self.log(f"{name}: writing the feature store {st.dir}")
-            st.write({"train": lambda: self._features(view, self.train_flat, f"{name} train"),
-                      "val": lambda: self._features(view, self.val, f"{name} val")})
+            d = self.cfg.data
+            n_train = self.max_train or (d.epoch_size if d.epoch_size > 1 else 0)
+            st.write({"train": lambda: self._features(view, self.train_flat, f"{name} train", n_train),
+                      "val": lambda: self._features(view, self.val, f"{name} val", self.max_val or 0)})
         self.extract_seconds[name] = time.perf_counter() - t0
         self.stores[name] = st
         tr, va = st.read("train"), st.read("val")
@@ -123,7 +125,9 @@ class StreamingEval:
             self.log(f"{name}: {self.counts['train']} train / {self.counts['val']} val rows "
                      f"({self.extract_seconds[name]:.1f}s)")
 
-    def _features(self, view: nn.Module, spec: SplitSpec, desc: str):
+    def _features(self, view: nn.Module, spec: SplitSpec, desc: str, total: int = 0):
+        """(features, labels, ids) chunks of this rank's share; progress lines with images/s and,
+        when the split's size is known (`total`, all ranks), the ETA."""
         s = EvalStream(spec, self.ranks.rank, self.ranks.world_size, self.sa.num_workers)
         t0 = last = time.perf_counter()
         n = 0
@@ -135,7 +139,12 @@ class StreamingEval:
                 n += x.shape[0]
                 now = time.perf_counter()
                 if self.log and self.ranks.main and now - last > 10:
-                    self.log(f"{desc}: {n} images on rank 0, {n / (now - t0):.0f} img/s")
+                    rate = n / (now - t0)
+                    eta = ""
+                    if total:
+                        left = max(0.0, total / self.ranks.world_size - n) / max(rate, 1e-9)
+                        eta = f", ETA {left / 60:.1f} min"
+                    self.log(f"{desc}: {n} images on rank 0, {rate:.0f} img/s per rank{eta}")
                     last = now
                 yield f, y, ids
 
