@@ -8,25 +8,16 @@ training used. DiffMAE's reverse-diffusion inpainting loop belongs here too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from ..device import eval_mode
 
 
 def device_of(model: nn.Module) -> torch.device:
     """Where a model's parameters are (CPU for one without any): where its sampler runs."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 @torch.no_grad()

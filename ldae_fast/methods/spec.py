@@ -37,6 +37,9 @@ class MethodSpec:
     """(encoder, cfg, method) -> the module the probe and kNN read features from."""
     probe_note: Callable[[Any], str]
     """cfg -> what the probe conditions on, for the log (e.g. l-DAE's sigma)."""
+    probe_sigma: Callable[[Any], float] = lambda cfg: 0.0
+    """cfg -> the noise level the probe conditions on (part of a feature store's key); 0 for an
+    encoder that takes none."""
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Named presets: config overrides, each naming this method (or running it by default)."""
     validate: Callable[[Any], None] = lambda cfg: None

@@ -36,6 +36,11 @@ def _probe_view(encoder, cfg, method=None):
     return probe_view(encoder, cfg, method)
 
 
+def _probe_sigma(cfg) -> float:
+    from .probe import probe_sigma
+    return probe_sigma(cfg)
+
+
 def _probe_note(cfg) -> str:
     from .probe import probe_note
     return probe_note(cfg)
@@ -48,4 +53,5 @@ def _rows():
 
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
+                  probe_sigma=_probe_sigma,
                   rows=_rows)

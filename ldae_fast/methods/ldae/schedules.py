@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ddpm import ddpm_betas
+
 
 def sigma_linear(t: torch.Tensor, sigma_max: float = math.sqrt(2.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """The final recipe: gamma_t = 1, sigma_t = sigma_max * t (0 .. sqrt 2)."""
@@ -24,7 +26,7 @@ def ddpm_linear_beta(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM: beta linear from 1e-4 to 0.02 over T steps, gamma^2 = prod(1 - beta) = alpha_bar,
     sigma^2 = 1 - alpha_bar (variance preserving)."""
-    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device=t.device)
+    betas = ddpm_betas(num_timesteps, beta_start, beta_end, device=t.device)
     alpha_bar = torch.cumprod(1.0 - betas, 0)
     idx = (t.double().clamp(0, 1) * (num_timesteps - 1)).round().long()
     ab = alpha_bar[idx]

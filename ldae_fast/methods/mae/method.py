@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from ...batch import Batch
+from ...device import eval_mode
 from ...errors import ResumeMismatch
 from ...kernels.dispatch import resolve_kernels
 from ...markers import nvtx_range
 from ...reference import patchify, unpatchify
+from ...seeding import global_rows
 from .. import masking
 from ..masking import NORM_PIX_EPS, PatchMask, masked_mse, normalize_patches
-from ..sampling import eval_mode
 
 
 class MAEMethod:
@@ -69,9 +70,7 @@ class MAEMethod:
     def draw_mask(self, batch: int, num_patches: int, step: int, micro: int, accum: int) -> PatchMask:
         """This micro-batch's rows of step `step`'s global-batch masks: micro-batch m of `accum` on
         rank r holds rows (m * world + r) * B .. + B - 1, so N ranks draw what one process draws."""
-        if not 0 <= micro < accum:
-            raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
-        row, gb = batch * (micro * self.world_size + self.rank), batch * self.world_size * accum
+        row, gb = global_rows(batch, micro, accum, self.rank, self.world_size)
         return masking.random_masking(batch, num_patches, self.obj.mask_ratio, seed=self.cfg.engine.seed,
                                       step=step, row=row, global_batch=gb, device=self.device)
 
