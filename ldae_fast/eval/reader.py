@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, sanitize_stored_config
+from ..config import Config
 from ..errors import CheckpointError
+from ..shard_urls import sanitize_stored_config
 
 
 class TimmEncoder(torch.nn.Module):
