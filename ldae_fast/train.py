@@ -11,13 +11,12 @@ import importlib.util
 import time
 from pathlib import Path
 
-import torch
-
 from .config import Config, parse_cli
 from .errors import UsageError, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
+                       [--version]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
          diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith, diffmae-video-demo,
@@ -52,6 +51,8 @@ def usage(argv: list[str] = ()) -> str:
 def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
     encoder of the same architecture (the floor) and chance."""
+    import torch
+
     from .data import build_eval_arrays
     from .eval.features import extract_features, probe_encoder, probe_view
     from .eval.figure import denoise_figure
@@ -138,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if "--version" in argv:
+        from . import __version__
+        print(f"ldae-fast {__version__} (train.py)")
+        return 0
     if any(a in ("-h", "--help") for a in argv):
         print(usage(argv))
         return 0

@@ -21,21 +21,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ldae_fast.config import PRESETS
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
-from .features import (
-    extract_features,
-    feature_dim,
-    probe_encoder,
-    probe_sigma,
-    probe_view,
-    resolve_device,
-)
-from .finetune import recipe_for
-from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+# torch and the protocols are imported by the functions that run them: `ldae-fast eval --help` and
+# usage errors answer before torch is imported.
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +106,8 @@ def _with_probe_flags(cfg, args):
 
 
 def _probe_view(model, cfg, method, device):
+    from .features import probe_encoder, probe_view
+
     if method is None:
         # An exported encoder: its conditioning is folded at sigma = 0 and it has no tokenizer.
         if cfg.eval.probe_input == "noisy" or cfg.eval.probe_depth:
@@ -142,6 +134,8 @@ def _load_checkpoint(path: str):
 
 def _random_model(cfg):
     """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
+    import torch
+
     from ldae_fast.models import build_model
 
     with torch.random.fork_rng(devices=[]):
@@ -240,6 +234,12 @@ def _row(protocol: str, encoder: str, res: dict, **extra) -> dict:
 
 
 def run(args) -> dict:
+    import torch
+
+    from .features import extract_features, feature_dim, probe_sigma, resolve_device
+    from .finetune import recipe_for
+    from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+
     log = _make_log()
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     bad = [p for p in protocols if p not in PROTOCOLS]
