@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .shard_urls import untrusted_shard_fields
+from .shard_urls import sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
 from .trajectory import trajectory_presets
 
 

@@ -8,8 +8,9 @@ inputs and only the reduction order of the gradients differs. The launches are s
 
 A launch is bounded by its progress, not by a wall-clock budget: it fails when it prints nothing
 for IDLE_LIMIT_S seconds (a hung rendezvous or collective), however long a loaded machine takes
-to import and train. Two ranks on a 2-core machine at load 8 spend minutes importing torch and
-DeepSpeed, so a fixed total limit either flakes there or waits far too long for a real hang.
+to import, compile DeepSpeed's CPU all-reduce extension (first launch only) and train. Two ranks
+on a 2-core machine at load 8 spend minutes on that, so a fixed total limit either flakes there
+or waits far too long for a real hang.
 """
 
 import json
@@ -55,7 +56,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
+    env = dict(os.environ)  # TORCH_EXTENSIONS_DIR included: tests/conftest.py sets one per checkout
     # DeepSpeed would find the CPU itself, after probing for CUDA and warning about it.
     env["DS_ACCELERATOR"] = "cpu"
     env["OMP_NUM_THREADS"] = "1"  # two ranks on two shared cores
