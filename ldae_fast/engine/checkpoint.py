@@ -32,9 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, sanitize_stored_config
 from ..errors import CheckpointError
-from ..shard_urls import sanitize_stored_config
 
 FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d+)$")

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, sanitize_stored_config
 from ..errors import CheckpointError, FileProblem
-from ..shard_urls import sanitize_stored_config
 
 
 class TimmEncoder(torch.nn.Module):
