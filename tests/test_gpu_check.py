@@ -167,15 +167,20 @@ def _dry_run(*flags: str) -> dict[str, tuple[int, list[str]]]:
     return stages
 
 
+STAGES = ["env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests", "learn", "diffmae", "profile"]
+FIRST = ("env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests")
+
+
 @pytest.mark.parametrize("mode", ["gpu", "rehearse"])
 def test_stage_commands_parse_with_todays_flags(mode):
     """Every command the script would run parses with today's options, names tests that exist,
-    and on the GPU the first four limits leave the learning run at least 75 s of pretraining, so
-    a lent GPU's minutes are not lost to a renamed flag or a plan that cannot fit."""
+    runs the step first at the paper's shapes with each of the four variants in its own process
+    and slot, and on the GPU the stages before the learning run leave it at least 75 s of
+    pretraining, so a lent GPU's minutes are not lost to a renamed flag or a plan that cannot fit."""
     stages = _dry_run(*([] if mode == "gpu" else ["--rehearse"]))
-    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
+    assert list(stages) == STAGES
     ts, kb = load_bench("train_step"), load_bench("kernels")
-    for name, (_, argv) in stages.items():
+    for name, (limit, argv) in stages.items():
         scripts = [w for w in argv if w.startswith("bench/") or w == "pytest"]
         if name == "learn" and not LEARN_CHECK.exists():
             assert argv == []  # recorded as a failed stage; the rest go on
@@ -187,16 +192,22 @@ def test_stage_commands_parse_with_todays_flags(mode):
             args = ts.parse_args(argv[argv.index("bench/train_step.py") + 1:])
             vals, _, _ = ts.resolve(args)
             plan = ts.resolve_plan(args, vals)
-            if name == "train":
-                assert [k for _, keys in plan for k in keys] == ["a", "c", "d", "d", "b"]
-                assert args.json.endswith("train_step.json")
+            if name.startswith("train_"):
+                key = name.split("_")[1]
+                assert [k for _, keys in plan for k in keys][0] == key and limit >= 40
+                assert plan[0][0] == "auto" and args.append and args.json.endswith("train_step.json")
+                assert args.layout == "dit" and args.method == "ldae"
                 if mode == "gpu":
-                    assert args.sizes == "halfL" and plan == [(128, ["a", "c", "d"]), (256, ["d"]), (128, ["b"])]
+                    # The paper's shapes: the GPU defaults, no flag overriding them.
+                    assert args.sizes == "halfL" and args.latent_dim is args.img_size is args.patch_size is None
+                    assert {k: ts.GPU_DEFAULTS[k] for k in ("latent_dim", "img_size", "patch_size")} == \
+                        {"latent_dim": 32, "img_size": 256, "patch_size": 16}
             elif name == "diffmae":
                 assert args.method == "diffmae" and args.json.endswith("diffmae_step.json")
-                assert [k for _, keys in plan for k in keys] == ["a", "c", "d"] and args.budget_s is not None
+                assert args.decoder_kind == "cross_self" and args.budget_s is not None
+                assert [k for _, keys in plan for k in keys] == ["d", "a"]
                 if mode == "gpu":
-                    assert args.sizes == "L,B" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
+                    assert args.sizes == "L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
             else:
                 assert plan[0][1] == ["d"] and args.profile and args.no_write
         elif "bench/learn_check.py" in scripts:
@@ -216,14 +227,18 @@ def test_stage_commands_parse_with_todays_flags(mode):
                 assert (ROOT / path).exists(), t
                 assert not test or f"def {test}(" in (ROOT / path).read_text(), t
     if mode == "gpu":
-        first_four = sum(stages[s][0] for s in ("env", "tests", "kernels", "train"))
+        # (b)'s slot is its own limit or what the train slots left; the dry run shows its own.
         text = SCRIPT.read_text()
+        first = sum(stages[s][0] for s in FIRST if not s.startswith("train_")) + int(
+            re.search(r"TRAIN_TOTAL=(\d+)", text)[1])
+        assert sum(stages[s][0] for s in FIRST if s.startswith("train_")) == int(
+            re.search(r"TRAIN_TOTAL=(\d+)", text)[1])
         total = int(re.search(r"GPU_CHECK_TOTAL_S:-(\d+)", text)[1])
         extra = int(re.search(r"LEARN_EXTRA=(\d+)", text)[1])
-        assert total <= 540 and total - first_four - extra - 10 >= 75, (total, first_four)
+        assert total <= 540 and total - first - extra - 10 >= 75, (total, first)
         # The diffmae stage's reserve gives way before those 75 s do.
         assert int(re.search(r"LEARN_KEEP=(\d+)", text)[1]) >= 75
-        assert f"limits add up to {first_four} s" in text
+        assert f"add up to {first} s" in text
 
 
 def test_device_call_is_the_same_in_the_header_and_the_readme():
@@ -319,14 +334,20 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     assert "bash bench/gpu_check.sh --rehearse" in meta["command"] and meta["git_commit"]
     assert meta["data"]["dir"] and meta["files"]["learn.json"] == "learn_check"
     stages = {row["stage"]: row for row in envj["rows"]}
-    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
+    assert list(stages) == STAGES
     for name, row in stages.items():
         if name == "learn" and not learn:
             assert row["status"].startswith("failed: bench/learn_check.py is not in this tree")
         else:
             assert row["status"] == "ok", row
     assert stages["tests"]["passed"] >= 6 and "failed" not in stages["tests"]
-    assert stages["train"]["rows"] == 5 and stages["kernels"]["rows_ok"] == stages["kernels"]["rows"] > 0
+    # Each variant's process appended to the one file: (d) at 'auto' and 'max', then a, c, b.
+    assert [stages[f"train_{k}"]["rows"] for k in "dacb"] == [2, 3, 4, 5]
+    steps = json.loads((out / "train_step.json").read_text())["rows"]
+    assert [r["variant"] for r in steps] == ["d", "d", "a", "c", "b"]
+    assert all(r["status"] == "ok" and r["layout"] == "dit" and r["tokens"] == 64 for r in steps)
+    assert all(r["vs_a"] and r["vs_b"] and r["vs_c"] for r in steps if r["batch"] == steps[0]["batch"])
+    assert stages["kernels"]["rows_ok"] == stages["kernels"]["rows"] > 0
 
     kern = json.loads((out / "kernels.json").read_text())
     assert kern["meta"]["copy_GBps"] > 0 and kern["meta"]["complete"] is True
