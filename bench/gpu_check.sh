@@ -55,6 +55,9 @@
 #   diffmae   90   bench/train_step.py --method diffmae, ViT-L, cross_self decoder: (d), (a) at
 #                  micro-batch 256, no variant started after 55 s; if 45 s are left
 #   profile  rest  (d) at 'auto' under the profiler, if 60 s are left: the top-kernel table
+#   switches rest  (d) with one speed switch on each (bf16 residual, SDPA cuDNN, the whole step
+#                  as a CUDA graph, fused adaLN with bf16 output), appended to train_step.json
+#                  with vs_d, if 75 s are left; no variant started in the last 40 s
 # The limits of the stages before the learning run add up to 355 s, so it gets at least 75 s of
 # pretraining even if every earlier stage runs into its limit (diffmae is then skipped), and
 # 150 s when they end 165 s sooner than that (the first 90 s of that margin are diffmae's).
@@ -201,6 +204,9 @@ if [ "$MODE" = gpu ]; then
     LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
     LEARN_KEEP=75 DIFFMAE_RESERVE=90 LIMIT_DIFFMAE=90 DIFFMAE_MIN=45 DIFFMAE_TAIL=35
     PROFILE_MIN=60
+    SWITCHES=("$PY" bench/train_step.py --sizes halfL --plan "auto:d+bf16res,d+cudnn,d+stepgraph,d+adaln-act"
+        --warmup 3 --steps 10)
+    SWITCHES_MIN=75 SWITCHES_TAIL=40
 else
     # Toy sizes on CPU through the same scripts and files; the Triton kernels run interpreted.
     # One thread: at toy sizes a second one only adds OpenMP hand-offs on a shared machine.
@@ -231,6 +237,8 @@ else
     LEARN_MAX=10 LEARN_MIN=5 LEARN_EXTRA=140
     LEARN_KEEP=10 DIFFMAE_RESERVE=0 LIMIT_DIFFMAE=90 DIFFMAE_MIN=20 DIFFMAE_TAIL=30
     PROFILE_MIN=30
+    SWITCHES=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --plan "auto:d+bf16res,d+stepgraph")
+    SWITCHES_MIN=20 SWITCHES_TAIL=10
 fi
 [ -n "${LDAE_GIT_COMMIT:-}" ] || LDAE_GIT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "")
 export LDAE_GIT_COMMIT
@@ -376,6 +384,15 @@ run_stages() {
         fi
     else
         skip profile "skipped: $(left) s left, under the $PROFILE_MIN s it needs"
+    fi
+    # Last, with what is left: (d) with one speed switch on each, against (d) above (vs_d).
+    if [ "$(left)" -ge "$SWITCHES_MIN" ] || [ "$DRY" = 1 ]; then
+        local slimit
+        slimit=$(within "$(left)")
+        stage switches "$slimit" train_step.json - "${SWITCHES[@]}" --append --json "$OUT_DIR/train_step.json" \
+            --budget-s "$((slimit > SWITCHES_TAIL + 1 ? slimit - SWITCHES_TAIL : 1))"
+    else
+        skip switches "skipped: $(left) s left, under the $SWITCHES_MIN s it needs"
     fi
     [ "$DRY" = 1 ] && return 0
     record "" --done

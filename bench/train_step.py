@@ -85,6 +85,7 @@ from ldae_fast.engine.mfu import (  # noqa: E402
     peak_tflops_for,
     train_flops_per_image,
 )
+from ldae_fast.engine.cuda_graph import GraphedStep, check_cuda_graphs  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
@@ -113,8 +114,17 @@ VARIANTS = {
     "d+adaln": dict(_D, name="(d) + fused adaLN LN", fused_adaln=True),
     "d+graphs": dict(_D, name="(d) + CUDA graphs", compile_mode="reduce-overhead"),
     "d+ckpt": dict(_D, name="(d) + activation ckpt", ckpt=True),
+    # The speed switches of issue 26, each (d) with one switch on (vs_d > 1: turn it on).
+    "d+bf16res": dict(_D, name="(d) + bf16 residual", model=dict(bf16_residual=True)),
+    "d+adaln-act": dict(_D, name="(d) + fused adaLN, bf16 out", fused_adaln=True,
+                        model=dict(adaln_act_dtype=True)),
+    "d+flash": dict(_D, name="(d) + SDPA flash", attn="flash"),
+    "d+cudnn": dict(_D, name="(d) + SDPA cuDNN", attn="cudnn"),
+    "d+fp8": dict(_D, name="(d) + FP8 linears", model=dict(fp8="rowwise")),
+    "d+stepgraph": dict(_D, name="(d) whole step, CUDA graph", stepgraph=True),
 }
 ABLATIONS = ("d-compile", "d-triton", "d+adaln", "d+graphs", "d+ckpt")
+SWITCHES = ("d+bf16res", "d+adaln-act", "d+cudnn", "d+flash", "d+stepgraph", "d+fp8")
 
 # The paper's shapes: 256 px, patch 16 (256 tokens in the 'dit' layout), d = 32.
 GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
@@ -374,7 +384,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     kernels = v["kernels"]
     if kernels == "triton" and s.device.type != "cuda":
         kernels, info["note"] = _cpu_kernels_choice()
-    attn = v["attn"] if v["attn"] in ("auto", "math") else "auto"
+    attn = v["attn"] if v["attn"] not in ("timm",) else "auto"
     if attn == "auto" and not v["peer"]:
         info["attn"] = f"auto ({resolve_backend('auto')})"
     diffmae = s.method == "diffmae"
@@ -421,7 +431,11 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
                              tokenizer=None if diffmae else random_tokenizer(s.patch_size, s.latent_dim))
     info["kernels"] = objective.kernels
 
-    if v["ours_optim"]:
+    if v.get("stepgraph"):
+        check_cuda_graphs([next(model.parameters())])
+        # Captured optimizer steps read lr and the step count on the device.
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True, capturable=True)
+    elif v["ours_optim"]:
         opt = build_adamw(model, cfg, lr=1e-4)
     else:
         # What a user writes first: defaults (foreach on CUDA), no parameter groups.
@@ -458,6 +472,18 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss.detach()
+
+    if v.get("stepgraph"):
+        # Timing only: the step's host-side draws (the noise seed of step 0) are frozen into the
+        # graph, so every replay draws the same noise; the kernels and bytes are a real step's.
+        info["note"] = "timing only: the noise draws repeat at every replay (seeds frozen at capture)"
+        eager_step = step
+        graphed: dict[str, GraphedStep] = {}
+
+        def step(x: torch.Tensor, i: int) -> torch.Tensor:  # noqa: F811
+            if "g" not in graphed:
+                graphed["g"] = GraphedStep(lambda xs: eager_step(xs, 0), (x,), warmup=3)
+            return graphed["g"](x)
 
     return model, objective, opt, step, info
 
@@ -604,6 +630,31 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r[f"vs_{other}"] = _sig(r["images_per_s"] / o["images_per_s"], 4) if ok else None
 
 
+# Targets (issue 26): judged here, on the rows of this run, never in a test ---------------------------
+
+TARGETS = (
+    # (what, variant, row key, at least)
+    ("(d) MFU >= 0.55 (1,100 img/s on an H200 at ViT-1/2L)", "d", "mfu", 0.55),
+    ("(d) >= 2x eager (a)", "d", "vs_a", 2.0),
+    ("(d) >= 1.25x torch.compile (b)", "d", "vs_b", 1.25),
+    ("(d) >= 1.25x timm blocks (c)", "d", "vs_c", 1.25),
+    ("FP8 linears >= 1.3x the bf16 step (d)", "d+fp8", "vs_d", 1.3),
+)
+
+
+def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target against the best measured row of its variant (ratios come from the same run):
+    'met', 'not met', or 'not measured' (no such row ran, or it failed)."""
+    out = []
+    for what, variant, key, least in TARGETS:
+        vals = [r[key] for r in rows if r.get("variant") == variant and r.get("method", "ldae") == "ldae"
+                and r.get("status") == "ok" and r.get(key) is not None]
+        best = max(vals) if vals else None
+        status = "not measured" if best is None else "met" if best >= least else "not met"
+        out.append({"target": what, "variant": variant, "value": best, "at_least": least, "status": status})
+    return out
+
+
 # Command line ------------------------------------------------------------------------------------
 
 
@@ -622,7 +673,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']}; "
                                           f"diffmae {DIFFMAE_GPU_DEFAULTS['batch_sizes']})")
     ap.add_argument("--variants", default=None,
-                    help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)} "
+                    help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)}; "
+                         f"'switches' = {','.join(SWITCHES)} "
                          f"(default {DEFAULT_VARIANTS['ldae']}; diffmae {DEFAULT_VARIANTS['diffmae']})")
     ap.add_argument("--plan", default=None, metavar="B:V,V;B:V",
                     help="micro-batches and the variants at each, run in the order written, e.g. "
@@ -697,7 +749,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, boo
 def _variant_list(text: str) -> list[str]:
     keys: list[str] = []
     for v in (v.strip() for v in text.split(",")):
-        for key in (ABLATIONS if v == "ablations" else (v,) if v else ()):
+        for key in (ABLATIONS if v == "ablations" else SWITCHES if v == "switches" else (v,) if v else ()):
             if key not in keys:
                 keys.append(key)
     bad = [v for v in keys if v not in VARIANTS]
@@ -877,7 +929,13 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     add_ratios(rows)
     print()
     print(table(rows))
+    if not diffmae:
+        meta["targets"] = judge_targets(rows)
+        print("\ntargets (issue 26; smoke runs on CPU are not performance numbers):")
+        for t in meta["targets"]:
+            print(f"  {t['status']:<12} {t['target']}: {_fmt(t['value'])}")
     if results is not None:
+        results.meta["targets"] = meta.get("targets")
         results.set_rows(rows)
         meta["results"] = [str(p) for p in results.close() if p is not None]
     return rows, meta

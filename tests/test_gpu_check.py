@@ -26,9 +26,10 @@ LEARN_CHECK = BENCH / "learn_check.py"
 
 # The kernels against float64 at the shapes training runs ----------------------------------------
 
-# ViT-1/2L's step: 256 px, patch 16, d = 128, micro-batch 64; a DiT block's tokens (256 + class)
-# at width 1024. In the interpreter the same code at a toy size.
-REAL = {"noise": (64, 256, 16, 128), "noise-G": (64, 256, 16, 32), "loss": (64, 256, 16, 128), "adaln": (64, 257, 1024)}
+# ViT-1/2L's step at the paper's shapes: 256 px, patch 16, d = 32, micro-batch 64; a DiT block's
+# 256 tokens ('dit' layout, no class token) at width 1024; d = 128 through the general-tokenizer
+# noise (more tiles of G). In the interpreter the same code at a toy size.
+REAL = {"noise": (64, 256, 16, 32), "noise-G": (64, 256, 16, 128), "loss": (64, 256, 16, 32), "adaln": (64, 256, 1024)}
 TOY = {"noise": (2, 32, 16, 128), "noise-G": (2, 32, 16, 32), "loss": (2, 32, 16, 128), "adaln": (2, 9, 64)}
 # Below this share of the largest magnitude an error is rounding of the output dtype, not a bug.
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-9 / 10}
@@ -167,7 +168,8 @@ def _dry_run(*flags: str) -> dict[str, tuple[int, list[str]]]:
     return stages
 
 
-STAGES = ["env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests", "learn", "diffmae", "profile"]
+STAGES = ["env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests", "learn", "diffmae", "profile",
+          "switches"]
 FIRST = ("env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests")
 
 
@@ -208,6 +210,10 @@ def test_stage_commands_parse_with_todays_flags(mode):
                 assert [k for _, keys in plan for k in keys] == ["d", "a"]
                 if mode == "gpu":
                     assert args.sizes == "L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
+            elif name == "switches":
+                keys = plan[0][1]
+                assert plan[0][0] == "auto" and args.append and args.json.endswith("train_step.json")
+                assert keys and all(k in ts.SWITCHES for k in keys) and args.budget_s is not None
             else:
                 assert plan[0][1] == ["d"] and args.profile and args.no_write
         elif "bench/learn_check.py" in scripts:
@@ -341,12 +347,14 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
         else:
             assert row["status"] == "ok", row
     assert stages["tests"]["passed"] >= 6 and "failed" not in stages["tests"]
-    # Each variant's process appended to the one file: (d) at 'auto' and 'max', then a, c, b.
-    assert [stages[f"train_{k}"]["rows"] for k in "dacb"] == [2, 3, 4, 5]
+    # Each variant's process appended to the one file: (d) at 'auto' and 'max', then a, c, b,
+    # then (d) with a speed switch each (the CUDA graph refused on CPU in its row, in one line).
+    assert [stages[f"train_{k}"]["rows"] for k in "dacb"] == [2, 3, 4, 5] and stages["switches"]["rows"] == 7
     steps = json.loads((out / "train_step.json").read_text())["rows"]
-    assert [r["variant"] for r in steps] == ["d", "d", "a", "c", "b"]
-    assert all(r["status"] == "ok" and r["layout"] == "dit" and r["tokens"] == 64 for r in steps)
-    assert all(r["vs_a"] and r["vs_b"] and r["vs_c"] for r in steps if r["batch"] == steps[0]["batch"])
+    assert [r["variant"] for r in steps] == ["d", "d", "a", "c", "b", "d+bf16res", "d+stepgraph"]
+    assert all(r["status"] == "ok" and r["layout"] == "dit" and r["tokens"] == 64 for r in steps[:6])
+    assert all(r["vs_a"] and r["vs_b"] and r["vs_c"] for r in steps[:5] if r["batch"] == steps[0]["batch"])
+    assert steps[5]["vs_d"] and "CUDA graphs need a CUDA device" in steps[6]["status"]
     assert stages["kernels"]["rows_ok"] == stages["kernels"]["rows"] > 0
 
     kern = json.loads((out / "kernels.json").read_text())
