@@ -80,12 +80,12 @@ from ldae_fast.config import (  # noqa: E402
     ObjectiveConfig,
     TokenizerConfig,
 )
+from ldae_fast.engine.cuda_graph import GraphedStep, check_cuda_graphs  # noqa: E402
 from ldae_fast.engine.mfu import (  # noqa: E402
     diffmae_train_flops_per_image,
     peak_tflops_for,
     train_flops_per_image,
 )
-from ldae_fast.engine.cuda_graph import GraphedStep, check_cuda_graphs  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
