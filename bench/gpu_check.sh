@@ -204,7 +204,7 @@ if [ "$MODE" = gpu ]; then
     LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
     LEARN_KEEP=75 DIFFMAE_RESERVE=90 LIMIT_DIFFMAE=90 DIFFMAE_MIN=45 DIFFMAE_TAIL=35
     PROFILE_MIN=60
-    SWITCHES=("$PY" bench/train_step.py --sizes halfL --plan "auto:d+bf16res,d+cudnn,d+stepgraph,d+adaln-act"
+    SWITCHES=("$PY" bench/train_step.py --sizes halfL --plan "auto:d+bf16res,d+cudnn,d+adaln-act,d+stepgraph"
         --warmup 3 --steps 10)
     SWITCHES_MIN=75 SWITCHES_TAIL=40
 else

@@ -642,15 +642,17 @@ TARGETS = (
 )
 
 
-def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def judge_targets(rows: list[dict[str, Any]], smoke: bool = False) -> list[dict[str, Any]]:
     """Each target against the best measured row of its variant (ratios come from the same run):
-    'met', 'not met', or 'not measured' (no such row ran, or it failed)."""
+    'met', 'not met', 'not measured' (no such row ran, or it failed), or on a CPU smoke run
+    'not judged' (toy sizes say nothing about a GPU)."""
     out = []
     for what, variant, key, least in TARGETS:
         vals = [r[key] for r in rows if r.get("variant") == variant and r.get("method", "ldae") == "ldae"
                 and r.get("status") == "ok" and r.get(key) is not None]
         best = max(vals) if vals else None
-        status = "not measured" if best is None else "met" if best >= least else "not met"
+        status = ("not judged: a CPU smoke run" if smoke else "not measured" if best is None
+                  else "met" if best >= least else "not met")
         out.append({"target": what, "variant": variant, "value": best, "at_least": least, "status": status})
     return out
 
@@ -930,7 +932,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     print()
     print(table(rows))
     if not diffmae:
-        meta["targets"] = judge_targets(rows)
+        meta["targets"] = judge_targets(rows, smoke)
         print("\ntargets (issue 26; smoke runs on CPU are not performance numbers):")
         for t in meta["targets"]:
             print(f"  {t['status']:<12} {t['target']}: {_fmt(t['value'])}")

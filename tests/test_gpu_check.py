@@ -323,7 +323,7 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LDAE_GPU_TESTS"}
     env.update(OUT=str(out), PYTHON=sys.executable, LDAE_TEST_THREADS="1", OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", str(SCRIPT), "--rehearse"], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=420)
+                       timeout=540)
     log = r.stdout + r.stderr
     learn = LEARN_CHECK.exists()
     assert r.returncode == (0 if learn else 1), log[-4000:]
@@ -366,16 +366,19 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
 
     ts = json.loads((out / "train_step.json").read_text())
     got = [(row["batch"], row["variant"], row["status"]) for row in ts["rows"]]
-    assert got[:4] == [(4, "a", "ok"), (4, "c", "ok"), (4, "d", "ok"), (8, "d", "ok")], got
-    assert got[4][:2] == (4, "b") and got[4][2] in ("ok", "skipped: time budget (--budget-s 60)")
-    assert ts["meta"]["plan"] == "4:a,c,d;8:d;4:b" and ts["meta"]["git_commit"]
+    assert got[:5] == [(4, "d", "ok"), (8, "d", "ok"), (4, "a", "ok"), (4, "c", "ok"), (4, "b", "ok")], got
+    assert [r.get("batch_rule", "").split(":")[0] for r in ts["rows"][:5]] == ["auto", "max", "auto", "auto", "auto"]
+    # One file, every process's command; the targets judged on all the rows (not met on a CPU).
+    assert len(ts["meta"]["commands"]) == 5 and ts["meta"]["git_commit"]
+    assert {t["status"] for t in ts["meta"]["targets"]} == {"not judged: a CPU smoke run"}
     assert "|" in (out / "profile.md").read_text()
     dm = json.loads((out / "diffmae_step.json").read_text())
-    assert [(r["model"], r["variant"], r["status"]) for r in dm["rows"]] == [
-        ("DiffMAE tiny", v, "ok") for v in ("a", "c", "d")]
-    assert stages["diffmae"]["rows_ok"] == 3 and dm["meta"]["method"] == "diffmae"
+    assert [(r["model"], r["variant"], r["decoder_kind"], r["status"]) for r in dm["rows"]] == [
+        ("DiffMAE tiny", v, "cross_self", "ok") for v in ("d", "a")]
+    assert all(r["train_flops_per_image"] > 0 for r in dm["rows"])
+    assert stages["diffmae"]["rows_ok"] == 2 and dm["meta"]["method"] == "diffmae"
     log_text = (out / "gpu_check.log").read_text()
-    assert "stage train: exit 0" in log_text and "stage diffmae: exit 0" in log_text
+    assert "stage train_b: exit 0" in log_text and "stage diffmae: exit 0" in log_text
     # The summary is printed at the end rather than returned as a file of its own.
     assert "### train_step" in log_text.split("done; files in")[-1]
 
