@@ -36,17 +36,17 @@
 #
 # Stages and limits on the GPU (seconds; a cold machine: Triton and inductor compile everything,
 # into one cache folder every stage shares, so later stages and the tests find the kernels built):
-#   env       15   nvidia-smi, versions, commit, date, command -> env.json
-#   train_d   90   (d) ours at micro-batch 'auto' (the largest all four variants fit by the memory
+#   env       20   nvidia-smi, versions, commit, date, command -> env.json
+#   train_d   85   (d) ours at micro-batch 'auto' (the largest all four variants fit by the memory
 #                  estimate of bench/train_step.py: 64 on an H100, 128 on an H200), then at 'max'
 #                  (the largest (d) fits: 256) if that differs and started within 55 s
 #   train_a   40   (a) eager at 'auto'
 #   train_c   40   (c) the timm-block peer at 'auto'
-#   train_b   90   (b) torch.compile'd at 'auto' (its whole-model compile is the slow part): its
-#                  limit is 90 s or what the four train slots' 260 s leave, whichever is more
-#   kernels   40   bench/kernels.py --quick: d = 32 then d = 128, B 256, fp32 and bf16 images;
-#                  adaLN at T 256, C 1024; the torch.compile baseline only in the first 25 s
-#   tests     40   LDAE_GPU_TESTS=1 pytest, a chosen subset: the kernels against float64 at the
+#   train_b   85   (b) torch.compile'd at 'auto' (its whole-model compile is the slow part): its
+#                  limit is 85 s or what the four train slots' 250 s leave, whichever is more
+#   kernels   50   bench/kernels.py --quick: d = 32 then d = 128, B 256, fp32 and bf16 images;
+#                  adaLN at T 256, C 1024; the torch.compile baseline only in the first 15 s
+#   tests     35   LDAE_GPU_TESTS=1 pytest, a chosen subset: the kernels against float64 at the
 #                  training shapes, the attention backends, the speed switches
 #   learn    rest  bench/learn_check.py on gpu-data (5 train shards, 1 val): pretraining budget
 #                  min(150, time left - 110 - 90) s, but never under min(75, time left - 110) s
@@ -187,7 +187,7 @@ if [ "$MODE" = gpu ]; then
     TESTS=(env LDAE_GPU_TESTS=1 "$PY" -m pytest -v -p no:cacheprovider
         tests/test_gpu_check.py::test_kernel_matches_reference_at_real_shape
         tests/test_attention.py tests/test_speed_switches.py)
-    KERNELS=("$PY" bench/kernels.py --quick --budget-s 25)
+    KERNELS=("$PY" bench/kernels.py --quick --budget-s 15)
     TRAIN=("$PY" bench/train_step.py --sizes halfL --warmup 3 --steps 10)
     TRAIN_PLANS=("auto:d;max:d" "auto:a" "auto:c" "auto:b")
     TRAIN_D_START=55
@@ -200,7 +200,7 @@ if [ "$MODE" = gpu ]; then
     # Cold compiles are most of the train and test stages: one cache for every stage.
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/ldae-gpu-check/triton}
     export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ldae-gpu-check/inductor}
-    LIMIT_ENV=15 LIMIT_TESTS=40 LIMIT_KERNELS=40 LIMIT_TRAIN="90 40 40 90" TRAIN_TOTAL=260
+    LIMIT_ENV=20 LIMIT_TESTS=35 LIMIT_KERNELS=50 LIMIT_TRAIN="85 40 40 85" TRAIN_TOTAL=250
     LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
     LEARN_KEEP=75 DIFFMAE_RESERVE=90 LIMIT_DIFFMAE=90 DIFFMAE_MIN=45 DIFFMAE_TAIL=35
     PROFILE_MIN=60
