@@ -77,6 +77,10 @@ def test_gradients_match_reference(backend, dtype, device):
         pytest.skip(f"{backend} runs on CUDA only")
     q, k, v = _qkv((2, 2, 17, 32), dtype, device, seed=1)
     dout = _qkv((2, 2, 17, 32), dtype, device, seed=2)[0]
+    if device == "cuda" and backend in FP32_REFUSED_ON_CUDA and dtype == torch.float32:
+        with pytest.raises(AttentionBackendError, match=f"attn_backend='{backend}'.*cannot run on cuda"):
+            attention(q, k, v, backend=backend)
+        return
 
     def grads(fn, *inputs):
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
