@@ -13,7 +13,7 @@
 #   tests.log        the GPU tests that matter first (a chosen subset)
 #   learn.json       bench/learn_check.py (pretrained vs random-init on real data)
 #   diffmae_step.json bench/train_step.py --method diffmae: ViT-L at 224 px, 75% masked, the
-#                    cross_self decoder (its FLOPs in the rows)
+#                    presets' cross_self decoder, top-down wired deepest first (FLOPs in the rows)
 #   profile.md       the top-kernel table of (d), if time is left
 #   gpu_check.log    everything this script printed, ending with bench/make_perf_section.py over
 #                    the files above (kept in a scratch folder after each stage, printed at the end;
@@ -52,7 +52,8 @@
 #                  min(150, time left - 110 - 90) s, but never under min(75, time left - 110) s
 #                  (the 90 s kept for diffmae give way first), the limit 100 s above it (decode,
 #                  calibration, kNN and probe of the pretrained and 3 random-init encoders)
-#   diffmae   90   bench/train_step.py --method diffmae, ViT-L, cross_self decoder: (d), (a) at
+#   diffmae   90   bench/train_step.py --method diffmae, ViT-L, cross_self decoder read top-down
+#                  (model.decoder_topdown=deepest_first, the DiffMAE presets'): (d), (a) at
 #                  micro-batch 256, no variant started after 55 s; if 45 s are left
 #   profile  rest  (d) at 'auto' under the profiler, if 60 s are left: the top-kernel table
 #   switches rest  (d) with one speed switch on each (bf16 residual, SDPA cuDNN, the whole step
@@ -196,7 +197,7 @@ if [ "$MODE" = gpu ]; then
     PROFILE=("$PY" bench/train_step.py --sizes halfL --plan auto:d --warmup 3 --steps 3
         --profile-steps 3)
     DIFFMAE=("$PY" bench/train_step.py --method diffmae --sizes L --decoder-kind cross_self
-        --plan "256:d,a" --warmup 3 --steps 10)
+        --decoder-topdown deepest_first --plan "256:d,a" --warmup 3 --steps 10)
     # Cold compiles are most of the train and test stages: one cache for every stage.
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/ldae-gpu-check/triton}
     export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ldae-gpu-check/inductor}
@@ -232,7 +233,7 @@ else
     PROFILE=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --plan auto:d --warmup 0 --steps 1
         --profile-steps 1)
     DIFFMAE=("$PY" bench/train_step.py --method diffmae --cpu-smoke --compile-backend eager
-        --decoder-kind cross_self --plan "4:d,a")
+        --decoder-kind cross_self --decoder-topdown deepest_first --plan "4:d,a")
     LIMIT_ENV=60 LIMIT_TESTS=150 LIMIT_KERNELS=120 LIMIT_TRAIN="90 60 60 60" TRAIN_TOTAL=270
     LEARN_MAX=10 LEARN_MIN=5 LEARN_EXTRA=140
     LEARN_KEEP=10 DIFFMAE_RESERVE=0 LIMIT_DIFFMAE=90 DIFFMAE_MIN=20 DIFFMAE_TAIL=30

@@ -72,6 +72,7 @@ import torch.nn as nn  # noqa: E402
 from ldae_fast.config import (  # noqa: E402
     CUDA_GRAPH_MODES,
     DIFFMAE_DECODERS,
+    DIFFMAE_TOPDOWN,
     PRESETS,
     Config,
     DataConfig,
@@ -291,7 +292,8 @@ _MATH_ATTN = ("a", "b")
 
 def _param_count(s: Setup) -> int:
     """Our network's parameters at these shapes, built on the meta device (no memory, no init)."""
-    extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, **diffmae_decoder(s.size)) \
+    extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
+                 **diffmae_decoder(s.size)) \
         if s.method == "diffmae" else dict(layout=s.layout)
     m = ModelConfig(size=s.size, patch_size=s.patch_size, **extra)
     with torch.device("meta"):
@@ -355,6 +357,7 @@ class Setup:
     method: str = "ldae"
     mask_ratio: float = ObjectiveConfig.mask_ratio
     decoder_kind: str = ModelConfig.decoder_kind
+    decoder_topdown: str = ModelConfig.decoder_topdown
     layout: str = "dit"
 
 
@@ -390,7 +393,8 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     diffmae = s.method == "diffmae"
     extra: dict[str, Any] = {}
     if diffmae:
-        extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, **diffmae_decoder(s.size))
+        extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
+                     **diffmae_decoder(s.size))
     if not diffmae:
         extra["layout"] = s.layout
     extra.update(v.get("model", {}))  # the variant's speed switches (plain model.* fields)
@@ -580,7 +584,7 @@ def _row_ids(key: str, s: Setup) -> dict[str, Any]:
            "patch": s.patch_size, "batch": s.batch}
     if s.method == "diffmae":
         dec = diffmae_decoder(s.size)
-        row.update(mask_ratio=s.mask_ratio, decoder_kind=s.decoder_kind,
+        row.update(mask_ratio=s.mask_ratio, decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
                    decoder=f"{dec.get('decoder_depth', 'enc')} x {dec.get('decoder_width', 'enc')}")
     else:
         n = (s.img_size // s.patch_size) ** 2
@@ -667,6 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the method whose training step is measured (diffmae: see above)")
     ap.add_argument("--mask-ratio", type=float, default=ObjectiveConfig.mask_ratio,
                     help="diffmae: fraction of patches hidden from the encoder (default %(default)s)")
+    ap.add_argument("--decoder-topdown", default=ModelConfig.decoder_topdown, choices=DIFFMAE_TOPDOWN,
+                    help="diffmae: model.decoder_topdown, which encoder block each cross-attending decoder "
+                         "block reads (the DiffMAE presets: deepest_first; default %(default)s)")
     ap.add_argument("--decoder-kind", default=ModelConfig.decoder_kind,
                     help="diffmae: model.decoder_kind, joint / cross / cross_self (default %(default)s; the timm "
                          "peer exists for joint only)")
@@ -745,6 +752,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, boo
         raise SystemExit(f"--mask-ratio={args.mask_ratio} must lie in [0, 1)")
     if args.decoder_kind not in DIFFMAE_DECODERS:
         raise SystemExit(f"--decoder-kind={args.decoder_kind!r}: choose one of {', '.join(DIFFMAE_DECODERS)}")
+    if args.decoder_topdown != "last" and args.decoder_kind == "joint":
+        raise SystemExit(f"--decoder-topdown={args.decoder_topdown} needs --decoder-kind cross or cross_self")
     return vals, torch.device("cpu" if smoke else "cuda"), smoke
 
 
@@ -842,7 +851,8 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
           f"peak: {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'} ({peak_src})")
     diffmae = args.method == "diffmae"
     if diffmae:
-        print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}")
+        print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}, "
+              f"decoder_topdown={args.decoder_topdown}")
         print("FLOPs: ldae_fast.engine.mfu.diffmae_train_flops_per_image (forward + backward, matmuls only, "
               "2 per multiply-add; encoder on the visible tokens; peer counted without adaLN)")
     else:
@@ -854,7 +864,8 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
 
     setup_kw = dict(img_size=vals["img_size"], patch_size=vals["patch_size"], latent_dim=vals["latent_dim"],
                     device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"], method=args.method,
-                    mask_ratio=args.mask_ratio, decoder_kind=args.decoder_kind, layout=args.layout)
+                    mask_ratio=args.mask_ratio, decoder_kind=args.decoder_kind,
+                    decoder_topdown=args.decoder_topdown, layout=args.layout)
     profile_dir = Path(args.profile) if args.profile else None
     meta = {
         "benchmark": "train_step", "method": args.method, "device": gpu, "smoke": smoke,
@@ -866,6 +877,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
         "layout": args.layout,
         "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
         **({"mask_ratio": args.mask_ratio, "decoder_kind": args.decoder_kind,
+            "decoder_topdown": args.decoder_topdown,
             "flop_count": "ldae_fast.engine.mfu.diffmae_train_flops_per_image: forward (matmuls, 2 FLOPs per "
                           "multiply-add; encoder blocks on 1 + n_keep tokens, decoder on what decoder_kind "
                           "attends over, attention's quadratic terms included) + backward (2 x forward less "

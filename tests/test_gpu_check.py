@@ -206,7 +206,8 @@ def test_stage_commands_parse_with_todays_flags(mode):
                         {"latent_dim": 32, "img_size": 256, "patch_size": 16}
             elif name == "diffmae":
                 assert args.method == "diffmae" and args.json.endswith("diffmae_step.json")
-                assert args.decoder_kind == "cross_self" and args.budget_s is not None
+                assert args.decoder_kind == "cross_self" and args.decoder_topdown == "deepest_first"
+                assert args.budget_s is not None
                 assert [k for _, keys in plan for k in keys] == ["d", "a"]
                 if mode == "gpu":
                     assert args.sizes == "L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
@@ -373,8 +374,8 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     assert {t["status"] for t in ts["meta"]["targets"]} == {"not judged: a CPU smoke run"}
     assert "|" in (out / "profile.md").read_text()
     dm = json.loads((out / "diffmae_step.json").read_text())
-    assert [(r["model"], r["variant"], r["decoder_kind"], r["status"]) for r in dm["rows"]] == [
-        ("DiffMAE tiny", v, "cross_self", "ok") for v in ("d", "a")]
+    assert [(r["model"], r["variant"], r["decoder_kind"], r["decoder_topdown"], r["status"]) for r in dm["rows"]] == [
+        ("DiffMAE tiny", v, "cross_self", "deepest_first", "ok") for v in ("d", "a")]
     assert all(r["train_flops_per_image"] > 0 for r in dm["rows"])
     assert stages["diffmae"]["rows_ok"] == 2 and dm["meta"]["method"] == "diffmae"
     log_text = (out / "gpu_check.log").read_text()
