@@ -238,7 +238,12 @@ def _check_format(d: Path) -> dict:
 
 def verify_checkpoint(d: Path) -> str | None:
     """None when every file of checkpoint `d` is present with its recorded SHA-256, else what
-    is wrong. Raises CheckpointError for a checkpoint of another format version."""
+    is wrong (an unreadable meta.json among them). Raises CheckpointError for a checkpoint of
+    another format version."""
+    try:
+        _read_meta(d)
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{d}: ")
     meta = _check_format(d)
     files = meta.get("files")
     if not isinstance(files, dict) or "state.pt" not in files:
@@ -254,15 +259,39 @@ def verify_checkpoint(d: Path) -> str | None:
     return None
 
 
+def is_diverging(d: Path) -> bool:
+    """Whether checkpoint `d` was written while the divergence guard was counting bad log lines."""
+    try:
+        return bool(_read_meta(d).get("diverging", False))
+    except CheckpointError:
+        return False
+
+
 def _newest_intact(out_dir: Path, what: str) -> Path | None:
+    """The newest intact checkpoint that was not written while the run was diverging; the newest
+    intact one when every intact one was (with a warning saying so)."""
     cks = list_checkpoints(out_dir)
+    diverging: list[Path] = []
     for d in reversed(cks):
         bad = verify_checkpoint(d)
-        if bad is None:
+        if bad is not None:
+            older = "an older one" if d is not cks[0] else "nothing older"
+            warnings.warn(f"checkpoint {d} is damaged ({bad}); not resuming from it, trying {older}",
+                          stacklevel=3)
+            continue
+        if not is_diverging(d):
+            if diverging:
+                warnings.warn(f"{len(diverging)} newer checkpoint(s) ({', '.join(p.name for p in diverging)}) "
+                              "were written while the run was diverging (gradient norm non-finite or above "
+                              f"engine.diverge_grad_norm); resuming from {d.name}, the newest one written "
+                              "before that", stacklevel=3)
             return d
-        older = "an older one" if d is not cks[0] else "nothing older"
-        warnings.warn(f"checkpoint {d} is damaged ({bad}); not resuming from it, trying {older}",
-                      stacklevel=3)
+        diverging.append(d)
+    if diverging:
+        warnings.warn(f"every intact checkpoint under {ckpt_root(out_dir)} was written while the run was "
+                      f"diverging; resuming from the newest, {diverging[0].name} (consider a lower "
+                      "--optim.blr or --optim.clip_grad)", stacklevel=3)
+        return diverging[0]
     if cks:
         raise CheckpointError(f"{what}: none of the {len(cks)} checkpoint(s) under {ckpt_root(out_dir)} "
                               "is intact (see the warnings above)")
