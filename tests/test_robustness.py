@@ -100,3 +100,40 @@ def test_a_healthy_newest_checkpoint_resumes_without_a_warning(run3, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ck.resolve_resume("auto", run).name == "step_00000006"
+
+
+# 6. Any change of the network is exit 7 naming what changed, never a size-mismatch traceback ----
+def _argv(out, **over):
+    return [f"--{k}={v}" for k, v in {**TINY, "engine.out_dir": out, **over}.items()]
+
+
+@pytest.mark.parametrize("change, named", [({"model.layout": "dit"}, "model.layout mae -> dit"),
+                                           ({"model.adaln_dim": 8}, "model.adaln_dim 32 -> 8"),
+                                           ({"model.class_cond": "true"}, "model.class_cond False -> True"),
+                                           ({"model.mlp_ratio": 2}, "model.mlp_ratio 4.0 -> 2")])
+def test_resume_with_another_network_is_exit_7_naming_the_field(run3, tmp_path, capsys, change, named):
+    from ldae_fast.train import main
+
+    run = _copy(run3, tmp_path / "run")
+    code = main(_argv(run, **{"engine.steps": 8, "engine.resume": "auto"}, **change))
+    err = capsys.readouterr().err
+    assert code == 7, err
+    assert "Traceback" not in err and "size mismatch" not in err
+    assert named in err.strip().splitlines()[-1]
+
+
+def test_adaln_dim_spelled_out_as_its_default_is_the_same_network(run3, tmp_path):
+    run = _copy(run3, tmp_path / "run")  # mae layout: adaln_dim 0 means the width, 32
+    res = train(_cfg(run, **{"engine.steps": 8, "engine.ckpt_every": 2, "engine.keep_last": 3,
+                             "engine.resume": "auto", "model.adaln_dim": 32}))
+    assert res.checkpoint.name == "step_00000008"
+
+
+def test_a_shape_change_the_config_comparison_misses_is_still_exit_7(run3, tmp_path, monkeypatch):
+    from ldae_fast.engine import guard
+    from ldae_fast.errors import ResumeMismatch
+
+    monkeypatch.setattr(guard, "model_shape_diff", lambda saved, cfg: [])  # the backstop alone
+    run = _copy(run3, tmp_path / "run")
+    with pytest.raises(ResumeMismatch, match=r"another network \(.*(blocks|embed|final).*differ"):
+        train(_cfg(run, **{"engine.steps": 8, "engine.resume": "auto", "model.width": 64}))

@@ -78,21 +78,69 @@ def params_finite(*modules_or_dicts, reduce_max=None) -> bool:
 
 
 
-# Fields that fix the shapes of the saved tensors.
-_SHAPE_FIELDS = (("model", "width"), ("model", "encoder_depth"), ("model", "decoder_depth"),
-                 ("model", "num_heads"), ("model", "mlp_ratio"), ("model", "patch_size"),
-                 ("model", "cond"), ("data", "img_size"), ("tokenizer", "latent_dim"))
+# model.* fields that change how the network runs, never which tensors it holds: everything else
+# in the model section defines the network, so a field added later is compared by default.
+_RUNTIME_ONLY = frozenset({"size", "attn_backend", "grad_checkpointing", "fused_adaln", "label_dropout"})
+# Fields outside the model section that fix the shapes of the saved tensors.
+_OTHER_SHAPE_FIELDS = (("data", "img_size"), ("tokenizer", "latent_dim"))
+
+
+def _model_view(section: dict):
+    """The model section as the network reads it (named sizes filled, derived widths resolved), or
+    None when the saved dict no longer builds a ModelConfig (then the raw values are compared)."""
+    import dataclasses
+
+    from ..config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in section.items() if k in known})
+    except Exception:  # noqa: BLE001 - an old or hand-edited config: fall back to the raw values
+        return None
 
 
 def model_shape_diff(saved: dict, cfg) -> list[str]:
-    """'section.field saved -> now' for each shape-defining field that differs."""
+    """'section.field saved -> now' for each network-defining field that differs: every model.*
+    field but the runtime-only ones (model.adaln_dim compared as the width it resolves to), plus
+    data.img_size and tokenizer.latent_dim."""
+    import dataclasses
+
     out = []
-    for sec, name in _SHAPE_FIELDS:
+    was_model = saved.get("model") or {}
+    view = _model_view(was_model)
+    for f in dataclasses.fields(cfg.model):
+        if f.name in _RUNTIME_ONLY or f.name not in was_model:
+            continue
+        now = getattr(cfg.model, f.name)
+        was = getattr(view, f.name) if view is not None else was_model[f.name]
+        if f.name == "adaln_dim" and view is not None:
+            was, now = view.cond_width, cfg.model.cond_width
+        if was != now:
+            out.append(f"model.{f.name} {was} -> {now}")
+    for sec, name in _OTHER_SHAPE_FIELDS:
         was = (saved.get(sec) or {}).get(name)
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
     return out
+
+
+
+def state_dict_mismatch(e: RuntimeError) -> str | None:
+    """The parameters named by a load_state_dict shape or key error, as one short phrase; None when
+    `e` is some other RuntimeError."""
+    import re
+
+    text = str(e)
+    if "size mismatch for" not in text and "Missing key(s)" not in text and "Unexpected key(s)" not in text:
+        return None
+    names = re.findall(r"size mismatch for ([\w.]+)", text)
+    for what in ("Missing", "Unexpected"):
+        m = re.search(what + r' key\(s\) in state_dict: ([^\n]*?)\.\s*(?:\n|$|Unexpected|size)', text)
+        if m:
+            names += [n.strip().strip('"') for n in m.group(1).split(",")]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return shown or "parameters differ"
 
 
 def check_before_save(step: int, first_bad: torch.Tensor, model, ema, newest_good, reduce_max=None) -> None:

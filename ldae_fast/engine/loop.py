@@ -236,9 +236,17 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
 
     start = 0
     if resume_state is not None:
-        backend.load_state_dict(resume_state, resume_dir)
-        if ema is not None and resume_state.get("ema"):
-            ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
+        try:
+            backend.load_state_dict(resume_state, resume_dir)
+            if ema is not None and resume_state.get("ema"):
+                ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
+        except RuntimeError as err:  # a network change the config comparison above did not name
+            params = guard.state_dict_mismatch(err)
+            if params is None:
+                raise
+            raise ResumeMismatch(f"{resume_dir} holds another network ({params} differ in shape or are "
+                                 "missing): a resume keeps the network; start a new run (a new out_dir) "
+                                 "to train another one") from None
         per_rank = resume_state.get("data_ranks")
         stream.load_state_dict(per_rank[rank] if per_rank and len(per_rank) == world else resume_state["data"])
         ckpt_mod.set_rng_state(resume_state["rng"])
