@@ -452,6 +452,13 @@ class EngineConfig:
     """Steps between metric lines (the loss is synced to the host only then)."""
     ckpt_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    ckpt_every_s: float = 0.0
+    """Seconds between checkpoints besides ckpt_every (0: off), so a killed long run loses minutes
+    of work whatever a step costs; under several ranks checked at log steps, on rank 0's clock."""
+    ckpt_write_failures: int = 3
+    """Consecutive periodic checkpoint writes that may fail (disk full, file size limit) before the
+    run stops (exit 4); each failure is a warning and the next interval tries again. A failed
+    final checkpoint always stops the run."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     out_dir: str = "runs/demo"
@@ -504,6 +511,9 @@ class EngineConfig:
         _check(self.steps >= 0 and self.grad_accum >= 1, "engine.steps >= 0, engine.grad_accum >= 1")
         _check(self.log_every >= 1 and self.ckpt_every >= 0 and self.keep_last >= 1,
                "engine.log_every >= 1, engine.ckpt_every >= 0, engine.keep_last >= 1")
+        _check(self.ckpt_every_s >= 0 and self.ckpt_write_failures >= 1,
+               f"engine.ckpt_every_s={self.ckpt_every_s} must be >= 0 and "
+               f"engine.ckpt_write_failures={self.ckpt_write_failures} >= 1")
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
         _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")

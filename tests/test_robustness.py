@@ -137,3 +137,84 @@ def test_a_shape_change_the_config_comparison_misses_is_still_exit_7(run3, tmp_p
     run = _copy(run3, tmp_path / "run")
     with pytest.raises(ResumeMismatch, match=r"another network \(.*(blocks|embed|final).*differ"):
         train(_cfg(run, **{"engine.steps": 8, "engine.resume": "auto", "model.width": 64}))
+
+
+# 4. A checkpoint write that fails is named, leaves nothing half-written, and is retried ---------
+def _failing_save(monkeypatch, fail_steps, err=None):
+    import errno
+    import os
+
+    real = ck._save_tensors
+
+    def save(state, path):
+        if state["step"] in fail_steps:
+            with open(path, "wb") as f:
+                f.write(b"partial")  # what a full disk leaves behind
+            raise err or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(state, path)
+
+    monkeypatch.setattr(ck, "_save_tensors", save)
+
+
+def test_a_failed_periodic_write_warns_and_the_next_interval_retries(tmp_path, monkeypatch):
+    _failing_save(monkeypatch, {4})
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"checkpoint of step 4 into .*checkpoints: no space left on the "
+                                         r"device; the partial write was removed and the previous checkpoint "
+                                         r"\S*step_00000002 is intact; training goes on"):
+        res = train(_cfg(out, **{"engine.steps": 8, "engine.ckpt_every": 2, "engine.keep_last": 5}))
+    assert [d.name for d in ck.list_checkpoints(out)] == ["step_00000002", "step_00000006", "step_00000008"]
+    assert res.checkpoint.name == "step_00000008"
+    assert not list(ck.ckpt_root(out).glob(".tmp-*"))  # atomic: nothing half-written is left
+    for d in ck.list_checkpoints(out):
+        assert ck.verify_checkpoint(d) is None
+
+
+def test_consecutive_failed_writes_stop_the_run_naming_the_cause(tmp_path, monkeypatch):
+    import errno
+
+    from ldae_fast.errors import FileProblem
+
+    _failing_save(monkeypatch, {4, 6}, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="step 4"), pytest.raises(
+            FileProblem, match=r"step 6 .*disk quota exceeded.*step_00000002 is intact.*2 checkpoint writes in a row"):
+        train(_cfg(out, **{"engine.steps": 20, "engine.ckpt_every": 2, "engine.ckpt_write_failures": 2}))
+    assert [d.name for d in ck.list_checkpoints(out)] == ["step_00000002"]
+    assert not list(ck.ckpt_root(out).glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_ends_in_one_line_and_exit_4(tmp_path):
+    """The real thing: `ulimit -f` under the state file's size (EFBIG; SIGXFSZ ignored, as a shell
+    with `trap '' XFSZ` would), in a child process."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *_argv(out, **{"engine.steps": 4, "engine.ckpt_every": 2})]
+    p = subprocess.run(cmd, preexec_fn=limit, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 4, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "inline_container" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert f"checkpoint of step 4 into {ck.ckpt_root(out)}" in last
+    assert "file too large" in last and "no earlier checkpoint exists" in last
+    assert "step 2" in p.stderr and "tries again" in p.stderr  # the periodic one warned first
+    assert not ck.list_checkpoints(out) and not list(ck.ckpt_root(out).glob(".tmp-*"))
+
+
+def test_ckpt_every_s_checkpoints_on_the_clock(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, **{"engine.steps": 4, "engine.ckpt_every_s": 1e-6, "engine.keep_last": 10}))
+    assert [ck.step_of(d) for d in ck.list_checkpoints(out)] == [1, 2, 3, 4]
+    out = tmp_path / "run2"  # a long interval: only the final one
+    train(_cfg(out, **{"engine.steps": 4, "engine.ckpt_every_s": 3600, "engine.keep_last": 10}))
+    assert [ck.step_of(d) for d in ck.list_checkpoints(out)] == [4]

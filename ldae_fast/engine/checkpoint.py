@@ -15,6 +15,7 @@ pickled as objects) are refused, never unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import Config, sanitize_stored_config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FileProblem
 
 FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -151,6 +152,48 @@ def read_latest_pointer(out_dir: str | Path) -> Path | None:
     return d if _STEP_RE.match(name) and is_complete(d) else None
 
 
+class CheckpointWriteError(FileProblem):
+    """A checkpoint could not be written (disk full, quota, file size limit); the temporary
+    directory is gone and the previous checkpoint is untouched."""
+
+    category = "checkpoint write error"
+
+
+_WRITE_CAUSES = {errno.ENOSPC: "no space left on the device",
+                 errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large (a file size limit, e.g. `ulimit -f`)"}
+
+
+def _write_cause(e: BaseException, where: Path) -> str:
+    """What stopped a write, in words. torch.save reports a failed write as 'unexpected pos';
+    the OSError behind it is in the exception's context when it wrote through a Python file."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return _WRITE_CAUSES.get(seen.errno, f"{seen.strerror or seen} (errno {seen.errno})")
+        seen = seen.__cause__ or seen.__context__
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"{_WRITE_CAUSES[errno.EFBIG]} of {limit} bytes, probably"
+    try:
+        if shutil.disk_usage(where).free < (64 << 20):
+            return _WRITE_CAUSES[errno.ENOSPC] + ", probably"
+    except OSError:
+        pass
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _save_tensors(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file, so a failed write keeps its OSError (errno) for the message.
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
                      extra_meta: dict | None = None, writer=None, is_main: bool = True,
                      barrier=None) -> Path:
@@ -160,6 +203,8 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
     containers only. `writer(tmp_dir)` may write additional files before the rename (DeepSpeed's
     sharded state). In a multi-rank run every rank calls this with `barrier` set: rank 0 owns the
     directory and the rename, every rank runs `writer` into the same temporary directory.
+    A write that fails (no space, quota, file size limit) removes the temporary directory and
+    raises CheckpointWriteError naming the directory, the cause and the previous checkpoint.
     """
     def sync() -> None:
         if barrier is not None:
@@ -168,17 +213,25 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
     root = ckpt_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    if is_main:
+    previous = latest_checkpoint(out_dir) if is_main else None
+    failed: BaseException | None = None
+
+    def attempt(part) -> None:
+        nonlocal failed
+        if failed is None:
+            try:
+                part()
+            except (OSError, RuntimeError) as e:
+                failed = e
+
+    def start() -> None:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    sync()
-    if writer is not None:
-        writer(tmp)
-    sync()
-    if is_main:
-        torch.save(state, tmp / "state.pt")
+
+    def finish() -> None:
+        _save_tensors(state, tmp / "state.pt")
         _kill_point("after_state")
         meta = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), "finite": True,
                 **(extra_meta or {}), "files": _hash_tree(tmp)}
@@ -191,8 +244,33 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+
+    # Every rank passes every barrier, failed or not, so a failure never leaves the others waiting.
+    if is_main:
+        attempt(start)
+    sync()
+    if writer is not None:
+        attempt(lambda: writer(tmp))
+    sync()
+    if is_main:
+        attempt(finish)
+    if failed is not None:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sync()
+        kept = ("the previous checkpoint is untouched" if not is_main
+                else f"the previous checkpoint {previous} is intact"
+                if previous is not None and is_complete(previous) else "no earlier checkpoint exists")
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} into {root}: "
+                                   f"{_write_cause(failed, root)}; the partial write was removed and "
+                                   f"{kept}") from failed
+    if is_main:
         _kill_point("before_pointer")
-        write_latest_pointer(out_dir, final)
+        try:
+            write_latest_pointer(out_dir, final)
+        except OSError as e:  # the checkpoint itself is complete; resume lists directories
+            warnings.warn(f"{root / LATEST} not updated ({_write_cause(e, root)}); {final} is complete",
+                          stacklevel=2)
         _prune(out_dir, keep_last, just_written=final)
         for stale in root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)

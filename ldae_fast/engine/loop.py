@@ -120,6 +120,33 @@ def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> N
             "them, start a new run (a new out_dir) from the exported weights.")
 
 
+class _CheckpointClock:
+    """engine.ckpt_every_s: whether that many seconds passed since the last checkpoint (or the
+    start). One process looks every step; several ranks agree at log steps, on rank 0's clock."""
+
+    def __init__(self, every_s: float, world: int, reduce_max, device) -> None:
+        self.every_s, self.world, self.reduce_max, self.device = every_s, world, reduce_max, device
+        self.last = time.time()
+
+    def due(self, step: int, log_every: int) -> bool:
+        if not self.every_s:
+            return False
+        if self.world == 1 or self.reduce_max is None:
+            return time.time() - self.last >= self.every_s
+        if step % log_every:
+            return False
+        flag = torch.tensor(int(time.time() - self.last >= self.every_s) if self._rank0() else 0,
+                            device=self.device)
+        return bool(self.reduce_max(flag).item())
+
+    @staticmethod
+    def _rank0() -> bool:
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def saved(self) -> None:
+        self.last = time.time()
+
+
 class SingleDevice:
     """One device, no launcher: plain autograd + torch.optim."""
 
@@ -290,6 +317,31 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
                                          writer=backend.save_extra,
                                          is_main=is_main, barrier=getattr(backend, "barrier", None))
 
+    write_failures = 0
+
+    def save_or_retry(step: int) -> Path | None:
+        """A periodic checkpoint: a failed write is a warning and the next interval tries again,
+        until engine.ckpt_write_failures writes in a row have failed."""
+        nonlocal write_failures
+        try:
+            path = save(step)
+        except ckpt_mod.CheckpointWriteError as err:
+            write_failures += 1
+            if write_failures >= cfg.engine.ckpt_write_failures:
+                logger.close()
+                prof.close()
+                raise ckpt_mod.CheckpointWriteError(
+                    f"{err} ({write_failures} checkpoint writes in a row failed: stopping; "
+                    "free space or raise the limit, then --engine.resume=auto)") from None
+            warnings.warn(f"WARNING: {err}; training goes on and tries again at the next checkpoint "
+                          f"({write_failures} of engine.ckpt_write_failures={cfg.engine.ckpt_write_failures} "
+                          "failed writes in a row)", stacklevel=2)
+            return None
+        write_failures = 0
+        return path
+
+    ckpt_clock = _CheckpointClock(cfg.engine.ckpt_every_s, world,
+                                  getattr(backend, "all_reduce_max", None), device)
     it = iter(stream)
     losses: list[tuple[int, float]] = []
     win_loss = torch.zeros((), device=device)
@@ -364,13 +416,23 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
             win_loss.zero_()
             win_norm.zero_()
             win_steps, win_images, t_win = 0, 0, time.time()
-        if cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total:
-            last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+        if done != total and (cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0
+                              or ckpt_clock.due(done, cfg.engine.log_every)):
+            if is_main or backend.save_on_all_ranks:
+                last_ckpt = save_or_retry(done) or last_ckpt
+            ckpt_clock.saved()
         if done == total:
             break
     prof.close()
-    if total > start:
-        last_ckpt = save(total) if is_main or backend.save_on_all_ranks else None
+    if total > start:  # the final checkpoint: a failed write stops the run (exit 4)
+        if is_main or backend.save_on_all_ranks:
+            try:
+                last_ckpt = save(total)
+            except ckpt_mod.CheckpointWriteError:
+                logger.close()
+                raise
+        else:
+            last_ckpt = None
         if last_ckpt is not None:
             logger.info(f"checkpoint: {last_ckpt}")
     logger.close()
