@@ -218,3 +218,23 @@ def test_ckpt_every_s_checkpoints_on_the_clock(tmp_path):
     out = tmp_path / "run2"  # a long interval: only the final one
     train(_cfg(out, **{"engine.steps": 4, "engine.ckpt_every_s": 3600, "engine.keep_last": 10}))
     assert [ck.step_of(d) for d in ck.list_checkpoints(out)] == [4]
+
+
+# 11. One exit code per kind; ablate rows checkpoint on the clock ---------------------------------
+@pytest.mark.parametrize("tool", ["make-shards", "write-video-shards"])
+def test_a_missing_source_folder_is_a_file_error_in_every_shard_writer(tmp_path, capsys, tool):
+    from ldae_fast.cli import main
+
+    missing = tmp_path / "missing"
+    assert main([tool, str(missing), str(tmp_path / "out" / "s-%03d.tar")]) == 4
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(missing) in last and "file error" in last
+
+
+def test_ablate_rows_checkpoint_every_few_minutes(tmp_path):
+    from ldae_fast.eval.ablate import row_config
+
+    cfg, _ = row_config("pca-d8", "synthetic", 64, {}, tmp_path, 0.1)
+    assert 0 < cfg.engine.ckpt_every_s <= 600 and cfg.engine.resume == "auto"
+    cfg, _ = row_config("pca-d8", "synthetic", 64, {"engine.ckpt_every_s": "60"}, tmp_path, 0.1)
+    assert cfg.engine.ckpt_every_s == 60
