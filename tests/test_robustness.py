@@ -238,3 +238,28 @@ def test_ablate_rows_checkpoint_every_few_minutes(tmp_path):
     assert 0 < cfg.engine.ckpt_every_s <= 600 and cfg.engine.resume == "auto"
     cfg, _ = row_config("pca-d8", "synthetic", 64, {"engine.ckpt_every_s": "60"}, tmp_path, 0.1)
     assert cfg.engine.ckpt_every_s == 60
+
+
+# 10. eval's messages name eval's own flag --------------------------------------------------------
+@pytest.mark.parametrize("what", ["text-file", "empty-dir", "missing"])
+def test_eval_on_a_path_that_is_not_a_checkpoint_names_checkpoint_not_resume(tmp_path, capsys, what):
+    from ldae_fast.cli import main
+
+    p = tmp_path / what
+    if what == "text-file":
+        p.write_text("not a checkpoint\n")
+    elif what == "empty-dir":
+        p.mkdir()
+    code = main(["eval", "--checkpoint", str(p), "--data", "synthetic"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code in (4, 6) and "Traceback" not in err
+    assert f"--checkpoint {p}" in last and "--resume" not in err
+
+
+def test_eval_takes_a_run_directory_or_its_checkpoints_folder(run3):
+    from ldae_fast.eval.reader import load_for_eval
+
+    for p in (run3, run3 / "checkpoints"):
+        cfg, model, _ = load_for_eval(p, flag="--checkpoint")
+        assert cfg.model.width == 32

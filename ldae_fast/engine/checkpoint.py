@@ -376,9 +376,10 @@ def _newest_intact(out_dir: Path, what: str) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, out_dir: str | Path, flag: str = "--resume") -> Path | None:
     """'' -> None; 'auto' -> newest intact checkpoint in out_dir or None; a path -> that
-    checkpoint (verified), or the newest intact one of that run directory."""
+    checkpoint (verified), or the newest intact one of that run directory (or of its
+    checkpoints/ folder). `flag` is how the caller's user spells the path in messages."""
     if not resume:
         return None
     if resume == "auto":
@@ -387,15 +388,18 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     if p.is_file() and p.name == "state.pt":
         p = p.parent
     if not p.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        raise FileNotFoundError(f"{flag} {resume}: no such checkpoint")
+    if p.is_dir() and not is_complete(p) and p.name == "checkpoints" and not list_checkpoints(p):
+        p = p.parent  # OUT/checkpoints given for OUT
     if p.is_dir() and not is_complete(p):
-        latest = _newest_intact(p, f"--resume {resume}")  # a run directory was given
+        latest = _newest_intact(p, f"{flag} {resume}")  # a run directory was given
         if latest is None:
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no meta.json) "
+            raise FileNotFoundError(f"{flag} {resume}: not a complete checkpoint (no meta.json) "
                                     f"and no complete checkpoint under {p / 'checkpoints'}")
         return latest
     if not p.is_dir():
-        raise CheckpointError(f"--resume {resume}: not a checkpoint directory (step_*/ with meta.json)")
+        raise CheckpointError(f"{flag} {resume}: not a checkpoint (a step_*/ directory with meta.json, or "
+                              "the run directory holding checkpoints/)")
     bad = verify_checkpoint(p)
     if bad is not None:
         raise CheckpointError(f"checkpoint {p} is damaged: {bad}")

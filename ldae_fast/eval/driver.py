@@ -132,12 +132,10 @@ def _probe_view(model, cfg, method, device):
 def _load_checkpoint(path: str):
     from .reader import load_for_eval
 
-    if not Path(path).exists():
-        raise FileProblem(f"--checkpoint {path}: no such file or directory")
     try:
-        return load_for_eval(path)
+        return load_for_eval(path, flag="--checkpoint")
     except FileNotFoundError as e:
-        raise FileProblem(f"--checkpoint {path}: {e}") from None
+        raise FileProblem(str(e)) from None
 
 
 def _random_model(cfg):
