@@ -263,3 +263,92 @@ def test_eval_takes_a_run_directory_or_its_checkpoints_folder(run3):
     for p in (run3, run3 / "checkpoints"):
         cfg, model, _ = load_for_eval(p, flag="--checkpoint")
         assert cfg.model.width == 32
+
+
+# 5. A tokenizer file is validated at load, naming the input file --------------------------------
+def _write_tokenizer(path: Path, tensors: dict, meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"ldae_tokenizer": json.dumps(meta)})
+    return path
+
+
+def _pca_file(tmp_path: Path, alter=None, kind="pca", name="tok.safetensors") -> Path:
+    import torch
+
+    from ldae_fast.tokenizers import PixelTokenizer
+    from ldae_fast.tokenizers.pca import fit_pca
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "pixel":
+        tok = PixelTokenizer.create(4)
+        tok.d = 16  # the run's latent_dim (TINY's demo: d=16 of D=48)
+    else:
+        tok = fit_pca([torch.randn(16, 3, 16, 16, generator=g)], 4, 16, 16)
+    tensors = tok.state_dict()
+    meta = tok.metadata()
+    if alter:
+        alter(tensors, meta)
+    return _write_tokenizer(tmp_path / name, tensors, meta)
+
+
+def _skew(t, m):
+    t["basis"][0] *= 1.5  # a row no longer of unit length
+
+
+def _nan(t, m):
+    t["mean"][3] = float("nan")
+
+
+def _short(t, m):
+    t["basis"] = t["basis"][:, :40].contiguous()
+
+
+@pytest.mark.parametrize("kind, alter, says", [
+    ("pca", _skew, "tensor 'basis' is not an orthonormal basis"),
+    ("pixel", _skew, "tensor 'basis' is not an orthonormal basis"),
+    ("pca", _nan, "tensor 'mean' holds 1 non-finite value"),
+    ("pca", _short, "tensor 'basis' is (48, 40), expected (48, 48)")])
+def test_a_bad_linear_tokenizer_file_is_refused_at_load_naming_it(tmp_path, capsys, kind, alter, says):
+    from ldae_fast.train import main
+
+    path = _pca_file(tmp_path, alter, kind)
+    code = main(_argv(tmp_path / "run", **{"engine.steps": 2, "tokenizer.path": path, "tokenizer.kind": kind}))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 4 and "Traceback" not in err, err
+    assert f"tokenizer.path={path}" in last and says in last
+    assert "tokenizer.kind=" not in last  # never "use the kind you already use"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_intact_tokenizer_file_still_loads(tmp_path):
+    from ldae_fast.tokenizers import PCATokenizer
+
+    res = train(_cfg(tmp_path / "run", **{"engine.steps": 2, "tokenizer.path": _pca_file(tmp_path)}))
+    assert res.checkpoint is not None
+    assert PCATokenizer.load(_pca_file(tmp_path, kind="pixel", name="px.safetensors")).kind == "pixel"
+
+
+@pytest.mark.parametrize("kind", ["patch-ae", "patch-vae"])
+def test_a_learned_tokenizer_file_with_nan_is_refused_at_load_naming_it(tmp_path, capsys, kind):
+    import torch
+
+    from ldae_fast.train import main
+
+    D, d = 48, 16
+    tensors = {"encoder": torch.randn(d, D), "decoder": torch.randn(D, d), "mean": torch.zeros(D)}
+    if kind == "patch-vae":
+        tensors["logvar"] = torch.zeros(d)
+    tensors["decoder"][5, 2] = float("inf")
+    meta = {"format_version": 1, "kind": kind, "patch_size": 4, "channels": 3, "latent_dim": d,
+            "patch_dim": D, "num_patches_fitted": 1, "fit": {}}
+    path = _write_tokenizer(tmp_path / f"{kind}.safetensors", tensors, meta)
+    code = main(_argv(tmp_path / "run", **{"engine.steps": 2, "tokenizer.path": path, "tokenizer.kind": kind,
+                                           "noise.target": "z0", "model.output": "latent"}))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 4 and "Traceback" not in err, err
+    assert f"tokenizer.path={path}" in last and "tensor 'decoder' holds 1 non-finite value" in last
+    assert not list((tmp_path / "run").glob("tokenizer*"))  # never named as the run's own output
