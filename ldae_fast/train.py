@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, parse_cli
-from .errors import UsageError, run_cli
+from .errors import UsageError, one_line, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
@@ -53,6 +53,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
     encoder of the same architecture (the floor) and chance."""
     from .data import build_eval_arrays
+    from .data.badsamples import DataError
     from .eval.features import extract_features, probe_encoder, probe_view
     from .eval.figure import denoise_figure
     from .eval.knn import knn_classify
@@ -81,7 +82,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
             log(f"video figure (original / masked / output frames at temporal stride {cfg.model.tubelet}; "
                 f"{cfg.objective.mask_ratio:.0%} random masks, {cfg.objective.sample_steps} reverse steps): {path}")
         else:
-            imgs, _ = build_eval_arrays(cfg, "val", max_images=4)
+            imgs, _ = build_eval_arrays(cfg, "val", max_images=4, labels=False)
             levels = (cfg.noise.num_timesteps, cfg.noise.num_timesteps // 2, 0)
             path = inpaint_figure(method, model, imgs, Path(cfg.engine.out_dir) / "inpainting.png",
                                   levels=levels)
@@ -89,15 +90,19 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
                 f"center masks, {cfg.objective.sample_steps} reverse steps): {path}")
         out["figure"] = str(path)
     elif cfg.eval.figure:
-        imgs, _ = build_eval_arrays(cfg, "val", max_images=6)
+        imgs, _ = build_eval_arrays(cfg, "val", max_images=6, labels=False)
         sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
         path = denoise_figure(model, result.method, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png")
         log(f"figure (clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}): {path}")
         out["figure"] = str(path)
     if cfg.eval.probe:
         t0 = time.time()
-        train_arr = build_eval_arrays(cfg, "train")
-        val_arr = build_eval_arrays(cfg, "val")
+        try:
+            train_arr = build_eval_arrays(cfg, "train")
+            val_arr = build_eval_arrays(cfg, "val")
+        except DataError as e:  # the user's own shards may carry no labels: pretraining needs none
+            log(f"linear probe and kNN skipped: {one_line(e)}")
+            return out
         torch.manual_seed(cfg.engine.seed)
         rand_model = build_model(cfg.model, cfg.data.img_size).eval()
         ks = [int(k) for k in cfg.eval.knn_k.split(",") if k.strip()]
@@ -129,6 +134,15 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         out.update(probe_top1=ours, random_top1=floor, knn_top1=ours_knn, random_knn_top1=floor_knn,
                    chance=chance)
     return out
+
+
+def epilogue_skip_reason(cfg: Config) -> str:
+    """Why the demo's figure and probe cannot run on this config's data ('' when they can): they
+    read held-out images, which shard data names in data.val_shards."""
+    if cfg.data.source in ("wds", "resident") and not cfg.data.val_shards.strip():
+        return ("data.val_shards is not set (they evaluate on held-out images; set it, or run "
+                "`ldae-fast eval` on the checkpoint later)")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +184,11 @@ def _main(argv: list[str]) -> int:
             from .eval.reader import load_for_eval
             _, model, _ = load_for_eval(result.checkpoint)
             result.model, result.ema = model, None
-        finish_demo(cfg, result)
+        skip = epilogue_skip_reason(cfg)
+        if skip:
+            print(f"figure and linear probe skipped: {skip}")
+        else:
+            finish_demo(cfg, result)
     if is_main:
         print(f"run directory: {cfg.engine.out_dir} (config.json, metrics.jsonl, checkpoints/)")
     return 0

@@ -352,3 +352,38 @@ def test_a_learned_tokenizer_file_with_nan_is_refused_at_load_naming_it(tmp_path
     assert code == 4 and "Traceback" not in err, err
     assert f"tokenizer.path={path}" in last and "tensor 'decoder' holds 1 non-finite value" in last
     assert not list((tmp_path / "run").glob("tokenizer*"))  # never named as the run's own output
+
+
+# 8. A run that did its job exits 0: the demo's epilogue runs only where it can -------------------
+def _unlabelled_shard(path: Path, n=16) -> str:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (20, 20), (10 * i, 200 - 5 * i, 30)).save(buf, format="JPEG")
+            info = tarfile.TarInfo(f"k{i:03d}.jpg")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return str(path)
+
+
+@pytest.mark.parametrize("val", [False, True])
+def test_pretraining_on_unlabelled_user_shards_from_the_demo_preset_exits_0(tmp_path, capsys, val):
+    from ldae_fast.train import main
+
+    url = _unlabelled_shard(tmp_path / "mine-0.tar")
+    extra = {"data.val_shards": url} if val else {}
+    over = {**TINY, "eval.probe": "true", "eval.figure": "true", "data.epoch_size": "16", "data.num_workers": "0"}
+    argv = [f"--{k}={v}" for k, v in {**over, "engine.out_dir": tmp_path / "run", "engine.steps": 2,
+                                      "data.source": "wds", "data.train_shards": url, **extra}.items()]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert ck.latest_checkpoint(tmp_path / "run").name == "step_00000002"
+    skipped = [ln for ln in out.splitlines() if "skipped" in ln]
+    assert len(skipped) == 1, out
+    assert ("has no .cls label" in skipped[0]) if val else ("data.val_shards" in skipped[0])
