@@ -49,12 +49,16 @@ def usage(argv: list[str] = ()) -> str:
     return f"{USAGE}\nfields (type, default, what it does):\n{config_help(preset)}\n"
 
 
+PROBE_SEED = 0
+"""The probe head's seed: `ldae-fast eval --seed`'s default, so both print one number."""
+
+
 def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
     encoder of the same architecture (the floor) and chance."""
     from .data import build_eval_arrays
     from .data.badsamples import DataError
-    from .eval.features import extract_features, probe_encoder, probe_view
+    from .eval.features import extract_features, feature_settings, probe_encoder, probe_view, resolve_device
     from .eval.figure import denoise_figure
     from .eval.knn import knn_classify
     from .eval.linear_probe import linear_probe_fast
@@ -108,15 +112,20 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         ks = [int(k) for k in cfg.eval.knn_k.split(",") if k.strip()]
         k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
         scores = {}
-        method = result.method.to("cpu")
+        # The protocol of `ldae-fast eval --protocols linear-fast` with its defaults (device auto,
+        # its feature precision, seed 0, the EMA weights), so eval on the checkpoint prints the
+        # same probe number; features in bf16 on a GPU and fp32 on a CPU move it by a point or two.
+        device = resolve_device("auto")
+        method = result.method.to(device)
+        model, rand_model = model.to(device), rand_model.to(device)
         for name, enc in (("pretrained", probe_view(probe_encoder(model, cfg), cfg, method)),
                           ("random-init", probe_view(probe_encoder(rand_model, cfg), cfg, method))):
             # One feature pass per encoder serves both the probe and the kNN.
             feats = (extract_features(enc, train_arr[0], batch_size=cfg.eval.probe_batch_size),
                      extract_features(enc, val_arr[0], batch_size=cfg.eval.probe_batch_size))
-            torch.manual_seed(cfg.engine.seed)
             probe = linear_probe_fast(enc, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
-                                      batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr, cached=feats)
+                                      batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr,
+                                      seed=PROBE_SEED, cached=feats)
             # Centred on the train mean: a random encoder's features share one large direction
             # that swamps the cosine similarity; removing it is fair to both encoders.
             mu = feats[0].mean(0, keepdim=True)
@@ -124,9 +133,11 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
             scores[name] = (probe["top1"], knn["top1"])
         chance = 100.0 / max(1, int(train_arr[1].max()) + 1)
         (ours, ours_knn), (floor, floor_knn) = scores["pretrained"], scores["random-init"]
-        log(f"frozen-encoder evaluation ({len(train_arr[1])} train / {len(val_arr[1])} val images; linear "
-            f"probe: {cfg.eval.probe_epochs} epochs on cached features; kNN: k={k}, centred features; "
-            f"{time.time() - t0:.0f}s):\n"
+        weights = "EMA" if result.ema is not None else "trained"
+        log(f"frozen-encoder evaluation of the {weights} weights ({len(train_arr[1])} train / {len(val_arr[1])} "
+            f"val images; linear probe: {cfg.eval.probe_epochs} epochs on cached features, seed {PROBE_SEED}, "
+            f"{feature_settings(device)}, as `ldae-fast eval --checkpoint {cfg.engine.out_dir}`; kNN: k={k}, "
+            f"features centred on the train mean (eval's knn rows: raw features); {time.time() - t0:.0f}s):\n"
             f"                        probe top-1   kNN top-1\n"
             f"  pretrained encoder    {ours:10.1f}%  {ours_knn:9.1f}%\n"
             f"  random-init encoder   {floor:10.1f}%  {floor_knn:9.1f}%\n"

@@ -387,3 +387,30 @@ def test_pretraining_on_unlabelled_user_shards_from_the_demo_preset_exits_0(tmp_
     skipped = [ln for ln in out.splitlines() if "skipped" in ln]
     assert len(skipped) == 1, out
     assert ("has no .cls label" in skipped[0]) if val else ("data.val_shards" in skipped[0])
+
+
+# 9. One probe protocol: eval on the demo's checkpoint prints the demo's number, and says how -----
+def test_eval_on_a_demo_checkpoint_reproduces_the_demos_probe_number(tmp_path, capsys):
+    import re
+
+    from ldae_fast.cli import main as cli
+    from ldae_fast.eval.features import feature_settings, resolve_device
+    from ldae_fast.train import main
+
+    run = tmp_path / "run"
+    over = {**TINY, "eval.probe": "true", "eval.probe_epochs": "20", "data.synthetic_images": "96",
+            "engine.steps": 12, "engine.out_dir": run}
+    assert main([f"--{k}={v}" for k, v in over.items()]) == 0
+    demo = capsys.readouterr().out
+    probe, floor = (float(x) for x in re.findall(r"(?:pretrained|random-init) encoder\s+([\d.]+)%", demo))
+    assert cli(["eval", "--checkpoint", str(run), "--protocols", "linear-fast", "--out", str(tmp_path / "ev")]) == 0
+    capsys.readouterr()
+    got = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    rows = {r["encoder"]: r["top1"] for r in got["rows"]}
+    assert (f"{rows['checkpoint']:.1f}", f"{rows['random init']:.1f}") == (f"{probe:.1f}", f"{floor:.1f}")
+    # Both outputs say what decides the number: the weights, the seed, the device and precision.
+    how = feature_settings(resolve_device("auto"))
+    assert "of the EMA weights" in demo and "seed 0" in demo and how in demo
+    md = (tmp_path / "ev" / "eval.md").read_text()
+    assert "Weights: EMA" in md and "(seed 0)" in md and how in md
+    assert "centred" in demo and "raw features" in demo and "raw features" in md  # the kNN difference, named

@@ -29,6 +29,7 @@ from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, r
 from .features import (
     extract_features,
     feature_dim,
+    feature_settings,
     probe_encoder,
     probe_sigma,
     probe_view,
@@ -359,17 +360,25 @@ def run(args) -> dict:
                               device, args.seed, log)
 
     table = markdown_table(rows)
+    weights = ("an exported encoder" if method is None else
+               "EMA" if cfg.optim.ema_decay > 0 and not (cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3)
+               else "trained (the run kept no EMA)")
     meta = dict(checkpoint=str(args.checkpoint), data=data_desc, train_images=int(train[0].shape[0]),
                 val_images=int(val[0].shape[0]), num_classes=C, img_size=cfg.data.img_size,
-                pool=args.pool, device=str(device), torch=torch.__version__,
+                pool=args.pool, device=str(device), weights=weights, features=feature_settings(device),
+                seed=args.seed, torch=torch.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command="ldae-fast eval " + " ".join(getattr(args, "argv", [])))
     notes = [f"checkpoint `{args.checkpoint}`, data {data_desc}: {meta['train_images']} train / "
              f"{meta['val_images']} val images, {C} classes, {cfg.data.img_size}px, "
              f"{args.pool} pooling, device {device}, {meta['date']}.",
              "'random init' rows: the same architecture with random weights (the floor).",
-             f"'{FAST_PROTOCOL}': head trained on features of un-augmented images extracted "
-             "once, not the full augmented protocol; times include feature extraction."]
+             f"'{FAST_PROTOCOL}': head trained (seed {args.seed}) on features of un-augmented images "
+             f"extracted once, not the full augmented protocol; times include feature extraction.",
+             f"Weights: {weights}; {feature_settings(device)}; train.py's demo epilogue probes the same "
+             "way (seed 0, device auto), so on one machine it prints the same probe number. 'knn' "
+             "rows: cosine similarity on the raw features (the demo's kNN centres them on the train mean "
+             "first, so its kNN differs)."]
     if figure_path:
         notes.append(f"Denoising figure: {figure_path}")
     md = "\n\n".join([f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]) + "\n"

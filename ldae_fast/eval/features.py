@@ -35,6 +35,13 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def feature_settings(device: torch.device, precision: str = "auto") -> str:
+    """How extract_features computes on `device`, in words, for every output that prints a probe
+    number: the same weights give a point or two apart in bf16 and in fp32."""
+    bf16 = not (precision == "fp32" or (precision == "auto" and device.type != "cuda"))
+    return f"features on {device.type} in {'bf16 autocast' if bf16 else 'fp32'}"
+
+
 def pool_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
     """(B, C, H, W) images -> (B, F) features. The encoder's own `pooled` decides where its final
     norm sits and which tokens it averages (the l-DAE 'dit' layout has no class token: all of
