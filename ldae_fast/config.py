@@ -980,11 +980,33 @@ def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool
     tree[section][name] = value
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: the directory above the ldae_fast package (site-packages when installed)."""
+
+
+def preset_data_path(pattern: str) -> str:
+    """A preset's relative shard pattern ('../shared/data/...', written from the checkout), taken
+    from the current directory when its folder is there, else from the project root: there when
+    the folder is, and otherwise too, so a missing-shard error names the absolute path it tried."""
+    parts = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        folder = Path(part).parent
+        if (part and not Path(part).is_absolute() and ":" not in part.split("/")[0]
+                and "{" not in str(folder) and not folder.is_dir()):
+            part = str(PROJECT_ROOT / part)
+        parts.append(part)
+    return "::".join(parts)
+
+
 def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) -> Config:
-    """Defaults <- preset <- overrides (strings as typed on the command line)."""
+    """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
+    paths are found from the checkout when the current directory lacks them (preset_data_path)."""
     _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
     for k, v in PRESETS[preset].items():
+        if k in {f"data.{f}" for f in _SHARD_FIELDS} and isinstance(v, str):
+            v = preset_data_path(v)
         _apply(tree, k, v, from_cli=False)
     for k, v in (overrides or {}).items():
         _apply(tree, k, v, from_cli=True)

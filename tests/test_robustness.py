@@ -414,3 +414,36 @@ def test_eval_on_a_demo_checkpoint_reproduces_the_demos_probe_number(tmp_path, c
     md = (tmp_path / "ev" / "eval.md").read_text()
     assert "Weights: EMA" in md and "(seed 0)" in md and how in md
     assert "centred" in demo and "raw features" in demo and "raw features" in md  # the kNN difference, named
+
+
+# 12. A preset's data paths are found from the checkout, whatever the current directory -----------
+def test_preset_data_paths_resolve_against_the_project_from_any_directory(tmp_path, monkeypatch):
+    from ldae_fast.config import PRESETS, PROJECT_ROOT
+    from ldae_fast.data.badsamples import DataError
+    from ldae_fast.data.urls import expand_urls
+
+    rel = PRESETS["tiny-imagenet"]["data.train_shards"]
+    assert rel.startswith("../")
+    monkeypatch.chdir(tmp_path)  # a directory with no ../shared beside it
+    cfg = build_config("tiny-imagenet", {})
+    assert cfg.data.train_shards == str(PROJECT_ROOT / rel)
+    assert cfg.data.val_shards == str(PROJECT_ROOT / PRESETS["tiny-imagenet"]["data.val_shards"])
+    if (PROJECT_ROOT / rel).parent.is_dir():  # the shared data beside the checkout: it opens
+        assert len(expand_urls(cfg.data.train_shards)) == 10
+    # Where neither has it, the error names the absolute path it tried under the project.
+    monkeypatch.setattr("ldae_fast.config.PROJECT_ROOT", tmp_path / "checkout")
+    cfg = build_config("tiny-imagenet", {})
+    with pytest.raises(DataError, match=str(tmp_path / "checkout" / "..")):
+        expand_urls(cfg.data.train_shards)
+    # A user's own relative path stays relative to the current directory.
+    assert build_config("tiny-imagenet", {"data.train_shards": "mine/x.tar"}).data.train_shards == "mine/x.tar"
+
+
+def test_preset_data_paths_stay_relative_where_the_current_directory_has_them(tmp_path, monkeypatch):
+    from ldae_fast.config import PRESETS
+
+    rel = PRESETS["tiny-imagenet"]["data.train_shards"]
+    work = tmp_path / "a" / "b"
+    (work / Path(rel).parent).mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert build_config("tiny-imagenet", {}).data.train_shards == rel

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ldae_fast.config import PRESETS
+from ldae_fast.config import PRESETS, preset_data_path
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
 from .features import (
@@ -39,7 +39,6 @@ from .finetune import recipe_for
 from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class EvalError(RuntimeError, UsageError):
@@ -148,16 +147,6 @@ def _random_model(cfg):
         return build_model(cfg.model, cfg.data.img_size)
 
 
-def _find_path(pattern: str) -> str:
-    """Preset shard paths are relative to the project root; accept them from any directory."""
-    if pattern.startswith(("pipe:", "http:", "https:", "/")):
-        return pattern
-    here = Path(pattern).parent
-    if not here.exists() and (ROOT / here).exists():
-        return str(ROOT / pattern)
-    return pattern
-
-
 def _shard_pattern(d: Path, split: str) -> str:
     rx = re.compile(rf"^{split}-(\d+)(\.tar(?:\.gz)?)$")
     found = sorted((m.group(1), m.group(2)) for f in d.iterdir() if (m := rx.match(f.name)))
@@ -190,8 +179,8 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
             new, desc = dataclasses.replace(d, source="synthetic"), f"synthetic (preset {data})"
         else:
             new = dataclasses.replace(
-                d, source="wds", train_shards=_find_path(p["data.train_shards"]),
-                val_shards=_find_path(p["data.val_shards"]),
+                d, source="wds", train_shards=preset_data_path(p["data.train_shards"]),
+                val_shards=preset_data_path(p["data.val_shards"]),
                 epoch_size=p.get("data.epoch_size", d.epoch_size))
             desc = f"preset {data}"
     elif Path(data).is_dir():
