@@ -36,7 +36,7 @@ def linear_gamma2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def single_level(t: torch.Tensor, sigma: float = 1.0 / 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One noise level for every t: gamma = 1, sigma fixed (l-DAE Sec. 6 tries sigma = 1/3)."""
+    """One noise level for every t: gamma = 1, sigma fixed (l-DAE Sec. 4.3 tries sigma = 1/3)."""
     return torch.ones_like(t), torch.full_like(t, sigma)
 
 

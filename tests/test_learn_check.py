@@ -74,3 +74,59 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--train-shards 2" in err and "holds 1" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_curve_rows_and_their_plot(tmp_path, capsys):
+    """--curve-every keeps every checkpoint and evaluates each; bench/plot_curve.py draws them."""
+    d = tiny_imagenet_dir()
+    out = tmp_path / "curve.json"
+    rc = load_script().main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
+                             "--budget-s", "60", "--steps", "4", "--curve-every", "2", "--out", str(out),
+                             "--toy", "--device", "cpu", "--floor-seeds", "1", "--pixel-floor",
+                             "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    curve = [r for r in rows if r["encoder"] == "pretrained@step"]
+    assert [r["steps"] for r in curve] == [2] and curve[0]["images_seen"] == 2 * 32
+    assert rows[0]["encoder"] == "pretrained" and rows[0]["steps"] == 4
+    raw = [r for r in rows if r["encoder"] == "raw pixels"]
+    assert len(raw) == 1 and 0 <= raw[0]["probe_top1"] <= 100 and 0 <= raw[0]["knn_top1"] <= 100
+    spec = importlib.util.spec_from_file_location("plot_curve", ROOT / "bench" / "plot_curve.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    assert plot.curve_points(json.loads(out.read_text()), "probe_top1")[0][0] == 64
+    png = tmp_path / "curve.png"
+    assert plot.main([str(out), "--out", str(png)]) == 0
+    from PIL import Image
+    assert Image.open(png).size == (2 * plot.W, plot.H)
+    assert "64, " in capsys.readouterr().out
+
+
+def _doc(seed, probe, knn, steps=10, blr=1e-3):
+    rows = [{"encoder": "pretrained", "seed": seed, "probe_top1": probe, "knn_top1": knn, "knn_raw_top1": knn,
+             "images_seen": steps * 32, "train_s": 5.0}]
+    rows += [{"encoder": "random-init", "seed": s, "probe_top1": 10.0 + s, "knn_top1": 8.0, "knn_raw_top1": 8.0}
+             for s in range(3)]
+    rows.append({"encoder": "raw pixels", "seed": "-", "probe_top1": 30.0, "knn_top1": 25.0, "knn_raw_top1": 24.0})
+    return {"meta": {"setup": {"blr": blr}, "train_shards": ["a"], "val_shards": ["b"]},
+            "stages": {"pretrain": {"steps": steps}}, "rows": rows, "summary": {"chance": 5.0}}
+
+
+def test_learn_seeds_assembles_pretraining_seeds_beside_the_floors(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("learn_seeds", ROOT / "bench" / "learn_seeds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    paths = []
+    for s, (p, k) in enumerate(((20.0, 9.0), (22.0, 10.0), (24.0, 11.0))):
+        paths.append(tmp_path / f"s{s}.json")
+        paths[-1].write_text(json.dumps(_doc(s, p, k)))
+    assert mod.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "probe 22.00 ± 2.00, kNN 10.00 ± 1.00" in out  # mean ± sample std of the three seeds
+    assert "random-init over 3 seeds: probe 11.00 ± 1.00" in out and "probe +11.00" in out
+    assert "| raw pixels | - | 30.00 | 25.00 |" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_doc(3, 1.0, 1.0, steps=11)))
+    assert mod.main([str(paths[0]), str(bad)]) == 2 and "--steps" in capsys.readouterr().err
+    bad.write_text(json.dumps(_doc(3, 1.0, 1.0, blr=1.0)))
+    assert mod.main([str(paths[0]), str(bad)]) == 2 and "setup" in capsys.readouterr().err

@@ -129,6 +129,13 @@ def test_adaln_dim_spelled_out_as_its_default_is_the_same_network(run3, tmp_path
     assert res.checkpoint.name == "step_00000008"
 
 
+def test_a_field_the_network_does_not_read_does_not_block_a_resume(run3, tmp_path):
+    run = _copy(run3, tmp_path / "run")  # an l-DAE run: DiffMAE's decoder wiring builds nothing here
+    res = train(_cfg(run, **{"engine.steps": 8, "engine.ckpt_every": 2, "engine.keep_last": 3,
+                             "engine.resume": "auto", "model.decoder_kind": "cross"}))
+    assert res.checkpoint.name == "step_00000008"
+
+
 def test_a_shape_change_the_config_comparison_misses_is_still_exit_7(run3, tmp_path, monkeypatch):
     from ldae_fast.engine import guard
     from ldae_fast.errors import ResumeMismatch

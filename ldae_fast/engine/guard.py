@@ -79,10 +79,19 @@ def params_finite(*modules_or_dicts, reduce_max=None) -> bool:
 
 
 # model.* fields that change how the network runs, never which tensors it holds: everything else
-# in the model section defines the network, so a field added later is compared by default.
+# in the model section may define the network, so a field added later is compared by default.
 _RUNTIME_ONLY = frozenset({"size", "attn_backend", "grad_checkpointing", "fused_adaln", "label_dropout"})
-# Fields outside the model section that fix the shapes of the saved tensors.
+# Fields outside the model section that fix the saved state (the network's input, the tokenizer).
 _OTHER_SHAPE_FIELDS = (("data", "img_size"), ("tokenizer", "latent_dim"))
+# Differences that change a resumed run even where the network's tensors keep their shapes
+# (heads split the same weights another way; the tokenizer's d and the input size are the method's).
+_ALWAYS = frozenset({"model.num_heads", "model.decoder_heads", "model.patch_size", "data.img_size",
+                     "tokenizer.latent_dim"})
+
+
+# DiffMAE's decoder wiring: which modules the decoder holds. A config saved before a field existed
+# stores none and was built with the field's default (the value given here).
+_DIFFMAE_SHAPE_FIELDS = ((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"))
 
 
 def _model_view(section: dict):
@@ -99,10 +108,34 @@ def _model_view(section: dict):
         return None
 
 
+def _tensor_shapes(cfg) -> dict | None:
+    """{name: shape} of the network `cfg` builds, built on the meta device (no memory, no init);
+    None when it cannot be built that way."""
+    from ..models import build_model
+
+    try:
+        with torch.device("meta"):
+            net = build_model(cfg.model, cfg.data.img_size)
+        return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    except Exception:  # noqa: BLE001 - then the field comparison alone decides
+        return None
+
+
+def _saved_config(saved: dict):
+    from ..config import Config, sanitize_stored_config
+
+    try:
+        return Config.from_dict(sanitize_stored_config(saved, "the checkpoint"))
+    except Exception:  # noqa: BLE001 - an old or hand-edited config
+        return None
+
+
 def model_shape_diff(saved: dict, cfg) -> list[str]:
-    """'section.field saved -> now' for each network-defining field that differs: every model.*
-    field but the runtime-only ones (model.adaln_dim compared as the width it resolves to), plus
-    data.img_size and tokenizer.latent_dim."""
+    """'section.field saved -> now' for each network-defining field that differs: the model.*
+    fields but the runtime-only ones (model.adaln_dim compared as the width it resolves to), and
+    data.img_size, tokenizer.latent_dim. A field that does not change the network (the tensors
+    both configs build, on the meta device, have the same names and shapes) is let through,
+    unless it changes the run all the same (_ALWAYS)."""
     import dataclasses
 
     out = []
@@ -122,8 +155,18 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
+    if out and not all(d.split()[0] in _ALWAYS for d in out):
+        before = _saved_config(saved)
+        shapes_now, shapes_was = _tensor_shapes(cfg), (_tensor_shapes(before) if before is not None else None)
+        if shapes_now is not None and shapes_now == shapes_was:
+            out = [d for d in out if d.split()[0] in _ALWAYS]
+    if cfg.objective.method == "diffmae":
+        for (sec, name), default in _DIFFMAE_SHAPE_FIELDS:
+            was = (saved.get(sec) or {}).get(name, default)
+            now = getattr(getattr(cfg, sec), name)
+            if was != now and f"{sec}.{name}" not in {d.split()[0] for d in out}:
+                out.append(f"{sec}.{name} {was} -> {now}")
     return out
-
 
 
 def state_dict_mismatch(e: RuntimeError) -> str | None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..batch import Batch
-from ..config import Config
+from ..config import DIFFMAE_FINETUNE, Config
 from ..errors import ResumeMismatch
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
@@ -56,6 +56,9 @@ class DiffMAEMethod:
     name = "diffmae"
     figure_kind = "inpaint"
     """The figure a demo writes for this method (eval/inpaint_figure.py)."""
+    finetune_recipes = DIFFMAE_FINETUNE
+    """Fine-tuning recipe fields by model.size (supplement Table 1b), which `ldae-fast eval
+    --protocols finetune` applies to a checkpoint of this method (eval.finetune.recipe_for_method)."""
 
     def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
                  tokenizer=None, kernels: str | None = None):
