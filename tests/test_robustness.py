@@ -454,3 +454,49 @@ def test_preset_data_paths_stay_relative_where_the_current_directory_has_them(tm
     (work / Path(rel).parent).mkdir(parents=True)
     monkeypatch.chdir(work)
     assert build_config("tiny-imagenet", {}).data.train_shards == rel
+
+
+def test_a_part_that_fails_on_another_rank_is_never_renamed_into_place(tmp_path):
+    """Two ranks as threads: rank 1's share of the write (DeepSpeed's shards) fails; rank 0 learns
+    it before the rename, both raise, and nothing half-written is left."""
+    import errno
+    import threading
+
+    import torch
+
+    barrier = threading.Barrier(2)
+    flags = [False, False]
+
+    def any_failed(rank):
+        def agree(failed_here):
+            flags[rank] = failed_here
+            barrier.wait()
+            got = any(flags)
+            barrier.wait()  # nobody overwrites a flag before everyone has read it
+            return got
+        return agree
+
+    def writer(rank):
+        def write(tmp):
+            (tmp / f"part{rank}").write_bytes(b"shard")
+            if rank == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return write
+
+    errors = {}
+
+    def rank_main(rank):
+        try:
+            ck.write_checkpoint(tmp_path, 3, {"step": 3, "w": torch.ones(2)}, 2, writer=writer(rank),
+                                is_main=rank == 0, barrier=barrier.wait, any_failed=any_failed(rank))
+        except ck.CheckpointWriteError as e:
+            errors[rank] = str(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank was left waiting"
+    assert "another rank could not write its part" in errors[0] and "no space left" in errors[1]
+    assert not ck.list_checkpoints(tmp_path) and not list(ck.ckpt_root(tmp_path).glob(".tmp-*"))

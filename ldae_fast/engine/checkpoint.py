@@ -176,10 +176,10 @@ def _write_cause(e: BaseException, where: Path) -> str:
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
-        return f"{_WRITE_CAUSES[errno.EFBIG]} of {limit} bytes, probably"
+        return f"probably a file size limit ({limit} bytes, `ulimit -f`)"
     try:
         if shutil.disk_usage(where).free < (64 << 20):
-            return _WRITE_CAUSES[errno.ENOSPC] + ", probably"
+            return f"probably no space left on the device ({shutil.disk_usage(where).free} bytes free)"
     except OSError:
         pass
     first = str(e).splitlines()[0] if str(e) else ""
@@ -196,7 +196,7 @@ def _save_tensors(state: dict[str, Any], path: Path) -> None:
 
 def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
                      extra_meta: dict | None = None, writer=None, is_main: bool = True,
-                     barrier=None) -> Path:
+                     barrier=None, any_failed=None) -> Path:
     """Write `state` for `step` atomically; prune to the newest `keep_last` complete ones.
 
     `state` must be finite (the loop checks before calling) and hold tensors and plain
@@ -205,6 +205,9 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
     directory and the rename, every rank runs `writer` into the same temporary directory.
     A write that fails (no space, quota, file size limit) removes the temporary directory and
     raises CheckpointWriteError naming the directory, the cause and the previous checkpoint.
+    `any_failed(failed_here) -> bool` (a collective every rank calls, in place of the barrier after
+    each stage) lets every rank learn of a failure on another one, so none renames a checkpoint
+    with a part missing and all raise alike.
     """
     def sync() -> None:
         if barrier is not None:
@@ -245,15 +248,25 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
         os.replace(tmp, final)
         _fsync_dir(root)
 
+    def stage_done() -> None:
+        """Barrier; with `any_failed`, also learn whether any rank has failed so far."""
+        nonlocal failed
+        if any_failed is None:
+            sync()
+        elif any_failed(failed is not None) and failed is None:
+            failed = OSError(f"another rank could not write its part of {tmp}")
+
     # Every rank passes every barrier, failed or not, so a failure never leaves the others waiting.
     if is_main:
         attempt(start)
-    sync()
+    stage_done()
     if writer is not None:
         attempt(lambda: writer(tmp))
-    sync()
+    stage_done()
     if is_main:
         attempt(finish)
+    if any_failed is not None:
+        stage_done()
     if failed is not None:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)

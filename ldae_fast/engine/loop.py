@@ -315,7 +315,12 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
                                          extra_meta={"preset": cfg.preset, "diverging": div_guard.run > 0},
                                          writer=backend.save_extra,
-                                         is_main=is_main, barrier=getattr(backend, "barrier", None))
+                                         is_main=is_main, barrier=getattr(backend, "barrier", None),
+                                         any_failed=any_rank_failed if world > 1 and backend.save_on_all_ranks else None)
+
+    def any_rank_failed(failed_here: bool) -> bool:
+        # Every rank writes its part: all learn of a failure anywhere, so all retry or stop alike.
+        return bool(backend.all_reduce_max(torch.tensor(int(failed_here), device=device)).item())
 
     write_failures = 0
 
@@ -323,9 +328,12 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         """A periodic checkpoint: a failed write is a warning and the next interval tries again,
         until engine.ckpt_write_failures writes in a row have failed."""
         nonlocal write_failures
+        err: ckpt_mod.CheckpointWriteError | None = None
         try:
             path = save(step)
-        except ckpt_mod.CheckpointWriteError as err:
+        except ckpt_mod.CheckpointWriteError as e:
+            path, err = None, e
+        if err is not None:
             write_failures += 1
             if write_failures >= cfg.engine.ckpt_write_failures:
                 logger.close()
