@@ -500,3 +500,24 @@ def test_a_part_that_fails_on_another_rank_is_never_renamed_into_place(tmp_path)
     assert not any(t.is_alive() for t in threads), "a rank was left waiting"
     assert "another rank could not write its part" in errors[0] and "no space left" in errors[1]
     assert not ck.list_checkpoints(tmp_path) and not list(ck.ckpt_root(tmp_path).glob(".tmp-*"))
+
+
+def test_a_checkpoint_whose_tokenizer_contradicts_its_kind_is_a_checkpoint_error(run3, tmp_path):
+    import hashlib
+
+    import torch
+
+    from ldae_fast.eval.reader import load_for_eval
+
+    run = _copy(run3, tmp_path / "run")
+    newest = ck.latest_checkpoint(run)
+    st = torch.load(newest / "state.pt", weights_only=True)
+    st["method"]["tokenizer"]["tensors"]["basis"][0] *= 2  # no longer orthonormal
+    torch.save(st, newest / "state.pt")
+    meta = json.loads((newest / "meta.json").read_text())  # checksums that match, as an attacker's would
+    meta["files"]["state.pt"] = hashlib.sha256((newest / "state.pt").read_bytes()).hexdigest()
+    (newest / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"{newest}: its tokenizer is damaged.*not an orthonormal basis"):
+        train(_cfg(run, **{"engine.steps": 8, "engine.resume": "auto"}))
+    with pytest.raises(CheckpointError, match=f"{newest}: its tokenizer is damaged"):
+        load_for_eval(newest)

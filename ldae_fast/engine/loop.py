@@ -20,10 +20,11 @@ import torch
 
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError
-from ..errors import ResumeMismatch
+from ..errors import CheckpointError, ResumeMismatch
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from ..tokenizers import fit_config
+from ..tokenizers._io import TokenizerFileError
 from . import checkpoint as ckpt_mod
 from . import guard, rundir
 from .guard import NonFiniteLoss
@@ -246,9 +247,14 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     def fit_images():
         return (imgs for imgs, _ in build_train_stream(fit_config(cfg), rank=0, world_size=1))
 
-    method.prepare(fit_images, rank=rank, log=logger.info,
-                   broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
-                   state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
+    try:
+        method.prepare(fit_images, rank=rank, log=logger.info,
+                       broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
+                       state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
+    except TokenizerFileError as err:  # from the checkpoint's method state (tokenizer.path names itself)
+        if resume_state is None:
+            raise
+        raise CheckpointError(f"{resume_dir}: its tokenizer is damaged ({err})") from None
     if is_main and resume_state is None:
         method.export(out_dir)
     amp = autocast_dtype(cfg.engine.precision, device)

@@ -110,6 +110,11 @@ def load_for_eval(path: str | Path, use_ema: bool = True, flag: str = "checkpoin
     ms = method_state(st)
     method = None
     if ms is not None:
+        from ..tokenizers._io import TokenizerFileError
+
         method = build_method(cfg, "cpu", kernels="auto")
-        method.load_state_dict(ms)
+        try:
+            method.load_state_dict(ms)
+        except TokenizerFileError as e:
+            raise CheckpointError(f"{ckpt}: its tokenizer is damaged ({e})") from None
     return cfg, model, method
