@@ -158,10 +158,11 @@ def make_config(setup: dict[str, Any], train: list[str], val: list[str], device:
 def features(encoder: torch.nn.Module, images_u8: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
     """Mean-pooled encoder features of uint8 images, normalised on the device a batch at a time."""
     from ldae_fast.data import normalize
-    from ldae_fast.eval.features import autocast_for, frozen, pool_features
+    from ldae_fast.device import autocast_for, eval_mode
+    from ldae_fast.eval.features import pool_features
 
     out = []
-    with frozen(encoder):
+    with eval_mode(encoder):
         for chunk in images_u8.split(batch):
             with autocast_for(device):
                 out.append(pool_features(encoder, normalize(chunk.to(device)), "avg").float())
@@ -261,17 +262,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from ldae_fast.data.resident import keep_classes, resident_arrays
-    from ldae_fast.engine.loop import resolve_device, train
+    from ldae_fast.device import resolve_device
+    from ldae_fast.engine.loop import train
     from ldae_fast.models import build_model
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.budget_s <= 0:
         raise UsageError(f"--budget-s {args.budget_s}: must be > 0")
-    try:
-        device = resolve_device(args.device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {args.device}: {e}") from None
+    device = resolve_device(args.device, "--device", UsageError)
     train_urls, val_urls = pick_shards(Path(args.data_dir), args.train_shards, args.val_shards)
     setup = setup_of(args)
     out = Path(args.out)

@@ -962,8 +962,6 @@ DIFFMAE_FINETUNE: dict[str, dict[str, Any]] = {
 # takes the printed 2^-5 instead (docs/diffmae.md).
 DIFFMAE_HEAD_INIT_STD = 2e-5
 HEAD_INIT_STD_AS_PRINTED = 2 ** -5
-# The paper's global batch is 2048: the recipes above reach it with 8 ranks x 256.
-PAPER_GLOBAL_BATCH = 2048
 
 
 _TRUE_WORDS = ("1", "true", "yes", "on")

@@ -59,7 +59,8 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     it printed (train.write_results stores them)."""
     from .data import build_eval_arrays
     from .data.badsamples import DataError
-    from .eval.features import feature_settings, probe_encoder, probe_view, resolve_device
+    from .device import resolve_device
+    from .eval.features import feature_settings, probe_encoder, probe_view
     from .eval.figure import denoise_figure
     from .eval.knn import knn_classify
     from .eval.linear_probe import train_head_cached

@@ -401,7 +401,8 @@ def test_eval_on_a_demo_checkpoint_reproduces_the_demos_probe_number(tmp_path, c
     import re
 
     from ldae_fast.cli import main as cli
-    from ldae_fast.eval.features import feature_settings, resolve_device
+    from ldae_fast.device import resolve_device
+    from ldae_fast.eval.features import feature_settings
     from ldae_fast.train import main
 
     run = tmp_path / "run"

@@ -42,6 +42,7 @@ from torch.utils.data import IterableDataset
 
 from .badsamples import BadSampleCounter, DataError
 from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
+from .shuffle import global_batches_per_epoch
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
 from .synthetic import (
     DATASET_SEED,
@@ -58,11 +59,10 @@ from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
     CropBox,
     crop_resize_flip,
-    denormalize,
     generator_for,
     normalize,
     random_resized_crop_batch,
-    sample_crop_flip,
+    random_resized_crop_tensor,
     single_thread,
 )
 
@@ -83,10 +83,6 @@ _TAG_VID_AUG = 26
 def normalize_clips(x: torch.Tensor) -> torch.Tensor:
     """(B, C, T, H, W) uint8 or [0, 1] float -> float32 normalised per channel."""
     return normalize(x.transpose(1, 2)).transpose(1, 2).contiguous()
-
-
-def denormalize_clips(x: torch.Tensor) -> torch.Tensor:
-    return denormalize(x.transpose(1, 2)).transpose(1, 2)
 
 
 # Moving shapes -----------------------------------------------------------------------------------
@@ -261,11 +257,8 @@ class SyntheticVideoSource(SyntheticSource):
         self.seed = cfg.engine.seed
         self._images, self._labels = moving_shapes_split(
             "train", d.synthetic_images, d.synthetic_classes, d.num_frames, d.img_size)
-        need = d.batch_size // d.repeated_aug * world_size
-        if len(self._images) < need:
-            raise DataError(f"data.synthetic_images={d.synthetic_images} clips are fewer than one global "
-                            f"batch ({d.batch_size // d.repeated_aug} clips x {world_size} ranks = {need})")
-        self.batches_per_epoch = len(self._images) // need
+        self.batches_per_epoch = global_batches_per_epoch(
+            len(self._images), d.batch_size // d.repeated_aug, world_size, "data.synthetic_images", "clips")
 
     def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
         d = self.cfg.data
@@ -361,8 +354,8 @@ class WdsVideoTrainSource(WdsTrainSource):
             flat = clip.reshape(C * T, H, W)
             crops = []
             for _ in range(self.repeats):
-                box, flip = sample_crop_flip(W, H, self.scale, self.hflip, gen)
-                crops.append(crop_resize_flip(flat, box, S, flip).view(C, T, S, S))
+                crops.append(random_resized_crop_tensor(flat, S, self.scale, hflip=self.hflip, gen=gen)
+                             .view(C, T, S, S))
             return torch.stack(crops)
         except Exception as e:  # untrusted bytes: any decoder failure means a bad sample
             counter.record(raw.shard, raw.key, f"cannot decode clip: {type(e).__name__}: {str(e)[:160]}")
@@ -522,6 +515,6 @@ def _main(argv: list[str]) -> int:
 
 
 __all__ = ["FRAMES_EXT", "SyntheticVideoSource", "SyntheticVideoTrainSource", "WdsVideoSource",
-           "WdsVideoTrainSource", "decode_clip", "denormalize_clips", "iter_video_shard",
+           "WdsVideoTrainSource", "decode_clip", "iter_video_shard",
            "list_clip_folders", "make_moving_shapes", "moving_shapes_split", "normalize_clips",
            "video_eval_clips", "write_video_shards"]

@@ -24,8 +24,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .features import Log, autocast_for, frozen, module_device
-from .linear_probe import Arrays, cosine_lr, num_classes_of, topk_accuracy
+from ..device import autocast_for, eval_mode
+from ..lr_schedule import warmup_cosine
+from .features import Log, module_device
+from .linear_probe import Arrays, num_classes_of, topk_accuracy
 
 PROTOCOL = "finetune"
 
@@ -232,7 +234,7 @@ def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         batch_size: int = 256) -> list[float]:
     device = module_device(model)
     logits = []
-    with frozen(model):
+    with eval_mode(model):
         for s in range(0, images.shape[0], batch_size):
             with autocast_for(device):
                 logits.append(model(images[s:s + batch_size].to(device)).float())
@@ -315,7 +317,7 @@ def finetune_model(
             if step >= total:
                 break
             ep = step / steps_per_epoch
-            cur = cosine_lr(ep, lr, recipe.epochs, recipe.warmup_epochs, recipe.min_lr)
+            cur = warmup_cosine(ep, lr, recipe.warmup_epochs, recipe.epochs, recipe.min_lr)
             for g in opt.param_groups:
                 g["lr"] = cur * g.get("lr_scale", 1.0)
             x = norm(xb.to(device, non_blocking=True).float().div_(255))
