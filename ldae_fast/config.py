@@ -55,6 +55,8 @@ ARCHS = ("ldae", "diffmae")
 MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
 DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
+# kernels.attention.BACKENDS (the config layer does not import the kernels; a test keeps them equal).
+ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficient")
 
 
 @dataclass
@@ -93,7 +95,8 @@ class ModelConfig:
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
-    """Attention: 'auto' (fastest present), 'sdpa', 'xformers' or 'math' (the reference)."""
+    """Attention: 'auto' (fastest present), 'sdpa', 'xformers', 'math' (the reference), or SDPA
+    pinned to one kernel: 'flash', 'cudnn' (CUDA only), 'efficient' (CUDA only)."""
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (less memory, ~30% more compute)."""
     fused_adaln: bool = False
@@ -142,6 +145,16 @@ class ModelConfig:
     final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
     l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
     network reads it through ModelConfig.cond_width and the 0 is what gets saved."""
+    bf16_residual: bool = False
+    """Speed switch (off until a GPU run shows it helps; docs/speed.md): under bf16 autocast the
+    residual stream between blocks is bfloat16 instead of float32; LayerNorm statistics and the
+    loss stay float32. No effect without autocast."""
+    adaln_act_dtype: bool = False
+    """Speed switch (needs model.fused_adaln): under autocast the fused adaLN LayerNorm kernel writes
+    its output in the autocast dtype, what the next Linear reads, with no float32 round trip."""
+    fp8: str = ""
+    """Speed switch, optional extra: '' (off), 'rowwise' or 'tensorwise': torchao's float8 training
+    for the blocks' attention projections and MLPs. Needs torchao and a GPU with FP8 (sm_89+)."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -149,7 +162,7 @@ class ModelConfig:
             if getattr(self, k) == 0:
                 setattr(self, k, v)
         _one_of("model.cond", self.cond, ("adaln", "none"))
-        _one_of("model.attn_backend", self.attn_backend, ("auto", "sdpa", "xformers", "math"))
+        _one_of("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check(self.patch_size >= 1, f"model.patch_size={self.patch_size} must be >= 1")
         _check(self.width >= 1 and self.encoder_depth >= 1 and self.decoder_depth >= 1,
                "model.width, model.encoder_depth and model.decoder_depth must be >= 1")
@@ -179,6 +192,9 @@ class ModelConfig:
         _one_of("model.layout", self.layout, MODEL_LAYOUTS)
         _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
         _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
+        _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
+        _check(not self.adaln_act_dtype or self.fused_adaln,
+               "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
 
     @property
     def cond_width(self) -> int:

@@ -38,6 +38,12 @@ class UsageError(UserError):
     category = "usage error"
 
 
+class SpeedSwitchError(UsageError):
+    """A speed switch that cannot run here (a missing optional package, no suitable device)."""
+
+    category = "config error"
+
+
 class FileProblem(UserError):
     exit_code = 4
     category = "file error"
