@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .shard_urls import sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
+from .shard_urls import SHARD_FIELDS, sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
 from .trajectory import trajectory_presets
 
 
@@ -488,6 +488,13 @@ class EngineConfig:
     """Steps between metric lines (the loss is synced to the host only then)."""
     ckpt_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    ckpt_every_s: float = 0.0
+    """Seconds between checkpoints besides ckpt_every (0: off), so a killed long run loses minutes
+    of work whatever a step costs; under several ranks checked at log steps, on rank 0's clock."""
+    ckpt_write_failures: int = 3
+    """Consecutive periodic checkpoint writes that may fail (disk full, file size limit) before the
+    run stops (exit 4); each failure is a warning and the next interval tries again. A failed
+    final checkpoint always stops the run."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     out_dir: str = "runs/demo"
@@ -540,6 +547,9 @@ class EngineConfig:
         _check(self.steps >= 0 and self.grad_accum >= 1, "engine.steps >= 0, engine.grad_accum >= 1")
         _check(self.log_every >= 1 and self.ckpt_every >= 0 and self.keep_last >= 1,
                "engine.log_every >= 1, engine.ckpt_every >= 0, engine.keep_last >= 1")
+        _check(self.ckpt_every_s >= 0 and self.ckpt_write_failures >= 1,
+               f"engine.ckpt_every_s={self.ckpt_every_s} must be >= 0 and "
+               f"engine.ckpt_write_failures={self.ckpt_write_failures} >= 1")
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
         _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")
@@ -985,11 +995,33 @@ def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool
     tree[section][name] = value
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: the directory above the ldae_fast package (site-packages when installed)."""
+
+
+def preset_data_path(pattern: str) -> str:
+    """A preset's relative shard pattern ('../shared/data/...', written from the checkout), taken
+    from the current directory when its folder is there, else from the project root: there when
+    the folder is, and otherwise too, so a missing-shard error names the absolute path it tried."""
+    parts = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        folder = Path(part).parent
+        if (part and not Path(part).is_absolute() and ":" not in part.split("/")[0]
+                and "{" not in str(folder) and not folder.is_dir()):
+            part = str(PROJECT_ROOT / part)
+        parts.append(part)
+    return "::".join(parts)
+
+
 def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) -> Config:
-    """Defaults <- preset <- overrides (strings as typed on the command line)."""
+    """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
+    paths are found from the checkout when the current directory lacks them (preset_data_path)."""
     _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
     for k, v in PRESETS[preset].items():
+        if k in {f"data.{f}" for f in SHARD_FIELDS} and isinstance(v, str):
+            v = preset_data_path(v)
         _apply(tree, k, v, from_cli=False)
     for k, v in (overrides or {}).items():
         _apply(tree, k, v, from_cli=True)
