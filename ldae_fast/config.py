@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .shard_urls import SHARD_FIELDS, sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
 from .trajectory import trajectory_presets
 
 
@@ -814,36 +815,6 @@ def _check_types(name: str, sec: Any) -> None:
         setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, getattr(sec, f.name)))
 
 
-# Shard URL fields whose value can start a process or reach the network.
-_SHARD_FIELDS = ("train_shards", "val_shards")
-
-
-def is_untrusted_url(url: str) -> bool:
-    """A `pipe:` command or a remote URL (anything with a scheme other than file:)."""
-    parts = [p.strip() for p in str(url).split("::")]
-    return any(p.startswith("pipe:") or ("://" in p and not p.startswith("file:")) for p in parts)
-
-
-def sanitize_stored_config(d: dict[str, Any], source: str, from_cli: set[str] = frozenset()) -> dict[str, Any]:
-    """A config dict read from a file (a checkpoint, an export), with every pipe: or remote
-    shard URL the user did not give on this run's command line blanked (and a warning): a
-    downloaded file must not be able to run a command or fetch from a host of its choosing."""
-    import warnings
-
-    data = d.get("data")
-    if not isinstance(data, dict):
-        return d
-    out = {**d, "data": dict(data)}
-    for f in _SHARD_FIELDS:
-        key = f"data.{f}"
-        v = data.get(f)
-        if isinstance(v, str) and is_untrusted_url(v) and key not in from_cli:
-            out["data"][f] = ""
-            warnings.warn(f"{source} stores {key}={v[:80]!r}, a pipe: command or remote URL; it is not "
-                          f"used (pass --{key}=... on the command line to use such a URL)", stacklevel=2)
-    return out
-
-
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
 _IMAGENET_EPOCH = 1_281_167
@@ -1049,7 +1020,7 @@ def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) 
     _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
     for k, v in PRESETS[preset].items():
-        if k in {f"data.{f}" for f in _SHARD_FIELDS} and isinstance(v, str):
+        if k in {f"data.{f}" for f in SHARD_FIELDS} and isinstance(v, str):
             v = preset_data_path(v)
         _apply(tree, k, v, from_cli=False)
     for k, v in (overrides or {}).items():
@@ -1122,12 +1093,10 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
         i += consumed
     if config_file:
         base = Config.load(config_file)
-        for f in _SHARD_FIELDS:
-            v = getattr(base.data, f)
-            _check(not is_untrusted_url(v) or f"data.{f}" in overrides,
-                   f"--config {config_file}: data.{f}={v[:80]!r} is a pipe: command or remote URL, which "
-                   f"runs a command or reaches the network, so it is taken from the command line only: "
-                   f"pass --data.{f}=... to use it")
+        for key, v in untrusted_shard_fields(base.to_dict()["data"], overrides).items():
+            _check(False, f"--config {config_file}: {key}={v[:80]!r} expands to a pipe: command or "
+                          f"remote URL, which runs a command or reaches the network, so it is taken "
+                          f"from the command line only: pass --{key}=... to use it")
         tree = base.to_dict()
         tree.pop("preset")
         for k, v in overrides.items():

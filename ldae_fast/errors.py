@@ -49,6 +49,13 @@ class FileProblem(UserError):
     category = "file error"
 
 
+class DataError(RuntimeError, UserError):
+    """The data cannot be read as configured; the message says what and where."""
+
+    exit_code = 5
+    category = "data error"
+
+
 class CheckpointError(UserError):
     """A checkpoint that must not or cannot be loaded."""
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .config import parse_cli
 from .errors import UsageError, run_cli
-from .tokenizers import TOKENIZERS, fit_config, fit_pca
 
 FIT_KINDS = ("pca", "patch-ae", "patch-vae", "conv-vae")
 
@@ -94,6 +93,7 @@ def _main(argv: list[str], cmd: str) -> int:
     if Path(out).is_dir():
         raise UsageError(f"--out {out} is a directory; give the .safetensors file to write")
     from .data import build_train_stream
+    from .tokenizers import fit_config, fit_pca
 
     if cfg.tokenizer.kind != "pca":
         return _fit_learned(cfg, out, build_train_stream)
@@ -124,6 +124,8 @@ def _main(argv: list[str], cmd: str) -> int:
 
 
 def _fit_learned(cfg, out: str, build_train_stream) -> int:
+    from .tokenizers import TOKENIZERS, fit_config
+
     t0 = time.time()
 
     def log(msg: str) -> None:

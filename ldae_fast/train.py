@@ -11,13 +11,12 @@ import importlib.util
 import time
 from pathlib import Path
 
-import torch
-
 from .config import Config, parse_cli
 from .errors import UsageError, one_line, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
+                       [--version]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
          diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith, diffmae-video-demo,
@@ -57,6 +56,8 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
     encoder of the same architecture (the floor), the raw pixels and chance; returns every number
     it printed (train.write_results stores them)."""
+    import torch
+
     from .data import build_eval_arrays
     from .data.badsamples import DataError
     from .device import resolve_device
@@ -193,6 +194,8 @@ def write_results(cfg: Config, argv: list[str], pretraining: dict, demo: dict) -
     import platform
     from datetime import datetime, timezone
 
+    import torch
+
     rec = {
         "schema": 1, "preset": cfg.preset, "seed": cfg.engine.seed, "argv": list(argv),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -213,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if "--version" in argv:
+        from . import __version__
+        print(f"ldae-fast {__version__} (train.py)")
+        return 0
     if any(a in ("-h", "--help") for a in argv):
         print(usage(argv))
         return 0

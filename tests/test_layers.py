@@ -28,6 +28,7 @@ LAYERS = {
     "ldae_fast.schedules": 1,  # noise schedules: tensor math beside reference.py, imports nothing
     "ldae_fast.lr_schedule": 1,  # warm-up + cosine, shared by the trainer, the tokenizer fits and eval
     "ldae_fast.device": 1,  # device, autocast, eval mode: shared by engine, methods, eval, bench
+    "ldae_fast.shard_urls": 1,  # shard URL grammar + trust rule, pure strings: config and data read it
     "ldae_fast.kernels": 2,
     "ldae_fast.config": 2,
     "ldae_fast.trajectory": 2,  # the trajectory rows as config presets (data, imports nothing)

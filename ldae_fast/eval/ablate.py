@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ldae_fast.config import build_config
 from ldae_fast.errors import ArgParser, UsageError, run_cli
 from ldae_fast.trajectory import ROWS
@@ -206,6 +204,8 @@ def plot(records: list[dict], path: Path) -> Path:
 
 
 def run(args) -> dict:
+    import torch
+
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:

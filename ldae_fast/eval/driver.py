@@ -21,22 +21,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ldae_fast.config import PRESETS, preset_data_path
-from ldae_fast.device import resolve_device
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
-from .features import (
-    extract_features,
-    feature_dim,
-    feature_settings,
-    probe_encoder,
-    probe_sigma,
-    probe_view,
-)
-from .finetune import recipe_for_method
-from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+# torch and the protocols are imported by the functions that run them: `ldae-fast eval --help` and
+# usage errors answer before torch is imported.
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
 
@@ -144,6 +133,8 @@ def _with_probe_flags(cfg, args):
 
 
 def _probe_view(model, cfg, method, device):
+    from .features import probe_encoder, probe_view
+
     if method is None:
         # An exported encoder: its conditioning is folded at sigma = 0 and it has no tokenizer.
         if cfg.eval.probe_input == "noisy" or cfg.eval.probe_depth:
@@ -168,6 +159,8 @@ def _load_checkpoint(path: str):
 
 def _random_model(cfg):
     """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
+    import torch
+
     from ldae_fast.models import build_model
 
     with torch.random.fork_rng(devices=[]):
@@ -256,6 +249,12 @@ def _row(protocol: str, encoder: str, res: dict, **extra) -> dict:
 
 
 def run(args) -> dict:
+    import torch
+
+    from .features import extract_features, feature_dim, feature_settings, probe_sigma
+    from .finetune import recipe_for_method
+    from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+
     log = _make_log()
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     bad = [p for p in protocols if p not in PROTOCOLS]
@@ -483,9 +482,14 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _rank_device(name: str) -> torch.device:
-    """--device, with 'auto' and 'cuda' meaning this rank's GPU (LOCAL_RANK) under torchrun."""
+def _rank_device(name: str):
+    """--device (a torch.device), with 'auto' and 'cuda' meaning this rank's GPU (LOCAL_RANK) under
+    torchrun."""
     import os
+
+    import torch
+
+    from ldae_fast.device import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "cuda" and dev.index is None:
@@ -495,6 +499,7 @@ def _rank_device(name: str) -> torch.device:
 
 
 def _streaming_runner(cfg, args, views, out: Path, device, log):
+    from .features import probe_sigma
     from .scale import ScaleArgs, StreamingEval
 
     try:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, sanitize_stored_config
-from ..errors import CheckpointError
+from ..config import Config, ConfigError, sanitize_stored_config
+from ..errors import CheckpointError, FileProblem
 
 
 class TimmEncoder(torch.nn.Module):
@@ -46,26 +46,49 @@ class EncoderOnly(torch.nn.Module):
 
 
 def load_exported_encoder(path: str | Path):
-    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors."""
+    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors.
+    A file that is not an export of ours is a FileProblem naming it."""
     import timm
-    from safetensors import safe_open
 
     from ..models.timm_export import WEIGHTS_FILE
 
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if "timm_kwargs" not in meta:
-        raise ValueError(f"{path} was not written by `ldae-fast export` (no timm_kwargs metadata)")
-    kwargs = json.loads(meta["timm_kwargs"])
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
-    vit.load_state_dict(sd, strict=True)
+    meta, sd = _read_safetensors(path)
+    if "timm_kwargs" not in meta or "ldae_config" not in meta:
+        raise FileProblem(f"{path} was not written by `ldae-fast export` (no timm_kwargs / ldae_config "
+                          "metadata): pass an export directory, its model.safetensors or a checkpoint")
+    try:
+        kwargs, stored = json.loads(meta["timm_kwargs"]), json.loads(meta["ldae_config"])
+    except ValueError as e:
+        raise FileProblem(f"{path}: its export metadata is not valid JSON ({e})") from None
+    if not isinstance(kwargs, dict) or not isinstance(stored, dict):
+        raise FileProblem(f"{path}: its export metadata does not hold JSON objects")
+    try:
+        cfg = Config.from_dict(sanitize_stored_config(stored, f"export {path}"))
+    except ConfigError as e:
+        raise FileProblem(f"{path}: its stored config is not valid ({e})") from None
+    try:
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+        vit.load_state_dict(sd, strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError, AssertionError) as e:
+        # timm checks its constructor arguments with assert; a forged file is still a file error.
+        raise FileProblem(f"{path}: its weights do not fit the ViT its metadata describes "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     vit.eval()
-    cfg = Config.from_dict(sanitize_stored_config(json.loads(meta["ldae_config"]), f"export {path}"))
     return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file; one line naming the file when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise FileProblem(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _check_checkpoint_path(p: Path, flag: str) -> None:
