@@ -14,7 +14,9 @@ Exit codes (also in README, "Exit codes"):
   7  resume mismatch      the checkpoint cannot be resumed as configured (model shape, batch split)
   8  divergence           the gradient norm stayed non-finite or above the bound
   9  run directory        another run holds the directory, or a fresh run would overwrite one
-  130 interrupted         Ctrl-C
+  10 preempted            SIGTERM / SIGUSR1 / a first Ctrl-C / engine.stop_after: a checkpoint was
+                          written; requeue with --engine.resume=auto (not an error, never 0)
+  130 interrupted         a second Ctrl-C (or one outside training): nothing written
 """
 
 from __future__ import annotations
@@ -62,8 +64,16 @@ class RunDirError(UserError):
     category = "run directory error"
 
 
+class Preempted(UserError):
+    """The run stopped early on request after writing a checkpoint to resume from."""
+
+    exit_code = 10
+    category = "preempted"
+
+
 EXIT_CODES = {"config": 2, "non-finite": 3, "file": 4, "data": 5, "checkpoint": 6,
-              "resume-mismatch": 7, "divergence": 8, "run-dir": 9, "interrupted": 130}
+              "resume-mismatch": 7, "divergence": 8, "run-dir": 9, "preempted": 10,
+              "interrupted": 130}
 
 
 class ArgParser(argparse.ArgumentParser):

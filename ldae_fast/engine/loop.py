@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from ..config import CUDA_GRAPH_MODES, Config, ConfigError
+from ..config import CUDA_GRAPH_MODES, Config, ConfigError, parse_duration
 from ..errors import ResumeMismatch
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from ..tokenizers import fit_config
 from . import checkpoint as ckpt_mod
-from . import guard, rundir
+from . import guard, preempt, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import diffmae_train_flops_per_image, peak_tflops_for, train_flops_per_image
@@ -160,13 +160,17 @@ class SingleDevice:
 def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
     """Run (or resume) the pretraining described by cfg; returns the final state and losses.
 
-    The run owns engine.out_dir while it runs (see rundir.py)."""
+    The run owns engine.out_dir while it runs (see rundir.py). SIGTERM, SIGUSR1, a first Ctrl-C or
+    engine.stop_after end it at a step boundary with a checkpoint and raise preempt.Preempted
+    (see preempt.py)."""
     with rundir.owned(cfg.engine.out_dir, cfg.engine.resume, cfg.engine.overwrite,
-                      is_main=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, backend_factory, log_enabled)
+                      is_main=int(os.environ.get("RANK", "0")) == 0), \
+            preempt.StopWatch(parse_duration(cfg.engine.stop_after)) as watch:
+        return _train(cfg, backend_factory, log_enabled, watch)
 
 
-def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
+def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
+           watch: preempt.StopWatch | None = None) -> TrainResult:
     from ..data import build_train_stream
     from ..models import build_model
 
@@ -199,6 +203,8 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         compile_blocks(model, mode=cfg.engine.compile_mode)
     backend = (backend_factory or SingleDevice)(cfg, model, 0.0)
     world, rank, is_main = backend.world_size, backend.rank, backend.is_main
+    watch = watch or preempt.StopWatch()
+    agree = preempt.Agreement(world)  # collective: every rank builds it here
     if resume_state is not None:  # before anything is written into the run directory
         check_resume_fits(resume_state, resume_dir, cfg, world)
     lr0 = cfg.lr(world)
@@ -273,9 +279,12 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         data = stream.state_dict()
         # Each rank reads its own shards: rank 0 writes state.pt, so it keeps every rank's position.
         data_ranks = backend.all_gather_object(data) if world > 1 else [data]
+        # The open log window, so a resume continues the loss curve where it stopped.
+        w_loss = backend.all_reduce_mean(win_loss) if world > 1 else win_loss
+        window = {"loss": float(w_loss.item()), "grad_norm": float(win_norm.item()), "steps": win_steps}
         state.update(step=step, world_size=world,
                      ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
-                     data=data, data_ranks=data_ranks,
+                     data=data, data_ranks=data_ranks, log_window=window,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(), method=method.state_dict())
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
                                          extra_meta={"preset": cfg.preset, "diverging": div_guard.run > 0},
@@ -293,6 +302,11 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     prof = (StepProfiler.from_config(cfg.profile, out_dir / "profile", available=total - start,
                                      log=logger.info)
             if is_main else StepProfiler(out_dir, 0))
+    if resume_state is not None and resume_state.get("log_window"):
+        w = resume_state["log_window"]
+        win_loss.fill_(float(w["loss"]))
+        win_norm.fill_(float(w["grad_norm"]))
+        win_steps = int(w["steps"])
     model.train()
     deadline = time.time() + cfg.engine.time_budget_s if cfg.engine.time_budget_s > 0 else None
     for step in range(start, total):
@@ -319,9 +333,16 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         win_norm += norm.float()
         win_steps += 1
         done = step + 1
-        if deadline is not None and done < total and time.time() >= deadline:
+        watch.step_done()
+        stop = watch.local_bits()
+        if deadline is not None and time.time() >= deadline:
+            stop |= preempt.BUDGET
+        # The ranks agree, so they stop at the same step (a signal may reach only some of them).
+        stop = agree(stop) if done < total else 0
+        if stop & preempt.BUDGET:
             logger.info(f"engine.time_budget_s={cfg.engine.time_budget_s:g} spent: stopping at step {done} of {total}")
             total = done  # this step is the last: its log line and the final checkpoint follow
+            stop = 0
         logger.tick(done, cfg.global_batch(world))
         if done % cfg.engine.log_every == 0 or done == total:
             if world > 1:  # every rank must stop at the same log step, or the others hang
@@ -356,8 +377,18 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
             win_loss.zero_()
             win_norm.zero_()
             win_steps, win_images, t_win = 0, 0, time.time()
-        if cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total:
+        saved_now = cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total
+        if saved_now:
             last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+        if stop:
+            if not saved_now:
+                last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+            msg = (f"stopped at step {done} of {total} ({watch.reason(stop)}); checkpoint "
+                   f"{last_ckpt or ckpt_mod.latest_checkpoint(out_dir)}; continue with --engine.resume=auto")
+            logger.info(msg)
+            logger.close()
+            prof.close()
+            raise preempt.Preempted(msg)
         if done == total:
             break
     prof.close()
