@@ -16,7 +16,7 @@ import torch
 from ldae_fast.config import ConfigError, build_config, parse_duration
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import train
-from ldae_fast.engine.preempt import PREEMPTED_EXIT, Preempted
+from ldae_fast.engine.preempt import MARKER, PREEMPTED_EXIT, Preempted
 from ldae_fast.errors import EXIT_CODES
 from ldae_fast.objectives import ldae as ldae_obj
 
@@ -83,10 +83,12 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monk
     with pytest.raises(Preempted, match=f"stopped at step 5 of 8 \\({signal.Signals(sig).name} received"):
         train(_cfg(tmp_path / "b", **over))
     assert ck.latest_checkpoint(tmp_path / "b").name == "step_00000005"
+    assert json.loads((tmp_path / "b" / MARKER).read_text())["step"] == 5
     # The handlers are the previous ones again once train() returns.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.undo()
     train(_cfg(tmp_path / "b", **over, **{"engine.resume": "auto"}))
+    assert not (tmp_path / "b" / MARKER).exists()
     _same_final_state(tmp_path / "a", tmp_path / "b", 8)
     # Step 6's log line averages steps 4..6, across the preemption: the same number.
     assert _curve(tmp_path / "a") == _curve(tmp_path / "b")

@@ -7,6 +7,7 @@ DeepSpeed in deepspeed_backend.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
@@ -219,6 +220,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
+        preempt.clear_marker(out_dir)
 
     method = build_method(cfg, device, rank=rank, world_size=world)
 
@@ -307,6 +309,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
         win_loss.fill_(float(w["loss"]))
         win_norm.fill_(float(w["grad_norm"]))
         win_steps = int(w["steps"])
+    micro_step = getattr(backend, "micro_step", lambda last: contextlib.nullcontext())
     model.train()
     deadline = time.time() + cfg.engine.time_budget_s if cfg.engine.time_budget_s > 0 else None
     for step in range(start, total):
@@ -316,9 +319,11 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
             if graphs:  # each micro-batch replays the graphs: the last one's outputs are spent
                 mark_step_begin()
             batch = Batch.of(next(it)).to(device, non_blocking=True)
-            loss = method(backend.model, batch, step, micro, cfg.engine.grad_accum, autocast_dtype=amp)
-            with nvtx_range("backward"):
-                backend.backward(loss)
+            # DDP all-reduces the gradients only in the last micro-batch's backward.
+            with micro_step(micro == cfg.engine.grad_accum - 1):
+                loss = method(backend.model, batch, step, micro, cfg.engine.grad_accum, autocast_dtype=amp)
+                with nvtx_range("backward"):
+                    backend.backward(loss)
             step_loss += loss.detach() / cfg.engine.grad_accum
             win_images += len(batch) * world
         with nvtx_range("optimizer"):
@@ -386,6 +391,8 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
             msg = (f"stopped at step {done} of {total} ({watch.reason(stop)}); checkpoint "
                    f"{last_ckpt or ckpt_mod.latest_checkpoint(out_dir)}; continue with --engine.resume=auto")
             logger.info(msg)
+            if is_main:  # for launchers (torchrun) whose own exit status hides the ranks' code 10
+                preempt.write_marker(out_dir, done, watch.reason(stop))
             logger.close()
             prof.close()
             raise preempt.Preempted(msg)

@@ -95,6 +95,25 @@ class StopWatch:
         return " and ".join(out)
 
 
+MARKER = "preempted.json"
+
+
+def write_marker(out_dir, step: int, reason: str) -> None:
+    """out_dir/preempted.json: the run stopped early and waits for `--engine.resume=auto`. Exit code
+    10 says the same, but torchrun exits 1 when any rank exits non-zero; a requeue script under
+    torchrun tests this file instead. Removed when the run starts again."""
+    import json
+    from pathlib import Path
+
+    (Path(out_dir) / MARKER).write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}) + "\n")
+
+
+def clear_marker(out_dir) -> None:
+    from pathlib import Path
+
+    (Path(out_dir) / MARKER).unlink(missing_ok=True)
+
+
 class Agreement:
     """One all-reduce (MAX) of the stop bits per step, on the CPU: with NCCL the default group
     would need a device tensor and a host read-back each step, so a gloo group carries it."""
@@ -118,4 +137,4 @@ class Agreement:
         return sum(int(v) for v in t.tolist())
 
 
-__all__ = ["PREEMPTED_EXIT", "Agreement", "Preempted", "StopWatch"]
+__all__ = ["MARKER", "PREEMPTED_EXIT", "Agreement", "Preempted", "StopWatch", "clear_marker", "write_marker"]
