@@ -486,6 +486,10 @@ class EngineConfig:
     """Run directory: config.json, metrics.jsonl, checkpoints/, figures."""
     resume: str = ""
     """'' (fresh run), 'auto' (newest complete checkpoint in out_dir, if any) or a path."""
+    resume_rebatch: bool = False
+    """Allow a resume whose global batch (data.batch_size x engine.grad_accum x ranks) differs from
+    the checkpoint's: the step is re-derived from the images seen and the schedule is the new
+    batch's (the log says so). Another split of the same global batch needs no flag."""
     compile: bool = False
     """torch.compile each transformer block on its own (regional compile; the kernels stay ops)."""
     compile_mode: str = "default"

@@ -31,6 +31,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .badsamples import BadSampleCounter, DataError
+from .placement import Placement
 from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
 from .synthetic import (
@@ -266,6 +268,19 @@ class SyntheticVideoSource(SyntheticSource):
             raise DataError(f"data.synthetic_images={d.synthetic_images} clips are fewer than one global "
                             f"batch ({d.batch_size // d.repeated_aug} clips x {world_size} ranks = {need})")
         self.batches_per_epoch = len(self._images) // need
+        self.placement = Placement(len(self._images), need // world_size, world_size, rank)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        batches, moved = self.placement.load_state_dict(sd)
+        if not moved:
+            return batches
+        # The clip batches (repeated augmentation) are not re-split: resume at the epoch's share.
+        self.placement.origin = (0, 0, 0)
+        epoch, used = int(sd["epoch"]), int(sd.get("consumed", 0))
+        warnings.warn("clip position saved with another rank count or batch size: resuming at the same "
+                      "point of the epoch, not re-split exactly", stacklevel=3)
+        return epoch * self.batches_per_epoch + min(used // (self.placement.b * self.world_size),
+                                                    self.batches_per_epoch)
 
     def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
         d = self.cfg.data

@@ -21,12 +21,12 @@ import torch
 
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError, parse_duration
-from ..errors import ResumeMismatch
+from ..errors import ResumeMismatch  # noqa: F401  (callers catch it from here)
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from ..tokenizers import fit_config
 from . import checkpoint as ckpt_mod
-from . import guard, preempt, rundir
+from . import guard, preempt, reshape, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import diffmae_train_flops_per_image, peak_tflops_for, train_flops_per_image
@@ -95,30 +95,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> None:
-    """Refuse a resume that would silently change the run.
-
-    Steps count global batches and the data position counts micro-batches, so the same step with
-    another micro-batch size, accumulation or rank count is another point of the schedule and of
-    the data stream; and ZeRO shards the optimizer state by rank count. All three must match the
-    checkpoint's. (The noise alone would not mind: it is keyed on the row in the global batch.)
-    """
-    saved = state.get("config") or {}
-    was = {"data.batch_size": (saved.get("data") or {}).get("batch_size"),
-           "engine.grad_accum": (saved.get("engine") or {}).get("grad_accum"),
-           "ranks": state.get("world_size")}
-    now = {"data.batch_size": cfg.data.batch_size, "engine.grad_accum": cfg.engine.grad_accum, "ranks": world}
-    diff = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and int(was[k]) != now[k]]
-    shape = guard.model_shape_diff(saved, cfg)
-    if shape:
-        raise ResumeMismatch(f"{ckpt_dir} holds another model ({', '.join(shape)}): a resume keeps the "
-                             "model's shape; start a new run (a new out_dir) to train another one")
-    if diff:
-        raise ResumeMismatch(
-            f"{ckpt_dir} cannot be resumed as configured ({', '.join(diff)}): step numbers and the data "
-            "position count micro-batches of the run that wrote it, and ZeRO shards its optimizer state "
-            "by rank, so a resume keeps data.batch_size, engine.grad_accum and the rank count. To change "
-            "them, start a new run (a new out_dir) from the exported weights.")
+def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> reshape.ResumePlan:
+    """Refuse a resume that cannot continue the run (another model; another global batch without
+    engine.resume_rebatch; ZeRO state on another rank count), else say how it continues: another
+    rank count, micro-batch or accumulation of the same global batch continues exactly (reshape.py)."""
+    return reshape.plan_resume(state, ckpt_dir, cfg, world)
 
 
 class SingleDevice:
@@ -206,8 +187,9 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     world, rank, is_main = backend.world_size, backend.rank, backend.is_main
     watch = watch or preempt.StopWatch()
     agree = preempt.Agreement(world)  # collective: every rank builds it here
+    plan = None
     if resume_state is not None:  # before anything is written into the run directory
-        check_resume_fits(resume_state, resume_dir, cfg, world)
+        plan = check_resume_fits(resume_state, resume_dir, cfg, world)
     lr0 = cfg.lr(world)
     total = cfg.total_steps(world)
     warmup = int(round(cfg.optim.warmup_epochs * cfg.steps_per_epoch(world)))
@@ -247,10 +229,11 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
         backend.load_state_dict(resume_state, resume_dir)
         if ema is not None and resume_state.get("ema"):
             ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
-        per_rank = resume_state.get("data_ranks")
-        stream.load_state_dict(per_rank[rank] if per_rank and len(per_rank) == world else resume_state["data"])
+        stream.load_state_dict(plan.data_state(resume_state, rank))
         ckpt_mod.set_rng_state(resume_state["rng"])
-        start = int(resume_state["step"])
+        start = plan.step
+        if plan.note:
+            logger.info(plan.note)
         logger.info(f"resumed from {resume_dir} at step {start}")
     if start >= total:
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
