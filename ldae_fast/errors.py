@@ -11,7 +11,8 @@ Exit codes (also in README, "Exit codes"):
   4  file                 a named file or directory is missing or unreadable
   5  data                 shards missing or broken, labels missing, too many bad samples
   6  checkpoint           unsafe / old-format / corrupt checkpoint, nothing intact to resume
-  7  resume mismatch      the checkpoint cannot be resumed as configured (model shape, batch split)
+  7  resume mismatch      the checkpoint cannot be resumed as configured (another model; another
+                          global batch without engine.resume_rebatch; ZeRO state on other ranks)
   8  divergence           the gradient norm stayed non-finite or above the bound
   9  run directory        another run holds the directory, or a fresh run would overwrite one
   10 preempted            SIGTERM / SIGUSR1 / a first Ctrl-C / engine.stop_after: a checkpoint was

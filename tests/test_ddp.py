@@ -85,6 +85,28 @@ def runs(tmp_path_factory):
     (root / "pre.log").write_text(f"{sig.returncode}\n{sig.stdout}\n{sig.stderr}")
     shutil.copytree(root / "pre", root / "pre_copy")
     _ok(torchrun(root / "pre", {"engine.resume": "auto"}))
+    # 2 ranks -> 1 process (micro 4 x accumulation 2, the same global batch 8), preempted after
+    # step 4 -> 2 ranks again, to the end.
+    shutil.copytree(root / "pre_copy", root / "moved")
+    import signal
+
+    from ldae_fast.engine.loop import SingleDevice
+    from ldae_fast.engine.preempt import Preempted
+
+    real, calls = SingleDevice.backward, []
+
+    def backward(self, loss):
+        if len(calls) == 2:  # the first micro-batch of step 3 (0-based): stop after step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return real(self, loss)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SingleDevice, "backward", backward)
+        with pytest.raises(Preempted, match="stopped at step 4 of 6"):
+            train(build_config("demo", {**TINY, "data.batch_size": "4", "engine.resume": "auto",
+                                        "engine.out_dir": str(root / "moved")}))
+    _ok(torchrun(root / "moved", {"engine.resume": "auto"}))
     return root
 
 
@@ -122,6 +144,24 @@ def test_ddp_signal_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
     assert metrics(runs / "ddp") == metrics(runs / "pre")
+
+
+@pytest.mark.slow
+def test_two_ranks_to_one_and_back_continue_the_run(runs):
+    """2 ranks (micro 2 x accumulation 2) -> 1 process (micro 4 x 2) -> 2 ranks: every leg keeps
+    the global batch, so samples, rows and noise per step are the uninterrupted run's and the
+    weights agree up to the order of the gradient sums."""
+    ref, got = metrics(runs / "ddp"), metrics(runs / "moved")
+    assert sorted(ref) == sorted(got) == list(range(1, 7))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, ref, got)
+    a, b = final_state(runs / "ddp"), final_state(runs / "moved")
+    assert b["step"] == 6 and b["world_size"] == 2
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, rtol=1e-3, atol=1e-5, msg=f"{part}.{k}")
+    # The data position went 2 ranks -> 1 -> 2 without repeating or skipping: 6 steps x 8 images.
+    assert [d["consumed"] for d in b["data_ranks"]] == [48, 48] and b["data"]["epoch"] == 0
 
 
 def test_no_sync_all_reduces_once_per_optimizer_step(tmp_path, monkeypatch):
