@@ -164,6 +164,29 @@ def test_two_ranks_to_one_and_back_continue_the_run(runs):
     assert [d["consumed"] for d in b["data_ranks"]] == [48, 48] and b["data"]["epoch"] == 0
 
 
+def multinode_cmd(port: int, out: Path) -> list[str]:
+    """One "node" of README's multi-node launch line, with 1 rank per node on this machine."""
+    args = [f"--{k}={v}" for k, v in {**TINY, **DDP, "engine.out_dir": str(out)}.items()]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ldae-test",
+            str(ROOT / "train.py"), *args]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_c10d_rendezvous_match_single_process(runs, tmp_path):
+    """README's multi-node line, as two "nodes" of one rank each on localhost."""
+    port = _free_port()
+    nodes = [subprocess.Popen(multinode_cmd(port, tmp_path / "run"), cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=600)[0] for n in nodes]  # generous: guards a hang only
+    assert [n.returncode for n in nodes] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
+    ref, got = metrics(runs / "single"), metrics(tmp_path / "run")
+    assert sorted(ref) == sorted(got) == list(range(1, 7))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), (s, ref, got)
+    assert final_state(tmp_path / "run")["world_size"] == 2
+
+
 def test_no_sync_all_reduces_once_per_optimizer_step(tmp_path, monkeypatch):
     """A one-rank DDP world in this process: with accumulation 3 the gradient buckets are
     all-reduced in the third micro-batch's backward only."""

@@ -215,12 +215,15 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     if is_main and resume_state is None:
         method.export(out_dir)
     amp = autocast_dtype(cfg.engine.precision, device)
-    # Under ZeRO-3 each rank holds a shard of every parameter, so a full-parameter EMA would need a
-    # gather per step; it is off there (the log says so).
+    # Under ZeRO-3 each rank holds a partition of every parameter: so does its EMA (zero3_ema.py).
     zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 and not zero3 else None
-    if zero3 and cfg.optim.ema_decay > 0:
-        logger.info("note: the parameter EMA is not kept under ZeRO-3 (optim.ema_decay ignored)")
+    ema = None
+    if cfg.optim.ema_decay > 0:
+        if zero3:
+            from .zero3_ema import ShardedEMA
+            ema = ShardedEMA(model, cfg.optim.ema_decay)
+        else:
+            ema = EMA(model, cfg.optim.ema_decay)
     # With a CUDA device the stream ships uint8 and normalises there: a quarter of the transfer.
     stream = build_train_stream(cfg, rank=rank, world_size=world, device=device if device.type == "cuda" else None)
 
@@ -268,7 +271,8 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
         w_loss = backend.all_reduce_mean(win_loss) if world > 1 else win_loss
         window = {"loss": float(w_loss.item()), "grad_norm": float(win_norm.item()), "steps": win_steps}
         state.update(step=step, world_size=world,
-                     ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
+                     ema=getattr(ema, "checkpoint_state", ema.state_dict)() if ema else None,
+                     ema_updates=ema.updates if ema else 0,
                      data=data, data_ranks=data_ranks, log_window=window,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(), method=method.state_dict())
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
