@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long plan, for a lease longer than today's (15 minutes of device time, one command): a
+# The long plan, for a device lease of more than one command: a
 # session's GPU checks in stages that each fit one 10-minute command. With one command, run
 # bench/gpu_check.sh instead (the proof of every headline figure; bench/README.md, "The GPU
 # proof"); these stages add ViT-B and ViT-L, the ablations of (d), the profile and DeepSpeed.

@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-epochs", type=int)
     p.add_argument("--floor-seeds", type=int, default=3, help="random-init encoders (seeds 0..n-1)")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--pixel-floor", action="store_true",
+                   help="also score the raw pixels (normalised, flattened) with the same kNN and probe")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="also checkpoint every N steps and evaluate each checkpoint's encoder (rows "
+                        "'pretrained@step'): the probe / kNN against images seen (bench/plot_curve.py)")
     p.add_argument("--cache-dir", default="", help="resident cache (default: data.cache_dir's)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); on a shared, loaded CPU one "
@@ -120,7 +125,8 @@ def setup_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_config(setup: dict[str, Any], train: list[str], val: list[str], device: str, cache_dir: str,
-                run_dir: str, epoch_size: int, steps: int, budget_s: float, seed: int, warmup_frac: float):
+                run_dir: str, epoch_size: int, steps: int, budget_s: float, seed: int, warmup_frac: float,
+                curve_every: int = 0):
     from ldae_fast.config import build_config
 
     o: dict[str, Any] = {
@@ -135,6 +141,9 @@ def make_config(setup: dict[str, Any], train: list[str], val: list[str], device:
         "engine.log_every": max(1, min(50, steps // 10)), "engine.ckpt_every": 0, "engine.keep_last": 1,
         "engine.out_dir": run_dir, "engine.progress": False, "eval.probe": False, "eval.figure": False,
     }
+    if curve_every:
+        # Every checkpoint stays: each is one point of the curve.
+        o["engine.ckpt_every"], o["engine.keep_last"] = curve_every, max(1, steps // curve_every + 1)
     steps_per_epoch = max(1, epoch_size // setup["batch_size"])
     o["optim.warmup_epochs"] = max(warmup_frac * steps, 1) / steps_per_epoch
     for k, key in (("width", "model.width"), ("heads", "model.num_heads")):
@@ -149,10 +158,11 @@ def make_config(setup: dict[str, Any], train: list[str], val: list[str], device:
 def features(encoder: torch.nn.Module, images_u8: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
     """Mean-pooled encoder features of uint8 images, normalised on the device a batch at a time."""
     from ldae_fast.data import normalize
-    from ldae_fast.eval.features import autocast_for, frozen, pool_features
+    from ldae_fast.device import autocast_for, eval_mode
+    from ldae_fast.eval.features import pool_features
 
     out = []
-    with frozen(encoder):
+    with eval_mode(encoder):
         for chunk in images_u8.split(batch):
             with autocast_for(device):
                 out.append(pool_features(encoder, normalize(chunk.to(device)), "avg").float())
@@ -169,12 +179,25 @@ def evaluate(encoder: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
              val: tuple[torch.Tensor, torch.Tensor], device: torch.device, probe_epochs: int,
              num_classes: int) -> dict[str, Any]:
     """kNN and fast linear probe; k and the probe lr are chosen on a held-out fifth of train."""
+    t0 = time.time()
+    ftr, fva = features(encoder, train[0], device), features(encoder, val[0], device)
+    return evaluate_features(ftr, fva, train[1], val[1], device, probe_epochs, num_classes, t0)
+
+
+def pixel_features(images_u8: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    """The raw-pixel floor's features: each image normalised as the encoders see it, flattened."""
+    from ldae_fast.data import normalize
+
+    return torch.cat([normalize(c.to(device)).float().flatten(1) for c in images_u8.split(batch)])
+
+
+def evaluate_features(ftr: torch.Tensor, fva: torch.Tensor, ytr: torch.Tensor, yva: torch.Tensor,
+                      device: torch.device, probe_epochs: int, num_classes: int, t0: float) -> dict[str, Any]:
+    """evaluate's protocol on features already extracted."""
     from ldae_fast.eval.knn import knn_classify
     from ldae_fast.eval.linear_probe import train_head_cached
 
-    t0 = time.time()
-    ftr, fva = features(encoder, train[0], device), features(encoder, val[0], device)
-    ytr, yva = train[1].to(device), val[1].to(device)
+    ytr, yva = ytr.to(device), yva.to(device)
     fit, held = (i.to(device) for i in holdout_split(len(ytr)))
     ks = [k for k in KNN_KS if k <= len(fit)] or [len(fit)]
 
@@ -239,17 +262,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from ldae_fast.data.resident import keep_classes, resident_arrays
-    from ldae_fast.engine.loop import resolve_device, train
+    from ldae_fast.device import resolve_device
+    from ldae_fast.engine.loop import train
     from ldae_fast.models import build_model
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.budget_s <= 0:
         raise UsageError(f"--budget-s {args.budget_s}: must be > 0")
-    try:
-        device = resolve_device(args.device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {args.device}: {e}") from None
+    device = resolve_device(args.device, "--device", UsageError)
     train_urls, val_urls = pick_shards(Path(args.data_dir), args.train_shards, args.val_shards)
     setup = setup_of(args)
     out = Path(args.out)
@@ -275,10 +296,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="learn_check-"))
 
-    def cfg_with(epoch_size: int, steps: int, budget: float, sub: str):
+    def cfg_with(epoch_size: int, steps: int, budget: float, sub: str, curve_every: int = 0):
         try:
             return make_config(setup, train_urls, val_urls, args.device, args.cache_dir, str(run_root / sub),
-                               epoch_size, steps, budget, args.seed, args.warmup_frac)
+                               epoch_size, steps, budget, args.seed, args.warmup_frac, curve_every)
         except ValueError as e:  # ConfigError: a bad override
             raise UsageError(str(e)) from None
 
@@ -303,7 +324,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         ips = res.images_per_s
         steps = max(1, int(0.97 * args.budget_s * ips / setup["batch_size"]))
         stage("calibrate", steps=res.steps, images_per_s=round(ips, 1), planned_steps=steps)
-    cfg = cfg_with(n_train, steps, args.budget_s, "pretrain")
+    cfg = cfg_with(n_train, steps, args.budget_s, "pretrain", args.curve_every)
     t1 = time.time()
     res = train(cfg)
     train_s = time.time() - t1
@@ -333,6 +354,32 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         save()
         print(f"[learn_check] {name} seed {seed}: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
               f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+    if args.pixel_floor:
+        t2 = time.time()
+        r = evaluate_features(pixel_features(tr[0], device), pixel_features(va[0], device), tr[1], va[1], device,
+                              setup["probe_epochs"], num_classes, t2)
+        doc["rows"].append({"encoder": "raw pixels", "seed": "-", **r, "images_seen": 0, "steps": 0,
+                            "train_s": 0, **common})
+        save()
+        print(f"[learn_check] raw pixels: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
+              f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+    if args.curve_every:
+        from ldae_fast.engine.checkpoint import list_checkpoints
+        from ldae_fast.eval.reader import load_for_eval
+
+        for ck in list_checkpoints(cfg.engine.out_dir):
+            _, m, _ = load_for_eval(ck)  # the EMA weights when the run kept them, as above
+            step = int(ck.name.rpartition("_")[2])
+            if step >= res.steps:
+                continue  # the final encoder is the 'pretrained' row already
+            e = m.encoder.float().to(device)
+            r = evaluate(e, tr, va, device, setup["probe_epochs"], num_classes)
+            doc["rows"].append({"encoder": "pretrained@step", "seed": args.seed, **r,
+                                "images_seen": step * cfg.data.batch_size, "steps": step, "train_s": "-",
+                                **common})
+            e.cpu()
+            save()
+            print(f"[learn_check] step {step}: kNN top-1 {r['knn_top1']}, probe top-1 {r['probe_top1']}", flush=True)
     floor = [r for r in doc["rows"] if r["encoder"] == "random-init"]
     pre = doc["rows"][0]
     if floor:

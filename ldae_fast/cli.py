@@ -14,7 +14,7 @@ COMMANDS = {
     "make-shards": ("ldae_fast.data.shards", "main", "turn an ImageFolder tree into WebDataset shards"),
     "write-video-shards": ("ldae_fast.data.video", "main", "turn folders of frame folders into clip shards"),
     "eval": ("ldae_fast.eval.driver", "main", "linear probe / kNN / fine-tune / figure of a checkpoint"),
-    "export": ("ldae_fast.engine.export", "main", "write the encoder as timm-named safetensors"),
+    "export": ("ldae_fast.eval.export", "main", "write the encoder as timm-named safetensors"),
     "featlearn": ("ldae_fast.featlearn.cli", "main", "the two-layer feature-learning study"),
     "ablate": ("ldae_fast.eval.ablate", "main", "the l-DAE trajectory rows: pretrain, probe, kNN, one table"),
 }

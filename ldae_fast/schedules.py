@@ -17,12 +17,23 @@ def sigma_linear(t: torch.Tensor, sigma_max: float = math.sqrt(2.0)) -> tuple[to
     return torch.ones_like(t), sigma_max * t
 
 
+def ddpm_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+               rho: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T,) float64 betas: DDPM's linear schedule, each raised to rho (DiffMAE's knob; 1 is DDPM)."""
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps={num_timesteps} must be >= 1")
+    if not rho > 0:
+        raise ValueError(f"rho={rho} must be > 0")
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device=device)
+    return betas if rho == 1 else betas ** rho
+
+
 def ddpm_linear_beta(
     t: torch.Tensor, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM: beta linear from 1e-4 to 0.02 over T steps, gamma^2 = prod(1 - beta) = alpha_bar,
     sigma^2 = 1 - alpha_bar (variance preserving)."""
-    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device=t.device)
+    betas = ddpm_betas(num_timesteps, beta_start, beta_end, device=t.device)
     alpha_bar = torch.cumprod(1.0 - betas, 0)
     idx = (t.double().clamp(0, 1) * (num_timesteps - 1)).round().long()
     ab = alpha_bar[idx]
@@ -36,7 +47,7 @@ def linear_gamma2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def single_level(t: torch.Tensor, sigma: float = 1.0 / 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One noise level for every t: gamma = 1, sigma fixed (l-DAE Sec. 6 tries sigma = 1/3)."""
+    """One noise level for every t: gamma = 1, sigma fixed (l-DAE Sec. 4.3 tries sigma = 1/3)."""
     return torch.ones_like(t), torch.full_like(t, sigma)
 
 

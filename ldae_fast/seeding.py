@@ -34,3 +34,12 @@ def derive_seed(*keys: int) -> int:
         h = (h * 0x94D049BB133111EB) & _M64
         h ^= h >> 29
     return h >> 1
+
+
+def global_rows(batch: int, micro: int, accum: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first row, size) of a micro-batch's place in its step's global batch: micro-batch m of
+    `accum` on rank r holds rows (m * world + r) * batch .. + batch - 1 of batch * world * accum,
+    so N ranks x A micro-batches of B key their draws as one process with batch N*A*B does."""
+    if not 0 <= micro < accum:
+        raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
+    return batch * (micro * world_size + rank), batch * world_size * accum

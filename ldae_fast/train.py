@@ -51,18 +51,20 @@ def usage(argv: list[str] = ()) -> str:
 
 def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
-    encoder of the same architecture (the floor) and chance."""
+    encoder of the same architecture (the floor), the raw pixels and chance; returns every number
+    it printed (train.write_results stores them)."""
     from .data import build_eval_arrays
-    from .eval.features import extract_features, probe_encoder, probe_view
+    from .eval.features import probe_encoder, probe_view
     from .eval.figure import denoise_figure
     from .eval.knn import knn_classify
-    from .eval.linear_probe import linear_probe_fast
+    from .eval.linear_probe import train_head_cached
     from .models import build_model
 
     out = {}
     # A fresh fp32, uncompiled copy on the CPU: the trained module may hold bf16 parameters
-    # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks; the EMA weights are what the
-    # paper evaluates.
+    # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks. The EMA weights when there are
+    # any: our inference from DiT's practice (the l-DAE paper builds on DiT, which samples from its
+    # EMA); l-DAE's text does not say which weights it probes.
     model = build_model(cfg.model, cfg.data.img_size)
     src = result.ema if result.ema is not None else result.model
     model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
@@ -104,31 +106,77 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
         scores = {}
         method = result.method.to("cpu")
-        for name, enc in (("pretrained", probe_view(probe_encoder(model, cfg), cfg, method)),
-                          ("random-init", probe_view(probe_encoder(rand_model, cfg), cfg, method))):
-            # One feature pass per encoder serves both the probe and the kNN.
-            feats = (extract_features(enc, train_arr[0], batch_size=cfg.eval.probe_batch_size),
-                     extract_features(enc, val_arr[0], batch_size=cfg.eval.probe_batch_size))
+        bs = cfg.eval.probe_batch_size
+        sources = {
+            "pretrained": lambda: _encoder_features(probe_view(probe_encoder(model, cfg), cfg, method), train_arr,
+                                                    val_arr, bs),
+            "random-init": lambda: _encoder_features(probe_view(probe_encoder(rand_model, cfg), cfg, method),
+                                                     train_arr, val_arr, bs),
+            # The images themselves, as the probe and kNN see them (resized, normalised, flattened):
+            # what a task asks of an encoder beyond what its pixels already give.
+            "raw pixels": lambda: (train_arr[0].flatten(1).float(), val_arr[0].flatten(1).float()),
+        }
+        for name, feats_of in sources.items():
+            feats = feats_of()  # one feature pass serves both the probe and the kNN
             torch.manual_seed(cfg.engine.seed)
-            probe = linear_probe_fast(enc, train_arr, val_arr, epochs=cfg.eval.probe_epochs,
-                                      batch_size=cfg.eval.probe_batch_size, blr=cfg.eval.probe_blr, cached=feats)
+            probe = train_head_cached(feats[0], train_arr[1], feats[1], val_arr[1], epochs=cfg.eval.probe_epochs,
+                                      batch_size=bs, blr=cfg.eval.probe_blr, seed=0)
             # Centred on the train mean: a random encoder's features share one large direction
-            # that swamps the cosine similarity; removing it is fair to both encoders.
+            # that swamps the cosine similarity; removing it is fair to every row.
             mu = feats[0].mean(0, keepdim=True)
             knn = knn_classify(feats[0] - mu, train_arr[1], feats[1] - mu, val_arr[1], ks=[k])[k]
             scores[name] = (probe["top1"], knn["top1"])
         chance = 100.0 / max(1, int(train_arr[1].max()) + 1)
         (ours, ours_knn), (floor, floor_knn) = scores["pretrained"], scores["random-init"]
+        raw, raw_knn = scores["raw pixels"]
+        seconds = time.time() - t0
         log(f"frozen-encoder evaluation ({len(train_arr[1])} train / {len(val_arr[1])} val images; linear "
             f"probe: {cfg.eval.probe_epochs} epochs on cached features; kNN: k={k}, centred features; "
-            f"{time.time() - t0:.0f}s):\n"
+            f"{seconds:.0f}s):\n"
             f"                        probe top-1   kNN top-1\n"
             f"  pretrained encoder    {ours:10.1f}%  {ours_knn:9.1f}%\n"
             f"  random-init encoder   {floor:10.1f}%  {floor_knn:9.1f}%\n"
+            f"  raw pixels            {raw:10.1f}%  {raw_knn:9.1f}%\n"
             f"  chance                {chance:10.1f}%  {chance:9.1f}%")
         out.update(probe_top1=ours, random_top1=floor, knn_top1=ours_knn, random_knn_top1=floor_knn,
-                   chance=chance)
+                   raw_pixels_top1=raw, raw_pixels_knn_top1=raw_knn, chance=chance,
+                   eval_settings=dict(train_images=len(train_arr[1]), val_images=len(val_arr[1]),
+                                      probe_epochs=cfg.eval.probe_epochs, probe_blr=cfg.eval.probe_blr,
+                                      probe_batch_size=bs, knn_k=k, knn_features="centred",
+                                      probe_head_seed=0, torch_seed_before_each_probe=cfg.engine.seed,
+                                      random_init_seed=cfg.engine.seed),
+                   eval_seconds=seconds)
     return out
+
+
+def _encoder_features(enc, train_arr, val_arr, batch_size: int):
+    from .eval.features import extract_features
+
+    return (extract_features(enc, train_arr[0], batch_size=batch_size),
+            extract_features(enc, val_arr[0], batch_size=batch_size))
+
+
+RESULTS_FILE = "results.json"
+
+
+def write_results(cfg: Config, argv: list[str], pretraining: dict, demo: dict) -> Path:
+    """Every number the demo printed, with the settings and seeds that produced it, as
+    `<engine.out_dir>/results.json`: what bench/seed_table.py assembles the docs' seed tables from."""
+    import json
+    import platform
+    from datetime import datetime, timezone
+
+    rec = {
+        "schema": 1, "preset": cfg.preset, "seed": cfg.engine.seed, "argv": list(argv),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "pretraining": pretraining, "evaluation": demo, "config": cfg.to_dict(),
+    }
+    path = Path(cfg.engine.out_dir) / RESULTS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,9 +211,11 @@ def _main(argv: list[str]) -> int:
     if result.model is None or result.steps == 0:
         return 0
     is_main = getattr(result, "is_main", True)
+    pretraining = {"seconds": time.time() - t0, "steps": result.steps, "checkpoint": str(result.checkpoint)}
     if is_main and result.losses:
         first, last = result.losses[0][1], result.losses[-1][1]
-        print(f"pretraining done in {time.time() - t0:.0f}s: loss {first:.4f} -> {last:.4f}, "
+        pretraining.update(loss_first=first, loss_last=last, images_per_s=result.images_per_s)
+        print(f"pretraining done in {pretraining['seconds']:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
     if is_main and (cfg.preset in ("demo", "diffmae-demo", "diffmae-video-demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
@@ -173,7 +223,8 @@ def _main(argv: list[str]) -> int:
             from .eval.reader import load_for_eval
             _, model, _ = load_for_eval(result.checkpoint)
             result.model, result.ema = model, None
-        finish_demo(cfg, result)
+        demo = finish_demo(cfg, result)
+        print(f"results: {write_results(cfg, argv, pretraining, demo)}")
     if is_main:
         print(f"run directory: {cfg.engine.out_dir} (config.json, metrics.jsonl, checkpoints/)")
     return 0

@@ -3,7 +3,7 @@ table of named presets.
 
 Each row names the row it changes (`parent`) and the config overrides of that one change; a row's
 full override set is its parent's with its own on top, rooted at the paper's ViT-1/2L recipe with
-center crops and no augmentation (every trajectory row before the last, l-DAE Sec. 6 / App. A).
+center crops and no augmentation (every trajectory row before the last, l-DAE Sec. 5 / App. A).
 `config.PRESETS` holds every row under its name, so `--preset pca-d32` and
 `ldae-fast ablate --rows pca-d8,pca-d32` read the same settings.
 
@@ -46,20 +46,26 @@ class Row:
 
 
 # Settings every row shares unless a row changes them: the paper's pretraining recipe at the
-# trajectory's scale (App. A), center crop (no augmentation), input scaling 1/sqrt(gamma^2+sigma^2)
-# (the identity on the variance-preserving schedules of the first rows), the network fed and
-# predicting latent tokens (B, N, d), its target the noise.
+# trajectory's scale (App. A), center crop (no augmentation), the network fed and predicting
+# latent tokens (B, N, d), its target the noise. The paper's "input scaling" is gamma_t in
+# z_t = gamma_t z0 + sigma_t eps, which the variance-preserving schedules of the first rows have
+# and the sigma_linear schedule (gamma_t = 1) of "remove-input-scaling" drops.
 BASE: dict[str, Any] = {
-    "model.size": "halfL", "data.crop": "center", "noise.input_scaling": True, "noise.target": "eps",
+    "model.size": "halfL", "data.crop": "center", "noise.target": "eps",
     "model.input": "latent", "model.output": "latent",
 }
+
+# Table 1's tokenizer width: DiT's tokenizer maps a 256 px image to a 32x32x4 latent, so a 2x2
+# latent token (one 16x16 patch) has 16 dimensions, and the paper says Table 1's last row (63.4)
+# is Table 2's conv-VAE d = 16 entry (../shared/PAPERS.md, l-DAE Tables 1 and 2).
+TABLE1_LATENT_DIM = 16
 
 _ROWS: list[Row] = [
     # Table 1: from DiT towards a denoising autoencoder.
     Row("dit-cond", None, "DiT baseline (class-conditional, VQGAN, DDPM schedule, predict noise)", 57.5,
         "l-DAE Table 1",
         {"tokenizer.kind": CONV_VAE, CONV_VAE_ADVERSARIAL: True, "model.class_cond": True, "model.num_classes": 1000,
-         "noise.schedule": "ddpm_linear_beta",
+         "tokenizer.latent_dim": TABLE1_LATENT_DIM, "noise.schedule": "ddpm_linear_beta",
          "noise.loss_weight": "uniform"},
         note="our conv VAE with its adversarial term stands in for DiT's VQGAN (no perceptual loss: "
              "it needs supervised VGG weights)"),
@@ -104,7 +110,7 @@ _ROWS += [
         {"noise.target": "z0", "noise.loss_weight": "gamma2"}),
     Row("remove-input-scaling", "lambda-gamma2",
         "gamma = 1, sigma linear 0..sqrt(2), lambda = 1/(1+sigma^2)", 63.6, "l-DAE Table 3",
-        {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2", "noise.input_scaling": False}),
+        {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2"}),
     Row("image-input", "remove-input-scaling", "image input through inverse PCA", 63.6, "l-DAE Table 3",
         {"model.input": "image"}),
     Row("image-output", "image-input", "image output through inverse PCA", 63.9, "l-DAE Table 3",
@@ -112,9 +118,9 @@ _ROWS += [
     Row("predict-x0-w", "image-output",
         "predict the original image, loss lambda sum_i w_i r_i^2 (w = 1 / 0.1)", 64.5, "l-DAE Table 3",
         {"noise.target": "x0", "noise.low_weight": 1.0, "noise.high_weight": 0.1}),
-    Row("single-level", "predict-x0-w", "single noise level sigma = 1/3", 61.5, "l-DAE Sec. 6",
+    Row("single-level", "predict-x0-w", "single noise level sigma = 1/3", 61.5, "l-DAE Sec. 4.3",
         {"noise.schedule": "single_level"}),
-    Row("random-crop", "predict-x0-w", "random resized crop (the final l-DAE)", 65.0, "l-DAE Sec. 6",
+    Row("random-crop", "predict-x0-w", "random resized crop (the final l-DAE)", 65.0, "l-DAE Sec. 5",
         {"data.crop": "random_resized"}),
 ]
 

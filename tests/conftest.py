@@ -67,3 +67,69 @@ def tinyimagenet_dir() -> Path:
 @pytest.fixture
 def mnist_dir() -> Path:
     return shared_data("mnist", "t10k-images-idx3-ubyte.gz")
+
+
+# The l-DAE demo at its smallest: a one-block encoder and decoder of width 32 on 16 px synthetic
+# images, the reference kernels, no probe or figure. Test files that train it import these
+# (`from conftest import TINY_DEMO, demo_cfg`).
+TINY_DEMO = {
+    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
+    "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "64", "tokenizer.fit_images": "32",
+    "engine.kernels": "reference", "engine.log_every": "2", "engine.progress": "false", "optim.blr": "1e-3",
+    "optim.warmup_epochs": "0.5", "eval.probe": "false", "eval.figure": "false",
+}
+
+
+def demo_cfg(out_dir, **over):
+    """The `demo` preset at TINY_DEMO's size writing to `out_dir`, with `over` (field -> value)."""
+    from ldae_fast.config import build_config
+
+    return build_config("demo", {**TINY_DEMO, "engine.out_dir": str(out_dir),
+                                 **{k: str(v) for k, v in over.items()}})
+
+
+# Data for tests -------------------------------------------------------------------------------
+def write_tar(path, samples, gz: bool = False) -> str:
+    """A WebDataset-style tar (gzipped with `gz`) of (key, {ext: bytes}) samples; -> its path."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def smooth_images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:
+    """(n, 3, size, size) smooth images plus a little pixel noise: a spectrum far from flat, as for
+    natural images, so a tokenizer fit has structure to find."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, size // 4, size // 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    return x + 0.05 * torch.randn(n, 3, size, size, generator=g)
+
+
+def in_batches(x: torch.Tensor, bs: int = 16):
+    """x in consecutive batches of `bs` (the last may be smaller)."""
+    for i in range(0, len(x), bs):
+        yield x[i:i + bs]
+
+
+# bench/ scripts, each test module its own copy ---------------------------------------------------
+@pytest.fixture(scope="module")
+def ts():
+    """bench/train_step.py as a module."""
+    from bench_import import load_bench
+
+    return load_bench("train_step")
+
+
+@pytest.fixture(scope="module")
+def perf():
+    """bench/make_perf_section.py as a module."""
+    from bench_import import load_bench
+
+    return load_bench("make_perf_section")

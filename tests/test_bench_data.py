@@ -1,21 +1,12 @@
 """bench/data.py runs end to end with tiny counts on CPU and reports every stage it can run here."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "data.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_data", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_import import load_bench
 
 
 def test_data_bench_cpu_smoke(tmp_path, capsys):
-    bench = _load_bench()
+    bench = load_bench("data")
     shards = bench.DEFAULT_SHARDS
     use_real = (shards.parent / "train-000000.tar.gz").exists()
     rows = bench.main(["--shards", str(shards) if use_real else "none", "--synthetic", "16", "--batch-size", "4",

@@ -15,16 +15,6 @@ from ldae_fast.models import build_model
 from ldae_fast.objectives.masking import random_masking
 
 
-@pytest.fixture(scope="module")
-def ts():
-    return load_bench("train_step")
-
-
-@pytest.fixture(scope="module")
-def perf():
-    return load_bench("make_perf_section")
-
-
 def _counted_step(model, ratio: float, batch: int = 2, img: int = 32, p: int = 4) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs per image as torch's counter sees one step."""
     N = (img // p) ** 2

@@ -1,18 +1,7 @@
 """bench/kernels.py runs end to end in its CPU-smoke mode and reports every variant of every op."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "kernels.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_import import load_bench
 
 
 def test_kernels_bench_cpu_smoke(tmp_path, capsys):
@@ -21,7 +10,7 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
     if not triton_available("cpu"):
         pytest.skip("the kernels were defined for the GPU in this process (TRITON_INTERPRET unset); "
                     "the CPU smoke runs in the default `make test`")
-    bench = _load_bench()
+    bench = load_bench("kernels")
     # aot_eager keeps the compiled baseline's code path without paying for C++ builds here;
     # `python bench/kernels.py --cpu-smoke` uses inductor.
     rows = bench.main(["--cpu-smoke", "--compile-backend", "aot_eager", "--write",
@@ -45,10 +34,8 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
 
 def test_results_io_roundtrip(tmp_path):
     import json
-    import sys
 
-    sys.path.insert(0, str(BENCH.parent))
-    from results_io import write_result
+    write_result = load_bench("results_io").write_result
 
     jp, mp = write_result("unit", [{"a": 1, "b": 2.5}, {"a": 2, "c": "x|y"}], {"note": "hi"}, out_dir=tmp_path)
     data = json.loads(jp.read_text())
@@ -65,7 +52,7 @@ def test_failing_variant_is_a_row_and_the_others_stand():
 
     import torch
 
-    bench = _load_bench()
+    bench = load_bench("kernels")
 
     def factory():
         def boom():

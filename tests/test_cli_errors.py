@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_DEMO as TINY
 
 from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
@@ -17,12 +18,6 @@ from ldae_fast.engine.loop import train
 from ldae_fast.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {
-    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-    "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "64", "tokenizer.fit_images": "32",
-    "engine.kernels": "reference", "engine.log_every": "2", "engine.progress": "false", "optim.blr": "1e-3",
-    "optim.warmup_epochs": "0.5", "eval.probe": "false", "eval.figure": "false",
-}
 FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
 
 

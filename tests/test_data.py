@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tar as _write_tar
 from PIL import Image
 
 from ldae_fast.config import build_config
@@ -55,16 +56,6 @@ def _jpeg(size: int = 8, mode: str = "RGB", seed: int = 0) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], gz: bool = False) -> str:
-    with tarfile.open(path, "w:gz" if gz else "w") as tar:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _id_shards(tmp: Path, n_shards: int, per_shard: int, bad: dict[int, str] | None = None) -> str:
@@ -158,6 +149,16 @@ def test_random_resized_crop_batch_draws_box_then_flip_per_image():
     want = crop_resize_flip_batch(x, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips), 8)
     assert torch.equal(got, want) and any(flips) and not all(flips)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_random_resized_crop_batch_full_crop_is_the_identity():
+    from ldae_fast.data.transforms import random_resized_crop_batch
+
+    x = torch.randn(6, 3, 12, 12)
+    same = random_resized_crop_batch(x, 12, (1.0, 1.0), False, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x, atol=1e-5)
+    out = random_resized_crop_batch(x, 12, (0.08, 1.0), True, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all() and not torch.allclose(out, x)
 
 
 def test_sample_crop_box_respects_scale_and_ratio():
@@ -267,6 +268,13 @@ def test_synthetic_stream_epoch_and_exact_resume():
     for (xa, ya), (xc, yc) in zip(ref[5:12], got):
         assert torch.equal(xa, xc) and torch.equal(ya, yc)
     assert c.state_dict()["epoch"] == 1
+
+
+def test_fewer_images_than_one_global_batch_names_the_field():
+    cfg = build_config("demo", {"data.synthetic_images": "48", "data.batch_size": "32"})
+    assert build_train_stream(cfg, world_size=1).src.batches_per_epoch == 1
+    with pytest.raises(DataError, match=r"data.synthetic_images: 48 images, fewer than one global batch of 64"):
+        build_train_stream(cfg, rank=1, world_size=2)
 
 
 def test_synthetic_eval_arrays():

@@ -147,7 +147,7 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import load_file
 
-    from ldae_fast.engine.export import _meta, main
+    from ldae_fast.eval.export import _meta, main
 
     # ZeRO-3 state.pt holds no weights: export must consolidate the shards.
     # (its EMA, kept sharded, is gathered into state.pt: test_zero3_ema_is_kept_saved_and_resumed)

@@ -20,8 +20,9 @@ from ldae_fast.objectives.masking import (
     random_masking,
     scatter_tokens,
 )
-from ldae_fast.objectives.schedules import DiffusionSchedule, ddpm_betas
+from ldae_fast.objectives.schedules import DiffusionSchedule
 from ldae_fast.reference import patchify
+from ldae_fast.schedules import ddpm_betas
 
 TINY = {
     "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",

@@ -261,8 +261,8 @@ TINY = {
 def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
     timm = pytest.importorskip("timm")
     from ldae_fast.engine.checkpoint import load_state
-    from ldae_fast.engine.export import main as export_main
     from ldae_fast.engine.loop import train
+    from ldae_fast.eval.export import main as export_main
     from ldae_fast.eval.features import extract_features, probe_view
     from ldae_fast.eval.reader import load_exported_encoder, load_for_eval
 

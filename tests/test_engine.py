@@ -3,32 +3,19 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_DEMO as TINY
+from conftest import demo_cfg
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import NonFiniteLoss, train
-from ldae_fast.engine.optim import EMA, lr_at
+from ldae_fast.engine.optim import EMA
 from ldae_fast.objectives import ldae as ldae_obj
-
-TINY = {
-    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-    "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "64", "tokenizer.fit_images": "32",
-    "engine.kernels": "reference", "engine.log_every": "2", "engine.progress": "false", "optim.blr": "1e-3",
-    "optim.warmup_epochs": "0.5", "eval.probe": "false", "eval.figure": "false",
-}
 
 
 def _cfg(tmp_path, **over):
-    o = {**TINY, "engine.out_dir": str(tmp_path / "run"), **{k: str(v) for k, v in over.items()}}
-    return build_config("demo", o)
-
-
-def test_lr_schedule():
-    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
-    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
-    assert lr_at(100, 1.0, 10, 100, min_lr=0.01) == pytest.approx(0.01)
+    return demo_cfg(tmp_path / "run", **over)
 
 
 def test_ema_tracks_parameters():

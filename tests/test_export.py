@@ -20,8 +20,8 @@ TINY = {
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_export_is_a_timm_local_dir_with_matching_features(tmp_path, monkeypatch, use_ema):
     from ldae_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from ldae_fast.engine.export import _meta, main
     from ldae_fast.engine.loop import train
+    from ldae_fast.eval.export import _meta, main
     from ldae_fast.eval.reader import load_exported_encoder, load_for_eval
 
     # The whole recipe must work offline: a hub lookup would fail here rather than be skipped.
@@ -66,7 +66,7 @@ def test_export_is_a_timm_local_dir_with_matching_features(tmp_path, monkeypatch
 
 
 def test_export_refuses_an_existing_file_as_its_directory(tmp_path, capsys):
-    from ldae_fast.engine.export import main
+    from ldae_fast.eval.export import main
 
     target = tmp_path / "enc.safetensors"  # e.g. an export in the older single-file format
     target.write_bytes(b"not ours")
@@ -77,7 +77,7 @@ def test_export_refuses_an_existing_file_as_its_directory(tmp_path, capsys):
 
 
 def test_export_of_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
-    from ldae_fast.engine.export import main
+    from ldae_fast.eval.export import main
 
     assert main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 4  # file error
     err = capsys.readouterr().err

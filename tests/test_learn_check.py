@@ -3,37 +3,16 @@ one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT.parent / "shared" / "data" / "tinyimagenet-wds"
+from bench_import import load_bench
 
 
-def tiny_imagenet_dir() -> Path:
-    """The shared Tiny ImageNet shards; skipped when absent, a failure under CI=true."""
-    if not (TINY / "train-000000.tar.gz").is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the shared data is missing: {TINY}")
-        pytest.skip(f"shared Tiny ImageNet shards not found at {TINY}")
-    return TINY
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("learn_check", ROOT / "bench" / "learn_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_toy_rehearsal_writes_rows_for_both_encoders(tmp_path, capsys):
-    d = tiny_imagenet_dir()
+def test_toy_rehearsal_writes_rows_for_both_encoders(tmp_path, capsys, tinyimagenet_dir):
+    d = tinyimagenet_dir
     out = tmp_path / "learn.json"
-    rc = load_script().main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
+    rc = load_bench("learn_check").main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
                              "--budget-s", "3", "--out", str(out), "--toy", "--device", "cpu",
                              "--floor-seeds", "2", "--cache-dir", str(tmp_path / "cache"),
                              "--run-dir", str(tmp_path / "runs")])
@@ -62,7 +41,7 @@ def test_toy_rehearsal_writes_rows_for_both_encoders(tmp_path, capsys):
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
-    mod = load_script()
+    mod = load_bench("learn_check")
     rc = mod.main(["--data-dir", str(tmp_path / "nope"), "--train-shards", "1", "--val-shards", "1",
                    "--budget-s", "1", "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err.strip()
@@ -74,3 +53,55 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--train-shards 2" in err and "holds 1" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_curve_rows_and_their_plot(tmp_path, capsys, tinyimagenet_dir):
+    """--curve-every keeps every checkpoint and evaluates each; bench/plot_curve.py draws them."""
+    d = tinyimagenet_dir
+    out = tmp_path / "curve.json"
+    rc = load_bench("learn_check").main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1",
+                             "--budget-s", "60", "--steps", "4", "--curve-every", "2", "--out", str(out),
+                             "--toy", "--device", "cpu", "--floor-seeds", "1", "--pixel-floor",
+                             "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    curve = [r for r in rows if r["encoder"] == "pretrained@step"]
+    assert [r["steps"] for r in curve] == [2] and curve[0]["images_seen"] == 2 * 32
+    assert rows[0]["encoder"] == "pretrained" and rows[0]["steps"] == 4
+    raw = [r for r in rows if r["encoder"] == "raw pixels"]
+    assert len(raw) == 1 and 0 <= raw[0]["probe_top1"] <= 100 and 0 <= raw[0]["knn_top1"] <= 100
+    plot = load_bench("plot_curve")
+    assert plot.curve_points(json.loads(out.read_text()), "probe_top1")[0][0] == 64
+    png = tmp_path / "curve.png"
+    assert plot.main([str(out), "--out", str(png)]) == 0
+    from PIL import Image
+    assert Image.open(png).size == (2 * plot.W, plot.H)
+    assert "64, " in capsys.readouterr().out
+
+
+def _doc(seed, probe, knn, steps=10, blr=1e-3):
+    rows = [{"encoder": "pretrained", "seed": seed, "probe_top1": probe, "knn_top1": knn, "knn_raw_top1": knn,
+             "images_seen": steps * 32, "train_s": 5.0}]
+    rows += [{"encoder": "random-init", "seed": s, "probe_top1": 10.0 + s, "knn_top1": 8.0, "knn_raw_top1": 8.0}
+             for s in range(3)]
+    rows.append({"encoder": "raw pixels", "seed": "-", "probe_top1": 30.0, "knn_top1": 25.0, "knn_raw_top1": 24.0})
+    return {"meta": {"setup": {"blr": blr}, "train_shards": ["a"], "val_shards": ["b"]},
+            "stages": {"pretrain": {"steps": steps}}, "rows": rows, "summary": {"chance": 5.0}}
+
+
+def test_learn_seeds_assembles_pretraining_seeds_beside_the_floors(tmp_path, capsys):
+    mod = load_bench("learn_seeds")
+    paths = []
+    for s, (p, k) in enumerate(((20.0, 9.0), (22.0, 10.0), (24.0, 11.0))):
+        paths.append(tmp_path / f"s{s}.json")
+        paths[-1].write_text(json.dumps(_doc(s, p, k)))
+    assert mod.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "probe 22.00 ± 2.00, kNN 10.00 ± 1.00" in out  # mean ± sample std of the three seeds
+    assert "random-init over 3 seeds: probe 11.00 ± 1.00" in out and "probe +11.00" in out
+    assert "| raw pixels | - | 30.00 | 25.00 |" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_doc(3, 1.0, 1.0, steps=11)))
+    assert mod.main([str(paths[0]), str(bad)]) == 2 and "--steps" in capsys.readouterr().err
+    bad.write_text(json.dumps(_doc(3, 1.0, 1.0, blr=1.0)))
+    assert mod.main([str(paths[0]), str(bad)]) == 2 and "setup" in capsys.readouterr().err

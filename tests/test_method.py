@@ -119,7 +119,7 @@ def test_checkpoint_and_export_do_not_import_each_other():
         return names
 
     assert not {n for n in imported("ldae_fast/engine/checkpoint.py") if "export" in n or "eval" in n}
-    assert not {n for n in imported("ldae_fast/engine/export.py") if "checkpoint" in n}
+    assert not {n for n in imported("ldae_fast/eval/export.py") if "checkpoint" in n}
 
 
 class _Spy(torch.nn.Module):
@@ -169,5 +169,5 @@ def test_figure_shows_the_input_training_gives_the_network(schedule):
     # gamma is recomputed from a float32 sigma: near sigma = 1 that costs a few 1e-5 of z0.
     torch.testing.assert_close(cols[1], nb.x_in, rtol=1e-4, atol=1e-4)
     if schedule != "sigma_linear":
-        unit = method.noisy_input(x, torch.ones(1), nb.sigma, 3)  # what the demo's figure used to draw
+        unit = method.noisy_input(x, torch.ones(1), nb.sigma, 3)  # gamma = 1 whatever the schedule
         assert not torch.allclose(unit, nb.x_in, rtol=1e-3, atol=1e-3)

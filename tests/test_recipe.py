@@ -102,9 +102,38 @@ def test_trajectory_rows_chain_one_change_each():
     assert trajectory.row_overrides("predict-x0-w")["data.crop"] == "center"
     # Only the named change differs from the parent (beyond inherited keys).
     a, b = trajectory.row_overrides("remove-input-scaling"), trajectory.row_overrides("lambda-gamma2")
-    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {
-        "noise.schedule", "noise.loss_weight", "noise.input_scaling"}
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"noise.schedule", "noise.loss_weight"}
+    # The paper's input scaling is the schedule's gamma_t; our divisor option is never set by a row.
+    assert not any(build_config(r).noise.input_scaling for r in trajectory.ROWS)
     assert "tokenizer.adversarial" not in trajectory.row_overrides("pca-d32")
+
+
+# The tokenizer width d per token and patch size each row of the paper runs at (../shared/PAPERS.md):
+# Table 1 at DiT's 32x32x4 latent of a 256 px image, 16 dims per 2x2 token (its last row, 63.4, is
+# Table 2's conv-VAE d = 16 entry); Table 2 at the d its column names; Fig. 5 pixels at 3 p^2;
+# Table 3 and after from the d = 32 PCA entry.
+PAPER_WIDTH = {
+    **{r: (16, 16) for r in ("dit-cond", "dit-uncond", "dit-no-perceptual", "dit-no-adversarial",
+                              "dit-linear-gamma2")},
+    **{f"{k}-d{d}": (d, 16) for k in ("pca", "pae", "pvae", "cvae") for d in (8, 16, 32, 64, 128)},
+    **{f"pixel-{img}-{p}": (3 * p * p, p) for img, p in ((256, 16), (128, 8), (64, 4), (32, 2))},
+    **{r: (32, 16) for r in ("lambda-gamma2", "remove-input-scaling", "image-input", "image-output",
+                              "predict-x0-w", "single-level", "random-crop")},
+}
+
+
+def test_every_rows_tokenizer_width_is_the_papers():
+    assert set(PAPER_WIDTH) == set(trajectory.ROWS)
+    for name, (d, p) in PAPER_WIDTH.items():
+        c = build_config(name)
+        assert (c.tokenizer.latent_dim, c.model.patch_size) == (d, p), name
+    # Table 1's endpoint and Table 2's conv-VAE d = 16 entry are one setting with one number.
+    a, b = build_config("dit-linear-gamma2").to_dict(), build_config("cvae-d16").to_dict()
+    for d in (a, b):
+        d.pop("preset", None)
+        d["engine"].pop("out_dir")
+    assert a == b
+    assert trajectory.ROWS["dit-linear-gamma2"].paper_acc == trajectory.ROWS["cvae-d16"].paper_acc == 63.4
 
 
 @pytest.mark.parametrize("name", list(trajectory.ROWS))

@@ -1,5 +1,5 @@
 """Safety: nothing a user loads runs code, no good checkpoint is lost, a run owns its directory,
-hostile or broken data is counted and named (issue 12). Tiny models, a few steps, CPU."""
+hostile or broken data is counted and named. Tiny models, a few steps, CPU."""
 
 import hashlib
 import io
@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_DEMO as TINY
+from conftest import demo_cfg as _cfg
+from conftest import write_tar as _tar
 from PIL import Image
 
 from ldae_fast.config import ConfigError, build_config, parse_cli
@@ -30,16 +32,6 @@ from ldae_fast.eval.reader import load_for_eval
 from ldae_fast.objectives import ldae as ldae_obj
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {
-    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-    "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "64", "tokenizer.fit_images": "32",
-    "engine.kernels": "reference", "engine.log_every": "2", "engine.progress": "false", "optim.blr": "1e-3",
-    "optim.warmup_epochs": "0.5", "eval.probe": "false", "eval.figure": "false",
-}
-
-
-def _cfg(out, **over):
-    return build_config("demo", {**TINY, "engine.out_dir": str(out), **{k: str(v) for k, v in over.items()}})
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +104,7 @@ def test_pickle_payload_never_runs(trained, tmp_path, loader, keep_format):
         from ldae_fast.eval.driver import main
         assert main(["--checkpoint", str(newest), "--out", str(tmp_path / "ev"), "--no-baseline"]) == 6
     else:
-        from ldae_fast.engine.export import main
+        from ldae_fast.eval.export import main
         assert main([str(newest), str(tmp_path / "enc.safetensors")]) == 6
     assert not (tmp_path / "marker").exists(), "unpickling the checkpoint ran code"
 
@@ -150,7 +142,7 @@ def _export_with_config(trained, tmp_path, data: dict) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ldae_fast.engine.export import export_encoder
+    from ldae_fast.eval.export import export_encoder
 
     path = export_encoder(ck.latest_checkpoint(trained), tmp_path / "enc.safetensors")
     with safe_open(str(path), framework="pt") as f:
@@ -421,16 +413,6 @@ def _jpeg(size=8):
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (200, 10, 10)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def _tar(path, samples, gz=False):
-    with tarfile.open(path, "w:gz" if gz else "w") as tar:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.mark.parametrize("cls, why", [

@@ -1,21 +1,10 @@
 import pytest
 import torch
+from conftest import in_batches as _batches
+from conftest import smooth_images as _images
 
 from ldae_fast import reference
 from ldae_fast.tokenizers import PCATokenizer, PixelTokenizer, TokenizerMismatch, fit_pca
-
-
-def _images(n, seed=0, size=16):
-    # Smooth, correlated images so the spectrum is far from flat (as for natural images).
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(n, 3, size // 4, size // 4, generator=g)
-    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    return x + 0.05 * torch.randn(n, 3, size, size, generator=g)
-
-
-def _batches(x, bs=16):
-    for i in range(0, len(x), bs):
-        yield x[i:i + bs]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from conftest import in_batches as _batches
+from conftest import smooth_images as _images
 
 from ldae_fast import reference
 from ldae_fast.config import build_config
@@ -23,19 +25,6 @@ from ldae_fast.tokenizers.patch_ae import fit_patch_ae
 from ldae_fast.tokenizers.patch_vae import fit_patch_vae
 
 FAST = {"max_patches": 4096, "steps": 300, "lr": 1e-2, "batch": 256, "seed": 0}
-
-
-def _images(n, seed=0, size=16):
-    # Smooth images (a spectrum far from flat, as for natural images) plus a little pixel noise.
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(n, 3, size // 4, size // 4, generator=g)
-    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    return x + 0.05 * torch.randn(n, 3, size, size, generator=g)
-
-
-def _batches(x, bs=16):
-    for i in range(0, len(x), bs):
-        yield x[i:i + bs]
 
 
 def _mse(tok, x):

@@ -5,20 +5,9 @@ import os
 
 import pytest
 import torch
-from bench_import import load_bench
 
 from ldae_fast.config import ModelConfig
 from ldae_fast.models.vit import flops_per_image
-
-
-@pytest.fixture(scope="module")
-def ts():
-    return load_bench("train_step")
-
-
-@pytest.fixture(scope="module")
-def perf():
-    return load_bench("make_perf_section")
 
 
 @pytest.fixture(scope="module")

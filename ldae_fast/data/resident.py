@@ -35,6 +35,7 @@ import torch
 
 from .badsamples import BadSampleCounter, DataError
 from .placement import Placement
+from .shuffle import global_batches_per_epoch
 from .transforms import (
     eval_transform,
     generator_for,
@@ -205,14 +206,11 @@ class ResidentStream:
         self.img_size = d.img_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         host_imgs, host_labels = resident_arrays(cfg, "train")
-        need = d.batch_size * world_size
-        if len(host_labels) < need:
-            raise DataError(f"data.train_shards holds {len(host_labels)} usable images, fewer than one "
-                            f"global batch ({d.batch_size} x {world_size} ranks = {need})")
+        self.batches_per_epoch = global_batches_per_epoch(
+            len(host_labels), d.batch_size, world_size, "data.train_shards", "usable images")
         self.images = host_imgs.to(self.device)
         self.labels = host_labels.to(self.device)
         self.num_images = len(host_labels)
-        self.batches_per_epoch = self.num_images // need
         self.placement = Placement(self.num_images, d.batch_size, world_size, rank)
         self.batches = 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
@@ -274,8 +272,3 @@ class ResidentStream:
 
     def close(self) -> None:
         pass
-
-
-def build_resident_stream(cfg: Config, rank: int = 0, world_size: int = 1,
-                          device: torch.device | str | None = None) -> ResidentStream:
-    return ResidentStream(cfg, rank, world_size, device)

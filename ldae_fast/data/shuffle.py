@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .badsamples import DataError
 from .transforms import generator_for
 
 # Domain tag for `generator_for` (the data pipeline's tags, 11-29, are listed in sources.py).
@@ -39,3 +40,14 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 
 __all__ = ["shuffled", "shard_order"]
+
+
+def global_batches_per_epoch(have: int, per_rank: int, world_size: int, what: str,
+                             unit: str = "images") -> int:
+    """How many whole global batches (`per_rank` x `world_size`) one epoch of `have` items holds;
+    a DataError naming `what` (the field the items come from) when not even one fits."""
+    need = per_rank * world_size
+    if have < need:
+        raise DataError(f"{what}: {have} {unit}, fewer than one global batch of {need} "
+                        f"({per_rank} x {world_size} ranks)")
+    return have // need

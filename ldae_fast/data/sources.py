@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .badsamples import BadSampleCounter, DataError
 from .placement import Placement
-from .shuffle import shard_order, shuffled
+from .shuffle import global_batches_per_epoch, shard_order, shuffled
 from .synthetic import synthetic_split
 from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
@@ -254,11 +254,8 @@ class SyntheticSource:
         self.seed = cfg.engine.seed
         self._images, self._labels = synthetic_split(
             "train", d.synthetic_images, d.synthetic_classes, d.img_size, kind=d.synthetic_kind)
-        need = d.batch_size * world_size
-        if len(self._images) < need:
-            raise DataError(f"data.synthetic_images={d.synthetic_images} is smaller than one global "
-                            f"batch ({d.batch_size} x {world_size} ranks = {need})")
-        self.batches_per_epoch = len(self._images) // need
+        self.batches_per_epoch = global_batches_per_epoch(
+            len(self._images), d.batch_size, world_size, "data.synthetic_images")
         self.placement = Placement(len(self._images), d.batch_size, world_size, rank)
 
     def epoch(self, batches: int) -> int:
@@ -350,23 +347,4 @@ class WdsSource:
             max_pixels=d.max_image_pixels)
 
 
-# The sources TrainStream serves, by data.source ('resident' has its own stream: resident.py).
-SOURCES: dict[str, type[SyntheticSource] | type[WdsSource]] = {"synthetic": SyntheticSource, "wds": WdsSource}
-
-
-def source_for(cfg: Config) -> type:
-    """The source class of cfg.data: SOURCES by data.source, or video.py's for clips."""
-    d = cfg.data
-    if d.num_frames:
-        from .video import SyntheticVideoSource, WdsVideoSource
-        video = {"synthetic": SyntheticVideoSource, "wds-video": WdsVideoSource}
-        if d.source in video:
-            return video[d.source]
-    if d.source not in SOURCES:
-        raise DataError(f"TrainStream reads data.source in {sorted(SOURCES) + ['wds-video']}, not {d.source!r}: "
-                        "build the stream with build_train_stream")
-    return SOURCES[d.source]
-
-
-__all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource",
-           "SOURCES", "source_for"]
+__all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource"]

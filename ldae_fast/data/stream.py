@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .badsamples import DataError
-from .sources import TrainSource, source_for
+from .registry import source_for
+from .sources import TrainSource
 from .transforms import CropBox, crop_resize_flip, decode_jpegs, gpu_decode_available, normalize
 
 if TYPE_CHECKING:

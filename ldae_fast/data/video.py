@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset
 from .badsamples import BadSampleCounter, DataError
 from .placement import Placement
 from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
+from .shuffle import global_batches_per_epoch
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
 from .synthetic import (
     DATASET_SEED,
@@ -60,11 +61,10 @@ from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
     CropBox,
     crop_resize_flip,
-    denormalize,
     generator_for,
     normalize,
     random_resized_crop_batch,
-    sample_crop_flip,
+    random_resized_crop_tensor,
     single_thread,
 )
 
@@ -85,10 +85,6 @@ _TAG_VID_AUG = 26
 def normalize_clips(x: torch.Tensor) -> torch.Tensor:
     """(B, C, T, H, W) uint8 or [0, 1] float -> float32 normalised per channel."""
     return normalize(x.transpose(1, 2)).transpose(1, 2).contiguous()
-
-
-def denormalize_clips(x: torch.Tensor) -> torch.Tensor:
-    return denormalize(x.transpose(1, 2)).transpose(1, 2)
 
 
 # Moving shapes -----------------------------------------------------------------------------------
@@ -263,12 +259,9 @@ class SyntheticVideoSource(SyntheticSource):
         self.seed = cfg.engine.seed
         self._images, self._labels = moving_shapes_split(
             "train", d.synthetic_images, d.synthetic_classes, d.num_frames, d.img_size)
-        need = d.batch_size // d.repeated_aug * world_size
-        if len(self._images) < need:
-            raise DataError(f"data.synthetic_images={d.synthetic_images} clips are fewer than one global "
-                            f"batch ({d.batch_size // d.repeated_aug} clips x {world_size} ranks = {need})")
-        self.batches_per_epoch = len(self._images) // need
-        self.placement = Placement(len(self._images), need // world_size, world_size, rank)
+        self.batches_per_epoch = global_batches_per_epoch(
+            len(self._images), d.batch_size // d.repeated_aug, world_size, "data.synthetic_images", "clips")
+        self.placement = Placement(len(self._images), d.batch_size // d.repeated_aug, world_size, rank)
 
     def load_state_dict(self, sd: dict[str, Any]) -> int:
         batches, moved = self.placement.load_state_dict(sd)
@@ -376,8 +369,8 @@ class WdsVideoTrainSource(WdsTrainSource):
             flat = clip.reshape(C * T, H, W)
             crops = []
             for _ in range(self.repeats):
-                box, flip = sample_crop_flip(W, H, self.scale, self.hflip, gen)
-                crops.append(crop_resize_flip(flat, box, S, flip).view(C, T, S, S))
+                crops.append(random_resized_crop_tensor(flat, S, self.scale, hflip=self.hflip, gen=gen)
+                             .view(C, T, S, S))
             return torch.stack(crops)
         except Exception as e:  # untrusted bytes: any decoder failure means a bad sample
             counter.record(raw.shard, raw.key, f"cannot decode clip: {type(e).__name__}: {str(e)[:160]}")
@@ -537,6 +530,6 @@ def _main(argv: list[str]) -> int:
 
 
 __all__ = ["FRAMES_EXT", "SyntheticVideoSource", "SyntheticVideoTrainSource", "WdsVideoSource",
-           "WdsVideoTrainSource", "decode_clip", "denormalize_clips", "iter_video_shard",
+           "WdsVideoTrainSource", "decode_clip", "iter_video_shard",
            "list_clip_folders", "make_moving_shapes", "moving_shapes_split", "normalize_clips",
            "video_eval_clips", "write_video_shards"]

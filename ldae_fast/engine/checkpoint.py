@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, sanitize_stored_config
 from ..errors import CheckpointError
 
 FORMAT_VERSION = 2
@@ -345,10 +344,6 @@ def method_state(state: dict) -> dict | None:
     from before format 2 kept the tokenizer at the top level; they are refused at load
     (`_check_format`), never unpickled."""
     return state.get("method") or None
-
-
-def config_of(ckpt: str | Path) -> Config:
-    return Config.from_dict(sanitize_stored_config(load_state(ckpt)["config"], f"checkpoint {ckpt}"))
 
 
 def newest_good(out_dir: str | Path) -> Path | None:

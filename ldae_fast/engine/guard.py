@@ -84,6 +84,11 @@ _SHAPE_FIELDS = (("model", "width"), ("model", "encoder_depth"), ("model", "deco
                  ("model", "cond"), ("data", "img_size"), ("tokenizer", "latent_dim"))
 
 
+# DiffMAE's decoder wiring: which modules the decoder holds. A config saved before a field existed
+# stores none and was built with the field's default (the value given here).
+_DIFFMAE_SHAPE_FIELDS = ((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"))
+
+
 def model_shape_diff(saved: dict, cfg) -> list[str]:
     """'section.field saved -> now' for each shape-defining field that differs."""
     out = []
@@ -92,6 +97,12 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
+    if cfg.objective.method == "diffmae":
+        for (sec, name), default in _DIFFMAE_SHAPE_FIELDS:
+            was = (saved.get(sec) or {}).get(name, default)
+            now = getattr(getattr(cfg, sec), name)
+            if was != now:
+                out.append(f"{sec}.{name} {was} -> {now}")
     return out
 
 

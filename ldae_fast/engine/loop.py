@@ -21,7 +21,9 @@ import torch
 
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError, parse_duration
+from ..device import autocast_dtype, resolve_device
 from ..errors import ResumeMismatch  # noqa: F401  (callers catch it from here)
+from ..lr_schedule import lr_at_step
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from ..tokenizers import fit_config
@@ -30,7 +32,7 @@ from . import guard, preempt, reshape, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import diffmae_train_flops_per_image, peak_tflops_for, train_flops_per_image
-from .optim import EMA, build_optimizer, lr_at
+from .optim import EMA, build_optimizer
 from .profiling import StepProfiler, nvtx_range
 
 
@@ -56,14 +58,6 @@ class TrainResult:
         return getattr(self.method, "tokenizer", None)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device='cuda' but no CUDA device is visible; use --engine.device=cpu")
-    return torch.device(name)
-
-
 def bind_local_rank(device: torch.device) -> None:
     """Make cuda:LOCAL_RANK the current device of a launched rank, before anything touches CUDA:
     otherwise every rank builds its model on GPU 0 first and leaves a context and a freed copy
@@ -74,12 +68,6 @@ def bind_local_rank(device: torch.device) -> None:
             raise RuntimeError(f"LOCAL_RANK={rank} but this process sees {n} GPU(s) "
                                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
         torch.cuda.set_device(rank)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -156,7 +144,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     from ..data import build_train_stream
     from ..models import build_model
 
-    device = resolve_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device, "engine.device", ConfigError)
     bind_local_rank(device)
     out_dir = Path(cfg.engine.out_dir)
     seed_everything(cfg.engine.seed)
@@ -300,7 +288,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     model.train()
     deadline = time.time() + cfg.engine.time_budget_s if cfg.engine.time_budget_s > 0 else None
     for step in range(start, total):
-        lr = lr_at(step, lr0, warmup, total, cfg.optim.min_lr)
+        lr = lr_at_step(step, lr0, warmup, total, cfg.optim.min_lr)
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.engine.grad_accum):
             if graphs:  # each micro-batch replays the graphs: the last one's outputs are spent
@@ -344,7 +332,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
                 logger.close()
                 prof.close()
                 raise NonFiniteLoss(
-                    f"loss became non-finite at step {bad} (lr {lr_at(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
+                    f"loss became non-finite at step {bad} (lr {lr_at_step(bad - 1, lr0, warmup, total, cfg.optim.min_lr):.3g}); "
                     f"stopping without saving. Newest good checkpoint: {ckpt_mod.newest_good(out_dir)}. "
                     "Try a lower --optim.blr, --optim.clip_grad, or --engine.precision=fp32.")
             dt = time.time() - t_win

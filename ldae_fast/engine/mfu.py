@@ -55,7 +55,8 @@ def diffmae_train_flops_per_image(mcfg: ModelConfig, img_size: int, mask_ratio: 
                 patch embedding still convolves all N patches), the decoder's on what
                 model.decoder_kind attends over ('joint': 1 + n_keep + M tokens in self-attention;
                 'cross': M queries against 1 + n_keep keys; 'cross_self' adds self-attention over
-                M), each attention's two T_q x T_k matmuls included.
+                M), each attention's two T_q x T_k matmuls included; with a top-down wiring
+                (model.decoder_topdown) one context projection per decoder block instead of one.
       backward  2 x forward, less the input gradients no one asks for: the image into the patch
                 embedding (2 N D w), the noised patches into their embedding (2 M D v) and the
                 frequency features into the t embedding's first layer (2 x 256 v) get weight

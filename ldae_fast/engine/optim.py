@@ -1,9 +1,8 @@
-"""Optimizer, learning-rate schedule by step, and the parameter EMA."""
+"""Optimizer and the parameter EMA (the learning-rate schedule is ldae_fast/lr_schedule.py)."""
 
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
@@ -55,15 +54,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float) -> torch.opt
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         return timm_lamb(lamb_param_groups(model, cfg.optim.weight_decay), lr, betas)
     return build_adamw(model, cfg, lr)
-
-
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0, then half-cycle cosine down to min_lr at total_steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class EMA:

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ldae_fast.config import PRESETS
+from ldae_fast.device import resolve_device
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
 from .features import (
@@ -32,9 +33,8 @@ from .features import (
     probe_encoder,
     probe_sigma,
     probe_view,
-    resolve_device,
 )
-from .finetune import recipe_for
+from .finetune import recipe_for_method
 from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-epochs", type=int, default=None, help="overrides --epochs for finetune")
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="stop fine-tuning after this many steps (0: full schedule)")
-    ap.add_argument("--finetune-batch-size", type=int, default=None, help="default 1024 (l-DAE App. A)")
+    ap.add_argument("--finetune-batch-size", type=int, default=None,
+                    help="default the method's recipe's (1024: l-DAE App. B, DiffMAE Table 1b)")
+    ap.add_argument("--finetune-head-init", choices=("mae", "printed"), default="mae",
+                    help="std of the fresh classifier: 'mae' 2e-5 (MAE's, default), 'printed' 2^-5 "
+                         "(DiffMAE's supplement as printed; docs/diffmae.md)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="linear-probe batch (default eval.probe_batch_size)")
     ap.add_argument("--blr", type=finite_float, default=None, help="linear-probe base lr (default eval.probe_blr)")
@@ -338,10 +342,18 @@ def run(args) -> dict:
                     over["epochs"] = args.finetune_epochs or args.epochs
                 if args.finetune_batch_size:
                     over["batch_size"] = args.finetune_batch_size
-                recipe = recipe_for(enc, **over)
+                if args.finetune_head_init == "printed":
+                    from ldae_fast.config import HEAD_INIT_STD_AS_PRINTED
+                    over["head_init_std"] = HEAD_INIT_STD_AS_PRINTED
+                method_name = method.name if method is not None else "(exported encoder)"
+                recipe, source = recipe_for_method(method_name, cfg.model.size, cfg.model.encoder_depth,
+                                                   enc, **over)
+                log(f"finetune recipe: {source}; blr {recipe.blr:g}, layer decay {recipe.layer_decay}, "
+                    f"drop path {recipe.drop_path}, head init std {recipe.head_init_std:g}")
                 res = finetune(enc, train, val, recipe, num_classes=C, log=log, desc=f"finetune/{name}")
                 extra = dict(steps=res["steps"], lr=res["lr"], batch_size=res["batch_size"],
-                             last_loss=res["last_loss"], layer_decay=res["layer_decay"])
+                             last_loss=res["last_loss"], layer_decay=res["layer_decay"],
+                             recipe=source, head_init_std=recipe.head_init_std)
                 rows.append(_row("finetune", name, res, **extra))
                 if "ema_top1" in res:
                     rows.append(_row(f"finetune (EMA {res['ema_decay']:g})", name,

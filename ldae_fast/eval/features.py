@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from ..device import autocast_for, eval_mode
+
 POOLS = ("avg", "cls")
 Log = Optional[Callable[[str], None]]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
 
 
 def module_device(m: nn.Module) -> torch.device:
     for p in m.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA (the encoder trains that way); fp32 elsewhere, where CPU bf16
-    matmuls are slower than fp32 and would only add noise to the numbers."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def pool_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
@@ -55,17 +40,6 @@ def feature_dim(encoder: nn.Module) -> int:
     return int(getattr(encoder, "num_features", 0) or getattr(encoder, "embed_dim", 0))
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Eval mode for the duration, then the caller's mode back (the trainer calls us mid-run)."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -86,7 +60,7 @@ def extract_features(
     out: list[torch.Tensor] = []
     t0 = last = time.perf_counter()
     pin = device.type == "cuda" and not images.is_cuda
-    with frozen(encoder):
+    with eval_mode(encoder):
         for start in range(0, M, batch_size):
             xb = images[start:start + batch_size]
             if pin:

@@ -1,8 +1,10 @@
-"""End-to-end fine-tuning with l-DAE's own recipe (its App. A), on timm's own parts.
+"""End-to-end fine-tuning with the pretraining method's recipe, on timm's own parts.
 
 Our encoder is exported to a timm VisionTransformer (models/timm_export, or the timm ViT an
 exported .safetensors already is) with drop path and a classifier head; from there every piece of
-the recipe is timm's. l-DAE App. A: batch 1024, lr 4e-3 (blr 1e-3), wd 0.05, drop path 0.1, 100
+the recipe is timm's. The default recipe is l-DAE's (its App. B); a method whose registry entry
+carries `finetune_recipes` (DiffMAE: supplement Table 1b) gets its own (recipe_for_method).
+l-DAE App. B: batch 1024, lr 4e-3 (blr 1e-3), wd 0.05, drop path 0.1, 100
 epochs, layer-wise lr decay 0.85 for B (12 blocks) and 0.65 for L (24 blocks), MixUp 0.8, CutMix
 1.0, RandAug (9, 0.5), EMA 0.9999. What the paper does not state is MAE's: label smoothing 0.1,
 RandomErasing 0.25, 5 warm-up epochs then half-cycle cosine to 1e-6, AdamW (0.9, 0.999).
@@ -22,8 +24,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .features import Log, autocast_for, frozen, module_device
-from .linear_probe import Arrays, cosine_lr, num_classes_of, topk_accuracy
+from ..device import autocast_for, eval_mode
+from ..lr_schedule import warmup_cosine
+from .features import Log, module_device
+from .linear_probe import Arrays, num_classes_of, topk_accuracy
 
 PROTOCOL = "finetune"
 
@@ -52,16 +56,38 @@ class FinetuneRecipe:
     seed: int = 0
     max_steps: int = 0
     """Stop after this many optimizer steps (0: the whole schedule); for smoke tests."""
+    head_init_std: float = 2e-5
+    """Std of the fresh classifier's weights (truncated normal; bias 0): MAE's 2e-5, tiny, so the
+    first steps do not wreck the pretrained features. DiffMAE's supplement prints "2^-5"
+    (config.HEAD_INIT_STD_AS_PRINTED, `ldae-fast eval --finetune-head-init=printed`)."""
 
 
 def recipe_for(encoder: nn.Module, **overrides) -> FinetuneRecipe:
-    """l-DAE's recipe (App. A): layer decay 0.85 for a ViT-B-deep encoder, 0.65 for a 24-block
+    """l-DAE's recipe (App. B): layer decay 0.85 for a ViT-B-deep encoder, 0.65 for a 24-block
     ViT-L one; the rest (batch 1024, lr 4e-3, 100 epochs, ...) is the same for both."""
     depth = len(getattr(encoder, "blocks", ()))
     base = FinetuneRecipe()
     if depth >= 24:
         base = dataclasses.replace(base, layer_decay=0.65)
     return dataclasses.replace(base, **overrides)
+
+
+def recipe_for_method(method: str, size: str, encoder_depth: int, encoder: nn.Module,
+                      **overrides) -> tuple[FinetuneRecipe, str]:
+    """(recipe, where it comes from) for an encoder pretrained by `method` (a registry name) at
+    model.size `size`. A method with `finetune_recipes` takes the entry of its size, or for a size
+    its table lacks the entry whose encoder depth is nearest (the tiny demo gets ViT-B's); any
+    other method l-DAE's `recipe_for`."""
+    from ..config import MODEL_SIZES
+    from ..objectives import METHODS
+
+    table = getattr(METHODS.get(method), "finetune_recipes", None)
+    if not table:
+        return recipe_for(encoder, **overrides), "l-DAE App. B"
+    key = size if size in table else min(
+        table, key=lambda k: (abs(MODEL_SIZES[k]["encoder_depth"] - encoder_depth), k))
+    note = f"{method} size {key}" + ("" if key == size else f" (nearest depth to {size}'s {encoder_depth} blocks)")
+    return dataclasses.replace(FinetuneRecipe(), **{**table[key], **overrides}), note
 
 
 def _set_drop_path(vit: nn.Module, rate: float) -> None:
@@ -115,14 +141,16 @@ def _add_fc_norm(model: nn.Module) -> nn.Module:
 
 
 def build_finetune_model(encoder: nn.Module, num_classes: int, drop_path: float = 0.1,
-                         pool: str = "avg", seed: int = 0) -> nn.Module:
-    """timm VisionTransformer carrying the encoder's weights, with a new classifier head. Works
-    from our ViTEncoder and from an exported encoder (a timm ViT behind our interface)."""
+                         pool: str = "avg", seed: int = 0, head_init_std: float = 2e-5) -> nn.Module:
+    """timm VisionTransformer carrying the encoder's weights, with a new classifier head
+    (FinetuneRecipe.head_init_std). Works from our ViTEncoder and from an exported encoder (a
+    timm ViT behind our interface)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _timm_vit_from(encoder, num_classes, drop_path, pool)
-        # MAE's head init: tiny weights, so the first steps do not wreck the pretrained features.
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        # MAE's call: trunc_normal_ with its default cut at +-2 (absolute), i.e. untruncated at
+        # either std.
+        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
     return model.float()
 
@@ -206,7 +234,7 @@ def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Te
                         batch_size: int = 256) -> list[float]:
     device = module_device(model)
     logits = []
-    with frozen(model):
+    with eval_mode(model):
         for s in range(0, images.shape[0], batch_size):
             with autocast_for(device):
                 logits.append(model(images[s:s + batch_size].to(device)).float())
@@ -289,7 +317,7 @@ def finetune_model(
             if step >= total:
                 break
             ep = step / steps_per_epoch
-            cur = cosine_lr(ep, lr, recipe.epochs, recipe.warmup_epochs, recipe.min_lr)
+            cur = warmup_cosine(ep, lr, recipe.warmup_epochs, recipe.epochs, recipe.min_lr)
             for g in opt.param_groups:
                 g["lr"] = cur * g.get("lr_scale", 1.0)
             x = norm(xb.to(device, non_blocking=True).float().div_(255))
@@ -343,7 +371,7 @@ def finetune(
     """Export `encoder` to timm, add a head, fine-tune. The encoder itself is left untouched."""
     recipe = recipe or recipe_for(encoder)
     C = num_classes or num_classes_of(train[1], val[1])
-    model = build_finetune_model(encoder, C, recipe.drop_path, recipe.pool, recipe.seed)
+    model = build_finetune_model(encoder, C, recipe.drop_path, recipe.pool, recipe.seed, recipe.head_init_std)
     model = model.to(module_device(encoder))
     return finetune_model(model, train, val, recipe, num_classes=C, log=log, norm=norm,
                           denorm=denorm, desc=desc)

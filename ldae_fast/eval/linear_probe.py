@@ -14,7 +14,6 @@ Two modes:
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional
 
@@ -22,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import random_resized_crop_batch
+from ..device import autocast_for, eval_mode
+from ..lr_schedule import warmup_cosine
 from .features import (
     Log,
-    autocast_for,
     extract_features,
     feature_dim,
-    frozen,
     module_device,
     pool_features,
 )
@@ -59,15 +59,6 @@ def default_warmup(epochs: float) -> float:
     return min(10.0, epochs / 9.0)
 
 
-def cosine_lr(epoch: float, base_lr: float, epochs: float, warmup: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up over `warmup` epochs, then half-cycle cosine from base_lr to min_lr."""
-    if epoch < warmup:
-        return base_lr * epoch / warmup
-    span = max(epochs - warmup, 1e-12)
-    frac = min(max((epoch - warmup) / span, 0.0), 1.0)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
 @torch.no_grad()
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
     """Percent of rows whose label is among the k highest logits (k capped at the class count)."""
@@ -91,50 +82,6 @@ def _epoch_batches(M: int, batch_size: int, gen: torch.Generator) -> list[torch.
     return list(perm[: (M // batch_size) * batch_size].split(batch_size))
 
 
-def random_resized_crop_flip(
-    x: torch.Tensor,
-    gen: torch.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-) -> torch.Tensor:
-    """Per-sample RandomResizedCrop (torchvision's sampling: 10 tries, then a center crop with the
-    ratio clamped) + horizontal flip, batched on x's device through roi_align (bilinear, one
-    sample per output pixel), back to x's size."""
-    from torchvision.ops import roi_align
-
-    B, _, H, W = x.shape
-    tries = 10
-    area = torch.empty(B, tries).uniform_(scale[0], scale[1], generator=gen) * (H * W)
-    logr = torch.empty(B, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
-    r = logr.exp()
-    w = (area * r).sqrt().round()
-    h = (area / r).sqrt().round()
-    ok = (w >= 1) & (h >= 1) & (w <= W) & (h <= H)
-    first = ok.float().argmax(1, keepdim=True)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-    in_ratio = W / H
-    if in_ratio < ratio[0]:
-        fw, fh = W, round(W / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(H * ratio[1]), H
-    else:
-        fw, fh = W, H
-    any_ok = ok.any(1)
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-    top = torch.where(any_ok, (torch.rand(B, generator=gen) * (H - h + 1)).floor(), (H - h) / 2)
-    left = torch.where(any_ok, (torch.rand(B, generator=gen) * (W - w + 1)).floor(), (W - w) / 2)
-    boxes = torch.stack([torch.arange(B, dtype=torch.float32), left, top, left + w, top + h], 1)
-    out = roi_align(x.float(), boxes.to(x.device), output_size=(H, W), spatial_scale=1.0,
-                    sampling_ratio=1, aligned=True).to(x.dtype)
-    if flip:
-        mask = (torch.rand(B, generator=gen) < 0.5).to(x.device).view(B, 1, 1, 1)
-        out = torch.where(mask, out.flip(-1), out)
-    return out
-
-
 def lars_budget(epochs: float, steps_per_epoch: int, lr: float) -> float:
     """About how far, in multiples of its own norm, LARS can move the head over the run: each step
     moves a weight matrix by lr * 0.001 of its norm, momentum 0.9 multiplies that by up to 10.
@@ -155,7 +102,7 @@ def _fit_head(head, epochs, steps_per_epoch, epoch_batches, base_lr, warmup, log
     for epoch in range(epochs):
         head.train()
         for step, (f, y) in enumerate(epoch_batches(epoch)):
-            lr = cosine_lr(epoch + step / steps_per_epoch, base_lr, epochs, warmup)
+            lr = warmup_cosine(epoch + step / steps_per_epoch, base_lr, warmup, epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = F.cross_entropy(head(f), y)
@@ -282,14 +229,14 @@ def linear_probe(
             xb = images[idx]
             if pin:
                 xb = xb.pin_memory()
-            xb = random_resized_crop_flip(xb.to(device, non_blocking=True), gen,
-                                          scale=(min_crop_scale, 1.0))
+            xb = random_resized_crop_batch(xb.to(device, non_blocking=True), xb.shape[-1],
+                                           (min_crop_scale, 1.0), True, gen)
             with torch.no_grad(), autocast_for(device):
                 f = pool_features(encoder, xb, pool).float()
             yield f, labels[idx].to(device, non_blocking=True)
 
     steps = max(1, M // bs)
-    with frozen(encoder):
+    with eval_mode(encoder):
         _fit_head(head, epochs, steps, batches, lr, default_warmup(epochs), log, desc)
     fva = extract_features(encoder, val[0], batch_size=batch_size, pool=pool, log=log,
                            desc=f"{desc} val features")

@@ -1,7 +1,8 @@
 """Loading for evaluation and export: a checkpoint (ours, DeepSpeed's, a run directory) or an
 exported encoder, as (config, model, method).
 
-The reading side of the checkpoint and export formats; the writers stay in engine/. It builds
+The reading side of the checkpoint and export formats; the checkpoint writer stays in engine/,
+the export writer is eval/export.py. It builds
 models and the method through their registries, so the engine never has to.
 """
 
@@ -49,7 +50,7 @@ def load_exported_encoder(path: str | Path):
     import timm
     from safetensors import safe_open
 
-    from ..engine.export import WEIGHTS_FILE
+    from ..models.timm_export import WEIGHTS_FILE
 
     path = Path(path)
     if path.is_dir():
@@ -84,8 +85,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     alone and there is no method). The method is on the CPU with engine.kernels='auto' (a run
     trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
-    from ..engine.export import WEIGHTS_FILE
     from ..models import build_model
+    from ..models.timm_export import WEIGHTS_FILE
     from ..objectives import build_method
 
     path = Path(path)

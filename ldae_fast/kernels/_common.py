@@ -119,27 +119,24 @@ if HAS_TRITON and interpreter_env() and _triton_version() < (3, 7):
     _fix_interpreter_index()
 
 
-def triton_available(device: Optional[torch.device | str] = None) -> bool:
+def triton_available(device: Optional[torch.device | str] = None, kernel: Any = None) -> bool:
     """Whether the Triton path can run: triton imports, and either a CUDA device is present or the
     kernels were defined under the interpreter (TRITON_INTERPRET=1 before the first import).
 
     With `device`, answers for that device only ('cuda...' needs CUDA, 'cpu' the interpreter).
+    `kernel`: one of the @triton.jit kernels of this process; triton fixes the interpreter choice
+    when a kernel is defined, so the kernel answers even after the environment changed
+    (`ldae_fast.kernels.triton_available` passes one in).
     """
     if not HAS_TRITON:
         return False
-    interp = interpreter_env() or _kernels_interpreted()
+    interp = interpreter_env() or (kernel is not None and is_interpreted(kernel))
     if device is None:
         return interp or torch.cuda.is_available()
     dev = torch.device(device)
     if dev.type == "cpu":
         return interp
     return dev.type == "cuda" and torch.cuda.is_available() and not interp
-
-
-def _kernels_interpreted() -> bool:
-    from . import noise
-
-    return is_interpreted(noise._latent_noise_kernel)
 
 
 def check_runnable(kernel: Any, device: torch.device, op: str) -> None:
@@ -225,8 +222,8 @@ class Tiles(NamedTuple):
 def gpu_tiles(N: int, D: int, d: int, B: int, device: torch.device, prec: str) -> list[Tiles]:
     """Launch configurations to try on a GPU, best first.
 
-    Chosen from ptxas' resource report for sm_90 (AOT builds, triton 3.8), not from timings (no
-    GPU has timed them yet; LDAE_KERNEL_TILES tries another first): the first tile is the
+    Chosen from ptxas' resource report for sm_90 (AOT builds, triton 3.8), not from timings
+    (LDAE_KERNEL_TILES tries another first; bench/README.md): the first tile is the
     largest that builds without register spills and under ~115 KB of shared memory (pipelined
     tiles plus tl.dot operands; tf32x3 stores each operand twice). 128 tokens per tile spilled
     0.3-1.4 KB per thread at d = 16 and 128, so 64 is the most; a larger BLOCK_T would re-read

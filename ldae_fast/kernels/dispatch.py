@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from ._common import HAS_TRITON, is_interpreted, triton_available
+from . import triton_available
+from ._common import HAS_TRITON, is_interpreted
 
 MODES = ("auto", "triton", "reference")
 

@@ -13,6 +13,16 @@ position embedding and are conditioned on the step t through adaLN-Zero. Three l
   joint       self-attention over [encoder tokens, noised tokens] together (a vanilla ViT decoder);
   cross       the noised tokens cross-attend to the encoder tokens, no attention among themselves;
   cross_self  cross-attention to the encoder, then self-attention among the noised tokens.
+What the cross-attending blocks read is `topdown` (model.decoder_topdown, TOPDOWN_MODES):
+  last           every block reads the encoder's final output (after its norm);
+  deepest_first  block i reads encoder block L_e-1-i (clamped at block 0), the top-down wiring of
+                 DiffMAE's Fig. 3 (encoder blocks connected to decoder blocks deepest first);
+  spread         block i reads encoder block L_e-1-floor(i L_e / L_d): deepest first, spaced
+                 evenly over the whole encoder when the decoder is shallower (equal depths: the
+                 same as deepest_first).
+In the top-down modes each decoder block has its own linear projection of what it reads (and a
+LayerNorm of its own for an inner block; the final block's output already passed the encoder's
+norm), because blocks at different depths carry differently scaled features.
 The output is the clean pixels of each masked patch, (B, n_masked, p*p*C), in patchify's order.
 
 Video (model.num_frames > 0): spacetime patches of model.tubelet x p x p, numbered time-major
@@ -30,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import DIFFMAE_TOPDOWN, ModelConfig
 from ..kernels.attention import attention, resolve_backend
 from ..kernels.modules import AdaLNLayerNorm
 from ..markers import nvtx_range
@@ -47,6 +57,19 @@ from .pos_embed import sincos_1d, sincos_2d
 from .vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
 
 DECODER_KINDS = ("joint", "cross", "cross_self")
+TOPDOWN_MODES = DIFFMAE_TOPDOWN  # model.decoder_topdown
+
+
+def topdown_sources(mode: str, encoder_depth: int, decoder_depth: int) -> tuple[int, ...]:
+    """The encoder block each decoder block reads (0-based), for model.decoder_topdown=mode."""
+    if mode not in TOPDOWN_MODES:
+        raise ValueError(f"decoder_topdown={mode!r}; choose one of {', '.join(TOPDOWN_MODES)}")
+    last = encoder_depth - 1
+    if mode == "last":
+        return (last,) * decoder_depth
+    if mode == "deepest_first":
+        return tuple(max(last - i, 0) for i in range(decoder_depth))
+    return tuple(last - (i * encoder_depth) // decoder_depth for i in range(decoder_depth))
 
 
 def sincos_spacetime(dim: int, time_grid: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -91,17 +114,26 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def encode_visible(encoder: ViTEncoder, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+def encode_visible(encoder: ViTEncoder, x: torch.Tensor, ids_keep: torch.Tensor,
+                   keep_blocks: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """(B, C, H, W) images or (B, C, T, H, W) clips, (B, n_keep) visible patch ids ->
-    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks."""
+    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks.
+    keep_blocks: also return these blocks' outputs: a tuple with one entry per encoder block, the
+    output of each block in keep_blocks (the last one after the final norm), None elsewhere."""
     B = x.shape[0]
     pos = encoder.pos_embed.to(x.dtype)
     tokens = _gather(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
     cls = (encoder.cls_token + pos[:, :1]).expand(B, -1, -1).to(tokens.dtype)
     tokens = torch.cat([cls, tokens], dim=1)
-    for blk in encoder.blocks:
+    outs: list[torch.Tensor | None] = []
+    for i, blk in enumerate(encoder.blocks):
         tokens = blk(tokens, None)
-    return encoder.norm(tokens)
+        outs.append(tokens if i in keep_blocks else None)
+    tokens = encoder.norm(tokens)
+    if not keep_blocks:
+        return tokens
+    outs[-1] = tokens
+    return tuple(outs)
 
 
 class CrossAttention(nn.Module):
@@ -165,15 +197,27 @@ class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
     def __init__(self, img_size: int, patch_size: int, enc_width: int, in_chans: int = 3, width: int = 512,
                  depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, kind: str = "joint",
                  attn_backend: str = "auto", fused_adaln: bool = False, kernels: str = "auto",
-                 time_grid: int = 0) -> None:
-        """time_grid: tubelets along time for clips (0: images)."""
+                 time_grid: int = 0, topdown: str = "last", encoder_depth: int = 1) -> None:
+        """time_grid: tubelets along time for clips (0: images). topdown, encoder_depth: which
+        encoder block each block reads (topdown_sources); 'last' is the only choice for joint."""
         super().__init__()
         if kind not in DECODER_KINDS:
             raise ValueError(f"decoder kind={kind!r}; choose one of {', '.join(DECODER_KINDS)}")
+        if kind == "joint" and topdown != "last":
+            raise ValueError(f"decoder_topdown={topdown!r} needs a cross or cross_self decoder "
+                             "(the joint decoder updates the encoder tokens it reads)")
         self.kind, self.patch_size, self.in_chans = kind, patch_size, in_chans
+        self.topdown = topdown
+        self.sources = topdown_sources(topdown, encoder_depth, depth)
         g = img_size // patch_size
         D = patch_size * patch_size * in_chans
-        self.enc_proj = nn.Linear(enc_width, width)
+        if topdown == "last":
+            self.enc_proj = nn.Linear(enc_width, width)
+        else:
+            last = encoder_depth - 1
+            self.ctx_norms = nn.ModuleList(
+                nn.Identity() if j == last else nn.LayerNorm(enc_width, eps=LN_EPS) for j in self.sources)
+            self.ctx_projs = nn.ModuleList(nn.Linear(enc_width, width) for _ in self.sources)
         self.noisy_embed = nn.Linear(D, width)
         pos = sincos_spacetime(width, time_grid, g) if time_grid else sincos_2d(width, g, g, cls_token=True)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
@@ -194,16 +238,39 @@ class DiffMAEDecoder(_CheckpointedBlocks, nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, ctx: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor,
+    @property
+    def encoder_blocks_read(self) -> tuple[int, ...]:
+        """The encoder blocks whose outputs `forward` needs (encode_visible's keep_blocks); empty
+        when every block reads the final output only."""
+        return () if self.topdown == "last" else tuple(sorted(set(self.sources)))
+
+    def forward(self, ctx: torch.Tensor | tuple, ids_keep: torch.Tensor, ids_masked: torch.Tensor,
                 noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ctx: encoder tokens (B, 1 + n_keep, enc_width) with the class token first; noisy: the
-        masked patches at step t, (B, n_masked, D); t: (B,) integer steps -> (B, n_masked, D)."""
-        pos = self.pos_embed.to(ctx.dtype)
-        B = ctx.shape[0]
+        """ctx: encoder tokens (B, 1 + n_keep, enc_width) with the class token first, or with a
+        top-down wiring encode_visible's tuple of block outputs (keep_blocks=encoder_blocks_read);
+        noisy: the masked patches at step t, (B, n_masked, D); t: (B,) integer steps ->
+        (B, n_masked, D)."""
+        if self.topdown == "last":
+            src_dtype, projected = ctx.dtype, [self.enc_proj(ctx)]
+        elif torch.is_tensor(ctx):
+            raise ValueError(f"decoder_topdown={self.topdown!r} reads encoder blocks "
+                             f"{self.encoder_blocks_read}: pass encode_visible's tuple of block outputs")
+        else:
+            src_dtype = ctx[self.sources[0]].dtype
+            projected = [proj(norm(ctx[j])) for j, norm, proj in zip(self.sources, self.ctx_norms, self.ctx_projs)]
+        # dtypes as the decoder has always had them: the position codes in the encoder output's
+        # dtype, the noised tokens in the dtype of (projected context + position code).
+        pos = self.pos_embed.to(src_dtype)
+        B = projected[0].shape[0]
         pos_vis = torch.cat([pos[:, :1].expand(B, -1, -1), _gather(pos[:, 1:].expand(B, -1, -1), ids_keep)], 1)
-        ctx = self.enc_proj(ctx) + pos_vis
-        x = self.noisy_embed(noisy.to(ctx.dtype)) + _gather(pos[:, 1:].expand(B, -1, -1), ids_masked)
+        ctxs = [p + pos_vis for p in projected]
+        x = self.noisy_embed(noisy.to(ctxs[0].dtype)) + _gather(pos[:, 1:].expand(B, -1, -1), ids_masked)
         c = self.t_embed(t.float())
+        if self.topdown != "last":
+            for blk, ctx_i in zip(self.blocks, ctxs):
+                x = blk(x, ctx_i, c)
+            return self.final_layer(x, c)
+        ctx = ctxs[0]
         if self.kind == "joint":
             n_ctx = ctx.shape[1]
             h = torch.cat([ctx, x], dim=1)
@@ -231,8 +298,10 @@ class DiffMAEModel(EncoderDecoder):
         self.patch_size = encoder.patch_size
         self.img_size = encoder.img_size
 
-    def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        return encode_visible(self.encoder, x, ids_keep)
+    def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor | tuple:
+        """What `decode` reads: the final output, or every block output the decoder's top-down
+        wiring reads."""
+        return encode_visible(self.encoder, x, ids_keep, self.decoder.encoder_blocks_read)
 
     def decode(self, ctx, ids_keep, ids_masked, noisy, t) -> torch.Tensor:
         return self.decoder(ctx, ids_keep, ids_masked, noisy, t)
@@ -274,7 +343,8 @@ def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
     dec = DiffMAEDecoder(img_size, cfg.patch_size, cfg.width, in_chans, width=cfg.decoder_width,
                          depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
                          kind=cfg.decoder_kind, attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln,
-                         kernels=kernels, time_grid=time_grid)
+                         kernels=kernels, time_grid=time_grid, topdown=cfg.decoder_topdown,
+                         encoder_depth=cfg.encoder_depth)
     model = DiffMAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
@@ -289,7 +359,8 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
     T_c = 1 + n_keep context and M = N - n_keep noised tokens:
       encoder blocks  L_e [2 T_e w (4w + 2h) + 4 T_e^2 w], patch embedding 2 N (p^2 C) w (the
                       strided conv embeds every patch, then the visible ones are gathered)
-      projections     2 T_c w v (encoder -> decoder), 2 M D v (noised patches), 2 M v D (head)
+      projections     P 2 T_c w v (encoder -> decoder; P = 1, or L_d with a top-down wiring, one per
+                      decoder block), 2 M D v (noised patches), 2 M v D (head)
       joint           L_d [2 T v (4v + 2h') + 4 T^2 v] with T = T_c + M
       cross           L_d [2 M v (2v + 2h') + 2 T_c v (2v) + 4 M T_c v]   (q, proj; kv; attention)
       cross_self      cross + L_d [2 M v (4v) + 4 M^2 v]
@@ -304,7 +375,8 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
     D = p * p * in_chans
     D_in = D * (cfg.tubelet if cfg.num_frames else 1)  # a clip's tubelet, a slice decoded
     f = cfg.encoder_depth * (2 * Te * w * (4 * w + 2 * h) + 4 * Te * Te * w) + 2 * N * D_in * w
-    f += 2 * Te * w * v + 2 * M * D * v + 2 * M * v * D
+    n_proj = 1 if cfg.decoder_topdown == "last" else cfg.decoder_depth
+    f += n_proj * 2 * Te * w * v + 2 * M * D * v + 2 * M * v * D
     if cfg.decoder_kind == "joint":
         T = Te + M
         f += cfg.decoder_depth * (2 * T * v * (4 * v + 2 * hd) + 4 * T * T * v)
@@ -318,5 +390,6 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
     return float(f)
 
 
-__all__ = ["CrossAttention", "CrossBlock", "DECODER_KINDS", "DiffMAEDecoder", "DiffMAEModel", "TubeletEmbed",
-           "build_diffmae", "encode_visible", "flops_per_image", "sincos_spacetime"]
+__all__ = ["CrossAttention", "CrossBlock", "DECODER_KINDS", "DiffMAEDecoder", "DiffMAEModel", "TOPDOWN_MODES",
+           "TubeletEmbed", "build_diffmae", "encode_visible", "flops_per_image", "sincos_spacetime",
+           "topdown_sources"]

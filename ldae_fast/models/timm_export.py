@@ -70,6 +70,8 @@ def timm_kwargs(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]
 
 # The timm architecture the kwargs specialise; any ViT name works, the kwargs define the shape.
 TIMM_ARCH = "vit_base_patch16_224"
+# The weights file of an export directory: the name timm's local-dir loader looks for first.
+WEIGHTS_FILE = "model.safetensors"
 
 
 def timm_config(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]:

@@ -9,7 +9,7 @@ block of both halves reads. The encoder owns the embedder, so it stays self-cont
 evaluation; its features are the mean of its output tokens (the paper's probe: average pool, then
 a BatchNorm without affine).
 
-'mae', this project's first layout: the encoder adds a class token and ends in an affine
+'mae', MAE-shaped halves: the encoder adds a class token and ends in an affine
 LayerNorm (MAE's encoder); the decoder re-embeds the encoder tokens with a linear map (MAE's
 decoder_embed: the encoder output is normalised, the decoder gets to re-scale it) plus its own
 position embedding; each half has its own sigma embedder and c is full width.

@@ -26,15 +26,15 @@ from typing import Any
 import torch
 
 from ..batch import Batch
-from ..config import Config
+from ..config import DIFFMAE_FINETUNE, Config
+from ..device import eval_mode
 from ..errors import ResumeMismatch
 from ..kernels.dispatch import resolve_kernels
 from ..markers import nvtx_range
 from ..reference import patchify, unpatchify
-from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed
+from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed, global_rows
 from . import masking
 from .masking import PatchMask, gather_tokens, scatter_tokens
-from .sampling import eval_mode
 from .schedules import DiffusionSchedule
 
 NORM_PIX_EPS = 1e-6
@@ -56,6 +56,9 @@ class DiffMAEMethod:
     name = "diffmae"
     figure_kind = "inpaint"
     """The figure a demo writes for this method (eval/inpaint_figure.py)."""
+    finetune_recipes = DIFFMAE_FINETUNE
+    """Fine-tuning recipe fields by model.size (supplement Table 1b), which `ldae-fast eval
+    --protocols finetune` applies to a checkpoint of this method (eval.finetune.recipe_for_method)."""
 
     def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
                  tokenizer=None, kernels: str | None = None):
@@ -66,7 +69,7 @@ class DiffMAEMethod:
         self.p = cfg.model.patch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        # Nothing here runs a Triton kernel yet; the resolution keeps `kernels` honest in the log.
+        # DiffMAE runs no Triton kernel of its own; resolving the mode keeps `kernels` honest in the log.
         self._mode = cfg.engine.kernels if kernels is None else kernels
         self.kernels = resolve_kernels(self._mode, self.device)
         self.schedule = DiffusionSchedule.ddpm(cfg.noise.num_timesteps, self.obj.rho)
@@ -146,11 +149,8 @@ class DiffMAEMethod:
         return t
 
     def rows(self, batch: int, micro: int, accum: int) -> tuple[int, int]:
-        """(first row in the step's global batch, global batch size) of this micro-batch: micro-batch
-        m of `accum` on rank r holds rows (m * world + r) * B .. + B - 1."""
-        if not 0 <= micro < accum:
-            raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
-        return batch * (micro * self.world_size + self.rank), batch * self.world_size * accum
+        """(first row in the step's global batch, global batch size) of this micro-batch."""
+        return global_rows(batch, micro, accum, self.rank, self.world_size)
 
     def draw_mask(self, batch: int, num_patches: int, step: int, row: int, global_batch: int) -> PatchMask:
         return masking.random_masking(batch, num_patches, self.obj.mask_ratio, seed=self.cfg.engine.seed,

@@ -34,7 +34,7 @@ from ..kernels.dispatch import resolve_kernels
 from ..kernels.noise import reference_eps
 from ..markers import nvtx_range
 from ..reference import patchify, unpatchify
-from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed
+from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed, global_rows
 from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from . import sampling
 
@@ -221,15 +221,11 @@ class LDAEMethod:
                   accum: int = 1) -> NoisyBatch:
         """Sample t per image (unless given) and noise x in the latent; no gradient flows to x.
 
-        Draws are keyed on the optimizer step and on the sample's place in the step's global batch:
-        micro-batch m of `accum` on rank r holds rows (m * world + r) * B .. + B - 1. So N ranks x
-        A accumulated micro-batches of B draw exactly what one process with batch N*A*B draws: a
-        sharded or accumulated run is comparable to a single-device one.
+        Draws are keyed on the optimizer step and on the sample's place in the step's global batch
+        (`seeding.global_rows`), so a sharded or accumulated run draws what a single-device one does.
         """
-        if not 0 <= micro < accum:
-            raise ValueError(f"micro={micro} must lie in [0, accum={accum})")
         B = x.shape[0]
-        Bg, lo = B * self.world_size * accum, B * (micro * self.world_size + self.rank)
+        lo, Bg = global_rows(B, micro, accum, self.rank, self.world_size)
         if t is None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_NOISE_LEVEL, step))
@@ -277,7 +273,8 @@ class LDAEMethod:
         with nvtx_range("noise"):
             nb = self.add_noise(x, step, micro=micro, accum=accum)
         B = x.shape[0]
-        cond = self.condition(nb.sigma, batch, step, B * (micro * self.world_size + self.rank))
+        row, _ = global_rows(B, micro, accum, self.rank, self.world_size)
+        cond = self.condition(nb.sigma, batch, step, row)
         if autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=autocast_dtype):
                 pred = model(nb.x_in, **cond)

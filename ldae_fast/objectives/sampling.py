@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from ..device import eval_mode
 
 
 def gamma_for_sigma(sigma: float, schedule: str) -> float:
@@ -24,16 +25,6 @@ def gamma_for_sigma(sigma: float, schedule: str) -> float:
         raise ValueError(f"sigma={sigma} > 1 is not reachable with the variance-preserving "
                          f"schedule {schedule!r}")
     return math.sqrt(1.0 - sigma * sigma)
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 @torch.no_grad()

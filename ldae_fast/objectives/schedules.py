@@ -15,15 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def ddpm_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-               rho: float = 1.0) -> torch.Tensor:
-    """(T,) float64 betas: DDPM's linear schedule, each raised to rho."""
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps={num_timesteps} must be >= 1")
-    if not rho > 0:
-        raise ValueError(f"rho={rho} must be > 0")
-    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64) ** rho
+from ..schedules import ddpm_betas
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
+from ..lr_schedule import lr_at_step
 
 TAG_TOKENIZER_FIT = 49
 """Seed domain of a tokenizer fit (init, patch subsampling, minibatches, VAE noise): the
@@ -91,13 +92,11 @@ def collect_patches(images: Iterable[torch.Tensor], patch_size: int, max_images:
     return patches[:max_patches].contiguous(), channels
 
 
-def cosine_lr(opt: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
-    """Half-cycle cosine from lr to 0 over `steps`, with a short linear warm-up (5%) so Adam's
-    first, poorly-estimated steps stay small."""
-    warm = max(1, steps // 20)
-    f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+def set_fit_lr(opt: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
+    """Set `opt`'s lr for this step of a fit: `lr_at_step` to 0 over `steps`, with a short warm-up
+    (5%) so Adam's first, poorly-estimated steps stay small."""
     for g in opt.param_groups:
-        g["lr"] = lr * f
+        g["lr"] = lr_at_step(step, lr, max(1, steps // 20), steps)
 
 
 def finite_stats(**stats: float) -> dict:

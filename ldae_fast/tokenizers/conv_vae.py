@@ -187,7 +187,7 @@ def fit_conv_vae(images: Iterable[torch.Tensor], patch_size: int, latent_dim: in
     pixels = C * H * W
     t0, last = time.time(), time.time()
     for step in range(steps):
-        _io.cosine_lr(opt, lr, step, steps)
+        _io.set_fit_lr(opt, lr, step, steps)
         x = x_all[torch.randint(0, n, (batch,), generator=g)]
         mu, logvar = net.moments(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)

@@ -122,7 +122,7 @@ def fit_linear(patches: torch.Tensor, d: int, steps: int, lr: float, batch: int,
     batch = min(batch, n)
     t0, last = time.time(), time.time()
     for step in range(steps):
-        _io.cosine_lr(opt, lr, step, steps)
+        _io.set_fit_lr(opt, lr, step, steps)
         idx = torch.randint(0, n, (batch,), generator=g)
         x = patches[idx]
         m = x @ E.t()

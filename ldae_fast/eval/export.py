@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WEIGHTS_FILE = "model.safetensors"  # the name timm's local-dir loader looks for first
+from ..models.timm_export import WEIGHTS_FILE
 
 
 def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
@@ -23,8 +23,8 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     from safetensors.torch import save_file
 
     from ..errors import UsageError
-    from ..eval.reader import load_for_eval
     from ..models.timm_export import timm_config, timm_kwargs, timm_state_dict
+    from .reader import load_for_eval
 
     out = Path(out)
     if out.exists() and not out.is_dir():
