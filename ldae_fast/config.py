@@ -56,6 +56,8 @@ ARCHS = ("ldae", "diffmae")
 MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
 DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
+# kernels.attention.BACKENDS (the config layer does not import the kernels; a test keeps them equal).
+ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficient")
 
 
 @dataclass
@@ -94,7 +96,8 @@ class ModelConfig:
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
-    """Attention: 'auto' (fastest present), 'sdpa', 'xformers' or 'math' (the reference)."""
+    """Attention: 'auto' (fastest present), 'sdpa', 'xformers', 'math' (the reference), or SDPA
+    pinned to one kernel: 'flash', 'cudnn' (CUDA only), 'efficient' (CUDA only)."""
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (less memory, ~30% more compute)."""
     fused_adaln: bool = False
@@ -143,6 +146,16 @@ class ModelConfig:
     final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
     l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
     network reads it through ModelConfig.cond_width and the 0 is what gets saved."""
+    bf16_residual: bool = False
+    """Speed switch (off until a GPU run shows it helps; docs/speed.md): under bf16 autocast the
+    residual stream between blocks is bfloat16 instead of float32; LayerNorm statistics and the
+    loss stay float32. No effect without autocast."""
+    adaln_act_dtype: bool = False
+    """Speed switch (needs model.fused_adaln): under autocast the fused adaLN LayerNorm kernel writes
+    its output in the autocast dtype, what the next Linear reads, with no float32 round trip."""
+    fp8: str = ""
+    """Speed switch, optional extra: '' (off), 'rowwise' or 'tensorwise': torchao's float8 training
+    for the blocks' attention projections and MLPs. Needs torchao and a GPU with FP8 (sm_89+)."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
@@ -150,7 +163,7 @@ class ModelConfig:
             if getattr(self, k) == 0:
                 setattr(self, k, v)
         _one_of("model.cond", self.cond, ("adaln", "none"))
-        _one_of("model.attn_backend", self.attn_backend, ("auto", "sdpa", "xformers", "math"))
+        _one_of("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check(self.patch_size >= 1, f"model.patch_size={self.patch_size} must be >= 1")
         _check(self.width >= 1 and self.encoder_depth >= 1 and self.decoder_depth >= 1,
                "model.width, model.encoder_depth and model.decoder_depth must be >= 1")
@@ -180,6 +193,9 @@ class ModelConfig:
         _one_of("model.layout", self.layout, MODEL_LAYOUTS)
         _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
         _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
+        _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
+        _check(not self.adaln_act_dtype or self.fused_adaln,
+               "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
 
     @property
     def cond_width(self) -> int:
@@ -499,6 +515,13 @@ class EngineConfig:
     """Steps between metric lines (the loss is synced to the host only then)."""
     ckpt_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    ckpt_every_s: float = 0.0
+    """Seconds between checkpoints besides ckpt_every (0: off), so a killed long run loses minutes
+    of work whatever a step costs; under several ranks checked at log steps, on rank 0's clock."""
+    ckpt_write_failures: int = 3
+    """Consecutive periodic checkpoint writes that may fail (disk full, file size limit) before the
+    run stops (exit 4); each failure is a warning and the next interval tries again. A failed
+    final checkpoint always stops the run."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     out_dir: str = "runs/demo"
@@ -560,6 +583,9 @@ class EngineConfig:
         _check(self.steps >= 0 and self.grad_accum >= 1, "engine.steps >= 0, engine.grad_accum >= 1")
         _check(self.log_every >= 1 and self.ckpt_every >= 0 and self.keep_last >= 1,
                "engine.log_every >= 1, engine.ckpt_every >= 0, engine.keep_last >= 1")
+        _check(self.ckpt_every_s >= 0 and self.ckpt_write_failures >= 1,
+               f"engine.ckpt_every_s={self.ckpt_every_s} must be >= 0 and "
+               f"engine.ckpt_write_failures={self.ckpt_write_failures} >= 1")
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
         _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")
@@ -1039,11 +1065,33 @@ def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool
     tree[section][name] = value
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: the directory above the ldae_fast package (site-packages when installed)."""
+
+
+def preset_data_path(pattern: str) -> str:
+    """A preset's relative shard pattern ('../shared/data/...', written from the checkout), taken
+    from the current directory when its folder is there, else from the project root: there when
+    the folder is, and otherwise too, so a missing-shard error names the absolute path it tried."""
+    parts = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        folder = Path(part).parent
+        if (part and not Path(part).is_absolute() and ":" not in part.split("/")[0]
+                and "{" not in str(folder) and not folder.is_dir()):
+            part = str(PROJECT_ROOT / part)
+        parts.append(part)
+    return "::".join(parts)
+
+
 def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) -> Config:
-    """Defaults <- preset <- overrides (strings as typed on the command line)."""
+    """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
+    paths are found from the checkout when the current directory lacks them (preset_data_path)."""
     _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
     for k, v in PRESETS[preset].items():
+        if k in {f"data.{f}" for f in _SHARD_FIELDS} and isinstance(v, str):
+            v = preset_data_path(v)
         _apply(tree, k, v, from_cli=False)
     for k, v in (overrides or {}).items():
         _apply(tree, k, v, from_cli=True)

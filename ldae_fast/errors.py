@@ -8,7 +8,7 @@ Anything else is a bug and keeps Python's traceback.
 Exit codes (also in README, "Exit codes"):
   2  config or usage      a flag, a config field or a --config file
   3  non-finite loss      the loss became NaN/inf (names the step and the newest good checkpoint)
-  4  file                 a named file or directory is missing or unreadable
+  4  file                 a named file or directory is missing, unreadable or unwritable (a checkpoint write)
   5  data                 shards missing or broken, labels missing, too many bad samples
   6  checkpoint           unsafe / old-format / corrupt checkpoint, nothing intact to resume
   7  resume mismatch      the checkpoint cannot be resumed as configured (another model; another
@@ -39,6 +39,12 @@ class UserError(Exception):
 class UsageError(UserError):
     exit_code = 2
     category = "usage error"
+
+
+class SpeedSwitchError(UsageError):
+    """A speed switch that cannot run here (a missing optional package, no suitable device)."""
+
+    category = "config error"
 
 
 class FileProblem(UserError):

@@ -161,15 +161,28 @@ def write_shards(
     seed: int | None = 0,
     gzip: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+    val_labels: str | os.PathLike | None = None,
+    classes_from: str | os.PathLike | None = None,
 ) -> list[str]:
     """Write shards `out_pattern % i` (e.g. "out/train-%06d.tar") of at most `max_count`
     samples each; returns their paths. `seed` None keeps the sorted (class, file) order, else
     samples are shuffled with it so each shard mixes classes. `gzip` (or a pattern ending in
     .gz) compresses; ".gz" is appended to names that lack it. Unreadable source files are
-    logged and left out. `progress(done, total, shard_index)` is called after each sample."""
+    logged and left out. `progress(done, total, shard_index)` is called after each sample.
+    With `val_labels`, SRC is one flat folder labelled by that file and `classes_from` (a
+    classes.tsv or the train folder) gives the index (imagenet_layout.py: ImageNet's val)."""
     check_out_pattern(out_pattern, max_count, "out/train-%06d.tar")
     root = Path(src)
-    classes, items = list_image_folder(root)
+    if val_labels is not None:
+        from .imagenet_layout import list_flat_folder, read_classes
+
+        if classes_from is None:
+            raise ValueError("a flat folder with --val-labels needs --classes (the classes.tsv beside "
+                             "the train shards, or the train folder)")
+        classes = read_classes(classes_from)
+        items = list_flat_folder(root, val_labels, classes, IMAGE_SUFFIXES)
+    else:
+        classes, items = list_image_folder(root)
     if seed is not None:
         random.Random(seed).shuffle(items)
     first = Path(out_pattern % 0)
@@ -214,7 +227,21 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard")
     ap.add_argument("--gzip", action="store_true", help="gzip the shards (.tar.gz)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed (-1: keep sorted order)")
+    ap.add_argument("--val-labels", default=None,
+                    help="SRC is one flat folder (ImageNet's val) labelled by the devkit folder "
+                         "(ILSVRC2012_devkit_t12: ground truth + meta.mat) or a file of one line per "
+                         "image: FILENAME,SYNSET (e.g. LOC_val_solution.csv) or FILENAME INDEX")
+    ap.add_argument("--classes", default=None,
+                    help="with --val-labels: the class list (the classes.tsv written beside the train "
+                         "shards, or the train folder); default: classes.tsv beside OUT_PATTERN")
     args = ap.parse_args(argv)
+    classes_from = args.classes
+    if args.val_labels and classes_from is None:
+        beside = Path(args.out_pattern).parent / "classes.tsv"
+        if not beside.is_file():
+            raise UsageError(f"--val-labels needs --classes: no {beside} (write the train shards there "
+                             "first, or pass --classes TRAIN_FOLDER)")
+        classes_from = str(beside)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     tty = sys.stderr.isatty()
@@ -231,7 +258,8 @@ def _main(argv: list[str]) -> int:
 
     try:
         paths = write_shards(args.src, args.out_pattern, max_count=args.maxcount,
-                             seed=None if args.seed < 0 else args.seed, gzip=args.gzip, progress=progress)
+                             seed=None if args.seed < 0 else args.seed, gzip=args.gzip, progress=progress,
+                             val_labels=args.val_labels, classes_from=classes_from)
     except ValueError as e:
         raise UsageError(str(e)) from e
     print(f"make-shards: wrote {len(paths)} shard(s) in {time.time() - t0:.1f}s: "

@@ -522,7 +522,7 @@ def _main(argv: list[str]) -> int:
     try:
         paths = write_video_shards(args.src, args.out_pattern, max_count=args.maxcount,
                                    seed=None if args.seed < 0 else args.seed, gzip=args.gzip)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:  # a bad flag value; a missing source stays a file error (exit 4)
         raise UsageError(str(e)) from e
     print(f"write-video-shards: wrote {len(paths)} shard(s) in {time.time() - t0:.1f}s: "
           f"{paths[0] if paths else ''} ...", file=sys.stderr)

@@ -22,11 +22,12 @@ import torch
 from ..batch import Batch
 from ..config import CUDA_GRAPH_MODES, Config, ConfigError, parse_duration
 from ..device import autocast_dtype, resolve_device
-from ..errors import ResumeMismatch  # noqa: F401  (callers catch it from here)
+from ..errors import CheckpointError, ResumeMismatch
 from ..lr_schedule import lr_at_step
 from ..models.compile import compile_blocks, mark_step_begin
 from ..objectives import Method, build_method
 from ..tokenizers import fit_config
+from ..tokenizers._io import TokenizerFileError
 from . import checkpoint as ckpt_mod
 from . import guard, preempt, reshape, rundir
 from .guard import NonFiniteLoss
@@ -88,6 +89,33 @@ def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> r
     engine.resume_rebatch; ZeRO state on another rank count), else say how it continues: another
     rank count, micro-batch or accumulation of the same global batch continues exactly (reshape.py)."""
     return reshape.plan_resume(state, ckpt_dir, cfg, world)
+
+
+class _CheckpointClock:
+    """engine.ckpt_every_s: whether that many seconds passed since the last checkpoint (or the
+    start). One process looks every step; several ranks agree at log steps, on rank 0's clock."""
+
+    def __init__(self, every_s: float, world: int, reduce_max, device) -> None:
+        self.every_s, self.world, self.reduce_max, self.device = every_s, world, reduce_max, device
+        self.last = time.time()
+
+    def due(self, step: int, log_every: int) -> bool:
+        if not self.every_s:
+            return False
+        if self.world == 1 or self.reduce_max is None:
+            return time.time() - self.last >= self.every_s
+        if step % log_every:
+            return False
+        flag = torch.tensor(int(time.time() - self.last >= self.every_s) if self._rank0() else 0,
+                            device=self.device)
+        return bool(self.reduce_max(flag).item())
+
+    @staticmethod
+    def _rank0() -> bool:
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def saved(self) -> None:
+        self.last = time.time()
 
 
 class SingleDevice:
@@ -197,9 +225,14 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     def fit_images():
         return (imgs for imgs, _ in build_train_stream(fit_config(cfg), rank=0, world_size=1))
 
-    method.prepare(fit_images, rank=rank, log=logger.info,
-                   broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
-                   state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
+    try:
+        method.prepare(fit_images, rank=rank, log=logger.info,
+                       broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
+                       state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
+    except TokenizerFileError as err:  # from the checkpoint's method state (tokenizer.path names itself)
+        if resume_state is None:
+            raise
+        raise CheckpointError(f"{resume_dir}: its tokenizer is damaged ({err})") from None
     if is_main and resume_state is None:
         method.export(out_dir)
     amp = autocast_dtype(cfg.engine.precision, device)
@@ -217,9 +250,17 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
 
     start = 0
     if resume_state is not None:
-        backend.load_state_dict(resume_state, resume_dir)
-        if ema is not None and resume_state.get("ema"):
-            ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
+        try:
+            backend.load_state_dict(resume_state, resume_dir)
+            if ema is not None and resume_state.get("ema"):
+                ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
+        except RuntimeError as err:  # a network change the config comparison above did not name
+            params = guard.state_dict_mismatch(err)
+            if params is None:
+                raise
+            raise ResumeMismatch(f"{resume_dir} holds another network ({params} differ in shape or are "
+                                 "missing): a resume keeps the network; start a new run (a new out_dir) "
+                                 "to train another one") from None
         stream.load_state_dict(plan.data_state(resume_state, rank))
         ckpt_mod.set_rng_state(resume_state["rng"])
         start = plan.step
@@ -266,8 +307,41 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
                                          extra_meta={"preset": cfg.preset, "diverging": div_guard.run > 0},
                                          writer=backend.save_extra,
-                                         is_main=is_main, barrier=getattr(backend, "barrier", None))
+                                         is_main=is_main, barrier=getattr(backend, "barrier", None),
+                                         any_failed=any_rank_failed if world > 1 and backend.save_on_all_ranks else None)
 
+    def any_rank_failed(failed_here: bool) -> bool:
+        # Every rank writes its part: all learn of a failure anywhere, so all retry or stop alike.
+        return bool(backend.all_reduce_max(torch.tensor(int(failed_here), device=device)).item())
+
+    write_failures = 0
+
+    def save_or_retry(step: int) -> Path | None:
+        """A periodic checkpoint: a failed write is a warning and the next interval tries again,
+        until engine.ckpt_write_failures writes in a row have failed."""
+        nonlocal write_failures
+        err: ckpt_mod.CheckpointWriteError | None = None
+        try:
+            path = save(step)
+        except ckpt_mod.CheckpointWriteError as e:
+            path, err = None, e
+        if err is not None:
+            write_failures += 1
+            if write_failures >= cfg.engine.ckpt_write_failures:
+                logger.close()
+                prof.close()
+                raise ckpt_mod.CheckpointWriteError(
+                    f"{err} ({write_failures} checkpoint writes in a row failed: stopping; "
+                    "free space or raise the limit, then --engine.resume=auto)") from None
+            warnings.warn(f"WARNING: {err}; training goes on and tries again at the next checkpoint "
+                          f"({write_failures} of engine.ckpt_write_failures={cfg.engine.ckpt_write_failures} "
+                          "failed writes in a row)", stacklevel=2)
+            return None
+        write_failures = 0
+        return path
+
+    ckpt_clock = _CheckpointClock(cfg.engine.ckpt_every_s, world,
+                                  getattr(backend, "all_reduce_max", None), device)
     it = iter(stream)
     losses: list[tuple[int, float]] = []
     win_loss = torch.zeros((), device=device)
@@ -357,12 +431,16 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
             win_loss.zero_()
             win_norm.zero_()
             win_steps, win_images, t_win = 0, 0, time.time()
-        saved_now = cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total
-        if saved_now:
-            last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+        wrote = None
+        if done != total and (cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0
+                              or ckpt_clock.due(done, cfg.engine.log_every)):
+            if is_main or backend.save_on_all_ranks:
+                wrote = save_or_retry(done)
+                last_ckpt = wrote or last_ckpt
+            ckpt_clock.saved()
         if stop:
-            if not saved_now:
-                last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+            if wrote is None and (is_main or backend.save_on_all_ranks):
+                last_ckpt = save(done)  # a failed write here ends the run with its own error
             msg = (f"stopped at step {done} of {total} ({watch.reason(stop)}); checkpoint "
                    f"{last_ckpt or ckpt_mod.latest_checkpoint(out_dir)}; continue with --engine.resume=auto")
             logger.info(msg)
@@ -374,8 +452,15 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
         if done == total:
             break
     prof.close()
-    if total > start:
-        last_ckpt = save(total) if is_main or backend.save_on_all_ranks else None
+    if total > start:  # the final checkpoint: a failed write stops the run (exit 4)
+        if is_main or backend.save_on_all_ranks:
+            try:
+                last_ckpt = save(total)
+            except ckpt_mod.CheckpointWriteError:
+                logger.close()
+                raise
+        else:
+            last_ckpt = None
         if last_ckpt is not None:
             logger.info(f"checkpoint: {last_ckpt}")
     logger.close()

@@ -23,13 +23,14 @@ from typing import Optional
 
 import torch
 
-from ldae_fast.config import PRESETS
+from ldae_fast.config import PRESETS, preset_data_path
 from ldae_fast.device import resolve_device
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
 from .features import (
     extract_features,
     feature_dim,
+    feature_settings,
     probe_encoder,
     probe_sigma,
     probe_view,
@@ -38,7 +39,6 @@ from .finetune import recipe_for_method
 from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class EvalError(RuntimeError, UsageError):
@@ -94,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the probes and fine-tuning")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random-weights rows")
     ap.add_argument("--out", default=None, help="output dir (default runs/eval/<checkpoint name>)")
+    sc = ap.add_argument_group("streaming (shards: linear-fast, knn, linear; docs/eval.md)")
+    sc.add_argument("--in-memory", action="store_true",
+                    help="decode the capped splits into RAM instead of streaming them (small sets)")
+    sc.add_argument("--readers", type=int, default=None,
+                    help="logical readers per split, a multiple of the rank count; the global batch's "
+                         "content depends on this, not on ranks or workers (default: the smallest "
+                         "multiple of ranks x workers >= 16; fix it to compare or resume runs on "
+                         "other rank counts)")
+    sc.add_argument("--micro-batch", type=int, default=256,
+                    help="images per encoder forward; the global batch is ranks x micro x accumulation")
+    sc.add_argument("--feature-store", default=None,
+                    help="feature store root (default <out>/features); reused when nothing changed")
+    sc.add_argument("--store-dtype", choices=("fp16", "bf16"), default="fp16")
+    sc.add_argument("--blrs", default=None,
+                    help="linear-fast: comma-separated base lrs, one head each, chosen on a held-out "
+                         "10%% of train (default 0.01,0.03,0.1,0.3,1, or --blr alone)")
+    sc.add_argument("--holdout", type=finite_float, default=0.1,
+                    help="linear-fast: fraction of train held out to pick the lr")
+    sc.add_argument("--knn-rows", default="raw,centred,whitened",
+                    help="kNN feature rows, each its own table row: raw, centred, whitened")
+    sc.add_argument("--probe-dir", default=None,
+                    help="linear: checkpoint directory of the probe (default <out>/probe); a rerun resumes")
+    sc.add_argument("--probe-ckpt-every", type=int, default=100, help="linear: checkpoint every N steps")
+    sc.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel floor rows")
     return ap
 
 
@@ -136,12 +160,10 @@ def _probe_view(model, cfg, method, device):
 def _load_checkpoint(path: str):
     from .reader import load_for_eval
 
-    if not Path(path).exists():
-        raise FileProblem(f"--checkpoint {path}: no such file or directory")
     try:
-        return load_for_eval(path)
+        return load_for_eval(path, flag="--checkpoint")
     except FileNotFoundError as e:
-        raise FileProblem(f"--checkpoint {path}: {e}") from None
+        raise FileProblem(str(e)) from None
 
 
 def _random_model(cfg):
@@ -151,16 +173,6 @@ def _random_model(cfg):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.engine.seed)
         return build_model(cfg.model, cfg.data.img_size)
-
-
-def _find_path(pattern: str) -> str:
-    """Preset shard paths are relative to the project root; accept them from any directory."""
-    if pattern.startswith(("pipe:", "http:", "https:", "/")):
-        return pattern
-    here = Path(pattern).parent
-    if not here.exists() and (ROOT / here).exists():
-        return str(ROOT / pattern)
-    return pattern
 
 
 def _shard_pattern(d: Path, split: str) -> str:
@@ -195,8 +207,8 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
             new, desc = dataclasses.replace(d, source="synthetic"), f"synthetic (preset {data})"
         else:
             new = dataclasses.replace(
-                d, source="wds", train_shards=_find_path(p["data.train_shards"]),
-                val_shards=_find_path(p["data.val_shards"]),
+                d, source="wds", train_shards=preset_data_path(p["data.train_shards"]),
+                val_shards=preset_data_path(p["data.val_shards"]),
                 epoch_size=p.get("data.epoch_size", d.epoch_size))
             desc = f"preset {data}"
     elif Path(data).is_dir():
@@ -250,7 +262,12 @@ def run(args) -> dict:
     if bad or not protocols:
         raise EvalError(f"unknown protocol(s) {bad}; choose from {', '.join(PROTOCOLS)}")
     from ldae_fast.data import build_eval_arrays
-    device = resolve_device(args.device)
+
+    from . import dist as edist
+    device = _rank_device(args.device)
+    ranks = edist.init_from_env(device)
+    if not ranks.main:
+        log = _quiet
 
     log(f"loading {args.checkpoint}")
     cfg, model, method = _load_checkpoint(args.checkpoint)
@@ -260,14 +277,26 @@ def run(args) -> dict:
                         f"video encoder (model.num_frames={cfg.model.num_frames})")
     cfg, data_desc = with_data(cfg, args.data, args.val_data, args.max_train_images)
     log(f"model {cfg.model.size} (width {cfg.model.width}, {cfg.model.encoder_depth} encoder blocks, "
-        f"patch {cfg.model.patch_size}), images {cfg.data.img_size}px, data {data_desc}, device {device}")
+        f"patch {cfg.model.patch_size}), images {cfg.data.img_size}px, data {data_desc}, device {device}"
+        + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.distributed else ""))
+    out = Path(args.out) if args.out else Path("runs") / "eval" / Path(args.checkpoint).stem
 
-    t = time.perf_counter()
-    train = build_eval_arrays(cfg, "train", args.max_train_images)
-    val = build_eval_arrays(cfg, "val", args.max_val_images)
-    C = num_classes_of(train[1], val[1])
-    log(f"data: {train[0].shape[0]} train / {val[0].shape[0]} val images, {C} classes "
-        f"({(train[0].numel() + val[0].numel()) * 4 / 2**30:.2f} GiB, {time.perf_counter() - t:.1f}s)")
+    streaming = cfg.data.source == "wds" and not args.in_memory
+    streamed = [p for p in protocols if p in STREAMED] if streaming else []
+    in_ram = [p for p in protocols if p not in streamed and p != "figure"]
+    if ranks.distributed and in_ram:
+        raise EvalError(f"--protocols {','.join(in_ram)}: not data-parallel"
+                        + ("" if streaming else " on in-memory data (--in-memory or synthetic data)")
+                        + "; run it on one process, or these protocols on shards under torchrun")
+    train = val = None
+    C = 0
+    if in_ram:
+        t = time.perf_counter()
+        train = build_eval_arrays(cfg, "train", args.max_train_images)
+        val = build_eval_arrays(cfg, "val", args.max_val_images)
+        C = num_classes_of(train[1], val[1])
+        log(f"data: {train[0].shape[0]} train / {val[0].shape[0]} val images, {C} classes "
+            f"({(train[0].numel() + val[0].numel()) * 4 / 2**30:.2f} GiB, {time.perf_counter() - t:.1f}s)")
 
     cfg = _with_probe_flags(cfg, args)
     models = [("checkpoint", model)]
@@ -286,6 +315,11 @@ def run(args) -> dict:
     blr = args.blr or cfg.eval.probe_blr
     ks = [int(k) for k in (args.knn_k or cfg.eval.knn_k).split(",") if k.strip()]
     feats: dict[str, tuple] = {}
+    runner = _streaming_runner(cfg, args, views, out, device, log) if streamed else None
+    if runner is not None and not args.no_pixels and any(p in ("linear-fast", "knn") for p in streamed):
+        from .scale import PixelView
+
+        runner.views["pixels"] = PixelView(cfg.data.img_size)
 
     def cached(name, enc):
         # linear-fast and knn read the same un-augmented features: extract once per encoder, and
@@ -304,6 +338,22 @@ def run(args) -> dict:
     for proto in protocols:
         if proto == "figure":
             continue
+        if proto in streamed:
+            names = [n for n, _ in encoders] + (["pixels"] if "pixels" in runner.views and proto != "linear" else [])
+            for name in names:
+                log(f"== {proto} on {name} (streamed)")
+                if proto == "linear-fast":
+                    got = runner.linear_fast(name, args.epochs or cfg.eval.probe_epochs, bs)
+                elif proto == "knn":
+                    got = runner.knn(name, ks)
+                else:
+                    got = runner.linear(name, args.epochs or 90, bs, blr)
+                for label, enc, res in got:
+                    extra = {k: res[k] for k in ("lr", "blr", "batch_size", "T", "heldout_top1", "steps",
+                                                 "micro_batch", "ranks", "resumed_from") if k in res}
+                    rows.append(_row(label, enc, res, **extra))
+                    log(f"{label} / {enc}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
+            continue
         for name, enc in encoders:
             log(f"== {proto} on {name} encoder")
             if proto == "linear-fast":
@@ -319,9 +369,9 @@ def run(args) -> dict:
 
                 ftr, fva, tx = cached(name, enc)
                 t0 = time.perf_counter()
-                out = knn_classify(ftr, train[1], fva, val[1], ks=ks, num_classes=C, log=log)
+                out_k = knn_classify(ftr, train[1], fva, val[1], ks=ks, num_classes=C, log=log)
                 dt = time.perf_counter() - t0 + tx
-                for k, r in out.items():
+                for k, r in out_k.items():
                     label = f"knn k={r['k_used']}" + ("" if r["k_used"] == k else f" (asked {k})")
                     rows.append(_row(label, name, dict(r, epochs=None, seconds=dt,
                                                        feature_dim=feature_dim(enc)), T=0.07))
@@ -361,29 +411,59 @@ def run(args) -> dict:
             log(f"{rows[-1]['protocol']} / {name}: top-1 {rows[-1]['top1']:.2f} "
                 f"top-5 {rows[-1]['top5']:.2f}")
 
-    # Each checkpoint row directly above its random-init floor, protocols in the order asked.
+    # Each checkpoint row directly above its floors, protocols in the order asked.
     order = {p: i for i, p in enumerate(dict.fromkeys(r["protocol"] for r in rows))}
     rows.sort(key=lambda r: order[r["protocol"]])
+    if runner is not None:
+        C = C or runner.num_classes()
+    n_train = int(train[0].shape[0]) if train is not None else runner.counts["train"]
+    n_val = int(val[0].shape[0]) if val is not None else runner.counts["val"]
+    if not ranks.main:
+        edist.barrier()
+        return dict(rows=rows, out=str(out), figure=None, meta={})
 
-    out = Path(args.out) if args.out else Path("runs") / "eval" / Path(args.checkpoint).stem
     out.mkdir(parents=True, exist_ok=True)
     figure_path = None
     if "figure" in protocols:
-        figure_path = _figure(cfg, model, method, val[0][:args.figure_images], out / "denoising.png",
-                              device, args.seed, log)
+        fig_imgs = (val[0] if val is not None
+                    else build_eval_arrays(cfg, "val", args.figure_images)[0])[:args.figure_images]
+        figure_path = _figure(cfg, model, method, fig_imgs, out / "denoising.png", device, args.seed, log)
 
     table = markdown_table(rows)
-    meta = dict(checkpoint=str(args.checkpoint), data=data_desc, train_images=int(train[0].shape[0]),
-                val_images=int(val[0].shape[0]), num_classes=C, img_size=cfg.data.img_size,
-                pool=args.pool, device=str(device), torch=torch.__version__,
+    weights = ("an exported encoder" if method is None else
+               "EMA" if cfg.optim.ema_decay > 0 and not (cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3)
+               else "trained (the run kept no EMA)")
+    meta = dict(checkpoint=str(args.checkpoint), data=data_desc, train_images=n_train,
+                val_images=n_val, num_classes=C, img_size=cfg.data.img_size,
+                pool=args.pool, device=str(device), weights=weights, features=feature_settings(device),
+                seed=args.seed, torch=torch.__version__, ranks=ranks.world_size,
+                streamed=streamed,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command="ldae-fast eval " + " ".join(getattr(args, "argv", [])))
     notes = [f"checkpoint `{args.checkpoint}`, data {data_desc}: {meta['train_images']} train / "
              f"{meta['val_images']} val images, {C} classes, {cfg.data.img_size}px, "
-             f"{args.pool} pooling, device {device}, {meta['date']}.",
-             "'random init' rows: the same architecture with random weights (the floor).",
-             f"'{FAST_PROTOCOL}': head trained on features of un-augmented images extracted "
-             "once, not the full augmented protocol; times include feature extraction."]
+             f"{args.pool} pooling, device {device}, {meta['date']}"
+             + (f", {ranks.world_size} ranks" if ranks.distributed else "") + ".",
+             "'random init' rows: the same architecture with random weights (the floor)."]
+    if runner is not None and "pixels" in runner.views:
+        notes.append(f"'pixels' rows: the resized image average-pooled to "
+                     f"{runner.views['pixels'].side}px as the feature (and its PCA at the checkpoint's "
+                     "feature width), under the same protocol: the floor a learned feature must beat.")
+    notes.append(f"'{FAST_PROTOCOL}': head trained (seed {args.seed}) on features of un-augmented images "
+                 "extracted once, not the full augmented protocol; times include feature extraction."
+                 + (" Streamed: one head per base lr, the lr chosen on a held-out part of train."
+                    if "linear-fast" in streamed else ""))
+    notes.append(f"Weights: {weights}; {feature_settings(device)}. "
+                 + ("train.py's demo epilogue probes in memory at the one eval.probe_blr, so its number "
+                    "differs from this streamed one. " if "linear-fast" in streamed else
+                    "train.py's demo epilogue probes the same way (seed 0, device auto), so on one machine "
+                    "it prints the same probe number. ")
+                 + "The demo's kNN centres the features on the train mean first; kNN rows here without a "
+                   "suffix use the raw features.")
+    if "knn" in streamed:
+        notes.append("kNN rows on raw features (the usual protocol) carry no suffix; 'centred rows' "
+                     "remove the train mean, 'whitened rows' also scale every train PCA direction to "
+                     "unit variance, 'pca N rows' keep the top N; all L2-normalised.")
     if figure_path:
         notes.append(f"Denoising figure: {figure_path}")
     md = "\n\n".join([f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]) + "\n"
@@ -392,7 +472,61 @@ def run(args) -> dict:
                                                    config=cfg.to_dict()), indent=2) + "\n")
     print(table, flush=True)
     log(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    edist.barrier()
     return dict(rows=rows, out=str(out), figure=str(figure_path) if figure_path else None, meta=meta)
+
+
+STREAMED = ("linear-fast", "knn", "linear")
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _rank_device(name: str) -> torch.device:
+    """--device, with 'auto' and 'cuda' meaning this rank's GPU (LOCAL_RANK) under torchrun."""
+    import os
+
+    dev = resolve_device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _streaming_runner(cfg, args, views, out: Path, device, log):
+    from .scale import ScaleArgs, StreamingEval
+
+    try:
+        blrs = tuple(float(b) for b in args.blrs.split(",") if b.strip()) if args.blrs else None
+    except ValueError:
+        raise EvalError(f"--blrs {args.blrs!r}: comma-separated numbers") from None
+    if blrs is None:
+        blrs = (args.blr,) if args.blr else (0.01, 0.03, 0.1, 0.3, 1.0)
+    kinds = tuple(k.strip() for k in args.knn_rows.split(",") if k.strip())
+    from .rows import ROW_KINDS
+
+    if not kinds or any(k not in ROW_KINDS for k in kinds):
+        raise EvalError(f"--knn-rows {args.knn_rows!r}: choose from {', '.join(ROW_KINDS)}")
+    from . import dist as edist
+    from .stream import default_readers
+
+    workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
+    readers = args.readers or default_readers(edist.current().world_size, workers)
+    if readers < 1 or args.micro_batch < 1:
+        raise EvalError("--readers and --micro-batch must be >= 1")
+    if not 0 <= args.holdout < 1:
+        raise EvalError(f"--holdout {args.holdout}: a fraction in [0, 1)")
+    sa = ScaleArgs(readers=readers, num_workers=workers,
+                   micro_batch=args.micro_batch,
+                   store_root=Path(args.feature_store) if args.feature_store else out / "features",
+                   store_dtype=args.store_dtype, blrs=blrs, holdout=args.holdout, knn_rows=kinds,
+                   probe_dir=Path(args.probe_dir) if args.probe_dir else out / "probe",
+                   ckpt_every=args.probe_ckpt_every)
+    e = cfg.eval
+    probe_key = dict(sigma=probe_sigma(cfg), input=e.probe_input, depth=e.probe_depth)
+    return StreamingEval(cfg, dict(views), probe_key, sa, pool=args.pool, seed=args.seed, device=device,
+                         max_train=args.max_train_images, max_val=args.max_val_images, log=log)
 
 
 def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Path]:

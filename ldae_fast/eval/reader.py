@@ -68,22 +68,21 @@ def load_exported_encoder(path: str | Path):
     return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
-def _check_checkpoint_path(p: Path) -> None:
-    """A missing checkpoint in eval's and export's words (the resume resolver speaks of --resume)."""
-    from ..engine.checkpoint import is_complete, latest_checkpoint
-
+def _check_checkpoint_path(p: Path, flag: str) -> None:
+    """A path that is no checkpoint at all, in the caller's words (`flag`: how its user names it)."""
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p}: no such file or directory")
-    if p.is_dir() and not is_complete(p) and latest_checkpoint(p) is None:
-        raise FileNotFoundError(f"checkpoint {p}: not a complete checkpoint (no meta.json) and no "
-                                f"complete checkpoint under {p / 'checkpoints'}")
+        raise FileNotFoundError(f"{flag} {p}: no such file or directory")
+    if p.is_file() and p.name != "state.pt":
+        raise CheckpointError(f"{flag} {p}: not a checkpoint (a step_*/ directory with meta.json, a run "
+                              "directory holding checkpoints/, or an exported .safetensors encoder)")
 
 
-def load_for_eval(path: str | Path, use_ema: bool = True):
+def load_for_eval(path: str | Path, use_ema: bool = True, flag: str = "checkpoint"):
     """-> (Config, model, Method | None) from a checkpoint dir, a run dir, a DeepSpeed checkpoint
     written by our engine, or an exported encoder .safetensors (then the model holds the encoder
     alone and there is no method). The method is on the CPU with engine.kernels='auto' (a run
-    trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
+    trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`. `flag`
+    names the path in messages ('--checkpoint' for eval's command line)."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
     from ..models import build_model
     from ..models.timm_export import WEIGHTS_FILE
@@ -92,8 +91,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():
         return load_exported_encoder(path)
-    _check_checkpoint_path(path)
-    ckpt = resolve_resume(str(path), path)
+    _check_checkpoint_path(path, flag)
+    ckpt = resolve_resume(str(path), path, flag=flag)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint at {path}")
     st = load_state(ckpt)
@@ -112,6 +111,11 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     ms = method_state(st)
     method = None
     if ms is not None:
+        from ..tokenizers._io import TokenizerFileError
+
         method = build_method(cfg, "cpu", kernels="auto")
-        method.load_state_dict(ms)
+        try:
+            method.load_state_dict(ms)
+        except TokenizerFileError as e:
+            raise CheckpointError(f"{ckpt}: its tokenizer is damaged ({e})") from None
     return cfg, model, method

@@ -66,7 +66,7 @@ def load_tokenizer_path(cfg, log: Callable[[str], None] = print) -> Tokenizer:
     latent dim; a file that is not a tokenizer is the user's file error."""
     from ..config import ConfigError
     from ..errors import FileProblem, UserError
-    from ._io import read_tokenizer_file
+    from ._io import TokenizerFileError, read_tokenizer_file
 
     path, t = cfg.tokenizer.path, cfg.tokenizer
     try:
@@ -86,6 +86,8 @@ def load_tokenizer_path(cfg, log: Callable[[str], None] = print) -> Tokenizer:
         raise
     except TokenizerMismatch as e:
         raise ConfigError(f"tokenizer.path: {e}") from e
+    except TokenizerFileError as e:  # tensors that contradict their kind: the input file is named
+        raise FileProblem(f"tokenizer.path={path}: {e}") from e
     except Exception as e:  # whatever safetensors or a kind's shape checks raise on a foreign file
         raise FileProblem(f"tokenizer.path={path}: not a readable tokenizer .safetensors "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

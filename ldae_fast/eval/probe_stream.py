@@ -1,0 +1,253 @@
+"""The full linear probe over the streaming eval path: MAE's protocol, data-parallel, resumable.
+
+Protocol (MAE main_linprobe.py, l-DAE App. A): frozen encoder, pooled features, BatchNorm
+without affine parameters, one linear layer; LARS (momentum 0.9, trust 0.001, no weight decay),
+lr = blr * G / 256 at global batch G (the paper: 16384, blr 0.1), linear warm-up for 10 of 90
+epochs then half-cycle cosine, per step; RandomResizedCrop(0.08-1) + flip on the training images,
+resize + centre crop for validation.
+
+The global batch G is ranks x micro-batch x accumulation: each rank runs the frozen encoder on its
+G / N images in micro-batches (no gradient, so accumulation costs only the (G/N, F) feature rows),
+then the head takes one step on the whole global batch. The BatchNorm statistics of that step are
+the global batch's (sums all-reduced), so the step is the same whatever the split into ranks,
+micro-batches and accumulation. (MAE normalises per GPU, so its result moves with the GPU count.)
+
+Checkpoints (`ckpt_dir`/probe-<fingerprint of the settings>.pt, every `ckpt_every` steps and at the end; rank 0 writes, atomically) hold
+the head with its BatchNorm running statistics, the LARS momentum, the step and every logical
+reader's data position: a run killed at any point and started again with the same arguments
+ends bit-identical to one that was never interrupted (on the same machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldae_fast.data.transforms import normalize
+from ldae_fast.errors import ResumeMismatch, UsageError
+
+from . import dist as edist
+from .features import Log, autocast_for, feature_dim, frozen, module_device, pool_features
+from .lars import LARS
+from .linear_probe import FULL_PROTOCOL, LinearHead, cosine_lr, default_warmup, lars_budget
+from .stream import EvalStream, SplitSpec, batch_shares
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Everything that changes the probe's trajectory; a checkpoint resumes only under the same."""
+
+    epochs: int = 90
+    global_batch: int = 16384
+    micro_batch: int = 256
+    blr: float = 0.1
+    warmup_epochs: float = -1.0  # < 0: min(10, epochs / 9)
+    num_train: int = 0  # images per epoch
+    num_classes: int = 1000
+    seed: int = 0
+    pool: str = "avg"
+    bn_momentum: float = 0.1
+    precision: str = "auto"
+
+    def fingerprint(self, spec: SplitSpec, encoder_key: str) -> str:
+        d = dict(asdict(self), urls=list(spec.urls), readers=spec.readers, buf=spec.shuffle_buffer,
+                 max_images=spec.max_images, img_size=spec.img_size, encoder=encoder_key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _global_bn(f: torch.Tensor, n_global: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised rows, batch mean, biased batch var) with the statistics of the global batch."""
+    s = torch.stack([f.double().sum(0), (f.double() ** 2).sum(0)])
+    edist.all_sum(s)
+    mean = s[0] / n_global
+    var = (s[1] / n_global - mean ** 2).clamp_min(0)
+    return ((f - mean.float()) / torch.sqrt(var.float() + eps)), mean, var
+
+
+def _features(encoder: nn.Module, x_u8: torch.Tensor, micro: int, pool: str, precision: str,
+              device: torch.device) -> torch.Tensor:
+    out = []
+    for xb in x_u8.split(micro):
+        xb = normalize(xb.to(device, non_blocking=True))
+        with torch.no_grad(), autocast_for(device, precision):
+            out.append(pool_features(encoder, xb, pool).float())
+    return torch.cat(out) if out else torch.zeros(0, feature_dim(encoder), device=device)
+
+
+def evaluate_stream(encoder: nn.Module, head: nn.Module, val: EvalStream, *, micro: int, pool: str,
+                    precision: str = "auto") -> tuple[float, float, int]:
+    """(top-1, top-5, images) of the head on the validation stream, summed over ranks."""
+    device = module_device(encoder)
+    hits = torch.zeros(3, dtype=torch.float64)
+    head.eval()
+    with frozen(encoder):
+        for x, y, _ids in val.once(chunk=micro):
+            f = _features(encoder, x, micro, pool, precision, device)
+            with torch.no_grad():
+                logits = head(f)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices.cpu()
+            hit = top == y.view(-1, 1)
+            hits += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), y.numel()],
+                                 dtype=torch.float64)
+    edist.all_sum(hits)
+    n = max(int(hits[2]), 1)
+    return 100.0 * float(hits[0]) / n, 100.0 * float(hits[1]) / n, int(hits[2])
+
+
+def _load_state(path: Path, fp: str) -> Optional[dict]:
+    if not path.exists():
+        return None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if sd.get("fingerprint") != fp:
+        raise ResumeMismatch(f"{path}: saved by a probe with other settings (fingerprint "
+                             f"{sd.get('fingerprint')} != {fp}: epochs, batch, lr, data, readers or "
+                             f"encoder changed); use another --probe-dir or delete it")
+    return sd
+
+
+def run_probe(
+    encoder: nn.Module,
+    train_spec: SplitSpec,
+    val_spec: SplitSpec,
+    settings: ProbeSettings,
+    *,
+    ckpt_dir: Optional[str | os.PathLike] = None,
+    ckpt_every: int = 100,
+    encoder_key: str = "",
+    num_workers: int = 0,
+    log: Log = None,
+    on_step: Optional[Callable[[int], None]] = None,
+    stop_after: int = 0,
+    desc: str = "linear",
+) -> dict:
+    """Train the probe head on the augmented training stream and evaluate it on the validation
+    stream; see the module docstring. Returns the result row and `state` (the head's tensors).
+    `stop_after` > 0: checkpoint and return after that many steps of this call, without the
+    validation pass (a job with a time slot; the next run resumes)."""
+    t_start = time.perf_counter()
+    ranks = edist.current()
+    s = settings
+    N = ranks.world_size
+    G = s.global_batch
+    if G < train_spec.readers:
+        raise UsageError(f"--batch-size {G} (the probe's global batch) is smaller than --readers="
+                         f"{train_spec.readers}: every logical reader gives at least one image per step")
+    device = module_device(encoder)
+    dim = feature_dim(encoder)
+    head = LinearHead(dim, s.num_classes, s.seed).to(device)
+    head.bn.momentum = s.bn_momentum
+    spe = max(1, s.num_train // G)
+    total = s.epochs * spe
+    lr = s.blr * G / 256
+    warmup = default_warmup(s.epochs) if s.warmup_epochs < 0 else s.warmup_epochs
+    opt = LARS(head.fc.parameters(), lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
+    fp = s.fingerprint(train_spec, encoder_key)
+    # One file per fingerprint: another checkpoint or other settings in the same directory start
+    # their own run instead of resuming this one.
+    ckpt = Path(ckpt_dir) / f"probe-{fp}.pt" if ckpt_dir is not None else None
+    step0, positions = 0, None
+    if ckpt is not None:
+        if ranks.main:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+        edist.barrier()
+        sd = _load_state(ckpt, fp)
+        if sd is not None:
+            head.load_state_dict(sd["head"])
+            opt.load_state_dict(sd["opt"])
+            step0 = int(sd["step"])
+            positions = {int(r): (int(e), int(i)) for r, e, i in sd["positions"].tolist()}
+            if log is not None:
+                log(f"{desc}: resuming from {ckpt} at step {step0}/{total}")
+
+    def save(step: int, pos: dict) -> None:
+        allpos = {}
+        for part in edist.all_gather_objects(pos):
+            allpos.update(part)
+        if ranks.main and ckpt is not None:
+            rows = torch.tensor([[r, e, i] for r, (e, i) in sorted(allpos.items())], dtype=torch.int64)
+            _atomic_save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
+                          "positions": rows, "fingerprint": fp, "total_steps": total}, ckpt)
+        edist.barrier()
+
+    train = EvalStream(train_spec, ranks.rank, N, num_workers)
+    per_reader = batch_shares(G, train_spec.readers)
+    t0 = last = time.perf_counter()
+    loss_v = float("nan")
+    if step0 < total:
+        head.train()
+        with frozen(encoder):
+            for step, x, y, pos in train.steps(per_reader, step0, positions):
+                f = _features(encoder, x, s.micro_batch, s.pool, s.precision, device)
+                fn, mean, var = _global_bn(f, G, head.bn.eps)
+                with torch.no_grad():
+                    m = head.bn.momentum
+                    head.bn.running_mean.mul_(1 - m).add_(mean.float(), alpha=m)
+                    head.bn.running_var.mul_(1 - m).add_((var * G / max(G - 1, 1)).float(), alpha=m)
+                    head.bn.num_batches_tracked += 1
+                cur = cosine_lr(step / spe, lr, s.epochs, warmup)
+                for g in opt.param_groups:
+                    g["lr"] = cur
+                logits = head.fc(fn)
+                loss = F.cross_entropy(logits, y.to(device), reduction="sum") / G
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for p in head.fc.parameters():
+                    edist.all_sum(p.grad)
+                opt.step()
+                loss_t = loss.detach().clone()
+                edist.all_sum(loss_t)
+                loss_v = float(loss_t)
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"{desc}: the probe's loss is {loss_v} at step {step}; lower --blr")
+                done = step + 1
+                if ckpt is not None and (done % max(1, ckpt_every) == 0 or done == total):
+                    save(done, pos)
+                now = time.perf_counter()
+                if log is not None and ranks.main and (now - last > 10 or done == total):
+                    rate = (done - step0) * G / max(now - t0, 1e-9)
+                    eta = (total - done) * G / max(rate, 1e-9)
+                    log(f"{desc}: step {done}/{total} (epoch {done / spe:.2f}) loss {loss_v:.4f} "
+                        f"lr {cur:.3g}, {rate:.0f} img/s, ETA {eta / 60:.1f} min")
+                    last = now
+                if on_step is not None:
+                    on_step(done)
+                if done >= total:
+                    break
+                if stop_after and done - step0 >= stop_after:
+                    if ckpt is not None and done % max(1, ckpt_every):
+                        save(done, pos)
+                    return dict(stopped_at=done, steps=total, resumed_from=step0,
+                                seconds=time.perf_counter() - t_start)
+    val = EvalStream(val_spec, ranks.rank, N, num_workers)
+    top1, top5, nval = evaluate_stream(encoder, head, val, micro=s.micro_batch, pool=s.pool,
+                                       precision=s.precision)
+    st = train.stats()
+    return dict(protocol=FULL_PROTOCOL, top1=top1, top5=top5, epochs=s.epochs, feature_dim=dim, lr=lr,
+                batch_size=G, micro_batch=s.micro_batch, ranks=N,
+                accumulation=max(1, math.ceil(G / N / max(1, s.micro_batch))),
+                lars_budget=lars_budget(s.epochs, spe, lr), train_images=s.num_train, val_images=nval,
+                num_classes=s.num_classes, steps=total, resumed_from=step0, last_loss=loss_v,
+                bad_samples=st["bad"], seconds=time.perf_counter() - t_start,
+                state={k: v.detach().cpu().clone() for k, v in head.state_dict().items()})
+
+
+__all__ = ["ProbeSettings", "run_probe", "evaluate_stream"]

@@ -1,0 +1,249 @@
+"""The streaming protocols of `ldae-fast eval` on shards: linear-fast, knn and linear, each
+data-parallel under torchrun, with the raw-pixel floor beside the random-init one.
+
+- linear-fast and knn read a feature store (eval/feature_store.py) of un-augmented train / val
+  features: one pass per encoder writes it, a rerun with the same weights and settings reuses it.
+  linear-fast trains one head per base lr (eval/fast_heads.py) and picks the lr on a held-out part
+  of train; knn shards its bank over the ranks (eval/knn_sharded.py), on raw, centred and
+  whitened rows (eval/rows.py), each row named.
+- linear is the full MAE protocol over the augmented stream (eval/probe_stream.py), resumable.
+- The 'pixels' encoder: the eval view of the image, average-pooled to at most 32 x 32 (3 x 32 x 32
+  = 3072 numbers at ImageNet size), and its PCA at the checkpoint's feature width: the floor any
+  learned feature must beat under the same protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldae_fast.data.transforms import normalize
+
+from . import dist as edist
+from .fast_heads import DEFAULT_BLRS, train_heads
+from .feature_store import FeatureStore, weights_hash
+from .features import Log, autocast_for, feature_dim, frozen, pool_features
+from .knn_sharded import knn_sharded
+from .linear_probe import FAST_PROTOCOL
+from .probe_stream import ProbeSettings, run_probe
+from .rows import fit_rows
+from .stream import EvalStream, SplitSpec, scan_split, split_spec
+
+PIXEL_SIDE = 32
+
+
+class PixelView(nn.Module):
+    """Raw pixels as features: the normalised eval image average-pooled to `side` x `side`."""
+
+    def __init__(self, img_size: int, side: int = PIXEL_SIDE) -> None:
+        super().__init__()
+        self.side = min(side, img_size)
+        self.num_features = 3 * self.side * self.side
+
+    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        if x.shape[-1] != self.side:
+            x = F.adaptive_avg_pool2d(x.float(), self.side)
+        return x.flatten(1).float()
+
+
+@dataclass
+class ScaleArgs:
+    readers: int = 16
+    num_workers: int = 0
+    micro_batch: int = 256
+    store_root: Optional[Path] = None
+    store_dtype: str = "fp16"
+    blrs: tuple[float, ...] = DEFAULT_BLRS
+    holdout: float = 0.1
+    knn_rows: tuple[str, ...] = ("raw", "centred", "whitened")
+    probe_dir: Optional[Path] = None
+    ckpt_every: int = 100
+
+
+class StreamingEval:
+    """Runs the streaming protocols for a set of encoders; caches one store per encoder."""
+
+    def __init__(self, cfg, views: dict[str, nn.Module], probe_key: dict, sa: ScaleArgs, *, pool: str,
+                 seed: int, device: torch.device, max_train: Optional[int], max_val: Optional[int],
+                 log: Log) -> None:
+        self.cfg, self.views, self.sa, self.pool, self.seed = cfg, views, sa, pool, seed
+        self.device, self.log = device, log
+        self.ranks = edist.current()
+        self.probe_key = probe_key
+        self.train_flat = split_spec(cfg, "train", augment=False, readers=sa.readers, seed=seed,
+                                     max_images=max_train, shuffle_buffer=0)
+        self.val = split_spec(cfg, "val", augment=False, readers=sa.readers, seed=seed, max_images=max_val)
+        self.train_aug = split_spec(cfg, "train", augment=True, readers=sa.readers, seed=seed,
+                                    max_images=max_train)
+        self.max_train, self.max_val = max_train, max_val
+        self.stores: dict[str, FeatureStore] = {}
+        self.extract_seconds: dict[str, float] = {}
+        self._classes: Optional[int] = None
+        self._spectra: dict[str, dict] = {}
+        self.counts = {"train": 0, "val": 0}
+
+    # The feature store ----------------------------------------------------------------------
+    def _store_settings(self, name: str, view: nn.Module) -> dict:
+        return dict(encoder=weights_hash(view), kind=type(view).__name__, probe=self.probe_key, pool=self.pool,
+                    img_size=self.cfg.data.img_size, train=list(self.train_flat.urls),
+                    val=list(self.val.urls), max_train=self.max_train, max_val=self.max_val,
+                    readers=self.sa.readers, transform="resize + centre crop")
+
+    def store(self, name: str) -> FeatureStore:
+        if name in self.stores:
+            return self.stores[name]
+        view = self.views[name]
+        root = self.sa.store_root or Path("runs") / "features"
+        st = FeatureStore(root, self._store_settings(name, view), self.sa.store_dtype)
+        t0 = time.perf_counter()
+        # Rank 0 decides for all: ranks that disagreed would wait in different collectives.
+        if edist.all_gather_objects(st.complete())[0]:
+            if self.log and self.ranks.main:
+                self.log(f"{name}: reusing the feature store {st.dir}")
+        else:
+            if self.log and self.ranks.main:
+                self.log(f"{name}: writing the feature store {st.dir}")
+            d = self.cfg.data
+            n_train = self.max_train or (d.epoch_size if d.epoch_size > 1 else 0)
+            st.write({"train": lambda: self._features(view, self.train_flat, f"{name} train", n_train),
+                      "val": lambda: self._features(view, self.val, f"{name} val", self.max_val or 0)})
+        self.extract_seconds[name] = time.perf_counter() - t0
+        self.stores[name] = st
+        tr, va = st.read("train"), st.read("val")
+        self.counts = {"train": len(tr), "val": len(va)}
+        self.log_store(name, st)
+        return st
+
+    def log_store(self, name, st) -> None:
+        if self.log and self.ranks.main:
+            self.log(f"{name}: {self.counts['train']} train / {self.counts['val']} val rows "
+                     f"({self.extract_seconds[name]:.1f}s)")
+
+    def _features(self, view: nn.Module, spec: SplitSpec, desc: str, total: int = 0):
+        """(features, labels, ids) chunks of this rank's share; progress lines with images/s and,
+        when the split's size is known (`total`, all ranks), the ETA."""
+        s = EvalStream(spec, self.ranks.rank, self.ranks.world_size, self.sa.num_workers)
+        t0 = last = time.perf_counter()
+        n = 0
+        with frozen(view):
+            for x, y, ids in s.once(chunk=self.sa.micro_batch):
+                xb = normalize(x.to(self.device, non_blocking=True))
+                with torch.no_grad(), autocast_for(self.device):
+                    f = pool_features(view, xb, self.pool).float()
+                n += x.shape[0]
+                now = time.perf_counter()
+                if self.log and self.ranks.main and now - last > 10:
+                    rate = n / (now - t0)
+                    eta = ""
+                    if total:
+                        left = max(0.0, total / self.ranks.world_size - n) / max(rate, 1e-9)
+                        eta = f", ETA {left / 60:.1f} min"
+                    self.log(f"{desc}: {n} images on rank 0, {rate:.0f} img/s per rank{eta}")
+                    last = now
+                yield f, y, ids
+
+    def num_classes(self) -> int:
+        if self._classes is None:
+            d = self.cfg.data
+            if d.num_classes > 0:
+                self._classes = d.num_classes
+            elif self.stores:
+                st = next(iter(self.stores.values()))
+                labs = [st.read(s).labels for s in ("train", "val")]
+                self._classes = int(max(int(v.max()) for v in labs if v.size) + 1)
+            else:
+                self._classes = max(scan_split(self.train_flat)[1], scan_split(self.val)[1])
+        return self._classes
+
+    # Protocols --------------------------------------------------------------------------------
+    def _main_only(self, fn):
+        """Run fn on rank 0 and hand its result to every rank (head training is cheap next to
+        the extraction the ranks shared)."""
+        res = fn() if self.ranks.main else None
+        return edist.all_gather_objects(res)[0]
+
+    def linear_fast(self, name: str, epochs: int, batch_size: int) -> list[tuple[str, str, dict]]:
+        st = self.store(name)
+        C = self.num_classes()
+        out = []
+        variants = [("", None)]
+        if name == "pixels":
+            variants.append(("pca", self._checkpoint_width()))
+        for kind, width in variants:
+            # The row map from every rank's part (a collective), before rank 0 trains the heads.
+            rmap = self._rmap(name, "pca", width) if kind else None
+
+            def fit(rmap=rmap):
+                tr, va = st.read("train"), st.read("val")
+                return train_heads(tr, va, num_classes=C, blrs=self.sa.blrs, epochs=epochs,
+                                   batch_size=batch_size, holdout=self.sa.holdout, seed=self.seed,
+                                   rmap=rmap, device=self.device, log=self.log,
+                                   desc=f"linear-fast/{name}")
+            res = self._main_only(fit)
+            res["seconds"] += self.extract_seconds.get(name, 0.0)
+            enc = name if not kind else f"{name} (PCA {width})"
+            if kind:
+                res["feature_dim"] = width
+            out.append((FAST_PROTOCOL, enc, res))
+        return out
+
+    def _rmap(self, name: str, kind: str, width: int):
+        bank = self.store(name).read("train", self.ranks.rank, self.ranks.world_size)
+        return fit_rows(bank, kind, width, cache=self._spectra.setdefault(name, {}))
+
+    def _checkpoint_width(self) -> int:
+        for n, v in self.views.items():
+            if n != "pixels":
+                return feature_dim(v)
+        return 64
+
+    def knn(self, name: str, ks: list[int]) -> list[tuple[str, str, dict]]:
+        st = self.store(name)
+        C = self.num_classes()
+        bank = st.read("train", self.ranks.rank, self.ranks.world_size)
+        queries = st.read("val")
+        kinds = list(self.sa.knn_rows)
+        if name == "pixels":
+            kinds.append("pca")
+        rows = []
+        for kind in kinds:
+            t0 = time.perf_counter()
+            width = self._checkpoint_width()
+            rmap = self._rmap(name, kind, width)
+            res = knn_sharded(bank, queries, rmap, num_classes=C, ks=ks, device=self.device, log=self.log)
+            dt = time.perf_counter() - t0 + self.extract_seconds.get(name, 0.0)
+            for k, r in res.items():
+                label = f"knn k={r['k_used']}" + ("" if r["k_used"] == k else f" (asked {k})")
+                # Raw rows are the usual protocol (DINO's) and keep its plain name.
+                label += "" if rmap.kind == "raw" else f", {rmap.kind} rows"
+                fd = width if kind == "pca" else bank.dim
+                rows.append((label, name, dict(r, epochs=None, seconds=dt, feature_dim=fd, T=0.07)))
+        return rows
+
+    def linear(self, name: str, epochs: int, batch_size: int, blr: float) -> list[tuple[str, str, dict]]:
+        view = self.views[name]
+        C = self.num_classes()
+        n_train = self.max_train or (self.cfg.data.epoch_size if self.cfg.data.epoch_size > 1 else 0)
+        if not n_train:
+            n_train = scan_split(self.train_flat)[0]
+        G = batch_size
+        micro = min(self.sa.micro_batch, max(1, G // self.ranks.world_size))
+        s = ProbeSettings(epochs=epochs, global_batch=G, micro_batch=micro, blr=blr, num_train=n_train,
+                          num_classes=C, seed=self.seed, pool=self.pool)
+        key = f"{weights_hash(view)}:{sorted(self.probe_key.items())}"
+        res = run_probe(view, self.train_aug, self.val, s, ckpt_dir=self.sa.probe_dir,
+                        ckpt_every=self.sa.ckpt_every, encoder_key=key, num_workers=self.sa.num_workers,
+                        log=self.log, desc=f"linear/{name}")
+        res.pop("state", None)
+        self.counts["train"] = self.counts["train"] or n_train
+        self.counts["val"] = self.counts["val"] or res["val_images"]
+        return [(res["protocol"], name, res)]
+
+
+__all__ = ["StreamingEval", "ScaleArgs", "PixelView", "PIXEL_SIDE"]

@@ -1,0 +1,336 @@
+"""The streaming eval data path: train / val shards read through the pretraining tar reader.
+
+Memory is bounded by the chunk, the shuffle buffer and the DataLoader's prefetch, never by the
+size of the split: nothing here holds more than a few chunks of decoded images.
+
+Logical readers. A split is read by R *logical readers* (`readers`), fixed by the user and
+independent of the number of ranks and workers (the CLI's default, `default_readers`, is the
+smallest multiple of ranks x workers >= 16): rank k hosts readers r = k, k + N,
+k + 2N, ... (N ranks), and the rank's DataLoader workers split those further. Reader r reads
+
+- shard-level: the shards `order[r::R]` (`order` a permutation keyed on (seed, epoch) for the
+  augmented train stream, the listed order for a deterministic pass), when there are at least R
+  shards and no image cap;
+- sample-level otherwise: every shard in listed order, keeping the samples whose running index
+  g (over all shards, tar order) has g % R == r and g < max_images. Each reader then reads the
+  bytes of the first max_images samples, which is fine for the small, capped sets it serves.
+
+Every sample carries its id (shard index, ordinal in its shard), so a deterministic pass gives
+the same (id -> features) on any number of ranks, and the augmented stream draws each crop and
+flip from a generator keyed on (seed, epoch, reader, index in the reader's epoch). Because the
+global batch of the augmented stream is "the next G / R samples of every reader" (`batch_shares`
+when R does not divide G), its content does not depend on how many ranks or workers host the
+readers.
+
+Bad samples: counted per reader with the pretraining rule (badsamples.BadSampleCounter, the
+message names shard and key, fatal past data.max_bad_fraction); a sample whose image does not
+decode is skipped and the reader's next one takes its place in the chunk.
+
+Position: per reader (epoch, samples out of its shuffle buffer in that epoch); a resumed reader
+replays its epoch up to there without decoding (so the buffer refills exactly) and continues.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ldae_fast.data.badsamples import BadSampleCounter, DataError
+from ldae_fast.data.shuffle import shard_order, shuffled
+from ldae_fast.data.tar import LabelPolicy, RawSample, iter_shard
+from ldae_fast.data.transforms import (
+    eval_transform,
+    generator_for,
+    mix_seed,
+    single_thread,
+    train_transform,
+)
+from ldae_fast.data.urls import expand_urls
+from ldae_fast.errors import UsageError
+
+# Domain tags of the eval stream's draws (the data pipeline owns 11-29; see seeding.py).
+_TAG_EVAL_BUFFER = 26
+_TAG_EVAL_AUG = 27
+
+PROBE_SCALE = (0.08, 1.0)
+"""MAE's linear-probe RandomResizedCrop scale (main_linprobe.py: 0.08-1, ratio 3/4-4/3, flip)."""
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """What one split reads and how it is transformed."""
+
+    urls: tuple[str, ...]
+    what: str  # the config field or flag the shards came from, for messages
+    img_size: int
+    augment: bool  # True: RandomResizedCrop(scale) + flip; False: resize + centre crop
+    scale: tuple[float, float] = PROBE_SCALE
+    shuffle_buffer: int = 0
+    seed: int = 0
+    max_images: Optional[int] = None
+    max_bad_fraction: float = 0.01
+    max_pixels: Optional[int] = None
+    num_classes: int = 0
+    readers: int = 16
+
+    @property
+    def shard_level(self) -> bool:
+        return self.max_images is None and len(self.urls) >= self.readers
+
+
+def split_spec(cfg, split: str, *, augment: bool, readers: int = 16, seed: int = 0,
+               max_images: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> SplitSpec:
+    """The SplitSpec of cfg.data's train or val shards."""
+    d = cfg.data
+    what = "data.train_shards" if split == "train" else "data.val_shards"
+    urls = expand_urls(d.train_shards if split == "train" else d.val_shards, what)
+    if readers < 1:
+        raise UsageError(f"--readers={readers} must be >= 1")
+    buf = (d.shuffle_buffer if augment else 0) if shuffle_buffer is None else shuffle_buffer
+    return SplitSpec(tuple(urls), what, d.img_size, augment, PROBE_SCALE, buf, seed, max_images,
+                     d.max_bad_fraction, d.max_image_pixels, d.num_classes, readers)
+
+
+def readers_of_rank(spec: SplitSpec, rank: int, world_size: int) -> list[int]:
+    if spec.readers % world_size:
+        raise UsageError(f"--readers={spec.readers} is not a multiple of the {world_size} ranks: every "
+                         f"rank must host as many logical readers as the others")
+    return list(range(rank, spec.readers, world_size))
+
+
+# One logical reader ---------------------------------------------------------------------------
+def _epoch_samples(spec: SplitSpec, reader: int, epoch: int, counter: BadSampleCounter
+                   ) -> Iterator[tuple[tuple[int, int], RawSample]]:
+    """(id, raw sample) of one reader's epoch, before the shuffle buffer."""
+    labels = LabelPolicy(True, spec.num_classes)
+    n = len(spec.urls)
+    R = spec.readers
+    if spec.shard_level:
+        order = shard_order(n, spec.seed, epoch) if spec.augment else list(range(n))
+        for s in order[reader::R]:
+            for j, raw in enumerate(iter_shard(spec.urls[s], counter, labels)):
+                yield (s, j), raw
+        return
+    g = 0
+    cap = spec.max_images if spec.max_images is not None else float("inf")
+    for s in range(n):
+        for j, raw in enumerate(iter_shard(spec.urls[s], counter, labels)):
+            if g >= cap:
+                return
+            if g % R == reader:
+                yield (s, j), raw
+            g += 1
+
+
+def reader_samples(spec: SplitSpec, reader: int, start: tuple[int, int], counter: BadSampleCounter,
+                   epochs: Optional[int]) -> Iterator[tuple[int, int, tuple[int, int], RawSample]]:
+    """(epoch, index out of the buffer, id, raw) from position `start`, for `epochs` epochs
+    (None: forever). Samples before `start` in its epoch are replayed unseen and uncounted."""
+    epoch, skip = start
+    empty = 0
+    while epochs is None or epoch < epochs:
+        rng = random.Random(mix_seed(spec.seed, _TAG_EVAL_BUFFER, epoch, reader))
+        counter.enabled = skip == 0
+        i = -1
+        for i, (sid, raw) in enumerate(shuffled(_epoch_samples(spec, reader, epoch, counter),
+                                                spec.shuffle_buffer, rng)):
+            if i < skip:
+                continue
+            counter.enabled = True
+            yield epoch, i, sid, raw
+        counter.enabled = True
+        empty = 0 if i >= 0 else empty + 1
+        if empty >= 2 and epochs is None:
+            raise DataError(f"{spec.what}: logical reader {reader} of {spec.readers} found no readable "
+                            f"sample in two passes ({len(spec.urls)} shard(s)"
+                            + (f", max_images {spec.max_images}" if spec.max_images is not None else "")
+                            + "); use fewer --readers")
+        epoch, skip = epoch + 1, 0
+
+
+def _decode(spec: SplitSpec, raw: RawSample, key: tuple[int, int, int], counter: BadSampleCounter):
+    try:
+        if spec.augment:
+            gen = generator_for(spec.seed, _TAG_EVAL_AUG, *key)
+            return train_transform(raw.data, spec.img_size, spec.scale, hflip=True, gen=gen,
+                                   max_pixels=spec.max_pixels)
+        return eval_transform(raw.data, spec.img_size, max_pixels=spec.max_pixels)
+    except Exception as e:  # untrusted bytes: any decoder failure is a bad sample
+        counter.record(raw.shard, raw.key, f"cannot decode image: {type(e).__name__}: {str(e)[:160]}")
+        return None
+
+
+@dataclass
+class Chunk:
+    """Up to `n` decoded samples of one reader: uint8 images (n,3,S,S), labels (n,), ids (n,2)."""
+
+    reader: int
+    step: int
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    pos: tuple[int, int]  # the reader's position after this chunk
+    good: int = 0
+    bad: int = 0
+    last: bool = False  # a single pass ended with this chunk
+    extra: dict = field(default_factory=dict)
+
+
+class _Readers(IterableDataset):
+    """The rank's logical readers, split across DataLoader workers; yields Chunks reader-major
+    within a step (worker w hosts readers[w::W], all hosting the same number)."""
+
+    def __init__(self, spec: SplitSpec, readers: list[int], starts: dict[int, tuple[int, int]],
+                 chunk: int | dict[int, int], epochs: Optional[int], first_step: int) -> None:
+        super().__init__()
+        self.spec, self.readers, self.starts = spec, readers, starts
+        self.chunk, self.epochs, self.first_step = chunk, epochs, first_step
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        mine = self.readers[info.id::info.num_workers] if info is not None else self.readers
+        spec = self.spec
+        counters = {r: BadSampleCounter(spec.max_bad_fraction, f"{spec.what} reader {r}") for r in mine}
+        its = {r: reader_samples(spec, r, self.starts.get(r, (0, 0)), counters[r], self.epochs)
+               for r in mine}
+        pos = {r: self.starts.get(r, (0, 0)) for r in mine}
+        done: set[int] = set()
+        step = self.first_step
+        S = spec.img_size
+        while len(done) < len(mine):
+            for r in mine:
+                if r in done:
+                    continue
+                imgs, labels, ids = [], [], []
+                c = counters[r]
+                last = False
+                want = self.chunk[r] if isinstance(self.chunk, dict) else self.chunk
+                while len(imgs) < want:
+                    try:
+                        epoch, i, sid, raw = next(its[r])
+                    except StopIteration:
+                        last = True
+                        break
+                    pos[r] = (epoch, i + 1)
+                    img = _decode(spec, raw, (epoch, r, i), c)
+                    if img is None:
+                        continue
+                    c.ok()
+                    imgs.append(img)
+                    labels.append(raw.label)
+                    ids.append(sid)
+                if last:
+                    done.add(r)
+                with single_thread():
+                    x = torch.stack(imgs) if imgs else torch.empty(0, 3, S, S, dtype=torch.uint8)
+                yield Chunk(r, step, x, torch.tensor(labels, dtype=torch.int64),
+                            torch.tensor(ids, dtype=torch.int64).view(-1, 2), pos[r], c.good, c.bad, last)
+            step += 1
+
+
+def batch_shares(global_batch: int, readers: int) -> dict[int, int]:
+    """Images each logical reader gives to one global batch: G // R, one more for the first
+    G mod R readers (a rule of the batch and the reader count alone)."""
+    q, rem = divmod(global_batch, readers)
+    return {r: q + (1 if r < rem else 0) for r in range(readers)}
+
+
+def default_readers(world_size: int, num_workers: int, at_least: int = 16) -> int:
+    """The smallest multiple of ranks x workers that is >= `at_least`: every worker of every rank
+    hosts the same number of readers, so decoding uses all the workers asked for."""
+    unit = world_size * max(1, num_workers)
+    return unit * -(-at_least // unit)
+
+
+def _workers_for(n_readers: int, num_workers: int) -> int:
+    """The most workers <= num_workers that split n_readers evenly (the round-robin order of
+    the DataLoader then stays step-major)."""
+    w = min(num_workers, n_readers)
+    while w > 1 and n_readers % w:
+        w -= 1
+    return max(w, 0)
+
+
+class EvalStream:
+    """One rank's view of a split: `steps()` (the augmented, endless, resumable stream) and
+    `once()` (one deterministic pass)."""
+
+    def __init__(self, spec: SplitSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.readers = readers_of_rank(spec, rank, world_size)
+        self.num_workers = _workers_for(len(self.readers), num_workers)
+        self.good = self.bad = 0
+        self._counts: dict[int, tuple[int, int]] = {}
+
+    def _loader(self, ds: _Readers) -> Iterator[Chunk]:
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kw["prefetch_factor"] = 2
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
+        for ch in loader:
+            self._counts[ch.reader] = (ch.good, ch.bad)
+            yield ch
+
+    def stats(self) -> dict[str, int]:
+        return {"good": sum(g for g, _ in self._counts.values()),
+                "bad": sum(b for _, b in self._counts.values())}
+
+    def steps(self, per_reader: int | dict[int, int], first_step: int = 0,
+              positions: Optional[dict[int, tuple[int, int]]] = None
+              ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[int, tuple[int, int]]]]:
+        """Endless (step, images uint8, labels, positions of this rank's readers after the step):
+        `per_reader` samples of each hosted reader per step (one count, or one per reader: see
+        `batch_shares`), in reader order."""
+        starts = {r: tuple(positions[r]) for r in self.readers} if positions else {}
+        ds = _Readers(self.spec, self.readers, starts, per_reader, None, first_step)
+        pos = {r: starts.get(r, (0, 0)) for r in self.readers}
+        pending: dict[int, dict[int, Chunk]] = {}
+        for ch in self._loader(ds):
+            pending.setdefault(ch.step, {})[ch.reader] = ch
+            got = pending.get(min(pending))
+            if got is None or len(got) < len(self.readers):
+                continue
+            step = min(pending)
+            del pending[step]
+            parts = [got[r] for r in self.readers]
+            for c in parts:
+                pos[c.reader] = c.pos
+            yield (step, torch.cat([c.images for c in parts]), torch.cat([c.labels for c in parts]),
+                   dict(pos))
+
+    def once(self, chunk: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One pass over the rank's share: (images uint8, labels, ids) chunks, any order."""
+        ds = _Readers(self.spec, self.readers, {}, chunk, 1, 0)
+        for ch in self._loader(ds):
+            if ch.images.shape[0]:
+                yield ch.images, ch.labels, ch.ids
+
+
+def scan_split(spec: SplitSpec) -> tuple[int, int]:
+    """(samples with an image and a label, 1 + the largest label) of the split, capped by
+    max_images; tar headers and labels only, no decode. The probe's epoch length and class
+    count when data.epoch_size / data.num_classes do not give them."""
+    counter = BadSampleCounter(1.0, spec.what)
+    labels = LabelPolicy(True, spec.num_classes)
+    n, top = 0, -1
+    cap = spec.max_images if spec.max_images is not None else float("inf")
+    for url in spec.urls:
+        for raw in iter_shard(url, counter, labels):
+            n += 1
+            top = max(top, raw.label)
+            if n >= cap:
+                return n, top + 1
+    return n, top + 1
+
+
+def count_samples(spec: SplitSpec) -> int:
+    return scan_split(spec)[0]
+
+
+__all__ = ["SplitSpec", "split_spec", "EvalStream", "Chunk", "count_samples", "scan_split", "batch_shares", "default_readers", "readers_of_rank",
+           "reader_samples", "PROBE_SCALE"]
