@@ -76,7 +76,7 @@ def test_kernel_bytes_are_what_each_kernel_moves():
     in their own dtypes (y and dy in the output dtype) plus mean / rstd, and each row says so."""
     import torch
 
-    bench = _load_bench()
+    bench = load_bench("kernels")
     cpu = torch.device("cpu")
     B, S, p, d = 2, 32, 4, 16
     img = B * 3 * S * S * 4

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lr_schedule import warmup_cosine
 from .feature_store import SplitRows
 from .features import Log
 from .lars import LARS
-from .linear_probe import FAST_PROTOCOL, cosine_lr, default_warmup, lars_budget, topk_accuracy
+from .linear_probe import FAST_PROTOCOL, default_warmup, lars_budget, topk_accuracy
 from .rows import RowMap
 
 DEFAULT_BLRS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -105,7 +106,7 @@ def train_heads(train: SplitRows, val: SplitRows, *, num_classes: int, blrs: Seq
                 f = rmap(f)
             y = y_all[idx].to(device)
             for g, lr in zip(opt.param_groups, lrs):
-                g["lr"] = cosine_lr(epoch + step / steps, lr, epochs, warm)
+                g["lr"] = warmup_cosine(epoch + step / steps, lr, warm, epochs)
             loss = sum(F.cross_entropy(lg, y) for lg in heads(f))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -36,10 +36,12 @@ from torch import nn
 from ldae_fast.data.transforms import normalize
 from ldae_fast.errors import ResumeMismatch, UsageError
 
+from ..device import autocast_for, eval_mode
+from ..lr_schedule import warmup_cosine
 from . import dist as edist
-from .features import Log, autocast_for, feature_dim, frozen, module_device, pool_features
+from .features import Log, feature_dim, module_device, pool_features
 from .lars import LARS
-from .linear_probe import FULL_PROTOCOL, LinearHead, cosine_lr, default_warmup, lars_budget
+from .linear_probe import FULL_PROTOCOL, LinearHead, default_warmup, lars_budget
 from .stream import EvalStream, SplitSpec, batch_shares
 
 
@@ -98,7 +100,7 @@ def evaluate_stream(encoder: nn.Module, head: nn.Module, val: EvalStream, *, mic
     device = module_device(encoder)
     hits = torch.zeros(3, dtype=torch.float64)
     head.eval()
-    with frozen(encoder):
+    with eval_mode(encoder):
         for x, y, _ids in val.once(chunk=micro):
             f = _features(encoder, x, micro, pool, precision, device)
             with torch.no_grad():
@@ -194,7 +196,7 @@ def run_probe(
     loss_v = float("nan")
     if step0 < total:
         head.train()
-        with frozen(encoder):
+        with eval_mode(encoder):
             for step, x, y, pos in train.steps(per_reader, step0, positions):
                 f = _features(encoder, x, s.micro_batch, s.pool, s.precision, device)
                 fn, mean, var = _global_bn(f, G, head.bn.eps)
@@ -203,7 +205,7 @@ def run_probe(
                     head.bn.running_mean.mul_(1 - m).add_(mean.float(), alpha=m)
                     head.bn.running_var.mul_(1 - m).add_((var * G / max(G - 1, 1)).float(), alpha=m)
                     head.bn.num_batches_tracked += 1
-                cur = cosine_lr(step / spe, lr, s.epochs, warmup)
+                cur = warmup_cosine(step / spe, lr, warmup, s.epochs)
                 for g in opt.param_groups:
                     g["lr"] = cur
                 logits = head.fc(fn)

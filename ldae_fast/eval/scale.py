@@ -25,10 +25,11 @@ from torch import nn
 
 from ldae_fast.data.transforms import normalize
 
+from ..device import autocast_for, eval_mode
 from . import dist as edist
 from .fast_heads import DEFAULT_BLRS, train_heads
 from .feature_store import FeatureStore, weights_hash
-from .features import Log, autocast_for, feature_dim, frozen, pool_features
+from .features import Log, feature_dim, pool_features
 from .knn_sharded import knn_sharded
 from .linear_probe import FAST_PROTOCOL
 from .probe_stream import ProbeSettings, run_probe
@@ -131,7 +132,7 @@ class StreamingEval:
         s = EvalStream(spec, self.ranks.rank, self.ranks.world_size, self.sa.num_workers)
         t0 = last = time.perf_counter()
         n = 0
-        with frozen(view):
+        with eval_mode(view):
             for x, y, ids in s.once(chunk=self.sa.micro_batch):
                 xb = normalize(x.to(self.device, non_blocking=True))
                 with torch.no_grad(), autocast_for(self.device):
