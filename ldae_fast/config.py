@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,10 +467,37 @@ class OptimConfig:
         _check(0 <= self.ema_decay < 1, "optim.ema_decay must be in [0, 1)")
 
 
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([dhms])")
+
+
+def parse_duration(text: str) -> float:
+    """'3h50m', '90m', '1d2h', '45s', '5400' or '5400.5' (seconds) -> seconds; '' or '0' -> 0."""
+    t = str(text).strip().lower().replace(" ", "")
+    if not t:
+        return 0.0
+    try:
+        v = float(t)
+    except ValueError:
+        pos, total = 0, 0.0
+        for m in _DURATION.finditer(t):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(t):
+            raise ValueError(f"{text!r} is not a duration (seconds, or e.g. '3h50m', '90m', '1d2h')") from None
+        return total
+    if not 0 <= v < math.inf:
+        raise ValueError(f"{text!r} must be a finite number of seconds >= 0")
+    return v
+
+
 @dataclass
 class EngineConfig:
     backend: str = "single"
-    """'single' (one device, no launcher) or 'deepspeed'."""
+    """'single' (one device, no launcher), 'ddp' (torch DistributedDataParallel under torchrun: models
+    that fit on one GPU) or 'deepspeed' (ZeRO 1-3: when optimizer state or weights must be sharded)."""
     device: str = "auto"
     """'auto' (cuda when present), 'cpu' or 'cuda'."""
     precision: str = "auto"
@@ -501,6 +529,10 @@ class EngineConfig:
     """Run directory: config.json, metrics.jsonl, checkpoints/, figures."""
     resume: str = ""
     """'' (fresh run), 'auto' (newest complete checkpoint in out_dir, if any) or a path."""
+    resume_rebatch: bool = False
+    """Allow a resume whose global batch (data.batch_size x engine.grad_accum x ranks) differs from
+    the checkpoint's: the step is re-derived from the images seen and the schedule is the new
+    batch's (the log says so). Another split of the same global batch needs no flag."""
     compile: bool = False
     """torch.compile each transformer block on its own (regional compile; the kernels stay ops)."""
     compile_mode: str = "default"
@@ -519,6 +551,11 @@ class EngineConfig:
     """Stop after this many seconds of the step loop (0: no limit): the run ends at the first
     step past the budget, with its log line and final checkpoint as if that were the last step.
     The schedule is still the one of engine.steps / engine.epochs, so pick steps that fit."""
+    stop_after: str = ""
+    """Wall-clock limit of this process's run, in seconds or as a duration ('3h50m', '90m'; '' or 0:
+    none), for schedulers that kill without a signal: the run stops at the last step it expects to
+    end before the limit, writes a checkpoint and exits with code 10 ('preempted'), like on SIGTERM;
+    `--engine.resume=auto` continues it. Leave room for the checkpoint write."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the logged MFU (0: the bf16 dense peak of a known GPU, looked
     up by name in engine/mfu.py; no MFU on CPU or an unknown GPU)."""
@@ -532,7 +569,7 @@ class EngineConfig:
     """Stop the run after this many consecutive diverged log lines (0: never stop)."""
 
     def __post_init__(self) -> None:
-        _one_of("engine.backend", self.backend, ("single", "deepspeed"))
+        _one_of("engine.backend", self.backend, ("single", "ddp", "deepspeed"))
         _one_of("engine.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("engine.precision", self.precision, ("auto", "fp32", "bf16"))
         _one_of("engine.kernels", self.kernels, ("auto", "triton", "reference"))
@@ -553,6 +590,10 @@ class EngineConfig:
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
         _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")
+        try:
+            parse_duration(self.stop_after)
+        except ValueError as e:
+            raise ConfigError(f"engine.stop_after: {e}") from None
         _check(self.diverge_grad_norm >= 0, f"engine.diverge_grad_norm={self.diverge_grad_norm} must be >= 0")
         _check(self.diverge_checks >= 0, f"engine.diverge_checks={self.diverge_checks} must be >= 0")
 

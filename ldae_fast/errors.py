@@ -11,10 +11,13 @@ Exit codes (also in README, "Exit codes"):
   4  file                 a named file or directory is missing, unreadable or unwritable (a checkpoint write)
   5  data                 shards missing or broken, labels missing, too many bad samples
   6  checkpoint           unsafe / old-format / corrupt checkpoint, nothing intact to resume
-  7  resume mismatch      the checkpoint cannot be resumed as configured (model shape, batch split)
+  7  resume mismatch      the checkpoint cannot be resumed as configured (another model; another
+                          global batch without engine.resume_rebatch; ZeRO state on other ranks)
   8  divergence           the gradient norm stayed non-finite or above the bound
   9  run directory        another run holds the directory, or a fresh run would overwrite one
-  130 interrupted         Ctrl-C
+  10 preempted            SIGTERM / SIGUSR1 / a first Ctrl-C / engine.stop_after: a checkpoint was
+                          written; requeue with --engine.resume=auto (not an error, never 0)
+  130 interrupted         a second Ctrl-C (or one outside training): nothing written
 """
 
 from __future__ import annotations
@@ -75,8 +78,16 @@ class RunDirError(UserError):
     category = "run directory error"
 
 
+class Preempted(UserError):
+    """The run stopped early on request after writing a checkpoint to resume from."""
+
+    exit_code = 10
+    category = "preempted"
+
+
 EXIT_CODES = {"config": 2, "non-finite": 3, "file": 4, "data": 5, "checkpoint": 6,
-              "resume-mismatch": 7, "divergence": 8, "run-dir": 9, "interrupted": 130}
+              "resume-mismatch": 7, "divergence": 8, "run-dir": 9, "preempted": 10,
+              "interrupted": 130}
 
 
 class ArgParser(argparse.ArgumentParser):

@@ -237,6 +237,9 @@ def _main(argv: list[str]) -> int:
                              "pip install 'ldae-fast[scale]' (or run on one device with --engine.backend=single)")
         from .engine.deepspeed_backend import DeepSpeedBackend
         backend_factory = DeepSpeedBackend
+    elif cfg.engine.backend == "ddp":
+        from .engine.ddp_backend import DDPBackend
+        backend_factory = DDPBackend
     t0 = time.time()
     result = train(cfg, backend_factory=backend_factory)
     if result.model is None or result.steps == 0:

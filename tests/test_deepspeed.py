@@ -191,9 +191,10 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     from ldae_fast.eval.export import _meta, main
 
     # ZeRO-3 state.pt holds no weights: export must consolidate the shards.
+    # (its EMA, kept sharded, is gathered into state.pt: test_zero3_ema_is_kept_saved_and_resumed)
     st = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
-    assert st["model"] is None and st["ema"] is None
-    assert main([str(runs / "z3"), str(tmp_path / "z3")]) == 0
+    assert st["model"] is None
+    assert main([str(runs / "z3"), str(tmp_path / "z3"), "--no-ema"]) == 0
     assert main([str(runs / "single4x2"), str(tmp_path / "ref"), "--no-ema"]) == 0
     got, ref = load_file(str(tmp_path / "z3" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
     assert got.keys() == ref.keys()
@@ -202,6 +203,44 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     kwargs = json.loads(_meta(tmp_path / "z3" / "model.safetensors")["timm_kwargs"])
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
     vit.load_state_dict(got, strict=True)
+
+
+@pytest.mark.slow
+def test_zero3_ema_is_kept_saved_and_resumed(runs, tmp_path):
+    """Under ZeRO-3 each rank averages its own partition; the checkpoint holds the gathered EMA,
+    equal to the single-process run's, and a resume cuts the partitions back out of it."""
+    single = torch.load(runs / "single4x2" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    z3 = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    assert z3["ema"] is not None and z3["ema"].keys() == single["ema"].keys() and z3["ema_updates"] == 6
+    # Tolerances well below the EMA's distance from the weights (~1e-5 here): not vacuous.
+    assert max((single["ema"][k] - single["model"][k]).abs().max() for k in single["ema"]) > 1e-6
+    for k, v in single["ema"].items():
+        torch.testing.assert_close(z3["ema"][k], v, rtol=1e-5, atol=2e-7, msg=k)
+    src, out = runs / "z3", tmp_path / "z3"
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:3]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    launch("torchrun", out, {**Z3, "engine.resume": "auto"})
+    _assert_same_curve(metrics(src), metrics(out))
+    b = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    for k, v in z3["ema"].items():
+        torch.testing.assert_close(b["ema"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["z1", "z3"])
+def test_deepspeed_accumulates_gradients_in_fp32(runs, run):
+    """Read back from the checkpoint DeepSpeed wrote: the config it ran with states fp32
+    gradient accumulation (DeepSpeed's default would follow the bf16 weights on a GPU)."""
+    from ldae_fast.engine.checkpoint import weights_only_loads
+    from ldae_fast.engine.deepspeed_backend import _ds_safe_globals
+
+    f = sorted((runs / run / "checkpoints" / "step_00000006" / "ds" / "state").glob("*model_states.pt"))[0]
+    with weights_only_loads(_ds_safe_globals()):
+        st = torch.load(f, weights_only=True)
+    assert st["ds_config"]["data_types"]["grad_accum_dtype"] == "fp32"
+    assert st["ds_config"]["gradient_accumulation_steps"] == int(({"z1": Z1, "z3": Z3}[run]).get("engine.grad_accum", 1))
 
 
 def test_ranks_read_disjoint_samples():

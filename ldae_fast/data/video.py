@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .badsamples import BadSampleCounter, DataError
+from .placement import Placement
 from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
 from .shuffle import global_batches_per_epoch
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
@@ -257,6 +259,19 @@ class SyntheticVideoSource(SyntheticSource):
             "train", d.synthetic_images, d.synthetic_classes, d.num_frames, d.img_size)
         self.batches_per_epoch = global_batches_per_epoch(
             len(self._images), d.batch_size // d.repeated_aug, world_size, "data.synthetic_images", "clips")
+        self.placement = Placement(len(self._images), d.batch_size // d.repeated_aug, world_size, rank)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        batches, moved = self.placement.load_state_dict(sd)
+        if not moved:
+            return batches
+        # The clip batches (repeated augmentation) are not re-split: resume at the epoch's share.
+        self.placement.origin = (0, 0, 0)
+        epoch, used = int(sd["epoch"]), int(sd.get("consumed", 0))
+        warnings.warn("clip position saved with another rank count or batch size: resuming at the same "
+                      "point of the epoch, not re-split exactly", stacklevel=3)
+        return epoch * self.batches_per_epoch + min(used // (self.placement.b * self.world_size),
+                                                    self.batches_per_epoch)
 
     def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
         d = self.cfg.data
