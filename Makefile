@@ -16,31 +16,42 @@ CPU_INDEX := https://download.pytorch.org/whl/cpu
 # timm imports torchvision, and a torchvision whose compiled ops do not match torch fails to import.
 TORCH_OK := $(PY) -c "import torch, torchvision.ops; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)"
 
+# pip, quietly: -q, and without the one known harmless warning a pip configured with a local
+# file:// index prints for every package that index lacks ("Location 'file:///...' is ignored",
+# about 80 lines on a first install). Every other line, errors included, passes through, and
+# pip's exit status is kept (pipefail, hence bash).
+SHELL := /bin/bash
+PIP_NOISE := ^WARNING: Location 'file:[^']*' is ignored: it is neither a file nor a directory\.$$
+PIP = set -o pipefail; pip_q() { $(PY) -m pip -q "$$@" 2>&1 | { grep -Ev "$(PIP_NOISE)" || true; }; }; pip_q
+
 .PHONY: demo test test-gpu bench lint clean torch
 
 $(STAMP): pyproject.toml setup.py
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(MAKE) --no-print-directory torch
-	$(PY) -m pip install -q -e '.[dev,scale]'
-	touch $(STAMP)
+	@test -x $(PY) || { echo "creating the virtual environment $(VENV) (python3 -m venv)"; python3 -m venv $(VENV); }
+	@echo "updating pip in $(VENV)"
+	@$(PIP) install --upgrade pip
+	@$(MAKE) --no-print-directory torch
+	@echo "installing ldae-fast (editable) with its dependencies and the dev + scale extras (pytest, ruff, deepspeed)"
+	@$(PIP) install -e '.[dev,scale]'
+	@touch $(STAMP)
+	@echo "$(VENV) is ready: $$($(PY) -c 'import ldae_fast, torch; print("ldae-fast", ldae_fast.__version__, "with PyTorch", torch.__version__)')"
 
 torch:
 	@if [ -n "$(TORCH_SPEC)" ]; then \
 	  echo "installing PyTorch: $(TORCH_SPEC) (TORCH_SPEC)"; \
-	  $(PY) -m pip install -q $(TORCH_SPEC); \
+	  $(PIP) install $(TORCH_SPEC); \
 	elif $(TORCH_OK) 2>/dev/null; then \
 	  echo "PyTorch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "nvidia-smi found: installing PyPI's CUDA build of PyTorch"; \
-	  $(PY) -m pip install -q '$(TORCH_RANGE)' torchvision; \
+	  $(PIP) install '$(TORCH_RANGE)' torchvision; \
 	else \
 	  echo "no nvidia-smi: installing the CPU build of PyTorch from $(CPU_INDEX)"; \
-	  if ! { $(PY) -m pip install -qq --retries 1 --timeout 20 --index-url $(CPU_INDEX) \
+	  if ! { $(PIP) install -q --retries 1 --timeout 20 --index-url $(CPU_INDEX) \
 	           '$(TORCH_RANGE)' torchvision && $(TORCH_OK) 2>/dev/null; }; then \
 	    echo "the CPU build is not available here; falling back to PyPI's build (CUDA, larger, runs on the CPU)"; \
 	    $(PY) -m pip uninstall -q -y torch torchvision 2>/dev/null || true; \
-	    $(PY) -m pip install -q '$(TORCH_RANGE)' torchvision; \
+	    $(PIP) install '$(TORCH_RANGE)' torchvision; \
 	  fi; \
 	fi
 	@$(TORCH_OK) || { echo "PyTorch and torchvision do not work together in $(VENV); set TORCH_SPEC" >&2; exit 1; }

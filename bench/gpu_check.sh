@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU proof in ONE device command: a lent H200 gives about 15 minutes in all (machine start,
-# one command of at most 10 minutes, transfers), so everything the issue's targets need runs here
-# in stages, most important first, each under its own time limit, within 510 s of the start.
-# Every stage writes its file into $OUT as it goes: a command stopped at the limit still returns
-# what it measured. At most 8 files come back, and these are all it leaves there:
+# The GPU proof in ONE device command: a lent H100 (80 GB) or H200 (141 GB) gives about 15 minutes
+# in all (machine start, one command of at most 10 minutes, transfers), so what the issue's targets
+# need runs here in stages, most important first, each under its own time limit, within 540 s of
+# the start. Every stage writes its file into $OUT as it goes: a command stopped at the limit still
+# returns what it measured. At most 8 files come back, and these are all it leaves there:
 #   env.json         GPU, driver, torch/triton/CUDA versions, commit, date, the command; one row per
 #                    stage (status, seconds, its limit, test counts, rows written)
-#   tests.log        stage 1's pytest output
-#   kernels.json     stage 2: bench/kernels.py --quick (GB/s and the copy bandwidth of the same run)
-#   train_step.json  stage 3: bench/train_step.py ViT-1/2L
-#   learn.json       stage 4: bench/learn_check.py (pretrained vs random-init on real data)
-#   diffmae_step.json stage 5: bench/train_step.py --method diffmae, ViT-B and ViT-L at 224 px
-#   profile.md       stage 6: the top-kernel table of (d), if time is left
+#   train_step.json  bench/train_step.py at the paper's shapes: ViT-1/2L, layout 'dit' (256 tokens,
+#                    no class token), d = 32, bf16; one process per variant, appended to this file
+#   kernels.json     bench/kernels.py --quick: d = 32 first, then d = 128; bytes as each kernel
+#                    moves them (the row says how many passes), GB/s against a copy of the same run
+#   tests.log        the GPU tests that matter first (a chosen subset)
+#   learn.json       bench/learn_check.py (pretrained vs random-init on real data)
+#   diffmae_step.json bench/train_step.py --method diffmae: ViT-L at 224 px, 75% masked, the
+#                    presets' cross_self decoder, top-down wired deepest first (FLOPs in the rows)
+#   profile.md       the top-kernel table of (d), if time is left
 #   gpu_check.log    everything this script printed, ending with bench/make_perf_section.py over
 #                    the files above (kept in a scratch folder after each stage, printed at the end;
 #                    `make_perf_section.py --results-dir FILES_AT` rebuilds it from the files)
@@ -31,27 +34,37 @@
 #   bench/gpu_check.sh --rehearse
 # --dry-run (with or without --rehearse) prints each stage's command and runs nothing.
 #
-# Stages and limits on the GPU (seconds; a cold machine: Triton and inductor compile everything):
+# Stages and limits on the GPU (seconds; a cold machine: Triton and inductor compile everything,
+# into one cache folder every stage shares, so later stages and the tests find the kernels built):
 #   env       20   nvidia-smi, versions, commit, date, command -> env.json
-#   tests     75   LDAE_GPU_TESTS=1 pytest: the kernels compiled for the GPU against the
-#                  reference at the training shapes (tests/test_gpu_check.py), then the kernel
-#                  test files
-#   kernels   70   bench/kernels.py --quick: 8 cases at the training shapes; the torch.compile
-#                  baseline only in the first 45 s
-#   train    160   bench/train_step.py ViT-1/2L: (a), (c), (d) at micro-batch 128, (d) at 256 (the
-#                  memory target), then (b) at 128 if started within 80 s
+#   train_d   85   (d) ours at micro-batch 'auto' (the largest all four variants fit by the memory
+#                  estimate of bench/train_step.py: 64 on an H100, 128 on an H200), then at 'max'
+#                  (the largest (d) fits: 256) if that differs and started within 55 s
+#   train_a   40   (a) eager at 'auto'
+#   train_c   40   (c) the timm-block peer at 'auto'
+#   train_b   85   (b) torch.compile'd at 'auto' (its whole-model compile is the slow part): its
+#                  limit is 85 s or what the four train slots' 250 s leave, whichever is more
+#   kernels   50   bench/kernels.py --quick: d = 32 then d = 128, B 256, fp32 and bf16 images;
+#                  adaLN at T 256, C 1024; the torch.compile baseline only in the first 15 s
+#   tests     35   LDAE_GPU_TESTS=1 pytest, a chosen subset: the kernels against float64 at the
+#                  training shapes, the attention backends, the speed switches
 #   learn    rest  bench/learn_check.py on gpu-data (5 train shards, 1 val): pretraining budget
 #                  min(150, time left - 110 - 90) s, but never under min(75, time left - 110) s
 #                  (the 90 s kept for diffmae give way first), the limit 100 s above it (decode,
 #                  calibration, kNN and probe of the pretrained and 3 random-init encoders)
-#   diffmae   90   bench/train_step.py --method diffmae: ViT-L then ViT-B, (a), (c), (d) at
+#   diffmae   90   bench/train_step.py --method diffmae, ViT-L, cross_self decoder read top-down
+#                  (model.decoder_topdown=deepest_first, the DiffMAE presets'): (d), (a) at
 #                  micro-batch 256, no variant started after 55 s; if 45 s are left
-#   profile  rest  (d) at 128 under the profiler, if 60 s are left: the top-kernel table
-# The first four stages' limits add up to 325 s, so the learning run gets at least 75 s of
+#   profile  rest  (d) at 'auto' under the profiler, if 60 s are left: the top-kernel table
+#   switches rest  (d) with one speed switch on each (bf16 residual, SDPA cuDNN, the whole step
+#                  as a CUDA graph, fused adaLN with bf16 output), appended to train_step.json
+#                  with vs_d, if 75 s are left; no variant started in the last 40 s
+# The limits of the stages before the learning run add up to 355 s, so it gets at least 75 s of
 # pretraining even if every earlier stage runs into its limit (diffmae is then skipped), and
 # 150 s when they end 165 s sooner than that (the first 90 s of that margin are diffmae's).
-# A stage that runs into its limit
-# gets SIGINT (pytest then prints its summary), SIGKILL 5 s later.
+# Each train variant runs in its own process under its own limit (a compile that hangs costs its
+# slot, not the next variant's); all append to train_step.json, whose ratios span them.
+# A stage that runs into its limit gets SIGINT (pytest then prints its summary), SIGKILL 5 s later.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -166,7 +179,7 @@ fi
 # The stages -------------------------------------------------------------------------------------
 
 if [ "$MODE" = gpu ]; then
-    TOTAL=${GPU_CHECK_TOTAL_S:-510}
+    TOTAL=${GPU_CHECK_TOTAL_S:-540}
     OUT_DIR=${OUT:-$PWD/gpu-out}
     if [ -z "${LDAE_GIT_COMMIT:-}" ] && [ -f "$GPU_DATA/COMMIT" ]; then
         LDAE_GIT_COMMIT="$(cat "$GPU_DATA/COMMIT") (from $GPU_DATA/COMMIT)"
@@ -174,18 +187,27 @@ if [ "$MODE" = gpu ]; then
     DATA_DIR=$GPU_DATA
     TESTS=(env LDAE_GPU_TESTS=1 "$PY" -m pytest -v -p no:cacheprovider
         tests/test_gpu_check.py::test_kernel_matches_reference_at_real_shape
-        tests/test_kernel_noise.py tests/test_kernel_pca_loss.py tests/test_kernel_adaln_norm.py)
-    KERNELS=("$PY" bench/kernels.py --quick --budget-s 45)
-    TRAIN=("$PY" bench/train_step.py --sizes halfL --plan "128:a,c,d;256:d;128:b" --warmup 3 --steps 10
-        --budget-s 80)
+        tests/test_attention.py tests/test_speed_switches.py)
+    KERNELS=("$PY" bench/kernels.py --quick --budget-s 15)
+    TRAIN=("$PY" bench/train_step.py --sizes halfL --warmup 3 --steps 10)
+    TRAIN_PLANS=("auto:d;max:d" "auto:a" "auto:c" "auto:b")
+    TRAIN_D_START=55
     LEARN=("$PY" bench/learn_check.py --data-dir "$DATA_DIR" --train-shards "$TRAIN_SHARDS"
         --val-shards "$VAL_SHARDS")
-    PROFILE=("$PY" bench/train_step.py --sizes halfL --batch-sizes 128 --variants d --warmup 3 --steps 3
+    PROFILE=("$PY" bench/train_step.py --sizes halfL --plan auto:d --warmup 3 --steps 3
         --profile-steps 3)
-    DIFFMAE=("$PY" bench/train_step.py --method diffmae --sizes L,B --plan "256:a,c,d" --warmup 3 --steps 10)
-    LIMIT_ENV=20 LIMIT_TESTS=75 LIMIT_KERNELS=70 LIMIT_TRAIN=160 LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
+    DIFFMAE=("$PY" bench/train_step.py --method diffmae --sizes L --decoder-kind cross_self
+        --decoder-topdown deepest_first --plan "256:d,a" --warmup 3 --steps 10)
+    # Cold compiles are most of the train and test stages: one cache for every stage.
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/ldae-gpu-check/triton}
+    export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ldae-gpu-check/inductor}
+    LIMIT_ENV=20 LIMIT_TESTS=35 LIMIT_KERNELS=50 LIMIT_TRAIN="85 40 40 85" TRAIN_TOTAL=250
+    LEARN_MAX=150 LEARN_MIN=30 LEARN_EXTRA=100
     LEARN_KEEP=75 DIFFMAE_RESERVE=90 LIMIT_DIFFMAE=90 DIFFMAE_MIN=45 DIFFMAE_TAIL=35
     PROFILE_MIN=60
+    SWITCHES=("$PY" bench/train_step.py --sizes halfL --plan "auto:d+bf16res,d+cudnn,d+adaln-act,d+stepgraph"
+        --warmup 3 --steps 10)
+    SWITCHES_MIN=75 SWITCHES_TAIL=40
 else
     # Toy sizes on CPU through the same scripts and files; the Triton kernels run interpreted.
     # One thread: at toy sizes a second one only adds OpenMP hand-offs on a shared machine.
@@ -202,22 +224,27 @@ else
     ls "$DATA_DIR"/train-*.tar* >/dev/null 2>&1 || DATA_DIR=../shared/data/tinyimagenet-wds
     TESTS=("$PY" -m pytest -v -p no:cacheprovider
         tests/test_gpu_check.py::test_kernel_matches_reference_at_real_shape
-        tests/test_kernel_noise.py tests/test_kernel_pca_loss.py tests/test_kernel_adaln_norm.py
-        -k "real_shape or p4-16x32 or B2-T17-C48")
+        tests/test_attention.py tests/test_speed_switches.py -k "real_shape or backend or switch")
     KERNELS=("$PY" bench/kernels.py --cpu-smoke --quick --compile-backend eager --budget-s 30)
-    TRAIN=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --plan "4:a,c,d;8:d;4:b" --budget-s 60)
+    TRAIN=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager)
+    TRAIN_PLANS=("auto:d;max:d" "auto:a" "auto:c" "auto:b")
+    TRAIN_D_START=60
     LEARN=("$PY" bench/learn_check.py --toy --data-dir "$DATA_DIR" --train-shards 1 --val-shards 1)
-    PROFILE=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --variants d --warmup 0 --steps 1
+    PROFILE=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --plan auto:d --warmup 0 --steps 1
         --profile-steps 1)
-    DIFFMAE=("$PY" bench/train_step.py --method diffmae --cpu-smoke --compile-backend eager --plan "4:a,c,d")
-    LIMIT_ENV=60 LIMIT_TESTS=150 LIMIT_KERNELS=120 LIMIT_TRAIN=150 LEARN_MAX=10 LEARN_MIN=5 LEARN_EXTRA=140
+    DIFFMAE=("$PY" bench/train_step.py --method diffmae --cpu-smoke --compile-backend eager
+        --decoder-kind cross_self --decoder-topdown deepest_first --plan "4:d,a")
+    LIMIT_ENV=60 LIMIT_TESTS=150 LIMIT_KERNELS=120 LIMIT_TRAIN="90 60 60 60" TRAIN_TOTAL=270
+    LEARN_MAX=10 LEARN_MIN=5 LEARN_EXTRA=140
     LEARN_KEEP=10 DIFFMAE_RESERVE=0 LIMIT_DIFFMAE=90 DIFFMAE_MIN=20 DIFFMAE_TAIL=30
     PROFILE_MIN=30
+    SWITCHES=("$PY" bench/train_step.py --cpu-smoke --compile-backend eager --plan "auto:d+bf16res,d+stepgraph")
+    SWITCHES_MIN=20 SWITCHES_TAIL=10
 fi
 [ -n "${LDAE_GIT_COMMIT:-}" ] || LDAE_GIT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "")
 export LDAE_GIT_COMMIT
 COMMAND="${LDAE_GIT_COMMIT:+LDAE_GIT_COMMIT=${LDAE_GIT_COMMIT%% *} }bash bench/gpu_check.sh${*:+ $*}"
-KEEP=" env.json tests.log kernels.json train_step.json learn.json diffmae_step.json profile.md gpu_check.log "
+KEEP=" env.json train_step.json kernels.json tests.log learn.json diffmae_step.json profile.md gpu_check.log "
 SCRATCH=${TMPDIR:-/tmp}/gpu_check.$$
 START=$SECONDS
 FAILED=0
@@ -300,9 +327,22 @@ run_stages() {
     fi
     stage env "$LIMIT_ENV" - - "$PY" bench/results_io.py gpu-env "$OUT_DIR/env.json" --command "$COMMAND" \
         --mode "$MODE" --data-dir "$DATA_DIR"
-    stage tests "$(within "$LIMIT_TESTS")" - tests.log "${TESTS[@]}"
+    # The step at the paper's shapes: each variant its own process and its own slot; (b) last,
+    # with whatever the slots before it left unused.
+    local limits=($LIMIT_TRAIN) t_train=$SECONDS i key lim
+    for i in "${!TRAIN_PLANS[@]}"; do
+        key=${TRAIN_PLANS[$i]%%;*}
+        key=${key#*:}
+        lim=${limits[$i]}
+        if [ "$i" -eq $((${#TRAIN_PLANS[@]} - 1)) ] && [ "$DRY" = 0 ]; then
+            lim=$((TRAIN_TOTAL - (SECONDS - t_train)))
+            [ "$lim" -lt "${limits[$i]}" ] && lim=${limits[$i]}
+        fi
+        stage "train_$key" "$(within "$lim")" train_step.json - "${TRAIN[@]}" --plan "${TRAIN_PLANS[$i]}" \
+            --budget-s "$TRAIN_D_START" --append --json "$OUT_DIR/train_step.json"
+    done
     stage kernels "$(within "$LIMIT_KERNELS")" kernels.json - "${KERNELS[@]}" --json "$OUT_DIR/kernels.json"
-    stage train "$(within "$LIMIT_TRAIN")" train_step.json - "${TRAIN[@]}" --json "$OUT_DIR/train_step.json"
+    stage tests "$(within "$LIMIT_TESTS")" - tests.log "${TESTS[@]}"
 
     local budget keep
     budget=$(($(left) - LEARN_EXTRA - 10 - DIFFMAE_RESERVE))
@@ -345,6 +385,15 @@ run_stages() {
         fi
     else
         skip profile "skipped: $(left) s left, under the $PROFILE_MIN s it needs"
+    fi
+    # Last, with what is left: (d) with one speed switch on each, against (d) above (vs_d).
+    if [ "$(left)" -ge "$SWITCHES_MIN" ] || [ "$DRY" = 1 ]; then
+        local slimit
+        slimit=$(within "$(left)")
+        stage switches "$slimit" train_step.json - "${SWITCHES[@]}" --append --json "$OUT_DIR/train_step.json" \
+            --budget-s "$((slimit > SWITCHES_TAIL + 1 ? slimit - SWITCHES_TAIL : 1))"
+    else
+        skip switches "skipped: $(left) s left, under the $SWITCHES_MIN s it needs"
     fi
     [ "$DRY" = 1 ] && return 0
     record "" --done

@@ -73,6 +73,7 @@ import torch.nn as nn  # noqa: E402
 from ldae_fast.config import (  # noqa: E402
     CUDA_GRAPH_MODES,
     DIFFMAE_DECODERS,
+    DIFFMAE_TOPDOWN,
     PRESETS,
     Config,
     DataConfig,
@@ -81,6 +82,7 @@ from ldae_fast.config import (  # noqa: E402
     ObjectiveConfig,
     TokenizerConfig,
 )
+from ldae_fast.engine.cuda_graph import GraphedStep, check_cuda_graphs  # noqa: E402
 from ldae_fast.engine.mfu import peak_tflops_for  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
@@ -111,11 +113,21 @@ VARIANTS = {
     "d+adaln": dict(_D, name="(d) + fused adaLN LN", fused_adaln=True),
     "d+graphs": dict(_D, name="(d) + CUDA graphs", compile_mode="reduce-overhead"),
     "d+ckpt": dict(_D, name="(d) + activation ckpt", ckpt=True),
+    # The speed switches of issue 26, each (d) with one switch on (vs_d > 1: turn it on).
+    "d+bf16res": dict(_D, name="(d) + bf16 residual", model=dict(bf16_residual=True)),
+    "d+adaln-act": dict(_D, name="(d) + fused adaLN, bf16 out", fused_adaln=True,
+                        model=dict(adaln_act_dtype=True)),
+    "d+flash": dict(_D, name="(d) + SDPA flash", attn="flash"),
+    "d+cudnn": dict(_D, name="(d) + SDPA cuDNN", attn="cudnn"),
+    "d+fp8": dict(_D, name="(d) + FP8 linears", model=dict(fp8="rowwise")),
+    "d+stepgraph": dict(_D, name="(d) whole step, CUDA graph", stepgraph=True),
 }
 ABLATIONS = ("d-compile", "d-triton", "d+adaln", "d+graphs", "d+ckpt")
+SWITCHES = ("d+bf16res", "d+adaln-act", "d+cudnn", "d+flash", "d+stepgraph", "d+fp8")
 
+# The paper's shapes: 256 px, patch 16 (256 tokens in the 'dit' layout), d = 32.
 GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
-                    latent_dim=128, warmup=5, steps=20)
+                    latent_dim=32, warmup=5, steps=20)
 CPU_SMOKE = dict(sizes="tiny", batch_sizes="4", img_size=32, patch_size=4, latent_dim=16, warmup=1, steps=2)
 # DiffMAE at the paper's ImageNet setting (224 px, patch 16); latent_dim is unused (pixels).
 DIFFMAE_GPU_DEFAULTS = dict(GPU_DEFAULTS, sizes="B,L", batch_sizes="256", img_size=224)
@@ -147,24 +159,29 @@ class TimmPeer(nn.Module):
     Same widths, depths, heads, tokens and output head as ours with cond='none', so its analytic
     FLOPs are flops_per_image(cond='none'). timm's Block takes no conditioning, so the peer gets no
     noise level: it does slightly less work than ours (no adaLN), which favours the peer.
+    layout 'dit' (the paper's): one sequence of N patch tokens through all blocks, nothing between
+    the halves; 'mae': a class token, a LayerNorm and a decoder embedding between them.
     """
 
     def __init__(self, img_size: int, patch_size: int, width: int, encoder_depth: int,
-                 decoder_depth: int, num_heads: int, mlp_ratio: float, in_chans: int = 3) -> None:
+                 decoder_depth: int, num_heads: int, mlp_ratio: float, in_chans: int = 3,
+                 layout: str = "dit") -> None:
         super().__init__()
         from timm.layers import PatchEmbed
         from timm.models.vision_transformer import Block
 
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
-        n = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
+        mae = layout == "mae"
+        self.prefix = 1 if mae else 0
+        n = self.patch_embed.num_patches + self.prefix
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if mae else None
+        self.pos_embed = nn.Parameter(torch.randn(1, n, width) * 0.02)
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True)
                                     for _ in range(encoder_depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.decoder_embed = nn.Linear(width, width)
-        self.decoder_pos_embed = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
+        self.norm = nn.LayerNorm(width, eps=1e-6) if mae else nn.Identity()
+        self.decoder_embed = nn.Linear(width, width) if mae else nn.Identity()
+        self.decoder_pos_embed = nn.Parameter(torch.randn(1, n, width) * 0.02) if mae else None
         self.decoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True)
                                             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
@@ -172,13 +189,17 @@ class TimmPeer(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         t = self.patch_embed(x)
-        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t], dim=1) + self.pos_embed
+        if self.cls_token is not None:
+            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t], dim=1)
+        t = t + self.pos_embed
         for blk in self.blocks:
             t = blk(t)
-        t = self.decoder_embed(self.norm(t)) + self.decoder_pos_embed
+        t = self.decoder_embed(self.norm(t))
+        if self.decoder_pos_embed is not None:
+            t = t + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             t = blk(t)
-        patches = self.head(self.decoder_norm(t)[:, 1:])
+        patches = self.head(self.decoder_norm(t)[:, self.prefix:])
         return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.in_chans)
 
 
@@ -251,6 +272,74 @@ def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> Tokeniz
                                 {"kind": "pca", "patch_size": patch_size, "latent_dim": latent_dim})
 
 
+# The micro-batch from the card's memory -----------------------------------------------------------
+
+# 'auto': the comparison batch, the largest every variant of the four fits (eager math attention
+# is the hungriest), so (a)-(d) share one batch and their ratios exist; 'max': the largest (d) fits.
+MEMORY_BATCHES = ("auto", "max")
+MAX_BATCH = 256
+MEMORY_FRACTION = 0.85  # of total_memory: the caching allocator's slack and the CUDA context
+# Saved activations per token per block, in units of the width, under bf16 autocast with a float32
+# residual stream: ~40 w bytes (the paper analysis of issue 26: ~65 GB at ViT-1/2L, micro-batch
+# 256). Math attention (variants a, b) adds the scores, float32, saved with their softmax and
+# its bf16 copy: ~12 bytes per score per head. Estimates, to be replaced by a GPU's peak memory.
+ACT_BYTES_PER_TOKEN_WIDTH = 40
+MATH_ATTN_BYTES_PER_SCORE = 12
+_MATH_ATTN = ("a", "b")
+
+
+def _param_count(s: Setup) -> int:
+    """Our network's parameters at these shapes, built on the meta device (no memory, no init)."""
+    extra = dict(decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown, **diffmae_decoder(s.size)) \
+        if s.method == "diffmae" else dict(layout=s.layout)
+    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, **extra),
+                 tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
+                 objective=ObjectiveConfig(method=s.method, mask_ratio=s.mask_ratio),
+                 data=DataConfig(img_size=s.img_size))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimated_memory_bytes(s: Setup, variant: str, params: int | None = None) -> float:
+    """Peak memory of one training step of `variant` at s.batch: float32 weights, gradients and two
+    AdamW moments (16 bytes a parameter) plus the saved activations (see the constants above)."""
+    m = ModelConfig(size=s.size, patch_size=s.patch_size)
+    n = (s.img_size // s.patch_size) ** 2 + (1 if s.layout == "mae" else 0)
+    blocks = m.encoder_depth + m.decoder_depth
+    per_image = blocks * n * m.width * ACT_BYTES_PER_TOKEN_WIDTH
+    if variant in _MATH_ATTN:
+        per_image += blocks * m.num_heads * n * n * MATH_ATTN_BYTES_PER_SCORE
+    return 16.0 * (params if params is not None else _param_count(s)) + s.batch * per_image
+
+
+def memory_batch(rule: str, s: Setup, total_bytes: float) -> int:
+    """The largest power of two <= MAX_BATCH whose estimate fits MEMORY_FRACTION of total_bytes
+    (at least 1): for every one of (a)-(d) with 'auto', for (d) with 'max'."""
+    variants = ("a", "b", "c", "d") if rule == "auto" else ("d",)
+    params = _param_count(s)
+    b = MAX_BATCH
+    while b > 1:
+        t = Setup(**{**s.__dict__, "batch": b})
+        if all(estimated_memory_bytes(t, v, params) <= MEMORY_FRACTION * total_bytes for v in variants):
+            break
+        b //= 2
+    return b
+
+
+def resolve_batch(batch: int | str, s: Setup, smoke: bool) -> tuple[int, str]:
+    """A plan's batch (a number, 'auto' or 'max') -> (micro-batch, how it was chosen)."""
+    if isinstance(batch, int):
+        return batch, ""
+    if smoke or s.device.type != "cuda":
+        b = int(CPU_SMOKE["batch_sizes"]) * (2 if batch == "max" else 1)
+        return b, f"{batch}: toy batch on CPU"
+    total = torch.cuda.get_device_properties(s.device).total_memory
+    b = memory_batch(batch, Setup(**{**s.__dict__, "batch": 1}), total)
+    return b, (f"{batch}: {b} from {total / 2**30:.1f} GiB total memory (estimate, "
+               f"{MEMORY_FRACTION:g} of it; bench/train_step.py memory_batch)")
+
+
 # One measured configuration ----------------------------------------------------------------------
 
 
@@ -268,6 +357,8 @@ class Setup:
     method: str = "ldae"
     mask_ratio: float = ObjectiveConfig.mask_ratio
     decoder_kind: str = ModelConfig.decoder_kind
+    decoder_topdown: str = ModelConfig.decoder_topdown
+    layout: str = "dit"
 
 
 def _sync(device: torch.device) -> None:
@@ -296,13 +387,17 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     kernels = v["kernels"]
     if kernels == "triton" and s.device.type != "cuda":
         kernels, info["note"] = _cpu_kernels_choice()
-    attn = v["attn"] if v["attn"] in ("auto", "math") else "auto"
+    attn = v["attn"] if v["attn"] not in ("timm",) else "auto"
     if attn == "auto" and not v["peer"]:
         info["attn"] = f"auto ({resolve_backend('auto')})"
     diffmae = s.method == "diffmae"
     extra: dict[str, Any] = {}
     if diffmae:
-        extra = dict(decoder_kind=s.decoder_kind, **diffmae_decoder(s.size))
+        extra = dict(decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
+                     **diffmae_decoder(s.size))
+    if not diffmae:
+        extra["layout"] = s.layout
+    extra.update(v.get("model", {}))  # the variant's speed switches (plain model.* fields)
     cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, attn_backend=attn,
                                    fused_adaln=v.get("fused_adaln", False),
                                    grad_checkpointing=v.get("ckpt", False), **extra),
@@ -321,8 +416,8 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
     elif v["peer"]:
         model = TimmPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.decoder_depth,
-                         m.num_heads, m.mlp_ratio)
-        fcfg = ModelConfig(size=s.size, patch_size=s.patch_size, cond="none")
+                         m.num_heads, m.mlp_ratio, layout=s.layout)
+        fcfg = ModelConfig(size=s.size, patch_size=s.patch_size, cond="none", layout=s.layout)
         fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
     else:
@@ -341,7 +436,11 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
                              tokenizer=None if diffmae else random_tokenizer(s.patch_size, s.latent_dim))
     info["kernels"] = objective.kernels
 
-    if v["ours_optim"]:
+    if v.get("stepgraph"):
+        check_cuda_graphs([next(model.parameters())])
+        # Captured optimizer steps read lr and the step count on the device.
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True, capturable=True)
+    elif v["ours_optim"]:
         opt = build_adamw(model, cfg, lr=1e-4)
     else:
         # What a user writes first: defaults (foreach on CUDA), no parameter groups.
@@ -378,6 +477,18 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss.detach()
+
+    if v.get("stepgraph"):
+        # Timing only: the step's host-side draws (the noise seed of step 0) are frozen into the
+        # graph, so every replay draws the same noise; the kernels and bytes are a real step's.
+        info["note"] = "timing only: the noise draws repeat at every replay (seeds frozen at capture)"
+        eager_step = step
+        graphed: dict[str, GraphedStep] = {}
+
+        def step(x: torch.Tensor, i: int) -> torch.Tensor:  # noqa: F811
+            if "g" not in graphed:
+                graphed["g"] = GraphedStep(lambda xs: eager_step(xs, 0), (x,), warmup=3)
+            return graphed["g"](x)
 
     return model, objective, opt, step, info
 
@@ -474,8 +585,11 @@ def _row_ids(key: str, s: Setup) -> dict[str, Any]:
            "patch": s.patch_size, "batch": s.batch}
     if s.method == "diffmae":
         dec = diffmae_decoder(s.size)
-        row.update(mask_ratio=s.mask_ratio, decoder_kind=s.decoder_kind,
+        row.update(mask_ratio=s.mask_ratio, decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
                    decoder=f"{dec.get('decoder_depth', 'enc')} x {dec.get('decoder_width', 'enc')}")
+    else:
+        n = (s.img_size // s.patch_size) ** 2
+        row.update(layout=s.layout, tokens=n + (1 if s.layout == "mae" else 0), d=s.latent_dim)
     row.update(variant=key, variant_name=VARIANTS[key]["name"],
                precision="bf16" if s.amp == torch.bfloat16 else "fp32")
     return row
@@ -521,6 +635,33 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r[f"vs_{other}"] = _sig(r["images_per_s"] / o["images_per_s"], 4) if ok else None
 
 
+# Targets (issue 26): judged here, on the rows of this run, never in a test ---------------------------
+
+TARGETS = (
+    # (what, variant, row key, at least)
+    ("(d) MFU >= 0.55 (1,100 img/s on an H200 at ViT-1/2L)", "d", "mfu", 0.55),
+    ("(d) >= 2x eager (a)", "d", "vs_a", 2.0),
+    ("(d) >= 1.25x torch.compile (b)", "d", "vs_b", 1.25),
+    ("(d) >= 1.25x timm blocks (c)", "d", "vs_c", 1.25),
+    ("FP8 linears >= 1.3x the bf16 step (d)", "d+fp8", "vs_d", 1.3),
+)
+
+
+def judge_targets(rows: list[dict[str, Any]], smoke: bool = False) -> list[dict[str, Any]]:
+    """Each target against the best measured row of its variant (ratios come from the same run):
+    'met', 'not met', 'not measured' (no such row ran, or it failed), or on a CPU smoke run
+    'not judged' (toy sizes say nothing about a GPU)."""
+    out = []
+    for what, variant, key, least in TARGETS:
+        vals = [r[key] for r in rows if r.get("variant") == variant and r.get("method", "ldae") == "ldae"
+                and r.get("status") == "ok" and r.get(key) is not None]
+        best = max(vals) if vals else None
+        status = ("not judged: a CPU smoke run" if smoke else "not measured" if best is None
+                  else "met" if best >= least else "not met")
+        out.append({"target": what, "variant": variant, "value": best, "at_least": least, "status": status})
+    return out
+
+
 # Command line ------------------------------------------------------------------------------------
 
 
@@ -531,6 +672,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the method whose training step is measured (diffmae: see above)")
     ap.add_argument("--mask-ratio", type=float, default=ObjectiveConfig.mask_ratio,
                     help="diffmae: fraction of patches hidden from the encoder (default %(default)s)")
+    ap.add_argument("--decoder-topdown", default=ModelConfig.decoder_topdown, choices=DIFFMAE_TOPDOWN,
+                    help="diffmae: model.decoder_topdown, which encoder block each cross-attending decoder "
+                         "block reads (the DiffMAE presets: deepest_first; default %(default)s)")
     ap.add_argument("--decoder-kind", default=ModelConfig.decoder_kind,
                     help="diffmae: model.decoder_kind, joint / cross / cross_self (default %(default)s; the timm "
                          "peer exists for joint only)")
@@ -539,11 +683,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']}; "
                                           f"diffmae {DIFFMAE_GPU_DEFAULTS['batch_sizes']})")
     ap.add_argument("--variants", default=None,
-                    help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)} "
+                    help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)}; "
+                         f"'switches' = {','.join(SWITCHES)} "
                          f"(default {DEFAULT_VARIANTS['ldae']}; diffmae {DEFAULT_VARIANTS['diffmae']})")
     ap.add_argument("--plan", default=None, metavar="B:V,V;B:V",
                     help="micro-batches and the variants at each, run in the order written, e.g. "
                          "'128:a,c,d;256:d;128:b' (instead of --batch-sizes x --variants)")
+    ap.add_argument("--layout", choices=("dit", "mae"), default="dit",
+                    help="l-DAE network layout (model.layout): 'dit', the paper's, N tokens; 'mae' adds a "
+                         "class token (N + 1) (default %(default)s)")
+    ap.add_argument("--append", action="store_true",
+                    help="with --json: keep the rows FILE already holds and add this run's (one process "
+                         "per variant, each under its own time limit, into one file)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no variant once this many seconds have passed: the rest become rows "
                          "with status 'skipped: time budget'")
@@ -602,13 +753,15 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, boo
         raise SystemExit(f"--mask-ratio={args.mask_ratio} must lie in [0, 1)")
     if args.decoder_kind not in DIFFMAE_DECODERS:
         raise SystemExit(f"--decoder-kind={args.decoder_kind!r}: choose one of {', '.join(DIFFMAE_DECODERS)}")
+    if args.decoder_topdown != "last" and args.decoder_kind == "joint":
+        raise SystemExit(f"--decoder-topdown={args.decoder_topdown} needs --decoder-kind cross or cross_self")
     return vals, torch.device("cpu" if smoke else "cuda"), smoke
 
 
 def _variant_list(text: str) -> list[str]:
     keys: list[str] = []
     for v in (v.strip() for v in text.split(",")):
-        for key in (ABLATIONS if v == "ablations" else (v,) if v else ()):
+        for key in (ABLATIONS if v == "ablations" else SWITCHES if v == "switches" else (v,) if v else ()):
             if key not in keys:
                 keys.append(key)
     bad = [v for v in keys if v not in VARIANTS]
@@ -617,7 +770,7 @@ def _variant_list(text: str) -> list[str]:
     return keys
 
 
-def resolve_plan(args: argparse.Namespace, vals: dict[str, Any]) -> list[tuple[int, list[str]]]:
+def resolve_plan(args: argparse.Namespace, vals: dict[str, Any]) -> list[tuple[int | str, list[str]]]:
     """[(micro-batch, variants)] in the order they run: --plan as written, else every batch of
     --batch-sizes with every variant of --variants."""
     if args.plan is None:
@@ -630,12 +783,14 @@ def resolve_plan(args: argparse.Namespace, vals: dict[str, Any]) -> list[tuple[i
         if not group:
             continue
         batch, sep, keys = group.partition(":")
+        b: int | str
         try:
             b = int(batch)
         except ValueError:
-            b = 0
-        if not sep or b < 1 or not keys.strip():
-            raise SystemExit(f"--plan group {group!r}: write BATCH:VARIANT,VARIANT with BATCH >= 1")
+            b = batch.strip() if batch.strip() in MEMORY_BATCHES else 0
+        if not sep or b in (0,) or (isinstance(b, int) and b < 1) or not keys.strip():
+            raise SystemExit(f"--plan group {group!r}: write BATCH:VARIANT,VARIANT with BATCH >= 1, "
+                             f"or {' / '.join(MEMORY_BATCHES)} (from the card's memory)")
         plan.append((b, _variant_list(keys)))
     if not plan:
         raise SystemExit("--plan is empty")
@@ -697,7 +852,8 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
           f"peak: {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'} ({peak_src})")
     diffmae = args.method == "diffmae"
     if diffmae:
-        print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}")
+        print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}, "
+              f"decoder_topdown={args.decoder_topdown}")
         print("FLOPs: ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image (forward + backward, matmuls only, "
               "2 per multiply-add; encoder on the visible tokens; peer counted without adaLN)")
     else:
@@ -709,18 +865,20 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
 
     setup_kw = dict(img_size=vals["img_size"], patch_size=vals["patch_size"], latent_dim=vals["latent_dim"],
                     device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"], method=args.method,
-                    mask_ratio=args.mask_ratio, decoder_kind=args.decoder_kind)
+                    mask_ratio=args.mask_ratio, decoder_kind=args.decoder_kind,
+                    decoder_topdown=args.decoder_topdown, layout=args.layout)
     profile_dir = Path(args.profile) if args.profile else None
     meta = {
         "benchmark": "train_step", "method": args.method, "device": gpu, "smoke": smoke,
         "precision": "bf16 autocast" if amp else "fp32", "tf32": device.type == "cuda",
         "peak_tflops": peak, "peak_source": peak_src,
         "flop_count": "training = 3 x forward; forward = ldae_fast.models.flops_per_image (matmuls, "
-                      "2 FLOPs per multiply-add, N+1 tokens with the class token, adaLN and decoder "
-                      "embedding included: ~0.9% above blocks x N x (24w^2 + 4Nw) at ViT-1/2L); "
-                      "timm peer counted with cond='none'",
+                      "2 FLOPs per multiply-add, N tokens with layout 'dit' (N + 1 and a decoder embedding "
+                      "with 'mae'), adaLN included); timm peer counted with cond='none'",
+        "layout": args.layout,
         "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
         **({"mask_ratio": args.mask_ratio, "decoder_kind": args.decoder_kind,
+            "decoder_topdown": args.decoder_topdown,
             "flop_count": "ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image: forward (matmuls, 2 FLOPs per "
                           "multiply-add; encoder blocks on 1 + n_keep tokens, decoder on what decoder_kind "
                           "attends over, attention's quadratic terms included) + backward (2 x forward less "
@@ -734,15 +892,28 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
         "plan": ";".join(f"{b}:{','.join(keys)}" for b, keys in plan), "budget_s": args.budget_s,
     }
     # Rewritten after every row: a run stopped by a lent GPU's time limit keeps what it measured.
+    prior: dict[str, Any] = {}
+    if args.append and args.json and Path(args.json).exists():
+        # One process per variant (gpu_check.sh gives each its own time limit) into one file:
+        # the earlier variants' rows stay, and the ratios span them all.
+        prior = results_io.load_results(args.json)
     results = None
     if not args.no_write and (not smoke or args.write or args.json):
         results = results_io.ResultsFile(args.name, meta, out_dir=args.out_dir, json_path=args.json)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(prior.get("rows", []))
+    if results is not None and rows:
+        results.meta["commands"] = prior["meta"].get("commands", [prior["meta"].get("command")]) + [cmd]
+        results.set_rows(rows)
     t0 = _clock()
     for size in sizes:
-        for batch, keys in plan:
+        for plan_batch, keys in plan:
+            batch, rule = resolve_batch(plan_batch, Setup(size=size, batch=1, **setup_kw), smoke)
             s = Setup(size=size, batch=batch, **setup_kw)
             for key in keys:
+                if any(r["size"] == size and r["batch"] == batch and r["variant"] == key
+                       and r.get("status") == "ok" for r in rows):
+                    print(f"  {size} b{batch} ({key}): measured above ('{plan_batch}' gives the same batch)")
+                    continue
                 if args.budget_s is not None and _clock() - t0 > args.budget_s:
                     rows.append(_skipped_row(key, s, f"skipped: time budget (--budget-s {args.budget_s:g})"))
                     print(f"  {rows[-1]['model']:>8} b{batch:<4} ({key}) {rows[-1]['status']}", flush=True)
@@ -754,6 +925,15 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
                     results.set_rows(rows + [_skipped_row(key, s, "unfinished: the run stopped in this variant")])
                 row = run_variant(key, s, peak, profile_dir if key == "d" else None, args.profile_steps,
                                   args.compile_backend)
+                if row["status"] == "OOM" and rule and batch > 1:
+                    # The memory rule is an estimate: one more try at half the batch, both rows kept.
+                    rows.append(dict(row, batch_rule=rule))
+                    s = Setup(size=size, batch=batch // 2, **setup_kw)
+                    rule = f"{plan_batch}: halved after an OOM at {batch}"
+                    row = run_variant(key, s, peak, profile_dir if key == "d" else None, args.profile_steps,
+                                      args.compile_backend)
+                if rule:
+                    row["batch_rule"] = rule
                 rows.append(row)
                 print(f"  {row['model']:>8} b{batch:<4} ({key}) {row['variant_name']:<10} {row['status']:<8} "
                       f"{_fmt(row['images_per_s'])} img/s  {_fmt(row['tflops'])} TFLOP/s  "
@@ -764,7 +944,13 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     add_ratios(rows)
     print()
     print(table(rows))
+    if not diffmae:
+        meta["targets"] = judge_targets(rows, smoke)
+        print("\ntargets (issue 26; smoke runs on CPU are not performance numbers):")
+        for t in meta["targets"]:
+            print(f"  {t['status']:<12} {t['target']}: {_fmt(t['value'])}")
     if results is not None:
+        results.meta["targets"] = meta.get("targets")
         results.set_rows(rows)
         meta["results"] = [str(p) for p in results.close() if p is not None]
     return rows, meta

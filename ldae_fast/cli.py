@@ -1,4 +1,6 @@
-"""`ldae-fast COMMAND ...`: one entry point for every tool of the project."""
+"""`ldae-fast COMMAND ...` (or `python -m ldae_fast COMMAND ...`): one entry point for every tool of
+the project. `--help`, `--version`, a command's `--help` and usage errors answer before torch is
+imported (each command imports its heavy modules after parsing its arguments)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ COMMANDS = {
     "fit-pca": ("ldae_fast.tokenizer_cli", "main", "fit the patch-wise PCA tokenizer and save it"),
     "fit-tokenizer": ("ldae_fast.tokenizer_cli", "main_tokenizer", "fit a tokenizer (pca, patch-ae, patch-vae, conv-vae)"),
     "make-shards": ("ldae_fast.data.shards", "main", "turn an ImageFolder tree into WebDataset shards"),
-    "write-video-shards": ("ldae_fast.data.video", "main", "turn folders of frame folders into clip shards"),
+    "write-video-shards": ("ldae_fast.data.video_cli", "main", "turn folders of frame folders into clip shards"),
     "eval": ("ldae_fast.eval.driver", "main", "linear probe / kNN / fine-tune / figure of a checkpoint"),
     "export": ("ldae_fast.eval.export", "main", "write the encoder as timm-named safetensors"),
     "featlearn": ("ldae_fast.featlearn.cli", "main", "the two-layer feature-learning study"),
@@ -21,10 +23,16 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: ldae-fast COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: ldae-fast [--version] [--debug] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines.append("\n`ldae-fast COMMAND --help` for a command's options.")
     return "\n".join(lines)
+
+
+def version_line() -> str:
+    from . import __version__
+
+    return f"ldae-fast {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         print(f"ldae-fast: usage error: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)} "

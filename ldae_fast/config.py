@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 from .errors import UserError
 from .methods import NoiseConfig
+from .shard_urls import SHARD_FIELDS, sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
+from .tokenizer_kinds import KINDS as TOKENIZER_KINDS
 
 
 class ConfigError(ValueError, UserError):
@@ -90,6 +93,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
 DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
+# kernels.attention.BACKENDS (the config layer does not import the kernels; a test keeps them equal).
+ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficient")
 
 
 @dataclass
@@ -129,7 +134,8 @@ class ModelConfig:
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
-    """Attention: 'auto' (fastest present), 'sdpa', 'xformers' or 'math' (the reference)."""
+    """Attention: 'auto' (fastest present), 'sdpa', 'xformers', 'math' (the reference), or SDPA
+    pinned to one kernel: 'flash', 'cudnn' (CUDA only), 'efficient' (CUDA only)."""
     grad_checkpointing: bool = False
     """Recompute each block in the backward pass (less memory, ~30% more compute)."""
     fused_adaln: bool = False
@@ -175,11 +181,21 @@ class ModelConfig:
     final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
     l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
     network reads it through ModelConfig.cond_width and the 0 is what gets saved."""
+    bf16_residual: bool = False
+    """Speed switch (off until a GPU run shows it helps; docs/speed.md): under bf16 autocast the
+    residual stream between blocks is bfloat16 instead of float32; LayerNorm statistics and the
+    loss stay float32. No effect without autocast."""
+    adaln_act_dtype: bool = False
+    """Speed switch (needs model.fused_adaln): under autocast the fused adaLN LayerNorm kernel writes
+    its output in the autocast dtype, what the next Linear reads, with no float32 round trip."""
+    fp8: str = ""
+    """Speed switch, optional extra: '' (off), 'rowwise' or 'tensorwise': torchao's float8 training
+    for the blocks' attention projections and MLPs. Needs torchao and a GPU with FP8 (sm_89+)."""
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
         _one_of("model.cond", self.cond, ("adaln", "none"))
-        _one_of("model.attn_backend", self.attn_backend, ("auto", "sdpa", "xformers", "math"))
+        _one_of("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check(self.patch_size >= 1, f"model.patch_size={self.patch_size} must be >= 1")
         _check(self.width >= 1 and self.encoder_depth >= 1 and self.decoder_depth >= 1,
                "model.width, model.encoder_depth and model.decoder_depth must be >= 1")
@@ -205,6 +221,9 @@ class ModelConfig:
         _one_of("model.layout", self.layout, MODEL_LAYOUTS)
         _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
         _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
+        _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
+        _check(not self.adaln_act_dtype or self.fused_adaln,
+               "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
 
     def _run_value(self, key: str) -> int:
         """A value this section takes from the rest of the run's config (Config.__post_init__
@@ -268,9 +287,7 @@ class TokenizerConfig:
     """conv-vae: weight of that term (per-pixel loss units) when tokenizer.adversarial is on."""
 
     def __post_init__(self) -> None:
-        from .tokenizers import TOKENIZERS
-
-        _one_of("tokenizer.kind", self.kind, tuple(TOKENIZERS))
+        _one_of("tokenizer.kind", self.kind, TOKENIZER_KINDS)
         _check(self.latent_dim >= 1, f"tokenizer.latent_dim={self.latent_dim} must be >= 1")
         for name in ("fit_images", "fit_patches", "fit_steps", "fit_batch", "conv_steps", "conv_batch",
                      "conv_width"):
@@ -442,10 +459,37 @@ class OptimConfig:
         _check(0 <= self.ema_decay < 1, "optim.ema_decay must be in [0, 1)")
 
 
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([dhms])")
+
+
+def parse_duration(text: str) -> float:
+    """'3h50m', '90m', '1d2h', '45s', '5400' or '5400.5' (seconds) -> seconds; '' or '0' -> 0."""
+    t = str(text).strip().lower().replace(" ", "")
+    if not t:
+        return 0.0
+    try:
+        v = float(t)
+    except ValueError:
+        pos, total = 0, 0.0
+        for m in _DURATION.finditer(t):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(t):
+            raise ValueError(f"{text!r} is not a duration (seconds, or e.g. '3h50m', '90m', '1d2h')") from None
+        return total
+    if not 0 <= v < math.inf:
+        raise ValueError(f"{text!r} must be a finite number of seconds >= 0")
+    return v
+
+
 @dataclass
 class EngineConfig:
     backend: str = "single"
-    """'single' (one device, no launcher) or 'deepspeed'."""
+    """'single' (one device, no launcher), 'ddp' (torch DistributedDataParallel under torchrun: models
+    that fit on one GPU) or 'deepspeed' (ZeRO 1-3: when optimizer state or weights must be sharded)."""
     device: str = "auto"
     """'auto' (cuda when present), 'cpu' or 'cuda'."""
     precision: str = "auto"
@@ -464,12 +508,23 @@ class EngineConfig:
     """Steps between metric lines (the loss is synced to the host only then)."""
     ckpt_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    ckpt_every_s: float = 0.0
+    """Seconds between checkpoints besides ckpt_every (0: off), so a killed long run loses minutes
+    of work whatever a step costs; under several ranks checked at log steps, on rank 0's clock."""
+    ckpt_write_failures: int = 3
+    """Consecutive periodic checkpoint writes that may fail (disk full, file size limit) before the
+    run stops (exit 4); each failure is a warning and the next interval tries again. A failed
+    final checkpoint always stops the run."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     out_dir: str = "runs/demo"
     """Run directory: config.json, metrics.jsonl, checkpoints/, figures."""
     resume: str = ""
     """'' (fresh run), 'auto' (newest complete checkpoint in out_dir, if any) or a path."""
+    resume_rebatch: bool = False
+    """Allow a resume whose global batch (data.batch_size x engine.grad_accum x ranks) differs from
+    the checkpoint's: the step is re-derived from the images seen and the schedule is the new
+    batch's (the log says so). Another split of the same global batch needs no flag."""
     compile: bool = False
     """torch.compile each transformer block on its own (regional compile; the kernels stay ops)."""
     compile_mode: str = "default"
@@ -488,6 +543,11 @@ class EngineConfig:
     """Stop after this many seconds of the step loop (0: no limit): the run ends at the first
     step past the budget, with its log line and final checkpoint as if that were the last step.
     The schedule is still the one of engine.steps / engine.epochs, so pick steps that fit."""
+    stop_after: str = ""
+    """Wall-clock limit of this process's run, in seconds or as a duration ('3h50m', '90m'; '' or 0:
+    none), for schedulers that kill without a signal: the run stops at the last step it expects to
+    end before the limit, writes a checkpoint and exits with code 10 ('preempted'), like on SIGTERM;
+    `--engine.resume=auto` continues it. Leave room for the checkpoint write."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the logged MFU (0: the bf16 dense peak of a known GPU, looked
     up by name in engine/mfu.py; no MFU on CPU or an unknown GPU)."""
@@ -501,7 +561,7 @@ class EngineConfig:
     """Stop the run after this many consecutive diverged log lines (0: never stop)."""
 
     def __post_init__(self) -> None:
-        _one_of("engine.backend", self.backend, ("single", "deepspeed"))
+        _one_of("engine.backend", self.backend, ("single", "ddp", "deepspeed"))
         _one_of("engine.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("engine.precision", self.precision, ("auto", "fp32", "bf16"))
         _one_of("engine.kernels", self.kernels, ("auto", "triton", "reference"))
@@ -516,9 +576,16 @@ class EngineConfig:
         _check(self.steps >= 0 and self.grad_accum >= 1, "engine.steps >= 0, engine.grad_accum >= 1")
         _check(self.log_every >= 1 and self.ckpt_every >= 0 and self.keep_last >= 1,
                "engine.log_every >= 1, engine.ckpt_every >= 0, engine.keep_last >= 1")
+        _check(self.ckpt_every_s >= 0 and self.ckpt_write_failures >= 1,
+               f"engine.ckpt_every_s={self.ckpt_every_s} must be >= 0 and "
+               f"engine.ckpt_write_failures={self.ckpt_write_failures} >= 1")
         _check(self.zero_stage in (1, 2, 3), f"engine.zero_stage={self.zero_stage} must be 1, 2 or 3")
         _check(self.peak_tflops >= 0, f"engine.peak_tflops={self.peak_tflops} must be >= 0")
         _check(self.time_budget_s >= 0, f"engine.time_budget_s={self.time_budget_s} must be >= 0")
+        try:
+            parse_duration(self.stop_after)
+        except ValueError as e:
+            raise ConfigError(f"engine.stop_after: {e}") from None
         _check(self.diverge_grad_norm >= 0, f"engine.diverge_grad_norm={self.diverge_grad_norm} must be >= 0")
         _check(self.diverge_checks >= 0, f"engine.diverge_checks={self.diverge_checks} must be >= 0")
 
@@ -834,36 +901,6 @@ def _check_types(name: str, sec: Any) -> None:
         setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, stored(sec, f.name)))
 
 
-# Shard URL fields whose value can start a process or reach the network.
-_SHARD_FIELDS = ("train_shards", "val_shards")
-
-
-def is_untrusted_url(url: str) -> bool:
-    """A `pipe:` command or a remote URL (anything with a scheme other than file:)."""
-    parts = [p.strip() for p in str(url).split("::")]
-    return any(p.startswith("pipe:") or ("://" in p and not p.startswith("file:")) for p in parts)
-
-
-def sanitize_stored_config(d: dict[str, Any], source: str, from_cli: set[str] = frozenset()) -> dict[str, Any]:
-    """A config dict read from a file (a checkpoint, an export), with every pipe: or remote
-    shard URL the user did not give on this run's command line blanked (and a warning): a
-    downloaded file must not be able to run a command or fetch from a host of its choosing."""
-    import warnings
-
-    data = d.get("data")
-    if not isinstance(data, dict):
-        return d
-    out = {**d, "data": dict(data)}
-    for f in _SHARD_FIELDS:
-        key = f"data.{f}"
-        v = data.get(f)
-        if isinstance(v, str) and is_untrusted_url(v) and key not in from_cli:
-            out["data"][f] = ""
-            warnings.warn(f"{source} stores {key}={v[:80]!r}, a pipe: command or remote URL; it is not "
-                          f"used (pass --{key}=... on the command line to use such a URL)", stacklevel=2)
-    return out
-
-
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
 # Every preset belongs to a method (MethodSpec.presets); the registry collects them. Imported
@@ -938,11 +975,33 @@ def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool
     tree[section][name] = value
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: the directory above the ldae_fast package (site-packages when installed)."""
+
+
+def preset_data_path(pattern: str) -> str:
+    """A preset's relative shard pattern ('../shared/data/...', written from the checkout), taken
+    from the current directory when its folder is there, else from the project root: there when
+    the folder is, and otherwise too, so a missing-shard error names the absolute path it tried."""
+    parts = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        folder = Path(part).parent
+        if (part and not Path(part).is_absolute() and ":" not in part.split("/")[0]
+                and "{" not in str(folder) and not folder.is_dir()):
+            part = str(PROJECT_ROOT / part)
+        parts.append(part)
+    return "::".join(parts)
+
+
 def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) -> Config:
-    """Defaults <- preset <- overrides (strings as typed on the command line)."""
+    """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
+    paths are found from the checkout when the current directory lacks them (preset_data_path)."""
     _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
     for k, v in PRESETS[preset].items():
+        if k in {f"data.{f}" for f in SHARD_FIELDS} and isinstance(v, str):
+            v = preset_data_path(v)
         _apply(tree, k, v, from_cli=False)
     for k, v in (overrides or {}).items():
         _apply(tree, k, v, from_cli=True)
@@ -1014,12 +1073,10 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
         i += consumed
     if config_file:
         base = Config.load(config_file)
-        for f in _SHARD_FIELDS:
-            v = getattr(base.data, f)
-            _check(not is_untrusted_url(v) or f"data.{f}" in overrides,
-                   f"--config {config_file}: data.{f}={v[:80]!r} is a pipe: command or remote URL, which "
-                   f"runs a command or reaches the network, so it is taken from the command line only: "
-                   f"pass --data.{f}=... to use it")
+        for key, v in untrusted_shard_fields(base.to_dict()["data"], overrides).items():
+            _check(False, f"--config {config_file}: {key}={v[:80]!r} expands to a pipe: command or "
+                          f"remote URL, which runs a command or reaches the network, so it is taken "
+                          f"from the command line only: pass --{key}=... to use it")
         tree = base.to_dict()
         tree.pop("preset")
         for k, v in overrides.items():

@@ -8,13 +8,16 @@ Anything else is a bug and keeps Python's traceback.
 Exit codes (also in README, "Exit codes"):
   2  config or usage      a flag, a config field or a --config file
   3  non-finite loss      the loss became NaN/inf (names the step and the newest good checkpoint)
-  4  file                 a named file or directory is missing or unreadable
+  4  file                 a named file or directory is missing, unreadable or unwritable (a checkpoint write)
   5  data                 shards missing or broken, labels missing, too many bad samples
   6  checkpoint           unsafe / old-format / corrupt checkpoint, nothing intact to resume
-  7  resume mismatch      the checkpoint cannot be resumed as configured (model shape, batch split)
+  7  resume mismatch      the checkpoint cannot be resumed as configured (another model; another
+                          global batch without engine.resume_rebatch; ZeRO state on other ranks)
   8  divergence           the gradient norm stayed non-finite or above the bound
   9  run directory        another run holds the directory, or a fresh run would overwrite one
-  130 interrupted         Ctrl-C
+  10 preempted            SIGTERM / SIGUSR1 / a first Ctrl-C / engine.stop_after: a checkpoint was
+                          written; requeue with --engine.resume=auto (not an error, never 0)
+  130 interrupted         a second Ctrl-C (or one outside training): nothing written
 """
 
 from __future__ import annotations
@@ -38,9 +41,22 @@ class UsageError(UserError):
     category = "usage error"
 
 
+class SpeedSwitchError(UsageError):
+    """A speed switch that cannot run here (a missing optional package, no suitable device)."""
+
+    category = "config error"
+
+
 class FileProblem(UserError):
     exit_code = 4
     category = "file error"
+
+
+class DataError(RuntimeError, UserError):
+    """The data cannot be read as configured; the message says what and where."""
+
+    exit_code = 5
+    category = "data error"
 
 
 class CheckpointError(UserError):
@@ -62,8 +78,16 @@ class RunDirError(UserError):
     category = "run directory error"
 
 
+class Preempted(UserError):
+    """The run stopped early on request after writing a checkpoint to resume from."""
+
+    exit_code = 10
+    category = "preempted"
+
+
 EXIT_CODES = {"config": 2, "non-finite": 3, "file": 4, "data": 5, "checkpoint": 6,
-              "resume-mismatch": 7, "divergence": 8, "run-dir": 9, "interrupted": 130}
+              "resume-mismatch": 7, "divergence": 8, "run-dir": 9, "preempted": 10,
+              "interrupted": 130}
 
 
 class ArgParser(argparse.ArgumentParser):

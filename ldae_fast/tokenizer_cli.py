@@ -9,9 +9,7 @@ from pathlib import Path
 
 from .config import parse_cli
 from .errors import UsageError, run_cli
-from .tokenizers import TOKENIZERS, fit_config, fit_pca
-
-FIT_KINDS = tuple(k for k, spec in TOKENIZERS.items() if spec.fitted)
+from .tokenizer_kinds import FIT_KINDS  # noqa: E402 - torch-free, so --help answers at once
 
 
 def default_out(cfg) -> str:
@@ -94,6 +92,7 @@ def _main(argv: list[str], cmd: str) -> int:
     if Path(out).is_dir():
         raise UsageError(f"--out {out} is a directory; give the .safetensors file to write")
     from .data import build_train_stream
+    from .tokenizers import fit_config, fit_pca
 
     if cfg.tokenizer.kind != "pca":
         return _fit_learned(cfg, out, build_train_stream)
@@ -124,6 +123,8 @@ def _main(argv: list[str], cmd: str) -> int:
 
 
 def _fit_learned(cfg, out: str, build_train_stream) -> int:
+    from .tokenizers import TOKENIZERS, fit_config
+
     t0 = time.time()
 
     def log(msg: str) -> None:

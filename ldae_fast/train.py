@@ -11,13 +11,12 @@ import importlib.util
 import time
 from pathlib import Path
 
-import torch
-
 from .config import Config, parse_cli
-from .errors import UsageError, run_cli
+from .errors import UsageError, one_line, run_cli
 
 USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--section.field=value ...]
                        [--kernels auto|triton|reference] [--resume auto|PATH] [--out DIR] [--debug]
+                       [--version]
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
          diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith, diffmae-video-demo,
@@ -49,12 +48,20 @@ def usage(argv: list[str] = ()) -> str:
     return f"{USAGE}\nfields (type, default, what it does):\n{config_help(preset)}\n"
 
 
+PROBE_SEED = 0
+"""The probe head's seed: `ldae-fast eval --seed`'s default, so both print one number."""
+
+
 def finish_demo(cfg: Config, result, log=print) -> dict:
     """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
     encoder of the same architecture (the floor), the raw pixels and chance; returns every number
     it printed (train.write_results stores them)."""
+    import torch
+
     from .data import build_eval_arrays
-    from .eval.features import probe_encoder, probe_view
+    from .data.badsamples import DataError
+    from .device import resolve_device
+    from .eval.features import feature_settings, probe_encoder, probe_view
     from .eval.knn import knn_classify
     from .eval.linear_probe import train_head_cached
     from .methods import build_model, spec_for
@@ -75,14 +82,23 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         out["figure"] = str(path)
     if cfg.eval.probe:
         t0 = time.time()
-        train_arr = build_eval_arrays(cfg, "train")
-        val_arr = build_eval_arrays(cfg, "val")
+        try:
+            train_arr = build_eval_arrays(cfg, "train")
+            val_arr = build_eval_arrays(cfg, "val")
+        except DataError as e:  # the user's own shards may carry no labels: pretraining needs none
+            log(f"linear probe and kNN skipped: {one_line(e)}")
+            return out
         torch.manual_seed(cfg.engine.seed)
         rand_model = build_model(cfg).eval()
         ks = [int(k) for k in cfg.eval.knn_k.split(",") if k.strip()]
         k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
         scores = {}
-        method = result.method.to("cpu")
+        # The protocol of `ldae-fast eval --protocols linear-fast` with its defaults (device auto,
+        # its feature precision, head seed 0, the EMA weights), so eval on the checkpoint prints the
+        # same probe number; features in bf16 on a GPU and fp32 on a CPU move it by a point or two.
+        device = resolve_device("auto")
+        method = result.method.to(device)
+        model, rand_model = model.to(device), rand_model.to(device)
         bs = cfg.eval.probe_batch_size
         sources = {
             "pretrained": lambda: _encoder_features(probe_view(probe_encoder(model, cfg), cfg, method), train_arr,
@@ -97,7 +113,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
             feats = feats_of()  # one feature pass serves both the probe and the kNN
             torch.manual_seed(cfg.engine.seed)
             probe = train_head_cached(feats[0], train_arr[1], feats[1], val_arr[1], epochs=cfg.eval.probe_epochs,
-                                      batch_size=bs, blr=cfg.eval.probe_blr, seed=0)
+                                      batch_size=bs, blr=cfg.eval.probe_blr, seed=PROBE_SEED)
             # Centred on the train mean: a random encoder's features share one large direction
             # that swamps the cosine similarity; removing it is fair to every row.
             mu = feats[0].mean(0, keepdim=True)
@@ -107,9 +123,11 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
         (ours, ours_knn), (floor, floor_knn) = scores["pretrained"], scores["random-init"]
         raw, raw_knn = scores["raw pixels"]
         seconds = time.time() - t0
-        log(f"frozen-encoder evaluation ({len(train_arr[1])} train / {len(val_arr[1])} val images; linear "
-            f"probe: {cfg.eval.probe_epochs} epochs on cached features; kNN: k={k}, centred features; "
-            f"{seconds:.0f}s):\n"
+        weights = "EMA" if result.ema is not None else "trained"
+        log(f"frozen-encoder evaluation of the {weights} weights ({len(train_arr[1])} train / {len(val_arr[1])} "
+            f"val images; linear probe: {cfg.eval.probe_epochs} epochs on cached features, seed {PROBE_SEED}, "
+            f"{feature_settings(device)}, as `ldae-fast eval --checkpoint {cfg.engine.out_dir}`; kNN: k={k}, "
+            f"features centred on the train mean (eval's knn rows: raw features); {seconds:.0f}s):\n"
             f"                        probe top-1   kNN top-1\n"
             f"  pretrained encoder    {ours:10.1f}%  {ours_knn:9.1f}%\n"
             f"  random-init encoder   {floor:10.1f}%  {floor_knn:9.1f}%\n"
@@ -120,10 +138,20 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
                    eval_settings=dict(train_images=len(train_arr[1]), val_images=len(val_arr[1]),
                                       probe_epochs=cfg.eval.probe_epochs, probe_blr=cfg.eval.probe_blr,
                                       probe_batch_size=bs, knn_k=k, knn_features="centred",
-                                      probe_head_seed=0, torch_seed_before_each_probe=cfg.engine.seed,
+                                      probe_head_seed=PROBE_SEED, torch_seed_before_each_probe=cfg.engine.seed,
+                                      weights=weights, features=feature_settings(device),
                                       random_init_seed=cfg.engine.seed),
                    eval_seconds=seconds)
     return out
+
+
+def epilogue_skip_reason(cfg: Config) -> str:
+    """Why the demo's figure and probe cannot run on this config's data ('' when they can): they
+    read held-out images, which shard data names in data.val_shards."""
+    if cfg.data.source in ("wds", "resident") and not cfg.data.val_shards.strip():
+        return ("data.val_shards is not set (they evaluate on held-out images; set it, or run "
+                "`ldae-fast eval` on the checkpoint later)")
+    return ""
 
 
 def _encoder_features(enc, train_arr, val_arr, batch_size: int):
@@ -142,6 +170,8 @@ def write_results(cfg: Config, argv: list[str], pretraining: dict, demo: dict) -
     import json
     import platform
     from datetime import datetime, timezone
+
+    import torch
 
     rec = {
         "schema": 1, "preset": cfg.preset, "seed": cfg.engine.seed, "argv": list(argv),
@@ -163,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if "--version" in argv:
+        from . import __version__
+        print(f"ldae-fast {__version__} (train.py)")
+        return 0
     if any(a in ("-h", "--help") for a in argv):
         print(usage(argv))
         return 0
@@ -180,6 +214,9 @@ def _main(argv: list[str]) -> int:
                              "pip install 'ldae-fast[scale]' (or run on one device with --engine.backend=single)")
         from .engine.deepspeed_backend import DeepSpeedBackend
         backend_factory = DeepSpeedBackend
+    elif cfg.engine.backend == "ddp":
+        from .engine.ddp_backend import DDPBackend
+        backend_factory = DDPBackend
     t0 = time.time()
     result = train(cfg, backend_factory=backend_factory)
     if result.model is None or result.steps == 0:
@@ -197,8 +234,12 @@ def _main(argv: list[str]) -> int:
             from .eval.reader import load_for_eval
             _, model, _ = load_for_eval(result.checkpoint)
             result.model, result.ema = model, None
-        demo = finish_demo(cfg, result)
-        print(f"results: {write_results(cfg, argv, pretraining, demo)}")
+        skip = epilogue_skip_reason(cfg)
+        if skip:
+            print(f"figure and linear probe skipped: {skip}")
+        else:
+            demo = finish_demo(cfg, result)
+            print(f"results: {write_results(cfg, argv, pretraining, demo)}")
     if is_main:
         print(f"run directory: {cfg.engine.out_dir} (config.json, metrics.jsonl, checkpoints/)")
     return 0

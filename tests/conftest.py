@@ -7,6 +7,16 @@ from pathlib import Path
 if os.environ.get("LDAE_GPU_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# DeepSpeed's CPU ranks compile a C++ all-reduce extension on first use (minutes on a loaded
+# 2-core machine). torch keeps one build directory per user, and two checkouts of this project
+# (their venv paths are in the build flags) rebuild it for each other in turn, each waiting on the
+# other's lock: one directory per checkout and interpreter, inherited by every launched rank.
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    import hashlib
+
+    _key = hashlib.sha256(f"{Path(__file__).resolve().parent.parent}|{sys.executable}".encode()).hexdigest()[:12]
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "ldae-fast" / "torch_extensions" / _key)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

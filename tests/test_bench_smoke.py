@@ -57,7 +57,8 @@ def test_failing_variant_is_a_row_and_the_others_stand():
     def factory():
         def boom():
             raise RuntimeError("adaln_layernorm: no launch configuration fits this GPU")
-        return {"eager": lambda: torch.ones(8).sum(), "compiled": boom, "triton": lambda: torch.ones(8).sum()}, 64
+        return ({"eager": lambda: torch.ones(8).sum(), "compiled": boom, "triton": lambda: torch.ones(8).sum()},
+                bench.Traffic(64, "2 token passes", 2))
 
     rows = bench.measure_case("adaln_ln_fwd", "fp32", 2, {"T": 3, "C": 8}, "T3 C8", factory,
                               bench.Timer(False, 1, 1), 1.0, False, SimpleNamespace(profile=None))
@@ -65,4 +66,31 @@ def test_failing_variant_is_a_row_and_the_others_stand():
     assert by["compiled"]["status"].startswith("failed: RuntimeError: adaln_layernorm: no launch")
     assert by["compiled"]["ms"] is None
     assert by["triton"]["status"] == "ok" and by["triton"]["ms"] > 0
+    assert by["triton"]["bytes"] == 64 and by["triton"]["passes"] == "2 token passes" and by["triton"]["min_passes"] == 2
     assert by["triton"]["speedup_vs_eager"] > 0 and by["triton"]["speedup_vs_compiled"] is None
+
+
+def test_kernel_bytes_are_what_each_kernel_moves():
+    """The loss forward + backward counts the 5 image passes its kernels make plus the projection
+    written and read (not the 3 an op needs at least), the adaLN forward + backward 5 token passes
+    in their own dtypes (y and dy in the output dtype) plus mean / rstd, and each row says so."""
+    import torch
+
+    bench = load_bench("kernels")
+    cpu = torch.device("cpu")
+    B, S, p, d = 2, 32, 4, 16
+    img = B * 3 * S * S * 4
+    small = d * 3 * p * p * 4 + 3 * p * p * 4 + 2 * B * 4
+    _, t = bench.make_variants("loss_fwdbwd", B, S, S, p, d, torch.float32, cpu, None)
+    N = (S // p) ** 2
+    assert t.bytes == 5 * img + 2 * B * N * d * 4 + small and t.passes.startswith("5 image passes") and t.min_passes == 3
+    _, t = bench.make_variants("noise", B, S, S, p, d, torch.bfloat16, cpu, None)
+    assert t.bytes == 2 * img // 2 + small and t.min_passes == 2
+
+    B, T, C = 2, 9, 48
+    dt = bench.adaln_dtypes("fp32+bf16>bf16")
+    assert dt == (torch.float32, torch.bfloat16, torch.bfloat16)
+    fns, t = bench.make_adaln_variants("adaln_ln_fwdbwd", B, T, C, dt, cpu, None)
+    x4, y2, stats, mod = B * T * C * 4, B * T * C * 2, 8 * B * T, 2 * B * C * 2
+    assert t.bytes == 3 * x4 + 2 * y2 + 2 * stats + 2 * mod and t.passes.startswith("5 token passes")
+    assert fns["eager"]()[0].dtype == torch.float32  # dx in x's dtype; y was bf16

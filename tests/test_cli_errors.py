@@ -187,3 +187,42 @@ def test_real_process_exit_status(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == C["config"] and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("train.py: config error: noise.sigma_max")
+
+
+def _write_not_an_export(d: Path, kind: str) -> Path:
+    """A .safetensors path holding something `ldae-fast export` did not write."""
+    import torch
+    from safetensors.torch import save_file
+
+    p = d / f"{kind}.safetensors"
+    if kind == "text":
+        p.write_text("this is not a safetensors file\n")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "truncated":
+        save_file({"w": torch.zeros(64, 64)}, str(p), metadata={"timm_kwargs": "{}", "ldae_config": "{}"})
+        p.write_bytes(p.read_bytes()[:200])
+    elif kind == "foreign":  # a valid safetensors file of someone else's weights
+        save_file({"w": torch.zeros(2, 2)}, str(p))
+    elif kind == "bad-metadata":
+        save_file({"w": torch.zeros(2, 2)}, str(p), metadata={"timm_kwargs": "{nope", "ldae_config": "{}"})
+    elif kind == "wrong-weights":
+        save_file({"w": torch.zeros(2, 2)}, str(p), metadata={"timm_kwargs": json.dumps({"embed_dim": 32}),
+                                                                "ldae_config": "{}"})
+    return p
+
+
+@pytest.mark.parametrize("kind, text", [("text", "not a readable safetensors file"),
+                                        ("empty", "not a readable safetensors file"),
+                                        ("truncated", "not a readable safetensors file"),
+                                        ("foreign", "not written by `ldae-fast export`"),
+                                        ("bad-metadata", "not valid JSON"),
+                                        ("wrong-weights", "do not fit")])
+def test_eval_of_a_safetensors_file_that_is_not_an_export(tmp_path, capsys, monkeypatch, kind, text):
+    monkeypatch.delenv("LDAE_DEBUG", raising=False)
+    p = _write_not_an_export(tmp_path, kind)
+    rc = _cmd("eval")(["--checkpoint", str(p), "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == C["file"] and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("ldae-fast eval: file error: ") and str(p) in lines[0] and text in lines[0]

@@ -160,7 +160,7 @@ def test_write_video_shards_cli(tmp_path):
     assert main(["write-video-shards", str(tmp_path / "src"), str(tmp_path / "out" / "c-%03d.tar")]) == 0
     raws = list(iter_video_shard(str(tmp_path / "out" / "c-000.tar"), BadSampleCounter(0.0)))
     assert sorted(r.key for r in raws) == ["clip0", "clip1", "clip2"] and all(r.label == -1 for r in raws)
-    assert main(["write-video-shards", str(tmp_path / "missing"), str(tmp_path / "o" / "c-%03d.tar")]) == 2
+    assert main(["write-video-shards", str(tmp_path / "missing"), str(tmp_path / "o" / "c-%03d.tar")]) == 4  # a missing source is a file error, as in make-shards
 
 
 def test_figure_clips_from_shards_skip_bad_ones(tmp_path):

@@ -124,8 +124,9 @@ def test_resume_refuses_another_batch_split(tmp_path):
 
     train(_cfg(tmp_path, **{"engine.steps": 4}))
     written = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    # Another global batch; (4, accumulation 2) keeps it and resumes (tests/test_reshape.py).
     for over, said in (({"data.batch_size": 4}, "data.batch_size 8 -> 4"),
-                       ({"data.batch_size": 4, "engine.grad_accum": 2}, "engine.grad_accum 1 -> 2")):
+                       ({"data.batch_size": 2, "engine.grad_accum": 2}, "engine.grad_accum 1 -> 2")):
         with pytest.raises(ResumeMismatch, match=said):
             train(_cfg(tmp_path, **{"engine.steps": 6, "engine.resume": "auto", **over}))
     # Refused before touching the run: config.json, metrics and checkpoints as they were.

@@ -26,9 +26,10 @@ LEARN_CHECK = BENCH / "learn_check.py"
 
 # The kernels against float64 at the shapes training runs ----------------------------------------
 
-# ViT-1/2L's step: 256 px, patch 16, d = 128, micro-batch 64; a DiT block's tokens (256 + class)
-# at width 1024. In the interpreter the same code at a toy size.
-REAL = {"noise": (64, 256, 16, 128), "noise-G": (64, 256, 16, 32), "loss": (64, 256, 16, 128), "adaln": (64, 257, 1024)}
+# ViT-1/2L's step at the paper's shapes: 256 px, patch 16, d = 32, micro-batch 64; a DiT block's
+# 256 tokens ('dit' layout, no class token) at width 1024; d = 128 through the general-tokenizer
+# noise (more tiles of G). In the interpreter the same code at a toy size.
+REAL = {"noise": (64, 256, 16, 32), "noise-G": (64, 256, 16, 128), "loss": (64, 256, 16, 32), "adaln": (64, 256, 1024)}
 TOY = {"noise": (2, 32, 16, 128), "noise-G": (2, 32, 16, 32), "loss": (2, 32, 16, 128), "adaln": (2, 9, 64)}
 # Below this share of the largest magnitude an error is rounding of the output dtype, not a bug.
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-9 / 10}
@@ -167,15 +168,21 @@ def _dry_run(*flags: str) -> dict[str, tuple[int, list[str]]]:
     return stages
 
 
+STAGES = ["env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests", "learn", "diffmae", "profile",
+          "switches"]
+FIRST = ("env", "train_d", "train_a", "train_c", "train_b", "kernels", "tests")
+
+
 @pytest.mark.parametrize("mode", ["gpu", "rehearse"])
 def test_stage_commands_parse_with_todays_flags(mode):
     """Every command the script would run parses with today's options, names tests that exist,
-    and on the GPU the first four limits leave the learning run at least 75 s of pretraining, so
-    a lent GPU's minutes are not lost to a renamed flag or a plan that cannot fit."""
+    runs the step first at the paper's shapes with each of the four variants in its own process
+    and slot, and on the GPU the stages before the learning run leave it at least 75 s of
+    pretraining, so a lent GPU's minutes are not lost to a renamed flag or a plan that cannot fit."""
     stages = _dry_run(*([] if mode == "gpu" else ["--rehearse"]))
-    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
+    assert list(stages) == STAGES
     ts, kb = load_bench("train_step"), load_bench("kernels")
-    for name, (_, argv) in stages.items():
+    for name, (limit, argv) in stages.items():
         scripts = [w for w in argv if w.startswith("bench/") or w == "pytest"]
         if name == "learn" and not LEARN_CHECK.exists():
             assert argv == []  # recorded as a failed stage; the rest go on
@@ -187,16 +194,27 @@ def test_stage_commands_parse_with_todays_flags(mode):
             args = ts.parse_args(argv[argv.index("bench/train_step.py") + 1:])
             vals, _, _ = ts.resolve(args)
             plan = ts.resolve_plan(args, vals)
-            if name == "train":
-                assert [k for _, keys in plan for k in keys] == ["a", "c", "d", "d", "b"]
-                assert args.json.endswith("train_step.json")
+            if name.startswith("train_"):
+                key = name.split("_")[1]
+                assert [k for _, keys in plan for k in keys][0] == key and limit >= 40
+                assert plan[0][0] == "auto" and args.append and args.json.endswith("train_step.json")
+                assert args.layout == "dit" and args.method == "ldae"
                 if mode == "gpu":
-                    assert args.sizes == "halfL" and plan == [(128, ["a", "c", "d"]), (256, ["d"]), (128, ["b"])]
+                    # The paper's shapes: the GPU defaults, no flag overriding them.
+                    assert args.sizes == "halfL" and args.latent_dim is args.img_size is args.patch_size is None
+                    assert {k: ts.GPU_DEFAULTS[k] for k in ("latent_dim", "img_size", "patch_size")} == \
+                        {"latent_dim": 32, "img_size": 256, "patch_size": 16}
             elif name == "diffmae":
                 assert args.method == "diffmae" and args.json.endswith("diffmae_step.json")
-                assert [k for _, keys in plan for k in keys] == ["a", "c", "d"] and args.budget_s is not None
+                assert args.decoder_kind == "cross_self" and args.decoder_topdown == "deepest_first"
+                assert args.budget_s is not None
+                assert [k for _, keys in plan for k in keys] == ["d", "a"]
                 if mode == "gpu":
-                    assert args.sizes == "L,B" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
+                    assert args.sizes == "L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
+            elif name == "switches":
+                keys = plan[0][1]
+                assert plan[0][0] == "auto" and args.append and args.json.endswith("train_step.json")
+                assert keys and all(k in ts.SWITCHES for k in keys) and args.budget_s is not None
             else:
                 assert plan[0][1] == ["d"] and args.profile and args.no_write
         elif "bench/learn_check.py" in scripts:
@@ -216,14 +234,18 @@ def test_stage_commands_parse_with_todays_flags(mode):
                 assert (ROOT / path).exists(), t
                 assert not test or f"def {test}(" in (ROOT / path).read_text(), t
     if mode == "gpu":
-        first_four = sum(stages[s][0] for s in ("env", "tests", "kernels", "train"))
+        # (b)'s slot is its own limit or what the train slots left; the dry run shows its own.
         text = SCRIPT.read_text()
+        first = sum(stages[s][0] for s in FIRST if not s.startswith("train_")) + int(
+            re.search(r"TRAIN_TOTAL=(\d+)", text)[1])
+        assert sum(stages[s][0] for s in FIRST if s.startswith("train_")) == int(
+            re.search(r"TRAIN_TOTAL=(\d+)", text)[1])
         total = int(re.search(r"GPU_CHECK_TOTAL_S:-(\d+)", text)[1])
         extra = int(re.search(r"LEARN_EXTRA=(\d+)", text)[1])
-        assert total <= 540 and total - first_four - extra - 10 >= 75, (total, first_four)
+        assert total <= 540 and total - first - extra - 10 >= 75, (total, first)
         # The diffmae stage's reserve gives way before those 75 s do.
         assert int(re.search(r"LEARN_KEEP=(\d+)", text)[1]) >= 75
-        assert f"limits add up to {first_four} s" in text
+        assert f"add up to {first} s" in text
 
 
 def test_device_call_is_the_same_in_the_header_and_the_readme():
@@ -302,7 +324,7 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LDAE_GPU_TESTS"}
     env.update(OUT=str(out), PYTHON=sys.executable, LDAE_TEST_THREADS="1", OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", str(SCRIPT), "--rehearse"], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=420)
+                       timeout=540)
     log = r.stdout + r.stderr
     learn = LEARN_CHECK.exists()
     assert r.returncode == (0 if learn else 1), log[-4000:]
@@ -319,14 +341,22 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
     assert "bash bench/gpu_check.sh --rehearse" in meta["command"] and meta["git_commit"]
     assert meta["data"]["dir"] and meta["files"]["learn.json"] == "learn_check"
     stages = {row["stage"]: row for row in envj["rows"]}
-    assert list(stages) == ["env", "tests", "kernels", "train", "learn", "diffmae", "profile"]
+    assert list(stages) == STAGES
     for name, row in stages.items():
         if name == "learn" and not learn:
             assert row["status"].startswith("failed: bench/learn_check.py is not in this tree")
         else:
             assert row["status"] == "ok", row
     assert stages["tests"]["passed"] >= 6 and "failed" not in stages["tests"]
-    assert stages["train"]["rows"] == 5 and stages["kernels"]["rows_ok"] == stages["kernels"]["rows"] > 0
+    # Each variant's process appended to the one file: (d) at 'auto' and 'max', then a, c, b,
+    # then (d) with a speed switch each (the CUDA graph refused on CPU in its row, in one line).
+    assert [stages[f"train_{k}"]["rows"] for k in "dacb"] == [2, 3, 4, 5] and stages["switches"]["rows"] == 7
+    steps = json.loads((out / "train_step.json").read_text())["rows"]
+    assert [r["variant"] for r in steps] == ["d", "d", "a", "c", "b", "d+bf16res", "d+stepgraph"]
+    assert all(r["status"] == "ok" and r["layout"] == "dit" and r["tokens"] == 64 for r in steps[:6])
+    assert all(r["vs_a"] and r["vs_b"] and r["vs_c"] for r in steps[:5] if r["batch"] == steps[0]["batch"])
+    assert steps[5]["vs_d"] and "CUDA graphs need a CUDA device" in steps[6]["status"]
+    assert stages["kernels"]["rows_ok"] == stages["kernels"]["rows"] > 0
 
     kern = json.loads((out / "kernels.json").read_text())
     assert kern["meta"]["copy_GBps"] > 0 and kern["meta"]["complete"] is True
@@ -337,16 +367,19 @@ def test_rehearsal_returns_what_a_gpu_run_would(tmp_path):
 
     ts = json.loads((out / "train_step.json").read_text())
     got = [(row["batch"], row["variant"], row["status"]) for row in ts["rows"]]
-    assert got[:4] == [(4, "a", "ok"), (4, "c", "ok"), (4, "d", "ok"), (8, "d", "ok")], got
-    assert got[4][:2] == (4, "b") and got[4][2] in ("ok", "skipped: time budget (--budget-s 60)")
-    assert ts["meta"]["plan"] == "4:a,c,d;8:d;4:b" and ts["meta"]["git_commit"]
+    assert got[:5] == [(4, "d", "ok"), (8, "d", "ok"), (4, "a", "ok"), (4, "c", "ok"), (4, "b", "ok")], got
+    assert [r.get("batch_rule", "").split(":")[0] for r in ts["rows"][:5]] == ["auto", "max", "auto", "auto", "auto"]
+    # One file, every process's command; the targets judged on all the rows (not met on a CPU).
+    assert len(ts["meta"]["commands"]) == 5 and ts["meta"]["git_commit"]
+    assert {t["status"] for t in ts["meta"]["targets"]} == {"not judged: a CPU smoke run"}
     assert "|" in (out / "profile.md").read_text()
     dm = json.loads((out / "diffmae_step.json").read_text())
-    assert [(r["model"], r["variant"], r["status"]) for r in dm["rows"]] == [
-        ("DiffMAE tiny", v, "ok") for v in ("a", "c", "d")]
-    assert stages["diffmae"]["rows_ok"] == 3 and dm["meta"]["method"] == "diffmae"
+    assert [(r["model"], r["variant"], r["decoder_kind"], r["decoder_topdown"], r["status"]) for r in dm["rows"]] == [
+        ("DiffMAE tiny", v, "cross_self", "deepest_first", "ok") for v in ("d", "a")]
+    assert all(r["train_flops_per_image"] > 0 for r in dm["rows"])
+    assert stages["diffmae"]["rows_ok"] == 2 and dm["meta"]["method"] == "diffmae"
     log_text = (out / "gpu_check.log").read_text()
-    assert "stage train: exit 0" in log_text and "stage diffmae: exit 0" in log_text
+    assert "stage train_b: exit 0" in log_text and "stage diffmae: exit 0" in log_text
     # The summary is printed at the end rather than returned as a file of its own.
     assert "### train_step" in log_text.split("done; files in")[-1]
 

@@ -27,6 +27,8 @@ LAYERS = {
     "ldae_fast.markers": 1,  # NVTX phase markers: a leaf that models, methods and engine share
     "ldae_fast.lr_schedule": 1,  # warm-up + cosine, shared by the trainer, the tokenizer fits and eval
     "ldae_fast.device": 1,  # device, autocast, eval mode: shared by engine, methods, eval, bench
+    "ldae_fast.tokenizer_kinds": 1,  # the tokenizer names, torch-free: config validates against them
+    "ldae_fast.shard_urls": 1,  # shard URL grammar + trust rule, pure strings: config and data read it
     "ldae_fast.kernels": 2,
     "ldae_fast.config": 2,
     "ldae_fast.tokenizers": 3,
@@ -53,7 +55,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     # names objective.method / noise.schedule / tokenizer.kind are checked against the registries
     # (issue 24). Removing them: the registries register into the config mechanism instead.
     ("ldae_fast.config", "ldae_fast.methods"),
-    ("ldae_fast.config", "ldae_fast.tokenizers"),
 }
 
 

@@ -36,10 +36,13 @@ def test_bench_readme_flop_figures_are_the_codes():
 
     text = " ".join((ROOT / "bench" / "README.md").read_text().split())
     for size in ("halfL", "B"):
-        m = ModelConfig(size=size, patch_size=16)
+        # The bench's layout, the paper's 'dit' (N tokens); 'mae' (N + 1) is quoted in brackets.
+        m = ModelConfig(size=size, patch_size=16, layout="dit")
         N, w, p = (256 // 16) ** 2, m.width, 16
         blocks = m.encoder_depth + m.decoder_depth
         round_fwd = blocks * N * (24 * w * w + 4 * N * w) + 2 * N * (3 * p * p) * w + 2 * N * w * (3 * p * p)
         ours = train_flops_per_image(m, 256)[1] / 1e9
         quoted = f"{ours:.1f} against {3 * round_fwd / 1e9:.1f}"
         assert re.search(re.escape(quoted), text), (size, quoted)
+        mae = train_flops_per_image(ModelConfig(size=size, patch_size=16, layout="mae"), 256)[1] / 1e9
+        assert f"{mae:.1f}" in text, (size, mae)

@@ -154,6 +154,49 @@ def _export_with_config(trained, tmp_path, data: dict) -> Path:
     return path
 
 
+# Shard strings that become a command or a remote URL only after `::` splitting, brace expansion
+# or normalisation (MARK: a file the command would create). The first three are issue 21's.
+ATTACKS = [
+    "{pipe:touch MARK,pipe:touch MARK2}",
+    "{pipe:,x}touch MARK",
+    "{http:,x}//127.0.0.1:9/x.tar",
+    " PIPE:touch MARK",
+    "Pipe:touch MARK",
+    "a.tar::pipe:touch MARK",
+    "{a::pipe:touch MARK,b}",
+    "{{pipe:,x}touch MARK,y}",
+    "{x, pipe:touch MARK}",
+    "HTTPS://127.0.0.1:9/x-{0..1}.tar",
+    "{s3,x}://bucket/x.tar",
+    "pipe:sh -c 'touch MARK'",
+]
+
+
+@pytest.fixture
+def no_process(monkeypatch):
+    """Fail the test if the shard reader starts any process (a pipe: command or curl)."""
+    from ldae_fast.data import urls
+
+    def refuse(argv, *a, **k):
+        raise AssertionError(f"the reader started {argv!r}")
+
+    monkeypatch.setattr(urls.subprocess, "Popen", refuse)
+
+
+def _attack(template: str, tmp_path: Path) -> str:
+    return template.replace("MARK2", str(tmp_path / "marker2")).replace("MARK", str(tmp_path / "marker"))
+
+
+def _nothing_ran(tmp_path: Path) -> bool:
+    return not (tmp_path / "marker").exists() and not (tmp_path / "marker2").exists()
+
+
+def _one_error_line(capsys, prog: str, category: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: {category}: "), err
+    return err[0]
+
+
 @pytest.mark.parametrize("field", ["train_shards", "val_shards"])
 def test_pipe_in_an_exported_config_never_runs(trained, tmp_path, field):
     from ldae_fast.eval.driver import main
@@ -166,14 +209,85 @@ def test_pipe_in_an_exported_config_never_runs(trained, tmp_path, field):
     assert rc == 5 and not marker.exists()  # the blanked shard list is a data error
 
 
-def test_remote_url_in_a_checkpoint_config_is_dropped(trained, tmp_path):
+@pytest.mark.parametrize("template", ATTACKS)
+def test_expanded_pipe_in_an_export_never_runs(trained, tmp_path, template, capsys, no_process):
+    from ldae_fast.eval.driver import main
+
+    bad = _attack(template, tmp_path)
+    path = _export_with_config(trained, tmp_path, {"source": "wds", "epoch_size": 8,
+                                                   "train_shards": bad, "val_shards": bad})
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="data.train_shards") as got:
+        rc = main(["--checkpoint", str(path), "--out", str(tmp_path / "ev"), "--no-baseline"])
+    assert any("data.val_shards" in str(w.message) for w in got)
+    assert rc == 5 and _nothing_ran(tmp_path)
+    assert "is empty" in _one_error_line(capsys, "ldae-fast eval", "data error")
+
+
+def _checkpoint_with_data(trained, tmp_path, data: dict) -> Path:
     run = _copy_run(trained, tmp_path / "run")
     d = ck.latest_checkpoint(run)
     st = torch.load(d / "state.pt", weights_only=True)
-    st["config"]["data"].update(source="wds", train_shards="https://evil.example/x-{0..3}.tar",
-                                val_shards="pipe:sh -c 'touch m'", epoch_size=8)
+    st["config"]["data"].update(data)
     torch.save(st, d / "state.pt")
     _rehash(d)
+    return d
+
+
+@pytest.mark.parametrize("template", ATTACKS)
+def test_expanded_pipe_in_a_checkpoint_config_never_runs(trained, tmp_path, template, capsys, no_process):
+    from ldae_fast.eval.driver import main
+
+    bad = _attack(template, tmp_path)
+    d = _checkpoint_with_data(trained, tmp_path, {"source": "wds", "epoch_size": 8,
+                                                  "train_shards": bad, "val_shards": bad})
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="expands to a pipe: command or remote URL"):
+        rc = main(["--checkpoint", str(d), "--out", str(tmp_path / "ev"), "--no-baseline"])
+    assert rc == 5 and _nothing_ran(tmp_path)
+    _one_error_line(capsys, "ldae-fast eval", "data error")
+
+
+@pytest.mark.parametrize("template", ATTACKS)
+def test_expanded_pipe_in_a_config_file_never_runs(tmp_path, template, capsys, no_process):
+    from ldae_fast.train import main
+
+    bad = _attack(template, tmp_path)
+    cfg = build_config("demo", {"data.source": "wds", "data.epoch_size": "8", "engine.steps": "1",
+                                "engine.out_dir": str(tmp_path / "run")})
+    cfg.data.train_shards = cfg.data.val_shards = bad
+    cfg.save(tmp_path / "c.json")
+    capsys.readouterr()
+    rc = main(["--config", str(tmp_path / "c.json")])
+    assert rc == 2 and _nothing_ran(tmp_path)
+    line = _one_error_line(capsys, "train.py", "config error")
+    assert "c.json" in line and "data.train_shards" in line
+    # Typed on the command line, the same string is the user's choice (not run here: parse only).
+    got, _ = parse_cli(["--config", str(tmp_path / "c.json"), f"--data.train_shards={bad}",
+                        f"--data.val_shards={bad}"])
+    assert got.data.train_shards == bad
+
+
+@pytest.mark.parametrize("template", ATTACKS[:3])
+def test_export_does_not_copy_an_expanded_pipe(trained, tmp_path, template, no_process):
+    from safetensors import safe_open
+
+    from ldae_fast.eval.export import main
+
+    bad = _attack(template, tmp_path)
+    d = _checkpoint_with_data(trained, tmp_path, {"source": "wds", "epoch_size": 8, "train_shards": bad})
+    with pytest.warns(UserWarning, match="data.train_shards"):
+        assert main([str(d), str(tmp_path / "exp")]) == 0
+    with safe_open(str(tmp_path / "exp" / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ldae_config"])["data"]["train_shards"] == ""
+    assert "pipe:" not in meta["ldae_config"].lower() and "http" not in meta["ldae_config"].lower()
+    assert _nothing_ran(tmp_path)
+
+
+def test_remote_url_in_a_checkpoint_config_is_dropped(trained, tmp_path):
+    d = _checkpoint_with_data(trained, tmp_path, {"source": "wds", "train_shards": "https://evil.example/x-{0..3}.tar",
+                                                  "val_shards": "pipe:sh -c 'touch m'", "epoch_size": 8})
     with pytest.warns(UserWarning, match="not used"):
         cfg, _, _ = load_for_eval(d)
     assert cfg.data.train_shards == "" and cfg.data.val_shards == ""

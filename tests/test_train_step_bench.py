@@ -47,8 +47,10 @@ def test_one_row_per_variant_with_throughput(smoke):
 
 def test_flops_are_three_forwards(smoke):
     rows, meta, _ = smoke
-    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4), 32)
-    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none"), 32)
+    # The paper's layout: N tokens, no class token (the bench's default, --layout dit).
+    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit"), 32)
+    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none", layout="dit"), 32)
+    assert all(r["layout"] == "dit" and r["tokens"] == 64 for r in rows)
     for r in rows:
         fwd = peer if r["variant"] == "c" else ours
         assert r["fwd_flops_per_image"] == fwd
@@ -274,3 +276,40 @@ def test_budget_skips_later_variants_and_json_is_the_one_file(ts, tmp_path, monk
     assert data["meta"]["complete"] is True and data["meta"]["plan"] == "2:a,c;4:d" and len(data["rows"]) == 3
     assert rows[1]["vs_a"] == 1.0 and rows[2]["vs_d"] is None
     assert meta["results"] == [str(tmp_path / "ts.json")]
+
+
+@pytest.mark.parametrize("gib", [24, 40, 79.1, 139.8, 400])
+def test_memory_batch_is_the_largest_the_estimate_fits(ts, gib):
+    """'auto' is the largest power of two (<= 256) at which every one of (a)-(d) fits the share of
+    the card's memory by the estimate, 'max' the same for (d) alone; math attention (a, b) is
+    estimated hungrier than (c), (d), so 'auto' never exceeds 'max'."""
+    s = ts.Setup(size="halfL", batch=1, img_size=256, patch_size=16, latent_dim=32,
+                 device=torch.device("cpu"), amp=None, warmup=0, steps=1)
+    total = gib * 2**30
+    params = ts._param_count(s)
+
+    def fits(b, variants):
+        t = ts.Setup(**{**s.__dict__, "batch": b})
+        return all(ts.estimated_memory_bytes(t, v, params) <= ts.MEMORY_FRACTION * total for v in variants)
+
+    for rule, variants in (("auto", "abcd"), ("max", "d")):
+        b = ts.memory_batch(rule, s, total)
+        assert b == 1 or fits(b, variants), (rule, b)
+        assert b == ts.MAX_BATCH or not fits(2 * b, variants), (rule, b)
+    assert ts.memory_batch("auto", s, total) <= ts.memory_batch("max", s, total)
+    big = ts.Setup(**{**s.__dict__, "batch": 64})
+    assert ts.estimated_memory_bytes(big, "a", params) > ts.estimated_memory_bytes(big, "d", params)
+
+
+def test_plan_takes_memory_batches_and_targets_are_judged_in_the_output(ts):
+    args = ts.parse_args(["--plan", "auto:d;max:d;64:a"])
+    assert ts.resolve_plan(args, {}) == [("auto", ["d"]), ("max", ["d"]), (64, ["a"])]
+    with pytest.raises(SystemExit, match="auto / max"):
+        ts.resolve_plan(ts.parse_args(["--plan", "most:d"]), {})
+    rows = [dict(variant="d", status="ok", mfu=0.6, vs_a=2.5, vs_b=1.1, vs_c=None),
+            dict(variant="d", status="OOM", mfu=None, vs_a=9.0),
+            dict(variant="d+fp8", status="failed: SpeedSwitchError: ...", vs_d=None)]
+    # MFU, vs (a), vs (b), vs (c) (none measured), FP8 (its row failed); the OOM row is not a result.
+    got = [t["status"] for t in ts.judge_targets(rows)]
+    assert got == ["met", "met", "not met", "not measured", "not measured"]
+    assert {t["status"] for t in ts.judge_targets(rows, smoke=True)} == {"not judged: a CPU smoke run"}

@@ -13,27 +13,34 @@ Entry points for the rest of the package:
 - `write_shards` and the `ldae-fast make-shards` CLI (`shards.main`).
 """
 
-from .badsamples import BadSampleCounter, DataError
-from .eval_arrays import build_eval_arrays
-from .shards import write_shards
-from .stream import TrainStream, build_train_stream
-from .synthetic import make_synthetic, synthetic_split, synthetic_val_size
-from .transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    crop_resize_flip,
-    denormalize,
-    eval_resize_size,
-    eval_transform,
-    normalize,
-    random_resized_crop_batch,
-    random_resized_crop_tensor,
-    sample_crop_box,
-    sample_crop_flip,
-    to_rgb,
-    train_transform,
-)
-from .urls import expand_urls
+import importlib
+
+# name -> submodule. Imported on first use (PEP 562), so `ldae-fast make-shards --help` and the
+# light modules (urls, shards) do not pay for torch.
+_EXPORTS = {
+    **dict.fromkeys(("BadSampleCounter", "DataError"), "badsamples"),
+    "build_eval_arrays": "eval_arrays",
+    "write_shards": "shards",
+    **dict.fromkeys(("TrainStream", "build_train_stream"), "stream"),
+    **dict.fromkeys(("make_synthetic", "synthetic_split", "synthetic_val_size"), "synthetic"),
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "crop_resize_flip", "denormalize", "eval_resize_size",
+                     "eval_transform", "normalize", "random_resized_crop_batch", "random_resized_crop_tensor",
+                     "sample_crop_box", "sample_crop_flip", "to_rgb", "train_transform"), "transforms"),
+    "expand_urls": "urls",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "denormalize", "to_rgb", "train_transform",

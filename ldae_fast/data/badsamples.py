@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import UserError
+from ..errors import DataError
 
 log = logging.getLogger("ldae_fast.data")
 
@@ -18,13 +18,6 @@ MIN_SAMPLES_BEFORE_LIMIT = 100
 # Every bad sample is logged up to this many per process; after that only every 100th, so a
 # badly broken set does not flood the log before the fraction limit trips.
 _LOG_EACH_UP_TO = 50
-
-
-class DataError(RuntimeError, UserError):
-    """The data cannot be read as configured; the message says what and where."""
-
-    exit_code = 5
-    category = "data error"
 
 
 class BadSampleCounter:

@@ -17,8 +17,11 @@ if TYPE_CHECKING:
     from ..config import Config
 
 
-def build_eval_arrays(cfg: Config, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def build_eval_arrays(cfg: Config, split: str, max_images: int | None = None, labels: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic (images float32 (M,3,S,S) normalised, labels int64 (M,)), no augmentation.
+    `labels` False: images alone are wanted (a figure), so a sample without .cls is no error
+    (its label is -1).
 
     'synthetic': the train split or the disjoint val split of the built-in set. 'wds': the
     first `max_images` readable samples of data.train_shards / data.val_shards, in shard order
@@ -65,7 +68,7 @@ def build_eval_arrays(cfg: Config, split: str, max_images: int | None = None) ->
     with ThreadPoolExecutor(max_workers=max(1, d.num_workers)) as pool:
         chunk: list[RawSample] = []
         for url in urls:
-            for raw in iter_shard(url, counter, LabelPolicy(True, d.num_classes)):
+            for raw in iter_shard(url, counter, LabelPolicy(labels, d.num_classes)):
                 chunk.append(raw)
                 if len(chunk) >= 256:
                     consume(chunk, pool)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .badsamples import BadSampleCounter, DataError
+from .placement import Placement
 from .shuffle import global_batches_per_epoch
 from .transforms import (
     eval_transform,
@@ -210,6 +211,7 @@ class ResidentStream:
         self.images = host_imgs.to(self.device)
         self.labels = host_labels.to(self.device)
         self.num_images = len(host_labels)
+        self.placement = Placement(self.num_images, d.batch_size, world_size, rank)
         self.batches = 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
         if d.epoch_size != self.num_images:
@@ -218,27 +220,24 @@ class ResidentStream:
 
     @property
     def epoch(self) -> int:
-        return self.batches // self.batches_per_epoch
+        return self.placement.epoch(self.batches)
 
     def stats(self) -> dict[str, int]:
         return {"good": self.num_images, "bad": 0}
 
     def state_dict(self) -> dict[str, Any]:
-        epoch, b = divmod(self.batches, self.batches_per_epoch)
-        return {"source": self.source, "batches": self.batches, "epoch": epoch, "batch": b,
-                "batches_per_epoch": self.batches_per_epoch, "seed": self.seed,
-                "world_size": self.world_size, "num_images": self.num_images}
+        return {"source": self.source, "batches": self.batches, **self.placement.state_dict(self.batches),
+                "batches_per_epoch": self.batches_per_epoch, "seed": self.seed, "num_images": self.num_images}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("source") != self.source:
             raise DataError(f"data position was saved for source {sd.get('source')!r}, "
                             f"this run reads {self.source!r}")
-        if int(sd.get("num_images", self.num_images)) != self.num_images or \
-                int(sd.get("world_size", self.world_size)) != self.world_size:
-            raise DataError(f"data position was saved for {sd.get('num_images')} resident images on "
-                            f"{sd.get('world_size')} rank(s); this run has {self.num_images} on "
-                            f"{self.world_size}: the epoch permutation would differ")
-        self.batches = int(sd["epoch"]) * self.batches_per_epoch + int(sd["batch"])
+        if int(sd.get("num_images", self.num_images)) != self.num_images:
+            raise DataError(f"data position was saved for {sd.get('num_images')} resident images; this "
+                            f"run has {self.num_images}: the epoch permutation would differ")
+        # Another rank count or micro-batch: the rest of the interrupted epoch is re-split.
+        self.batches = self.placement.load_state_dict(sd)[0]
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The order of epoch `epoch` (CPU int64), the same on every rank."""
@@ -249,10 +248,9 @@ class ResidentStream:
 
     def batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch j (0, 1, ... across epochs) of this rank: uint8 crops and labels on the device."""
-        epoch, b = divmod(j, self.batches_per_epoch)
-        gb = b * self.world_size + self.rank
-        idx = self.permutation(epoch)[gb * self.batch_size:(gb + 1) * self.batch_size]
-        gen = generator_for(self.seed, _TAG_RES_AUG, epoch, gb)
+        epoch, first = self.placement.locate(j)
+        idx = self.permutation(epoch)[first:first + self.batch_size]
+        gen = generator_for(self.seed, _TAG_RES_AUG, epoch, first // self.batch_size)
         idx = idx.to(self.device)
         out = random_resized_crop_batch(self.images[idx], self.img_size, self.scale, self.hflip, gen)
         return out, self.labels[idx]

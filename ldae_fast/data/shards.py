@@ -30,8 +30,6 @@ from typing import TypeVar
 
 from PIL import Image
 
-from .transforms import to_rgb
-
 log = logging.getLogger("ldae_fast.data")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -43,6 +41,8 @@ def _is_jpeg(data: bytes) -> bool:
 
 
 def _to_jpeg(path: Path) -> bytes:
+    from .transforms import to_rgb  # imports torch: not needed for --help
+
     with Image.open(path) as img:
         img.load()
         rgb = to_rgb(img)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .badsamples import BadSampleCounter, DataError
+from .placement import Placement
 from .shuffle import global_batches_per_epoch, shard_order, shuffled
 from .synthetic import synthetic_split
 from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
@@ -184,26 +185,25 @@ class WdsTrainSource(IterableDataset):
 
 class SyntheticTrainSource(IterableDataset):
     """Endless batches of the synthetic set for one rank: epoch e visits a permutation keyed on
-    (seed, e); rank r takes global batches b * world + r; batch j of this rank goes to worker
-    (j - start) mod W; augmentation is keyed on (seed, epoch, global batch)."""
+    (seed, e); rank r takes global batches b * world + r (placement.py, also after a resume on
+    another shape); batch j of this rank goes to worker (j - start) mod W; augmentation is keyed on
+    (seed, epoch, first position / micro-batch), i.e. the global batch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, img_size: int,
-                 scale: tuple[float, float], hflip: bool, seed: int, rank: int, world_size: int,
+                 scale: tuple[float, float], hflip: bool, seed: int, placement: Placement,
                  num_roles: int, start: int, normalize_in_worker: bool) -> None:
         super().__init__()
         self.images, self.labels = images, labels
         self.batch_size, self.img_size, self.scale, self.hflip = batch_size, img_size, scale, hflip
-        self.seed, self.rank, self.world_size, self.num_roles = seed, rank, world_size, num_roles
+        self.seed, self.placement, self.num_roles = seed, placement, num_roles
         self.start, self.normalize_in_worker = start, normalize_in_worker
-        self.batches_per_epoch = len(images) // (batch_size * world_size)
 
     def batch(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch j (0, 1, ... across epochs) of this rank: uint8 images and labels."""
-        epoch, b = divmod(j, self.batches_per_epoch)
+        epoch, first = self.placement.locate(j)
         perm = torch.randperm(len(self.images), generator=generator_for(self.seed, _TAG_SYN_PERM, epoch))
-        gb = b * self.world_size + self.rank
-        idx = perm[gb * self.batch_size : (gb + 1) * self.batch_size]
-        gen = generator_for(self.seed, _TAG_SYN_AUG, epoch, gb)
+        idx = perm[first : first + self.batch_size]
+        gen = generator_for(self.seed, _TAG_SYN_AUG, epoch, first // self.batch_size)
         out = random_resized_crop_batch(self.images[idx], self.img_size, self.scale, self.hflip, gen)
         return out, self.labels[idx]
 
@@ -256,25 +256,17 @@ class SyntheticSource:
             "train", d.synthetic_images, d.synthetic_classes, d.img_size, kind=d.synthetic_kind)
         self.batches_per_epoch = global_batches_per_epoch(
             len(self._images), d.batch_size, world_size, "data.synthetic_images")
+        self.placement = Placement(len(self._images), d.batch_size, world_size, rank)
 
     def epoch(self, batches: int) -> int:
-        return batches // self.batches_per_epoch
+        return self.placement.epoch(batches)
 
     def state_dict(self, batches: int) -> dict[str, Any]:
-        sd: dict[str, Any] = {}
-        sd["epoch"], sd["batch"] = divmod(batches, self.batches_per_epoch)
-        sd["batches_per_epoch"] = self.batches_per_epoch
-        return sd
+        return {**self.placement.state_dict(batches), "batches_per_epoch": self.batches_per_epoch}
 
     def load_state_dict(self, sd: dict[str, Any]) -> int:
-        epoch, b = int(sd["epoch"]), int(sd["batch"])
-        if sd.get("world_size", self.world_size) != self.world_size:
-            # Same epoch and same share of it done, split over the new number of ranks.
-            b = b * int(sd["world_size"]) // self.world_size
-            # stacklevel 3: the warning points at the caller of TrainStream.load_state_dict.
-            warnings.warn("data position saved with another world size: resuming at the same "
-                          "point of the epoch, not bit-identically", stacklevel=3)
-        return epoch * self.batches_per_epoch + min(b, self.batches_per_epoch)
+        # Another rank count or micro-batch: the rest of the interrupted epoch is re-split.
+        return self.placement.load_state_dict(sd)[0]
 
     def on_batch(self, meta: dict[str, Any]) -> None:
         pass  # the position follows from the batch count alone
@@ -284,7 +276,7 @@ class SyntheticSource:
         scale = (d.crop_min_scale, 1.0)
         return SyntheticTrainSource(
             self._images, self._labels, batch_size=d.batch_size, img_size=d.img_size, scale=scale,
-            hflip=d.hflip, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            hflip=d.hflip, seed=self.seed, placement=self.placement,
             num_roles=self.num_roles, start=batches, normalize_in_worker=normalize_in_worker)
 
 

@@ -125,6 +125,7 @@ class TrainStream:
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw["prefetch_factor"] = 2
+            kw["worker_init_fn"] = _ignore_sigint
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=pin, **kw)
         # Counts of an earlier iterator's workers are folded in; this one's workers start at 0.
         s = self.stats()
@@ -169,6 +170,14 @@ class TrainStream:
         """Stop the current iterator's workers."""
         self._it_id += 1
         self._it = None
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the workers too: they keep serving the batch the trainer needs to
+    finish its step and checkpoint (engine/preempt.py); the trainer ends them when it exits."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_stream(cfg: Config, rank: int = 0, world_size: int = 1,

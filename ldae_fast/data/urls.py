@@ -1,16 +1,16 @@
-"""Shard URLs: brace expansion, local and remote URLs, and opening one without a shell.
+"""Shard URLs: expanding a shard string and opening each URL without a shell.
 
 URLs: local paths, `file:PATH`, brace patterns (`train-{000000..000146}.tar`), several patterns
 joined by `::`, `pipe:COMMAND ARGS` (one command, split like a shell would split it but run
 without a shell, so no pipes or redirections; it writes the shard to stdout) and http(s) URLs
-(read by `curl`, the URL passed as one argument). Configs stored in checkpoints or exports never
-bring a pipe: or remote URL into effect (see config.sanitize_stored_config).
+(read by `curl`, the URL passed as one argument). The grammar (expansion, what kind each URL is)
+lives in ldae_fast/shard_urls.py, which also decides which stored strings may be used: configs
+stored in checkpoints, exports or `--config` files never bring a pipe: or remote URL into effect.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -18,61 +18,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..shard_urls import brace_expand, expand_pattern, local_path, pipe_command, url_kind
 from .badsamples import DataError
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
-
-
-def brace_expand(pattern: str) -> list[str]:
-    """Shell-style brace expansion: `{000..012}` (zero padding kept) and `{a,b,c}`."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = _RANGE.fullmatch(body)
-    if rng:
-        a_s, b_s = rng.groups()
-        a, b = int(a_s), int(b_s)
-        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-")[0] == "0" for x in (a_s, b_s))
-        width = max(len(a_s), len(b_s)) if padded else 0
-        items = [str(i).zfill(width) for i in range(a, b + 1)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        raise DataError(f"cannot expand {{{body}}} in shard pattern {pattern!r}: "
-                        f"use {{A..B}} (numbers) or {{x,y,z}}")
-    out: list[str] = []
-    for item in items:
-        out.extend(brace_expand(pattern[: m.start()] + item + pattern[m.end():]))
-    return out
 
 
 def is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and "://" not in url
-
-
-def local_path(url: str) -> str:
-    return url[len("file:"):] if url.startswith("file:") else url
+    return url_kind(url) == "local"
 
 
 def expand_urls(pattern: str, what: str = "data.train_shards", check_exists: bool = True) -> list[str]:
     """Shard URLs of a pattern (`::` separates patterns); clear errors for an empty pattern, an
     expansion to nothing, and missing local files (all named, with the pattern)."""
-    parts = [p.strip() for p in pattern.split("::") if p.strip()]
-    if not parts:
-        raise DataError(f"{what} is empty: give shard paths such as "
-                        f"'data/train-{{000000..000009}}.tar' (write them with `ldae-fast make-shards`)")
-    urls: list[str] = []
-    for part in parts:
-        got = brace_expand(part)
-        if not got:
-            raise DataError(f"{what}={pattern!r}: {part!r} expands to no shard (is a range reversed?)")
-        urls.extend(got)
+    urls = expand_pattern(pattern, what)
     for url in urls:
-        if "://" in url and not url.startswith(("http://", "https://")):
-            raise DataError(f"{what}: cannot open {url!r}; use a local path, http(s):// or "
-                            f"'pipe:COMMAND' (e.g. 'pipe:aws s3 cp {url} -')")
+        _check_readable(url, what)
     if check_exists:
         missing = [u for u in urls if is_local(u) and not os.path.isfile(local_path(u))]
         if missing:
@@ -82,13 +41,24 @@ def expand_urls(pattern: str, what: str = "data.train_shards", check_exists: boo
     return urls
 
 
+def _check_readable(url: str, what: str) -> None:
+    """Of the remote URLs, curl reads http(s) only; name the way to read the others."""
+    if url_kind(url) == "remote" and not url.strip().lower().startswith(("http://", "https://")):
+        raise DataError(f"{what}: cannot open {url!r}; use a local path, http(s):// or "
+                        f"'pipe:COMMAND' (e.g. 'pipe:aws s3 cp {url.strip()} -')")
+
+
 def command_of(url: str) -> list[str]:
     """The argv a remote or pipe: URL is read with; never a shell command line."""
-    if url.startswith(("http://", "https://")):
+    kind = url_kind(url)
+    if kind == "local":
+        raise ValueError(f"{url!r} is a local path, opened as a file, not by a command")
+    if kind == "remote":
+        _check_readable(url, "shard URL")
         # "--" ends curl's options: a URL cannot smuggle in a flag.
-        return ["curl", "-fsSL", "--", url]
+        return ["curl", "-fsSL", "--", url.strip()]
     try:
-        argv = shlex.split(url[len("pipe:"):])
+        argv = shlex.split(pipe_command(url))
     except ValueError as e:
         raise DataError(f"cannot parse the command of {url!r}: {e}") from None
     if not argv:
@@ -98,7 +68,7 @@ def command_of(url: str) -> list[str]:
 
 @contextmanager
 def open_url(url: str) -> Iterator[Any]:
-    if not url.startswith(("pipe:", "http://", "https://")):
+    if url_kind(url) == "local":
         with open(local_path(url), "rb", buffering=1 << 20) as f:
             yield f
         return

@@ -29,8 +29,7 @@ import math
 import os
 import random
 import re
-import sys
-import time
+import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .badsamples import BadSampleCounter, DataError
+from .placement import Placement
 from .shards import IMAGE_SUFFIXES, check_out_pattern, write_tar_shards
 from .shuffle import global_batches_per_epoch
 from .sources import SyntheticSource, WdsSource, WdsTrainSource, _worker_id
@@ -259,6 +259,19 @@ class SyntheticVideoSource(SyntheticSource):
             "train", d.synthetic_images, d.synthetic_classes, d.num_frames, d.img_size)
         self.batches_per_epoch = global_batches_per_epoch(
             len(self._images), d.batch_size // d.repeated_aug, world_size, "data.synthetic_images", "clips")
+        self.placement = Placement(len(self._images), d.batch_size // d.repeated_aug, world_size, rank)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> int:
+        batches, moved = self.placement.load_state_dict(sd)
+        if not moved:
+            return batches
+        # The clip batches (repeated augmentation) are not re-split: resume at the epoch's share.
+        self.placement.origin = (0, 0, 0)
+        epoch, used = int(sd["epoch"]), int(sd.get("consumed", 0))
+        warnings.warn("clip position saved with another rank count or batch size: resuming at the same "
+                      "point of the epoch, not re-split exactly", stacklevel=3)
+        return epoch * self.batches_per_epoch + min(used // (self.placement.b * self.world_size),
+                                                    self.batches_per_epoch)
 
     def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
         d = self.cfg.data
@@ -481,37 +494,6 @@ def write_video_shards(src: str | os.PathLike, out_pattern: str, max_count: int 
     paths, _ = write_tar_shards(items, out_pattern, max_count, gzip or out_pattern.endswith(".gz"), members,
                                 "write-video-shards")
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`ldae-fast write-video-shards SRC OUT_PATTERN [--maxcount N] [--gzip] [--seed S]`."""
-    from ..errors import run_cli
-
-    return run_cli(_main, argv, "ldae-fast write-video-shards")
-
-
-def _main(argv: list[str]) -> int:
-    from ..errors import ArgParser, UsageError
-
-    ap = ArgParser(prog="ldae-fast write-video-shards",
-                   description="Write WebDataset clip shards (KEY.frames.npy uint8 (T, H, W, 3) [+ KEY.cls]) "
-                               "from SRC/<clip>/<frames> or SRC/<class>/<clip>/<frames>.")
-    ap.add_argument("src", help="root folder of frame folders")
-    ap.add_argument("out_pattern", help="shard names with a %%d field, e.g. shards/clips-%%06d.tar")
-    ap.add_argument("--maxcount", type=int, default=200, help="clips per shard")
-    ap.add_argument("--gzip", action="store_true", help="gzip the shards (.tar.gz)")
-    ap.add_argument("--seed", type=int, default=0, help="shuffle seed (-1: keep sorted order)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    t0 = time.time()
-    try:
-        paths = write_video_shards(args.src, args.out_pattern, max_count=args.maxcount,
-                                   seed=None if args.seed < 0 else args.seed, gzip=args.gzip)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
-    print(f"write-video-shards: wrote {len(paths)} shard(s) in {time.time() - t0:.1f}s: "
-          f"{paths[0] if paths else ''} ...", file=sys.stderr)
-    return 0
 
 
 __all__ = ["FRAMES_EXT", "SyntheticVideoSource", "SyntheticVideoTrainSource", "WdsVideoSource",

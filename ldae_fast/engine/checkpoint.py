@@ -15,6 +15,7 @@ pickled as objects) are refused, never unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FileProblem
 
 FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -150,15 +151,62 @@ def read_latest_pointer(out_dir: str | Path) -> Path | None:
     return d if _STEP_RE.match(name) and is_complete(d) else None
 
 
+class CheckpointWriteError(FileProblem):
+    """A checkpoint could not be written (disk full, quota, file size limit); the temporary
+    directory is gone and the previous checkpoint is untouched."""
+
+    category = "checkpoint write error"
+
+
+_WRITE_CAUSES = {errno.ENOSPC: "no space left on the device",
+                 errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large (a file size limit, e.g. `ulimit -f`)"}
+
+
+def _write_cause(e: BaseException, where: Path) -> str:
+    """What stopped a write, in words. torch.save reports a failed write as 'unexpected pos';
+    the OSError behind it is in the exception's context when it wrote through a Python file."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return _WRITE_CAUSES.get(seen.errno, f"{seen.strerror or seen} (errno {seen.errno})")
+        seen = seen.__cause__ or seen.__context__
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"probably a file size limit ({limit} bytes, `ulimit -f`)"
+    try:
+        if shutil.disk_usage(where).free < (64 << 20):
+            return f"probably no space left on the device ({shutil.disk_usage(where).free} bytes free)"
+    except OSError:
+        pass
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _save_tensors(state: dict[str, Any], path: Path) -> None:
+    # Through a Python file, so a failed write keeps its OSError (errno) for the message.
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
                      extra_meta: dict | None = None, writer=None, is_main: bool = True,
-                     barrier=None) -> Path:
+                     barrier=None, any_failed=None) -> Path:
     """Write `state` for `step` atomically; prune to the newest `keep_last` complete ones.
 
     `state` must be finite (the loop checks before calling) and hold tensors and plain
     containers only. `writer(tmp_dir)` may write additional files before the rename (DeepSpeed's
     sharded state). In a multi-rank run every rank calls this with `barrier` set: rank 0 owns the
     directory and the rename, every rank runs `writer` into the same temporary directory.
+    A write that fails (no space, quota, file size limit) removes the temporary directory and
+    raises CheckpointWriteError naming the directory, the cause and the previous checkpoint.
+    `any_failed(failed_here) -> bool` (a collective every rank calls, in place of the barrier after
+    each stage) lets every rank learn of a failure on another one, so none renames a checkpoint
+    with a part missing and all raise alike.
     """
     def sync() -> None:
         if barrier is not None:
@@ -167,17 +215,25 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
     root = ckpt_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    if is_main:
+    previous = latest_checkpoint(out_dir) if is_main else None
+    failed: BaseException | None = None
+
+    def attempt(part) -> None:
+        nonlocal failed
+        if failed is None:
+            try:
+                part()
+            except (OSError, RuntimeError) as e:
+                failed = e
+
+    def start() -> None:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    sync()
-    if writer is not None:
-        writer(tmp)
-    sync()
-    if is_main:
-        torch.save(state, tmp / "state.pt")
+
+    def finish() -> None:
+        _save_tensors(state, tmp / "state.pt")
         _kill_point("after_state")
         meta = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), "finite": True,
                 **(extra_meta or {}), "files": _hash_tree(tmp)}
@@ -190,8 +246,43 @@ def write_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+
+    def stage_done() -> None:
+        """Barrier; with `any_failed`, also learn whether any rank has failed so far."""
+        nonlocal failed
+        if any_failed is None:
+            sync()
+        elif any_failed(failed is not None) and failed is None:
+            failed = OSError(f"another rank could not write its part of {tmp}")
+
+    # Every rank passes every barrier, failed or not, so a failure never leaves the others waiting.
+    if is_main:
+        attempt(start)
+    stage_done()
+    if writer is not None:
+        attempt(lambda: writer(tmp))
+    stage_done()
+    if is_main:
+        attempt(finish)
+    if any_failed is not None:
+        stage_done()
+    if failed is not None:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sync()
+        kept = ("the previous checkpoint is untouched" if not is_main
+                else f"the previous checkpoint {previous} is intact"
+                if previous is not None and is_complete(previous) else "no earlier checkpoint exists")
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} into {root}: "
+                                   f"{_write_cause(failed, root)}; the partial write was removed and "
+                                   f"{kept}") from failed
+    if is_main:
         _kill_point("before_pointer")
-        write_latest_pointer(out_dir, final)
+        try:
+            write_latest_pointer(out_dir, final)
+        except OSError as e:  # the checkpoint itself is complete; resume lists directories
+            warnings.warn(f"{root / LATEST} not updated ({_write_cause(e, root)}); {final} is complete",
+                          stacklevel=2)
         _prune(out_dir, keep_last, just_written=final)
         for stale in root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -237,7 +328,12 @@ def _check_format(d: Path) -> dict:
 
 def verify_checkpoint(d: Path) -> str | None:
     """None when every file of checkpoint `d` is present with its recorded SHA-256, else what
-    is wrong. Raises CheckpointError for a checkpoint of another format version."""
+    is wrong (an unreadable meta.json among them). Raises CheckpointError for a checkpoint of
+    another format version."""
+    try:
+        _read_meta(d)
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{d}: ")
     meta = _check_format(d)
     files = meta.get("files")
     if not isinstance(files, dict) or "state.pt" not in files:
@@ -253,24 +349,49 @@ def verify_checkpoint(d: Path) -> str | None:
     return None
 
 
+def is_diverging(d: Path) -> bool:
+    """Whether checkpoint `d` was written while the divergence guard was counting bad log lines."""
+    try:
+        return bool(_read_meta(d).get("diverging", False))
+    except CheckpointError:
+        return False
+
+
 def _newest_intact(out_dir: Path, what: str) -> Path | None:
+    """The newest intact checkpoint that was not written while the run was diverging; the newest
+    intact one when every intact one was (with a warning saying so)."""
     cks = list_checkpoints(out_dir)
+    diverging: list[Path] = []
     for d in reversed(cks):
         bad = verify_checkpoint(d)
-        if bad is None:
+        if bad is not None:
+            older = "an older one" if d is not cks[0] else "nothing older"
+            warnings.warn(f"checkpoint {d} is damaged ({bad}); not resuming from it, trying {older}",
+                          stacklevel=3)
+            continue
+        if not is_diverging(d):
+            if diverging:
+                warnings.warn(f"{len(diverging)} newer checkpoint(s) ({', '.join(p.name for p in diverging)}) "
+                              "were written while the run was diverging (gradient norm non-finite or above "
+                              f"engine.diverge_grad_norm); resuming from {d.name}, the newest one written "
+                              "before that", stacklevel=3)
             return d
-        older = "an older one" if d is not cks[0] else "nothing older"
-        warnings.warn(f"checkpoint {d} is damaged ({bad}); not resuming from it, trying {older}",
-                      stacklevel=3)
+        diverging.append(d)
+    if diverging:
+        warnings.warn(f"every intact checkpoint under {ckpt_root(out_dir)} was written while the run was "
+                      f"diverging; resuming from the newest, {diverging[0].name} (consider a lower "
+                      "--optim.blr or --optim.clip_grad)", stacklevel=3)
+        return diverging[0]
     if cks:
         raise CheckpointError(f"{what}: none of the {len(cks)} checkpoint(s) under {ckpt_root(out_dir)} "
                               "is intact (see the warnings above)")
     return None
 
 
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, out_dir: str | Path, flag: str = "--resume") -> Path | None:
     """'' -> None; 'auto' -> newest intact checkpoint in out_dir or None; a path -> that
-    checkpoint (verified), or the newest intact one of that run directory."""
+    checkpoint (verified), or the newest intact one of that run directory (or of its
+    checkpoints/ folder). `flag` is how the caller's user spells the path in messages."""
     if not resume:
         return None
     if resume == "auto":
@@ -279,15 +400,18 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     if p.is_file() and p.name == "state.pt":
         p = p.parent
     if not p.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        raise FileNotFoundError(f"{flag} {resume}: no such checkpoint")
+    if p.is_dir() and not is_complete(p) and p.name == "checkpoints" and not list_checkpoints(p):
+        p = p.parent  # OUT/checkpoints given for OUT
     if p.is_dir() and not is_complete(p):
-        latest = _newest_intact(p, f"--resume {resume}")  # a run directory was given
+        latest = _newest_intact(p, f"{flag} {resume}")  # a run directory was given
         if latest is None:
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no meta.json) "
+            raise FileNotFoundError(f"{flag} {resume}: not a complete checkpoint (no meta.json) "
                                     f"and no complete checkpoint under {p / 'checkpoints'}")
         return latest
     if not p.is_dir():
-        raise CheckpointError(f"--resume {resume}: not a checkpoint directory (step_*/ with meta.json)")
+        raise CheckpointError(f"{flag} {resume}: not a checkpoint (a step_*/ directory with meta.json, or "
+                              "the run directory holding checkpoints/)")
     bad = verify_checkpoint(p)
     if bad is not None:
         raise CheckpointError(f"checkpoint {p} is damaged: {bad}")

@@ -46,6 +46,9 @@ def ds_config(cfg: Config, world_size: int, on_cuda: bool) -> dict:
         "zero_optimization": {"stage": cfg.engine.zero_stage, "overlap_comm": on_cuda,
                               "contiguous_gradients": True, "reduce_bucket_size": 5e7},
         "bf16": {"enabled": on_cuda and cfg.engine.precision in ("auto", "bf16")},
+        # Accumulate micro-batch gradients in fp32 even when the weights are bf16: summing many
+        # micro-batches in bf16 loses the small ones (silent degradation with large accumulation).
+        "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 1 << 30,  # our logger prints; DeepSpeed's own lines would duplicate it
         "wall_clock_breakdown": False,
     }

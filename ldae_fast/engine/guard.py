@@ -78,36 +78,96 @@ def params_finite(*modules_or_dicts, reduce_max=None) -> bool:
 
 
 
-# Fields that fix the shapes of the saved tensors.
-_SHAPE_FIELDS = (("model", "width"), ("model", "encoder_depth"), ("model", "decoder_depth"),
-                 ("model", "num_heads"), ("model", "mlp_ratio"), ("model", "patch_size"),
-                 ("model", "cond"), ("data", "img_size"), ("tokenizer", "latent_dim"))
+# model.* fields that change how the network runs, never which tensors it holds: everything else
+# in the model section may define the network, so a field added later is compared by default.
+_RUNTIME_ONLY = frozenset({"size", "attn_backend", "grad_checkpointing", "fused_adaln", "label_dropout"})
+# Fields outside the model section that fix the saved state (the network's input, the tokenizer).
+_OTHER_SHAPE_FIELDS = (("data", "img_size"), ("tokenizer", "latent_dim"))
+# Differences that change a resumed run even where the network's tensors keep their shapes
+# (heads split the same weights another way; the tokenizer's d and the input size are the method's).
+_ALWAYS = frozenset({"model.num_heads", "model.decoder_heads", "model.patch_size", "data.img_size",
+                     "tokenizer.latent_dim"})
+
+
+def _tensor_shapes(cfg) -> dict | None:
+    """{name: shape} of the network `cfg` builds, built on the meta device (no memory, no init);
+    None when it cannot be built that way."""
+    from ..methods import build_model
+
+    try:
+        with torch.device("meta"):
+            net = build_model(cfg)
+        return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    except Exception:  # noqa: BLE001 - then the field comparison alone decides
+        return None
+
+
+def _saved_config(saved: dict):
+    from ..config import Config, sanitize_stored_config
+
+    try:
+        return Config.from_dict(sanitize_stored_config(saved, "the checkpoint"))
+    except Exception:  # noqa: BLE001 - an old or hand-edited config
+        return None
 
 
 def model_shape_diff(saved: dict, cfg) -> list[str]:
-    """'section.field saved -> now' for each shape-defining field that differs. A saved config
-    stores intent (0: from model.size): both sides are compared as they read, resolved."""
-    try:
-        saved_cfg = type(cfg).from_dict(saved)
-    except (ValueError, TypeError):
-        saved_cfg = None  # compare what the file holds, field by field
+    """'section.field saved -> now' for each network-defining field that differs: the model.*
+    fields but the runtime-only ones (model.adaln_dim compared as the width it resolves to), and
+    data.img_size, tokenizer.latent_dim. A field that does not change the network (the tensors
+    both configs build, on the meta device, have the same names and shapes) is let through,
+    unless it changes the run all the same (_ALWAYS)."""
+    import dataclasses
+
+    from ..methods import spec_for
+
     out = []
-    for sec, name in _SHAPE_FIELDS:
-        was = (getattr(getattr(saved_cfg, sec), name) if saved_cfg is not None
-               else (saved.get(sec) or {}).get(name))
+    was_model = saved.get("model") or {}
+    # A saved config stores intent (0: from model.size): compare both sides as they read, resolved.
+    before = _saved_config(saved)
+    view = before.model if before is not None else None
+    for f in dataclasses.fields(cfg.model):
+        if f.name in _RUNTIME_ONLY or f.name not in was_model:
+            continue
+        now = getattr(cfg.model, f.name)
+        was = getattr(view, f.name) if view is not None else was_model[f.name]
+        if f.name == "adaln_dim" and view is not None:
+            was, now = view.cond_width, cfg.model.cond_width
+        if was != now:
+            out.append(f"model.{f.name} {was} -> {now}")
+    for sec, name in _OTHER_SHAPE_FIELDS:
+        was = (getattr(getattr(before, sec), name) if before is not None else (saved.get(sec) or {}).get(name))
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
-    from ..methods import spec_for
-
-    # The method's own shape fields; a saved config older than a field holds its default.
+    if out and not all(d.split()[0] in _ALWAYS for d in out):
+        shapes_now, shapes_was = _tensor_shapes(cfg), (_tensor_shapes(before) if before is not None else None)
+        if shapes_now is not None and shapes_now == shapes_was:
+            out = [d for d in out if d.split()[0] in _ALWAYS]
+    # The method's own wiring fields; a saved config older than a field holds its default.
     for (sec, name), default in spec_for(cfg).shape_fields:
-        was = (getattr(getattr(saved_cfg, sec), name) if saved_cfg is not None
-               else (saved.get(sec) or {}).get(name, default))
+        was = (saved.get(sec) or {}).get(name, default)
         now = getattr(getattr(cfg, sec), name)
-        if was != now:
+        if was != now and f"{sec}.{name}" not in {d.split()[0] for d in out}:
             out.append(f"{sec}.{name} {was} -> {now}")
     return out
+
+
+def state_dict_mismatch(e: RuntimeError) -> str | None:
+    """The parameters named by a load_state_dict shape or key error, as one short phrase; None when
+    `e` is some other RuntimeError."""
+    import re
+
+    text = str(e)
+    if "size mismatch for" not in text and "Missing key(s)" not in text and "Unexpected key(s)" not in text:
+        return None
+    names = re.findall(r"size mismatch for ([\w.]+)", text)
+    for what in ("Missing", "Unexpected"):
+        m = re.search(what + r' key\(s\) in state_dict: ([^\n]*?)\.\s*(?:\n|$|Unexpected|size)', text)
+        if m:
+            names += [n.strip().strip('"') for n in m.group(1).split(",")]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return shown or "parameters differ"
 
 
 def check_before_save(step: int, first_bad: torch.Tensor, model, ema, newest_good, reduce_max=None) -> None:

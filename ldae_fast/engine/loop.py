@@ -7,6 +7,7 @@ DeepSpeed in deepspeed_backend.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
@@ -19,15 +20,16 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from ..config import CUDA_GRAPH_MODES, Config, ConfigError
+from ..config import CUDA_GRAPH_MODES, Config, ConfigError, parse_duration
 from ..device import autocast_dtype, resolve_device
-from ..errors import ResumeMismatch
+from ..errors import CheckpointError, ResumeMismatch
 from ..lr_schedule import lr_at_step
 from ..methods import Method, build_method
 from ..models.compile import compile_blocks, mark_step_begin
 from ..tokenizers import fit_config
+from ..tokenizers._io import TokenizerFileError
 from . import checkpoint as ckpt_mod
-from . import guard, rundir
+from . import guard, preempt, reshape, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops
@@ -82,30 +84,38 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> None:
-    """Refuse a resume that would silently change the run.
+def check_resume_fits(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> reshape.ResumePlan:
+    """Refuse a resume that cannot continue the run (another model; another global batch without
+    engine.resume_rebatch; ZeRO state on another rank count), else say how it continues: another
+    rank count, micro-batch or accumulation of the same global batch continues exactly (reshape.py)."""
+    return reshape.plan_resume(state, ckpt_dir, cfg, world)
 
-    Steps count global batches and the data position counts micro-batches, so the same step with
-    another micro-batch size, accumulation or rank count is another point of the schedule and of
-    the data stream; and ZeRO shards the optimizer state by rank count. All three must match the
-    checkpoint's. (The noise alone would not mind: it is keyed on the row in the global batch.)
-    """
-    saved = state.get("config") or {}
-    was = {"data.batch_size": (saved.get("data") or {}).get("batch_size"),
-           "engine.grad_accum": (saved.get("engine") or {}).get("grad_accum"),
-           "ranks": state.get("world_size")}
-    now = {"data.batch_size": cfg.data.batch_size, "engine.grad_accum": cfg.engine.grad_accum, "ranks": world}
-    diff = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and int(was[k]) != now[k]]
-    shape = guard.model_shape_diff(saved, cfg)
-    if shape:
-        raise ResumeMismatch(f"{ckpt_dir} holds another model ({', '.join(shape)}): a resume keeps the "
-                             "model's shape; start a new run (a new out_dir) to train another one")
-    if diff:
-        raise ResumeMismatch(
-            f"{ckpt_dir} cannot be resumed as configured ({', '.join(diff)}): step numbers and the data "
-            "position count micro-batches of the run that wrote it, and ZeRO shards its optimizer state "
-            "by rank, so a resume keeps data.batch_size, engine.grad_accum and the rank count. To change "
-            "them, start a new run (a new out_dir) from the exported weights.")
+
+class _CheckpointClock:
+    """engine.ckpt_every_s: whether that many seconds passed since the last checkpoint (or the
+    start). One process looks every step; several ranks agree at log steps, on rank 0's clock."""
+
+    def __init__(self, every_s: float, world: int, reduce_max, device) -> None:
+        self.every_s, self.world, self.reduce_max, self.device = every_s, world, reduce_max, device
+        self.last = time.time()
+
+    def due(self, step: int, log_every: int) -> bool:
+        if not self.every_s:
+            return False
+        if self.world == 1 or self.reduce_max is None:
+            return time.time() - self.last >= self.every_s
+        if step % log_every:
+            return False
+        flag = torch.tensor(int(time.time() - self.last >= self.every_s) if self._rank0() else 0,
+                            device=self.device)
+        return bool(self.reduce_max(flag).item())
+
+    @staticmethod
+    def _rank0() -> bool:
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def saved(self) -> None:
+        self.last = time.time()
 
 
 class SingleDevice:
@@ -148,13 +158,17 @@ class SingleDevice:
 def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
     """Run (or resume) the pretraining described by cfg; returns the final state and losses.
 
-    The run owns engine.out_dir while it runs (see rundir.py)."""
+    The run owns engine.out_dir while it runs (see rundir.py). SIGTERM, SIGUSR1, a first Ctrl-C or
+    engine.stop_after end it at a step boundary with a checkpoint and raise preempt.Preempted
+    (see preempt.py)."""
     with rundir.owned(cfg.engine.out_dir, cfg.engine.resume, cfg.engine.overwrite,
-                      is_main=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, backend_factory, log_enabled)
+                      is_main=int(os.environ.get("RANK", "0")) == 0), \
+            preempt.StopWatch(parse_duration(cfg.engine.stop_after)) as watch:
+        return _train(cfg, backend_factory, log_enabled, watch)
 
 
-def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:
+def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
+           watch: preempt.StopWatch | None = None) -> TrainResult:
     from ..data import build_train_stream
     from ..methods import build_model
 
@@ -187,8 +201,11 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         compile_blocks(model, mode=cfg.engine.compile_mode)
     backend = (backend_factory or SingleDevice)(cfg, model, 0.0)
     world, rank, is_main = backend.world_size, backend.rank, backend.is_main
+    watch = watch or preempt.StopWatch()
+    agree = preempt.Agreement(world)  # collective: every rank builds it here
+    plan = None
     if resume_state is not None:  # before anything is written into the run directory
-        check_resume_fits(resume_state, resume_dir, cfg, world)
+        plan = check_resume_fits(resume_state, resume_dir, cfg, world)
     lr0 = cfg.lr(world)
     total = cfg.total_steps(world)
     warmup = int(round(cfg.optim.warmup_epochs * cfg.steps_per_epoch(world)))
@@ -201,36 +218,54 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
+        preempt.clear_marker(out_dir)
 
     method = build_method(cfg, device, rank=rank, world_size=world)
 
     def fit_images():
         return (imgs for imgs, _ in build_train_stream(fit_config(cfg), rank=0, world_size=1))
 
-    method.prepare(fit_images, rank=rank, log=logger.info,
-                   broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
-                   state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
+    try:
+        method.prepare(fit_images, rank=rank, log=logger.info,
+                       broadcast=(lambda obj: backend.all_gather_object(obj)[0]) if world > 1 else None,
+                       state=ckpt_mod.method_state(resume_state) if resume_state is not None else None)
+    except TokenizerFileError as err:  # from the checkpoint's method state (tokenizer.path names itself)
+        if resume_state is None:
+            raise
+        raise CheckpointError(f"{resume_dir}: its tokenizer is damaged ({err})") from None
     if is_main and resume_state is None:
         method.export(out_dir)
     amp = autocast_dtype(cfg.engine.precision, device)
-    # Under ZeRO-3 each rank holds a shard of every parameter, so a full-parameter EMA would need a
-    # gather per step; it is off there (the log says so).
+    # Under ZeRO-3 each rank holds a partition of every parameter: so does its EMA (zero3_ema.py).
     zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 and not zero3 else None
-    if zero3 and cfg.optim.ema_decay > 0:
-        logger.info("note: the parameter EMA is not kept under ZeRO-3 (optim.ema_decay ignored)")
+    ema = None
+    if cfg.optim.ema_decay > 0:
+        if zero3:
+            from .zero3_ema import ShardedEMA
+            ema = ShardedEMA(model, cfg.optim.ema_decay)
+        else:
+            ema = EMA(model, cfg.optim.ema_decay)
     # With a CUDA device the stream ships uint8 and normalises there: a quarter of the transfer.
     stream = build_train_stream(cfg, rank=rank, world_size=world, device=device if device.type == "cuda" else None)
 
     start = 0
     if resume_state is not None:
-        backend.load_state_dict(resume_state, resume_dir)
-        if ema is not None and resume_state.get("ema"):
-            ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
-        per_rank = resume_state.get("data_ranks")
-        stream.load_state_dict(per_rank[rank] if per_rank and len(per_rank) == world else resume_state["data"])
+        try:
+            backend.load_state_dict(resume_state, resume_dir)
+            if ema is not None and resume_state.get("ema"):
+                ema.load_state_dict(resume_state["ema"], resume_state.get("ema_updates", start_step_of(resume_state)))
+        except RuntimeError as err:  # a network change the config comparison above did not name
+            params = guard.state_dict_mismatch(err)
+            if params is None:
+                raise
+            raise ResumeMismatch(f"{resume_dir} holds another network ({params} differ in shape or are "
+                                 "missing): a resume keeps the network; start a new run (a new out_dir) "
+                                 "to train another one") from None
+        stream.load_state_dict(plan.data_state(resume_state, rank))
         ckpt_mod.set_rng_state(resume_state["rng"])
-        start = int(resume_state["step"])
+        start = plan.step
+        if plan.note:
+            logger.info(plan.note)
         logger.info(f"resumed from {resume_dir} at step {start}")
     if start >= total:
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
@@ -257,15 +292,52 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         data = stream.state_dict()
         # Each rank reads its own shards: rank 0 writes state.pt, so it keeps every rank's position.
         data_ranks = backend.all_gather_object(data) if world > 1 else [data]
+        # The open log window, so a resume continues the loss curve where it stopped.
+        w_loss = backend.all_reduce_mean(win_loss) if world > 1 else win_loss
+        window = {"loss": float(w_loss.item()), "grad_norm": float(win_norm.item()), "steps": win_steps}
         state.update(step=step, world_size=world,
-                     ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
-                     data=data, data_ranks=data_ranks,
+                     ema=getattr(ema, "checkpoint_state", ema.state_dict)() if ema else None,
+                     ema_updates=ema.updates if ema else 0,
+                     data=data, data_ranks=data_ranks, log_window=window,
                      rng=ckpt_mod.rng_state(), config=cfg.to_dict(), method=method.state_dict())
         return ckpt_mod.write_checkpoint(out_dir, step, state, cfg.engine.keep_last,
                                          extra_meta={"preset": cfg.preset, "diverging": div_guard.run > 0},
                                          writer=backend.save_extra,
-                                         is_main=is_main, barrier=getattr(backend, "barrier", None))
+                                         is_main=is_main, barrier=getattr(backend, "barrier", None),
+                                         any_failed=any_rank_failed if world > 1 and backend.save_on_all_ranks else None)
 
+    def any_rank_failed(failed_here: bool) -> bool:
+        # Every rank writes its part: all learn of a failure anywhere, so all retry or stop alike.
+        return bool(backend.all_reduce_max(torch.tensor(int(failed_here), device=device)).item())
+
+    write_failures = 0
+
+    def save_or_retry(step: int) -> Path | None:
+        """A periodic checkpoint: a failed write is a warning and the next interval tries again,
+        until engine.ckpt_write_failures writes in a row have failed."""
+        nonlocal write_failures
+        err: ckpt_mod.CheckpointWriteError | None = None
+        try:
+            path = save(step)
+        except ckpt_mod.CheckpointWriteError as e:
+            path, err = None, e
+        if err is not None:
+            write_failures += 1
+            if write_failures >= cfg.engine.ckpt_write_failures:
+                logger.close()
+                prof.close()
+                raise ckpt_mod.CheckpointWriteError(
+                    f"{err} ({write_failures} checkpoint writes in a row failed: stopping; "
+                    "free space or raise the limit, then --engine.resume=auto)") from None
+            warnings.warn(f"WARNING: {err}; training goes on and tries again at the next checkpoint "
+                          f"({write_failures} of engine.ckpt_write_failures={cfg.engine.ckpt_write_failures} "
+                          "failed writes in a row)", stacklevel=2)
+            return None
+        write_failures = 0
+        return path
+
+    ckpt_clock = _CheckpointClock(cfg.engine.ckpt_every_s, world,
+                                  getattr(backend, "all_reduce_max", None), device)
     it = iter(stream)
     losses: list[tuple[int, float]] = []
     win_loss = torch.zeros((), device=device)
@@ -277,6 +349,12 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
     prof = (StepProfiler.from_config(cfg.profile, out_dir / "profile", available=total - start,
                                      log=logger.info)
             if is_main else StepProfiler(out_dir, 0))
+    if resume_state is not None and resume_state.get("log_window"):
+        w = resume_state["log_window"]
+        win_loss.fill_(float(w["loss"]))
+        win_norm.fill_(float(w["grad_norm"]))
+        win_steps = int(w["steps"])
+    micro_step = getattr(backend, "micro_step", lambda last: contextlib.nullcontext())
     model.train()
     deadline = time.time() + cfg.engine.time_budget_s if cfg.engine.time_budget_s > 0 else None
     for step in range(start, total):
@@ -286,9 +364,11 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
             if graphs:  # each micro-batch replays the graphs: the last one's outputs are spent
                 mark_step_begin()
             batch = Batch.of(next(it)).to(device, non_blocking=True)
-            loss = method(backend.model, batch, step, micro, cfg.engine.grad_accum, autocast_dtype=amp)
-            with nvtx_range("backward"):
-                backend.backward(loss)
+            # DDP all-reduces the gradients only in the last micro-batch's backward.
+            with micro_step(micro == cfg.engine.grad_accum - 1):
+                loss = method(backend.model, batch, step, micro, cfg.engine.grad_accum, autocast_dtype=amp)
+                with nvtx_range("backward"):
+                    backend.backward(loss)
             step_loss += loss.detach() / cfg.engine.grad_accum
             win_images += len(batch) * world
         with nvtx_range("optimizer"):
@@ -303,9 +383,16 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
         win_norm += norm.float()
         win_steps += 1
         done = step + 1
-        if deadline is not None and done < total and time.time() >= deadline:
+        watch.step_done()
+        stop = watch.local_bits()
+        if deadline is not None and time.time() >= deadline:
+            stop |= preempt.BUDGET
+        # The ranks agree, so they stop at the same step (a signal may reach only some of them).
+        stop = agree(stop) if done < total else 0
+        if stop & preempt.BUDGET:
             logger.info(f"engine.time_budget_s={cfg.engine.time_budget_s:g} spent: stopping at step {done} of {total}")
             total = done  # this step is the last: its log line and the final checkpoint follow
+            stop = 0
         logger.tick(done, cfg.global_batch(world))
         if done % cfg.engine.log_every == 0 or done == total:
             if world > 1:  # every rank must stop at the same log step, or the others hang
@@ -340,13 +427,36 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -
             win_loss.zero_()
             win_norm.zero_()
             win_steps, win_images, t_win = 0, 0, time.time()
-        if cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0 and done != total:
-            last_ckpt = save(done) if is_main or backend.save_on_all_ranks else last_ckpt
+        wrote = None
+        if done != total and (cfg.engine.ckpt_every and done % cfg.engine.ckpt_every == 0
+                              or ckpt_clock.due(done, cfg.engine.log_every)):
+            if is_main or backend.save_on_all_ranks:
+                wrote = save_or_retry(done)
+                last_ckpt = wrote or last_ckpt
+            ckpt_clock.saved()
+        if stop:
+            if wrote is None and (is_main or backend.save_on_all_ranks):
+                last_ckpt = save(done)  # a failed write here ends the run with its own error
+            msg = (f"stopped at step {done} of {total} ({watch.reason(stop)}); checkpoint "
+                   f"{last_ckpt or ckpt_mod.latest_checkpoint(out_dir)}; continue with --engine.resume=auto")
+            logger.info(msg)
+            if is_main:  # for launchers (torchrun) whose own exit status hides the ranks' code 10
+                preempt.write_marker(out_dir, done, watch.reason(stop))
+            logger.close()
+            prof.close()
+            raise preempt.Preempted(msg)
         if done == total:
             break
     prof.close()
-    if total > start:
-        last_ckpt = save(total) if is_main or backend.save_on_all_ranks else None
+    if total > start:  # the final checkpoint: a failed write stops the run (exit 4)
+        if is_main or backend.save_on_all_ranks:
+            try:
+                last_ckpt = save(total)
+            except ckpt_mod.CheckpointWriteError:
+                logger.close()
+                raise
+        else:
+            last_ckpt = None
         if last_ckpt is not None:
             logger.info(f"checkpoint: {last_ckpt}")
     logger.close()

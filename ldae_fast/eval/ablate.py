@@ -8,7 +8,7 @@ row's tokenizer needs one, then gets the quick linear probe (cached features) an
 encoder (the trained weights where the run is too short for its EMA decay) at the row's probe
 settings, beside the same architecture with random weights (the floor).
 A row whose DIR/rows/NAME/result.json exists is skipped; a row interrupted mid-run resumes from its
-run directory's newest checkpoint. DIR/ablation.md holds the table (row, change, the paper's
+run directory's newest checkpoint, written at least every 5 minutes (engine.ckpt_every_s=300). DIR/ablation.md holds the table (row, change, the paper's
 accuracy, ours: probe and kNN, the floor, images seen, time) and DIR/ablation.png the plot shaped
 like l-DAE's Fig. 6 (one bar pair per row: the paper's accuracy and ours). A row's time is its
 pretraining and probing in the invocation that finished it (a resumed row counts from the resume).
@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ldae_fast.config import build_config
 from ldae_fast.errors import ArgParser, UsageError, run_cli
 from ldae_fast.methods import ablation_rows
@@ -37,6 +35,7 @@ from ldae_fast.methods import ablation_rows
 ROWS = ablation_rows()
 
 RESULT_FILE = "result.json"
+ROW_CKPT_EVERY_S = 300
 
 
 class AblateError(RuntimeError, UsageError):
@@ -82,7 +81,9 @@ def row_config(name: str, data: str, budget: int, sets: dict[str, str], out: Pat
     run_dir = out / "rows" / name
     fixed = {"engine.out_dir": str(run_dir), "engine.resume": "auto", "engine.backend": "single",
              "eval.figure": "false", "eval.probe": "false", "engine.progress": "false"}
-    cfg = build_config(name, {**sets, **fixed})
+    # Checkpoint on the clock as well as by step, so a killed row costs minutes, not a row
+    # (the rows' presets checkpoint every 2000 steps); --set may name another interval.
+    cfg = build_config(name, {"engine.ckpt_every_s": str(ROW_CKPT_EVERY_S), **sets, **fixed})
     cfg, desc = with_data(cfg, data)
     if cfg.data.source == "synthetic" and "data.num_workers" not in sets:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
@@ -205,6 +206,8 @@ def plot(records: list[dict], path: Path) -> Path:
 
 
 def run(args) -> dict:
+    import torch
+
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:

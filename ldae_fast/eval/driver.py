@@ -21,25 +21,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from ldae_fast.config import PRESETS
-from ldae_fast.device import resolve_device
+from ldae_fast.config import PRESETS, preset_data_path
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
-from .features import (
-    extract_features,
-    feature_dim,
-    probe_encoder,
-    probe_note,
-    probe_sigma,
-    probe_view,
-)
-from .finetune import recipe_for_method
-from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+# torch and the protocols are imported by the functions that run them: `ldae-fast eval --help` and
+# usage errors answer before torch is imported.
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class EvalError(RuntimeError, UsageError):
@@ -145,6 +133,8 @@ def _with_probe_flags(cfg, args):
 
 
 def _probe_view(model, cfg, method, device):
+    from .features import probe_encoder, probe_view
+
     if method is None:
         # An exported encoder: its conditioning is folded at sigma = 0 and it has no tokenizer.
         if cfg.eval.probe_input == "noisy" or cfg.eval.probe_depth:
@@ -161,31 +151,21 @@ def _probe_view(model, cfg, method, device):
 def _load_checkpoint(path: str):
     from .reader import load_for_eval
 
-    if not Path(path).exists():
-        raise FileProblem(f"--checkpoint {path}: no such file or directory")
     try:
-        return load_for_eval(path)
+        return load_for_eval(path, flag="--checkpoint")
     except FileNotFoundError as e:
-        raise FileProblem(f"--checkpoint {path}: {e}") from None
+        raise FileProblem(str(e)) from None
 
 
 def _random_model(cfg):
     """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
+    import torch
+
     from ldae_fast.methods import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.engine.seed)
         return build_model(cfg)
-
-
-def _find_path(pattern: str) -> str:
-    """Preset shard paths are relative to the project root; accept them from any directory."""
-    if pattern.startswith(("pipe:", "http:", "https:", "/")):
-        return pattern
-    here = Path(pattern).parent
-    if not here.exists() and (ROOT / here).exists():
-        return str(ROOT / pattern)
-    return pattern
 
 
 def _shard_pattern(d: Path, split: str) -> str:
@@ -220,8 +200,8 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
             new, desc = dataclasses.replace(d, source="synthetic"), f"synthetic (preset {data})"
         else:
             new = dataclasses.replace(
-                d, source="wds", train_shards=_find_path(p["data.train_shards"]),
-                val_shards=_find_path(p["data.val_shards"]),
+                d, source="wds", train_shards=preset_data_path(p["data.train_shards"]),
+                val_shards=preset_data_path(p["data.val_shards"]),
                 epoch_size=p.get("data.epoch_size", d.epoch_size))
             desc = f"preset {data}"
     elif Path(data).is_dir():
@@ -269,6 +249,12 @@ def _row(protocol: str, encoder: str, res: dict, **extra) -> dict:
 
 
 def run(args) -> dict:
+    import torch
+
+    from .features import extract_features, feature_dim, feature_settings, probe_note
+    from .finetune import recipe_for_method
+    from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+
     log = _make_log()
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     bad = [p for p in protocols if p not in PROTOCOLS]
@@ -444,9 +430,13 @@ def run(args) -> dict:
         figure_path = _figure(cfg, model, method, fig_imgs, out, device, args.seed, log)
 
     table = markdown_table(rows)
+    weights = ("an exported encoder" if method is None else
+               "EMA" if cfg.optim.ema_decay > 0 and not (cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3)
+               else "trained (the run kept no EMA)")
     meta = dict(checkpoint=str(args.checkpoint), data=data_desc, train_images=n_train,
                 val_images=n_val, num_classes=C, img_size=cfg.data.img_size,
-                pool=args.pool, device=str(device), torch=torch.__version__, ranks=ranks.world_size,
+                pool=args.pool, device=str(device), weights=weights, features=feature_settings(device),
+                seed=args.seed, torch=torch.__version__, ranks=ranks.world_size,
                 streamed=streamed,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command="ldae-fast eval " + " ".join(getattr(args, "argv", [])))
@@ -459,10 +449,17 @@ def run(args) -> dict:
         notes.append(f"'pixels' rows: the resized image average-pooled to "
                      f"{runner.views['pixels'].side}px as the feature (and its PCA at the checkpoint's "
                      "feature width), under the same protocol: the floor a learned feature must beat.")
-    notes.append(f"'{FAST_PROTOCOL}': head trained on features of un-augmented images extracted "
-                 "once, not the full augmented protocol; times include feature extraction."
+    notes.append(f"'{FAST_PROTOCOL}': head trained (seed {args.seed}) on features of un-augmented images "
+                 "extracted once, not the full augmented protocol; times include feature extraction."
                  + (" Streamed: one head per base lr, the lr chosen on a held-out part of train."
                     if "linear-fast" in streamed else ""))
+    notes.append(f"Weights: {weights}; {feature_settings(device)}. "
+                 + ("train.py's demo epilogue probes in memory at the one eval.probe_blr, so its number "
+                    "differs from this streamed one. " if "linear-fast" in streamed else
+                    "train.py's demo epilogue probes the same way (seed 0, device auto), so on one machine "
+                    "it prints the same probe number. ")
+                 + "The demo's kNN centres the features on the train mean first; kNN rows here without a "
+                   "suffix use the raw features.")
     if "knn" in streamed:
         notes.append("kNN rows on raw features (the usual protocol) carry no suffix; 'centred rows' "
                      "remove the train mean, 'whitened rows' also scale every train PCA direction to "
@@ -486,9 +483,14 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _rank_device(name: str) -> torch.device:
-    """--device, with 'auto' and 'cuda' meaning this rank's GPU (LOCAL_RANK) under torchrun."""
+def _rank_device(name: str):
+    """--device (a torch.device), with 'auto' and 'cuda' meaning this rank's GPU (LOCAL_RANK) under
+    torchrun."""
     import os
+
+    import torch
+
+    from ldae_fast.device import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "cuda" and dev.index is None:
@@ -498,6 +500,7 @@ def _rank_device(name: str) -> torch.device:
 
 
 def _streaming_runner(cfg, args, views, out: Path, device, log):
+    from .features import probe_sigma
     from .scale import ScaleArgs, StreamingEval
 
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models.timm_export import WEIGHTS_FILE
+# The heavy imports (torch, the models) sit inside export_encoder: `ldae-fast export --help` and
+# usage errors answer before torch is imported.
 
 
 def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> Path:
@@ -23,7 +24,7 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     from safetensors.torch import save_file
 
     from ..errors import UsageError
-    from ..models.timm_export import timm_config, timm_kwargs, timm_state_dict
+    from ..models.timm_export import WEIGHTS_FILE, timm_config, timm_kwargs, timm_state_dict
     from .reader import load_for_eval
 
     out = Path(out)

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..device import autocast_for, eval_mode
+from ..device import autocast_dtype, autocast_for, eval_mode
 from ..methods.probe import POOLS, ProbeView, feature_dim, pool_features  # noqa: F401 (re-exported)
 
 Log = Optional[Callable[[str], None]]
@@ -18,6 +18,13 @@ def module_device(m: nn.Module) -> torch.device:
     for p in m.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def feature_settings(device: torch.device, precision: str = "auto") -> str:
+    """How extract_features computes on `device`, in words, for every output that prints a probe
+    number: the same weights give a point or two apart in bf16 and in fp32."""
+    bf16 = autocast_dtype(precision, device) is not None
+    return f"features on {device.type} in {'bf16 autocast' if bf16 else 'fp32'}"
 
 
 @torch.no_grad()

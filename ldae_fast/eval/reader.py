@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, sanitize_stored_config
-from ..errors import CheckpointError
+from ..config import Config, ConfigError, sanitize_stored_config
+from ..errors import CheckpointError, FileProblem
 
 
 class TimmEncoder(torch.nn.Module):
@@ -46,44 +46,66 @@ class EncoderOnly(torch.nn.Module):
 
 
 def load_exported_encoder(path: str | Path):
-    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors."""
+    """-> (Config, EncoderOnly(TimmEncoder), None) from an export directory or its .safetensors.
+    A file that is not an export of ours is a FileProblem naming it."""
     import timm
-    from safetensors import safe_open
 
     from ..models.timm_export import WEIGHTS_FILE
 
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if "timm_kwargs" not in meta:
-        raise ValueError(f"{path} was not written by `ldae-fast export` (no timm_kwargs metadata)")
-    kwargs = json.loads(meta["timm_kwargs"])
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
-    vit.load_state_dict(sd, strict=True)
+    meta, sd = _read_safetensors(path)
+    if "timm_kwargs" not in meta or "ldae_config" not in meta:
+        raise FileProblem(f"{path} was not written by `ldae-fast export` (no timm_kwargs / ldae_config "
+                          "metadata): pass an export directory, its model.safetensors or a checkpoint")
+    try:
+        kwargs, stored = json.loads(meta["timm_kwargs"]), json.loads(meta["ldae_config"])
+    except ValueError as e:
+        raise FileProblem(f"{path}: its export metadata is not valid JSON ({e})") from None
+    if not isinstance(kwargs, dict) or not isinstance(stored, dict):
+        raise FileProblem(f"{path}: its export metadata does not hold JSON objects")
+    try:
+        cfg = Config.from_dict(sanitize_stored_config(stored, f"export {path}"))
+    except ConfigError as e:
+        raise FileProblem(f"{path}: its stored config is not valid ({e})") from None
+    try:
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
+        vit.load_state_dict(sd, strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError, AssertionError) as e:
+        # timm checks its constructor arguments with assert; a forged file is still a file error.
+        raise FileProblem(f"{path}: its weights do not fit the ViT its metadata describes "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     vit.eval()
-    cfg = Config.from_dict(sanitize_stored_config(json.loads(meta["ldae_config"]), f"export {path}"))
     return cfg, EncoderOnly(TimmEncoder(vit)).eval(), None
 
 
-def _check_checkpoint_path(p: Path) -> None:
-    """A missing checkpoint in eval's and export's words (the resume resolver speaks of --resume)."""
-    from ..engine.checkpoint import is_complete, latest_checkpoint
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file; one line naming the file when it is not one."""
+    from safetensors import SafetensorError, safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise FileProblem(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _check_checkpoint_path(p: Path, flag: str) -> None:
+    """A path that is no checkpoint at all, in the caller's words (`flag`: how its user names it)."""
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p}: no such file or directory")
-    if p.is_dir() and not is_complete(p) and latest_checkpoint(p) is None:
-        raise FileNotFoundError(f"checkpoint {p}: not a complete checkpoint (no meta.json) and no "
-                                f"complete checkpoint under {p / 'checkpoints'}")
+        raise FileNotFoundError(f"{flag} {p}: no such file or directory")
+    if p.is_file() and p.name != "state.pt":
+        raise CheckpointError(f"{flag} {p}: not a checkpoint (a step_*/ directory with meta.json, a run "
+                              "directory holding checkpoints/, or an exported .safetensors encoder)")
 
 
-def load_for_eval(path: str | Path, use_ema: bool = True):
+def load_for_eval(path: str | Path, use_ema: bool = True, flag: str = "checkpoint"):
     """-> (Config, model, Method | None) from a checkpoint dir, a run dir, a DeepSpeed checkpoint
     written by our engine, or an exported encoder .safetensors (then the model holds the encoder
     alone and there is no method). The method is on the CPU with engine.kernels='auto' (a run
-    trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`."""
+    trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`. `flag`
+    names the path in messages ('--checkpoint' for eval's command line)."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
     from ..methods import build_method, build_model
     from ..models.timm_export import WEIGHTS_FILE
@@ -91,8 +113,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():
         return load_exported_encoder(path)
-    _check_checkpoint_path(path)
-    ckpt = resolve_resume(str(path), path)
+    _check_checkpoint_path(path, flag)
+    ckpt = resolve_resume(str(path), path, flag=flag)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint at {path}")
     st = load_state(ckpt)
@@ -111,6 +133,11 @@ def load_for_eval(path: str | Path, use_ema: bool = True):
     ms = method_state(st)
     method = None
     if ms is not None:
+        from ..tokenizers._io import TokenizerFileError
+
         method = build_method(cfg, "cpu", kernels="auto")
-        method.load_state_dict(ms)
+        try:
+            method.load_state_dict(ms)
+        except TokenizerFileError as e:
+            raise CheckpointError(f"{ckpt}: its tokenizer is damaged ({e})") from None
     return cfg, model, method

@@ -10,12 +10,10 @@ import shlex
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import finite_float
-from . import data as fdata
-from . import report
-from .train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
+
+# torch and the study's modules are imported inside the functions that run it: `--help` and
+# usage errors answer before torch is imported.
 
 # --quick keeps the diffusion "time" eta * iterations of the full run (8,000 x 2.5 = 40,000 x 0.5):
 # the closed-form GD is a discretised gradient flow, and at this step size it stays stable and
@@ -83,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> None:
+    import torch
+
     preset = QUICK if args.quick else FULL
     if args.diff_iters is None:
         args.diff_iters = preset["diff_iters"]
@@ -104,6 +104,10 @@ def _resolve(args: argparse.Namespace) -> None:
 
 def _datasets(args: argparse.Namespace):
     """Yield (regime name, file tag, train, test, seed, extra info) for every regime and seed."""
+    import torch
+
+    from . import data as fdata
+
     if args.experiment == "synthetic":
         for mu in args.mu_norms:
             for seed in args.seeds:
@@ -131,6 +135,8 @@ def _strip(result: dict) -> dict:
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
+    import torch
+
     _resolve(args)
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -143,6 +149,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def _run(args: argparse.Namespace, log) -> dict:
+    import torch
+
+    from . import report
+    from .train import ClassifierConfig, DiffusionConfig, train_classifier, train_diffusion
+
     dcfg = DiffusionConfig(
         iters=args.diff_iters, lr=args.diff_lr, t=args.t, m=args.m, sigma0=args.sigma0,
         n_eps=args.n_eps, n_records=args.records,
@@ -187,6 +198,10 @@ def _run(args: argparse.Namespace, log) -> dict:
 
 
 def _write_outputs(args: argparse.Namespace, out: Path, runs: list[dict], seconds: float) -> str:
+    import torch
+
+    from . import report
+
     rows = report.summary_rows(runs)
     table = report.markdown_table(rows)
     unstable = [f"{r['regime']} seed {r['seed']}" for r in runs if r["diffusion"].get("loss_increases")]

@@ -33,7 +33,7 @@ Layers: the two @triton.jit kernels -> `adaln_layernorm_forward` / `adaln_layern
 otherwise; or reference.adaln_layernorm with kernels='reference').
 """
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -210,11 +210,12 @@ def _check_inputs(x, shift, scale, eps):
     return B, T, C
 
 
-def _forward(x, shift, scale, eps):
-    """Launch the forward kernel on checked inputs; returns (y, mean, rstd)."""
+def _forward(x, shift, scale, eps, out_dtype=None):
+    """Launch the forward kernel on checked inputs; returns (y, mean, rstd), y in out_dtype
+    (None: x's)."""
     check_runnable(_adaln_ln_fwd_kernel, x.device, _OP)
     B, T, C = x.shape
-    y = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
+    y = torch.empty((B, T, C), device=x.device, dtype=out_dtype or x.dtype)
     mean = torch.empty((B * T,), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if y.numel() == 0:
@@ -230,7 +231,7 @@ def _forward(x, shift, scale, eps):
                 BLOCK_R=t.BLOCK_R, BLOCK_C=t.BLOCK_C, num_warps=t.num_warps, num_stages=t.num_stages,
             )
 
-    key = ("adaln_layernorm_fwd", x.device, x.dtype, shift.dtype, scale.dtype, next_pow2(C))
+    key = ("adaln_layernorm_fwd", x.device, x.dtype, shift.dtype, scale.dtype, y.dtype, next_pow2(C))
     launch_with_fallback(key, _tiles(B, T, C, x.device, backward=False), run)
     return y, mean, rstd
 
@@ -274,11 +275,18 @@ def _backward(dy, x, shift, scale, mean, rstd, need_dx, need_dmod):
     return dx, dshift, dscale
 
 
-def adaln_layernorm_forward(x, shift, scale, eps=1e-6):
+def _check_out_dtype(out_dtype):
+    if out_dtype is not None and out_dtype not in IMAGE_DTYPES:
+        raise TypeError(f"{_OP}: out_dtype={out_dtype} must be None or one of "
+                        f"{', '.join(str(d) for d in IMAGE_DTYPES)}")
+
+
+def adaln_layernorm_forward(x, shift, scale, eps=1e-6, out_dtype=None):
     """Host launcher of the forward kernel, with checks. Returns (y, mean, rstd): y (B, T, C) in
-    x's dtype, contiguous; mean and rstd per token, (B*T,) float32."""
+    out_dtype (None: x's dtype), contiguous; mean and rstd per token, (B*T,) float32."""
     _check_inputs(x, shift, scale, eps)
-    return _forward(x, shift, scale, eps)
+    _check_out_dtype(out_dtype)
+    return _forward(x, shift, scale, eps, out_dtype)
 
 
 def adaln_layernorm_backward(dy, x, shift, scale, mean, rstd, need_dx=True, need_dmod=True):
@@ -303,8 +311,8 @@ class AdaLNLayerNormFunction(torch.autograd.Function):
     """autograd.Function form (used on torch < 2.4): gradients for x, shift and scale."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        y, mean, rstd = _forward(x, shift, scale, eps)
+    def forward(ctx, x, shift, scale, eps, out_dtype=None):
+        y, mean, rstd = _forward(x, shift, scale, eps, out_dtype)
         ctx.save_for_backward(x, shift, scale, mean, rstd)
         return y
 
@@ -313,7 +321,7 @@ class AdaLNLayerNormFunction(torch.autograd.Function):
         x, shift, scale, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dshift, dscale = _backward(dy, x, shift, scale, mean, rstd, need[0], need[1] or need[2])
-        return (dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None)
+        return (dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None, None)
 
 
 _fwd_op = None
@@ -322,13 +330,14 @@ if has_custom_op():
     @torch.library.custom_op("ldae::adaln_layernorm_fwd", mutates_args=())
     def _adaln_fwd_op(
         x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+        out_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, shift, scale, eps)
+        return _forward(x, shift, scale, eps, out_dtype)
 
     @_adaln_fwd_op.register_fake
-    def _adaln_fwd_fake(x, shift, scale, eps):
+    def _adaln_fwd_fake(x, shift, scale, eps, out_dtype=None):
         B, T, C = x.shape
-        y = x.new_empty((B, T, C))
+        y = x.new_empty((B, T, C), dtype=out_dtype or x.dtype)
         mean = x.new_empty((B * T,), dtype=torch.float32)
         return y, mean, torch.empty_like(mean)
 
@@ -348,7 +357,7 @@ if has_custom_op():
         return dx, dshift, dscale
 
     def _setup_context(ctx, inputs, output):
-        x, shift, scale, _eps = inputs
+        x, shift, scale, _eps, _out_dtype = inputs
         # shift is kept only for its dtype; it is a view of a tensor the block saves anyway.
         ctx.save_for_backward(x, shift, scale, output[1], output[2])
 
@@ -356,7 +365,7 @@ if has_custom_op():
         x, shift, scale, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dshift, dscale = _adaln_bwd_op(dy, x, shift, scale, mean, rstd, need[0], need[1] or need[2])
-        return (dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None)
+        return (dx if need[0] else None, dshift if need[1] else None, dscale if need[2] else None, None, None)
 
     _adaln_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
     _fwd_op = _adaln_fwd_op
@@ -369,6 +378,7 @@ def adaln_layernorm(
     eps: float = 1e-6,
     *,
     kernels: str = "triton",
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """LayerNorm without affine weights, then adaLN modulation (see `reference.adaln_layernorm`):
     y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :].
@@ -380,20 +390,25 @@ def adaln_layernorm(
             views such as ``mod.chunk(6, dim=-1)`` pieces are read in place.
         eps: added to the variance (Python float >= 0).
         kernels: 'triton' (fused kernels; on CPU only under TRITON_INTERPRET=1) or 'reference'.
+        out_dtype: y's dtype (None: x's). Under bf16 autocast with a float32 residual stream,
+            bfloat16 writes what the next Linear reads, with no float32 tensor in between; the
+            gradient dy then arrives in that dtype and dx still comes back in x's.
 
     Returns:
-        y (B, T, C), contiguous, in x's dtype, computed in float32. Differentiable with respect
+        y (B, T, C), contiguous, in out_dtype (x's by default), computed in float32. Differentiable with respect
         to x, shift and scale (any subset); gradients come back in each input's dtype, and the
         sums over tokens are deterministic (the same inputs give the same gradients bit for bit).
     """
     if kernels not in ("triton", "reference"):
         raise ValueError(f"{_OP}: kernels={kernels!r}; choose 'triton' or 'reference'")
     _check_inputs(x, shift, scale, eps)
+    _check_out_dtype(out_dtype)
     if kernels == "reference":
-        return reference.adaln_layernorm(x, shift, scale, eps)
+        y = reference.adaln_layernorm(x, shift, scale, eps)
+        return y if out_dtype is None else y.to(out_dtype)
     if _fwd_op is not None:
-        return _fwd_op(x, shift, scale, float(eps))[0]
-    return AdaLNLayerNormFunction.apply(x, shift, scale, float(eps))
+        return _fwd_op(x, shift, scale, float(eps), out_dtype)[0]
+    return AdaLNLayerNormFunction.apply(x, shift, scale, float(eps), out_dtype)
 
 
 __all__ = ["adaln_layernorm", "adaln_layernorm_forward", "adaln_layernorm_backward", "AdaLNLayerNormFunction"]

@@ -25,15 +25,22 @@ class AdaLNLayerNorm(nn.Module):
     """LN(x) * (1 + scale) + shift for x (B, T, C), shift / scale (B, C): the fused Triton kernel
     when `fused` and engine.kernels lets it run on the input's device, else `adaln_reference`."""
 
-    def __init__(self, eps: float = 1e-6, fused: bool = False, kernels: str = "auto") -> None:
+    def __init__(self, eps: float = 1e-6, fused: bool = False, kernels: str = "auto",
+                 act_dtype: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.on = {t: bool(fused) and kernel_runs(kernels, t, _adaln._adaln_ln_fwd_kernel) for t in ("cpu", "cuda")}
+        self.act_dtype = act_dtype
+        """Fused kernel only: under autocast write y in the autocast dtype (model.adaln_act_dtype)."""
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if self.on.get(x.device.type, False):
-            return _adaln.adaln_layernorm(x, shift, scale, self.eps)
+            out = None
+            if self.act_dtype and torch.is_autocast_enabled(x.device.type):
+                out = torch.get_autocast_dtype(x.device.type)
+            return _adaln.adaln_layernorm(x, shift, scale, self.eps, out_dtype=out)
         return adaln_reference(x, shift, scale, self.eps)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, fused_on={[t for t, v in self.on.items() if v]}"
+        return (f"eps={self.eps}, fused_on={[t for t, v in self.on.items() if v]}"
+                + (", act_dtype=True" if self.act_dtype else ""))

@@ -30,6 +30,7 @@ from ..markers import nvtx_range
 from ..reference import unpatchify
 from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, TokenEmbed, mlp_hidden
 from .pos_embed import sincos_2d
+from .speed import apply_speed_switches
 
 SIGMA_FREQ_DIM = 256
 
@@ -357,7 +358,7 @@ def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str
                      latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, kernels))
     model = LDAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    return model
+    return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
 
 
 def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float:

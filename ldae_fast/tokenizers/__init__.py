@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokenizer_kinds import FITTED, KINDS
 from . import conv_vae, patch_ae, patch_vae, pca, pixel
 from .base import Tokenizer
 from .conv_vae import ConvVAETokenizer
@@ -32,12 +33,13 @@ class TokenizerSpec:
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
-    "pca": TokenizerSpec(pca.prepare, PCATokenizer.from_state),
-    "pixel": TokenizerSpec(pixel.prepare, PixelTokenizer.from_state, fitted=False),
-    "patch-ae": TokenizerSpec(patch_ae.prepare, PatchAETokenizer.from_state),
-    "patch-vae": TokenizerSpec(patch_vae.prepare, PatchVAETokenizer.from_state),
-    "conv-vae": TokenizerSpec(conv_vae.prepare, ConvVAETokenizer.from_state),
+    "pca": TokenizerSpec(pca.prepare, PCATokenizer.from_state, fitted=FITTED["pca"]),
+    "pixel": TokenizerSpec(pixel.prepare, PixelTokenizer.from_state, fitted=FITTED["pixel"]),
+    "patch-ae": TokenizerSpec(patch_ae.prepare, PatchAETokenizer.from_state, fitted=FITTED["patch-ae"]),
+    "patch-vae": TokenizerSpec(patch_vae.prepare, PatchVAETokenizer.from_state, fitted=FITTED["patch-vae"]),
+    "conv-vae": TokenizerSpec(conv_vae.prepare, ConvVAETokenizer.from_state, fitted=FITTED["conv-vae"]),
 }
+assert tuple(TOKENIZERS) == KINDS, "tokenizer_kinds.FITTED and TOKENIZERS name the same kinds"
 
 
 def _spec(kind: str, where: str) -> TokenizerSpec:
@@ -68,7 +70,7 @@ def load_tokenizer_path(cfg, log: Callable[[str], None] = print) -> Tokenizer:
     latent dim; a file that is not a tokenizer is the user's file error."""
     from ..config import ConfigError
     from ..errors import FileProblem, UserError
-    from ._io import read_tokenizer_file
+    from ._io import TokenizerFileError, read_tokenizer_file
 
     path, t = cfg.tokenizer.path, cfg.tokenizer
     try:
@@ -88,6 +90,8 @@ def load_tokenizer_path(cfg, log: Callable[[str], None] = print) -> Tokenizer:
         raise
     except TokenizerMismatch as e:
         raise ConfigError(f"tokenizer.path: {e}") from e
+    except TokenizerFileError as e:  # tensors that contradict their kind: the input file is named
+        raise FileProblem(f"tokenizer.path={path}: {e}") from e
     except Exception as e:  # whatever safetensors or a kind's shape checks raise on a foreign file
         raise FileProblem(f"tokenizer.path={path}: not a readable tokenizer .safetensors "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -40,6 +40,41 @@ def save_tokenizer_file(path: str | Path, tensors: dict[str, torch.Tensor], meta
     return path
 
 
+class TokenizerFileError(ValueError):
+    """A tokenizer's tensors contradict what its kind promises (shape, finiteness, orthonormality);
+    whoever knows the file names it."""
+
+
+ORTHONORMAL_ATOL = 1e-4
+"""max |V V^T - I| a saved basis may show (a float32 basis from a float64 eigh shows ~1e-6)."""
+
+
+def check_tensors(kind: str, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                  orthonormal: tuple[str, ...] = (), why: str = "") -> None:
+    """Raise TokenizerFileError unless every tensor of `shapes` is present with its shape, every
+    floating tensor is finite, and the tensors named in `orthonormal` have orthonormal rows.
+    `why` says where the expected shapes come from (the metadata's patch size, d, channels)."""
+    for name, shape in shapes.items():
+        got = tuple(tensors[name].shape) if name in tensors else None
+        if got != tuple(shape):
+            raise TokenizerFileError(f"{kind} tokenizer: tensor {name!r} is {got or 'missing'}, expected "
+                                     f"{tuple(shape)}{f' ({why})' if why else ''}")
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise TokenizerFileError(f"{kind} tokenizer: tensor {name!r} holds {bad} non-finite value(s) "
+                                         "(NaN/inf); the file is damaged or its fit diverged: refit it")
+    for name in orthonormal:
+        V = tensors[name].double()
+        err = float((V @ V.T - torch.eye(V.shape[0], dtype=V.dtype)).abs().max()) if V.numel() else 0.0
+        if err > ORTHONORMAL_ATOL:
+            raise TokenizerFileError(f"{kind} tokenizer: tensor {name!r} is not an orthonormal basis "
+                                     f"(max |V V^T - I| = {err:.3g} > {ORTHONORMAL_ATOL:g}), which a {kind} "
+                                     "tokenizer's loss and inverse rely on; the file was altered or written by "
+                                     "something else: refit it")
+
+
 def read_tokenizer_file(path: str | Path, fit_command: str = "ldae-fast fit-tokenizer"
                         ) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (tensors, metadata) of a tokenizer file; FileNotFoundError (naming `fit_command`) when

@@ -141,6 +141,7 @@ class ConvVAETokenizer:
         if int(meta.get("stride", STRIDE)) != STRIDE:
             raise ValueError(f"conv-vae tokenizer has stride {meta.get('stride')}; this version reads {STRIDE}")
         width, C = int(meta.get("width", 32)), int(meta.get("channels", 3))
+        _io.check_tensors(str(meta.get("kind", "conv-vae")), tensors, {})  # finite; shapes: the strict load
         net = ConvVAE(latent_channels_for(d, p), width, C)
         net.load_state_dict(tensors, strict=True)  # a missing or misshapen tensor is an error here
         net.eval()

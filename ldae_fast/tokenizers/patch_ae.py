@@ -73,15 +73,14 @@ class PatchAETokenizer:
         return _io.save_tokenizer_file(path, self.state_dict(), self.metadata())
 
     @classmethod
-    def _check_shapes(cls, tensors: dict, meta: dict) -> tuple[int, int]:
+    def _check_shapes(cls, tensors: dict, meta: dict, logvar: bool = False) -> tuple[int, int]:
+        """(patch size, d) after checking every tensor's shape against the metadata and its values
+        for finiteness (TokenizerFileError otherwise); `logvar`: the VAE's (d,) log-variance too."""
         p, d, C = int(meta["patch_size"]), int(meta["latent_dim"]), int(meta.get("channels", 3))
         D = C * p * p
-        want = {"encoder": (d, D), "decoder": (D, d), "mean": (D,)}
-        for name, shape in want.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise ValueError(f"{meta.get('kind')} tokenizer: tensor {name!r} is {got}, expected {shape} "
-                                 f"(patch {p}, d={d}, {C} channels)")
+        want = {"encoder": (d, D), "decoder": (D, d), "mean": (D,), **({"logvar": (d,)} if logvar else {})}
+        _io.check_tensors(str(meta.get("kind", "patch-ae")), tensors, want,
+                          why=f"patch {p}, d={d}, {C} channels in its metadata")
         return p, d
 
     @classmethod

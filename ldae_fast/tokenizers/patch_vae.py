@@ -29,9 +29,7 @@ class PatchVAETokenizer(PatchAETokenizer):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> PatchVAETokenizer:
-        p, d = cls._check_shapes(tensors, meta)
-        if "logvar" not in tensors or tuple(tensors["logvar"].shape) != (d,):
-            raise ValueError(f"patch-vae tokenizer: tensor 'logvar' must be ({d},)")
+        p, d = cls._check_shapes(tensors, {"kind": "patch-vae", **meta}, logvar=True)
         return cls(tensors["encoder"].float(), tensors["decoder"].float(), tensors["mean"].float(), p, d,
                    meta.get("kind", "patch-vae"), int(meta.get("channels", 3)),
                    int(meta.get("num_patches_fitted", 0)), dict(meta.get("fit", {})), tensors["logvar"].float())

@@ -139,6 +139,17 @@ class PCATokenizer:
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> PCATokenizer:
+        """Checked against what the kind promises: shapes from the metadata, finite values, an
+        orthonormal basis (TokenizerFileError otherwise)."""
+        from ._io import TokenizerFileError, check_tensors
+
+        kind = meta.get("kind", "pca")
+        p, d, C = int(meta["patch_size"]), int(meta["latent_dim"]), int(meta.get("channels", 3))
+        D = C * p * p
+        if not 1 <= d <= D:
+            raise TokenizerFileError(f"{kind} tokenizer: latent_dim={d} must be in 1..{D} (patch {p}, {C} channels)")
+        check_tensors(kind, tensors, {"basis": (D, D), "mean": (D,), "eigenvalues": (D,)}, orthonormal=("basis",),
+                      why=f"patch {p}, {C} channels in its metadata")
         return cls(tensors["basis"].float(), tensors["mean"].float(), tensors["eigenvalues"].float(),
                    int(meta["patch_size"]), int(meta["latent_dim"]), meta.get("kind", "pca"),
                    int(meta.get("channels", 3)), int(meta.get("num_patches_fitted", 0)))
@@ -182,6 +193,7 @@ def _load_user_basis(path: str, patch_size: int, latent_dim: int) -> PCATokenize
     """tokenizer.path, with a file that is not a tokenizer reported as the user's file."""
     from ..config import ConfigError
     from ..errors import FileProblem, UserError
+    from ._io import TokenizerFileError
 
     try:
         return PCATokenizer.load(path, patch_size=patch_size, latent_dim=latent_dim, kind="pca")
@@ -189,6 +201,8 @@ def _load_user_basis(path: str, patch_size: int, latent_dim: int) -> PCATokenize
         raise
     except TokenizerMismatch as e:  # a basis for another patch size / latent dim: its message says which
         raise ConfigError(f"tokenizer.path: {e}") from e
+    except TokenizerFileError as e:
+        raise FileProblem(f"tokenizer.path={path}: {e}") from e
     except Exception as e:  # whatever safetensors or the basis check raise on a foreign file
         raise FileProblem(f"tokenizer.path={path}: not a readable tokenizer .safetensors "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -136,7 +136,7 @@ def method_figure(cfg, model: nn.Module, method, out_dir, *, images=None, step: 
                       f"{cfg.objective.mask_ratio:.0%} random masks, {n} reverse steps")
     if images is None:
         from ...data import build_eval_arrays
-        images, _ = build_eval_arrays(cfg, "val", max_images=4)
+        images, _ = build_eval_arrays(cfg, "val", max_images=4, labels=False)
     levels = (T, T // 2, 0)
     path = inpaint_figure(method, model, images[:4], Path(out_dir) / "inpainting.png", levels=levels)
     return path, (f"original / masked / inpainted at t {', '.join(map(str, levels))}; random and "

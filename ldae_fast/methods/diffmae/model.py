@@ -54,6 +54,7 @@ from ...models.blocks import (
     mlp_hidden,
 )
 from ...models.pos_embed import sincos_1d, sincos_2d
+from ...models.speed import apply_speed_switches
 from ...models.vit import (
     SIGMA_FREQ_DIM,
     EncoderDecoder,
@@ -329,7 +330,7 @@ def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
                          encoder_depth=cfg.encoder_depth)
     model = DiffMAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    return model
+    return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
 
 
 def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_ratio: float = 0.75) -> float:

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
 
 
+# noise.schedule's names, torch-free so a config validates before torch is imported;
+# schedules.SCHEDULES maps each to its code and checks it covers exactly these.
+SCHEDULE_NAMES = ("sigma_linear", "ddpm_linear_beta", "linear_gamma2", "single_level")
+
+
 @dataclass
 class NoiseConfig:
     schedule: str = "sigma_linear"
@@ -41,9 +46,7 @@ class NoiseConfig:
     def __post_init__(self) -> None:
         # The mechanism is read at validation, not import: config.py imports this section.
         from ...config import _check, _one_of
-        from .schedules import SCHEDULES
-
-        _one_of("noise.schedule", self.schedule, tuple(SCHEDULES))
+        _one_of("noise.schedule", self.schedule, SCHEDULE_NAMES)
         _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
         _one_of("noise.target", self.target, ("x0", "z0", "eps"))

@@ -116,7 +116,7 @@ def method_figure(cfg, model: nn.Module, method, out_dir, *, images=None, step: 
     """MethodSpec.figure: the denoising grid at eval.figure_sigmas, as denoising.png."""
     if images is None:
         from ...data import build_eval_arrays
-        images, _ = build_eval_arrays(cfg, "val", max_images=6)
+        images, _ = build_eval_arrays(cfg, "val", max_images=6, labels=False)
     sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
     path = denoise_figure(model, method, images, sigmas, Path(out_dir) / "denoising.png", step=step)
     return path, f"clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ddpm import ddpm_betas
+from .config import SCHEDULE_NAMES
 
 
 def sigma_linear(t: torch.Tensor, sigma_max: float = math.sqrt(2.0)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +60,7 @@ SCHEDULES: dict[str, Schedule] = {
     "linear_gamma2": Schedule(lambda t, sigma_max, T, single: linear_gamma2(t), True),
     "single_level": Schedule(lambda t, sigma_max, T, single: single_level(t, single), False),
 }
+assert tuple(SCHEDULES) == SCHEDULE_NAMES, "config.SCHEDULE_NAMES and SCHEDULES name the same schedules"
 
 
 def gamma_for_sigma(sigma: float, schedule: str) -> float:

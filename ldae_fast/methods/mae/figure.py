@@ -14,7 +14,7 @@ def method_figure(cfg, model, method, out_dir, *, images=None, step: int = 0) ->
     """MethodSpec.figure: reconstruction.png, one row per image and mask kind."""
     if images is None:
         from ...data import build_eval_arrays
-        images, _ = build_eval_arrays(cfg, "val", max_images=4)
+        images, _ = build_eval_arrays(cfg, "val", max_images=4, labels=False)
     images = images[:4]
     method = method.to(device_of(model))
     cols = [[], [], []]

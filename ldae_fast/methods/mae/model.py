@@ -13,6 +13,7 @@ from ...config import ModelConfig
 from ...markers import nvtx_range
 from ...models.blocks import Block, mlp_hidden
 from ...models.pos_embed import sincos_2d
+from ...models.speed import apply_speed_switches
 from ...models.vit import EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
 from ..masking import encode_visible, scatter_tokens
 
@@ -75,7 +76,7 @@ def build_mae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str =
                      attn_backend=cfg.attn_backend, kernels=kernels)
     model = MAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    return model
+    return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
 
 
 def train_flops_per_image(cfg: ModelConfig, img_size: int, mask_ratio: float, in_chans: int = 3
