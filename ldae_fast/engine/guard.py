@@ -146,7 +146,9 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
             out = [d for d in out if d.split()[0] in _ALWAYS]
     # The method's own wiring fields; a saved config older than a field holds its default.
     for (sec, name), default in spec_for(cfg).shape_fields:
-        was = (saved.get(sec) or {}).get(name, default)
+        stored = saved.get(sec) or {}
+        was = (getattr(getattr(before, sec), name) if before is not None and name in stored
+               else stored.get(name, default))
         now = getattr(getattr(cfg, sec), name)
         if was != now and f"{sec}.{name}" not in {d.split()[0] for d in out}:
             out.append(f"{sec}.{name} {was} -> {now}")
