@@ -1,5 +1,10 @@
 """Run configuration: nested dataclasses, named presets, `--section.field=value` overrides.
 
+This module holds the mechanism and the shared sections; a method's own section (l-DAE's `noise`,
+methods/ldae/config.py) and its presets live with the method and are composed here through the
+methods registry. A section stores what the user set; a field that follows others (`Derived`) is
+derived on every read, never written back.
+
 Every field has a default that runs; every section validates itself in `__post_init__` and the
 whole config checks the relations between sections in `Config.validate()`, so a bad value fails
 before any work starts, with a message that names the field and what is allowed.

@@ -26,7 +26,7 @@ def diffmae_train_flops_per_image(mcfg: ModelConfig, img_size: int, mask_ratio: 
                 torch.utils.flop_counter measures for a forward and backward (tests/test_bench_diffmae.py).
     adaln=False drops the adaLN modulation maps (per decoder block and the final layer's): the
     timm-block peer, whose blocks take no conditioning, adds t's embedding to its tokens instead.
-    Activation-checkpoint recompute is not counted, as in `train_flops_per_image`.
+    Activation-checkpoint recompute is not counted, as in l-DAE's count (methods/ldae/flops.py).
     """
     p, w, v = mcfg.patch_size, mcfg.width, mcfg.decoder_width
     clip = mcfg.num_frames // mcfg.tubelet if mcfg.num_frames else 0

@@ -1,5 +1,6 @@
 """l-DAE's noise section of the run config (`--noise.field=value`): the schedule, its loss
-weights and the prediction target. Plain data; the config mechanism (config.py) validates it."""
+weights and the prediction target. Plain data that validates itself with the config mechanism's
+checks (config.py), which composes it into the run's Config."""
 
 from __future__ import annotations
 
