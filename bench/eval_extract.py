@@ -42,11 +42,11 @@ from ldae_fast.eval.stream import EvalStream, SplitSpec  # noqa: E402
 
 def _our_encoder(size: str, img_size: int, patch: int, device):
     from ldae_fast.config import build_config
-    from ldae_fast.models import build_model
+    from ldae_fast.methods import build_model
 
     cfg = build_config("demo", {"model.size": size, "model.patch_size": str(patch),
                                 "data.img_size": str(img_size), "model.layout": "mae"})
-    return build_model(cfg.model, img_size).encoder.to(device).eval(), cfg.model
+    return build_model(cfg).encoder.to(device).eval(), cfg.model
 
 
 def _timm_peer(m, img_size: int, device):

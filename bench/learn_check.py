@@ -264,7 +264,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from ldae_fast.data.resident import keep_classes, resident_arrays
     from ldae_fast.device import resolve_device
     from ldae_fast.engine.loop import train
-    from ldae_fast.models import build_model
+    from ldae_fast.methods import build_model
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -332,13 +332,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     stage("pretrain", steps=res.steps, planned_steps=steps, images_seen=images_seen,
           train_s=round(train_s, 1), final_loss=round(res.final_loss, 4), epochs=round(images_seen / n_train, 2))
 
-    enc = build_model(cfg.model, cfg.data.img_size)
+    enc = build_model(cfg)
     src = res.ema if res.ema is not None else res.model
     enc.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
     encoders = [("pretrained", args.seed, enc.encoder)]
     for s in range(args.floor_seeds):
         torch.manual_seed(s)
-        encoders.append(("random-init", s, build_model(cfg.model, cfg.data.img_size).encoder))
+        encoders.append(("random-init", s, build_model(cfg).encoder))
     common = {"model": f"{cfg.model.size} w{cfg.model.width} d{cfg.model.encoder_depth}+{cfg.model.decoder_depth}",
               "img_size": cfg.data.img_size, "patch_size": cfg.model.patch_size, "pretrain_images": n_train,
               "train_images": len(tr[1]),

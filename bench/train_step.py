@@ -35,7 +35,7 @@ masking, MAE's 8 x 512 decoder as the diffmae-vitb / -vitl presets, variants a, 
 network with the reference objective, math attention, no compile, torch AdamW; (c) the same
 network assembled from timm Blocks (encoder on the visible tokens, a joint decoder over encoder
 and noised tokens, t's embedding added to the noised tokens instead of adaLN); (d) ours as the
-l-DAE rows run it. Its FLOPs are ldae_fast.engine.mfu.diffmae_train_flops_per_image: the encoder
+l-DAE rows run it. Its FLOPs are ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image: the encoder
 on the visible quarter of the tokens, the decoder on what model.decoder_kind attends over, and
 the backward without the input gradients nobody needs (it equals torch's FLOP counter).
 
@@ -49,6 +49,7 @@ script end to end; results are written with bench/results_io.py only for GPU run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import os
@@ -82,20 +83,17 @@ from ldae_fast.config import (  # noqa: E402
     TokenizerConfig,
 )
 from ldae_fast.engine.cuda_graph import GraphedStep, check_cuda_graphs  # noqa: E402
-from ldae_fast.engine.mfu import (  # noqa: E402
-    diffmae_train_flops_per_image,
-    peak_tflops_for,
-    train_flops_per_image,
-)
+from ldae_fast.engine.mfu import peak_tflops_for  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
 from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
-from ldae_fast.models import build_model  # noqa: E402
+from ldae_fast.methods import METHODS as REGISTRY  # noqa: E402
+from ldae_fast.methods import Batch, Method, build_method, build_model  # noqa: E402
+from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image  # noqa: E402
 from ldae_fast.models.blocks import SigmaEmbedder  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
 from ldae_fast.models.pos_embed import sincos_2d  # noqa: E402
 from ldae_fast.models.vit import SIGMA_FREQ_DIM  # noqa: E402
-from ldae_fast.objectives import Batch, Method, build_method  # noqa: E402
 from ldae_fast.reference import unpatchify  # noqa: E402
 from ldae_fast.tokenizers import Tokenizer, tokenizer_from_state  # noqa: E402
 
@@ -133,7 +131,7 @@ GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, p
 CPU_SMOKE = dict(sizes="tiny", batch_sizes="4", img_size=32, patch_size=4, latent_dim=16, warmup=1, steps=2)
 # DiffMAE at the paper's ImageNet setting (224 px, patch 16); latent_dim is unused (pixels).
 DIFFMAE_GPU_DEFAULTS = dict(GPU_DEFAULTS, sizes="B,L", batch_sizes="256", img_size=224)
-METHODS = ("ldae", "diffmae")
+METHODS = tuple(REGISTRY)
 DEFAULT_VARIANTS = {"ldae": "a,b,c,d", "diffmae": "a,c,d"}
 
 
@@ -292,12 +290,14 @@ _MATH_ATTN = ("a", "b")
 
 def _param_count(s: Setup) -> int:
     """Our network's parameters at these shapes, built on the meta device (no memory, no init)."""
-    extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
-                 **diffmae_decoder(s.size)) \
+    extra = dict(decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown, **diffmae_decoder(s.size)) \
         if s.method == "diffmae" else dict(layout=s.layout)
-    m = ModelConfig(size=s.size, patch_size=s.patch_size, **extra)
+    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, **extra),
+                 tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
+                 objective=ObjectiveConfig(method=s.method, mask_ratio=s.mask_ratio),
+                 data=DataConfig(img_size=s.img_size))
     with torch.device("meta"):
-        model = build_model(m, s.img_size)
+        model = build_model(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -393,7 +393,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     diffmae = s.method == "diffmae"
     extra: dict[str, Any] = {}
     if diffmae:
-        extra = dict(arch="diffmae", decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
+        extra = dict(decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
                      **diffmae_decoder(s.size))
     if not diffmae:
         extra["layout"] = s.layout
@@ -421,14 +421,15 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
         fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
     else:
-        model = build_model(m, s.img_size, kernels=kernels)
+        model = build_model(cfg, kernels=kernels)
         fcfg = m
     model = model.to(s.device).train()
     if diffmae:
         info["fwd_flops_per_image"], info["train_flops_per_image"] = diffmae_train_flops_per_image(
             fcfg, s.img_size, s.mask_ratio, adaln=not v["peer"])
     else:
-        info["fwd_flops_per_image"], info["train_flops_per_image"] = train_flops_per_image(fcfg, s.img_size)
+        info["fwd_flops_per_image"], info["train_flops_per_image"] = REGISTRY[s.method].train_flops(
+            dataclasses.replace(cfg, model=fcfg))
     info["train_gflop"] = _sig(info["train_flops_per_image"] / 1e9, 4)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     objective = build_method(cfg, s.device,
@@ -853,7 +854,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     if diffmae:
         print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}, "
               f"decoder_topdown={args.decoder_topdown}")
-        print("FLOPs: ldae_fast.engine.mfu.diffmae_train_flops_per_image (forward + backward, matmuls only, "
+        print("FLOPs: ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image (forward + backward, matmuls only, "
               "2 per multiply-add; encoder on the visible tokens; peer counted without adaLN)")
     else:
         print("FLOPs: training = 3 x forward, forward = ldae_fast.models.flops_per_image "
@@ -878,7 +879,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
         "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
         **({"mask_ratio": args.mask_ratio, "decoder_kind": args.decoder_kind,
             "decoder_topdown": args.decoder_topdown,
-            "flop_count": "ldae_fast.engine.mfu.diffmae_train_flops_per_image: forward (matmuls, 2 FLOPs per "
+            "flop_count": "ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image: forward (matmuls, 2 FLOPs per "
                           "multiply-add; encoder blocks on 1 + n_keep tokens, decoder on what decoder_kind "
                           "attends over, attention's quadratic terms included) + backward (2 x forward less "
                           "the input gradients of the patch, noised-patch and t embeddings), equal to "

@@ -1,5 +1,10 @@
 """Run configuration: nested dataclasses, named presets, `--section.field=value` overrides.
 
+This module holds the mechanism and the shared sections; a method's own section (l-DAE's `noise`,
+methods/ldae/config.py) and its presets live with the method and are composed here through the
+methods registry. A section stores what the user set; a field that follows others (`Derived`) is
+derived on every read, never written back.
+
 Every field has a default that runs; every section validates itself in `__post_init__` and the
 whole config checks the relations between sections in `Config.validate()`, so a bad value fails
 before any work starts, with a message that names the field and what is allowed.
@@ -17,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .methods import NoiseConfig
 from .shard_urls import SHARD_FIELDS, sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
-from .trajectory import trajectory_presets
+from .tokenizer_kinds import KINDS as TOKENIZER_KINDS
 
 
 class ConfigError(ValueError, UserError):
@@ -37,6 +43,42 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
+class Derived:
+    """A field that stores what the user set and reads as what follows from the rest of the
+    config while it is unset (at its default): derived on every read, never written back, so a
+    saved config replayed with another `model.size` or `data.crop` is what a fresh run with
+    those values is. `read(section, stored)` gives the value a reader sees."""
+
+    def __init__(self, default: Any, read: Any) -> None:
+        self.default, self.read = default, read
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self.default  # the dataclass default
+        return self.read(obj, obj.__dict__.get(self.name, self.default))
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
+def stored(section: Any, name: str) -> Any:
+    """What a section stores for field `name` (for a Derived field, what the user set)."""
+    return section.__dict__[name]
+
+
+def _from_size(key: str) -> Derived:
+    return Derived(0, lambda m, v: v or MODEL_SIZES[m.size][key])
+
+
+def _from_run(key: str) -> Derived:
+    """A model field that follows another section (model.latent_dim, num_classes, num_frames):
+    the run's Config tells it once it is built (Config.__post_init__)."""
+    return Derived(0, lambda m, v: v or (m._run_value(key) if m.__dict__.get("_run") else 0))
+
+
 # torch.compile's modes; inductor records CUDA graphs in two of them.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -52,7 +94,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # ViT-H/14's encoder (DiffMAE's largest); its presets set their own decoder.
     "H": dict(width=1280, encoder_depth=32, decoder_depth=32, num_heads=16),
 }
-ARCHS = ("ldae", "diffmae")
 # l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
 MODEL_LAYOUTS = ("dit", "mae")
 DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
@@ -64,14 +105,15 @@ ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficien
 @dataclass
 class ModelConfig:
     size: str = "tiny"
-    """Named size (tiny, S, B, halfL, L); fills width/depths/heads that are left at 0."""
-    width: int = 0
+    """Named size (tiny, S, B, halfL, L); width/depths/heads left at 0 read as this size's (derived
+    on every read, never stored, so a saved config replayed with another size takes its dims)."""
+    width: int = _from_size("width")
     """Transformer width of encoder and decoder (0: from `size`)."""
-    encoder_depth: int = 0
+    encoder_depth: int = _from_size("encoder_depth")
     """Encoder blocks (0: from `size`)."""
-    decoder_depth: int = 0
+    decoder_depth: int = _from_size("decoder_depth")
     """Decoder blocks (0: from `size`)."""
-    num_heads: int = 0
+    num_heads: int = _from_size("num_heads")
     """Attention heads (0: from `size`)."""
     mlp_ratio: float = 4.0
     """MLP hidden width / width."""
@@ -83,7 +125,7 @@ class ModelConfig:
     """Class conditioning as DiT's: a label embedding added to the adaLN conditioning, labels
     dropped to a null class at rate label_dropout in training; evaluation feeds the null class
     (l-DAE Table 1's first row, 57.5%)."""
-    num_classes: int = 0
+    num_classes: int = _from_run("num_classes")
     """Classes of the label embedding (0: data.num_classes, or data.synthetic_classes)."""
     input: str = "image"
     """What the network is fed: 'image' (the noisy latent decoded through the tokenizer: final) or
@@ -92,8 +134,8 @@ class ModelConfig:
     output: str = "image"
     """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
     z0 / eps target directly."""
-    latent_dim: int = 0
-    """d of latent input / output (0: tokenizer.latent_dim; set by the config)."""
+    latent_dim: int = _from_run("latent_dim")
+    """d of latent input / output (0: tokenizer.latent_dim, read through the run's config)."""
     label_dropout: float = 0.1
     """Probability a training label is replaced by the null class (DiT: 0.1)."""
     attn_backend: str = "auto"
@@ -106,9 +148,6 @@ class ModelConfig:
     engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
     elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
-    arch: str = ""
-    """Network: 'ldae' (encoder-decoder on all tokens) or 'diffmae' (masked encoder + diffusion
-    decoder); '' takes the one objective.method trains."""
     decoder_kind: str = "joint"
     """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
     (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention).
@@ -122,15 +161,15 @@ class ModelConfig:
     when the decoder is shallower). 'last' is the default (a checkpoint saved before this field
     existed stores none and rebuilds as it was) and the only choice with 'joint'; the DiffMAE
     ImageNet and video presets set 'deepest_first' (docs/diffmae.md)."""
-    decoder_width: int = 0
+    decoder_width: int = Derived(0, lambda m, v: v or m.width)
     """DiffMAE decoder width (0: model.width)."""
-    decoder_heads: int = 0
+    decoder_heads: int = Derived(0, lambda m, v: v or m.num_heads)
     """DiffMAE decoder attention heads (0: model.num_heads)."""
     tubelet: int = 1
     """DiffMAE video: frames per spacetime patch (tubelet x patch_size x patch_size; the paper's
     2x16x16 is tubelet 2); 1 for images."""
-    num_frames: int = 0
-    """Frames of a clip the network is built for (0: images); set from data.num_frames."""
+    num_frames: int = _from_run("num_frames")
+    """Frames of a clip the network is built for (0: data.num_frames, read through the run's config)."""
     layout: str = "mae"
     """How l-DAE's network is cut in two (docs/model.md).
     'dit': the paper's (l-DAE App. A), DiT cut in two: the encoder is DiT's first blocks, the
@@ -160,9 +199,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
-        for k, v in MODEL_SIZES[self.size].items():
-            if getattr(self, k) == 0:
-                setattr(self, k, v)
         _one_of("model.cond", self.cond, ("adaln", "none"))
         _one_of("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check(self.patch_size >= 1, f"model.patch_size={self.patch_size} must be >= 1")
@@ -171,15 +207,11 @@ class ModelConfig:
         _check(self.num_heads >= 1 and self.width % self.num_heads == 0,
                f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
-        _check(self.arch in ("",) + ARCHS, f"model.arch={self.arch!r} is not allowed; choose one of "
-               f"{', '.join(ARCHS)} (or leave it empty for the method's own)")
         _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
         _one_of("model.decoder_topdown", self.decoder_topdown, DIFFMAE_TOPDOWN)
         _check(self.decoder_topdown == "last" or self.decoder_kind != "joint",
                f"model.decoder_topdown={self.decoder_topdown!r} needs model.decoder_kind=cross or cross_self "
                "(the joint decoder reads the encoder's final output only: set model.decoder_topdown=last)")
-        self.decoder_width = self.decoder_width or self.width
-        self.decoder_heads = self.decoder_heads or self.num_heads
         _check(self.tubelet >= 1 and self.num_frames >= 0,
                f"model.tubelet={self.tubelet} must be >= 1 and model.num_frames={self.num_frames} >= 0")
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
@@ -197,6 +229,18 @@ class ModelConfig:
         _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
         _check(not self.adaln_act_dtype or self.fused_adaln,
                "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
+
+    def _run_value(self, key: str) -> int:
+        """A value this section takes from the rest of the run's config (Config.__post_init__
+        links it): 0 when that config does not give one."""
+        run = self.__dict__["_run"]
+        if key == "latent_dim":
+            return run.tokenizer.latent_dim if "latent" in (self.input, self.output) else 0
+        if key == "num_classes":
+            if not self.class_cond:
+                return 0
+            return run.data.synthetic_classes if run.data.source == "synthetic" else run.data.num_classes
+        return run.data.num_frames  # num_frames
 
     @property
     def cond_width(self) -> int:
@@ -248,7 +292,7 @@ class TokenizerConfig:
     """conv-vae: weight of that term (per-pixel loss units) when tokenizer.adversarial is on."""
 
     def __post_init__(self) -> None:
-        _one_of("tokenizer.kind", self.kind, ("pca", "pixel", "patch-ae", "patch-vae", "conv-vae"))
+        _one_of("tokenizer.kind", self.kind, TOKENIZER_KINDS)
         _check(self.latent_dim >= 1, f"tokenizer.latent_dim={self.latent_dim} must be >= 1")
         for name in ("fit_images", "fit_patches", "fit_steps", "fit_batch", "conv_steps", "conv_batch",
                      "conv_width"):
@@ -261,53 +305,10 @@ class TokenizerConfig:
             _check(math.isfinite(v) and v >= 0, f"tokenizer.{name}={v} must be >= 0")
 
 
-SCHEDULES = ("sigma_linear", "ddpm_linear_beta", "linear_gamma2", "single_level")
-LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
-
-
-@dataclass
-class NoiseConfig:
-    schedule: str = "sigma_linear"
-    """'sigma_linear' (final: gamma=1, sigma linear 0..sigma_max), 'ddpm_linear_beta', 'linear_gamma2',
-    'single_level' (gamma=1, sigma=single_sigma for every sample)."""
-    sigma_max: float = math.sqrt(2.0)
-    """Largest sigma of the sigma_linear schedule."""
-    num_timesteps: int = 1000
-    """T of the discrete DDPM schedule."""
-    single_sigma: float = 1.0 / 3.0
-    """sigma of the single_level schedule (l-DAE Sec. 4.3: sigma = 1/3 gives 61.5%)."""
-    loss_weight: str = "inv_1p_sigma2"
-    """lambda_t: 'inv_1p_sigma2' (1/(1+sigma^2), final), 'uniform' (1), 'gamma2' (gamma_t^2)."""
-    low_weight: float = 1.0
-    """w_i of the loss for the d principal components the noise lives in."""
-    high_weight: float = 0.1
-    """w_i of the loss for the remaining D-d components."""
-    input_scaling: bool = False
-    """Divide the network input by sqrt(gamma^2+sigma^2). Our option, not the paper's: l-DAE's
-    "input scaling" (Table 3) is gamma_t scaling the clean latent, z_t = gamma_t z0 + sigma_t eps,
-    and its "remove input scaling" row is noise.schedule=sigma_linear (gamma_t = 1, sigma_t linear
-    0..sqrt(2)), with no divisor. On the variance-preserving schedules (ddpm_linear_beta,
-    linear_gamma2) gamma^2 + sigma^2 = 1 and this does nothing; no preset sets it."""
-    target: str = "x0"
-    """What the loss compares the network's output image with: 'x0' (the original image, the
-    w-weighted PCA-space loss: final), 'z0' (the clean latent) or 'eps' (the noise); for z0 / eps
-    the output image is encoded through the tokenizer first (l-DAE Table 3's "output through
-    inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
-
-    def __post_init__(self) -> None:
-        _one_of("noise.schedule", self.schedule, SCHEDULES)
-        _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
-        _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
-        _one_of("noise.target", self.target, ("x0", "z0", "eps"))
-        _check(self.sigma_max > 0, f"noise.sigma_max={self.sigma_max} must be > 0")
-        _check(self.num_timesteps >= 1, "noise.num_timesteps must be >= 1")
-        _check(self.low_weight >= 0 and self.high_weight >= 0, "noise.*_weight must be >= 0")
-
-
 @dataclass
 class ObjectiveConfig:
     method: str = "ldae"
-    """The method trained (objectives.METHODS): 'ldae' or 'diffmae'."""
+    """The method trained: a name in the methods registry (ldae_fast/methods/__init__.py)."""
     mask_ratio: float = 0.75
     """DiffMAE: fraction of patches hidden from the encoder, per sample."""
     rho: float = 0.8
@@ -322,7 +323,6 @@ class ObjectiveConfig:
     the target and the decoder's noisy input are that single time slice, docs/diffmae.md)."""
 
     def __post_init__(self) -> None:
-        _one_of("objective.method", self.method, ARCHS)
         _check(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio={self.mask_ratio} must lie in [0, 1)")
         _check(self.rho > 0, f"objective.rho={self.rho} must be > 0")
         _check(self.sample_steps >= 1, f"objective.sample_steps={self.sample_steps} must be >= 1")
@@ -355,14 +355,14 @@ class DataConfig:
     shuffle_buffer x workers x clip bytes per rank)."""
     resampled: bool = False
     """Draw shards with replacement, an endless stream (resume is keyed on the step)."""
-    crop_min_scale: float = 0.2
+    crop_min_scale: float = Derived(0.2, lambda d, v: 1.0 if d.crop == "center" else v)
     """Smallest area fraction of RandomResizedCrop."""
-    hflip: bool = True
+    hflip: bool = Derived(True, lambda d, v: False if d.crop == "center" else v)
     """Random horizontal flip."""
     crop: str = "random_resized"
     """Training crop: 'random_resized' (RandomResizedCrop from crop_min_scale, flip per hflip) or
     'center' (the largest centred square, no flip: no augmentation, as every row of the l-DAE
-    trajectory before its last; sets crop_min_scale=1 and hflip=false)."""
+    trajectory before its last; crop_min_scale then reads 1 and hflip false, whatever they store)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of samples is corrupt (after the first 100)."""
     synthetic_images: int = 2048
@@ -402,9 +402,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "wds", "resident", "wds-video"))
         _one_of("data.crop", self.crop, ("random_resized", "center"))
-        if self.crop == "center":
-            # The streams read these two; scale 1 is the centred square (transforms.sample_crop_box).
-            self.crop_min_scale, self.hflip = 1.0, False
         _check(self.img_size >= 1, f"data.img_size={self.img_size} must be >= 1")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -674,6 +671,9 @@ class Config:
             sec = getattr(self, f.name)
             if dataclasses.is_dataclass(sec):
                 _check_types(f.name, sec)
+        # The model section's cross-section fields (latent_dim, num_classes, num_frames) read
+        # this config; a section object shared by two configs follows the newest.
+        self.model.__dict__["_run"] = self
         self.validate()
 
     # Derived quantities -------------------------------------------------------------------
@@ -687,20 +687,12 @@ class Config:
         return (self.data.img_size // self.model.patch_size) ** 2
 
     def validate(self) -> None:
-        # Each method trains its own network; the saved config names the one it built.
-        self.model.arch = self.model.arch or self.objective.method
-        _check(self.model.arch == self.objective.method,
-               f"model.arch={self.model.arch!r} cannot train objective.method={self.objective.method!r}; "
-               f"set model.arch={self.objective.method} (or leave it empty)")
-        _check(self.model.arch == "ldae" or self.model.layout == "mae",
-               f"model.layout={self.model.layout!r} is a layout of l-DAE's encoder-decoder; "
-               f"model.arch={self.model.arch!r} has its own (leave model.layout at 'mae')")
-        # model.width is accepted too: it is what versions that wrote the resolved width back
-        # stored for every DiffMAE run, and those configs must still load.
-        _check(self.model.arch == "ldae" or self.model.adaln_dim in (0, self.model.width),
-               f"model.adaln_dim={self.model.adaln_dim} sets l-DAE's conditioning width; "
-               f"model.arch={self.model.arch!r} conditions its blocks at their own width "
-               f"(leave model.adaln_dim at 0)")
+        # The method's own name list and relations live with the method (MethodSpec.validate).
+        from .methods import METHODS
+
+        _one_of("objective.method", self.objective.method, tuple(METHODS))
+        spec = METHODS[self.objective.method]
+        spec.validate(self)
         _check(self.objective.sample_steps <= self.noise.num_timesteps,
                f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
                f"{self.noise.num_timesteps}")
@@ -713,17 +705,13 @@ class Config:
                f"tokenizer.latent_dim={self.tokenizer.latent_dim} is larger than 3*p^2={D} "
                f"(patch size {p}); allowed: 1..{D}")
         if "latent" in (self.model.input, self.model.output):
-            if self.model.latent_dim == 0:
-                self.model.latent_dim = self.tokenizer.latent_dim
             _check(self.model.latent_dim == self.tokenizer.latent_dim,
                    f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
                    f"{self.tokenizer.latent_dim}; leave it at 0")
         _check(not (self.model.output == "latent" and self.noise.target == "x0"),
                "noise.target='x0' (the original image) needs model.output='image'; a latent output "
                "predicts noise.target='z0' or 'eps'")
-        if self.model.class_cond and self.model.num_classes == 0:
-            self.model.num_classes = (self.data.synthetic_classes if self.data.source == "synthetic"
-                                      else self.data.num_classes)
+        if self.model.class_cond:
             _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
                    "data.num_classes) >= 2: the number of classes of the labelled data")
         # 'dit' is one DiT cut in two: the probe may read past the cut (l-DAE App. A, k = 9..15 of 24).
@@ -743,9 +731,12 @@ class Config:
     def _validate_video(self) -> None:
         m, d = self.model, self.data
         if d.num_frames:
-            _check(self.objective.method == "diffmae",
-                   f"data.num_frames={d.num_frames} (video) is trained by objective.method=diffmae only")
-            m.num_frames = m.num_frames or d.num_frames
+            from .methods import METHODS
+
+            video = [n for n, s in METHODS.items() if s.video]
+            _check(self.objective.method in video,
+                   f"data.num_frames={d.num_frames} (video) is trained by objective.method="
+                   f"{' or '.join(video)} only")
             _check(m.num_frames == d.num_frames,
                    f"model.num_frames={m.num_frames} differs from data.num_frames={d.num_frames}; leave it at 0")
             _check(d.num_frames % m.tubelet == 0,
@@ -780,7 +771,14 @@ class Config:
         return self.epoch_size() / self.global_batch(world_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What the user set, section by section: derived fields store their unset default, so
+        the saved config.json replays as intent (Derived)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            sec = getattr(self, f.name)
+            out[f.name] = ({g.name: stored(sec, g.name) for g in dataclasses.fields(sec)}
+                           if dataclasses.is_dataclass(sec) else sec)
+        return json.loads(json.dumps(out))
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -788,6 +786,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        d = _migrate(d)
         sections = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
@@ -815,9 +814,60 @@ class Config:
             raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
         _check(isinstance(d, dict), f"--config {path}: expected a JSON object of sections")
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(_unresolve(d))
         except ConfigError as e:
             raise ConfigError(f"--config {path}: {e}") from None
+
+
+def _migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as this version reads it: configs saved by older versions stored fields that
+    are now derived (model.arch, always equal to objective.method), which are dropped here."""
+    model = d.get("model")
+    if isinstance(model, dict) and "arch" in model:
+        model = dict(model)
+        arch = model.pop("arch")
+        method = (d.get("objective") or {}).get("method", ObjectiveConfig.method)
+        _check(arch in ("", method), f"model.arch={arch!r} differs from objective.method={method!r}: "
+               f"the method names its own network; drop model.arch")
+        d = {**d, "model": model}
+    return d
+
+
+def _unresolve(d: dict[str, Any]) -> dict[str, Any]:
+    """A config file written by a version that stored derived values back (model width / depths /
+    heads from model.size, decoder width / heads, latent_dim, num_classes, num_frames, the crop
+    fields of a center crop): a stored value equal to what would be derived from the stored
+    intent is taken as derived (unset), so a replay with another model.size, data.crop or
+    data.synthetic_classes follows it as a fresh run does."""
+    model, data = d.get("model"), d.get("data")
+    if not isinstance(model, dict):
+        return d
+    model, data = dict(model), dict(data) if isinstance(data, dict) else {}
+    tok = d.get("tokenizer") if isinstance(d.get("tokenizer"), dict) else {}
+    dims = MODEL_SIZES.get(model.get("size", ModelConfig.size), {})
+    for k, v in dims.items():
+        if model.get(k) == v:
+            model[k] = 0
+    width = model.get("width") or dims.get("width")
+    heads = model.get("num_heads") or dims.get("num_heads")
+    if model.get("decoder_width") == width:
+        model["decoder_width"] = 0
+    if model.get("decoder_heads") == heads:
+        model["decoder_heads"] = 0
+    derived = {"latent_dim": tok.get("latent_dim", TokenizerConfig.latent_dim),
+               "num_frames": data.get("num_frames", DataConfig.num_frames),
+               "num_classes": (data.get("synthetic_classes", DataConfig.synthetic_classes)
+                               if data.get("source", DataConfig.source) == "synthetic"
+                               else data.get("num_classes", DataConfig.num_classes))}
+    for k, v in derived.items():
+        if model.get(k) == v:
+            model[k] = 0
+    if data.get("crop") == "center" and (data.get("crop_min_scale"), data.get("hflip")) == (1.0, False):
+        data["crop_min_scale"], data["hflip"] = DataConfig.crop_min_scale, DataConfig.hflip
+    out = {**d, "model": model}
+    if data:
+        out["data"] = data
+    return out
 
 
 def _no_constant(name: str) -> float:
@@ -853,123 +903,17 @@ def _build_section(name: str, sub: type, values: dict[str, Any]) -> Any:
 
 def _check_types(name: str, sec: Any) -> None:
     for f in dataclasses.fields(sec):
-        setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, getattr(sec, f.name)))
+        setattr(sec, f.name, _coerce(f"{name}.{f.name}", f.type, stored(sec, f.name)))
 
 
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
-_IMAGENET_EPOCH = 1_281_167
-# l-DAE App. A: patch 16, d = 32 (Table 2: PCA d=32 65.1%, d=128 53.9%), batch 2048, blr 1e-4,
-# 100 warm-up epochs, no weight decay, 400 epochs, AdamW as DiT's (betas 0.9, 0.999); probe at t = 10
-# of 1000 with clean input, MAE's probe (batch 16384, blr 0.1: see eval.probe_blr for the lr);
-# the network is DiT cut in two (model.layout='dit', adaLN conditioning at width/4).
-_PAPER_RECIPE = {
-    "model.patch_size": 16, "tokenizer.latent_dim": 32, "data.img_size": 256, "data.source": "wds",
-    "data.epoch_size": _IMAGENET_EPOCH, "data.batch_size": 256, "data.num_workers": 10,
-    "optim.blr": 1e-4, "optim.weight_decay": 0.0, "optim.warmup_epochs": 100, "engine.epochs": 400,
-    "optim.beta1": 0.9, "optim.beta2": 0.999,
-    "engine.backend": "deepspeed", "tokenizer.fit_images": 50_000, "engine.log_every": 50,
-    "engine.ckpt_every": 2000, "optim.clip_grad": 0.0,
-    "eval.probe_t": 10, "eval.probe_input": "clean", "eval.probe_batch_size": 16384, "eval.probe_blr": 0.1,
-    "model.layout": "dit",
-}
-# DiffMAE's ImageNet pretraining (supplement Table 1a): AdamW (0.9, 0.95), wd 0.05, cosine after
-# 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0 (our blocks have none), blr 1.5e-4,
-# batch 4096, 1600 epochs, no gradient clipping; 224 px, 75% masking, MAE's decoder (8 x 512).
-# The decoder is cross-self with its blocks top-down connected to the encoder's, deepest first
-# (DiffMAE Fig. 3 shows cross-self and cross decoders wired so; CrossMAE describes DiffMAE as
-# decoding by cross-attention); which encoder block an 8-block decoder reads under a 12- or
-# 24-block encoder is not in the text we have: 'deepest_first' is our reading (docs/diffmae.md).
-_DIFFMAE_RECIPE = {
-    "objective.method": "diffmae", "objective.mask_ratio": 0.75, "model.patch_size": 16,
-    "model.decoder_width": 512, "model.decoder_depth": 8, "model.decoder_heads": 16,
-    "model.decoder_kind": "cross_self", "model.decoder_topdown": "deepest_first",
-    "data.img_size": 224, "data.source": "wds", "data.epoch_size": _IMAGENET_EPOCH,
-    "data.batch_size": 256, "engine.grad_accum": 2, "data.num_workers": 10, "data.hflip": True,
-    "data.crop_min_scale": 0.2, "optim.blr": 1.5e-4, "optim.beta1": 0.9, "optim.beta2": 0.95,
-    "optim.weight_decay": 0.05, "optim.warmup_epochs": 40, "optim.min_lr": 0.0, "optim.clip_grad": 0.0,
-    "optim.ema_decay": 0.0, "engine.epochs": 1600, "engine.backend": "deepspeed", "engine.log_every": 50,
-    "engine.ckpt_every": 2000,
-}
-# DiffMAE's Kinetics-400 pretraining (supplement Table 1a, video column): blr 8e-4, batch 512,
-# 400 epochs, gradient clipping 0.02, repeated augmentation 4, otherwise the image recipe (AdamW
-# (0.9, 0.95), wd 0.05, cosine, 40 warm-up epochs, hflip + RandomResizedCrop, drop path 0);
-# ViT-L with 2x16x16 (or 2x14x14) spacetime patches, 90% masking. 16 frames at temporal stride 4
-# and 224 px are MAE-ST's input (our choice, not a supplement value). Batch 512 samples = 8 ranks
-# x 64 (16 clips x 4 augmentations each); an epoch counts epoch_size samples (MAE-ST's
-# "effective" epochs under repeated augmentation).
-_KINETICS400_EPOCH = 240_000  # about the Kinetics-400 train split; set data.epoch_size to yours
-_DIFFMAE_VIDEO_RECIPE = {
-    **_DIFFMAE_RECIPE, "model.size": "L", "model.tubelet": 2, "objective.mask_ratio": 0.9,
-    "data.source": "wds-video", "data.num_frames": 16, "data.frame_stride": 4,
-    "data.epoch_size": _KINETICS400_EPOCH, "data.batch_size": 64, "engine.grad_accum": 1,
-    "data.repeated_aug": 4, "optim.blr": 8e-4, "optim.clip_grad": 0.02, "engine.epochs": 400,
-    # Each worker's shuffle buffer holds whole stored clips (a 64-frame 256x340 clip is ~17 MB):
-    # the image recipes' 2000 x 10 workers would ask for hundreds of GB per rank (docs/diffmae.md).
-    "data.shuffle_buffer": 32, "data.num_workers": 4, "eval.probe": False,
-}
-DIFFMAE_VIDEO_GLOBAL_BATCH = 512
-PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds per step on 2 CPU cores: fits PCA, pretrains, figure and probe in a few minutes.
-    # Gratings whose orientation is the class: colour and brightness say nothing about it, so the
-    # probe shows what the pretraining learned about local structure (docs/results.md).
-    "demo": {
-        "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32, "tokenizer.latent_dim": 16,
-        "data.synthetic_kind": "gratings",
-        "tokenizer.fit_images": 1024, "data.batch_size": 64, "data.synthetic_images": 2048,
-        "optim.blr": 6e-3, "optim.warmup_epochs": 1, "engine.epochs": 10, "engine.log_every": 32,
-        # 2048 images give LARS ~8 steps an epoch: its trust-ratio-limited head barely moves at
-        # blr 0.1 (the ImageNet value, ~5000 steps an epoch), so the demo's probe uses blr 10.
-        "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/demo",
-    },
-    # ViT-S-sized model on Tiny ImageNet (64x64): ../shared/data/tinyimagenet-wds.
-    "tiny-imagenet": {
-        "model.size": "S", "model.patch_size": 8, "data.img_size": 64, "tokenizer.latent_dim": 32,
-        "data.source": "wds", "data.train_shards": "../shared/data/tinyimagenet-wds/train-{000000..000009}.tar.gz",
-        "data.val_shards": "../shared/data/tinyimagenet-wds/val-{000000..000001}.tar.gz",
-        "data.epoch_size": 50_500, "data.batch_size": 128, "data.num_workers": 2,
-        "tokenizer.fit_images": 10_000, "optim.blr": 1.5e-4, "optim.warmup_epochs": 5,
-        "engine.epochs": 50, "engine.log_every": 20, "engine.ckpt_every": 500,
-        "engine.out_dir": "runs/tiny-imagenet",
-    },
-    # The paper's ImageNet 256x256 recipes (global batch 2048 = 8 x 256 across ranks).
-    "ldae-vitb": {**_PAPER_RECIPE, "model.size": "B", "engine.out_dir": "runs/ldae-vitb"},
-    "ldae-vithalfl": {**_PAPER_RECIPE, "model.size": "halfL", "engine.out_dir": "runs/ldae-vithalfl"},
-    "ldae-vitl": {**_PAPER_RECIPE, "model.size": "L", "engine.out_dir": "runs/ldae-vitl"},
-    # DiffMAE on the built-in data: a tiny masked encoder + joint decoder, CPU minutes. The demo's
-    # gratings: this encoder's blocks are not zero-initialised, so its random-init probe floor is
-    # high there (~85%), and the pretrained probe still clears it (docs/diffmae.md). blr and
-    # length were tuned on seed 0; one decoder block halves the step time of two, which buys twice
-    # the steps in the same minutes.
-    "diffmae-demo": {
-        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32,
-        "data.synthetic_kind": "gratings",
-        "model.decoder_depth": 1, "data.batch_size": 64, "data.synthetic_images": 2048,
-        "optim.blr": 1.6e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.ema_decay": 0.0,
-        "optim.clip_grad": 0.0, "engine.epochs": 60, "engine.log_every": 64, "objective.sample_steps": 50,
-        "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/diffmae-demo",
-    },
-    "diffmae-vitb": {**_DIFFMAE_RECIPE, "model.size": "B", "engine.out_dir": "runs/diffmae-vitb"},
-    "diffmae-vitl": {**_DIFFMAE_RECIPE, "model.size": "L", "engine.out_dir": "runs/diffmae-vitl"},
-    "diffmae-vith": {**_DIFFMAE_RECIPE, "model.size": "H", "model.patch_size": 14,
-                     "engine.out_dir": "runs/diffmae-vith"},
-    # DiffMAE on video: 8-frame clips of moving shapes at 32 px, 2x4x4 tubelets, 90% masking.
-    "diffmae-video-demo": {
-        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "model.tubelet": 2,
-        "data.img_size": 32, "data.num_frames": 8, "data.synthetic_kind": "moving-shapes",
-        "objective.mask_ratio": 0.9, "model.decoder_depth": 2, "data.batch_size": 32,
-        "data.synthetic_images": 512, "optim.blr": 1.2e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1,
-        "optim.ema_decay": 0.0, "optim.clip_grad": 0.0, "engine.epochs": 6, "engine.log_every": 8,
-        "objective.sample_steps": 50, "eval.probe": False, "engine.out_dir": "runs/diffmae-video-demo",
-    },
-    "diffmae-video-vitl": {**_DIFFMAE_VIDEO_RECIPE, "engine.out_dir": "runs/diffmae-video-vitl"},
-    "diffmae-video-vitl14": {**_DIFFMAE_VIDEO_RECIPE, "model.patch_size": 14,
-                             "engine.out_dir": "runs/diffmae-video-vitl14"},
-    # The deconstruction trajectory, one preset per row (ldae_fast/trajectory.py).
-    **trajectory_presets(_PAPER_RECIPE),
-}
-# DiffMAE's global batch (supplement Table 1a): the recipes reach it with 8 ranks x 256 x 2.
-DIFFMAE_GLOBAL_BATCH = 4096
+# Every preset belongs to a method (MethodSpec.presets); the registry collects them. Imported
+# here, after the sections: the methods package's specs are plain data that import nothing of
+# this module at load time.
+from .methods import all_presets  # noqa: E402
+
+PRESETS: dict[str, dict[str, Any]] = all_presets()
 # The supplement's Table 1b (ImageNet fine-tuning of the pretrained encoder, pixel targets), as
 # eval.finetune.FinetuneRecipe fields; lr = blr * batch / 256. Shared by every size: AdamW
 # (0.9, 0.999), wd 0.05, cosine to 1e-6 after 5 warm-up epochs, RandAug (9, 0.5), mixup 0.8,

@@ -1,7 +1,7 @@
 """Phase markers (NVTX ranges) for Nsight and the torch profiler.
 
-A leaf module: models, objectives and the engine all mark their phases with `nvtx_range`, and
-the import rule (DESIGN.md) lets models and objectives import nothing from the engine, so the
+A leaf module: models, methods and the engine all mark their phases with `nvtx_range`, and
+the import rule (DESIGN.md) lets models and methods import nothing from the engine, so the
 marker lives here rather than in engine/profiling.py (which re-exports it).
 
 `nvtx_range(name)` pushes an NVTX range when CUDA is present, and opens a

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from .config import parse_cli
 from .errors import UsageError, run_cli
-
-FIT_KINDS = ("pca", "patch-ae", "patch-vae", "conv-vae")
+from .tokenizer_kinds import FIT_KINDS  # noqa: E402 - torch-free, so --help answers at once
 
 
 def default_out(cfg) -> str:

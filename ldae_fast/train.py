@@ -20,7 +20,7 @@ USAGE = """usage: python train.py [--preset NAME] [--config FILE.json] [--sectio
 
 presets: demo (default), tiny-imagenet, ldae-vitb, ldae-vithalfl, ldae-vitl,
          diffmae-demo, diffmae-vitb, diffmae-vitl, diffmae-vith, diffmae-video-demo,
-         diffmae-video-vitl, diffmae-video-vitl14
+         diffmae-video-vitl, diffmae-video-vitl14, mae-demo (and the l-DAE trajectory rows)
 values: --section.field=value and --section.field value are the same; booleans also take
   --section.field (true) and --no-section.field (false). A preset sets some fields (shown as
   [demo: value] below; `--preset NAME --help` shows NAME's); --config FILE.json starts from a
@@ -62,46 +62,23 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     from .data.badsamples import DataError
     from .device import resolve_device
     from .eval.features import feature_settings, probe_encoder, probe_view
-    from .eval.figure import denoise_figure
     from .eval.knn import knn_classify
     from .eval.linear_probe import train_head_cached
-    from .models import build_model
+    from .methods import build_model, spec_for
 
     out = {}
     # A fresh fp32, uncompiled copy on the CPU: the trained module may hold bf16 parameters
     # (DeepSpeed's bf16 mode casts them) or compiled CUDA blocks. The EMA weights when there are
     # any: our inference from DiT's practice (the l-DAE paper builds on DiT, which samples from its
     # EMA); l-DAE's text does not say which weights it probes.
-    model = build_model(cfg.model, cfg.data.img_size)
+    model = build_model(cfg)
     src = result.ema if result.ema is not None else result.model
     model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
     model = model.eval()
-    if cfg.eval.figure and getattr(result.method, "figure_kind", "denoise") == "inpaint":
-        from .eval.inpaint_figure import inpaint_figure
-        from .objectives import build_method
-        # A CPU twin of the trained method, beside the CPU copy of the model.
-        method = build_method(cfg, "cpu")
-        method.load_state_dict(result.method.state_dict())
-        if cfg.data.num_frames:
-            from .data.video import video_eval_clips
-            from .eval.inpaint_figure import video_inpaint_figure
-            path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4),
-                                        Path(cfg.engine.out_dir) / "video_inpainting.png")
-            log(f"video figure (original / masked / output frames at temporal stride {cfg.model.tubelet}; "
-                f"{cfg.objective.mask_ratio:.0%} random masks, {cfg.objective.sample_steps} reverse steps): {path}")
-        else:
-            imgs, _ = build_eval_arrays(cfg, "val", max_images=4, labels=False)
-            levels = (cfg.noise.num_timesteps, cfg.noise.num_timesteps // 2, 0)
-            path = inpaint_figure(method, model, imgs, Path(cfg.engine.out_dir) / "inpainting.png",
-                                  levels=levels)
-            log(f"figure (original / masked / inpainted at t {', '.join(map(str, levels))}; random and "
-                f"center masks, {cfg.objective.sample_steps} reverse steps): {path}")
-        out["figure"] = str(path)
-    elif cfg.eval.figure:
-        imgs, _ = build_eval_arrays(cfg, "val", max_images=6, labels=False)
-        sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
-        path = denoise_figure(model, result.method, imgs, sigmas, Path(cfg.engine.out_dir) / "denoising.png")
-        log(f"figure (clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}): {path}")
+    if cfg.eval.figure:
+        # The method's figure moves a twin of the method to where the CPU copy of the model is.
+        path, caption = spec_for(cfg).figure(cfg, model, result.method, Path(cfg.engine.out_dir))
+        log(f"figure ({caption}): {path}")
         out["figure"] = str(path)
     if cfg.eval.probe:
         t0 = time.time()
@@ -112,7 +89,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
             log(f"linear probe and kNN skipped: {one_line(e)}")
             return out
         torch.manual_seed(cfg.engine.seed)
-        rand_model = build_model(cfg.model, cfg.data.img_size).eval()
+        rand_model = build_model(cfg).eval()
         ks = [int(k) for k in cfg.eval.knn_k.split(",") if k.strip()]
         k = min(ks, key=lambda kk: abs(kk - 20)) if ks else 20
         scores = {}
@@ -251,7 +228,7 @@ def _main(argv: list[str]) -> int:
         pretraining.update(loss_first=first, loss_last=last, images_per_s=result.images_per_s)
         print(f"pretraining done in {pretraining['seconds']:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
-    if is_main and (cfg.preset in ("demo", "diffmae-demo", "diffmae-video-demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
+    if is_main and (cfg.preset.endswith("demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
             from .eval.reader import load_for_eval

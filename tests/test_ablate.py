@@ -6,7 +6,7 @@ import pytest
 
 from ldae_fast.cli import main as cli_main
 from ldae_fast.eval import ablate
-from ldae_fast.trajectory import ROWS
+from ldae_fast.methods.ldae.trajectory import ROWS
 
 TOY = ["--set", "model.size=tiny", "--set", "model.patch_size=4", "--set", "data.img_size=32",
        "--set", "data.batch_size=32", "--set", "data.synthetic_images=256",

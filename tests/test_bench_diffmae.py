@@ -10,9 +10,9 @@ from bench_import import load_bench
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldae_fast.config import build_config
-from ldae_fast.engine.mfu import diffmae_train_flops_per_image
-from ldae_fast.models import build_model
-from ldae_fast.objectives.masking import random_masking
+from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image
+from ldae_fast.methods.diffmae.model import build_diffmae as build_model
+from ldae_fast.methods.masking import random_masking
 
 
 def _counted_step(model, ratio: float, batch: int = 2, img: int = 32, p: int = 4) -> tuple[float, float]:

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from ldae_fast.batch import Batch
-from ldae_fast.config import DIFFMAE_FINETUNE, DIFFMAE_GLOBAL_BATCH, ConfigError, build_config
+from ldae_fast.config import DIFFMAE_FINETUNE, ConfigError, build_config
 from ldae_fast.errors import ResumeMismatch
-from ldae_fast.models import build_model
-from ldae_fast.objectives import METHODS, Method, build_method
-from ldae_fast.objectives import diffmae as dm
-from ldae_fast.objectives.masking import (
+from ldae_fast.methods import METHODS, Method, build_method
+from ldae_fast.methods.diffmae import method as dm
+from ldae_fast.methods.diffmae.model import build_diffmae as build_model
+from ldae_fast.methods.diffmae.presets import DIFFMAE_GLOBAL_BATCH
+from ldae_fast.methods.diffmae.schedules import DiffusionSchedule, ddpm_betas
+from ldae_fast.methods.masking import (
     center_block_mask,
     from_scores,
     gather_tokens,
@@ -20,9 +22,7 @@ from ldae_fast.objectives.masking import (
     random_masking,
     scatter_tokens,
 )
-from ldae_fast.objectives.schedules import DiffusionSchedule
 from ldae_fast.reference import patchify
-from ldae_fast.schedules import ddpm_betas
 
 TINY = {
     "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
@@ -156,8 +156,7 @@ def test_encoder_exports_to_timm_exactly():
 def test_analytic_flops_match_the_counted_matmuls(kind):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldae_fast.models.diffmae import flops_per_image
-    from ldae_fast.models.vit import flops_per_image as dispatched
+    from ldae_fast.methods.diffmae.model import flops_per_image
     cfg = build_config("diffmae-demo", {"model.decoder_kind": kind, "model.attn_backend": "math",
                                         "model.decoder_width": "64", "model.decoder_heads": "2"})
     model = build_model(cfg.model, 32)
@@ -165,7 +164,7 @@ def test_analytic_flops_match_the_counted_matmuls(kind):
     with FlopCounterMode(display=False) as fc:
         model(torch.randn(1, 3, 32, 32), ids_keep=mk.ids_keep, ids_masked=mk.ids_masked,
               noisy=torch.randn(1, 48, 48), t=torch.tensor([5]))
-    assert fc.get_total_flops() == flops_per_image(cfg.model, 32) == dispatched(cfg.model, 32)
+    assert fc.get_total_flops() == flops_per_image(cfg.model, 32) == METHODS["diffmae"].train_flops(cfg)[0]
     assert flops_per_image(cfg.model, 32, mask_ratio=0.0) > flops_per_image(cfg.model, 32)
 
 
@@ -186,7 +185,7 @@ def test_loss_covers_only_the_masked_patches():
 def test_method_call_noises_and_scores_the_masked_patches(monkeypatch):
     cfg = _cfg()
     method = build_method(cfg, "cpu")
-    assert isinstance(method, Method) and type(method) is METHODS["diffmae"]
+    assert isinstance(method, Method) and METHODS["diffmae"].name == method.name == "diffmae"
     x = torch.randn(4, 3, 16, 16)
     seen = {}
 
@@ -294,7 +293,7 @@ def test_resume_is_bit_exact(tmp_path):
     from ldae_fast.eval.reader import load_for_eval
 
     cfg, model, method = load_for_eval(res.checkpoint)
-    assert method.name == "diffmae" and cfg.model.arch == "diffmae"
+    assert method.name == "diffmae" == cfg.objective.method
     assert torch.equal(model.state_dict()[next(iter(a))], a[next(iter(a))])
     # Another schedule would resume a different run.
     m = build_method(_cfg(**{"objective.rho": "0.6"}), "cpu")
@@ -306,7 +305,7 @@ def test_resume_is_bit_exact(tmp_path):
 def test_presets_follow_the_supplement_table_1a():
     for size, preset in (("B", "diffmae-vitb"), ("L", "diffmae-vitl"), ("H", "diffmae-vith")):
         c = build_config(preset)
-        assert c.objective.method == c.model.arch == "diffmae" and c.model.size == size
+        assert c.objective.method == "diffmae" and c.model.size == size
         assert (c.optim.beta1, c.optim.beta2, c.optim.weight_decay) == (0.9, 0.95, 0.05)
         assert c.optim.warmup_epochs == 40 and c.optim.blr == 1.5e-4 and c.engine.epochs == 1600
         assert c.optim.min_lr == 0.0 and c.optim.clip_grad == 0.0
@@ -329,13 +328,16 @@ def test_finetune_recipes_follow_the_supplement_table_1b():
 
 
 def test_config_refuses_a_network_the_method_cannot_train():
-    with pytest.raises(ConfigError, match="model.arch"):
+    # model.arch is gone: the method names its network; an old saved config's copy is dropped.
+    with pytest.raises(ConfigError, match="unknown field 'arch'"):
         build_config("diffmae-demo", {"model.arch": "ldae"})
+    with pytest.raises(ConfigError, match="objective.method="):
+        build_config("demo", {"objective.method": "unet"})
     with pytest.raises(ConfigError, match="mask_ratio"):
         build_config("diffmae-demo", {"objective.mask_ratio": "1.0"})
     with pytest.raises(ConfigError, match="decoder_kind"):
         build_config("diffmae-demo", {"model.decoder_kind": "unet"})
-    assert build_config("demo").model.arch == "ldae"
+    assert build_config("demo").objective.method == "ldae"
 
 
 def test_train_main_writes_the_inpainting_figure(tmp_path):

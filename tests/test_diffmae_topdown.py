@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ldae_fast.config import Config, ConfigError, build_config
-from ldae_fast.models import build_model
-from ldae_fast.models.diffmae import topdown_sources
-from ldae_fast.objectives.masking import random_masking
+from ldae_fast.methods.diffmae.model import build_diffmae as build_model
+from ldae_fast.methods.diffmae.model import topdown_sources
+from ldae_fast.methods.masking import random_masking
 
 SMALL = {"model.width": "32", "model.num_heads": "2", "model.decoder_heads": "2", "data.img_size": "16",
          "model.attn_backend": "math", "engine.kernels": "reference"}
@@ -169,7 +169,7 @@ def test_paper_presets_default_to_the_cross_self_top_down_decoder():
 def test_training_flops_of_top_down_decoders_match_the_counter(kind, topdown):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldae_fast.engine.mfu import diffmae_train_flops_per_image
+    from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image
     cfg, model = _model(kind, topdown, 3, 2)
     x, mk, noisy, t = _inputs()
     with FlopCounterMode(display=False) as fc:

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from ldae_fast.batch import Batch
-from ldae_fast.config import DIFFMAE_VIDEO_GLOBAL_BATCH, build_config
+from ldae_fast.config import build_config
 from ldae_fast.errors import ResumeMismatch
-from ldae_fast.models import build_model
-from ldae_fast.models.diffmae import sincos_spacetime
-from ldae_fast.objectives import build_method
-from ldae_fast.objectives.masking import center_block_mask, gather_tokens, random_masking
+from ldae_fast.methods import build_method
+from ldae_fast.methods.diffmae.model import build_diffmae as build_model
+from ldae_fast.methods.diffmae.model import sincos_spacetime
+from ldae_fast.methods.diffmae.presets import DIFFMAE_VIDEO_GLOBAL_BATCH
+from ldae_fast.methods.masking import center_block_mask, gather_tokens, random_masking
 from ldae_fast.reference import patchify
 
 # Clips of 4 frames at 16 px, 2x4x4 tubelets: 2 x 16 = 32 spacetime patches, 3 visible at 90%.
@@ -87,7 +88,7 @@ def test_tubelet_network_shapes_and_embedding():
 def test_analytic_flops_match_the_counted_matmuls_for_clips():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldae_fast.models.diffmae import flops_per_image
+    from ldae_fast.methods.diffmae.model import flops_per_image
     cfg = _cfg(**{"model.attn_backend": "math"})
     model = build_model(cfg.model, 16)
     mk = random_masking(1, 32, 0.75, seed=0, step=0)
@@ -101,7 +102,7 @@ def test_training_flops_of_a_clip_match_the_counter():
     # The trainer's MFU: forward + backward, less the input gradients (the clip's tubelets) no one needs.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldae_fast.engine.mfu import diffmae_train_flops_per_image
+    from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image
     cfg = _cfg(**{"model.attn_backend": "math"})
     model = build_model(cfg.model, 16)
     mk = random_masking(1, 32, 0.75, seed=0, step=0)
@@ -216,7 +217,7 @@ def test_video_resume_is_bit_exact(tmp_path):
 @pytest.mark.parametrize("preset, p", [("diffmae-video-vitl", 16), ("diffmae-video-vitl14", 14)])
 def test_video_presets_follow_the_supplement_table_1a(preset, p):
     c = build_config(preset)
-    assert c.objective.method == c.model.arch == "diffmae" and c.model.size == "L"
+    assert c.objective.method == "diffmae" and c.model.size == "L"
     assert (c.model.tubelet, c.model.patch_size, c.objective.mask_ratio) == (2, p, 0.9)
     assert c.optim.blr == 8e-4 and c.engine.epochs == 400 and c.optim.clip_grad == 0.02
     assert c.data.repeated_aug == 4 and c.data.source == "wds-video"

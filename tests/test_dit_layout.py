@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldae_fast.config import PRESETS, ConfigError, ModelConfig, build_config
+from ldae_fast.methods.ldae.trajectory import ROWS
 from ldae_fast.models import build_model, flops_per_image, param_count
 from ldae_fast.models.blocks import Block, FinalLayer, SigmaEmbedder
-from ldae_fast.trajectory import ROWS
 
 IMG = 32
 PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
@@ -59,11 +59,11 @@ def test_layout_validation_names_the_field():
     with pytest.raises(ConfigError, match="model.layout='dit' is a layout of l-DAE"):
         build_config("diffmae-demo", {"model.layout": "dit"})
     with pytest.raises(ConfigError, match="model.adaln_dim=24 sets l-DAE's conditioning width; "
-                       "model.arch='diffmae'"):
+                       "objective.method='diffmae'"):
         build_config("diffmae-demo", {"model.adaln_dim": "24"})
     # 0, and the encoder width an older version stored for every DiffMAE run, still load.
     w = build_config("diffmae-demo").model.width
-    assert build_config("diffmae-demo", {"model.adaln_dim": str(w)}).model.arch == "diffmae"
+    assert build_config("diffmae-demo", {"model.adaln_dim": str(w)}).objective.method == "diffmae"
     assert ModelConfig(layout="dit", adaln_dim=40).cond_width == 40
     assert ModelConfig(layout="mae", adaln_dim=24).cond_width == 24
 
@@ -241,7 +241,7 @@ def test_flops_formula_counts_every_matmul_dit(kw):
 
 
 def test_train_flops_dit_below_mae():
-    from ldae_fast.engine.mfu import train_flops_per_image
+    from ldae_fast.methods.ldae.flops import train_flops_per_image
 
     dit, mae = (train_flops_per_image(ModelConfig(size="L", patch_size=16, layout=lay), 256) for lay in ("dit", "mae"))
     assert dit[1] == 3 * dit[0] and dit[0] < mae[0]
@@ -391,7 +391,7 @@ def test_docs_table_is_the_codes():
     """docs/model.md's parameter / FLOP table, row by row, is what the code computes now."""
     from pathlib import Path
 
-    from ldae_fast.engine.mfu import train_flops_per_image
+    from ldae_fast.methods.ldae.flops import train_flops_per_image
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
     for size in ("halfL", "L"):

@@ -11,7 +11,7 @@ from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import NonFiniteLoss, train
 from ldae_fast.engine.optim import EMA
-from ldae_fast.objectives import ldae as ldae_obj
+from ldae_fast.methods.ldae import method as ldae_obj
 
 
 def _cfg(tmp_path, **over):
@@ -80,7 +80,7 @@ def test_run_writes_config_metrics_checkpoint(tmp_path):
     assert [r["step"] for r in lines] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in lines)
     # Achieved model TFLOP/s from the analytic count; no MFU without a known peak (CPU).
-    from ldae_fast.engine.mfu import train_flops_per_image
+    from ldae_fast.methods.ldae.flops import train_flops_per_image
 
     per_image = train_flops_per_image(cfg.model, cfg.data.img_size)[1]
     for r in lines:

@@ -254,7 +254,7 @@ class StandInDenoiser(nn.Module):
 def _stand_in_method(p=4, d=8, size=16):
     """The l-DAE method with a random orthonormal basis in place of a fitted one."""
     from ldae_fast.config import build_config
-    from ldae_fast.objectives import build_method
+    from ldae_fast.methods import build_method
     from ldae_fast.tokenizers import tokenizer_from_state
 
     D = 3 * p * p
@@ -269,7 +269,7 @@ def _stand_in_method(p=4, d=8, size=16):
 def test_denoise_figure_pixel_size(tmp_path):
     from PIL import Image
 
-    from ldae_fast.eval.figure import denoise_figure
+    from ldae_fast.methods.ldae.figure import denoise_figure
 
     imgs = _norm(torch.rand(3, 3, 16, 16))
     path = denoise_figure(StandInDenoiser(), _stand_in_method(), imgs, [0.5, 1.0],

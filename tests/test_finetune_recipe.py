@@ -20,13 +20,13 @@ from ldae_fast.eval.finetune import (
     recipe_for,
     recipe_for_method,
 )
-from ldae_fast.models import build_model
+from ldae_fast.methods import build_model
 
 
 def _encoder(preset="demo"):
     cfg = build_config(preset)
     torch.manual_seed(0)
-    return build_model(cfg.model, cfg.data.img_size).encoder
+    return build_model(cfg).encoder
 
 
 @pytest.mark.parametrize("std", [2e-5, 2 ** -5])

@@ -9,7 +9,7 @@ from ldae_fast import reference
 from ldae_fast.config import ConfigError, build_config
 from ldae_fast.kernels import latent_noise
 from ldae_fast.kernels.noise import reference_eps
-from ldae_fast.objectives import build_method
+from ldae_fast.methods import build_method
 from ldae_fast.tokenizers import (
     ConvVAETokenizer,
     PatchAETokenizer,
@@ -308,7 +308,7 @@ def test_conv_vae_row_resume_is_bit_exact(tmp_path, monkeypatch):
     """cvae-d8: 4 steps in one go == 2 steps, a crash, and a resume for the last 2."""
     from ldae_fast.engine import checkpoint as ck
     from ldae_fast.engine.loop import train
-    from ldae_fast.objectives import ldae as ldae_obj
+    from ldae_fast.methods.ldae import method as ldae_obj
 
     over = {"engine.ckpt_every": "2"}
     ref = train(_row_cfg("cvae-d8", tmp_path / "a", budget=16, **over))

@@ -25,17 +25,15 @@ LAYERS = {
     "ldae_fast.errors": 1,
     "ldae_fast.batch": 1,
     "ldae_fast.markers": 1,  # NVTX phase markers: a leaf that models, methods and engine share
-    "ldae_fast.schedules": 1,  # noise schedules: tensor math beside reference.py, imports nothing
     "ldae_fast.lr_schedule": 1,  # warm-up + cosine, shared by the trainer, the tokenizer fits and eval
     "ldae_fast.device": 1,  # device, autocast, eval mode: shared by engine, methods, eval, bench
+    "ldae_fast.tokenizer_kinds": 1,  # the tokenizer names, torch-free: config validates against them
     "ldae_fast.shard_urls": 1,  # shard URL grammar + trust rule, pure strings: config and data read it
     "ldae_fast.kernels": 2,
     "ldae_fast.config": 2,
-    "ldae_fast.trajectory": 2,  # the trajectory rows as config presets (data, imports nothing)
     "ldae_fast.tokenizers": 3,
     "ldae_fast.data": 3,
     "ldae_fast.models": 3,
-    "ldae_fast.objectives": 4,  # the methods, under their old name
     "ldae_fast.methods": 4,
     "ldae_fast.engine": 5,
     "ldae_fast.eval": 6,
@@ -49,8 +47,14 @@ LAYERS = {
 }
 
 # Circles another change removes; each entry must still be a circle, so the list only shrinks.
-KNOWN_CIRCLES: set[frozenset[str]] = {
-    frozenset({"ldae_fast.models.vit", "ldae_fast.models.diffmae"}),  # DiffMAE's network leaves models/
+KNOWN_CIRCLES: set[frozenset[str]] = set()
+# Arrows up another change removes; each must still exist, so the list only shrinks. Circles are
+# looked for without them (each closes one through the modules below it).
+KNOWN_UPWARD: set[tuple[str, str]] = {
+    # config.py reads the registries: the methods' presets and l-DAE's noise section, and the
+    # names objective.method / noise.schedule / tokenizer.kind are checked against the registries
+    # (issue 24). Removing them: the registries register into the config mechanism instead.
+    ("ldae_fast.config", "ldae_fast.methods"),
 }
 
 
@@ -155,12 +159,15 @@ def test_no_import_from_a_higher_layer():
     graph = import_graph()
     up = [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
           for m, deps in sorted(graph.items()) for d in sorted(deps)
-          if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)]
+          if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)
+          and (m, d) not in KNOWN_UPWARD]
     assert not up, "imports against the layer order (DESIGN.md):\n" + "\n".join(up)
+    gone = sorted(e for e in KNOWN_UPWARD if e[1] not in graph.get(e[0], set()))
+    assert not gone, f"no longer imported: remove them from KNOWN_UPWARD: {gone}"
 
 
 def test_no_import_circle():
-    graph = import_graph()
+    graph = {m: {d for d in deps if (m, d) not in KNOWN_UPWARD} for m, deps in import_graph().items()}
     found = circles(graph)
     new = [sorted(c) for c in found if c not in KNOWN_CIRCLES]
     assert not new, f"import circles: {new}"

@@ -11,8 +11,8 @@ from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import train
-from ldae_fast.objectives import METHODS, Method, build_method
-from ldae_fast.objectives import ldae as ldae_obj
+from ldae_fast.methods import METHODS, Method, build_method
+from ldae_fast.methods.ldae import method as ldae_obj
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -29,7 +29,7 @@ def _cfg(tmp_path, **over):
 
 
 def test_engine_eval_and_bench_name_no_concrete_method_or_tokenizer():
-    concrete = re.compile(r"objectives\.ldae|objectives import .*LDAE|tokenizers\.(pca|pixel)|"
+    concrete = re.compile(r"methods\.ldae|methods import .*LDAE|tokenizers\.(pca|pixel)|"
                           r"PCATokenizer|PixelTokenizer|LDAEMethod|fit_pca")
     bad = []
     for folder in ("ldae_fast/engine", "ldae_fast/eval", "bench"):
@@ -43,7 +43,7 @@ def test_engine_eval_and_bench_name_no_concrete_method_or_tokenizer():
 def test_build_method_from_the_registry():
     cfg = build_config("demo", {"engine.kernels": "reference"})
     m = build_method(cfg, "cpu")
-    assert isinstance(m, Method) and type(m) is METHODS["ldae"] and m.kernels == "reference"
+    assert isinstance(m, Method) and type(m).__name__ == "LDAEMethod" and METHODS["ldae"].name == m.name and m.kernels == "reference"
     with pytest.raises(RuntimeError, match="prepare"):
         m.state_dict()
     cfg.objective.method = "bogus"
@@ -159,7 +159,7 @@ def test_figure_shows_the_input_training_gives_the_network(schedule):
     """The figure's noisy column is the training input at the same sigma and noise draw: the
     schedule's gamma and noise.input_scaling included (a VP schedule has gamma = sqrt(1 - sigma^2),
     not the final recipe's 1)."""
-    from ldae_fast.eval.figure import denoise_columns
+    from ldae_fast.methods.ldae.figure import denoise_columns
 
     method, x = _fitted_method(**{"noise.schedule": schedule, "noise.input_scaling": "true"})
     nb = method.add_noise(x, 3, t=torch.tensor([0.6]))

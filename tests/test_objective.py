@@ -3,7 +3,7 @@ import torch
 
 from ldae_fast.config import build_config
 from ldae_fast.kernels.dispatch import resolve_kernels
-from ldae_fast.objectives.ldae import LDAEMethod
+from ldae_fast.methods.ldae.method import LDAEMethod
 from ldae_fast.seeding import derive_seed
 from ldae_fast.tokenizers import fit_pca
 

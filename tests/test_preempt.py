@@ -18,7 +18,7 @@ from ldae_fast.engine import checkpoint as ck
 from ldae_fast.engine.loop import train
 from ldae_fast.engine.preempt import MARKER, PREEMPTED_EXIT, Preempted
 from ldae_fast.errors import EXIT_CODES
-from ldae_fast.objectives import ldae as ldae_obj
+from ldae_fast.methods.ldae import method as ldae_obj
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {

@@ -32,7 +32,7 @@ def test_bench_readme_flop_figures_are_the_codes():
     import re
 
     from ldae_fast.config import ModelConfig
-    from ldae_fast.engine.mfu import train_flops_per_image
+    from ldae_fast.methods.ldae.flops import train_flops_per_image
 
     text = " ".join((ROOT / "bench" / "README.md").read_text().split())
     for size in ("halfL", "B"):

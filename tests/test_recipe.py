@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from ldae_fast import schedules, trajectory
 from ldae_fast.config import PRESETS, ConfigError, build_config
+from ldae_fast.methods.ldae import schedules, trajectory
 from ldae_fast.tokenizers import TOKENIZERS
 
 PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
@@ -138,7 +138,7 @@ def test_every_rows_tokenizer_width_is_the_papers():
 
 @pytest.mark.parametrize("name", list(trajectory.ROWS))
 def test_trajectory_rows_build(name):
-    from ldae_fast.objectives import build_method
+    from ldae_fast.methods import build_method
 
     assert trajectory.row_overrides(name).get("tokenizer.kind", "pca") in TOKENIZERS
     c = build_config(name)
@@ -153,7 +153,8 @@ def test_trajectory_rows_build(name):
 
 
 def test_probe_sigma_and_depth():
-    from ldae_fast.eval.features import ProbeView, probe_sigma, probe_view
+    from ldae_fast.eval.features import ProbeView, probe_view
+    from ldae_fast.methods.ldae.probe import probe_sigma
     from ldae_fast.models import build_model
 
     c = build_config("demo")
@@ -190,8 +191,8 @@ def _tokens(enc, x):
 
 def test_noisy_probe_uses_the_method_noise():
     from ldae_fast.eval.features import probe_view
+    from ldae_fast.methods import build_method
     from ldae_fast.models import build_model
-    from ldae_fast.objectives import build_method
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"eval.probe_input": "noisy", "eval.probe_sigma": "0.5",
@@ -211,8 +212,8 @@ def test_noisy_probe_uses_the_method_noise():
 
 def test_class_conditioning_embeds_labels_and_drops_them():
     from ldae_fast.batch import Batch
+    from ldae_fast.methods import build_method
     from ldae_fast.models import build_model, param_count
-    from ldae_fast.objectives import build_method
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"model.class_cond": "true", "model.label_dropout": "0.5",
@@ -255,7 +256,7 @@ def test_latent_targets_are_the_noise_draws(target):
     the very draw that made the input, so the right prediction gives zero loss."""
     from ldae_fast import reference
     from ldae_fast.batch import Batch
-    from ldae_fast.objectives import build_method
+    from ldae_fast.methods import build_method
     from ldae_fast.tokenizers import fit_pca
 
     c = build_config("demo", {"noise.target": target, "noise.schedule": "linear_gamma2", "tokenizer.latent_dim": "8",
@@ -304,8 +305,8 @@ def test_latent_tokens_in_and_out():
     from ldae_fast import reference
     from ldae_fast.batch import Batch
     from ldae_fast.eval.features import probe_view
+    from ldae_fast.methods import build_method
     from ldae_fast.models import build_model, flops_per_image, param_count
-    from ldae_fast.objectives import build_method
     from ldae_fast.tokenizers import fit_pca
 
     c = build_config("demo", {"model.input": "latent", "model.output": "latent", "noise.target": "eps",

@@ -29,7 +29,7 @@ from ldae_fast.engine.guard import Diverged, DivergenceGuard, NonFiniteLoss
 from ldae_fast.engine.loop import train
 from ldae_fast.errors import CheckpointError, ResumeMismatch, RunDirError
 from ldae_fast.eval.reader import load_for_eval
-from ldae_fast.objectives import ldae as ldae_obj
+from ldae_fast.methods.ldae import method as ldae_obj
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ldae_fast import schedules
+from ldae_fast.methods.ldae import schedules
 
 
 def test_sigma_linear_end_points():

@@ -81,8 +81,9 @@ def test_bf16_residual_stream_matches_the_float32_stream(device, layout):
 
 
 def test_bf16_residual_reaches_diffmae_stacks():
-    m = build_model(ModelConfig(size="tiny", patch_size=4, arch="diffmae", decoder_kind="cross_self",
-                                bf16_residual=True), IMG)
+    from ldae_fast.methods.diffmae.model import build_diffmae
+
+    m = build_diffmae(ModelConfig(size="tiny", patch_size=4, decoder_kind="cross_self", bf16_residual=True), IMG)
     hooked = [bool(stack[0]._forward_pre_hooks) for stack in speed.stacks(m)]
     assert hooked == [True, True]
 

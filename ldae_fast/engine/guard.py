@@ -89,33 +89,14 @@ _ALWAYS = frozenset({"model.num_heads", "model.decoder_heads", "model.patch_size
                      "tokenizer.latent_dim"})
 
 
-# DiffMAE's decoder wiring: which modules the decoder holds. A config saved before a field existed
-# stores none and was built with the field's default (the value given here).
-_DIFFMAE_SHAPE_FIELDS = ((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"))
-
-
-def _model_view(section: dict):
-    """The model section as the network reads it (named sizes filled, derived widths resolved), or
-    None when the saved dict no longer builds a ModelConfig (then the raw values are compared)."""
-    import dataclasses
-
-    from ..config import ModelConfig
-
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    try:
-        return ModelConfig(**{k: v for k, v in section.items() if k in known})
-    except Exception:  # noqa: BLE001 - an old or hand-edited config: fall back to the raw values
-        return None
-
-
 def _tensor_shapes(cfg) -> dict | None:
     """{name: shape} of the network `cfg` builds, built on the meta device (no memory, no init);
     None when it cannot be built that way."""
-    from ..models import build_model
+    from ..methods import build_model
 
     try:
         with torch.device("meta"):
-            net = build_model(cfg.model, cfg.data.img_size)
+            net = build_model(cfg)
         return {k: tuple(v.shape) for k, v in net.state_dict().items()}
     except Exception:  # noqa: BLE001 - then the field comparison alone decides
         return None
@@ -138,9 +119,13 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
     unless it changes the run all the same (_ALWAYS)."""
     import dataclasses
 
+    from ..methods import spec_for
+
     out = []
     was_model = saved.get("model") or {}
-    view = _model_view(was_model)
+    # A saved config stores intent (0: from model.size): compare both sides as they read, resolved.
+    before = _saved_config(saved)
+    view = before.model if before is not None else None
     for f in dataclasses.fields(cfg.model):
         if f.name in _RUNTIME_ONLY or f.name not in was_model:
             continue
@@ -151,21 +136,22 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
         if was != now:
             out.append(f"model.{f.name} {was} -> {now}")
     for sec, name in _OTHER_SHAPE_FIELDS:
-        was = (saved.get(sec) or {}).get(name)
+        was = (getattr(getattr(before, sec), name) if before is not None else (saved.get(sec) or {}).get(name))
         now = getattr(getattr(cfg, sec), name)
         if was is not None and was != now:
             out.append(f"{sec}.{name} {was} -> {now}")
     if out and not all(d.split()[0] in _ALWAYS for d in out):
-        before = _saved_config(saved)
         shapes_now, shapes_was = _tensor_shapes(cfg), (_tensor_shapes(before) if before is not None else None)
         if shapes_now is not None and shapes_now == shapes_was:
             out = [d for d in out if d.split()[0] in _ALWAYS]
-    if cfg.objective.method == "diffmae":
-        for (sec, name), default in _DIFFMAE_SHAPE_FIELDS:
-            was = (saved.get(sec) or {}).get(name, default)
-            now = getattr(getattr(cfg, sec), name)
-            if was != now and f"{sec}.{name}" not in {d.split()[0] for d in out}:
-                out.append(f"{sec}.{name} {was} -> {now}")
+    # The method's own wiring fields; a saved config older than a field holds its default.
+    for (sec, name), default in spec_for(cfg).shape_fields:
+        stored = saved.get(sec) or {}
+        was = (getattr(getattr(before, sec), name) if before is not None and name in stored
+               else stored.get(name, default))
+        now = getattr(getattr(cfg, sec), name)
+        if was != now and f"{sec}.{name}" not in {d.split()[0] for d in out}:
+            out.append(f"{sec}.{name} {was} -> {now}")
     return out
 
 

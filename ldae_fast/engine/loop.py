@@ -1,6 +1,6 @@
 """The training loop: thin, model-agnostic, resumable.
 
-Everything specific to a method (l-DAE, its tokenizer, its noise) lives behind the objectives
+Everything specific to a method (l-DAE, its tokenizer, its noise) lives behind the methods
 registry; everything specific to a device strategy lives in the backend (single device here,
 DeepSpeed in deepspeed_backend.py).
 """
@@ -24,15 +24,15 @@ from ..config import CUDA_GRAPH_MODES, Config, ConfigError, parse_duration
 from ..device import autocast_dtype, resolve_device
 from ..errors import CheckpointError, ResumeMismatch
 from ..lr_schedule import lr_at_step
+from ..methods import Method, build_method
 from ..models.compile import compile_blocks, mark_step_begin
-from ..objectives import Method, build_method
 from ..tokenizers import fit_config
 from ..tokenizers._io import TokenizerFileError
 from . import checkpoint as ckpt_mod
 from . import guard, preempt, reshape, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
-from .mfu import diffmae_train_flops_per_image, peak_tflops_for, train_flops_per_image
+from .mfu import peak_tflops_for, train_flops
 from .optim import EMA, build_optimizer
 from .profiling import StepProfiler, nvtx_range
 
@@ -170,7 +170,7 @@ def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) ->
 def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
            watch: preempt.StopWatch | None = None) -> TrainResult:
     from ..data import build_train_stream
-    from ..models import build_model
+    from ..methods import build_model
 
     device = resolve_device(cfg.engine.device, "engine.device", ConfigError)
     bind_local_rank(device)
@@ -195,7 +195,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     resume_dir = ckpt_mod.resolve_resume(cfg.engine.resume, out_dir)
     resume_state = ckpt_mod.load_state(resume_dir) if resume_dir else None
 
-    model = build_model(cfg.model, cfg.data.img_size, kernels=cfg.engine.kernels).to(device)
+    model = build_model(cfg, kernels=cfg.engine.kernels).to(device)
     graphs = cfg.engine.compile and cfg.engine.compile_mode in CUDA_GRAPH_MODES
     if cfg.engine.compile:
         compile_blocks(model, mode=cfg.engine.compile_mode)
@@ -270,11 +270,7 @@ def _train(cfg: Config, backend_factory=None, log_enabled: bool | None = None,
     if start >= total:
         logger.info(f"nothing to do: the run is already at step {start} of {total}")
 
-    if cfg.model.arch == "diffmae":
-        # The masked encoder's cost follows the run's own mask ratio, not the 75% default.
-        _, flops_img = diffmae_train_flops_per_image(cfg.model, cfg.data.img_size, cfg.objective.mask_ratio)
-    else:
-        _, flops_img = train_flops_per_image(cfg.model, cfg.data.img_size)
+    _, flops_img = train_flops(cfg)
     peak = cfg.engine.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device))[0]
                                       if device.type == "cuda" else None)
     # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the full size.

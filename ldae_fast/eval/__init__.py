@@ -1,4 +1,4 @@
-"""Evaluation: linear probe (full and fast), kNN, fine-tuning, denoising figure, and the
+"""Evaluation: linear probe (full and fast), kNN, fine-tuning, the method's figure, and the
 `ldae-fast eval` driver that runs them beside a random-weights baseline."""
 
 import importlib

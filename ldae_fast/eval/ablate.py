@@ -1,4 +1,4 @@
-"""`ldae-fast ablate`: the l-DAE trajectory (ldae_fast/trajectory.py) as numbers, row by row.
+"""`ldae-fast ablate`: the l-DAE trajectory (methods/ldae/trajectory.py, read through the methods registry) as numbers, row by row.
 
     ldae-fast ablate --rows pca-d8,pca-d32,predict-x0-w --data tiny-imagenet --budget 2000000 \
         --out runs/ablate --set model.size=S --set model.patch_size=8 --set data.img_size=64
@@ -30,7 +30,9 @@ from typing import Optional
 
 from ldae_fast.config import build_config
 from ldae_fast.errors import ArgParser, UsageError, run_cli
-from ldae_fast.trajectory import ROWS
+from ldae_fast.methods import ablation_rows
+
+ROWS = ablation_rows()
 
 RESULT_FILE = "result.json"
 ROW_CKPT_EVERY_S = 300

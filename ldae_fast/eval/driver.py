@@ -37,7 +37,7 @@ class EvalError(RuntimeError, UsageError):
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgParser(
         prog="ldae-fast eval",
-        description="Linear probe / kNN / fine-tuning / denoising figure of an l-DAE checkpoint, "
+        description="Linear probe / kNN / fine-tuning / the method's figure of a checkpoint, "
                     "each beside the same architecture with random weights.")
     ap.add_argument("--checkpoint", required=True,
                     help="single-device checkpoint (dir or file), DeepSpeed checkpoint dir, or an "
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-depth", type=int, default=None,
                     help="probe after the first k encoder blocks (default eval.probe_depth, 0: all)")
     ap.add_argument("--knn-k", default=None, help="comma-separated k (default eval.knn_k)")
-    ap.add_argument("--figure-images", type=int, default=8, help="rows of the denoising figure")
+    ap.add_argument("--figure-images", type=int, default=8, help="images in the figure")
     ap.add_argument("--num-workers", type=int, default=None,
                     help="fine-tuning augmentation workers (default data.num_workers)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -161,11 +161,11 @@ def _random_model(cfg):
     """The checkpoint's architecture, initialised as a fresh run with the same seed would be."""
     import torch
 
-    from ldae_fast.models import build_model
+    from ldae_fast.methods import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.engine.seed)
-        return build_model(cfg.model, cfg.data.img_size)
+        return build_model(cfg)
 
 
 def _shard_pattern(d: Path, split: str) -> str:
@@ -251,7 +251,7 @@ def _row(protocol: str, encoder: str, res: dict, **extra) -> dict:
 def run(args) -> dict:
     import torch
 
-    from .features import extract_features, feature_dim, feature_settings, probe_sigma
+    from .features import extract_features, feature_dim, feature_settings, probe_note
     from .finetune import recipe_for_method
     from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
@@ -306,9 +306,8 @@ def run(args) -> dict:
     encoders = [(name, m.encoder) for name, m in models]
     # The probes see the network at the configured t, input and depth; fine-tuning the bare encoder.
     views = {name: _probe_view(m, cfg, method, device) for name, m in models}
-    log(f"probe: sigma {probe_sigma(cfg):.4g} (eval.probe_t={cfg.eval.probe_t}"
-        + (f", probe_sigma={cfg.eval.probe_sigma:g}" if cfg.eval.probe_sigma >= 0 else "")
-        + f"), {cfg.eval.probe_input} input, depth {cfg.eval.probe_depth or 'all'}")
+    if any(p != "figure" for p in protocols):
+        log(f"probe: {probe_note(cfg)}")
 
     bs = args.batch_size or cfg.eval.probe_batch_size
     blr = args.blr or cfg.eval.probe_blr
@@ -415,8 +414,10 @@ def run(args) -> dict:
     rows.sort(key=lambda r: order[r["protocol"]])
     if runner is not None:
         C = C or runner.num_classes()
-    n_train = int(train[0].shape[0]) if train is not None else runner.counts["train"]
-    n_val = int(val[0].shape[0]) if val is not None else runner.counts["val"]
+    # `--protocols figure` alone reads neither split.
+    n_train = (int(train[0].shape[0]) if train is not None
+               else runner.counts["train"] if runner is not None else 0)
+    n_val = int(val[0].shape[0]) if val is not None else runner.counts["val"] if runner is not None else 0
     if not ranks.main:
         edist.barrier()
         return dict(rows=rows, out=str(out), figure=None, meta={})
@@ -426,7 +427,7 @@ def run(args) -> dict:
     if "figure" in protocols:
         fig_imgs = (val[0] if val is not None
                     else build_eval_arrays(cfg, "val", args.figure_images)[0])[:args.figure_images]
-        figure_path = _figure(cfg, model, method, fig_imgs, out / "denoising.png", device, args.seed, log)
+        figure_path = _figure(cfg, model, method, fig_imgs, out, device, args.seed, log)
 
     table = markdown_table(rows)
     weights = ("an exported encoder" if method is None else
@@ -464,7 +465,7 @@ def run(args) -> dict:
                      "remove the train mean, 'whitened rows' also scale every train PCA direction to "
                      "unit variance, 'pca N rows' keep the top N; all L2-normalised.")
     if figure_path:
-        notes.append(f"Denoising figure: {figure_path}")
+        notes.append(f"Figure: {figure_path}")
     md = "\n\n".join([f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]) + "\n"
     (out / "eval.md").write_text(md)
     (out / "eval.json").write_text(json.dumps(dict(meta, rows=rows, figure=str(figure_path or ""),
@@ -534,17 +535,17 @@ def _streaming_runner(cfg, args, views, out: Path, device, log):
                          max_train=args.max_train_images, max_val=args.max_val_images, log=log)
 
 
-def _figure(cfg, model, method, images, path, device, seed, log) -> Optional[Path]:
-    from .figure import denoise_figure
+def _figure(cfg, model, method, images, out, device, seed, log) -> Optional[Path]:
+    """The checkpoint's method draws its own figure (MethodSpec.figure)."""
+    from ..methods import spec_for
 
     if method is None:
         log("figure: skipped (the checkpoint holds an encoder only; the figure needs the decoder "
             "and the tokenizer)")
         return None
-    sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
     model.to(device)
-    p = denoise_figure(model, method, images, sigmas, path, step=seed)
-    log(f"figure: {p}")
+    p, caption = spec_for(cfg).figure(cfg, model, method, out, images=images, step=seed)
+    log(f"figure ({caption}): {p}")
     return p
 
 

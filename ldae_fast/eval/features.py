@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..device import autocast_dtype, autocast_for, eval_mode
+from ..methods.probe import POOLS, ProbeView, feature_dim, pool_features  # noqa: F401 (re-exported)
 
-POOLS = ("avg", "cls")
 Log = Optional[Callable[[str], None]]
 
 
@@ -25,26 +25,6 @@ def feature_settings(device: torch.device, precision: str = "auto") -> str:
     number: the same weights give a point or two apart in bf16 and in fp32."""
     bf16 = autocast_dtype(precision, device) is not None
     return f"features on {device.type} in {'bf16 autocast' if bf16 else 'fp32'}"
-
-
-def pool_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-    """(B, C, H, W) images -> (B, F) features. The encoder's own `pooled` decides where its final
-    norm sits and which tokens it averages (the l-DAE 'dit' layout has no class token: all of
-    them); modules without one get the MAE convention (mean over the tokens after
-    `num_prefix_tokens`, default 1, the class token)."""
-    if pool not in POOLS:
-        raise ValueError(f"pool={pool!r}; choose one of {', '.join(POOLS)}")
-    if hasattr(encoder, "pooled"):
-        return encoder.pooled(x, pool=pool)
-    tokens = encoder.forward_features(x)
-    prefix = int(getattr(encoder, "num_prefix_tokens", 1))
-    if pool == "cls" and prefix == 0:
-        raise ValueError("pool='cls' needs a class token; this encoder has none (use pool='avg')")
-    return tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(1)
-
-
-def feature_dim(encoder: nn.Module) -> int:
-    return int(getattr(encoder, "num_features", 0) or getattr(encoder, "embed_dim", 0))
 
 
 @torch.no_grad()
@@ -87,52 +67,11 @@ def extract_features(
 
 
 def probe_sigma(cfg) -> float:
-    """The noise level the probe conditions on: eval.probe_sigma when given, else noise.schedule's
-    sigma at step eval.probe_t of noise.num_timesteps (l-DAE App. A: t = 10 of 1000)."""
-    e, n = cfg.eval, cfg.noise
-    if e.probe_sigma >= 0:
-        return float(e.probe_sigma)
-    from ldae_fast import schedules
+    """The noise level the probe conditions on (MethodSpec.probe_sigma; 0 for a method whose
+    encoder takes none)."""
+    from ..methods import spec_for
 
-    t = torch.tensor([e.probe_t / n.num_timesteps], dtype=torch.float64)
-    _, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps, n.single_sigma)
-    return float(sigma[0])
-
-
-class ProbeView(nn.Module):
-    """An encoder as the probe sees it: conditioned on a fixed sigma, cut after `depth` blocks
-    (0: all), fed either the clean image or the image noised at that level by `noisy_input`
-    (the method's training noise, a fixed draw per batch position)."""
-
-    def __init__(self, encoder: nn.Module, sigma: float = 0.0, depth: int = 0,
-                 noisy_input: Optional[Callable] = None, gamma: float = 1.0,
-                 tokens: Optional[Callable] = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.sigma, self.depth, self.gamma = float(sigma), int(depth), float(gamma)
-        self.noisy_input = noisy_input
-        self.tokens = tokens
-        """Clean images -> latent tokens, for an encoder fed latent tokens (model.input='latent')."""
-        self.num_features = feature_dim(encoder)
-        self._calls = 0
-
-    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-        B = x.shape[0]
-        if self.noisy_input is not None:
-            g = torch.full((B,), self.gamma, device=x.device)
-            s = torch.full((B,), self.sigma, device=x.device)
-            x = self.noisy_input(x.float(), g, s, self._calls).to(x.dtype)
-            self._calls += 1
-        elif self.tokens is not None:
-            x = self.tokens(x.float()).to(x.dtype)
-        if not hasattr(self.encoder, "pooled"):
-            return pool_features(self.encoder, x, pool)
-        kw = {}
-        if self.sigma:
-            kw["sigma"] = self.sigma
-        if self.depth:
-            kw["depth"] = self.depth
-        return self.encoder.pooled(x, pool=pool, **kw)
+    return spec_for(cfg).probe_sigma(cfg)
 
 
 class DitPrefix(nn.Module):
@@ -177,34 +116,15 @@ def probe_encoder(model: nn.Module, cfg) -> nn.Module:
 
 
 def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
-    """`encoder` wrapped with the config's probe settings (eval.probe_t / probe_sigma /
-    probe_input / probe_depth); the bare encoder when they ask for nothing (sigma 0, clean, all
-    blocks). A noisy probe needs the method (its tokenizer and noise)."""
-    e = cfg.eval
-    sigma = probe_sigma(cfg)
-    noisy = e.probe_input == "noisy" and sigma > 0
-    latent = getattr(encoder, "latent_in", 0) > 0
-    if sigma == 0 and not e.probe_depth and not noisy and not latent:
-        return encoder
-    tok = None
-    if latent:
-        if method is None:
-            raise ValueError("an encoder fed latent tokens (model.input='latent') needs the checkpoint's "
-                             "method (tokenizer) to be probed")
-        md = method.device
+    """`encoder` as the probe of cfg's method reads it (methods registry: MethodSpec.probe_view):
+    the bare encoder when the eval settings ask for nothing more."""
+    from ..methods import spec_for
 
-        def tok(x):
-            return method.tokens(x.to(md)).to(x.device)
-    fn, gamma = None, 1.0
-    if noisy:
-        if method is None:
-            raise ValueError("eval.probe_input='noisy' needs the checkpoint's method (tokenizer); "
-                             "this encoder has none")
-        from ldae_fast.objectives.sampling import gamma_for_sigma
+    return spec_for(cfg).probe_view(encoder, cfg, method)
 
-        gamma = gamma_for_sigma(sigma, cfg.noise.schedule)
-        md = method.device
 
-        def fn(x, g, s, step):
-            return method.noisy_input(x.to(md), g.to(md), s.to(md), step).to(x.device)
-    return ProbeView(encoder, sigma, e.probe_depth, fn, gamma, tok)
+def probe_note(cfg) -> str:
+    """What the probe conditions on, for the log (MethodSpec.probe_note)."""
+    from ..methods import spec_for
+
+    return spec_for(cfg).probe_note(cfg)

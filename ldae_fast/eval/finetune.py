@@ -3,7 +3,7 @@
 Our encoder is exported to a timm VisionTransformer (models/timm_export, or the timm ViT an
 exported .safetensors already is) with drop path and a classifier head; from there every piece of
 the recipe is timm's. The default recipe is l-DAE's (its App. B); a method whose registry entry
-carries `finetune_recipes` (DiffMAE: supplement Table 1b) gets its own (recipe_for_method).
+carries `finetune_recipes` in its MethodSpec (DiffMAE: supplement Table 1b) gets its own (recipe_for_method).
 l-DAE App. B: batch 1024, lr 4e-3 (blr 1e-3), wd 0.05, drop path 0.1, 100
 epochs, layer-wise lr decay 0.85 for B (12 blocks) and 0.65 for L (24 blocks), MixUp 0.8, CutMix
 1.0, RandAug (9, 0.5), EMA 0.9999. What the paper does not state is MAE's: label smoothing 0.1,
@@ -79,9 +79,9 @@ def recipe_for_method(method: str, size: str, encoder_depth: int, encoder: nn.Mo
     its table lacks the entry whose encoder depth is nearest (the tiny demo gets ViT-B's); any
     other method l-DAE's `recipe_for`."""
     from ..config import MODEL_SIZES
-    from ..objectives import METHODS
+    from ..methods import METHODS
 
-    table = getattr(METHODS.get(method), "finetune_recipes", None)
+    table = METHODS[method].finetune_recipes() if method in METHODS else None
     if not table:
         return recipe_for(encoder, **overrides), "l-DAE App. B"
     key = size if size in table else min(

@@ -107,9 +107,8 @@ def load_for_eval(path: str | Path, use_ema: bool = True, flag: str = "checkpoin
     trained with 'triton' on a GPU still loads on a CPU); move it with `.to(device)`. `flag`
     names the path in messages ('--checkpoint' for eval's command line)."""
     from ..engine.checkpoint import load_state, method_state, resolve_resume
-    from ..models import build_model
+    from ..methods import build_method, build_model
     from ..models.timm_export import WEIGHTS_FILE
-    from ..objectives import build_method
 
     path = Path(path)
     if path.suffix == ".safetensors" or (path / WEIGHTS_FILE).is_file():
@@ -120,7 +119,7 @@ def load_for_eval(path: str | Path, use_ema: bool = True, flag: str = "checkpoin
         raise FileNotFoundError(f"no checkpoint at {path}")
     st = load_state(ckpt)
     cfg = Config.from_dict(sanitize_stored_config(st["config"], f"checkpoint {ckpt}"))
-    model = build_model(cfg.model, cfg.data.img_size)
+    model = build_model(cfg)
     weights = st.get("ema") if use_ema and st.get("ema") else st.get("model")
     if weights is None:
         from ..engine.deepspeed_backend import consolidated_model_state

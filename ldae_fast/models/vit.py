@@ -348,13 +348,9 @@ def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
 
 
 def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
-    """The network cfg.arch names (l-DAE's encoder-decoder, or DiffMAE's in diffmae.py) for square
+    """l-DAE's encoder-decoder (every method's network: methods.build_model) for square
     img_size x img_size inputs with in_chans channels. `kernels` is engine.kernels: with
     model.fused_adaln it decides where the fused kernel runs."""
-    if cfg.arch == "diffmae":
-        from .diffmae import build_diffmae
-        return apply_speed_switches(build_diffmae(cfg, img_size, in_chans, kernels), cfg.bf16_residual,
-                                    cfg.adaln_act_dtype, cfg.fp8)
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = build_encoder(cfg, img_size, in_chans, kernels)
@@ -380,11 +376,8 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
                     modulation, E x 2 (256 a + a^2) for the sigma embedders (E = 2 with 'mae',
                     one per half; 1 with 'dit').
     Backward is about 2x forward, so a training step is ~3x this (plus one more forward of the
-    blocks with gradient checkpointing). DiffMAE's count (75% masking) is in diffmae.py.
+    blocks with gradient checkpointing). Each method's count: its MethodSpec.train_flops.
     """
-    if cfg.arch == "diffmae":
-        from .diffmae import flops_per_image as diffmae_flops
-        return diffmae_flops(cfg, img_size, in_chans)
     p, w = cfg.patch_size, cfg.width
     mae = cfg.layout == "mae"
     N = (img_size // p) ** 2
@@ -409,20 +402,14 @@ def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
 
 
 def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
-    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded);
-    DiffMAE's are counted on a model built on the meta device (no memory, no compute).
+    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)
+    of l-DAE's network.
 
     Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = ModelConfig.cond_width)
     or, with cond='none', two affine LayerNorms. Layout 'mae' adds a class token and the final
     LayerNorm to the encoder, the decoder embedding and a second sigma embedder (and label
     embedding) to the decoder; 'dit' has one sigma embedder (and label embedding), in the encoder.
     """
-    if cfg.arch == "diffmae":
-        from .diffmae import build_diffmae
-        with torch.device("meta"):
-            m = build_diffmae(cfg, img_size, in_chans)
-        enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
-        return {"encoder": enc, "decoder": dec, "total": enc + dec}
     w, a = cfg.width, cfg.cond_width
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"

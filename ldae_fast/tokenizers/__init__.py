@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokenizer_kinds import FITTED, KINDS
 from . import conv_vae, patch_ae, patch_vae, pca, pixel
 from .base import Tokenizer
 from .conv_vae import ConvVAETokenizer
@@ -27,15 +28,18 @@ class TokenizerSpec:
     """(cfg, images: () -> iterable of (B, C, H, W) batches, log) -> the run's tokenizer."""
     from_state: Callable[[dict, dict], Tokenizer]
     """(tensors, metadata) -> the tokenizer they describe."""
+    fitted: bool = True
+    """Fitted to data (`ldae-fast fit-tokenizer --kind`); False: fixed (pixels)."""
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
-    "pca": TokenizerSpec(pca.prepare, PCATokenizer.from_state),
-    "pixel": TokenizerSpec(pixel.prepare, PixelTokenizer.from_state),
-    "patch-ae": TokenizerSpec(patch_ae.prepare, PatchAETokenizer.from_state),
-    "patch-vae": TokenizerSpec(patch_vae.prepare, PatchVAETokenizer.from_state),
-    "conv-vae": TokenizerSpec(conv_vae.prepare, ConvVAETokenizer.from_state),
+    "pca": TokenizerSpec(pca.prepare, PCATokenizer.from_state, fitted=FITTED["pca"]),
+    "pixel": TokenizerSpec(pixel.prepare, PixelTokenizer.from_state, fitted=FITTED["pixel"]),
+    "patch-ae": TokenizerSpec(patch_ae.prepare, PatchAETokenizer.from_state, fitted=FITTED["patch-ae"]),
+    "patch-vae": TokenizerSpec(patch_vae.prepare, PatchVAETokenizer.from_state, fitted=FITTED["patch-vae"]),
+    "conv-vae": TokenizerSpec(conv_vae.prepare, ConvVAETokenizer.from_state, fitted=FITTED["conv-vae"]),
 }
+assert tuple(TOKENIZERS) == KINDS, "tokenizer_kinds.FITTED and TOKENIZERS name the same kinds"
 
 
 def _spec(kind: str, where: str) -> TokenizerSpec:

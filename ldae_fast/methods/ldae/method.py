@@ -19,6 +19,7 @@ Every tokenizer trains (l-DAE Tables 1-2):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +27,17 @@ from typing import Any
 
 import torch
 
-from .. import schedules
-from ..batch import Batch
-from ..config import Config, ConfigError
-from ..kernels import latent_noise, pca_loss
-from ..kernels.dispatch import resolve_kernels
-from ..kernels.noise import reference_eps
-from ..markers import nvtx_range
-from ..reference import patchify, unpatchify
-from ..seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed, global_rows
-from ..tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
-from . import sampling
+from ...batch import Batch
+from ...config import Config, ConfigError
+from ...kernels import latent_noise, pca_loss
+from ...kernels.dispatch import resolve_kernels
+from ...kernels.noise import reference_eps
+from ...markers import nvtx_range
+from ...reference import patchify, unpatchify
+from ...seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed, global_rows
+from ...tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
+from .. import sampling
+from . import schedules
 
 # What each learned tokenizer kind is, for the checks that can run before it is fitted.
 _LEARNED_KINDS = {
@@ -289,7 +290,8 @@ class LDAEMethod:
         """Per sigma, (network input, denoised image): the noise of training step `step` (the same
         eps at every sigma), gamma from noise.schedule, input scaling as configured."""
         x = images.to(self.device).float().contiguous()
-        pairs = sampling.denoise_at_levels(model, x, sigmas, self.noise_cfg.schedule,
+        gamma_of = functools.partial(schedules.gamma_for_sigma, schedule=self.noise_cfg.schedule)
+        pairs = sampling.denoise_at_levels(model, x, sigmas, gamma_of,
                                            lambda x_, g, s: self.noisy_input(x_, g, s, step),
                                            self.condition)
         # Latent inputs / outputs are shown as the images they decode to.

@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..sampling import device_of
+
 LINE = 12
 
 
@@ -120,3 +122,22 @@ def video_inpaint_figure(method, model: nn.Module, clips: torch.Tensor, path: st
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return path
+
+
+def method_figure(cfg, model: nn.Module, method, out_dir, *, images=None, step: int = 0) -> tuple[Path, str]:
+    """MethodSpec.figure: the inpainting grid (images) or the clip rows (video), inpainting.png /
+    video_inpainting.png; the sampler runs where the model is."""
+    method = method.to(device_of(model))
+    T, n = cfg.noise.num_timesteps, cfg.objective.sample_steps
+    if cfg.data.num_frames:
+        from ...data.video import video_eval_clips
+        path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4), Path(out_dir) / "video_inpainting.png")
+        return path, (f"original / masked / output frames at temporal stride {cfg.model.tubelet}; "
+                      f"{cfg.objective.mask_ratio:.0%} random masks, {n} reverse steps")
+    if images is None:
+        from ...data import build_eval_arrays
+        images, _ = build_eval_arrays(cfg, "val", max_images=4, labels=False)
+    levels = (T, T // 2, 0)
+    path = inpaint_figure(method, model, images[:4], Path(out_dir) / "inpainting.png", levels=levels)
+    return path, (f"original / masked / inpainted at t {', '.join(map(str, levels))}; random and "
+                  f"center masks, {n} reverse steps")

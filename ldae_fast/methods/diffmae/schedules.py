@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..schedules import ddpm_betas
+from ..ddpm import ddpm_betas
 
 
 @dataclass

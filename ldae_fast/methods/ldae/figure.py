@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .features import module_device
+from ..sampling import device_of
 
 LINE = 12  # header text line height in pixels
 
@@ -35,7 +35,7 @@ def denoise_columns(model: nn.Module, method, images: torch.Tensor, sigmas: Sequ
                     step: int = 0) -> list[torch.Tensor]:
     """[clean, noisy(s0), denoised(s0), noisy(s1), ...], each (B, 3, H, W) normalised, on CPU.
     The noise is that of training step `step` (method.sample)."""
-    method = method.to(module_device(model))
+    method = method.to(device_of(model))
     cols = [images.float().cpu()]
     for x_in, x_hat in method.sample(model, images, sigmas, step=step):
         cols += [x_in.float().cpu(), x_hat.float().cpu()]
@@ -110,3 +110,13 @@ def denoise_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return path
+
+
+def method_figure(cfg, model: nn.Module, method, out_dir, *, images=None, step: int = 0) -> tuple[Path, str]:
+    """MethodSpec.figure: the denoising grid at eval.figure_sigmas, as denoising.png."""
+    if images is None:
+        from ...data import build_eval_arrays
+        images, _ = build_eval_arrays(cfg, "val", max_images=6, labels=False)
+    sigmas = [float(s) for s in cfg.eval.figure_sigmas.split(",") if s.strip()]
+    path = denoise_figure(model, method, images, sigmas, Path(out_dir) / "denoising.png", step=step)
+    return path, f"clean / noisy / denoised at sigma {', '.join(f'{s:g}' for s in sigmas)}"

@@ -25,40 +25,30 @@ from typing import Any
 
 import torch
 
-from ..batch import Batch
-from ..config import DIFFMAE_FINETUNE, Config
-from ..device import eval_mode
-from ..errors import ResumeMismatch
-from ..kernels.dispatch import resolve_kernels
-from ..markers import nvtx_range
-from ..reference import patchify, unpatchify
-from ..seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed, global_rows
-from . import masking
-from .masking import PatchMask, gather_tokens, scatter_tokens
+from ...batch import Batch
+from ...config import Config
+from ...device import eval_mode
+from ...errors import ResumeMismatch
+from ...kernels.dispatch import resolve_kernels
+from ...markers import nvtx_range
+from ...reference import patchify, unpatchify
+from ...seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed, global_rows
+from .. import masking
+from ..masking import (
+    NORM_PIX_EPS,
+    PatchMask,
+    gather_tokens,
+    masked_mse,
+    normalize_patches,
+    scatter_tokens,
+)
 from .schedules import DiffusionSchedule
-
-NORM_PIX_EPS = 1e-6
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over hidden patches of the per-patch mean squared error; pred, target (B, N, D),
-    mask (B, N) True where hidden (None: every patch counts)."""
-    per_patch = (pred.float() - target.float()).square().mean(dim=-1)
-    if mask is None:
-        return per_patch.mean()
-    m = mask.to(per_patch.dtype)
-    return (per_patch * m).sum() / m.sum().clamp_min(1.0)
 
 
 class DiffMAEMethod:
     """Owns the mask draws, the schedule, the loss and the inpainting sampler; nothing to fit."""
 
     name = "diffmae"
-    figure_kind = "inpaint"
-    """The figure a demo writes for this method (eval/inpaint_figure.py)."""
-    finetune_recipes = DIFFMAE_FINETUNE
-    """Fine-tuning recipe fields by model.size (supplement Table 1b), which `ldae-fast eval
-    --protocols finetune` applies to a checkpoint of this method (eval.finetune.recipe_for_method)."""
 
     def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
                  tokenizer=None, kernels: str | None = None):
@@ -143,10 +133,7 @@ class DiffMAEMethod:
         each tubelet), per-patch normalised (mean 0, variance 1 over D, as MAE's norm_pix_loss)
         when objective.norm_pix_loss."""
         t = self._patchify(x.float())
-        if self.obj.norm_pix_loss:
-            mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
-            t = (t - mu) / (var + NORM_PIX_EPS).sqrt()
-        return t
+        return normalize_patches(t) if self.obj.norm_pix_loss else t
 
     def rows(self, batch: int, micro: int, accum: int) -> tuple[int, int]:
         """(first row in the step's global batch, global batch size) of this micro-batch."""

@@ -40,11 +40,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import DIFFMAE_TOPDOWN, ModelConfig
-from ..kernels.attention import attention, resolve_backend
-from ..kernels.modules import AdaLNLayerNorm
-from ..markers import nvtx_range
-from .blocks import (
+from ...config import DIFFMAE_TOPDOWN, ModelConfig
+from ...kernels.attention import attention, resolve_backend
+from ...kernels.modules import AdaLNLayerNorm
+from ...markers import nvtx_range
+from ...models.blocks import (
     LN_EPS,
     Attention,
     Block,
@@ -53,8 +53,17 @@ from .blocks import (
     SigmaEmbedder,
     mlp_hidden,
 )
-from .pos_embed import sincos_1d, sincos_2d
-from .vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTEncoder, _CheckpointedBlocks, _init_common
+from ...models.pos_embed import sincos_1d, sincos_2d
+from ...models.speed import apply_speed_switches
+from ...models.vit import (
+    SIGMA_FREQ_DIM,
+    EncoderDecoder,
+    ViTEncoder,
+    _CheckpointedBlocks,
+    _init_common,
+)
+from ..masking import encode_visible
+from ..masking import gather_tokens as _gather
 
 DECODER_KINDS = ("joint", "cross", "cross_self")
 TOPDOWN_MODES = DIFFMAE_TOPDOWN  # model.decoder_topdown
@@ -108,32 +117,6 @@ class TubeletEmbed(nn.Module):
             raise ValueError(f"input is {tuple(x.shape)}; this model was built for clips (B, C, "
                              f"{self.num_frames}, {self.img_size}, {self.img_size})")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def encode_visible(encoder: ViTEncoder, x: torch.Tensor, ids_keep: torch.Tensor,
-                   keep_blocks: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """(B, C, H, W) images or (B, C, T, H, W) clips, (B, n_keep) visible patch ids ->
-    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks.
-    keep_blocks: also return these blocks' outputs: a tuple with one entry per encoder block, the
-    output of each block in keep_blocks (the last one after the final norm), None elsewhere."""
-    B = x.shape[0]
-    pos = encoder.pos_embed.to(x.dtype)
-    tokens = _gather(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
-    cls = (encoder.cls_token + pos[:, :1]).expand(B, -1, -1).to(tokens.dtype)
-    tokens = torch.cat([cls, tokens], dim=1)
-    outs: list[torch.Tensor | None] = []
-    for i, blk in enumerate(encoder.blocks):
-        tokens = blk(tokens, None)
-        outs.append(tokens if i in keep_blocks else None)
-    tokens = encoder.norm(tokens)
-    if not keep_blocks:
-        return tokens
-    outs[-1] = tokens
-    return tuple(outs)
 
 
 class CrossAttention(nn.Module):
@@ -347,7 +330,7 @@ def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
                          encoder_depth=cfg.encoder_depth)
     model = DiffMAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    return model
+    return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
 
 
 def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_ratio: float = 0.75) -> float:
@@ -369,7 +352,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
     """
     p, w, v = cfg.patch_size, cfg.width, cfg.decoder_width
     N = (img_size // p) ** 2 * (cfg.num_frames // cfg.tubelet if cfg.num_frames else 1)
-    keep = max(1, int(N * (1.0 - mask_ratio)))  # objectives.masking.num_visible's rounding
+    keep = max(1, int(N * (1.0 - mask_ratio)))  # masking.num_visible's rounding
     M, Te = N - keep, keep + 1
     h, hd = mlp_hidden(w, cfg.mlp_ratio), mlp_hidden(v, cfg.mlp_ratio)
     D = p * p * in_chans

@@ -8,24 +8,18 @@ the paper and is evaluated here at step round(t * (T - 1)).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from ..ddpm import ddpm_betas
+from .config import SCHEDULE_NAMES
 
 
 def sigma_linear(t: torch.Tensor, sigma_max: float = math.sqrt(2.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """The final recipe: gamma_t = 1, sigma_t = sigma_max * t (0 .. sqrt 2)."""
     return torch.ones_like(t), sigma_max * t
-
-
-def ddpm_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-               rho: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """(T,) float64 betas: DDPM's linear schedule, each raised to rho (DiffMAE's knob; 1 is DDPM)."""
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps={num_timesteps} must be >= 1")
-    if not rho > 0:
-        raise ValueError(f"rho={rho} must be > 0")
-    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device=device)
-    return betas if rho == 1 else betas ** rho
 
 
 def ddpm_linear_beta(
@@ -51,6 +45,35 @@ def single_level(t: torch.Tensor, sigma: float = 1.0 / 3.0) -> tuple[torch.Tenso
     return torch.ones_like(t), torch.full_like(t, sigma)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    gamma_sigma: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    """(t, sigma_max, num_timesteps, single_sigma) -> (gamma_t, sigma_t)."""
+    variance_preserving: bool
+    """gamma^2 + sigma^2 = 1 (else gamma = 1)."""
+
+
+# noise.schedule's names: the one list (config validates against it).
+SCHEDULES: dict[str, Schedule] = {
+    "sigma_linear": Schedule(lambda t, sigma_max, T, single: sigma_linear(t, sigma_max), False),
+    "ddpm_linear_beta": Schedule(lambda t, sigma_max, T, single: ddpm_linear_beta(t, T), True),
+    "linear_gamma2": Schedule(lambda t, sigma_max, T, single: linear_gamma2(t), True),
+    "single_level": Schedule(lambda t, sigma_max, T, single: single_level(t, single), False),
+}
+assert tuple(SCHEDULES) == SCHEDULE_NAMES, "config.SCHEDULE_NAMES and SCHEDULES name the same schedules"
+
+
+def gamma_for_sigma(sigma: float, schedule: str) -> float:
+    """gamma paired with sigma by a schedule: 1 for sigma_linear and single_level; the
+    variance-preserving schedules have gamma^2 + sigma^2 = 1."""
+    if not SCHEDULES[schedule].variance_preserving:
+        return 1.0
+    if sigma > 1:
+        raise ValueError(f"sigma={sigma} > 1 is not reachable with the variance-preserving "
+                         f"schedule {schedule!r}")
+    return math.sqrt(1.0 - sigma * sigma)
+
+
 def loss_weight(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """lambda_t: 'inv_1p_sigma2' = 1 / (1 + sigma^2) (final recipe), 'uniform' = 1, 'gamma2' =
     gamma^2 (l-DAE Table 3's z0 row: the eps loss rewritten for a z0 target on a VP schedule)."""
@@ -66,13 +89,6 @@ def loss_weight(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Te
 def gamma_sigma(t: torch.Tensor, schedule: str, sigma_max: float = math.sqrt(2.0),
                 num_timesteps: int = 1000, single_sigma: float = 1.0 / 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the schedule's name (config: noise.schedule)."""
-    if schedule == "single_level":
-        return single_level(t, single_sigma)
-    if schedule == "sigma_linear":
-        return sigma_linear(t, sigma_max)
-    if schedule == "ddpm_linear_beta":
-        return ddpm_linear_beta(t, num_timesteps)
-    if schedule == "linear_gamma2":
-        return linear_gamma2(t)
-    raise ValueError(f"unknown schedule {schedule!r}; known: sigma_linear, ddpm_linear_beta, linear_gamma2, "
-                     "single_level")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule].gamma_sigma(t, sigma_max, num_timesteps, single_sigma)

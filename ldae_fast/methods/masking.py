@@ -1,4 +1,4 @@
-"""Patch masks for DiffMAE: MAE's per-sample random masking, keyed like every other draw, and the
+"""Patch masks for the masked methods (DiffMAE, MAE): MAE's per-sample random masking, keyed like every other draw, and the
 fixed center block the inpainting figures use.
 
 A mask is carried as index tensors, as in MAE: `ids_keep` (B, n_keep) are the visible patches,
@@ -96,3 +96,45 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(base: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A copy of base (B, N, C) with rows ids (B, M) replaced by values (B, M, C)."""
     return base.scatter(1, ids.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values.to(base.dtype))
+
+
+def encode_visible(encoder, x: torch.Tensor, ids_keep: torch.Tensor,
+                   keep_blocks: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """(B, C, H, W) images or (B, C, T, H, W) clips, (B, n_keep) visible patch ids ->
+    (B, 1 + n_keep, width) after the encoder's final norm; the hidden patches never enter the blocks.
+    keep_blocks: also return these blocks' outputs: a tuple with one entry per encoder block, the
+    output of each block in keep_blocks (the last one after the final norm), None elsewhere."""
+    B = x.shape[0]
+    pos = encoder.pos_embed.to(x.dtype)
+    tokens = gather_tokens(encoder.patch_embed(x) + pos[:, 1:], ids_keep)
+    cls = (encoder.cls_token + pos[:, :1]).expand(B, -1, -1).to(tokens.dtype)
+    tokens = torch.cat([cls, tokens], dim=1)
+    outs: list[torch.Tensor | None] = []
+    for i, blk in enumerate(encoder.blocks):
+        tokens = blk(tokens, None)
+        outs.append(tokens if i in keep_blocks else None)
+    tokens = encoder.norm(tokens)
+    if not keep_blocks:
+        return tokens
+    outs[-1] = tokens
+    return tuple(outs)
+
+
+# MAE's norm_pix_loss: each target patch normalised by its own mean and variance over D.
+NORM_PIX_EPS = 1e-6
+
+
+def normalize_patches(t: torch.Tensor) -> torch.Tensor:
+    """Patches (B, N, D) with mean 0 and variance 1 over D each (MAE's norm_pix_loss target)."""
+    mu, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
+    return (t - mu) / (var + NORM_PIX_EPS).sqrt()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over hidden patches of the per-patch mean squared error; pred, target (B, N, D),
+    mask (B, N) True where hidden (None: every patch counts)."""
+    per_patch = (pred.float() - target.float()).square().mean(dim=-1)
+    if mask is None:
+        return per_patch.mean()
+    m = mask.to(per_patch.dtype)
+    return (per_patch * m).sum() / m.sum().clamp_min(1.0)

@@ -1,0 +1,75 @@
+"""DiffMAE (Wei et al.): a masked encoder, a decoder that denoises the hidden patches."""
+
+from __future__ import annotations
+
+from ..spec import MethodSpec
+from .presets import PRESETS
+
+
+def _method(cfg, device, **kw):
+    from .method import DiffMAEMethod
+    return DiffMAEMethod(cfg, device, **kw)
+
+
+def _model(cfg, kernels: str = "auto"):
+    from .model import build_diffmae
+    return build_diffmae(cfg.model, cfg.data.img_size, kernels=kernels)
+
+
+def _flops(cfg) -> tuple[float, float]:
+    from .flops import diffmae_train_flops_per_image
+    # The masked encoder's cost follows the run's own mask ratio.
+    return diffmae_train_flops_per_image(cfg.model, cfg.data.img_size, cfg.objective.mask_ratio)
+
+
+def _params(cfg) -> dict[str, int]:
+    import torch
+
+    from .model import build_diffmae
+    with torch.device("meta"):
+        m = build_diffmae(cfg.model, cfg.data.img_size)
+    enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
+    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+
+
+def _figure(*args, **kw):
+    from .figure import method_figure
+    return method_figure(*args, **kw)
+
+
+def _probe_view(encoder, cfg, method=None):
+    from ..probe import unconditioned_view
+    return unconditioned_view(encoder, cfg, method)
+
+
+def _probe_note(cfg) -> str:
+    return f"clean unmasked input, depth {cfg.eval.probe_depth or 'all'}"
+
+
+def _finetune_recipes():
+    # Supplement Table 1b; config.py keeps the table (its fine-tuning fields are eval's).
+    from ...config import DIFFMAE_FINETUNE
+    return DIFFMAE_FINETUNE
+
+
+def _validate(cfg) -> None:
+    from ...config import ConfigError
+
+    m = cfg.model
+    if m.layout != "mae":
+        raise ConfigError(f"model.layout={m.layout!r} is a layout of l-DAE's encoder-decoder; "
+                          "objective.method='diffmae' has its own (leave model.layout at 'mae')")
+    # model.width is accepted too: it is what versions that wrote the resolved width back stored
+    # for every DiffMAE run, and those configs must still load.
+    if m.adaln_dim not in (0, m.width):
+        raise ConfigError(f"model.adaln_dim={m.adaln_dim} sets l-DAE's conditioning width; "
+                          "objective.method='diffmae' conditions its blocks at their own width "
+                          "(leave model.adaln_dim at 0)")
+
+
+SPEC = MethodSpec(name="diffmae", title="DiffMAE", presets=PRESETS, build_method=_method, build_model=_model,
+                  train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
+                  probe_note=_probe_note, validate=_validate, video=True,
+                  shape_fields=((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"),
+                                (("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
+                  finetune_recipes=_finetune_recipes)

@@ -1,0 +1,56 @@
+"""l-DAE's noise section of the run config (`--noise.field=value`): the schedule, its loss
+weights and the prediction target. Plain data that validates itself with the config mechanism's
+checks (config.py), which composes it into the run's Config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
+
+
+# noise.schedule's names, torch-free so a config validates before torch is imported;
+# schedules.SCHEDULES maps each to its code and checks it covers exactly these.
+SCHEDULE_NAMES = ("sigma_linear", "ddpm_linear_beta", "linear_gamma2", "single_level")
+
+
+@dataclass
+class NoiseConfig:
+    schedule: str = "sigma_linear"
+    """'sigma_linear' (final: gamma=1, sigma linear 0..sigma_max), 'ddpm_linear_beta', 'linear_gamma2',
+    'single_level' (gamma=1, sigma=single_sigma for every sample)."""
+    sigma_max: float = math.sqrt(2.0)
+    """Largest sigma of the sigma_linear schedule."""
+    num_timesteps: int = 1000
+    """T of the discrete DDPM schedule."""
+    single_sigma: float = 1.0 / 3.0
+    """sigma of the single_level schedule (l-DAE Sec. 4.3: sigma = 1/3 gives 61.5%)."""
+    loss_weight: str = "inv_1p_sigma2"
+    """lambda_t: 'inv_1p_sigma2' (1/(1+sigma^2), final), 'uniform' (1), 'gamma2' (gamma_t^2)."""
+    low_weight: float = 1.0
+    """w_i of the loss for the d principal components the noise lives in."""
+    high_weight: float = 0.1
+    """w_i of the loss for the remaining D-d components."""
+    input_scaling: bool = False
+    """Divide the network input by sqrt(gamma^2+sigma^2). Our option, not the paper's: l-DAE's
+    "input scaling" (Table 3) is gamma_t scaling the clean latent, z_t = gamma_t z0 + sigma_t eps,
+    and its "remove input scaling" row is noise.schedule=sigma_linear (gamma_t = 1, sigma_t linear
+    0..sqrt(2)), with no divisor. On the variance-preserving schedules (ddpm_linear_beta,
+    linear_gamma2) gamma^2 + sigma^2 = 1 and this does nothing; no preset sets it."""
+    target: str = "x0"
+    """What the loss compares the network's output image with: 'x0' (the original image, the
+    w-weighted PCA-space loss: final), 'z0' (the clean latent) or 'eps' (the noise); for z0 / eps
+    the output image is encoded through the tokenizer first (l-DAE Table 3's "output through
+    inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
+
+    def __post_init__(self) -> None:
+        # The mechanism is read at validation, not import: config.py imports this section.
+        from ...config import _check, _one_of
+        _one_of("noise.schedule", self.schedule, SCHEDULE_NAMES)
+        _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
+        _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
+        _one_of("noise.target", self.target, ("x0", "z0", "eps"))
+        _check(self.sigma_max > 0, f"noise.sigma_max={self.sigma_max} must be > 0")
+        _check(self.num_timesteps >= 1, "noise.num_timesteps must be >= 1")
+        _check(self.low_weight >= 0 and self.high_weight >= 0, "noise.*_weight must be >= 0")

@@ -1,0 +1,14 @@
+"""l-DAE's training FLOPs per image: the encoder-decoder on every token, forward and backward."""
+
+from __future__ import annotations
+
+from ...config import ModelConfig
+from ...models.vit import flops_per_image
+
+
+def train_flops_per_image(mcfg: ModelConfig, img_size: int) -> tuple[float, float]:
+    """(forward, training) FLOPs per image; training = 3 x forward. The forward count follows
+    model.layout: 'dit' has no class token (N tokens, not N + 1), no decoder embedding, one sigma
+    embedder and its adaLN maps read c of width ModelConfig.cond_width (docs/model.md)."""
+    fwd = flops_per_image(mcfg, img_size)
+    return fwd, 3.0 * fwd

@@ -1,0 +1,61 @@
+"""l-DAE's probe view: the encoder conditioned on a fixed noise level (l-DAE App. A: t = 10 of
+1000), fed the clean image or the image noised at that level through the tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..probe import ProbeView
+from . import schedules
+from .schedules import gamma_for_sigma
+
+
+def probe_sigma(cfg) -> float:
+    """The noise level the probe conditions on: eval.probe_sigma when given, else noise.schedule's
+    sigma at step eval.probe_t of noise.num_timesteps (l-DAE App. A: t = 10 of 1000)."""
+    e, n = cfg.eval, cfg.noise
+    if e.probe_sigma >= 0:
+        return float(e.probe_sigma)
+    t = torch.tensor([e.probe_t / n.num_timesteps], dtype=torch.float64)
+    _, sigma = schedules.gamma_sigma(t, n.schedule, n.sigma_max, n.num_timesteps, n.single_sigma)
+    return float(sigma[0])
+
+
+def probe_note(cfg) -> str:
+    e = cfg.eval
+    return (f"sigma {probe_sigma(cfg):.4g} (eval.probe_t={e.probe_t}"
+            + (f", probe_sigma={e.probe_sigma:g}" if e.probe_sigma >= 0 else "")
+            + f"), {e.probe_input} input, depth {e.probe_depth or 'all'}")
+
+
+def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
+    """`encoder` wrapped with the config's probe settings (eval.probe_t / probe_sigma /
+    probe_input / probe_depth); the bare encoder when they ask for nothing (sigma 0, clean, all
+    blocks). A noisy probe needs the method (its tokenizer and noise)."""
+    e = cfg.eval
+    sigma = probe_sigma(cfg)
+    noisy = e.probe_input == "noisy" and sigma > 0
+    latent = getattr(encoder, "latent_in", 0) > 0
+    if sigma == 0 and not e.probe_depth and not noisy and not latent:
+        return encoder
+    tok = None
+    if latent:
+        if method is None:
+            raise ValueError("an encoder fed latent tokens (model.input='latent') needs the checkpoint's "
+                             "method (tokenizer) to be probed")
+        md = method.device
+
+        def tok(x):
+            return method.tokens(x.to(md)).to(x.device)
+    fn, gamma = None, 1.0
+    if noisy:
+        if method is None:
+            raise ValueError("eval.probe_input='noisy' needs the checkpoint's method (tokenizer); "
+                             "this encoder has none")
+        gamma = gamma_for_sigma(sigma, cfg.noise.schedule)
+        md = method.device
+
+        def fn(x, g, s, step):
+            return method.noisy_input(x.to(md), g.to(md), s.to(md), step).to(x.device)
+    return ProbeView(encoder, sigma, e.probe_depth, fn, gamma, tok)

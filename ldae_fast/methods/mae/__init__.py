@@ -1,0 +1,60 @@
+"""MAE (He et al.): a masked encoder and a light decoder that predicts the hidden pixels."""
+
+from __future__ import annotations
+
+from ..spec import MethodSpec
+from .presets import PRESETS
+
+
+def _method(cfg, device, **kw):
+    from .method import MAEMethod
+    return MAEMethod(cfg, device, **kw)
+
+
+def _model(cfg, kernels: str = "auto"):
+    from .model import build_mae
+    return build_mae(cfg.model, cfg.data.img_size, kernels=kernels)
+
+
+def _flops(cfg) -> tuple[float, float]:
+    from .model import train_flops_per_image
+    return train_flops_per_image(cfg.model, cfg.data.img_size, cfg.objective.mask_ratio)
+
+
+def _params(cfg) -> dict[str, int]:
+    import torch
+
+    from .model import build_mae
+    with torch.device("meta"):
+        m = build_mae(cfg.model, cfg.data.img_size)
+    enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
+    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+
+
+def _figure(*args, **kw):
+    from .figure import method_figure
+    return method_figure(*args, **kw)
+
+
+def _probe_view(encoder, cfg, method=None):
+    from ..probe import unconditioned_view
+    return unconditioned_view(encoder, cfg, method)
+
+
+def _probe_note(cfg) -> str:
+    return f"clean unmasked input, depth {cfg.eval.probe_depth or 'all'}"
+
+
+def _validate(cfg) -> None:
+    from ...config import ConfigError
+
+    m = cfg.model
+    if m.layout != "mae" or m.adaln_dim or m.class_cond or m.input != "image" or m.output != "image":
+        raise ConfigError("objective.method='mae' builds a plain ViT on pixels: leave model.layout, "
+                          "model.adaln_dim, model.class_cond, model.input and model.output at their defaults")
+
+
+SPEC = MethodSpec(name="mae", title="MAE", presets=PRESETS, build_method=_method, build_model=_model,
+                  train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
+                  probe_note=_probe_note, validate=_validate,
+                  shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)))

@@ -1,0 +1,56 @@
+"""MethodSpec: everything the engine, eval, bench and CLIs may ask of one method, in one record.
+
+A method folder (methods/<name>/) exports one MethodSpec; methods/__init__.py lists them. The
+record itself is light (no torch at import): each entry that needs the method's code imports it
+when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ImageNet-1k's training images: the presets' epoch.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    """The value of objective.method that selects this method."""
+    title: str
+    """How logs and figures name it (l-DAE, DiffMAE, MAE)."""
+    build_method: Callable[..., Any]
+    """(cfg, device, rank=, world_size=, tokenizer=, kernels=) -> the method object (base.Method)."""
+    build_model: Callable[..., Any]
+    """(cfg, kernels) -> the network, for cfg.data.img_size inputs."""
+    train_flops: Callable[[Any], tuple[float, float]]
+    """cfg -> (forward, training) FLOPs per image or clip, for the logged MFU."""
+    param_count: Callable[[Any], dict[str, int]]
+    """cfg -> analytic parameter counts {'encoder', 'decoder', 'total'}."""
+    figure: Callable[..., tuple[Path, str]]
+    """(cfg, model, method, out_dir, *, images=None, step=0) -> (PNG path, one-line caption): the
+    method's own figure; `images` are normalised val images (None: the method reads its own)."""
+    probe_view: Callable[..., Any]
+    """(encoder, cfg, method) -> the module the probe and kNN read features from."""
+    probe_note: Callable[[Any], str]
+    """cfg -> what the probe conditions on, for the log (e.g. l-DAE's sigma)."""
+    probe_sigma: Callable[[Any], float] = lambda cfg: 0.0
+    """cfg -> the noise level the probe conditions on (part of a feature store's key); 0 for an
+    encoder that takes none."""
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Named presets: config overrides, each naming this method (or running it by default)."""
+    validate: Callable[[Any], None] = lambda cfg: None
+    """Relations between config fields this method needs; raises config.ConfigError."""
+    video: bool = False
+    """Trains on clips (data.num_frames > 0) as well as images."""
+    finetune_recipes: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
+    """() -> fine-tuning recipe fields (eval.finetune.FinetuneRecipe) by model.size, which `ldae-fast
+    eval --protocols finetune` applies to this method's checkpoints (empty: l-DAE's recipe)."""
+    shape_fields: tuple[tuple[tuple[str, str], Any], ...] = ()
+    """((section, field), default) of the config fields beyond the shared ones that set this
+    method's network shape: a resume that changes one is refused (engine.guard)."""
+    rows: Callable[[], Mapping[str, Any]] = dict
+    """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""

@@ -1,0 +1,80 @@
+"""Config stores intent and derives the rest on every read: a saved config replayed with an
+override is the run a fresh command line with that override gives (issue 24's four cases), and
+configs saved by older versions (derived values and model.arch stored) still load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldae_fast.config import MODEL_SIZES, Config, ConfigError, build_config, parse_cli
+
+
+def _saved(tmp_path, preset="demo", **over):
+    cfg = build_config(preset, {k: str(v) for k, v in over.items()})
+    path = tmp_path / "config.json"
+    cfg.save(path)
+    return path
+
+
+def _replay(path, *args):
+    return parse_cli(["--config", str(path), *args])[0]
+
+
+def test_model_size_override_gives_that_sizes_dims(tmp_path):
+    path = _saved(tmp_path)
+    assert json.loads(path.read_text())["model"]["width"] == 0  # intent: "from model.size"
+    c = _replay(path, "--model.size=S")
+    fresh = build_config("demo", {"model.size": "S"})
+    assert (c.model.width, c.model.encoder_depth, c.model.num_heads) == (384, 12, 6)
+    assert (c.model.width, c.model.decoder_width, c.model.decoder_heads) == \
+        (fresh.model.width, fresh.model.decoder_width, fresh.model.decoder_heads)
+    # A width the user set stays theirs.
+    assert _replay(_saved(tmp_path, **{"model.width": 48}), "--model.size=S").model.width == 48
+
+
+def test_synthetic_classes_override_reaches_num_classes(tmp_path):
+    path = _saved(tmp_path, **{"model.class_cond": "true"})
+    assert build_config("demo", {"model.class_cond": "true"}).model.num_classes == 8
+    assert _replay(path, "--data.synthetic_classes=12").model.num_classes == 12
+
+
+def test_crop_override_gets_that_crops_scale_and_flip(tmp_path):
+    path = _saved(tmp_path, "pca-d32")
+    base = _replay(path)
+    assert (base.data.crop, base.data.crop_min_scale, base.data.hflip) == ("center", 1.0, False)
+    c = _replay(path, "--data.crop=random_resized")
+    fresh = build_config("pca-d32", {"data.crop": "random_resized"})
+    assert (c.data.crop_min_scale, c.data.hflip) == (fresh.data.crop_min_scale, fresh.data.hflip) == (0.2, True)
+
+
+def test_method_override_replays_without_model_arch(tmp_path):
+    c = _replay(_saved(tmp_path), "--objective.method=diffmae")
+    assert c.objective.method == "diffmae" and "arch" not in c.to_dict()["model"]
+
+
+def test_saved_config_holds_intent_only_and_reads_back_equal(tmp_path):
+    cfg = build_config("pca-d32")
+    d = cfg.to_dict()
+    assert d["model"]["latent_dim"] == 0 and d["data"]["crop_min_scale"] == 0.2
+    back = Config.from_dict(d)
+    assert back.to_dict() == d and back.model.latent_dim == cfg.model.latent_dim == 32
+    assert back.model == cfg.model
+
+
+def test_an_old_config_with_derived_values_and_model_arch_still_loads(tmp_path):
+    old = build_config("pca-d32").to_dict()
+    dims = MODEL_SIZES["halfL"]
+    old["model"].update(arch="ldae", **dims, decoder_width=dims["width"], decoder_heads=dims["num_heads"],
+                        latent_dim=32)
+    old["data"].update(crop_min_scale=1.0, hflip=False)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    c = _replay(path, "--model.size=B", "--data.crop=random_resized")
+    assert (c.model.width, c.model.decoder_width, c.data.crop_min_scale, c.data.hflip) == (768, 768, 0.2, True)
+    assert c.model.latent_dim == 32
+    old["model"]["arch"] = "diffmae"
+    path.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="model.arch='diffmae' differs from objective.method='ldae'"):
+        _replay(path)
