@@ -48,8 +48,8 @@ torch:
 	else \
 	  echo "no nvidia-smi: installing the CPU build of PyTorch from $(CPU_INDEX)"; \
 	  if ! { $(PIP) install -q --retries 1 --timeout 20 --index-url $(CPU_INDEX) \
-	           '$(TORCH_RANGE)' torchvision && $(TORCH_OK) 2>/dev/null; }; then \
-	    echo "the CPU build is not available here; falling back to PyPI's build (CUDA, larger, runs on the CPU)"; \
+	           '$(TORCH_RANGE)' torchvision > $(VENV)/cpu-index.log && $(TORCH_OK) 2>/dev/null; }; then \
+	    echo "the CPU build is not available here (pip's messages: $(VENV)/cpu-index.log); falling back to PyPI's build (CUDA, larger, runs on the CPU)"; \
 	    $(PY) -m pip uninstall -q -y torch torchvision 2>/dev/null || true; \
 	    $(PIP) install '$(TORCH_RANGE)' torchvision; \
 	  fi; \
