@@ -55,6 +55,9 @@ def _run(rank: int, a) -> None:
         torch.save(dict(res["state"], top1=torch.tensor(res["top1"]), resumed=torch.tensor(res["resumed_from"]),
                         val=torch.tensor(res["val_images"])), a.out)
     if a.world > 1:
+        # Every rank past its last collective and rank 0's save before any tears gloo down: a rank
+        # that destroys its group while a peer is still in it can abort the peer at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 

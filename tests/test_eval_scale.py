@@ -131,6 +131,7 @@ def _knn_rank(rank, world, rdv, out):
            for kind in ("raw", "centred", "whitened")}
     if rank == 0:
         torch.save(res, out)
+    dist.barrier()  # no rank tears gloo down while a peer is still in the group
     dist.destroy_process_group()
 
 
