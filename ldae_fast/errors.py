@@ -130,7 +130,9 @@ def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, p
     debug = debug_enabled(argv)
     argv = [a for a in argv if a != "--debug"]
     try:
-        return int(fn(argv) or 0)
+        code = int(fn(argv) or 0)
+        _leave_torchrun(code)
+        return code
     except UserError as e:
         err: BaseException = e
         code, text = e.exit_code, f"{e.category}: {one_line(e)}"
@@ -144,4 +146,25 @@ def run_cli(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None, p
     if debug:
         traceback.print_exception(err)
     print(f"{prog}: {text}", file=sys.stderr, flush=True)
+    _leave_torchrun(code)
     return code
+
+
+def _leave_torchrun(code: int) -> None:
+    """A rank started by torchrun leaves its process group and exits here, skipping the
+    interpreter's teardown: a gloo group freed by that teardown can abort a rank after its work is
+    done ('terminate called without an active exception', SIGABRT), and torchrun then reports a
+    finished run as failed. Every file the commands write is closed or line-buffered by now.
+    In-process callers (no TORCHELASTIC_RUN_ID) return as usual."""
+    dist = sys.modules.get("torch.distributed")
+    if "TORCHELASTIC_RUN_ID" not in os.environ or dist is None or not dist.is_initialized():
+        return
+    try:
+        if code == 0:
+            dist.barrier()  # no rank tears down while a peer is still in the group
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving anyway; the exit code below says how the run ended
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

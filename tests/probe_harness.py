@@ -59,6 +59,10 @@ def _run(rank: int, a) -> None:
         # that destroys its group while a peer is still in it can abort the peer at exit.
         dist.barrier()
         dist.destroy_process_group()
+        # Skip the interpreter's teardown, where a freed gloo group can still abort the process
+        # (ldae_fast.errors._leave_torchrun does the same for the commands under torchrun).
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def main() -> None:

@@ -33,8 +33,9 @@ def ref(shards, tmp_path_factory):
 
 
 def _harness(shards, out, *args):
-    subprocess.run([sys.executable, str(HARNESS), str(shards), str(out), *args], check=True, env=ENV,
-                   capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, str(HARNESS), str(shards), str(out), *args], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"harness {' '.join(args)} exited {p.returncode}:\n{p.stderr[-4000:]}"
     return torch.load(out, weights_only=True)
 
 
