@@ -54,3 +54,19 @@ class MethodSpec:
     method's network shape: a resume that changes one is refused (engine.guard)."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""
+
+
+def encoder_decoder_params(build: Callable[[], Any]) -> dict[str, int]:
+    """{encoder, decoder, total} parameter counts of the network `build()` returns, built on the
+    meta device (no memory, no init)."""
+    import torch
+
+    with torch.device("meta"):
+        m = build()
+    enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
+    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+
+
+def unconditioned_note(cfg) -> str:
+    """The probe line of a method whose encoder takes no noise level (DiffMAE's, MAE's)."""
+    return f"clean unmasked input, depth {cfg.eval.probe_depth or 'all'}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..spec import MethodSpec
+from ..spec import MethodSpec, encoder_decoder_params, unconditioned_note
 from .presets import PRESETS
 
 
@@ -23,13 +23,8 @@ def _flops(cfg) -> tuple[float, float]:
 
 
 def _params(cfg) -> dict[str, int]:
-    import torch
-
     from .model import build_diffmae
-    with torch.device("meta"):
-        m = build_diffmae(cfg.model, cfg.data.img_size)
-    enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
-    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+    return encoder_decoder_params(lambda: build_diffmae(cfg.model, cfg.data.img_size))
 
 
 def _figure(*args, **kw):
@@ -40,10 +35,6 @@ def _figure(*args, **kw):
 def _probe_view(encoder, cfg, method=None):
     from ..probe import unconditioned_view
     return unconditioned_view(encoder, cfg, method)
-
-
-def _probe_note(cfg) -> str:
-    return f"clean unmasked input, depth {cfg.eval.probe_depth or 'all'}"
 
 
 def _finetune_recipes():
@@ -69,7 +60,7 @@ def _validate(cfg) -> None:
 
 SPEC = MethodSpec(name="diffmae", title="DiffMAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
-                  probe_note=_probe_note, validate=_validate, video=True,
+                  probe_note=unconditioned_note, validate=_validate, video=True,
                   shape_fields=((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"),
                                 (("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
                   finetune_recipes=_finetune_recipes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..spec import MethodSpec
+from ..spec import MethodSpec, encoder_decoder_params, unconditioned_note
 from .presets import PRESETS
 
 
@@ -22,13 +22,8 @@ def _flops(cfg) -> tuple[float, float]:
 
 
 def _params(cfg) -> dict[str, int]:
-    import torch
-
     from .model import build_mae
-    with torch.device("meta"):
-        m = build_mae(cfg.model, cfg.data.img_size)
-    enc, dec = (sum(p.numel() for p in part.parameters()) for part in (m.encoder, m.decoder))
-    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+    return encoder_decoder_params(lambda: build_mae(cfg.model, cfg.data.img_size))
 
 
 def _figure(*args, **kw):
@@ -39,10 +34,6 @@ def _figure(*args, **kw):
 def _probe_view(encoder, cfg, method=None):
     from ..probe import unconditioned_view
     return unconditioned_view(encoder, cfg, method)
-
-
-def _probe_note(cfg) -> str:
-    return f"clean unmasked input, depth {cfg.eval.probe_depth or 'all'}"
 
 
 def _validate(cfg) -> None:
@@ -56,5 +47,5 @@ def _validate(cfg) -> None:
 
 SPEC = MethodSpec(name="mae", title="MAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
-                  probe_note=_probe_note, validate=_validate,
+                  probe_note=unconditioned_note, validate=_validate,
                   shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)))
