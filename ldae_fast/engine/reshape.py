@@ -37,7 +37,9 @@ class ResumePlan:
     def data_state(self, state: dict, rank: int) -> dict:
         """The data position this rank loads: its own when the rank count is unchanged (the shard
         readers keep per-rank positions), else rank 0's, which with the old shape says how much
-        of the epoch every rank consumed (the indexed sources re-split the rest)."""
+        of the epoch every rank consumed (the indexed sources re-split the rest). Shard readers
+        also get every old reader's position, in reader order (`slot_positions`): with another
+        rank or worker count they re-split what the old readers left (data/shard_layout.py)."""
         b0, _, r0 = self.old
         per_rank = state.get("data_ranks")
         if per_rank and len(per_rank) == self.new[2] and r0 == self.new[2]:
@@ -46,6 +48,8 @@ class ResumePlan:
             sd = dict(per_rank[0] if per_rank else state["data"])
         sd.setdefault("world_size", r0)
         sd.setdefault("batch_size", b0)
+        if per_rank and all("positions" in d for d in per_rank):
+            sd["slot_positions"] = [list(p) for d in per_rank for p in d["positions"]]
         return sd
 
 
