@@ -166,3 +166,47 @@ def test_an_old_checkpoint_without_every_rank_restarts_the_epoch_with_a_warning(
     one = build_train_stream(cfg, rank=0, world_size=1)
     with pytest.warns(UserWarning, match="lacks every rank's position.*beginning of epoch 0"):
         one.load_state_dict({**s2[0], "world_size": 2})
+
+
+@pytest.mark.slow
+def test_training_moved_two_ranks_to_one_and_back_trains_on_each_sample_of_the_epoch_once(shards, tmp_path):
+    """The trainer as users run it: torchrun ddp on 2 ranks (micro 2 x accumulation 2), stopped by
+    SIGTERM after step 2; one process (micro 4 x 2) stopped after 2 more steps; 2 ranks to step 12."""
+    import subprocess
+    import sys
+
+    from test_ddp import ROOT, TINY, _env, _free_port, _ok
+
+    from ldae_fast.engine import checkpoint as ck
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    out = tmp_path / "run"
+    data = {"data.source": "wds", "data.train_shards": shards, "data.val_shards": shards, "data.num_workers": "0",
+            "data.epoch_size": str(sum(SIZES)), "data.shuffle_buffer": "5", "data.img_size": "16",
+            "engine.steps": "12", "engine.ckpt_every": "0", "engine.resume": "auto"}
+
+    def launch(ranks, micro, stop_after=None):
+        args = [f"--{k}={v}" for k, v in {**TINY, **data, "data.batch_size": micro,
+                                          "engine.backend": "ddp" if ranks > 1 else "single",
+                                          "engine.out_dir": str(out)}.items()]
+        entry = str(ROOT / "tests" / "wds_record_entry.py")
+        head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                 "--master_port", str(_free_port())] if ranks > 1 else [sys.executable])
+        env = _env(LDAE_TEST_RECORD=str(rec), **({"LDAE_TEST_STOP_AFTER": str(stop_after)} if stop_after else {}))
+        # Generous: guards a hang only (two ranks share two loaded cores).
+        return subprocess.run(head + [entry, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    first = launch(2, 2, stop_after=2)
+    assert first.returncode != 0 and "stopped at step 2 of 12" in first.stdout + first.stderr, first.stderr[-3000:]
+    second = launch(1, 4, stop_after=2)
+    assert second.returncode == 10, second.stderr[-3000:]
+    assert "resuming on another shape" in second.stdout and "stopped at step 4 of 12" in second.stdout
+    _ok(launch(2, 2))
+    final = ck.load_state(ck.latest_checkpoint(out))
+    assert final["step"] == 12 and final["world_size"] == 2
+    seen = [tuple(map(int, line.split())) for f in sorted(rec.iterdir()) for line in f.read_text().splitlines()]
+    # 12 steps x 8 images, the interrupted epoch 0 read whole and once, then epoch 1.
+    assert len(seen) == 96
+    assert Counter(i for e, i in seen if e == 0) == Counter(range(sum(SIZES)))
+    assert max(Counter(i for e, i in seen if e == 1).values()) == 1
