@@ -314,6 +314,7 @@ class WdsSource:
         self._resample_key = 0
         self._origin: dict[str, Any] | None = None  # the shape this run was moved from (shard_layout.py)
         self._layout = Layout(len(self.urls), self.seed, slots)
+        self._sizes: dict[int, int] = {}  # readable samples per shard, counted when a moved run replays
         self.batches_per_epoch = max(1, cfg.epoch_size() // (d.batch_size * world_size))
 
     def epoch(self, batches: int) -> int:
@@ -363,7 +364,7 @@ class WdsSource:
 
     def _shard_size(self, u: int) -> int:
         """Readable samples of shard u (tar members read, nothing decoded), once per shard."""
-        sizes = self.__dict__.setdefault("_sizes", {})
+        sizes = self._sizes
         if u not in sizes:
             counter = BadSampleCounter(1.0, "a resumed run's replay")
             counter.enabled = False  # the run that read these counted their bad samples
