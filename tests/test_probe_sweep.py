@@ -5,14 +5,18 @@ one pass, and a table with one row per (k, t)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from eval_shards import write_split
 
 from ldae_fast.config import build_config
+from ldae_fast.eval import dist as edist
 from ldae_fast.eval.fast_heads import train_heads, train_heads_many
 from ldae_fast.eval.feature_store import SplitRows
 from ldae_fast.eval.features import pool_features
@@ -80,15 +84,27 @@ def _rows(x, y):
     return SplitRows([x.to(torch.float16).numpy()], y.numpy(), ids, "fp16", x.shape[1])
 
 
-def test_heads_of_every_entry_in_one_pass_equal_each_entry_alone():
+def _entries(spreads=(0.5, 3.0)):
+    """(k, t) entries of the same images, as stores give them: one easier than the next."""
     g = torch.Generator().manual_seed(3)
     y, yv = torch.arange(120) % 3, torch.arange(30) % 3
     entries = []
-    for spread in (0.5, 3.0):  # two (k, t) entries of the same images, one easier than the other
+    for spread in spreads:
         c = torch.randn(3, 6, generator=g) * 2
         entries.append((_rows(c[y] + spread * torch.randn(120, 6, generator=g), y),
                         _rows(c[yv] + spread * torch.randn(30, 6, generator=g), yv)))
-    kw = dict(num_classes=3, blrs=(0.01, 0.5), epochs=3, batch_size=16, holdout=0.2, seed=1)
+    return entries
+
+
+HEADS = dict(num_classes=3, blrs=(0.01, 0.5), epochs=3, batch_size=16, holdout=0.2, seed=1)
+
+
+def _without_time(results):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in results]
+
+
+def test_heads_of_every_entry_in_one_pass_equal_each_entry_alone():
+    entries, kw = _entries(), HEADS
     many = train_heads_many(entries, **kw)
     for (tr, va), got in zip(entries, many):
         alone = train_heads(tr, va, **kw)
@@ -100,6 +116,25 @@ def test_heads_of_every_entry_in_one_pass_equal_each_entry_alone():
     shuffled = SplitRows([tr.feats[0][::-1].copy()], tr.labels[::-1].copy(), tr.ids[::-1].copy(), "fp16", 6)
     with pytest.raises(ValueError, match="same images"):
         train_heads_many([entries[0], (shuffled, va)], **kw)
+
+
+def _spread_rank(rank, world, rdv, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
+    entries = _entries((0.5, 1.5, 3.0))
+    got = edist.spread(list(range(3)), lambda mine: train_heads_many([entries[i] for i in mine], **HEADS))
+    if rank == 0:
+        Path(out).write_text(json.dumps(_without_time(got)))
+    dist.barrier()  # no rank tears gloo down while a peer is still in the group
+    dist.destroy_process_group()
+    os._exit(0)  # and none is aborted by the interpreter's teardown of the freed group
+
+
+def test_sweep_heads_shared_out_over_two_ranks_equal_one_process(tmp_path):
+    out = tmp_path / "two.json"
+    torch.multiprocessing.spawn(_spread_rank, args=(2, str(tmp_path / "rdv"), str(out)), nprocs=2)
+    one = json.loads(json.dumps(_without_time(train_heads_many(_entries((0.5, 1.5, 3.0)), **HEADS))))
+    assert json.loads(out.read_text()) == one
 
 
 def test_table_has_one_row_per_k_and_t_with_the_floor_and_the_paper_beside():

@@ -168,22 +168,24 @@ class StreamingEval:
         return stores
 
     def linear_fast_sweep(self, name: str, passes, epochs: int, batch_size: int) -> list[dict]:
-        """Heads for every (k, t, lr) of a sweep in one pass over its stores; one record per (k, t)."""
+        """Heads for every (k, t, lr) of a sweep in one pass over its stores, the (k, t) entries
+        shared out over the ranks (each entry's heads train as they would alone); one record per
+        (k, t)."""
         from .fast_heads import train_heads_many
 
         stores = self.sweep_stores(name, passes)
         entries = [en for p in passes for en in p.entries]
         C = self.num_classes()
 
-        def fit():
-            rows = [(stores[(en.k, en.t)].read("train"), stores[(en.k, en.t)].read("val")) for en in entries]
+        def fit(mine):
+            rows = [(stores[(en.k, en.t)].read("train"), stores[(en.k, en.t)].read("val")) for en in mine]
             return train_heads_many(rows, num_classes=C, blrs=self.sa.blrs, epochs=epochs, batch_size=batch_size,
                                     holdout=self.sa.holdout, seed=self.seed, device=self.device, log=self.log,
-                                    descs=[f"linear-fast/{name} k={en.k} t={en.t}" for en in entries])
-        results = self._main_only(fit)
+                                    descs=[f"linear-fast/{name} k={en.k} t={en.t}" for en in mine])
+        results = edist.spread(entries, fit)
         tr, va = stores[(entries[0].k, entries[0].t)].read("train"), stores[(entries[0].k, entries[0].t)].read("val")
         self.counts = {"train": len(tr), "val": len(va)}
-        total = self.extract_seconds[f"{name} sweep"] + (results[0]["seconds"] if results else 0.0)
+        total = self.extract_seconds[f"{name} sweep"] + max((r["seconds"] for r in results), default=0.0)
         return [dict(res, k=en.k, t=en.t, sigma=en.sigma, input=en.input, encoder=name, seconds=total,
                      forwards_per_image=len(passes))
                 for en, res in zip(entries, results)]
