@@ -218,3 +218,22 @@ def test_driver_refuses_a_sweep_it_cannot_run(tiny_run, capsys):
         err = capsys.readouterr().err
         assert words in err, (extra, err)
     assert not (tmp / "store2").exists()
+
+
+def test_eval_doc_flop_figures_are_the_codes():
+    """docs/eval.md's on-paper estimate quotes the code's FLOP counter for ViT-1/2L."""
+    from ldae_fast.models.vit import flops_per_image
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text().split())
+    cfg = build_config("ldae-vithalfl", {})
+    less = build_config("ldae-vithalfl", {"model.decoder_depth": "11"})
+    full, fewer = flops_per_image(cfg.model, 256) / 1e9, flops_per_image(less.model, 256) / 1e9
+    block, embed = full - fewer, 2 * 256 * 768 * 1024 / 1e9
+    assert f"gives {full:.2f} GFLOP" in text and f"{fewer:.2f} with one block fewer" in text
+    assert f"{block:.2f} GFLOP per block" in text and f"plus {embed:.2f} for the patch embedding" in text
+    # k blocks (each with its adaLN map) + the patch embedding + the sigma embedder (per image).
+    a = cfg.model.cond_width
+    for k, shown in ((12, "80.97 at k = 12"), (15, "101.1 at k = 15")):
+        probe = k * block + embed + 2 * (256 * a + a * a) / 1e9
+        assert shown.split(" at")[0] == (f"{probe:.2f}" if k == 12 else f"{probe:.1f}"), (k, probe)
+        assert shown in text
