@@ -175,7 +175,7 @@ class StreamingEval:
 
         stores = self.sweep_stores(name, passes)
         entries = [en for p in passes for en in p.entries]
-        C = self.num_classes()
+        C = self.num_classes(stores[(entries[0].k, entries[0].t)])
 
         def fit(mine):
             rows = [(stores[(en.k, en.t)].read("train"), stores[(en.k, en.t)].read("val")) for en in mine]
@@ -222,13 +222,15 @@ class StreamingEval:
                     last = now
                 yield f, y, ids
 
-    def num_classes(self) -> int:
+    def num_classes(self, store: Optional[FeatureStore] = None) -> int:
+        """data.num_classes, else 1 + the largest label of `store` or of a store already read,
+        else of a scan of the shards."""
         if self._classes is None:
             d = self.cfg.data
             if d.num_classes > 0:
                 self._classes = d.num_classes
-            elif self.stores:
-                st = next(iter(self.stores.values()))
+            elif store is not None or self.stores:
+                st = store or next(iter(self.stores.values()))
                 labs = [st.read(s).labels for s in ("train", "val")]
                 self._classes = int(max(int(v.max()) for v in labs if v.size) + 1)
             else:

@@ -147,7 +147,8 @@ def sweep_notes(paper: dict, forwards_per_image: int, seconds: float) -> str:
              "paper's trend over k and t, not a number to match.")
     return (f"Probe sweep: one head per (k, t, base lr), the lr chosen per (k, t) on a held-out part of "
             f"train (the blr in brackets); features from {forwards_per_image} forward(s) per image "
-            f"(one per t, every k read from it), {seconds:.1f}s for the sweep in all.{scale}")
+            f"(one per t, every k read from it), {seconds:.1f}s for the sweep in all (extraction and heads: "
+            f"the time of every sweep row in the table above).{scale}")
 
 
 def sweep_report(records: Sequence[dict], cfg) -> dict:
