@@ -201,6 +201,13 @@ def test_driver_sweep_writes_one_store_per_k_and_t_reuses_them_and_tables_them(t
     assert driver.main(base + ["--probe-depths", "1,3", "--probe-ts", "0,10,20"]) == 0
     assert "reusing 4, writing 2 from one pass over the images, 1 forward(s) per image" in capsys.readouterr().out
     assert len(list(store.iterdir())) == 6 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # A store whose pass was killed (no manifest) is written again, alone.
+    killed = next(p for p in stamps)
+    (killed.parent / "manifest.json").unlink()
+    assert driver.main(base + sweep) == 0
+    assert "reusing 3, writing 1 from one pass over the images, 1 forward(s) per image" in capsys.readouterr().out
+    assert killed.stat().st_mtime_ns != stamps[killed]
+    assert all(p.stat().st_mtime_ns == v for p, v in stamps.items() if p.parent != killed.parent)
 
 
 def test_driver_refuses_a_sweep_it_cannot_run(tiny_run, capsys):
