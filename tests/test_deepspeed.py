@@ -188,13 +188,12 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import load_file
 
+    from ldae_fast.engine.deepspeed_backend import consolidated_model_state
     from ldae_fast.eval.export import _meta, main
 
     # ZeRO-3's state.pt holds the weights gathered from the partitions (engine/zero_state.py):
     # the fp32 masters DeepSpeed's own consolidation reads from its sharded files.
     # (its EMA, kept sharded, is gathered too: test_zero3_ema_is_kept_saved_and_resumed)
-    from ldae_fast.engine.deepspeed_backend import consolidated_model_state
-
     ckpt = runs / "z3" / "checkpoints" / "step_00000006"
     st = torch.load(ckpt / "state.pt", weights_only=True)
     shards = consolidated_model_state(ckpt)
