@@ -109,7 +109,9 @@ def launch(launcher: str, out: Path, over: dict, backend: str | None = "deepspee
         exe = BIN / "deepspeed"
         if not exe.exists():
             pytest.skip("the deepspeed launcher script is not installed next to this python")
-        cmd = [str(exe), "--num_gpus", "2", "--master_port", port]
+        # Through this interpreter: the script's shebang may name another path of the same venv,
+        # whose ranks would rebuild DeepSpeed's CPU extension for this one's flags in turn.
+        cmd = [sys.executable, str(exe), "--num_gpus", "2", "--master_port", port]
     cmd += [str(ROOT / "train.py"), *_args({**TINY, **over, **({"engine.backend": backend} if backend else {}),
                                              "engine.out_dir": str(out)})]
     rc, text = run_until_idle(cmd, cwd=ROOT, env=_env())
@@ -292,7 +294,7 @@ def test_ddp_checkpoint_continues_under_zero1_and_single_under_zero3(runs, tmp_p
 def hostfile_node_cmd(hostfile: Path, node_rank: int, port: int, out: Path, over: dict) -> list[str]:
     """One node's line of README's DeepSpeed hostfile launch without ssh (every node runs it with
     its own --node_rank; the hostfile lists the nodes and their slots, i.e. ranks)."""
-    return [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+    return [sys.executable, str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
             "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"),
             *_args({**TINY, **over, "engine.backend": "deepspeed", "engine.out_dir": str(out)})]
 

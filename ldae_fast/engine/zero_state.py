@@ -4,8 +4,9 @@ The single-device and ddp backends checkpoint the whole model (`model`) and the 
 state_dict (`optimizer`: per parameter, numbered in engine/optim.py's group order, `step`,
 `exp_avg`, `exp_avg_sq`). DeepSpeed keeps the fp32 master weights and the Adam moments as flat
 per-rank partitions: ZeRO-1/2 one flat buffer per parameter group split across ranks, ZeRO-3 each
-parameter split across ranks. `gather` assembles the whole tensors (one all-reduce per parameter
-and state key; every rank takes part, rank 0 keeps them on the CPU) into the single-device format,
+parameter split across ranks. `gather` assembles the whole tensors (one reduce onto rank 0 per
+parameter and state key; every rank takes part, only rank 0 keeps them, on the CPU) into the
+single-device format,
 which the DeepSpeed backend writes into state.pt beside its own sharded files. `scatter` cuts
 such a state back into this engine's partitions, whatever rank count or ZeRO stage wrote it. So a
 checkpoint moves between one device, ddp and ZeRO 1-3 in any direction, on any rank count.
@@ -56,7 +57,8 @@ def _source(ds_optimizer: Any, group: int, key: str | None) -> torch.Tensor:
     return flat if key is None else _inner(ds_optimizer).state[flat][key]
 
 
-def _gather_one(ds_optimizer: Any, p: torch.nn.Parameter, key: str | None, world: int, rank: int) -> torch.Tensor:
+def _gather_one(ds_optimizer: Any, p: torch.nn.Parameter, key: str | None, world: int, rank: int
+                ) -> torch.Tensor | None:
     n = getattr(p, "ds_numel", p.numel())
     shape = getattr(p, "ds_shape", p.shape)
     ref = _flats(ds_optimizer)[0]
@@ -66,8 +68,8 @@ def _gather_one(ds_optimizer: Any, p: torch.nn.Parameter, key: str | None, world
         g, hp, lp, numel = w
         buf.narrow(0, lp, numel).copy_(_source(ds_optimizer, g, key).narrow(0, hp, numel))
     if world > 1:
-        dist.all_reduce(buf)  # each element is held by exactly one rank
-    return buf.view(shape).cpu()
+        dist.reduce(buf, dst=0)  # each element is held by exactly one rank
+    return buf.view(shape).cpu() if rank == 0 else None
 
 
 def _step_of(ds_optimizer: Any) -> float:
@@ -109,10 +111,18 @@ def gather(module: torch.nn.Module, ds_optimizer: Any, groups: list[dict]) -> tu
             if keys:
                 state[i] = {"step": step.clone(), **{k: _gather_one(ds_optimizer, p, k, world, rank) for k in keys}}
             i += 1
+    entries = module.state_dict(keep_vars=True)
+    frozen = [v for v in entries.values() if hasattr(v, "ds_id") and id(v) not in full]
+    if frozen:  # ZeRO-3 partitions parameters without gradients too: gathered whole (collective)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(frozen):
+            if rank == 0:
+                full.update({id(v): v.detach().float().cpu().clone() for v in frozen})
     if rank != 0:
         return None, None
     model: dict[str, torch.Tensor] = {}
-    for name, v in module.state_dict(keep_vars=True).items():
+    for name, v in entries.items():
         model[name] = full[id(v)] if id(v) in full else v.detach().cpu().clone()
     return model, {"state": state, "param_groups": _adamw_groups(ds_optimizer, groups)}
 
@@ -130,9 +140,10 @@ def scatter(module: torch.nn.Module, ds_optimizer: Any, groups: list[dict], mode
     if zero3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        every = list(module.parameters())  # those without gradients are partitioned too
+        with deepspeed.zero.GatheredParameters(every, modifier_rank=0):
             with torch.no_grad():
-                for p in params:
+                for p in every:
                     p.copy_(model[names[id(p)]].to(p))
         with torch.no_grad():
             for name, b in module.named_buffers():
