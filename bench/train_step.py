@@ -49,7 +49,6 @@ script end to end; results are written with bench/results_io.py only for GPU run
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import math
 import os
@@ -429,7 +428,7 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
             fcfg, s.img_size, s.mask_ratio, adaln=not v["peer"])
     else:
         info["fwd_flops_per_image"], info["train_flops_per_image"] = REGISTRY[s.method].train_flops(
-            dataclasses.replace(cfg, model=fcfg))
+            cfg.replace(model=fcfg))
     info["train_gflop"] = _sig(info["train_flops_per_image"] / 1e9, 4)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     objective = build_method(cfg, s.device,

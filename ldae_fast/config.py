@@ -1,8 +1,9 @@
 """Run configuration: nested dataclasses, named presets, `--section.field=value` overrides.
 
-This module holds the mechanism and the shared sections; a method's own section (l-DAE's `noise`,
-methods/ldae/config.py) and its presets live with the method and are composed here through the
-methods registry. A section stores what the user set; a field that follows others (`Derived`) is
+This module holds the mechanism and the shared sections; a method's own sections (l-DAE's `noise`,
+methods/ldae/config.py) and its presets live with the method, which registers them into the
+mechanism (config_registry.py): this module never imports a method, and a config built before
+`ldae_fast.methods` is imported fails with RegistryNotLoaded. A section stores what the user set; a field that follows others (`Derived`) is
 derived on every read, never written back.
 
 Every field has a default that runs; every section validates itself in `__post_init__` and the
@@ -17,12 +18,13 @@ import json
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import config_registry as _registry
+from .config_registry import RegistryNotLoaded  # noqa: F401 (callers catch it here)
 from .errors import UserError
-from .methods import NoiseConfig
 from .shard_urls import SHARD_FIELDS, sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
 from .tokenizer_kinds import KINDS as TOKENIZER_KINDS
 
@@ -41,6 +43,12 @@ def _check(cond: bool, msg: str) -> None:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _registered(table: dict[str, Any]) -> dict[str, Any]:
+    """A registry table (config_registry.py), once the layers above have filled it."""
+    _registry.require_loaded()
+    return table
 
 
 class Derived:
@@ -329,6 +337,10 @@ class ObjectiveConfig:
         _check(self.time_slice >= 0, f"objective.time_slice={self.time_slice} must be >= 0")
 
 
+# data.synthetic_kind values that are clips (data/video.py), not images.
+SYNTHETIC_CLIP_KINDS = ("moving-shapes",)
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
@@ -400,7 +412,8 @@ class DataConfig:
     from its header before any decode (PIL's own bomb warning starts near 89 MP)."""
 
     def __post_init__(self) -> None:
-        _one_of("data.source", self.source, ("synthetic", "wds", "resident", "wds-video"))
+        sources = _registered(_registry.SOURCES)
+        _one_of("data.source", self.source, tuple(sources))
         _one_of("data.crop", self.crop, ("random_resized", "center"))
         _check(self.img_size >= 1, f"data.img_size={self.img_size} must be >= 1")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
@@ -409,11 +422,14 @@ class DataConfig:
         _check(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
         _check(self.synthetic_images >= 1 and self.synthetic_classes >= 2,
                "data.synthetic_images must be >= 1 and data.synthetic_classes >= 2")
-        _one_of("data.synthetic_kind", self.synthetic_kind, ("shapes", "layouts", "gratings", "moving-shapes"))
-        video = self.source == "wds-video" or (self.source == "synthetic" and self.synthetic_kind == "moving-shapes")
+        _one_of("data.synthetic_kind", self.synthetic_kind, ("shapes", "layouts", "gratings", *SYNTHETIC_CLIP_KINDS))
+        src = sources[self.source]
+        # A source of both (the synthetic set) yields clips for its clip kinds only.
+        video = src.video and (not src.images or self.synthetic_kind in SYNTHETIC_CLIP_KINDS)
+        clip_sources = " or ".join(f"data.source={k!r}" for k, v in sources.items() if v.video and not v.images)
         _check(video == (self.num_frames > 0),
-               f"data.num_frames={self.num_frames}: clips (num_frames >= 1) go with data.source='wds-video' "
-               f"or data.synthetic_kind='moving-shapes', images (0) with the others "
+               f"data.num_frames={self.num_frames}: clips (num_frames >= 1) go with {clip_sources} "
+               f"or data.synthetic_kind={' or '.join(map(repr, SYNTHETIC_CLIP_KINDS))}, images (0) with the others "
                f"(data.source={self.source!r}, data.synthetic_kind={self.synthetic_kind!r})")
         _check(self.frame_stride >= 1, f"data.frame_stride={self.frame_stride} must be >= 1")
         _check(self.repeated_aug >= 1, f"data.repeated_aug={self.repeated_aug} must be >= 1")
@@ -652,29 +668,74 @@ class ProfileConfig:
         _check(self.steps >= 0, f"profile.steps={self.steps} must be >= 0")
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    preset: str = "demo"
-    """Name of the preset this config started from (informational)."""
+# The shared sections, in the order a saved config lists them; each method's sections follow.
+SHARED_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "tokenizer": TokenizerConfig, "objective": ObjectiveConfig, "data": DataConfig,
+    "optim": OptimConfig, "engine": EngineConfig, "eval": EvalConfig, "profile": ProfileConfig,
+}
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            sec = getattr(self, f.name)
-            if dataclasses.is_dataclass(sec):
-                _check_types(f.name, sec)
+
+def section_types() -> dict[str, type]:
+    """Every section a Config holds, by name: the shared ones, then those the methods registered."""
+    methods = _registered(_registry.SECTIONS)
+    clash = sorted(set(methods) & set(SHARED_SECTIONS))
+    if clash:
+        raise ValueError(f"method config section(s) {clash} take the name of a shared section")
+    return {**SHARED_SECTIONS, **methods}
+
+
+class Config:
+    """The run's configuration: one attribute per section (cfg.model, cfg.data, ..., and each
+    registered method's, e.g. cfg.noise) and `preset`, the name of the preset it started from
+    (informational). Not a dataclass: its sections are known once the methods registered; use
+    `cfg.replace(section=...)` where dataclasses.replace would be used."""
+
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    objective: ObjectiveConfig
+    data: DataConfig
+    optim: OptimConfig
+    engine: EngineConfig
+    eval: EvalConfig
+    profile: ProfileConfig
+    preset: str
+
+    def __init__(self, preset: str = "demo", **sections: Any) -> None:
+        types = section_types()
+        bad = sorted(set(sections) - set(types))
+        _check(not bad, f"unknown config section(s) {bad}; known: {', '.join(types)}")
+        for name, typ in types.items():
+            sec = sections.get(name)
+            self.__dict__[name] = typ() if sec is None else sec
+        self.preset = preset
+        for name in types:
+            _check_types(name, self.__dict__[name])
         # The model section's cross-section fields (latent_dim, num_classes, num_frames) read
         # this config; a section object shared by two configs follows the newest.
         self.model.__dict__["_run"] = self
         self.validate()
+
+    @staticmethod
+    def sections() -> dict[str, type]:
+        """Section name -> its dataclass (section_types())."""
+        return section_types()
+
+    def replace(self, **changes: Any) -> Config:
+        """A new Config with the sections in `changes` replaced (and `preset`), validated again."""
+        parts = {name: self.__dict__[name] for name in section_types()}
+        return Config(**{"preset": self.preset, **parts, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.preset == other.preset and all(
+            self.__dict__[n] == other.__dict__.get(n) for n in section_types())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={self.__dict__[n]!r}" for n in section_types())
+        return f"Config({parts}, preset={self.preset!r})"
 
     # Derived quantities -------------------------------------------------------------------
     @property
@@ -688,8 +749,7 @@ class Config:
 
     def validate(self) -> None:
         # The method's own name list and relations live with the method (MethodSpec.validate).
-        from .methods import METHODS
-
+        METHODS = _registered(_registry.METHODS)
         _one_of("objective.method", self.objective.method, tuple(METHODS))
         spec = METHODS[self.objective.method]
         spec.validate(self)
@@ -720,7 +780,7 @@ class Config:
                f"eval.probe_depth={self.eval.probe_depth} is deeper than the {room} blocks the probe can read "
                f"(model.encoder_depth{' + model.decoder_depth with model.layout=dit' if room > self.model.encoder_depth else ''}"
                f"); allowed: 0..{room}")
-        if self.data.source in ("wds", "resident", "wds-video"):
+        if _registry.SOURCES[self.data.source].sharded:
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,
                    f"data.source={self.data.source!r} needs data.epoch_size (samples per epoch: images, or clips for video)")
@@ -731,9 +791,7 @@ class Config:
     def _validate_video(self) -> None:
         m, d = self.model, self.data
         if d.num_frames:
-            from .methods import METHODS
-
-            video = [n for n, s in METHODS.items() if s.video]
+            video = [n for n, s in _registry.METHODS.items() if s.video]
             _check(self.objective.method in video,
                    f"data.num_frames={d.num_frames} (video) is trained by objective.method="
                    f"{' or '.join(video)} only")
@@ -774,10 +832,10 @@ class Config:
         """What the user set, section by section: derived fields store their unset default, so
         the saved config.json replays as intent (Derived)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            sec = getattr(self, f.name)
-            out[f.name] = ({g.name: stored(sec, g.name) for g in dataclasses.fields(sec)}
-                           if dataclasses.is_dataclass(sec) else sec)
+        for name in section_types():
+            sec = self.__dict__[name]
+            out[name] = {g.name: stored(sec, g.name) for g in dataclasses.fields(sec)}
+        out["preset"] = self.preset
         return json.loads(json.dumps(out))
 
     def save(self, path: str | Path) -> None:
@@ -787,7 +845,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         d = _migrate(d)
-        sections = {f.name: f for f in dataclasses.fields(cls)}
+        sections = [*section_types(), "preset"]
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
             _check(name in sections, f"unknown config section {name!r}; known: {', '.join(sections)}")
@@ -875,8 +933,7 @@ def _no_constant(name: str) -> float:
 
 
 def _section_type(name: str) -> type:
-    hints = typing.get_type_hints(Config)
-    return hints[name]
+    return section_types()[name]
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "str": "a string"}
@@ -908,12 +965,9 @@ def _check_types(name: str, sec: Any) -> None:
 
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
-# Every preset belongs to a method (MethodSpec.presets); the registry collects them. Imported
-# here, after the sections: the methods package's specs are plain data that import nothing of
-# this module at load time.
-from .methods import all_presets  # noqa: E402
-
-PRESETS: dict[str, dict[str, Any]] = all_presets()
+# Every preset belongs to a method (MethodSpec.presets), which registers it (config_registry.py):
+# this dict fills as ldae_fast.methods is imported.
+PRESETS: dict[str, dict[str, Any]] = _registry.PRESETS
 # The supplement's Table 1b (ImageNet fine-tuning of the pretrained encoder, pixel targets), as
 # eval.finetune.FinetuneRecipe fields; lr = blr * batch / 256. Shared by every size: AdamW
 # (0.9, 0.999), wd 0.05, cosine to 1e-6 after 5 warm-up epochs, RandAug (9, 0.5), mixup 0.8,
@@ -967,7 +1021,7 @@ def _parse_value(raw: str, typ: Any) -> Any:
 def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool) -> None:
     section, _, name = key.partition(".")
     _check(bool(name), f"override {key!r} must look like section.field")
-    _check(section in tree and isinstance(tree[section], dict),
+    _check(section in tree and isinstance(tree[section], dict) and section in section_types(),
            f"unknown config section {section!r} in {key!r}; known: {', '.join(k for k in tree if k != 'preset')}")
     sub = _section_type(section)
     types = {f.name: f.type for f in dataclasses.fields(sub)}
@@ -1002,8 +1056,8 @@ def preset_data_path(pattern: str) -> str:
 def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) -> Config:
     """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
     paths are found from the checkout when the current directory lacks them (preset_data_path)."""
-    _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
+    _check(preset in _registered(PRESETS), f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    tree: dict[str, Any] = {name: {} for name in section_types()}
     for k, v in PRESETS[preset].items():
         if k in {f"data.{f}" for f in SHARD_FIELDS} and isinstance(v, str):
             v = preset_data_path(v)
@@ -1024,10 +1078,10 @@ def _field_type(key: str) -> Any:
     """The annotated type of `section.field`, or None when there is no such field (the caller's
     `_apply` then reports it with the known names)."""
     section, _, name = key.partition(".")
-    hints = typing.get_type_hints(Config)
-    if section not in hints or not dataclasses.is_dataclass(hints[section]):
+    types = section_types()
+    if section not in types:
         return None
-    return typing.get_type_hints(hints[section]).get(name)
+    return typing.get_type_hints(types[section]).get(name)
 
 
 def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
@@ -1133,14 +1187,11 @@ def config_help(preset: str | None = "demo", width: int = 100) -> str:
     aliased = {v: k for k, v in ALIASES.items()}
     preset_values = PRESETS.get(preset, {}) if preset else {}
     lines = []
-    for sec in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[sec.name]
-        if not dataclasses.is_dataclass(cls):
-            continue
-        lines.append(f"\n{sec.name}:")
+    for sec_name, cls in section_types().items():
+        lines.append(f"\n{sec_name}:")
         docs, hints = _field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            key = f"{sec.name}.{f.name}"
+            key = f"{sec_name}.{f.name}"
             typ = hints[f.name]
             flag = f"--[no-]{key}" if typ is bool else f"--{key}"
             alias = f", --{aliased[key]}" if key in aliased else ""

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .. import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ..errors import UserError
 
 

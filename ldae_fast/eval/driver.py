@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ldae_fast import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ldae_fast.config import PRESETS, preset_data_path
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
@@ -129,7 +130,7 @@ def _with_probe_flags(cfg, args):
     if not over:
         return cfg
     ev = EvalConfig(**{**dataclasses.asdict(cfg.eval), **over})
-    return dataclasses.replace(cfg, eval=ev)
+    return cfg.replace(eval=ev)
 
 
 def _probe_view(model, cfg, method, device):
@@ -218,7 +219,7 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
     if new.source == "wds" and new.epoch_size <= 0:
         # Validation wants an epoch size for streaming training; evaluation never uses it.
         new = dataclasses.replace(new, epoch_size=max_train or 1)
-    return dataclasses.replace(cfg, data=new), desc
+    return cfg.replace(data=new), desc
 
 
 def _fmt_time(s: float) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ..config import Config, ConfigError, sanitize_stored_config
 from ..errors import CheckpointError, FileProblem
 

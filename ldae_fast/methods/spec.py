@@ -54,6 +54,13 @@ class MethodSpec:
     method's network shape: a resume that changes one is refused (engine.guard)."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""
+    sections: Mapping[str, type] = field(default_factory=dict)
+    """This method's config sections by name (`--name.field=value`), dataclasses that validate
+    themselves; registered into the config mechanism (config_registry.py). Two methods may
+    list the same section (the same class)."""
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    """Old 'section.field' spellings of this method's fields -> where they live now: saved configs
+    and command lines that use them still load."""
 
 
 def encoder_decoder_params(build: Callable[[], Any]) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..spec import MethodSpec
+from .config import NoiseConfig
 from .presets import PRESETS
 
 
@@ -54,4 +55,4 @@ def _rows():
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
                   probe_sigma=_probe_sigma,
-                  rows=_rows)
+                  rows=_rows, sections={"noise": NoiseConfig})

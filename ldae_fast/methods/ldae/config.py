@@ -1,11 +1,14 @@
 """l-DAE's noise section of the run config (`--noise.field=value`): the schedule, its loss
 weights and the prediction target. Plain data that validates itself with the config mechanism's
-checks (config.py), which composes it into the run's Config."""
+checks (config.py); the spec registers it into the mechanism, which composes it into the run's
+Config."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from ...config import _check, _one_of
 
 LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
 
@@ -45,8 +48,6 @@ class NoiseConfig:
     inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
 
     def __post_init__(self) -> None:
-        # The mechanism is read at validation, not import: config.py imports this section.
-        from ...config import _check, _one_of
         _one_of("noise.schedule", self.schedule, SCHEDULE_NAMES)
         _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
