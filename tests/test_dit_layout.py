@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldae_fast.config import PRESETS, ConfigError, ModelConfig, build_config
+from ldae_fast.methods.ldae.model import build_model, flops_per_image, param_count
 from ldae_fast.methods.ldae.trajectory import ROWS
-from ldae_fast.models import build_model, flops_per_image, param_count
 from ldae_fast.models.blocks import Block, FinalLayer, SigmaEmbedder
 
 IMG = 32

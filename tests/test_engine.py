@@ -51,7 +51,7 @@ def test_ema_batched_update_matches_per_tensor_rule():
 
 
 def test_fixed_batch_loss_goes_down():
-    from ldae_fast.models import build_model
+    from ldae_fast.methods.ldae.model import build_model
     from ldae_fast.tokenizers import fit_pca
 
     cfg = build_config("demo", {**TINY})

@@ -68,7 +68,7 @@ def test_the_batch_reaches_the_method_with_its_labels(tmp_path, monkeypatch):
 
 
 def test_model_takes_conditioning_as_keywords():
-    from ldae_fast.models import build_model
+    from ldae_fast.methods.ldae.model import build_model
 
     cfg = build_config("demo", TINY)
     model = build_model(cfg.model, 16)

@@ -9,7 +9,7 @@ from ldae_fast import markers
 from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig
 from ldae_fast.engine.profiling import TOP_KERNELS_FILE, StepProfiler, nvtx_range, top_kernels_table
 from ldae_fast.methods.ldae.method import LDAEMethod
-from ldae_fast.models import build_model
+from ldae_fast.methods.ldae.model import build_model
 from ldae_fast.tokenizers import PixelTokenizer
 
 TINY = dict(size="tiny", width=32, num_heads=2, encoder_depth=1, decoder_depth=1, patch_size=4)

@@ -154,8 +154,8 @@ def test_trajectory_rows_build(name):
 
 def test_probe_sigma_and_depth():
     from ldae_fast.eval.features import ProbeView, probe_view
+    from ldae_fast.methods.ldae.model import build_model
     from ldae_fast.methods.ldae.probe import probe_sigma
-    from ldae_fast.models import build_model
 
     c = build_config("demo")
     assert probe_sigma(c) == pytest.approx(math.sqrt(2) * 10 / 1000)
@@ -192,7 +192,7 @@ def _tokens(enc, x):
 def test_noisy_probe_uses_the_method_noise():
     from ldae_fast.eval.features import probe_view
     from ldae_fast.methods import build_method
-    from ldae_fast.models import build_model
+    from ldae_fast.methods.ldae.model import build_model
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"eval.probe_input": "noisy", "eval.probe_sigma": "0.5",
@@ -213,7 +213,7 @@ def test_noisy_probe_uses_the_method_noise():
 def test_class_conditioning_embeds_labels_and_drops_them():
     from ldae_fast.batch import Batch
     from ldae_fast.methods import build_method
-    from ldae_fast.models import build_model, param_count
+    from ldae_fast.methods.ldae.model import build_model, param_count
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"model.class_cond": "true", "model.label_dropout": "0.5",
@@ -306,7 +306,7 @@ def test_latent_tokens_in_and_out():
     from ldae_fast.batch import Batch
     from ldae_fast.eval.features import probe_view
     from ldae_fast.methods import build_method
-    from ldae_fast.models import build_model, flops_per_image, param_count
+    from ldae_fast.methods.ldae.model import build_model, flops_per_image, param_count
     from ldae_fast.tokenizers import fit_pca
 
     c = build_config("demo", {"model.input": "latent", "model.output": "latent", "noise.target": "eps",

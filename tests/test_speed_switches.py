@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ldae_fast import reference
 from ldae_fast.config import ConfigError, ModelConfig
 from ldae_fast.kernels import adaln_norm
-from ldae_fast.models import build_model, speed
+from ldae_fast.methods.ldae.model import build_model
+from ldae_fast.models import speed
 
 IMG = 16
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldae_fast.config import ModelConfig
-from ldae_fast.models.vit import flops_per_image
+from ldae_fast.methods.ldae.model import flops_per_image
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ def _method(cfg, device, **kw):
 
 
 def _model(cfg, kernels: str = "auto"):
-    from ...models.vit import build_model
+    from .model import build_model
     return build_model(cfg.model, cfg.data.img_size, kernels=kernels)
 
 
@@ -23,7 +23,7 @@ def _flops(cfg) -> tuple[float, float]:
 
 
 def _params(cfg) -> dict[str, int]:
-    from ...models.vit import param_count
+    from .model import param_count
     return param_count(cfg.model, cfg.data.img_size)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...config import ModelConfig
-from ...models.vit import flops_per_image
+from .model import flops_per_image
 
 
 def train_flops_per_image(mcfg: ModelConfig, img_size: int) -> tuple[float, float]:
