@@ -104,8 +104,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 # l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
 MODEL_LAYOUTS = ("dit", "mae")
-DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
-DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
 # kernels.attention.BACKENDS (the config layer does not import the kernels; a test keeps them equal).
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficient")
 
@@ -156,26 +154,10 @@ class ModelConfig:
     engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
     elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
-    decoder_kind: str = "joint"
-    """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
-    (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention).
-    'joint' is the default so checkpoints saved before the DiffMAE presets chose 'cross_self'
-    rebuild as what they were; the presets set it (docs/diffmae.md)."""
-    decoder_topdown: str = "last"
-    """Which encoder block each block of a 'cross' / 'cross_self' DiffMAE decoder reads:
-    'last' (every block the encoder's final output), 'deepest_first' (decoder block i reads
-    encoder block L_e-1-i, clamped at 0: DiffMAE Fig. 3's top-down wiring) or 'spread' (block i
-    reads encoder block L_e-1-floor(i L_e / L_d): deepest first, evenly spaced over the encoder
-    when the decoder is shallower). 'last' is the default (a checkpoint saved before this field
-    existed stores none and rebuilds as it was) and the only choice with 'joint'; the DiffMAE
-    ImageNet and video presets set 'deepest_first' (docs/diffmae.md)."""
     decoder_width: int = Derived(0, lambda m, v: v or m.width)
     """DiffMAE decoder width (0: model.width)."""
     decoder_heads: int = Derived(0, lambda m, v: v or m.num_heads)
     """DiffMAE decoder attention heads (0: model.num_heads)."""
-    tubelet: int = 1
-    """DiffMAE video: frames per spacetime patch (tubelet x patch_size x patch_size; the paper's
-    2x16x16 is tubelet 2); 1 for images."""
     num_frames: int = _from_run("num_frames")
     """Frames of a clip the network is built for (0: data.num_frames, read through the run's config)."""
     layout: str = "mae"
@@ -215,13 +197,7 @@ class ModelConfig:
         _check(self.num_heads >= 1 and self.width % self.num_heads == 0,
                f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
-        _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
-        _one_of("model.decoder_topdown", self.decoder_topdown, DIFFMAE_TOPDOWN)
-        _check(self.decoder_topdown == "last" or self.decoder_kind != "joint",
-               f"model.decoder_topdown={self.decoder_topdown!r} needs model.decoder_kind=cross or cross_self "
-               "(the joint decoder reads the encoder's final output only: set model.decoder_topdown=last)")
-        _check(self.tubelet >= 1 and self.num_frames >= 0,
-               f"model.tubelet={self.tubelet} must be >= 1 and model.num_frames={self.num_frames} >= 0")
+        _check(self.num_frames >= 0, f"model.num_frames={self.num_frames} must be >= 0")
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
                f"model.decoder_width={self.decoder_width} must be divisible by "
                f"model.decoder_heads={self.decoder_heads}")
@@ -316,25 +292,8 @@ class TokenizerConfig:
 @dataclass
 class ObjectiveConfig:
     method: str = "ldae"
-    """The method trained: a name in the methods registry (ldae_fast/methods/__init__.py)."""
-    mask_ratio: float = 0.75
-    """DiffMAE: fraction of patches hidden from the encoder, per sample."""
-    rho: float = 0.8
-    """DiffMAE: every DDPM beta (linear 1e-4..0.02 over noise.num_timesteps) raised to rho;
-    smaller rho, more noise (the supplement compares 1.0, 0.8, 0.6)."""
-    norm_pix_loss: bool = False
-    """DiffMAE: diffuse and predict per-patch normalised pixels (MAE's target) instead of pixels."""
-    sample_steps: int = 100
-    """DiffMAE inpainting: reverse-diffusion steps (strided over noise.num_timesteps; T = all)."""
-    time_slice: int = 0
-    """DiffMAE video: which frame of each tubelet is noised and predicted (0 .. model.tubelet-1;
-    the target and the decoder's noisy input are that single time slice, docs/diffmae.md)."""
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio={self.mask_ratio} must lie in [0, 1)")
-        _check(self.rho > 0, f"objective.rho={self.rho} must be > 0")
-        _check(self.sample_steps >= 1, f"objective.sample_steps={self.sample_steps} must be >= 1")
-        _check(self.time_slice >= 0, f"objective.time_slice={self.time_slice} must be >= 0")
+    """The method trained: a name in the methods registry (ldae_fast/methods/__init__.py); its own
+    fields live in its own sections (MethodSpec.sections: `--SECTION.field=value`)."""
 
 
 # data.synthetic_kind values that are clips (data/video.py), not images.
@@ -753,9 +712,6 @@ class Config:
         _one_of("objective.method", self.objective.method, tuple(METHODS))
         spec = METHODS[self.objective.method]
         spec.validate(self)
-        _check(self.objective.sample_steps <= self.noise.num_timesteps,
-               f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
-               f"{self.noise.num_timesteps}")
         self._validate_video()
         p, s = self.model.patch_size, self.data.img_size
         _check(s % p == 0, f"data.img_size={s} is not divisible by model.patch_size={p}; "
@@ -797,14 +753,8 @@ class Config:
                    f"{' or '.join(video)} only")
             _check(m.num_frames == d.num_frames,
                    f"model.num_frames={m.num_frames} differs from data.num_frames={d.num_frames}; leave it at 0")
-            _check(d.num_frames % m.tubelet == 0,
-                   f"data.num_frames={d.num_frames} is not a multiple of model.tubelet={m.tubelet}")
         else:
-            _check(m.num_frames == 0 and m.tubelet == 1,
-                   f"model.num_frames={m.num_frames} / model.tubelet={m.tubelet} need video data "
-                   "(data.num_frames >= 1)")
-        _check(self.objective.time_slice < m.tubelet,
-               f"objective.time_slice={self.objective.time_slice} must lie in 0..model.tubelet-1={m.tubelet - 1}")
+            _check(m.num_frames == 0, f"model.num_frames={m.num_frames} needs video data (data.num_frames >= 1)")
         # Said now, not after the training it would follow: the probe, kNN and fine-tuning take
         # images, and a clip encoder's patch embedding is 3-D.
         _check(not (d.num_frames and self.eval.probe),
@@ -844,7 +794,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        d = _migrate(d)
+        d = migrate(d)
         sections = [*section_types(), "preset"]
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
@@ -877,9 +827,28 @@ class Config:
             raise ConfigError(f"--config {path}: {e}") from None
 
 
-def _migrate(d: dict[str, Any]) -> dict[str, Any]:
-    """A config dict as this version reads it: configs saved by older versions stored fields that
-    are now derived (model.arch, always equal to objective.method), which are dropped here."""
+def migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (a saved config, or the tree of a command line) as this version reads it:
+    fields that moved to a method's section (config_registry.RENAMED: `objective.mask_ratio` ->
+    `diffmae.mask_ratio` and `mae.mask_ratio`, ...) are read from their old keys where the new
+    ones are not set, and fields now derived (model.arch, always equal to objective.method) are
+    dropped. `d` is not changed."""
+    renamed = _registered(_registry.RENAMED)
+    d = dict(d)
+    for old, news in renamed.items():
+        sec, _, name = old.partition(".")
+        if not isinstance(d.get(sec), dict) or name not in d[sec]:
+            continue
+        d[sec] = dict(d[sec])
+        value = d[sec].pop(name)
+        for new in news:
+            nsec, _, nname = new.partition(".")
+            target = d[nsec] = dict(d.get(nsec) or {})
+            target.setdefault(nname, value)
+    return _drop_arch(d)
+
+
+def _drop_arch(d: dict[str, Any]) -> dict[str, Any]:
     model = d.get("model")
     if isinstance(model, dict) and "arch" in model:
         model = dict(model)
@@ -1019,6 +988,16 @@ def _parse_value(raw: str, typ: Any) -> Any:
 
 
 def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool) -> None:
+    # An old spelling of a field that moved to a method's section sets it where it lives now.
+    if key in _registry.RENAMED:
+        if from_cli:
+            try:
+                value = _parse_value(value, _field_type(key))
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        for new_key in _registry.RENAMED[key]:
+            _apply(tree, new_key, value, from_cli=False)
+        return
     section, _, name = key.partition(".")
     _check(bool(name), f"override {key!r} must look like section.field")
     _check(section in tree and isinstance(tree[section], dict) and section in section_types(),
@@ -1077,6 +1056,7 @@ _BOOL_WORDS = _TRUE_WORDS + _FALSE_WORDS
 def _field_type(key: str) -> Any:
     """The annotated type of `section.field`, or None when there is no such field (the caller's
     `_apply` then reports it with the known names)."""
+    key = (_registry.RENAMED.get(key) or [key])[0]
     section, _, name = key.partition(".")
     types = section_types()
     if section not in types:

@@ -41,8 +41,9 @@ METHODS: dict[str, Any] = {}
 SECTIONS: dict[str, type] = {}
 # Preset name -> overrides; the dict object config.PRESETS is, filled in place.
 PRESETS: dict[str, dict[str, Any]] = {}
-# Old 'section.field' spellings -> their new ones (saved configs and command lines still read).
-RENAMED: dict[str, str] = {}
+# Old 'section.field' spellings -> their new ones (saved configs and command lines still read);
+# a field two methods took over (objective.mask_ratio) maps to each one's.
+RENAMED: dict[str, list[str]] = {}
 # data.source -> SourceKind.
 SOURCES: dict[str, SourceKind] = {}
 _PRESET_OWNER: dict[str, str] = {}
@@ -60,11 +61,13 @@ def register_method(spec: Any) -> None:
         if _PRESET_OWNER.get(name, spec.name) != spec.name:
             raise ValueError(f"method {spec.name!r}: preset name {name!r} is taken by {_PRESET_OWNER[name]!r}")
     for old, new in spec.renamed.items():
-        if RENAMED.get(old, new) != new:
-            raise ValueError(f"method {spec.name!r}: old key {old!r} already maps to {RENAMED[old]!r}")
+        if new.partition(".")[0] not in spec.sections:
+            raise ValueError(f"method {spec.name!r}: old key {old!r} maps to {new!r}, outside its sections")
     METHODS[spec.name] = spec
     SECTIONS.update(spec.sections)
-    RENAMED.update(spec.renamed)
+    for old, new in spec.renamed.items():
+        if new not in RENAMED.setdefault(old, []):
+            RENAMED[old].append(new)
     for name, over in spec.presets.items():
         PRESETS[name] = over  # type: ignore[assignment]
         _PRESET_OWNER[name] = spec.name

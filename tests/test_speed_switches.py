@@ -82,9 +82,11 @@ def test_bf16_residual_stream_matches_the_float32_stream(device, layout):
 
 
 def test_bf16_residual_reaches_diffmae_stacks():
+    from ldae_fast.methods.diffmae.config import DiffMAEConfig
     from ldae_fast.methods.diffmae.model import build_diffmae
 
-    m = build_diffmae(ModelConfig(size="tiny", patch_size=4, decoder_kind="cross_self", bf16_residual=True), IMG)
+    m = build_diffmae(ModelConfig(size="tiny", patch_size=4, bf16_residual=True), DiffMAEConfig(decoder_kind="cross_self"),
+                      IMG)
     hooked = [bool(stack[0]._forward_pre_hooks) for stack in speed.stacks(m)]
     assert hooked == [True, True]
 

@@ -120,8 +120,13 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
     unless it changes the run all the same (_ALWAYS)."""
     import dataclasses
 
+    from ..config import migrate
     from ..methods import spec_for
 
+    try:  # fields that moved to a method's section are compared where they live now
+        saved = migrate(saved)
+    except Exception:  # noqa: BLE001 - an old or hand-edited config: compared as stored
+        pass
     out = []
     was_model = saved.get("model") or {}
     # A saved config stores intent (0: from model.size): compare both sides as they read, resolved.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..spec import MethodSpec, encoder_decoder_params, unconditioned_note
+from .config import RENAMED, DiffMAEConfig
 from .presets import PRESETS
 
 
@@ -13,18 +14,18 @@ def _method(cfg, device, **kw):
 
 def _model(cfg, kernels: str = "auto"):
     from .model import build_diffmae
-    return build_diffmae(cfg.model, cfg.data.img_size, kernels=kernels)
+    return build_diffmae(cfg.model, cfg.diffmae, cfg.data.img_size, kernels=kernels)
 
 
 def _flops(cfg) -> tuple[float, float]:
     from .flops import diffmae_train_flops_per_image
     # The masked encoder's cost follows the run's own mask ratio.
-    return diffmae_train_flops_per_image(cfg.model, cfg.data.img_size, cfg.objective.mask_ratio)
+    return diffmae_train_flops_per_image(cfg.model, cfg.diffmae, cfg.data.img_size)
 
 
 def _params(cfg) -> dict[str, int]:
     from .model import build_diffmae
-    return encoder_decoder_params(lambda: build_diffmae(cfg.model, cfg.data.img_size))
+    return encoder_decoder_params(lambda: build_diffmae(cfg.model, cfg.diffmae, cfg.data.img_size))
 
 
 def _figure(*args, **kw):
@@ -56,11 +57,27 @@ def _validate(cfg) -> None:
         raise ConfigError(f"model.adaln_dim={m.adaln_dim} sets l-DAE's conditioning width; "
                           "objective.method='diffmae' conditions its blocks at their own width "
                           "(leave model.adaln_dim at 0)")
+    dm, frames = cfg.diffmae, cfg.data.num_frames
+    if dm.sample_steps > cfg.noise.num_timesteps:
+        raise ConfigError(f"diffmae.sample_steps={dm.sample_steps} exceeds noise.num_timesteps={cfg.noise.num_timesteps}")
+    if frames and frames % dm.tubelet:
+        raise ConfigError(f"data.num_frames={frames} is not a multiple of diffmae.tubelet={dm.tubelet}")
+    if not frames and dm.tubelet != 1:
+        raise ConfigError(f"diffmae.tubelet={dm.tubelet} needs video data (data.num_frames >= 1)")
+    if dm.time_slice >= dm.tubelet:
+        raise ConfigError(f"diffmae.time_slice={dm.time_slice} must lie in 0..diffmae.tubelet-1={dm.tubelet - 1}")
+
+
+
+def _step_bench():
+    from .bench import step_bench
+    return step_bench()
 
 
 SPEC = MethodSpec(name="diffmae", title="DiffMAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
                   probe_note=unconditioned_note, validate=_validate, video=True,
-                  shape_fields=((("model", "decoder_kind"), "joint"), (("model", "decoder_topdown"), "last"),
+                  shape_fields=((("diffmae", "decoder_kind"), "joint"), (("diffmae", "decoder_topdown"), "last"),
                                 (("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
-                  finetune_recipes=_finetune_recipes)
+                  finetune_recipes=_finetune_recipes, sections={"diffmae": DiffMAEConfig}, renamed=RENAMED,
+                  step_bench=_step_bench)

@@ -52,7 +52,13 @@ def _rows():
     return ROWS
 
 
+
+def _step_bench():
+    from .bench import step_bench
+    return step_bench()
+
+
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
                   probe_sigma=_probe_sigma,
-                  rows=_rows, sections={"noise": NoiseConfig})
+                  rows=_rows, sections={"noise": NoiseConfig}, step_bench=_step_bench)
