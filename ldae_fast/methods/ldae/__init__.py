@@ -47,10 +47,14 @@ def _probe_note(cfg) -> str:
     return probe_note(cfg)
 
 
+def _paper_probe_sweep(cfg) -> dict:
+    from .probe import paper_probe_sweep
+    return paper_probe_sweep(cfg)
+
+
 def _rows():
     from .trajectory import ROWS
     return ROWS
-
 
 
 def _step_bench():
@@ -60,5 +64,5 @@ def _step_bench():
 
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
-                  probe_sigma=_probe_sigma,
+                  probe_sigma=_probe_sigma, paper_probe_sweep=_paper_probe_sweep,
                   rows=_rows, sections={"noise": NoiseConfig}, step_bench=_step_bench)
