@@ -46,7 +46,7 @@ def _our_encoder(size: str, img_size: int, patch: int, device):
     from ldae_fast.methods import build_model
 
     cfg = build_config("demo", {"model.size": size, "model.patch_size": str(patch),
-                                "data.img_size": str(img_size), "model.layout": "mae"})
+                                "data.img_size": str(img_size), "ldae.layout": "mae"})
     return build_model(cfg).encoder.to(device).eval(), cfg.model
 
 

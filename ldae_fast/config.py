@@ -102,8 +102,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # ViT-H/14's encoder (DiffMAE's largest); its presets set their own decoder.
     "H": dict(width=1280, encoder_depth=32, decoder_depth=32, num_heads=16),
 }
-# l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
-MODEL_LAYOUTS = ("dit", "mae")
 # kernels.attention.BACKENDS (the config layer does not import the kernels; a test keeps them equal).
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficient")
 
@@ -160,22 +158,6 @@ class ModelConfig:
     """DiffMAE decoder attention heads (0: model.num_heads)."""
     num_frames: int = _from_run("num_frames")
     """Frames of a clip the network is built for (0: data.num_frames, read through the run's config)."""
-    layout: str = "mae"
-    """How l-DAE's network is cut in two (docs/model.md).
-    'dit': the paper's (l-DAE App. A), DiT cut in two: the encoder is DiT's first blocks, the
-    decoder the rest, on one token sequence (no class token), with nothing between them (no
-    LayerNorm, no embedding), one sigma embedder shared by all blocks and a conditioning vector of
-    width model.adaln_dim (width/4); features are the mean of the encoder's tokens.
-    'mae': this project's first layout, MAE-shaped halves: a class token, an affine LayerNorm
-    ending the encoder, a decoder embedding with its own position embedding, a sigma embedder per
-    half, full-width adaLN. The default, so checkpoints written before this field existed (which
-    store none) rebuild as what they were; the paper presets and the trajectory rows set 'dit'."""
-    adaln_dim: int = 0
-    """Width of the adaLN conditioning vector c (the sigma embedding, plus the label embedding
-    with class conditioning) that every block's modulation Linear(adaln_dim, 6 width) and the
-    final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
-    l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
-    network reads it through ModelConfig.cond_width and the 0 is what gets saved."""
     bf16_residual: bool = False
     """Speed switch (off until a GPU run shows it helps; docs/speed.md): under bf16 autocast the
     residual stream between blocks is bfloat16 instead of float32; LayerNorm statistics and the
@@ -207,9 +189,6 @@ class ModelConfig:
         _one_of("model.output", self.output, ("image", "latent"))
         _check(not self.class_cond or self.cond == "adaln",
                "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
-        _one_of("model.layout", self.layout, MODEL_LAYOUTS)
-        _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
-        _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
         _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
         _check(not self.adaln_act_dtype or self.fused_adaln,
                "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
@@ -226,13 +205,6 @@ class ModelConfig:
             return run.data.synthetic_classes if run.data.source == "synthetic" else run.data.num_classes
         return run.data.num_frames  # num_frames
 
-    @property
-    def cond_width(self) -> int:
-        """The width c has: model.adaln_dim, or with 0 the layout's own. Derived on every read, never
-        stored back, so a saved config holding 0 follows a later --model.layout or --model.width."""
-        if self.adaln_dim:
-            return self.adaln_dim
-        return self.width // 4 if self.layout == "dit" else self.width
 
 
 @dataclass
@@ -600,7 +572,7 @@ class EvalConfig:
     level through the tokenizer; l-DAE App. A: 65.0% at t = 10..40, its Table 4 setting)."""
     probe_depth: int = 0
     """Probe after the first k blocks (0: all the encoder's); l-DAE App. A probes DiT-L at k =
-    9..15 of its 24, best at 12 (64.5%). With model.layout='dit' k may pass the encoder (up to
+    9..15 of its 24, best at 12 (64.5%). With l-DAE's ldae.layout='dit' k may pass the encoder (up to
     encoder_depth + decoder_depth): the decoder's first blocks continue the same tokens."""
 
     def __post_init__(self) -> None:
@@ -732,12 +704,11 @@ class Config:
         if self.model.class_cond:
             _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
                    "data.num_classes) >= 2: the number of classes of the labelled data")
-        # 'dit' is one DiT cut in two: the probe may read past the cut (l-DAE App. A, k = 9..15 of 24).
-        room = self.model.encoder_depth + (self.model.decoder_depth if self.model.layout == "dit" else 0)
+        # The blocks a probe can read are the method's (l-DAE's 'dit' layout reads past its encoder).
+        room, which = spec.probe_blocks(self)
         _check(self.eval.probe_depth <= room,
                f"eval.probe_depth={self.eval.probe_depth} is deeper than the {room} blocks the probe can read "
-               f"(model.encoder_depth{' + model.decoder_depth with model.layout=dit' if room > self.model.encoder_depth else ''}"
-               f"); allowed: 0..{room}")
+               f"({which}); allowed: 0..{room}")
         if _registry.SOURCES[self.data.source].sharded:
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,

@@ -162,7 +162,7 @@ def test_probe_sigma_and_depth():
     assert probe_sigma(build_config("demo", {"eval.probe_sigma": "0.5"})) == 0.5
     assert probe_sigma(build_config("demo", {"eval.probe_t": "0"})) == 0.0
     torch.manual_seed(0)
-    enc = build_model(c.model, c.data.img_size).encoder.eval()
+    enc = build_model(c.model, c.ldae, c.data.img_size).encoder.eval()
     # adaLN-Zero starts as the identity: give the gates weight so sigma matters.
     for p in enc.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -198,7 +198,7 @@ def test_noisy_probe_uses_the_method_noise():
     c = build_config("demo", {"eval.probe_input": "noisy", "eval.probe_sigma": "0.5",
                               "tokenizer.kind": "pixel", "tokenizer.latent_dim": "48"})
     method = build_method(c, "cpu", tokenizer=PixelTokenizer.create(c.model.patch_size))
-    enc = build_model(c.model, c.data.img_size).encoder.eval()
+    enc = build_model(c.model, c.ldae, c.data.img_size).encoder.eval()
     seen = []
     real = enc.pooled
     enc.pooled = lambda x, **kw: (seen.append(x.clone()), real(x, **kw))[1]
@@ -220,8 +220,8 @@ def test_class_conditioning_embeds_labels_and_drops_them():
                               "tokenizer.kind": "pixel", "tokenizer.latent_dim": "48"})
     assert c.model.num_classes == c.data.synthetic_classes
     torch.manual_seed(0)
-    model = build_model(c.model, c.data.img_size)
-    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, c.data.img_size)["total"]
+    model = build_model(c.model, c.ldae, c.data.img_size)
+    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, c.ldae, c.data.img_size)["total"]
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(4, 3, c.data.img_size, c.data.img_size)
@@ -247,7 +247,8 @@ def test_class_conditioning_embeds_labels_and_drops_them():
     loss = method(model, Batch(x, torch.tensor([0, 1, 2, 3])), step=0)
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="without class conditioning"):
-        build_model(build_config("demo").model, 32)(x, s, labels=torch.zeros(4, dtype=torch.long))
+        demo = build_config("demo")
+        build_model(demo.model, demo.ldae, 32)(x, s, labels=torch.zeros(4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("target", ["z0", "eps"])
@@ -317,11 +318,11 @@ def test_latent_tokens_in_and_out():
     tok = fit_pca(iter([torch.randn(16, 3, 32, 32, generator=g)]), 4, 8, 16)
     method = build_method(c, "cpu", tokenizer=tok)
     torch.manual_seed(0)
-    model = build_model(c.model, 32)
-    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, 32)["total"]
-    img = build_config("demo").model
-    assert param_count(c.model, 32)["total"] < param_count(img, 32)["total"]
-    assert flops_per_image(c.model, 32) < flops_per_image(img, 32)
+    model = build_model(c.model, c.ldae, 32)
+    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, c.ldae, 32)["total"]
+    img = build_config("demo")
+    assert param_count(c.model, c.ldae, 32)["total"] < param_count(img.model, img.ldae, 32)["total"]
+    assert flops_per_image(c.model, c.ldae, 32) < flops_per_image(img.model, img.ldae, 32)
     x = torch.randn(2, 3, 32, 32, generator=g)
     nb = method.add_noise(x, step=1)
     assert nb.x_in.shape == (2, 64, 8) and nb.target.shape == (2, 64, 8)

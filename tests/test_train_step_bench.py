@@ -48,8 +48,11 @@ def test_one_row_per_variant_with_throughput(smoke):
 def test_flops_are_three_forwards(smoke):
     rows, meta, _ = smoke
     # The paper's layout: N tokens, no class token (the bench's default, --layout dit).
-    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit"), 32)
-    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none", layout="dit"), 32)
+    from ldae_fast.methods.ldae.config import LDAEConfig
+
+    dit = LDAEConfig(layout="dit")
+    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4), dit, 32)
+    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none"), dit, 32)
     assert all(r["layout"] == "dit" and r["tokens"] == 64 for r in rows)
     for r in rows:
         fwd = peer if r["variant"] == "c" else ours

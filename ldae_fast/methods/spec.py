@@ -100,6 +100,11 @@ class MethodSpec:
     shape_fields: tuple[tuple[tuple[str, str], Any], ...] = ()
     """((section, field), default) of the config fields beyond the shared ones that set this
     method's network shape: a resume that changes one is refused (engine.guard)."""
+    resolved: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}
+    """cfg -> {'section.field': value} of shape fields as the network reads them where that is not
+    what is stored (l-DAE's adaln_dim 0 reads as a width): compared so (engine.guard)."""
+    probe_blocks: Callable[[Any], tuple[int, str]] = lambda cfg: (cfg.model.encoder_depth, "model.encoder_depth")
+    """cfg -> (the blocks eval.probe_depth may reach, which fields say so)."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""
     paper_probe_sweep: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}

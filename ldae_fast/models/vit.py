@@ -1,11 +1,11 @@
 """A ViT encoder and a ViT decoder made of DiT-style blocks, shared by the methods: l-DAE joins
-them (methods/ldae/model.py), DiffMAE and MAE build on the encoder. Two layouts (model.layout;
+them (methods/ldae/model.py), DiffMAE and MAE build on the encoder. Two layouts (ldae.layout;
 docs/model.md):
 
 'dit', the paper's (l-DAE App. A: DiT-L cut in two): patch embedding + fixed 2-D sin-cos position
 embedding -> encoder blocks -> decoder blocks -> final layer, one token sequence throughout: no
 class token, nothing between the halves (no LayerNorm, no embedding), one sigma embedder whose
-conditioning vector c (width ModelConfig.cond_width: width/4 unless model.adaln_dim says) every
+conditioning vector c (width methods/ldae/config.py cond_width: width/4 unless ldae.adaln_dim says) every
 block of both halves reads. The encoder owns the embedder, so it stays self-contained for
 evaluation; its features are the mean of its output tokens (the paper's probe: average pool, then
 a BatchNorm without affine).
@@ -215,7 +215,7 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         if pool not in ("avg", "cls"):
             raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
         if pool == "cls" and self.cls_token is None:
-            raise ValueError(f"pool='cls' needs a class token; model.layout={self.layout!r} has none "
+            raise ValueError(f"pool='cls' needs a class token; ldae.layout={self.layout!r} has none "
                              "(use pool='avg')")
 
     def pool_tokens(self, tokens: torch.Tensor, pool: str = "avg") -> torch.Tensor:

@@ -47,16 +47,6 @@ def _finetune_recipes():
 def _validate(cfg) -> None:
     from ...config import ConfigError
 
-    m = cfg.model
-    if m.layout != "mae":
-        raise ConfigError(f"model.layout={m.layout!r} is a layout of l-DAE's encoder-decoder; "
-                          "objective.method='diffmae' has its own (leave model.layout at 'mae')")
-    # model.width is accepted too: it is what versions that wrote the resolved width back stored
-    # for every DiffMAE run, and those configs must still load.
-    if m.adaln_dim not in (0, m.width):
-        raise ConfigError(f"model.adaln_dim={m.adaln_dim} sets l-DAE's conditioning width; "
-                          "objective.method='diffmae' conditions its blocks at their own width "
-                          "(leave model.adaln_dim at 0)")
     dm, frames = cfg.diffmae, cfg.data.num_frames
     if dm.sample_steps > cfg.noise.num_timesteps:
         raise ConfigError(f"diffmae.sample_steps={dm.sample_steps} exceeds noise.num_timesteps={cfg.noise.num_timesteps}")

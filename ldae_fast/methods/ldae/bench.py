@@ -70,20 +70,20 @@ class TimmPeer(nn.Module):
 def _peer(cfg) -> tuple[nn.Module, tuple[float, float]]:
     m, img = cfg.model, cfg.data.img_size
     net = TimmPeer(img, m.patch_size, m.width, m.encoder_depth, m.decoder_depth, m.num_heads, m.mlp_ratio,
-                   layout=m.layout)
-    return net, train_flops_per_image(dataclasses.replace(m, cond="none"), img)
+                   layout=cfg.ldae.layout)
+    return net, train_flops_per_image(dataclasses.replace(m, cond="none"), cfg.ldae, img)
 
 
 def _tokens(cfg) -> int:
-    return cfg.num_patches + (1 if cfg.model.layout == "mae" else 0)
+    return cfg.num_patches + (1 if cfg.ldae.layout == "mae" else 0)
 
 
 def _row(cfg) -> dict:
-    return {"layout": cfg.model.layout, "tokens": _tokens(cfg), "d": cfg.tokenizer.latent_dim}
+    return {"layout": cfg.ldae.layout, "tokens": _tokens(cfg), "d": cfg.tokenizer.latent_dim}
 
 
 def step_bench() -> StepBench:
     return StepBench(
-        flags={"layout": BenchFlag("model.layout", "dit", "l-DAE network layout (model.layout): 'dit', the "
+        flags={"layout": BenchFlag("ldae.layout", "dit", "l-DAE network layout (ldae.layout): 'dit', the "
                                    "paper's, N tokens; 'mae' adds a class token (N + 1)", choices=("dit", "mae"))},
         peer=_peer, row=_row, tokens=_tokens, tokenizer=True, flop_count=FLOP_COUNT, targets=True)

@@ -1,5 +1,5 @@
 """l-DAE's network: the shared ViT encoder and decoder (models/vit.py) joined as one
-encoder-decoder in one of two layouts (model.layout; docs/model.md), its builder and its analytic
+encoder-decoder in one of two layouts (ldae.layout; docs/model.md), its builder and its analytic
 FLOP and parameter counts.
 
 The state_dict names are `encoder.*` and `decoder.*`, the shared halves' own (timm's
@@ -16,6 +16,7 @@ from ...markers import nvtx_range
 from ...models.blocks import mlp_hidden
 from ...models.speed import apply_speed_switches
 from ...models.vit import SIGMA_FREQ_DIM, EncoderDecoder, ViTDecoder, ViTEncoder
+from .config import LDAEConfig, cond_width
 
 
 class LDAEModel(EncoderDecoder):
@@ -51,38 +52,42 @@ class LDAEModel(EncoderDecoder):
             return self.decoder(tokens, sigma, labels)
 
 
-def _dims(cfg: ModelConfig, kernels: str) -> dict:
+def _dims(cfg: ModelConfig, net: LDAEConfig, kernels: str) -> dict:
     return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
                 attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels,
-                num_classes=cfg.num_classes if cfg.class_cond else 0, layout=cfg.layout,
-                cond_dim=cfg.cond_width)
+                num_classes=cfg.num_classes if cfg.class_cond else 0, layout=net.layout,
+                cond_dim=cond_width(cfg.width, net))
 
 
-def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
+def build_encoder(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3,
+                  kernels: str = "auto") -> ViTEncoder:
     return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth,
-                      latent_in=cfg.latent_dim if cfg.input == "latent" else 0, **_dims(cfg, kernels))
+                      latent_in=cfg.latent_dim if cfg.input == "latent" else 0, **_dims(cfg, net, kernels))
 
 
-def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
-    """l-DAE's encoder-decoder (every method's network: methods.build_model) for square
-    img_size x img_size inputs with in_chans channels. `kernels` is engine.kernels: with
-    model.fused_adaln it decides where the fused kernel runs."""
+def build_model(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3,
+                kernels: str = "auto") -> LDAEModel:
+    """l-DAE's encoder-decoder from the shared model section `cfg` and l-DAE's own `net` (its
+    layout and conditioning width), for square img_size x img_size inputs with in_chans channels.
+    `kernels` is engine.kernels: with model.fused_adaln it decides where the fused kernel runs."""
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
-    enc = build_encoder(cfg, img_size, in_chans, kernels)
+    if cond_width(cfg.width, net) < 1:
+        raise ValueError(f"ldae.adaln_dim={net.adaln_dim}: width/4 is 0 for model.width={cfg.width}")
+    enc = build_encoder(cfg, net, img_size, in_chans, kernels)
     dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth,
-                     latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, kernels))
+                     latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, net, kernels))
     model = LDAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
 
 
-def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float:
+def flops_per_image(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3) -> float:
     """Analytic forward FLOPs of one image through LDAEModel (multiply-add = 2 FLOPs).
 
     Counts every matmul/conv, nothing element-wise (norms, softmax, GELU, residuals, modulation):
     with N patches, T tokens (N + 1 with layout 'mae''s class token, N with 'dit'), width w, MLP
-    hidden h, L = encoder + decoder blocks, D = p*p*C, a = ModelConfig.cond_width (width of c):
+    hidden h, L = encoder + decoder blocks, D = p*p*C, a = cond_width (width of c):
       blocks        L * [2 T w (3w + w + 2h) + 4 T^2 w]   (= L T (24 w^2 + 4 T w) when h = 4w):
                     qkv, attention output projection, MLP; q k^T and attn @ v
       patch embed   2 N (p^2 C) w
@@ -95,7 +100,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     blocks with gradient checkpointing). Each method's count: its MethodSpec.train_flops.
     """
     p, w = cfg.patch_size, cfg.width
-    mae = cfg.layout == "mae"
+    mae = net.layout == "mae"
     N = (img_size // p) ** 2
     T = N + 1 if mae else N
     h = mlp_hidden(w, cfg.mlp_ratio)
@@ -106,7 +111,7 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float
     if mae:
         flops += 2 * T * w * w
     if cfg.cond == "adaln":
-        a = cfg.cond_width
+        a = cond_width(w, net)
         flops += 2 * L * a * 6 * w + 2 * a * 2 * w + (2 if mae else 1) * 2 * (SIGMA_FREQ_DIM * a + a * a)
     return float(flops)
 
@@ -117,19 +122,19 @@ def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
     return (cfg.latent_dim if cfg.input == "latent" else D), (cfg.latent_dim if cfg.output == "latent" else D)
 
 
-def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
+def param_count(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
     """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)
     of l-DAE's network.
 
-    Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = ModelConfig.cond_width)
+    Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = cond_width)
     or, with cond='none', two affine LayerNorms. Layout 'mae' adds a class token and the final
     LayerNorm to the encoder, the decoder embedding and a second sigma embedder (and label
     embedding) to the decoder; 'dit' has one sigma embedder (and label embedding), in the encoder.
     """
-    w, a = cfg.width, cfg.cond_width
+    w, a = cfg.width, cond_width(cfg.width, net)
     h = mlp_hidden(w, cfg.mlp_ratio)
     adaln = cfg.cond == "adaln"
-    mae = cfg.layout == "mae"
+    mae = net.layout == "mae"
     block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
     block += (a * 6 * w + 6 * w) if adaln else 4 * w
     sigma_embed = (SIGMA_FREQ_DIM * a + a + a * a + a) if adaln else 0

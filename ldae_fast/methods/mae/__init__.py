@@ -41,9 +41,9 @@ def _validate(cfg) -> None:
     from ...config import ConfigError
 
     m = cfg.model
-    if m.layout != "mae" or m.adaln_dim or m.class_cond or m.input != "image" or m.output != "image":
-        raise ConfigError("objective.method='mae' builds a plain ViT on pixels: leave model.layout, "
-                          "model.adaln_dim, model.class_cond, model.input and model.output at their defaults")
+    if m.class_cond or m.input != "image" or m.output != "image":
+        raise ConfigError("objective.method='mae' builds a plain ViT on pixels: leave model.class_cond, "
+                          "model.input and model.output at their defaults")
 
 
 
