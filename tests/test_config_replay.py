@@ -93,11 +93,13 @@ def test_configs_saved_before_the_method_sections_load_with_their_values():
         == (0.8, 0.6, True, 20, 1, "cross_self", "spread", 2)
     mae = Config.load(OLD / "mae-demo.json")
     assert (mae.objective.method, mae.mae.mask_ratio, mae.mae.norm_pix_loss) == ("mae", 0.6, True)
+    ld = Config.load(OLD / "demo-dit.json")
+    assert (ld.objective.method, ld.ldae.layout, ld.ldae.adaln_dim) == ("ldae", "dit", 48)
     # Saved again, a config holds each field once, where it lives now, and reads back the same.
-    for cfg in (dm, mae):
+    for cfg in (dm, mae, ld):
         d = cfg.to_dict()
         assert not {"mask_ratio", "rho", "norm_pix_loss", "sample_steps", "time_slice"} & set(d["objective"])
-        assert not {"decoder_kind", "decoder_topdown", "tubelet"} & set(d["model"])
+        assert not {"decoder_kind", "decoder_topdown", "tubelet", "layout", "adaln_dim"} & set(d["model"])
         assert Config.from_dict(d) == cfg
     # A replay of an old file takes the new spelling and the old one alike.
     c = _replay(OLD / "diffmae-video-demo.json", "--diffmae.rho=1.0", "--objective.sample_steps=30")
