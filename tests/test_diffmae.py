@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from ldae_fast.batch import Batch
-from ldae_fast.config import DIFFMAE_FINETUNE, ConfigError, build_config
+from ldae_fast.config import ConfigError, build_config
 from ldae_fast.errors import ResumeMismatch
 from ldae_fast.methods import METHODS, Method, build_method
 from ldae_fast.methods.diffmae import method as dm
+from ldae_fast.methods.diffmae.finetune import DIFFMAE_FINETUNE
 from ldae_fast.methods.diffmae.model import build_diffmae as build_model
 from ldae_fast.methods.diffmae.presets import DIFFMAE_GLOBAL_BATCH
 from ldae_fast.methods.diffmae.schedules import DiffusionSchedule, ddpm_betas

@@ -39,8 +39,8 @@ def _probe_view(encoder, cfg, method=None):
 
 
 def _finetune_recipes():
-    # Supplement Table 1b; config.py keeps the table (its fine-tuning fields are eval's).
-    from ...config import DIFFMAE_FINETUNE
+    # Supplement Table 1b, as eval.finetune.FinetuneRecipe fields.
+    from .finetune import DIFFMAE_FINETUNE
     return DIFFMAE_FINETUNE
 
 
