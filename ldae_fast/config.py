@@ -698,9 +698,6 @@ class Config:
             _check(self.model.latent_dim == self.tokenizer.latent_dim,
                    f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
                    f"{self.tokenizer.latent_dim}; leave it at 0")
-        _check(not (self.model.output == "latent" and self.noise.target == "x0"),
-               "noise.target='x0' (the original image) needs model.output='image'; a latent output "
-               "predicts noise.target='z0' or 'eps'")
         if self.model.class_cond:
             _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
                    "data.num_classes) >= 2: the number of classes of the labelled data")

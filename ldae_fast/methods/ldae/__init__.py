@@ -32,6 +32,9 @@ def _validate(cfg) -> None:
 
     if cond_width(cfg.model.width, cfg.ldae) < 1:
         raise ConfigError(f"ldae.adaln_dim={cfg.ldae.adaln_dim}: width/4 is 0 for model.width={cfg.model.width}")
+    if cfg.model.output == "latent" and cfg.noise.target == "x0":
+        raise ConfigError("noise.target='x0' (the original image) needs model.output='image'; a latent output "
+                          "predicts noise.target='z0' or 'eps'")
 
 
 def _probe_blocks(cfg) -> tuple[int, str]:
