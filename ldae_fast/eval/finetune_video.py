@@ -65,7 +65,7 @@ class ClipClassifier(nn.Module):
         return self.head(self.head_drop(self.fc_norm(pooled)))
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^encoder\.(cls_token|patch_embed)",
+        return dict(stem=r"^encoder\.(?:cls_token|patch_embed)",
                     blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
 
     def no_weight_decay(self) -> set[str]:
