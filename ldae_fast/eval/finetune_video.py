@@ -5,7 +5,8 @@ head: global average pool of the patch tokens, a fresh LayerNorm, dropout, a lin
 timm has no clip ViT, so the encoder stays ours; it exposes timm's parameter-group interface
 (`group_matcher`, `no_weight_decay`), so layer-wise lr decay comes from timm's
 param_groups_layer_decay as it does for the image ViT: the class token and the tubelet
-embedding are layer 0, block i is layer i + 1, the final norm, the fresh norm and the head last.
+embedding are layer 0, block i is layer i + 1 (the final norm goes with the last block), the
+fresh norm and the head are the last layer.
 """
 
 from __future__ import annotations
