@@ -14,7 +14,9 @@ from test_finetune_stream import _write_clip_split
 from ldae_fast.config import DIFFMAE_FINETUNE, build_config
 from ldae_fast.eval import driver
 from ldae_fast.eval.finetune import FinetuneRecipe, recipe_for_method
+from ldae_fast.errors import UsageError
 from ldae_fast.eval.finetune_run import finetune_readers
+from ldae_fast.eval.finetune_stream import check_batch, micro_batches
 from ldae_fast.eval.finetune_video import ClipClassifier
 
 TINY = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "2", "model.decoder_depth": "1",
@@ -52,8 +54,8 @@ def test_image_checkpoint_fine_tunes_from_shards_and_a_rerun_resumes(tmp_path, i
     rows = {(r["protocol"], r["encoder"]): r for r in got["rows"]}
     for enc in ("checkpoint", "random init"):
         r = rows[("finetune", enc)]
-        # Default readers: 4 (shares of 2, even for MixUp), so micro-batches of 2, accumulation 4.
-        assert (r["steps"], r["batch_size"], r["micro_batch"], r["accumulation"], r["resumed_from"]) == (2, 8, 2, 4, 0)
+        # Default readers: 4 (shares of 2, even for MixUp); micro-batches of 4 = 2 readers' shares.
+        assert (r["steps"], r["batch_size"], r["micro_batch"], r["accumulation"], r["resumed_from"]) == (2, 8, 4, 2, 0)
         assert ("finetune (EMA 0.9999)", enc) in rows
     assert got["val_images"] == 12
     # The same command again finds both runs' final checkpoints: nothing to train, same numbers.
@@ -123,12 +125,27 @@ def test_clip_classifier_layer_decay_groups():
 
 def test_readers_default_divides_the_batch():
     assert finetune_readers(1024, 1, 1, 0, None) == 16
+    assert finetune_readers(1024, 1, 8, 8, None) == 64
     assert finetune_readers(128, 2, 8, 1, None) == 16
     assert finetune_readers(8, 1, 1, 0, None) == 8
     assert finetune_readers(8, 1, 1, 0, None, even=True) == 4
     assert finetune_readers(12, 2, 1, 0, None) == 6
     assert finetune_readers(12, 2, 1, 0, None, even=True) == 3
     assert finetune_readers(24, 1, 1, 0, 3) == 3
+    with pytest.raises(UsageError, match="--num-workers"):
+        finetune_readers(1024, 1, 8, 10, None)
+
+
+def test_micro_batches_are_runs_of_readers_or_pieces_of_one():
+    # A rank hosting readers 4..7 with shares of 4: micro 8 takes two readers' shares at a time.
+    assert micro_batches([4, 5, 6, 7], 4, 8) == [(4, 0, 0, 8), (6, 0, 8, 16)]
+    # micro 3 cuts each share into pieces 3 + 1.
+    assert micro_batches([4, 5], 4, 3) == [(4, 0, 0, 3), (4, 1, 3, 4), (5, 0, 4, 7), (5, 1, 7, 8)]
+    with pytest.raises(UsageError, match="--micro-batch 12"):
+        check_batch(16, 4, 2, 12, 1, False)  # 3 readers' shares per micro-batch, 2 readers per rank
+    with pytest.raises(UsageError, match="even"):
+        check_batch(16, 4, 1, 3, 1, True)
+    assert check_batch(16, 4, 2, 8, 1, True) == 4
 
 
 def test_errors_are_one_line_with_the_readmes_codes(tmp_path, image_shards, capsys):

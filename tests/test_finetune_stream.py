@@ -80,6 +80,8 @@ def test_kill_9_then_rerun_is_bit_identical(shards, ref, tmp_path):
 
 
 def test_two_ranks_equal_one_rank(shards, ref, tmp_path):
+    """Micro-batches of 2 (halves of each reader's share of 4): 8 per step on one rank, 4 per rank
+    on two."""
     two = _harness(shards, tmp_path / "two.pt", "--world", "2", "--workers", "1")
     assert int(two["accumulation"]) == 4 and int(ref["accumulation"]) == 8
     assert int(two["val_images"]) == int(ref["val_images"]) == 20
@@ -87,6 +89,16 @@ def test_two_ranks_equal_one_rank(shards, ref, tmp_path):
     for k in r:
         torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
     torch.testing.assert_close(two["last_loss"], ref["last_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_equal_one_rank_with_micro_batches_across_readers(shards, tmp_path):
+    """Micro-batches of 8 (two readers' shares): 2 per step on one rank, 1 per rank on two."""
+    one = _harness(shards, tmp_path / "one8.pt", "--micro", "8")
+    two = _harness(shards, tmp_path / "two8.pt", "--micro", "8", "--world", "2")
+    assert int(one["accumulation"]) == 2 and int(two["accumulation"]) == 1
+    w, r = _weights(two), _weights(one)
+    for k in r:
+        torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
 
 
 def test_another_micro_batch_is_another_run(shards, tmp_path):

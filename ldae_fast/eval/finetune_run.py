@@ -33,18 +33,20 @@ class FinetuneArgs:
 
 def finetune_readers(G: int, repeats: int, world_size: int, num_workers: int, asked: Optional[int],
                      even: bool = False) -> int:
-    """--readers when given; else the largest multiple of ranks x workers up to max(16, that unit)
-    whose share of the global batch is a whole number of repeated samples (and even when `even`:
-    MixUp / CutMix pair the images of a micro-batch)."""
+    """--readers when given; else the smallest multiple of ranks x workers >= 16 (or, failing
+    that, the largest below) whose share of the global batch is a whole number of repeated
+    samples (and even when `even`: MixUp / CutMix pair the images of a micro-batch)."""
     if asked:
         return asked
     unit = world_size * max(1, num_workers)
     step = repeats * (2 if even else 1)
-    for r in range(max(16, unit) // unit * unit, 0, -unit):
-        if G % r == 0 and (G // r) % step == 0:
-            return r
-    raise UsageError(f"--finetune-batch-size {G}: no reader count that is a multiple of {world_size} rank(s) x "
-                     f"{max(1, num_workers)} worker(s) splits it evenly; pass --readers or another batch size")
+    fits = [r for r in range(unit, G + 1, unit) if G % r == 0 and (G // r) % step == 0]
+    if not fits:
+        raise UsageError(f"--finetune-batch-size {G}: no reader count that is a multiple of {world_size} "
+                         f"rank(s) x {max(1, num_workers)} worker(s) splits it evenly; pass --readers (a "
+                         "multiple of the rank count dividing the batch) or another --num-workers")
+    big = [r for r in fits if r >= 16]
+    return big[0] if big else fits[-1]
 
 
 def recipe_of(cfg, method_name: str, encoder, over: dict) -> tuple[FinetuneRecipe, str]:

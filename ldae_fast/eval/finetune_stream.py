@@ -9,12 +9,14 @@ Data: the train shards through eval/stream.py with the fine-tune's transform (Ra
 repeated augmentation); validation resize + centre crop (a clip: its first window, the centre
 square). The global batch is G / R samples of every logical reader (R readers, G % R == 0).
 
-Micro-batches: each reader's share is cut into pieces of at most `micro_batch` samples; a rank
-runs the pieces of the readers it hosts one after the other, accumulating gradients (DDP syncs
-on the last), so G = ranks x micro-batch x accumulation whatever the machine. Each piece's
-RandomErasing, MixUp / CutMix and drop-path draws are keyed on (seed, step, reader, piece)
-(eval/ft_augment.py), so a step computes the same thing on any rank count: results differ only
-by the order of float sums.
+Micro-batches are defined on the logical readers, not on the ranks: with a micro-batch of at
+least a reader's share s = G / R, a micro-batch is the shares of g = micro // s consecutive
+readers (readers [0, g), [g, 2g), ...); with a smaller one, a piece of one reader's share. Each
+rank hosts a contiguous block of R / N readers and runs the micro-batches inside it one after the
+other, accumulating gradients (DDP syncs on the last), so G = ranks x micro-batch x accumulation
+whatever the machine. Each micro-batch's RandomErasing, MixUp / CutMix, drop-path and dropout
+draws are keyed on (seed, step, its first reader, its piece) (eval/ft_augment.py), so a step
+computes the same thing on any rank count: results differ only by the order of float sums.
 
 Checkpoints (`ckpt_dir`/finetune-<fingerprint>.pt, every `ckpt_every` steps and at the end; rank
 0 writes, atomically) hold the model, the EMA, the optimizer, the step and every logical reader's
@@ -91,13 +93,18 @@ class Ema:
             b.copy_(c)
 
 
-def pieces(share: int, micro: int) -> list[tuple[int, int]]:
-    """[lo, hi) row ranges cutting one reader's share into micro-batches of at most `micro`."""
-    return [(lo, min(lo + micro, share)) for lo in range(0, share, micro)]
+def micro_batches(readers: list[int], share: int, micro: int) -> list[tuple[int, int, int, int]]:
+    """(first reader, piece, lo, hi) of a rank's micro-batches, rows [lo, hi) of its step batch
+    (its readers' shares in order); see the module docstring."""
+    if micro >= share:
+        g = micro // share
+        return [(readers[i], 0, i * share, min(i + g, len(readers)) * share) for i in range(0, len(readers), g)]
+    return [(r, k, j * share + lo, j * share + min(lo + micro, share))
+            for j, r in enumerate(readers) for k, lo in enumerate(range(0, share, micro))]
 
 
-def check_batch(G: int, readers: int, micro: int, repeats: int, mixing: bool) -> tuple[int, int]:
-    """(share per reader, micro-batch) for global batch G, or a UsageError naming the flag."""
+def check_batch(G: int, readers: int, world_size: int, micro: int, repeats: int, mixing: bool) -> int:
+    """The share of the global batch G per reader, or a UsageError naming the flag."""
     if G % readers:
         raise UsageError(f"--finetune-batch-size {G} is not a multiple of --readers={readers}: every logical "
                          "reader gives the same share of the global batch")
@@ -105,11 +112,16 @@ def check_batch(G: int, readers: int, micro: int, repeats: int, mixing: bool) ->
     if share % repeats:
         raise UsageError(f"--finetune-batch-size {G} / --readers={readers} = {share} per reader is not a "
                          f"multiple of the recipe's repeated augmentation ({repeats} views per sample)")
-    m = min(micro, share)
-    if mixing and (m % 2 or share % 2):
-        raise UsageError(f"--micro-batch {m} and the {share} images per reader must be even: MixUp / CutMix "
-                         "pair each image of a micro-batch with another")
-    return share, m
+    per_rank = readers // max(world_size, 1)
+    if micro >= share and per_rank % (micro // share):
+        raise UsageError(f"--micro-batch {micro} spans {micro // share} readers' shares ({share} images each), "
+                         f"which does not divide the {per_rank} readers of each rank; pass a micro-batch "
+                         f"of {share} x a divisor of {per_rank}, or one below {share}")
+    m = min(micro, share) if micro < share else (micro // share) * share
+    if mixing and (m % 2 or (micro < share and share % m % 2)):
+        raise UsageError(f"--micro-batch {m} (with {share} images per reader) must give even micro-batches: "
+                         "MixUp / CutMix pair each image of a micro-batch with another")
+    return share
 
 
 def _criterion(recipe: FinetuneRecipe, num_classes: int):
@@ -198,7 +210,7 @@ def run_finetune(
     s, N, G = settings, ranks.world_size, settings.global_batch
     R = train_spec.readers
     mix, criterion = _criterion(recipe, s.num_classes)
-    share, micro = check_batch(G, R, s.micro_batch, train_spec.repeats, mix is not None)
+    share = check_batch(G, R, N, s.micro_batch, train_spec.repeats, mix is not None)
     device = module_device(model)
     erase = (RandomErasing(recipe.reprob, mode="pixel", max_count=1, device=str(device))
              if recipe.reprob > 0 else None)
@@ -247,10 +259,11 @@ def run_finetune(
     if ranks.distributed:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    train = EvalStream(train_spec, ranks.rank, N, num_workers)
-    cuts = pieces(share, micro)
+    train = EvalStream(train_spec, ranks.rank, N, num_workers, blocks=True)
+    work = micro_batches(train.readers, share, s.micro_batch)
+    micro = work[0][3] - work[0][2]
     if log is not None and ranks.main:
-        log(f"{desc}: global batch {G} = {N} rank(s) x micro-batch {micro} x {len(cuts) * R // N} "
+        log(f"{desc}: global batch {G} = {N} rank(s) x micro-batch {micro} x {len(work)} "
             f"accumulation, lr {lr:.3g} (blr {recipe.blr:g}), {recipe.epochs} epochs of {spe} steps, "
             f"layer decay {recipe.layer_decay}, drop path {recipe.drop_path}")
     t0 = last = time.perf_counter()
@@ -263,11 +276,9 @@ def run_finetune(
                 g["lr"] = cur * g.get("lr_scale", 1.0)
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64)
-            work = [(j, k, lo, hi) for j in range(len(train.readers)) for k, (lo, hi) in enumerate(cuts)]
-            for n, (j, k, lo, hi) in enumerate(work):
+            for n, (reader, k, lo, hi) in enumerate(work):
                 sync = n == len(work) - 1 or not ranks.distributed
-                reader = train.readers[j]
-                rows = slice(j * share + lo, j * share + hi)
+                rows = slice(lo, hi)
                 with (nullcontext() if sync else net.no_sync()), keyed_rng(train_spec.seed, TAG_BATCH, step,
                                                                           reader, k, device=device):
                     xb = _normalize(x[rows].to(device, non_blocking=True))
@@ -314,7 +325,7 @@ def run_finetune(
     val = EvalStream(val_spec, ranks.rank, N, num_workers)
     top1, top5, nval = evaluate(model, val, micro, s.precision)
     res = dict(protocol=PROTOCOL, top1=top1, top5=top5, epochs=total / spe, steps=total, lr=lr,
-               batch_size=G, micro_batch=micro, ranks=N, accumulation=len(cuts) * R // N,
+               batch_size=G, micro_batch=micro, ranks=N, accumulation=len(work),
                layer_decay=recipe.layer_decay, drop_path=recipe.drop_path, train_images=s.num_train,
                val_images=nval, num_classes=s.num_classes, feature_dim=int(getattr(model, "num_features", 0)),
                resumed_from=step0, last_loss=loss_v, bad_samples=train.stats()["bad"])
@@ -328,4 +339,4 @@ def run_finetune(
     return res
 
 
-__all__ = ["FinetuneSettings", "run_finetune", "evaluate", "check_batch", "pieces", "Ema"]
+__all__ = ["FinetuneSettings", "run_finetune", "evaluate", "check_batch", "micro_batches", "Ema"]

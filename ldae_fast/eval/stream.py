@@ -109,10 +109,15 @@ def split_spec(cfg, split: str, *, augment: bool, readers: int = 16, seed: int =
                      d.max_bad_fraction, d.max_image_pixels, d.num_classes, readers, **extra)
 
 
-def readers_of_rank(spec: SplitSpec, rank: int, world_size: int) -> list[int]:
+def readers_of_rank(spec: SplitSpec, rank: int, world_size: int, blocks: bool = False) -> list[int]:
+    """The logical readers rank `rank` hosts: every N-th (k, k + N, ...), or with `blocks` the
+    rank's contiguous block (the fine-tune, whose micro-batches are runs of consecutive readers)."""
     if spec.readers % world_size:
         raise UsageError(f"--readers={spec.readers} is not a multiple of the {world_size} ranks: every "
                          f"rank must host as many logical readers as the others")
+    if blocks:
+        per = spec.readers // world_size
+        return list(range(rank * per, (rank + 1) * per))
     return list(range(rank, spec.readers, world_size))
 
 
@@ -317,9 +322,10 @@ class EvalStream:
     """One rank's view of a split: `steps()` (the augmented, endless, resumable stream) and
     `once()` (one deterministic pass)."""
 
-    def __init__(self, spec: SplitSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+    def __init__(self, spec: SplitSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 blocks: bool = False) -> None:
         self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.readers = readers_of_rank(spec, rank, world_size)
+        self.readers = readers_of_rank(spec, rank, world_size, blocks)
         self.num_workers = _workers_for(len(self.readers), num_workers)
         self.good = self.bad = 0
         self._counts: dict[int, tuple[int, int]] = {}
