@@ -101,6 +101,19 @@ def test_two_ranks_equal_one_rank_with_micro_batches_across_readers(shards, tmp_
         torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
 
 
+def test_resume_on_another_rank_count(shards, ref, tmp_path):
+    """Positions are per logical reader and micro-batches are defined on the readers: a fine-tune
+    stopped on 1 rank continues on 2 with the same steps (float sums in another order)."""
+    ck = tmp_path / "ck"
+    part = _harness(shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "4")
+    assert int(part["stopped_at"]) == 4
+    res = _harness(shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--world", "2")
+    assert int(res["resumed_from"]) == 4
+    w, r = _weights(res), _weights(ref)
+    for k in r:
+        torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
 def test_another_micro_batch_is_another_run(shards, tmp_path):
     """The micro-batch keys the per-piece draws (mixup, erasing, drop path), so it is part of the
     checkpoint's fingerprint: a rerun with another split does not resume the old one."""

@@ -9,8 +9,10 @@ epochs, layer-wise lr decay 0.85 for B (12 blocks) and 0.65 for L (24 blocks), M
 1.0, RandAug (9, 0.5), EMA 0.9999. What the paper does not state is MAE's: label smoothing 0.1,
 RandomErasing 0.25, 5 warm-up epochs then half-cycle cosine to 1e-6, AdamW (0.9, 0.999).
 
-Input: the normalised (M, 3, H, W) arrays of `build_eval_arrays`; training images go back to uint8
-pixels once so the PIL-based augmentations see what they were tuned on.
+Input here: the normalised (M, 3, H, W) arrays of `build_eval_arrays` (synthetic data and
+`--in-memory`, one process); training images go back to uint8 pixels once so the PIL-based
+augmentations see what they were tuned on. Shards take the streaming, data-parallel, resumable
+path with the same recipe: eval/finetune_stream.py.
 """
 
 from __future__ import annotations

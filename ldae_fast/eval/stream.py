@@ -28,6 +28,12 @@ decode is skipped and the reader's next one takes its place in the chunk.
 
 Position: per reader (epoch, samples out of its shuffle buffer in that epoch); a resumed reader
 replays its epoch up to there without decoding (so the buffer refills exactly) and continues.
+
+The fine-tune's fields: `rand_augment` (timm's RandAugment after the crop and flip, its draws
+keyed like them, eval/ft_augment.py), `repeats` (views of each sample side by side, view k > 0
+keyed on (epoch, reader, index, k)), `clip_frames` (clip shards, data/video.py's layout: one box
+and flip for all frames of a window). The fine-tune hosts contiguous blocks of readers per rank
+(`blocks`), because its micro-batches are runs of consecutive readers.
 """
 
 from __future__ import annotations
