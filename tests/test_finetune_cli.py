@@ -12,9 +12,9 @@ from eval_shards import write_split
 from test_finetune_stream import _write_clip_split
 
 from ldae_fast.config import DIFFMAE_FINETUNE, build_config
+from ldae_fast.errors import UsageError
 from ldae_fast.eval import driver
 from ldae_fast.eval.finetune import FinetuneRecipe, recipe_for_method
-from ldae_fast.errors import UsageError
 from ldae_fast.eval.finetune_run import finetune_readers
 from ldae_fast.eval.finetune_stream import check_batch, micro_batches
 from ldae_fast.eval.finetune_video import ClipClassifier
