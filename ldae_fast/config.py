@@ -598,7 +598,8 @@ class EngineConfig:
 @dataclass
 class EvalConfig:
     probe: bool = True
-    """Run the quick linear probe at the end of training."""
+    """Run the quick linear probe (and kNN) at the end of training: demo presets and synthetic data
+    only; other runs print the `ldae-fast eval` line that evaluates them."""
     probe_epochs: int = 90
     """Linear-probe epochs (MAE protocol: 90)."""
     probe_blr: float = 0.1
@@ -610,7 +611,8 @@ class EvalConfig:
     knn_k: str = "20,200"
     """Neighbour counts of the kNN classifier."""
     figure: bool = True
-    """Write the clean / noisy / denoised figure at the end of training."""
+    """Write the method's figure at the end of training (demo presets and synthetic data, as
+    eval.probe)."""
     figure_sigmas: str = "0.2,0.6,1.0,1.4"
     """Noise levels (sigma) of the figure's columns."""
     probe_t: int = 10

@@ -228,7 +228,12 @@ def _main(argv: list[str]) -> int:
         pretraining.update(loss_first=first, loss_last=last, images_per_s=result.images_per_s)
         print(f"pretraining done in {pretraining['seconds']:.0f}s: loss {first:.4f} -> {last:.4f}, "
               f"{result.images_per_s:.0f} images/s, checkpoint {result.checkpoint}")
-    if is_main and (cfg.preset.endswith("demo") or cfg.data.source == "synthetic") and (cfg.eval.figure or cfg.eval.probe):
+    small = cfg.preset.endswith("demo") or cfg.data.source == "synthetic"
+    if is_main and not small and (cfg.eval.figure or cfg.eval.probe):
+        # The in-RAM epilogue is sized for the demos; a run on the user's shards may be ImageNet.
+        print(f"figure and linear probe skipped: they run at the end of demo presets and synthetic data; "
+              f"evaluate this run with `ldae-fast eval --checkpoint {cfg.engine.out_dir}` (docs/eval.md)")
+    if is_main and small and (cfg.eval.figure or cfg.eval.probe):
         if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3 and result.checkpoint is not None:
             # Under ZeRO-3 the in-memory model holds only this rank's shard: evaluate the saved one.
             from .eval.reader import load_for_eval

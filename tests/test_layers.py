@@ -29,6 +29,7 @@ LAYERS = {
     "ldae_fast.device": 1,  # device, autocast, eval mode: shared by engine, methods, eval, bench
     "ldae_fast.tokenizer_kinds": 1,  # the tokenizer names, torch-free: config validates against them
     "ldae_fast.shard_urls": 1,  # shard URL grammar + trust rule, pure strings: config and data read it
+    "ldae_fast.lazy": 1,  # PEP 562 lazy exports of the data and eval packages
     "ldae_fast.kernels": 2,
     "ldae_fast.config": 2,
     "ldae_fast.tokenizers": 3,

@@ -396,6 +396,23 @@ def test_pretraining_on_unlabelled_user_shards_from_the_demo_preset_exits_0(tmp_
     assert ("has no .cls label" in skipped[0]) if val else ("data.val_shards" in skipped[0])
 
 
+def test_a_non_demo_preset_on_shards_says_how_to_evaluate_instead_of_skipping_silently(tmp_path, capsys):
+    from ldae_fast.train import main
+
+    url = _unlabelled_shard(tmp_path / "mine-0.tar")
+    over = {**TINY, "eval.probe": "true", "eval.figure": "true", "data.epoch_size": "16", "data.num_workers": "0"}
+    argv = ["--preset", "tiny-imagenet"] + [
+        f"--{k}={v}" for k, v in {**over, "engine.out_dir": tmp_path / "run", "engine.steps": 1,
+                                  "data.source": "wds", "data.train_shards": url, "data.val_shards": url,
+                                  "data.img_size": 16, "data.batch_size": 4}.items()]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    skipped = [ln for ln in out.splitlines() if "skipped" in ln]
+    assert len(skipped) == 1 and f"ldae-fast eval --checkpoint {tmp_path / 'run'}" in skipped[0], out
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 # 9. One probe protocol: eval on the demo's checkpoint prints the demo's number, and says how -----
 def test_eval_on_a_demo_checkpoint_reproduces_the_demos_probe_number(tmp_path, capsys):
     import re

@@ -13,7 +13,7 @@ Entry points for the rest of the package:
 - `write_shards` and the `ldae-fast make-shards` CLI (`shards.main`).
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # name -> submodule. Imported on first use (PEP 562), so `ldae-fast make-shards --help` and the
 # light modules (urls, shards) do not pay for torch.
@@ -30,16 +30,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [

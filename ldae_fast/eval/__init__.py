@@ -1,7 +1,7 @@
 """Evaluation: linear probe (full and fast), kNN, fine-tuning, the method's figure, and the
 `ldae-fast eval` driver that runs them beside a random-weights baseline."""
 
-import importlib
+from ..lazy import lazy_exports
 
 # name -> submodule, imported on first use (PEP 562): `ldae-fast eval --help` and
 # `ldae-fast ablate --help` answer before torch is imported.
@@ -10,16 +10,7 @@ _EXPORTS = {"LARS": "lars", "extract_features": "features", "knn_classify": "knn
                             "linear_probe")}
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [

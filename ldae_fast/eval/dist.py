@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -92,10 +92,22 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(k)] for p, k in zip(parts, ns)])
 
 
+def spread(items: list, fn: Callable[[list], list]) -> list:
+    """fn over `items` shared out by rank (rank r takes items r, r + N, ...), every rank given all
+    the results in item order. For independent work, such as one probe head set per store: fn's
+    answer for an item must not depend on which other items it was given."""
+    r = current()
+    mine = fn(items[r.rank::r.world_size]) if items[r.rank::r.world_size] else []
+    out: list = [None] * len(items)
+    for rank, got in enumerate(all_gather_objects(mine)):
+        out[rank::r.world_size] = got
+    return out
+
+
 def barrier() -> None:
     if current().distributed:
         dist.barrier()
 
 
 __all__ = ["Ranks", "init_from_env", "current", "all_sum", "all_gather_same", "all_gather_objects", "all_gather_rows",
-           "barrier"]
+           "barrier", "spread"]

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--blrs", default=None,
                     help="linear-fast: comma-separated base lrs, one head each, chosen on a held-out "
                          "10%% of train (default 0.01,0.03,0.1,0.3,1, or --blr alone)")
+    sc.add_argument("--probe-depths", default=None,
+                    help="linear-fast: sweep the probe over these block depths k (comma-separated, 0: all "
+                         "the encoder's; l-DAE App. A: 9,10,11,12,13,14,15), every k read from one forward "
+                         "per image and t; one store and one row per (k, t), and an App. A table (sweep.md)")
+    sc.add_argument("--probe-ts", default=None,
+                    help="linear-fast: sweep the probe over these noise steps t (l-DAE App. A: 0,10,20,40,80); "
+                         "one forward per image and t (t changes what every block reads)")
     sc.add_argument("--holdout", type=finite_float, default=0.1,
                     help="linear-fast: fraction of train held out to pick the lr")
     sc.add_argument("--knn-rows", default="raw,centred,whitened",
@@ -135,6 +142,25 @@ def _with_probe_flags(cfg, args):
         return cfg
     ev = EvalConfig(**{**dataclasses.asdict(cfg.eval), **over})
     return dataclasses.replace(cfg, eval=ev)
+
+
+def _sweep_plans(args, models, cfg, method, device, streamed, protocols) -> dict:
+    """--probe-depths / --probe-ts: the sweep (eval/sweep.py) of every encoder but the pixels."""
+    if args.probe_depths is None and args.probe_ts is None:
+        return {}
+    from .sweep import parse_ints, plan
+
+    if "linear-fast" not in protocols:
+        raise EvalError("--probe-depths / --probe-ts sweep the linear-fast probe: add linear-fast to --protocols")
+    if "linear-fast" not in streamed:
+        raise EvalError("--probe-depths / --probe-ts write the feature store, which reads shards: pass --data "
+                        "with shards and without --in-memory")
+    try:
+        depths = parse_ints("--probe-depths", args.probe_depths)
+        ts = parse_ints("--probe-ts", args.probe_ts)
+        return {name: plan(m, cfg, method, depths, ts, device) for name, m in models}
+    except ValueError as e:
+        raise EvalError(str(e) if str(e).startswith("--") else f"--probe-depths / --probe-ts: {e}") from None
 
 
 def _probe_view(model, cfg, method, device):
@@ -320,6 +346,8 @@ def run(args) -> dict:
     if probing:
         log(f"probe: {probe_note(cfg)}")
 
+    sweeps = _sweep_plans(args, models, cfg, method, device, streamed, protocols)
+    sweep_records: list[dict] = []
     bs = args.batch_size or cfg.eval.probe_batch_size
     blr = args.blr or cfg.eval.probe_blr
     ks = [int(k) for k in (args.knn_k or cfg.eval.knn_k).split(",") if k.strip()]
@@ -356,7 +384,11 @@ def run(args) -> dict:
             names = [n for n, _ in encoders] + (["pixels"] if "pixels" in runner.views and proto != "linear" else [])
             for name in names:
                 log(f"== {proto} on {name} (streamed)")
-                if proto == "linear-fast":
+                if proto == "linear-fast" and name in sweeps:
+                    recs = runner.linear_fast_sweep(name, sweeps[name], args.epochs or cfg.eval.probe_epochs, bs)
+                    sweep_records += recs
+                    got = [(f"{FAST_PROTOCOL} k={r['k'] or 'all'} t={r['t']}", name, r) for r in recs]
+                elif proto == "linear-fast":
                     got = runner.linear_fast(name, args.epochs or cfg.eval.probe_epochs, bs)
                 elif proto == "knn":
                     got = runner.knn(name, ks)
@@ -462,10 +494,20 @@ def run(args) -> dict:
                      "unit variance, 'pca N rows' keep the top N; all L2-normalised.")
     if figure_path:
         notes.append(f"Figure: {figure_path}")
-    md = "\n\n".join([f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]) + "\n"
+    parts = [f"# Evaluation of {args.checkpoint}", "\n".join(notes), table]
+    sweep = {}
+    if sweep_records:
+        from .sweep import sweep_report
+
+        sweep = sweep_report(sweep_records, cfg)
+        parts += ["## Probe sweep over depth k and noise step t", sweep["markdown"]]
+        (out / "sweep.md").write_text(f"# Probe sweep of {args.checkpoint}\n\n{sweep['markdown']}\n")
+        print(sweep["markdown"], flush=True)
+    md = "\n\n".join(parts) + "\n"
     (out / "eval.md").write_text(md)
     (out / "eval.json").write_text(json.dumps(dict(meta, rows=rows, figure=str(figure_path or ""),
-                                                   config=cfg.to_dict()), indent=2) + "\n")
+                                                   sweep=sweep.get("json", []), config=cfg.to_dict()),
+                                              indent=2) + "\n")
     print(table, flush=True)
     log(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
     edist.barrier()
@@ -554,8 +596,8 @@ def _rank_device(name: str):
 
 
 def _streaming_runner(cfg, args, views, out: Path, device, log):
-    from .features import probe_sigma
     from .scale import ScaleArgs, StreamingEval
+    from .sweep import probe_key as sweep_probe_key
 
     try:
         blrs = tuple(float(b) for b in args.blrs.split(",") if b.strip()) if args.blrs else None
@@ -583,8 +625,7 @@ def _streaming_runner(cfg, args, views, out: Path, device, log):
                    store_dtype=args.store_dtype, blrs=blrs, holdout=args.holdout, knn_rows=kinds,
                    probe_dir=Path(args.probe_dir) if args.probe_dir else out / "probe",
                    ckpt_every=args.probe_ckpt_every)
-    e = cfg.eval
-    probe_key = dict(sigma=probe_sigma(cfg), input=e.probe_input, depth=e.probe_depth)
+    probe_key = sweep_probe_key(cfg)
     return StreamingEval(cfg, dict(views), probe_key, sa, pool=args.pool, seed=args.seed, device=device,
                          max_train=args.max_train_images, max_val=args.max_val_images, log=log)
 

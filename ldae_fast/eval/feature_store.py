@@ -8,10 +8,12 @@ Layout of one store, `<root>/<key>/`:
     <split>-part<rank>.id         int64 (n, 2): (shard index, ordinal in the shard)
 
 `key` is a hash of the manifest's settings: the encoder's weights (a hash of its tensors, so a
-checkpoint and any copy of it agree), the probe view (t, sigma, input, depth), pooling, image
+checkpoint and any copy of it agree), the probe view (t, sigma, input, depth k), pooling, image
 size, the shard list and image cap, the dtype. Any change gives another key, so a stale store is
 never read; a store without `complete` (a killed pass) is written again. Each rank writes its own
-part; a store written by N ranks is read by any number of them (parts go round-robin).
+part; a store written by N ranks is read by any number of them (parts go round-robin). A probe
+sweep writes one store per (k, t) from one pass over the images (`write_stores`), under the key
+a single probe at that (k, t) gives, so either reuses the other's.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,34 +118,9 @@ class FeatureStore:
               ) -> None:
         """Run every split's (features, labels, ids) chunks of this rank into its part files;
         rank 0 writes the manifest once all ranks are done."""
-        r = edist.current()
-        if r.main:
-            if self.dir.exists():
-                shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True)
-        edist.barrier()
-        tdt, _ = DTYPES[self.dtype]
-        counts: dict[str, int] = {}
-        dim = 0
-        for split, chunks in split_chunks.items():
-            n = 0
-            base = self.dir / f"{split}-part{r.rank:05d}"
-            with open(f"{base}.feat", "wb") as ff, open(f"{base}.label", "wb") as fl, open(f"{base}.id", "wb") as fi:
-                for f, y, ids in chunks():
-                    dim = int(f.shape[1])
-                    ff.write(f.detach().to("cpu", tdt).contiguous().view(torch.int16).numpy().tobytes())
-                    fl.write(y.to(torch.int64).numpy().tobytes())
-                    fi.write(ids.to(torch.int64).numpy().tobytes())
-                    n += int(f.shape[0])
-            counts[split] = n
-        dims = [d for d in (p.get("dim") for p in edist.all_gather_objects({"dim": dim})) if d]
-        parts = edist.all_gather_objects(counts)
-        if r.main:
-            m = dict(settings=self.settings, dim=max(dims) if dims else 0, parts=parts, complete=True)
-            tmp = self.manifest_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(m, indent=1))
-            os.replace(tmp, self.manifest_path)
-        edist.barrier()
+        def one(chunks):
+            return lambda: (([f], y, ids) for f, y, ids in chunks())
+        write_stores([self], {split: one(chunks) for split, chunks in split_chunks.items()})
 
     def read(self, split: str, rank: int = 0, world_size: int = 1) -> SplitRows:
         """The parts of `split` that rank `rank` of `world_size` reads (all parts: 0 of 1)."""
@@ -165,4 +143,47 @@ class FeatureStore:
         return SplitRows(feats, lab, idv, self.dtype, dim)
 
 
-__all__ = ["FeatureStore", "SplitRows", "weights_hash", "store_key", "DTYPES"]
+def write_stores(stores: Sequence[FeatureStore],
+                 split_chunks: dict[str, Callable[[], Iterator[tuple[Sequence[torch.Tensor], torch.Tensor, torch.Tensor]]]],
+                 ) -> None:
+    """Several stores from one pass: every chunk carries one feature block per store (in the
+    order of `stores`) for the same images, so the rows of all stores line up. This rank writes
+    its part of each; rank 0 writes each manifest once all ranks are done."""
+    r = edist.current()
+    if r.main:
+        for st in stores:
+            if st.dir.exists():
+                shutil.rmtree(st.dir)
+            st.dir.mkdir(parents=True)
+    edist.barrier()
+    counts: dict[str, int] = {}
+    dims = [0] * len(stores)
+    for split, chunks in split_chunks.items():
+        n = 0
+        with ExitStack() as files:
+            out = [tuple(files.enter_context(open(f"{st.dir / f'{split}-part{r.rank:05d}'}.{ext}", "wb"))
+                         for ext in ("feat", "label", "id")) for st in stores]
+            for feats, y, ids in chunks():
+                if len(feats) != len(stores):
+                    raise ValueError(f"a chunk of {len(feats)} feature blocks for {len(stores)} stores")
+                y_bytes = y.to(torch.int64).numpy().tobytes()
+                id_bytes = ids.to(torch.int64).numpy().tobytes()
+                for j, (st, f, (ff, fl, fi)) in enumerate(zip(stores, feats, out)):
+                    dims[j] = int(f.shape[1])
+                    ff.write(f.detach().to("cpu", DTYPES[st.dtype][0]).contiguous().view(torch.int16).numpy().tobytes())
+                    fl.write(y_bytes)
+                    fi.write(id_bytes)
+                n += int(y.shape[0])
+        counts[split] = n
+    all_dims = edist.all_gather_objects(dims)
+    parts = edist.all_gather_objects(counts)
+    if r.main:
+        for j, st in enumerate(stores):
+            m = dict(settings=st.settings, dim=max(d[j] for d in all_dims), parts=parts, complete=True)
+            tmp = st.manifest_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(m, indent=1))
+            os.replace(tmp, st.manifest_path)
+    edist.barrier()
+
+
+__all__ = ["FeatureStore", "write_stores", "SplitRows", "weights_hash", "store_key", "DTYPES"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..device import autocast_dtype, autocast_for, eval_mode
-from ..methods.probe import POOLS, ProbeView, feature_dim, pool_features  # noqa: F401 (re-exported)
+from ..methods.probe import POOLS, ProbeView, feature_dim, pool_features, pooled_at_depths  # noqa: F401 (re-exported)
 
 Log = Optional[Callable[[str], None]]
 
@@ -96,6 +96,13 @@ class DitPrefix(nn.Module):
             raise ValueError(f"pool={pool!r}: the 'dit' layout has no class token (use pool='avg')")
         tokens, c = self.encoder.encode(x, sigma)
         return _run_blocks(self.blocks, tokens, c).mean(dim=1)
+
+    def pooled_depths(self, x: torch.Tensor, depths, pool: str = "avg", sigma=None) -> list[torch.Tensor]:
+        """Features after each of `depths` blocks, counted over the encoder's and then the
+        decoder's, from one forward."""
+        if pool != "avg":
+            raise ValueError(f"pool={pool!r}: the 'dit' layout has no class token (use pool='avg')")
+        return pooled_at_depths(self.encoder, x, depths, pool, sigma, more_blocks=self.blocks)
 
 
 def probe_encoder(model: nn.Module, cfg) -> nn.Module:

@@ -15,6 +15,7 @@ data-parallel under torchrun, with the raw-pixel floor beside the random-init on
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +29,7 @@ from ldae_fast.data.transforms import normalize
 from ..device import autocast_for, eval_mode
 from . import dist as edist
 from .fast_heads import DEFAULT_BLRS, train_heads
-from .feature_store import FeatureStore, weights_hash
+from .feature_store import FeatureStore, weights_hash, write_stores
 from .features import Log, feature_dim, pool_features
 from .knn_sharded import knn_sharded
 from .linear_probe import FAST_PROTOCOL
@@ -88,10 +89,11 @@ class StreamingEval:
         self._classes: Optional[int] = None
         self._spectra: dict[str, dict] = {}
         self.counts = {"train": 0, "val": 0}
+        self._hashes: dict[tuple, str] = {}
 
     # The feature store ----------------------------------------------------------------------
-    def _store_settings(self, name: str, view: nn.Module) -> dict:
-        return dict(encoder=weights_hash(view), kind=type(view).__name__, probe=self.probe_key, pool=self.pool,
+    def _store_settings(self, view: nn.Module, probe_key: dict) -> dict:
+        return dict(encoder=self._weights_hash(view), kind=type(view).__name__, probe=probe_key, pool=self.pool,
                     img_size=self.cfg.data.img_size, train=list(self.train_flat.urls),
                     val=list(self.val.urls), max_train=self.max_train, max_val=self.max_val,
                     readers=self.sa.readers, transform="resize + centre crop")
@@ -101,7 +103,7 @@ class StreamingEval:
             return self.stores[name]
         view = self.views[name]
         root = self.sa.store_root or Path("runs") / "features"
-        st = FeatureStore(root, self._store_settings(name, view), self.sa.store_dtype)
+        st = FeatureStore(root, self._store_settings(view, self.probe_key), self.sa.store_dtype)
         t0 = time.perf_counter()
         # Rank 0 decides for all: ranks that disagreed would wait in different collectives.
         if edist.all_gather_objects(st.complete())[0]:
@@ -121,22 +123,93 @@ class StreamingEval:
         self.log_store(name, st)
         return st
 
+    def _weights_hash(self, view: nn.Module) -> str:
+        """weights_hash, once per set of tensors: the views of one sweep share their encoder, and
+        the weights stay frozen for the whole evaluation."""
+        sd = view.state_dict()
+        ident = tuple((n, t.data_ptr(), tuple(t.shape), str(t.dtype)) for n, t in sd.items())
+        if ident not in self._hashes:
+            self._hashes[ident] = weights_hash(view)
+        return self._hashes[ident]
+
+    def sweep_stores(self, name: str, passes) -> dict[tuple[int, int], FeatureStore]:
+        """The (k, t) stores of a probe sweep (eval/sweep.py) of encoder `name`: the missing ones
+        written from one pass over the images, one forward per image and t."""
+        from .sweep import read_pass
+
+        root = self.sa.store_root or Path("runs") / "features"
+        stores = {(en.k, en.t): FeatureStore(root, self._store_settings(en.view, en.probe_key), self.sa.store_dtype)
+                  for p in passes for en in p.entries}
+        t0 = time.perf_counter()
+        # Rank 0 decides for all (see `store`).
+        done = edist.all_gather_objects({kt: st.complete() for kt, st in stores.items()})[0]
+        todo = [(p, [en for en in p.entries if not done[(en.k, en.t)]]) for p in passes]
+        todo = [(p, ens) for p, ens in todo if ens]
+        if self.log and self.ranks.main:
+            n_new = sum(len(ens) for _, ens in todo)
+            self.log(f"{name}: probe sweep of {len(stores)} (k, t) stores: reusing {len(stores) - n_new}, "
+                     + (f"writing {n_new} from one pass over the images, {len(todo)} forward(s) per image"
+                        if n_new else "nothing to write"))
+        if todo:
+            order = [stores[(en.k, en.t)] for _, ens in todo for en in ens]
+            d = self.cfg.data
+            n_train = self.max_train or (d.epoch_size if d.epoch_size > 1 else 0)
+
+            views = [p.view for p, _ in todo]
+
+            def read(xb):
+                return [f.float() for p, ens in todo for f in read_pass(p, xb, self.pool, ens)]
+
+            def chunks(spec, desc, total):
+                return lambda: self._features(views, spec, desc, total, read=read)
+            write_stores(order, {"train": chunks(self.train_flat, f"{name} sweep train", n_train),
+                                 "val": chunks(self.val, f"{name} sweep val", self.max_val or 0)})
+        self.extract_seconds[f"{name} sweep"] = time.perf_counter() - t0
+        return stores
+
+    def linear_fast_sweep(self, name: str, passes, epochs: int, batch_size: int) -> list[dict]:
+        """Heads for every (k, t, lr) of a sweep in one pass over its stores, the (k, t) entries
+        shared out over the ranks (each entry's heads train as they would alone); one record per
+        (k, t)."""
+        from .fast_heads import train_heads_many
+
+        stores = self.sweep_stores(name, passes)
+        entries = [en for p in passes for en in p.entries]
+        C = self.num_classes(stores[(entries[0].k, entries[0].t)])
+
+        def fit(mine):
+            rows = [(stores[(en.k, en.t)].read("train"), stores[(en.k, en.t)].read("val")) for en in mine]
+            return train_heads_many(rows, num_classes=C, blrs=self.sa.blrs, epochs=epochs, batch_size=batch_size,
+                                    holdout=self.sa.holdout, seed=self.seed, device=self.device, log=self.log,
+                                    descs=[f"linear-fast/{name} k={en.k} t={en.t}" for en in mine])
+        results = edist.spread(entries, fit)
+        tr, va = stores[(entries[0].k, entries[0].t)].read("train"), stores[(entries[0].k, entries[0].t)].read("val")
+        self.counts = {"train": len(tr), "val": len(va)}
+        total = self.extract_seconds[f"{name} sweep"] + max((r["seconds"] for r in results), default=0.0)
+        return [dict(res, k=en.k, t=en.t, sigma=en.sigma, input=en.input, encoder=name, seconds=total,
+                     forwards_per_image=len(passes))
+                for en, res in zip(entries, results)]
+
     def log_store(self, name, st) -> None:
         if self.log and self.ranks.main:
             self.log(f"{name}: {self.counts['train']} train / {self.counts['val']} val rows "
                      f"({self.extract_seconds[name]:.1f}s)")
 
-    def _features(self, view: nn.Module, spec: SplitSpec, desc: str, total: int = 0):
+    def _features(self, view: nn.Module | list[nn.Module], spec: SplitSpec, desc: str, total: int = 0, read=None):
         """(features, labels, ids) chunks of this rank's share; progress lines with images/s and,
-        when the split's size is known (`total`, all ranks), the ETA."""
+        when the split's size is known (`total`, all ranks), the ETA. `read` (images -> whatever
+        the caller stores, reading the modules `view`) replaces pooling `view`'s features."""
+        read = read or (lambda xb: pool_features(view, xb, self.pool).float())
         s = EvalStream(spec, self.ranks.rank, self.ranks.world_size, self.sa.num_workers)
         t0 = last = time.perf_counter()
         n = 0
-        with eval_mode(view):
+        with ExitStack() as modes:
+            for v in view if isinstance(view, list) else [view]:
+                modes.enter_context(eval_mode(v))
             for x, y, ids in s.once(chunk=self.sa.micro_batch):
                 xb = normalize(x.to(self.device, non_blocking=True))
                 with torch.no_grad(), autocast_for(self.device):
-                    f = pool_features(view, xb, self.pool).float()
+                    f = read(xb)
                 n += x.shape[0]
                 now = time.perf_counter()
                 if self.log and self.ranks.main and now - last > 10:
@@ -149,13 +222,15 @@ class StreamingEval:
                     last = now
                 yield f, y, ids
 
-    def num_classes(self) -> int:
+    def num_classes(self, store: Optional[FeatureStore] = None) -> int:
+        """data.num_classes, else 1 + the largest label of `store` or of a store already read,
+        else of a scan of the shards."""
         if self._classes is None:
             d = self.cfg.data
             if d.num_classes > 0:
                 self._classes = d.num_classes
-            elif self.stores:
-                st = next(iter(self.stores.values()))
+            elif store is not None or self.stores:
+                st = store or next(iter(self.stores.values()))
                 labs = [st.read(s).labels for s in ("train", "val")]
                 self._classes = int(max(int(v.max()) for v in labs if v.size) + 1)
             else:

@@ -75,6 +75,16 @@ def _nonfinite(what: str, step: int, lr: float) -> FloatingPointError:
     )
 
 
+def _report(progress: Progress, what: str, step: int, iters: int, loss: torch.Tensor, met: dict) -> None:
+    progress(f"  {what} it {step:>6}/{iters}  loss {loss.item():.5g}  "
+             f"signal {met['signal']:.4g}  noise {met['noise']:.4g}  ratio {met['ratio']:.4g}")
+
+
+def _result(cfg, history: list[dict], t0: float, W: torch.Tensor, **extra) -> dict:
+    return {"config": asdict(cfg), "history": history, "final": history[-1],
+            "seconds": time.perf_counter() - t0, **extra, "W": W}
+
+
 def train_diffusion(
     data: TwoPatchData,
     cfg: DiffusionConfig,
@@ -106,21 +116,10 @@ def train_diffusion(
                 increases += 1
             history.append({"iter": step, "loss": lv, **nets.feature_metrics(W, x)})
         if progress and progress_every and step % progress_every == 0:
-            met = nets.feature_metrics(W, x)
-            progress(
-                f"  diffusion it {step:>6}/{cfg.iters}  loss {loss.item():.5g}  "
-                f"signal {met['signal']:.4g}  noise {met['noise']:.4g}  ratio {met['ratio']:.4g}"
-            )
+            _report(progress, "diffusion", step, cfg.iters, loss, nets.feature_metrics(W, x))
         if step < cfg.iters:
             W = W - cfg.lr * grad
-    return {
-        "config": asdict(cfg),
-        "history": history,
-        "final": history[-1],
-        "seconds": time.perf_counter() - t0,
-        "loss_increases": increases,
-        "W": W,
-    }
+    return _result(cfg, history, t0, W, loss_increases=increases)
 
 
 def train_classifier(
@@ -150,17 +149,7 @@ def train_classifier(
                 rec["test_acc"] = nets.accuracy(W, test.x, test.y)
             history.append(rec)
         if progress and progress_every and step % progress_every == 0:
-            met = nets.feature_metrics(W, x, y)
-            progress(
-                f"  classifier it {step:>5}/{cfg.iters}  loss {loss.item():.5g}  "
-                f"signal {met['signal']:.4g}  noise {met['noise']:.4g}  ratio {met['ratio']:.4g}"
-            )
+            _report(progress, "classifier", step, cfg.iters, loss, nets.feature_metrics(W, x, y))
         if step < cfg.iters:
             W = W - cfg.lr * grad
-    return {
-        "config": asdict(cfg),
-        "history": history,
-        "final": history[-1],
-        "seconds": time.perf_counter() - t0,
-        "W": W,
-    }
+    return _result(cfg, history, t0, W)

@@ -3,7 +3,7 @@ builds (a fixed conditioning, a cut after k blocks, the input as the method nois
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,25 @@ def pool_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> tor
     return tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(1)
 
 
+def pooled_at_depths(encoder: nn.Module, x: torch.Tensor, depths: Sequence[int], pool: str = "avg",
+                     sigma=None, more_blocks: Sequence[nn.Module] = ()) -> list[torch.Tensor]:
+    """Pooled features after each of `depths` blocks from one forward: the encoder's blocks then
+    `more_blocks` (a 'dit' decoder's first blocks continue the same tokens), read through the
+    encoder's own `pool_tokens` at every depth asked. Each depth's features are the ones a forward
+    cut at that depth gives (the same operations on the same tensors)."""
+    want = [int(k) for k in depths]
+    blocks = [*encoder.blocks, *more_blocks]
+    if not want or min(want) < 1 or max(want) > len(blocks):
+        raise ValueError(f"depths {want}: this network has blocks 1..{len(blocks)} to read")
+    tokens, c = encoder.embed(x, sigma)
+    taps: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(blocks[:max(want)], start=1):
+        tokens = blk(tokens, c)
+        if i in want:
+            taps[i] = encoder.pool_tokens(tokens, pool)
+    return [taps[k] for k in want]
+
+
 def feature_dim(encoder: nn.Module) -> int:
     return int(getattr(encoder, "num_features", 0) or getattr(encoder, "embed_dim", 0))
 
@@ -48,7 +67,9 @@ class ProbeView(nn.Module):
         self.num_features = feature_dim(encoder)
         self._calls = 0
 
-    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """The image as the encoder takes it: noised at this view's level (the next fixed draw),
+        or as latent tokens, or unchanged."""
         B = x.shape[0]
         if self.noisy_input is not None:
             g = torch.full((B,), self.gamma, device=x.device)
@@ -57,6 +78,24 @@ class ProbeView(nn.Module):
             self._calls += 1
         elif self.tokens is not None:
             x = self.tokens(x.float()).to(x.dtype)
+        return x
+
+    def pooled_depths(self, x: torch.Tensor, depths: Sequence[int], pool: str = "avg") -> list[torch.Tensor]:
+        """Features after each of `depths` blocks (0: all the encoder's), at this view's sigma and
+        input, from one forward when the encoder exposes its blocks (`embed`, `pool_tokens`, or its
+        own `pooled_depths`); else one forward per depth."""
+        x = self._input(x)
+        n = len(getattr(self.encoder, "blocks", ()))
+        ks = [int(k) or n for k in depths]
+        sigma = self.sigma or None
+        if hasattr(self.encoder, "pooled_depths"):
+            return self.encoder.pooled_depths(x, ks, pool=pool, sigma=sigma)
+        if hasattr(self.encoder, "embed") and hasattr(self.encoder, "pool_tokens"):
+            return pooled_at_depths(self.encoder, x, ks, pool, sigma)
+        return [self.encoder.pooled(x, pool=pool, **({"sigma": sigma} if sigma else {}), depth=k) for k in ks]
+
+    def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        x = self._input(x)
         if not hasattr(self.encoder, "pooled"):
             return pool_features(self.encoder, x, pool)
         kw = {}

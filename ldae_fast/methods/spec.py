@@ -54,6 +54,10 @@ class MethodSpec:
     method's network shape: a resume that changes one is refused (engine.guard)."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""
+    paper_probe_sweep: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}
+    """cfg -> the paper's linear-probe top-1 over probe depth k and probe t, beside a probe sweep's
+    own: {'source': where and at what scale, 'matches': whether cfg is that network, 'top1':
+    {(k, t, input): top-1}}; empty where the paper printed none."""
 
 
 def encoder_decoder_params(build: Callable[[], Any]) -> dict[str, int]:

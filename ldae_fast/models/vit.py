@@ -177,10 +177,8 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         return _add_label(self.sigma_embed(_sigma_vector(sigma, batch, ref)), self.label_embed, labels,
                           batch, ref)
 
-    def encode(self, x: torch.Tensor, sigma=None, labels=None,
-               depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, C, H, W) -> (tokens after the blocks, before the final norm; c), c the conditioning
-        vector the blocks read (None with cond='none'): what the 'dit' decoder continues from."""
+    def embed(self, x: torch.Tensor, sigma=None, labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) -> (tokens before the first block, c): what `encode` runs the blocks on."""
         B = x.shape[0]
         pos = self.pos_embed.to(x.dtype)
         p = self.num_prefix_tokens
@@ -188,7 +186,13 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         if self.cls_token is not None:
             cls = (self.cls_token + pos[:, :1]).expand(B, -1, -1)
             tokens = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
-        c = self.embed_sigma(sigma, B, x, labels)
+        return tokens, self.embed_sigma(sigma, B, x, labels)
+
+    def encode(self, x: torch.Tensor, sigma=None, labels=None,
+               depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) -> (tokens after the blocks, before the final norm; c), c the conditioning
+        vector the blocks read (None with cond='none'): what the 'dit' decoder continues from."""
+        tokens, c = self.embed(x, sigma, labels)
         blocks = self.blocks if not depth else self.blocks[:depth]
         return _run_blocks(blocks, tokens, c), c
 
@@ -206,12 +210,21 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
     def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None, depth: int = 0) -> torch.Tensor:
         """(B, width) image features: mean of the patch tokens (MAE's linear probe, l-DAE's) or the
         class token (layout 'mae' only)."""
+        self._check_pool(pool)
+        return self.pool_tokens(self.encode(x, sigma, depth=depth)[0], pool)
+
+    def _check_pool(self, pool: str) -> None:
         if pool not in ("avg", "cls"):
             raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
         if pool == "cls" and self.cls_token is None:
             raise ValueError(f"pool='cls' needs a class token; model.layout={self.layout!r} has none "
                              "(use pool='avg')")
-        tokens = self.forward_features(x, sigma, depth=depth)
+
+    def pool_tokens(self, tokens: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """Block output (before the final norm) -> (B, width): the final norm, then the mean of the
+        patch tokens or the class token; what `pooled` reads after any number of blocks."""
+        self._check_pool(pool)
+        tokens = self.norm(tokens)
         if pool == "avg":
             return tokens[:, self.num_prefix_tokens:].mean(dim=1)
         return tokens[:, 0]

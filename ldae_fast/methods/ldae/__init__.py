@@ -46,6 +46,11 @@ def _probe_note(cfg) -> str:
     return probe_note(cfg)
 
 
+def _paper_probe_sweep(cfg) -> dict:
+    from .probe import paper_probe_sweep
+    return paper_probe_sweep(cfg)
+
+
 def _rows():
     from .trajectory import ROWS
     return ROWS
@@ -53,5 +58,5 @@ def _rows():
 
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
-                  probe_sigma=_probe_sigma,
+                  probe_sigma=_probe_sigma, paper_probe_sweep=_paper_probe_sweep,
                   rows=_rows)

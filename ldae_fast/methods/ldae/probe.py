@@ -59,3 +59,28 @@ def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
         def fn(x, g, s, step):
             return method.noisy_input(x.to(md), g.to(md), s.to(md), step).to(x.device)
     return ProbeView(encoder, sigma, e.probe_depth, fn, gamma, tok)
+
+
+# l-DAE App. A (../shared/PAPERS.md): ImageNet linear-probe top-1 of DiT-L (24 blocks, the first
+# 12 the encoder) after 400 epochs, probed after k blocks and conditioned on t of 1000 steps.
+# The depth sweep is at t = 10 with clean input; the t sweep at the encoder's 12 blocks.
+APP_A_DEPTH = {9: 58.5, 10: 62.0, 11: 64.1, 12: 64.5, 13: 63.6, 14: 61.9, 15: 59.7}
+APP_A_T = {"clean": {0: 64.1, 10: 64.5, 20: 64.1, 40: 63.3, 80: 62.2},
+           "noisy": {0: 64.2, 10: 65.0, 20: 65.0, 40: 65.0, 80: 64.5}}
+
+
+def paper_probe_sweep(cfg) -> dict:
+    """The App. A numbers by (k, t, input) in this config's terms (k counts blocks from the
+    encoder's first; 0 is the encoder's 12), and whether cfg is the network they were measured on
+    (DiT-L cut at 12 blocks, 256 px, t of 1000 steps); the training (400 ImageNet epochs) the
+    config cannot tell."""
+    m = cfg.model
+    top1 = {(k, 10, "clean"): a for k, a in APP_A_DEPTH.items()}
+    for inp, row in APP_A_T.items():
+        top1.update({(12, t, inp): a for t, a in row.items()})
+    if m.encoder_depth == 12:
+        top1.update({(0, t, inp): a for (k, t, inp), a in list(top1.items()) if k == 12})
+    matches = (m.width == 1024 and m.encoder_depth == 12 and m.decoder_depth == 12 and m.layout == "dit"
+               and m.patch_size == 16 and cfg.data.img_size == 256 and cfg.noise.num_timesteps == 1000)
+    return dict(source="l-DAE App. A: DiT-L (encoder = its first 12 blocks), ImageNet, 400 epochs, "
+                       "256 px", matches=matches, top1=top1)
