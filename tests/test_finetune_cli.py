@@ -63,6 +63,12 @@ def test_image_checkpoint_fine_tunes_from_shards_and_a_rerun_resumes(tmp_path, i
     again = {(r["protocol"], r["encoder"]): r for r in json.loads((tmp_path / "e1" / "eval.json").read_text())["rows"]}
     for key, r in rows.items():
         assert again[key]["resumed_from"] == 2 and again[key]["top1"] == r["top1"]
+    # --finetune-steps only cuts the schedule short: a longer rerun continues from step 2, a
+    # shorter one is refused (resume mismatch, 7).
+    assert _eval(ckpt, image_shards, tmp_path / "e1", "--finetune-steps", "3", "--no-baseline") == 0
+    row = next(r for r in json.loads((tmp_path / "e1" / "eval.json").read_text())["rows"])
+    assert row["resumed_from"] == 2 and row["steps"] == 3
+    assert _eval(ckpt, image_shards, tmp_path / "e1", "--finetune-steps", "1", "--no-baseline") == 7
 
 
 def test_video_checkpoint_fine_tunes_on_clip_shards_with_the_kinetics_recipe(tmp_path, capsys):
@@ -141,11 +147,14 @@ def test_micro_batches_are_runs_of_readers_or_pieces_of_one():
     assert micro_batches([4, 5, 6, 7], 4, 8) == [(4, 0, 0, 8), (6, 0, 8, 16)]
     # micro 3 cuts each share into pieces 3 + 1.
     assert micro_batches([4, 5], 4, 3) == [(4, 0, 0, 3), (4, 1, 3, 4), (5, 0, 4, 7), (5, 1, 7, 8)]
-    with pytest.raises(UsageError, match="--micro-batch 12"):
-        check_batch(16, 4, 2, 12, 1, False)  # 3 readers' shares per micro-batch, 2 readers per rank
+    with pytest.raises(UsageError, match="--micro-batch 6"):
+        check_batch(16, 8, 2, 6, 1, False)  # 3 readers' shares of 2 per micro-batch, 4 readers per rank
     with pytest.raises(UsageError, match="even"):
         check_batch(16, 4, 1, 3, 1, True)
     assert check_batch(16, 4, 2, 8, 1, True) == 4
+    # Larger than a rank's part of the batch (8 of 16 on 2 ranks): cut to it.
+    assert check_batch(16, 4, 2, 256, 1, True) == 4
+    assert micro_batches([2, 3], 4, 256) == [(2, 0, 0, 8)]
 
 
 def test_errors_are_one_line_with_the_readmes_codes(tmp_path, image_shards, capsys):

@@ -11,7 +11,8 @@ square). The global batch is G / R samples of every logical reader (R readers, G
 
 Micro-batches are defined on the logical readers, not on the ranks: with a micro-batch of at
 least a reader's share s = G / R, a micro-batch is the shares of g = micro // s consecutive
-readers (readers [0, g), [g, 2g), ...); with a smaller one, a piece of one reader's share. Each
+readers (readers [0, g), [g, 2g), ...); with a smaller one, a piece of one reader's share; one larger than a rank's part of the global
+batch (G / N) is cut to it, and then the micro-batches follow the rank count. Each
 rank hosts a contiguous block of R / N readers and runs the micro-batches inside it one after the
 other, accumulating gradients (DDP syncs on the last), so G = ranks x micro-batch x accumulation
 whatever the machine. Each micro-batch's RandomErasing, MixUp / CutMix, drop-path and dropout
@@ -67,7 +68,8 @@ class FinetuneSettings:
     precision: str = "auto"
 
     def fingerprint(self, recipe: FinetuneRecipe, spec: SplitSpec, encoder_key: str) -> str:
-        r = {k: v for k, v in asdict(recipe).items() if k not in ("num_workers",)}
+        # max_steps only cuts the same trajectory short: a longer rerun continues the shorter one.
+        r = {k: v for k, v in asdict(recipe).items() if k not in ("num_workers", "max_steps")}
         d = dict(asdict(self), recipe=r, urls=list(spec.urls), readers=spec.readers, buf=spec.shuffle_buffer,
                  max_images=spec.max_images, img_size=spec.img_size, frames=spec.clip_frames,
                  encoder=encoder_key)
@@ -95,9 +97,10 @@ class Ema:
 
 def micro_batches(readers: list[int], share: int, micro: int) -> list[tuple[int, int, int, int]]:
     """(first reader, piece, lo, hi) of a rank's micro-batches, rows [lo, hi) of its step batch
-    (its readers' shares in order); see the module docstring."""
+    (its readers' shares in order); see the module docstring. A micro-batch larger than the
+    rank's whole share is cut to it."""
     if micro >= share:
-        g = micro // share
+        g = min(micro // share, len(readers))
         return [(readers[i], 0, i * share, min(i + g, len(readers)) * share) for i in range(0, len(readers), g)]
     return [(r, k, j * share + lo, j * share + min(lo + micro, share))
             for j, r in enumerate(readers) for k, lo in enumerate(range(0, share, micro))]
@@ -113,6 +116,7 @@ def check_batch(G: int, readers: int, world_size: int, micro: int, repeats: int,
         raise UsageError(f"--finetune-batch-size {G} / --readers={readers} = {share} per reader is not a "
                          f"multiple of the recipe's repeated augmentation ({repeats} views per sample)")
     per_rank = readers // max(world_size, 1)
+    micro = min(micro, per_rank * share)
     if micro >= share and per_rank % (micro // share):
         raise UsageError(f"--micro-batch {micro} spans {micro // share} readers' shares ({share} images each), "
                          f"which does not divide the {per_rank} readers of each rank; pass a micro-batch "
@@ -240,6 +244,9 @@ def run_finetune(
                 ema.module.load_state_dict(sd["ema"])
             opt.load_state_dict(sd["opt"])
             step0 = int(sd["step"])
+            if step0 > total:
+                raise ResumeMismatch(f"{ckpt} is at step {step0}, past this run's {total} steps "
+                                     "(--finetune-steps); ask for at least as many, or use another --finetune-dir")
             positions = {int(r): (int(e), int(i)) for r, e, i in sd["positions"].tolist()}
             if log is not None:
                 log(f"{desc}: resuming from {ckpt} at step {step0}/{total}")
