@@ -199,37 +199,16 @@ def _to_uint8(images: torch.Tensor, denorm: Callable) -> torch.Tensor:
     return out
 
 
-class _PosterizeOrBlack:
-    """timm's PosterizeIncreasing asks for 0 bits at magnitude 10 (reached by m9 + noise 0.5);
-    Pillow 13 rejects that where older Pillow returned a black image. Keep the old result."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def __call__(self, img, bits, **kw):
-        if bits < 1:
-            from PIL import Image
-
-            return Image.new(img.mode, img.size)
-        return self.fn(img, bits, **kw)
-
-
 def _train_transform(size: int, recipe: FinetuneRecipe, mean01: tuple[float, ...]):
-    from timm.data.auto_augment import rand_augment_transform
     from torchvision import transforms as T
+
+    from .ft_augment import rand_augment
 
     steps = [T.RandomResizedCrop(size, scale=(recipe.min_crop_scale, 1.0),
                                  interpolation=T.InterpolationMode.BICUBIC),
              T.RandomHorizontalFlip()]
     if recipe.rand_augment:
-        # Fill colour = dataset mean, translation scaled to the image, as timm's create_transform.
-        hp = dict(translate_const=int(size * 0.45),
-                  img_mean=tuple(int(round(255 * m)) for m in mean01))
-        ra = rand_augment_transform(recipe.rand_augment, hp)
-        for op in getattr(ra, "ops", ()):
-            if "Posterize" in getattr(op, "name", ""):
-                op.aug_fn = _PosterizeOrBlack(op.aug_fn)
-        steps.append(ra)
+        steps.append(rand_augment(recipe.rand_augment, size, mean01))
     steps.append(T.PILToTensor())
     return T.Compose(steps)
 
