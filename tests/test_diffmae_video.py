@@ -267,4 +267,5 @@ def test_export_and_eval_of_a_video_checkpoint_are_user_errors(tmp_path, capsys)
     assert not (tmp_path / "exp").exists()
     assert main(["eval", "--checkpoint", str(res.checkpoint), "--protocols", "knn,finetune"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "knn,finetune" in err and "model.num_frames=4" in err
+    # finetune takes clips (on clip shards); knn is refused, named, with what a video encoder takes.
+    assert "--protocols knn:" in err and "model.num_frames=4" in err and "finetune and figure" in err
