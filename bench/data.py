@@ -37,6 +37,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
 import results_io  # noqa: E402
 import torch  # noqa: E402
 
+import ldae_fast.methods  # noqa: E402,F401 (registers the methods' config sections and presets)
 from ldae_fast.config import build_config  # noqa: E402
 from ldae_fast.data import BadSampleCounter, build_train_stream, expand_urls, write_shards  # noqa: E402
 from ldae_fast.data.tar import iter_shard  # noqa: E402

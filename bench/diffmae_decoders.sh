@@ -27,7 +27,7 @@ for v in $VARIANTS; do
     if [[ -f "$dir/results.json" ]]; then echo "skip $dir (results.json exists)"; continue; fi
     echo "== $name seed $s -> $dir"
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY train.py --preset diffmae-demo \
-      --model.decoder_kind="$kind" --model.decoder_topdown="$topdown" --model.decoder_depth="$DEPTH" \
+      --diffmae.decoder_kind="$kind" --diffmae.decoder_topdown="$topdown" --model.decoder_depth="$DEPTH" \
       --engine.seed="$s" --engine.out_dir="$dir" --engine.progress=false --engine.overwrite=true \
       ${EXTRA[@]+"${EXTRA[@]}"}
   done

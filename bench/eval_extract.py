@@ -41,11 +41,12 @@ from ldae_fast.eval.stream import EvalStream, SplitSpec  # noqa: E402
 
 
 def _our_encoder(size: str, img_size: int, patch: int, device):
+    import ldae_fast.methods  # noqa: F401 (registers the methods' config sections and presets)
     from ldae_fast.config import build_config
     from ldae_fast.methods import build_model
 
     cfg = build_config("demo", {"model.size": size, "model.patch_size": str(patch),
-                                "data.img_size": str(img_size), "model.layout": "mae"})
+                                "data.img_size": str(img_size), "ldae.layout": "mae"})
     return build_model(cfg).encoder.to(device).eval(), cfg.model
 
 

@@ -53,7 +53,7 @@
 #                  (the 90 s kept for diffmae give way first), the limit 100 s above it (decode,
 #                  calibration, kNN and probe of the pretrained and 3 random-init encoders)
 #   diffmae   90   bench/train_step.py --method diffmae, ViT-L, cross_self decoder read top-down
-#                  (model.decoder_topdown=deepest_first, the DiffMAE presets'): (d), (a) at
+#                  (diffmae.decoder_topdown=deepest_first, the DiffMAE presets'): (d), (a) at
 #                  micro-batch 256, no variant started after 55 s; if 45 s are left
 #   profile  rest  (d) at 'auto' under the profiler, if 60 s are left: the top-kernel table
 #   switches rest  (d) with one speed switch on each (bf16 residual, SDPA cuDNN, the whole step

@@ -127,6 +127,7 @@ def setup_of(args: argparse.Namespace) -> dict[str, Any]:
 def make_config(setup: dict[str, Any], train: list[str], val: list[str], device: str, cache_dir: str,
                 run_dir: str, epoch_size: int, steps: int, budget_s: float, seed: int, warmup_frac: float,
                 curve_every: int = 0):
+    import ldae_fast.methods  # noqa: F401 (registers the methods' config sections and presets)
     from ldae_fast.config import build_config
 
     o: dict[str, Any] = {

@@ -56,8 +56,8 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 NO_GPU = ("**No GPU number has been measured yet.** No GPU has run this project: every figure a "
           "target names (images/s, MFU, the ratios to the eager, compiled and timm baselines, the "
           "kernels' share of copy bandwidth) is still to be measured by `bench/gpu_check.sh` on a "
-          "lent H100 or H200 (bench/README.md, \"The GPU proof\"). The targets are in issue 26 "
-          "and in the benchmarks' output, never in the tests.")
+          "lent H100 or H200 (bench/README.md, \"The GPU proof\"). The targets are in the "
+          "benchmarks' output (`bench/train_step.py`, `bench/kernels.py`), never in the tests.")
 HOW_TO = ("Run the benchmarks on a GPU (`python bench/kernels.py`, `python bench/data.py`, "
           "`python bench/train_step.py`; see bench/README.md), commit the files they write into "
           "bench/results/, then rerun `python bench/make_perf_section.py`.")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""End-to-end l-DAE training-step benchmark: forward + backward + optimizer step, data on device.
+"""End-to-end training-step benchmark of a method (l-DAE by default): forward + backward + optimizer
+step, data on device.
 
 The batch is a fixed tensor already on the device, so the model and the step are measured, not
 the data loader (bench/data.py measures that). Four variants at every (model size, micro-batch):
@@ -23,21 +24,23 @@ of the same run (`vs_d`), so each piece of speed work is kept only where it meas
 Every variant runs under the same precision (bf16 autocast on CUDA, TF32 allowed for the float32
 leftovers) so the ratios measure the engineering, not the number format.
 
-Reported per row: images/s; achieved TFLOP/s and MFU from an analytic count (training FLOPs per
-image = 3 x the forward count of ldae_fast.models.flops_per_image: backward costs two forwards,
-no activation checkpointing here) against a bf16 dense peak looked up by GPU name (override with
+Reported per row: images/s; achieved TFLOP/s and MFU from an analytic count (the method's
+MethodSpec.train_flops; for l-DAE 3 x the forward count of its network: backward costs two
+forwards, no activation checkpointing here) against a bf16 dense peak looked up by GPU name (override with
 --peak-tflops); peak memory; and each variant's throughput relative to (a), (b) and (c) of the
 same size and batch. A variant that fails (OOM at a batch size, a compile error) is a row saying
 so, not a crash.
 
-`--method diffmae` measures DiffMAE instead (GPU default: ViT-B and ViT-L, 224 px, patch 16, 75%
-masking, MAE's 8 x 512 decoder as the diffmae-vitb / -vitl presets, variants a, c, d): (a) our
-network with the reference objective, math attention, no compile, torch AdamW; (c) the same
-network assembled from timm Blocks (encoder on the visible tokens, a joint decoder over encoder
-and noised tokens, t's embedding added to the noised tokens instead of adaLN); (d) ours as the
-l-DAE rows run it. Its FLOPs are ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image: the encoder
-on the visible quarter of the tokens, the decoder on what model.decoder_kind attends over, and
-the backward without the input gradients nobody needs (it equals torch's FLOP counter).
+`--method NAME` measures another registered method; what differs per method (its GPU defaults,
+default variants, flags such as --mask-ratio, its timm peer, its rows' fields and FLOP count) is
+its MethodSpec.step_bench (ldae_fast/methods/<name>/bench.py). DiffMAE (GPU default: ViT-B and
+ViT-L, 224 px, patch 16, 75% masking, MAE's 8 x 512 decoder as the diffmae-vitb / -vitl presets,
+variants a, c, d): (a) our network with the reference objective, math attention, no compile, torch
+AdamW; (c) the same network assembled from timm Blocks (encoder on the visible tokens, a joint
+decoder over encoder and noised tokens, t's embedding added to the noised tokens instead of
+adaLN); (d) ours as the l-DAE rows run it. Its FLOPs count the encoder on the visible quarter of
+the tokens, the decoder on what diffmae.decoder_kind attends over, and the backward without the
+input gradients nobody needs (it equals torch's FLOP counter).
 
 `--plan '128:a,c,d;256:d;128:b'` runs chosen variants at chosen micro-batches in the order written;
 `--budget-s` starts no variant after that many seconds (bench/gpu_check.sh's one-command GPU run).
@@ -49,7 +52,6 @@ script end to end; results are written with bench/results_io.py only for GPU run
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import math
 import os
@@ -70,18 +72,8 @@ import results_io  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from ldae_fast.config import (  # noqa: E402
-    CUDA_GRAPH_MODES,
-    DIFFMAE_DECODERS,
-    DIFFMAE_TOPDOWN,
-    PRESETS,
-    Config,
-    DataConfig,
-    EngineConfig,
-    ModelConfig,
-    ObjectiveConfig,
-    TokenizerConfig,
-)
+import ldae_fast.methods  # noqa: E402,F401 (registers the methods' config sections and presets)
+from ldae_fast.config import CUDA_GRAPH_MODES, Config, ConfigError  # noqa: E402
 from ldae_fast.engine.cuda_graph import GraphedStep, check_cuda_graphs  # noqa: E402
 from ldae_fast.engine.mfu import peak_tflops_for  # noqa: E402
 from ldae_fast.engine.optim import build_adamw  # noqa: E402
@@ -89,12 +81,8 @@ from ldae_fast.engine.profiling import nvtx_range, profile_calls  # noqa: E402
 from ldae_fast.kernels.attention import resolve_backend  # noqa: E402
 from ldae_fast.methods import METHODS as REGISTRY  # noqa: E402
 from ldae_fast.methods import Batch, Method, build_method, build_model  # noqa: E402
-from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image  # noqa: E402
-from ldae_fast.models.blocks import SigmaEmbedder  # noqa: E402
+from ldae_fast.methods.spec import PeerNotApplicable, StepBench  # noqa: E402
 from ldae_fast.models.compile import compile_blocks, mark_step_begin  # noqa: E402
-from ldae_fast.models.pos_embed import sincos_2d  # noqa: E402
-from ldae_fast.models.vit import SIGMA_FREQ_DIM  # noqa: E402
-from ldae_fast.reference import unpatchify  # noqa: E402
 from ldae_fast.tokenizers import Tokenizer, tokenizer_from_state  # noqa: E402
 
 SIZE_LABELS = {"tiny": "tiny", "S": "ViT-S", "B": "ViT-B", "halfL": "ViT-1/2L", "L": "ViT-L"}
@@ -129,135 +117,41 @@ SWITCHES = ("d+bf16res", "d+adaln-act", "d+cudnn", "d+flash", "d+stepgraph", "d+
 GPU_DEFAULTS = dict(sizes="B,halfL,L", batch_sizes="64,128,256", img_size=256, patch_size=16,
                     latent_dim=32, warmup=5, steps=20)
 CPU_SMOKE = dict(sizes="tiny", batch_sizes="4", img_size=32, patch_size=4, latent_dim=16, warmup=1, steps=2)
-# DiffMAE at the paper's ImageNet setting (224 px, patch 16); latent_dim is unused (pixels).
-DIFFMAE_GPU_DEFAULTS = dict(GPU_DEFAULTS, sizes="B,L", batch_sizes="256", img_size=224)
 METHODS = tuple(REGISTRY)
-DEFAULT_VARIANTS = {"ldae": "a,b,c,d", "diffmae": "a,c,d"}
+DEFAULT_METHOD = METHODS[0]
 
 
-def model_label(size: str, method: str = "ldae") -> str:
-    """The row's model name; DiffMAE rows carry the method in it, so the README's tables and
-    headlines (keyed on model) never mix them with l-DAE rows of the same ViT."""
-    label = SIZE_LABELS.get(size, size)
-    return f"DiffMAE {label}" if method == "diffmae" else label
+def bench_of(method: str) -> StepBench:
+    """What this benchmark measures of `method` (MethodSpec.step_bench)."""
+    return REGISTRY[method].step_bench()
 
 
-def diffmae_decoder(size: str) -> dict[str, Any]:
-    """The decoder the presets train with this encoder: diffmae-demo's for tiny, MAE's 8 x 512
-    (diffmae-vitb / -vitl) for the rest, read from the presets so the bench follows them."""
-    preset = PRESETS["diffmae-demo" if size == "tiny" else "diffmae-vitb"]
-    return {k.split(".", 1)[1]: v for k, v in preset.items()
-            if k in ("model.decoder_width", "model.decoder_depth", "model.decoder_heads")}
+def gpu_defaults(method: str) -> dict[str, Any]:
+    """The GPU run's shapes for `method`: GPU_DEFAULTS with what its StepBench changes."""
+    return {**GPU_DEFAULTS, **bench_of(method).gpu_defaults}
+
+
+def model_label(size: str, method: str | None = None) -> str:
+    """The row's model name; a method's rows carry its StepBench.label, so the README's tables and
+    headlines (keyed on model) never mix two methods' rows of the same ViT."""
+    return bench_of(method or DEFAULT_METHOD).label + SIZE_LABELS.get(size, size)
 
 
 # Models ------------------------------------------------------------------------------------------
 
 
-class TimmPeer(nn.Module):
-    """Variant (c): the l-DAE encoder-decoder assembled from timm parts (PatchEmbed, Block).
-
-    Same widths, depths, heads, tokens and output head as ours with cond='none', so its analytic
-    FLOPs are flops_per_image(cond='none'). timm's Block takes no conditioning, so the peer gets no
-    noise level: it does slightly less work than ours (no adaLN), which favours the peer.
-    layout 'dit' (the paper's): one sequence of N patch tokens through all blocks, nothing between
-    the halves; 'mae': a class token, a LayerNorm and a decoder embedding between them.
-    """
-
-    def __init__(self, img_size: int, patch_size: int, width: int, encoder_depth: int,
-                 decoder_depth: int, num_heads: int, mlp_ratio: float, in_chans: int = 3,
-                 layout: str = "dit") -> None:
-        super().__init__()
-        from timm.layers import PatchEmbed
-        from timm.models.vision_transformer import Block
-
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
-        mae = layout == "mae"
-        self.prefix = 1 if mae else 0
-        n = self.patch_embed.num_patches + self.prefix
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if mae else None
-        self.pos_embed = nn.Parameter(torch.randn(1, n, width) * 0.02)
-        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True)
-                                    for _ in range(encoder_depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6) if mae else nn.Identity()
-        self.decoder_embed = nn.Linear(width, width) if mae else nn.Identity()
-        self.decoder_pos_embed = nn.Parameter(torch.randn(1, n, width) * 0.02) if mae else None
-        self.decoder_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True)
-                                            for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
-        self.head = nn.Linear(width, patch_size * patch_size * in_chans)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        t = self.patch_embed(x)
-        if self.cls_token is not None:
-            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t], dim=1)
-        t = t + self.pos_embed
-        for blk in self.blocks:
-            t = blk(t)
-        t = self.decoder_embed(self.norm(t))
-        if self.decoder_pos_embed is not None:
-            t = t + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            t = blk(t)
-        patches = self.head(self.decoder_norm(t)[:, self.prefix:])
-        return unpatchify(patches, self.patch_size, self.img_size, self.img_size, self.in_chans)
-
-
-def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-class PeerNotApplicable(ValueError):
-    """A peer row that has no timm counterpart: its status says so instead of 'failed'."""
-
-
-class TimmDiffMAEPeer(nn.Module):
-    """DiffMAE variant (c): encoder and joint decoder stacks of timm Blocks, same widths, depths,
-    heads, tokens, position embeddings and head as ours. timm's Block takes no conditioning, so
-    t's embedding (the same 256 -> v -> v MLP as ours) is added to the noised tokens instead of
-    adaLN: its FLOPs are diffmae_train_flops_per_image(adaln=False), slightly less work than ours.
-    Called as the method calls our model: model(x, ids_keep=, ids_masked=, noisy=, t=)."""
-
-    def __init__(self, img_size: int, patch_size: int, width: int, depth: int, num_heads: int,
-                 dec_width: int, dec_depth: int, dec_heads: int, mlp_ratio: float, in_chans: int = 3) -> None:
-        super().__init__()
-        from timm.layers import PatchEmbed
-        from timm.models.vision_transformer import Block
-
-        g = img_size // patch_size
-        D = patch_size * patch_size * in_chans
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("pos_embed", sincos_2d(width, g, g, cls_token=True).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.enc_proj = nn.Linear(width, dec_width)
-        self.noisy_embed = nn.Linear(D, dec_width)
-        self.register_buffer("decoder_pos_embed", sincos_2d(dec_width, g, g, cls_token=True).unsqueeze(0),
-                             persistent=False)
-        self.t_embed = SigmaEmbedder(dec_width, SIGMA_FREQ_DIM, scale=1.0)
-        self.decoder_blocks = nn.ModuleList(Block(dec_width, dec_heads, mlp_ratio, qkv_bias=True)
-                                            for _ in range(dec_depth))
-        self.decoder_norm = nn.LayerNorm(dec_width, eps=1e-6)
-        self.head = nn.Linear(dec_width, D)
-
-    def forward(self, x: torch.Tensor, *, ids_keep: torch.Tensor, ids_masked: torch.Tensor,
-                noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        pos = self.pos_embed.to(x.dtype)
-        h = _gather(self.patch_embed(x) + pos[:, 1:], ids_keep)
-        h = torch.cat([(self.cls_token + pos[:, :1]).expand(B, -1, -1).to(h.dtype), h], dim=1)
-        for blk in self.blocks:
-            h = blk(h)
-        ctx = self.enc_proj(self.norm(h))
-        dpos = self.decoder_pos_embed.to(ctx.dtype).expand(B, -1, -1)
-        ctx = ctx + torch.cat([dpos[:, :1], _gather(dpos[:, 1:], ids_keep)], dim=1)
-        q = (self.noisy_embed(noisy.to(ctx.dtype)) + _gather(dpos[:, 1:], ids_masked)
-             + self.t_embed(t.float()).unsqueeze(1).to(ctx.dtype))
-        h = torch.cat([ctx, q], dim=1)
-        for blk in self.decoder_blocks:
-            h = blk(h)
-        return self.head(self.decoder_norm(h[:, ctx.shape[1]:]))
+def setup_config(s: Setup, kernels: str = "reference", **model: Any) -> Config:
+    """The config of setup `s`: its shapes, its method's presets at this size (StepBench.overrides)
+    and its options (the method's flags), `model` fields on top."""
+    tree: dict[str, dict[str, Any]] = {
+        "model": {"size": s.size, "patch_size": s.patch_size}, "tokenizer": {"latent_dim": s.latent_dim},
+        "objective": {"method": s.method}, "data": {"img_size": s.img_size, "batch_size": s.batch},
+        "engine": {"kernels": kernels, "steps": 1}}
+    for key, value in {**bench_of(s.method).overrides(s.size), **s.options}.items():
+        sec, _, name = key.partition(".")
+        tree.setdefault(sec, {})[name] = value
+    tree["model"].update(model)
+    return Config.from_dict(tree)
 
 
 def random_tokenizer(patch_size: int, latent_dim: int, seed: int = 0) -> Tokenizer:
@@ -290,12 +184,7 @@ _MATH_ATTN = ("a", "b")
 
 def _param_count(s: Setup) -> int:
     """Our network's parameters at these shapes, built on the meta device (no memory, no init)."""
-    extra = dict(decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown, **diffmae_decoder(s.size)) \
-        if s.method == "diffmae" else dict(layout=s.layout)
-    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, **extra),
-                 tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
-                 objective=ObjectiveConfig(method=s.method, mask_ratio=s.mask_ratio),
-                 data=DataConfig(img_size=s.img_size))
+    cfg = setup_config(s)
     with torch.device("meta"):
         model = build_model(cfg)
     return sum(p.numel() for p in model.parameters())
@@ -304,8 +193,8 @@ def _param_count(s: Setup) -> int:
 def estimated_memory_bytes(s: Setup, variant: str, params: int | None = None) -> float:
     """Peak memory of one training step of `variant` at s.batch: float32 weights, gradients and two
     AdamW moments (16 bytes a parameter) plus the saved activations (see the constants above)."""
-    m = ModelConfig(size=s.size, patch_size=s.patch_size)
-    n = (s.img_size // s.patch_size) ** 2 + (1 if s.layout == "mae" else 0)
+    cfg = setup_config(s)
+    m, n = cfg.model, bench_of(s.method).tokens(cfg)
     blocks = m.encoder_depth + m.decoder_depth
     per_image = blocks * n * m.width * ACT_BYTES_PER_TOKEN_WIDTH
     if variant in _MATH_ATTN:
@@ -354,11 +243,15 @@ class Setup:
     amp: torch.dtype | None
     warmup: int
     steps: int
-    method: str = "ldae"
-    mask_ratio: float = ObjectiveConfig.mask_ratio
-    decoder_kind: str = ModelConfig.decoder_kind
-    decoder_topdown: str = ModelConfig.decoder_topdown
-    layout: str = "dit"
+    method: str = ""
+    """'' : the first registered method (l-DAE)."""
+    options: dict[str, Any] | None = None
+    """'section.field' -> value, set by the method's flags (None: their defaults)."""
+
+    def __post_init__(self) -> None:
+        self.method = self.method or DEFAULT_METHOD
+        if self.options is None:
+            self.options = {f.key: f.default for f in bench_of(self.method).flags.values()}
 
 
 def _sync(device: torch.device) -> None:
@@ -390,50 +283,24 @@ def build_variant(key: str, s: Setup, compile_backend: str = "inductor"
     attn = v["attn"] if v["attn"] not in ("timm",) else "auto"
     if attn == "auto" and not v["peer"]:
         info["attn"] = f"auto ({resolve_backend('auto')})"
-    diffmae = s.method == "diffmae"
-    extra: dict[str, Any] = {}
-    if diffmae:
-        extra = dict(decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
-                     **diffmae_decoder(s.size))
-    if not diffmae:
-        extra["layout"] = s.layout
-    extra.update(v.get("model", {}))  # the variant's speed switches (plain model.* fields)
-    cfg = Config(model=ModelConfig(size=s.size, patch_size=s.patch_size, attn_backend=attn,
-                                   fused_adaln=v.get("fused_adaln", False),
-                                   grad_checkpointing=v.get("ckpt", False), **extra),
-                 tokenizer=TokenizerConfig(latent_dim=s.latent_dim),
-                 objective=ObjectiveConfig(method=s.method, mask_ratio=s.mask_ratio),
-                 data=DataConfig(img_size=s.img_size, batch_size=s.batch),
-                 engine=EngineConfig(kernels=kernels, steps=1))
-    m = cfg.model
-    if diffmae and v["peer"]:
-        if m.decoder_kind != "joint":
-            raise PeerNotApplicable(f"n/a: timm's Block has no cross-attention (decoder_kind={m.decoder_kind})")
-        model: nn.Module = TimmDiffMAEPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.num_heads,
-                                           m.decoder_width, m.decoder_depth, m.decoder_heads, m.mlp_ratio)
-        fcfg = m
-        fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
-        info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
-    elif v["peer"]:
-        model = TimmPeer(s.img_size, m.patch_size, m.width, m.encoder_depth, m.decoder_depth,
-                         m.num_heads, m.mlp_ratio, layout=s.layout)
-        fcfg = ModelConfig(size=s.size, patch_size=s.patch_size, cond="none", layout=s.layout)
+    bench = bench_of(s.method)
+    cfg = setup_config(s, kernels, attn_backend=attn, fused_adaln=v.get("fused_adaln", False),
+                       grad_checkpointing=v.get("ckpt", False),
+                       **v.get("model", {}))  # the variant's speed switches (plain model.* fields)
+    if v["peer"]:
+        if bench.peer is None:
+            raise PeerNotApplicable(f"n/a: no timm peer of {REGISTRY[s.method].title} here")
+        model, flops = bench.peer(cfg)
         fused = all(getattr(b.attn, "fused_attn", False) for b in model.blocks)
         info["attn"] = "timm fused SDPA" if fused else "timm math (fused_attn off)"
     else:
-        model = build_model(cfg, kernels=kernels)
-        fcfg = m
+        model, flops = build_model(cfg, kernels=kernels), REGISTRY[s.method].train_flops(cfg)
     model = model.to(s.device).train()
-    if diffmae:
-        info["fwd_flops_per_image"], info["train_flops_per_image"] = diffmae_train_flops_per_image(
-            fcfg, s.img_size, s.mask_ratio, adaln=not v["peer"])
-    else:
-        info["fwd_flops_per_image"], info["train_flops_per_image"] = REGISTRY[s.method].train_flops(
-            dataclasses.replace(cfg, model=fcfg))
+    info["fwd_flops_per_image"], info["train_flops_per_image"] = flops
     info["train_gflop"] = _sig(info["train_flops_per_image"] / 1e9, 4)
     info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     objective = build_method(cfg, s.device,
-                             tokenizer=None if diffmae else random_tokenizer(s.patch_size, s.latent_dim))
+                             tokenizer=random_tokenizer(s.patch_size, s.latent_dim) if bench.tokenizer else None)
     info["kernels"] = objective.kernels
 
     if v.get("stepgraph"):
@@ -583,13 +450,10 @@ def _row_ids(key: str, s: Setup) -> dict[str, Any]:
     """What a row measured (make_perf_section keys rows on these)."""
     row = {"model": model_label(s.size, s.method), "method": s.method, "size": s.size, "img": s.img_size,
            "patch": s.patch_size, "batch": s.batch}
-    if s.method == "diffmae":
-        dec = diffmae_decoder(s.size)
-        row.update(mask_ratio=s.mask_ratio, decoder_kind=s.decoder_kind, decoder_topdown=s.decoder_topdown,
-                   decoder=f"{dec.get('decoder_depth', 'enc')} x {dec.get('decoder_width', 'enc')}")
-    else:
-        n = (s.img_size // s.patch_size) ** 2
-        row.update(layout=s.layout, tokens=n + (1 if s.layout == "mae" else 0), d=s.latent_dim)
+    try:
+        row.update(bench_of(s.method).row(setup_config(s)))
+    except ConfigError as e:  # the row of a setup the config refuses still says what it was
+        row["note"] = str(e)
     row.update(variant=key, variant_name=VARIANTS[key]["name"],
                precision="bf16" if s.amp == torch.bfloat16 else "fp32")
     return row
@@ -625,7 +489,7 @@ def run_variant(key: str, s: Setup, peak: float | None, profile_dir: Path | None
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each row's throughput relative to variants a/b/c/d of the same method, model and batch (same run)."""
     def ident(r: dict[str, Any]) -> tuple:
-        return (r.get("method", "ldae"), r["size"], r.get("img"), r.get("mask_ratio"), r["batch"])
+        return (r.get("method"), r["size"], r.get("img"), r.get("mask_ratio"), r["batch"])
 
     by_key = {(*ident(r), r["variant"]): r for r in rows}
     for r in rows:
@@ -647,13 +511,20 @@ TARGETS = (
 )
 
 
+def _judged(row: dict[str, Any]) -> bool:
+    """A row of a method whose StepBench is judged against TARGETS (a row without a method is one
+    of the first method's, as rows were written before they named it)."""
+    method = row.get("method") or DEFAULT_METHOD
+    return method in REGISTRY and bench_of(method).targets
+
+
 def judge_targets(rows: list[dict[str, Any]], smoke: bool = False) -> list[dict[str, Any]]:
     """Each target against the best measured row of its variant (ratios come from the same run):
     'met', 'not met', 'not measured' (no such row ran, or it failed), or on a CPU smoke run
     'not judged' (toy sizes say nothing about a GPU)."""
     out = []
     for what, variant, key, least in TARGETS:
-        vals = [r[key] for r in rows if r.get("variant") == variant and r.get("method", "ldae") == "ldae"
+        vals = [r[key] for r in rows if r.get("variant") == variant and _judged(r)
                 and r.get("status") == "ok" and r.get(key) is not None]
         best = max(vals) if vals else None
         status = ("not judged: a CPU smoke run" if smoke else "not measured" if best is None
@@ -668,37 +539,42 @@ def judge_targets(rows: list[dict[str, Any]], smoke: bool = False) -> list[dict[
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=METHODS, default="ldae",
-                    help="the method whose training step is measured (diffmae: see above)")
-    ap.add_argument("--mask-ratio", type=float, default=ObjectiveConfig.mask_ratio,
-                    help="diffmae: fraction of patches hidden from the encoder (default %(default)s)")
-    ap.add_argument("--decoder-topdown", default=ModelConfig.decoder_topdown, choices=DIFFMAE_TOPDOWN,
-                    help="diffmae: model.decoder_topdown, which encoder block each cross-attending decoder "
-                         "block reads (the DiffMAE presets: deepest_first; default %(default)s)")
-    ap.add_argument("--decoder-kind", default=ModelConfig.decoder_kind,
-                    help="diffmae: model.decoder_kind, joint / cross / cross_self (default %(default)s; the timm "
-                         "peer exists for joint only)")
+    others = [m for m in METHODS if m != DEFAULT_METHOD]
+
+    def per_method(key: str) -> str:
+        return "; ".join(f"{m} {gpu_defaults(m)[key]}" for m in others)
+
+    ap.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                    help="the method whose training step is measured (default %(default)s; see above)")
+    # Each method's own flags (StepBench.flags), each setting one of its config fields.
+    flags: dict[str, list[tuple[str, Any]]] = {}
+    for m in METHODS:
+        for dest, flag in bench_of(m).flags.items():
+            flags.setdefault(dest, []).append((m, flag))
+    for dest, owners in flags.items():
+        first = owners[0][1]
+        said = "; ".join(f"{m}: {f.key}, default {f.default}" for m, f in owners)
+        ap.add_argument(f"--{dest.replace('_', '-')}", dest=dest, default=None, choices=first.choices or None,
+                        type=type(first.default), help=f"{first.help} ({said})")
     ap.add_argument("--sizes", help=f"model sizes, comma-separated (GPU default {GPU_DEFAULTS['sizes']}; "
-                                    f"diffmae {DIFFMAE_GPU_DEFAULTS['sizes']})")
+                                    f"{per_method('sizes')})")
     ap.add_argument("--batch-sizes", help=f"micro-batch sizes (GPU default {GPU_DEFAULTS['batch_sizes']}; "
-                                          f"diffmae {DIFFMAE_GPU_DEFAULTS['batch_sizes']})")
+                                          f"{per_method('batch_sizes')})")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated, from {', '.join(VARIANTS)}; 'ablations' = {','.join(ABLATIONS)}; "
-                         f"'switches' = {','.join(SWITCHES)} "
-                         f"(default {DEFAULT_VARIANTS['ldae']}; diffmae {DEFAULT_VARIANTS['diffmae']})")
+                         f"'switches' = {','.join(SWITCHES)} (default "
+                         + "; ".join(f"{m} {bench_of(m).variants}" for m in METHODS) + ")")
     ap.add_argument("--plan", default=None, metavar="B:V,V;B:V",
                     help="micro-batches and the variants at each, run in the order written, e.g. "
                          "'128:a,c,d;256:d;128:b' (instead of --batch-sizes x --variants)")
-    ap.add_argument("--layout", choices=("dit", "mae"), default="dit",
-                    help="l-DAE network layout (model.layout): 'dit', the paper's, N tokens; 'mae' adds a "
-                         "class token (N + 1) (default %(default)s)")
     ap.add_argument("--append", action="store_true",
                     help="with --json: keep the rows FILE already holds and add this run's (one process "
                          "per variant, each under its own time limit, into one file)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no variant once this many seconds have passed: the rest become rows "
                          "with status 'skipped: time budget'")
-    ap.add_argument("--img-size", type=int, help="image side (GPU default 256; diffmae 224)")
+    ap.add_argument("--img-size", type=int, help=f"image side (GPU default {GPU_DEFAULTS['img_size']}; "
+                                                 f"{per_method('img_size')})")
     ap.add_argument("--patch-size", type=int, help="patch size (GPU default 16)")
     ap.add_argument("--latent-dim", type=int, help="PCA latent dim d (GPU default 128)")
     ap.add_argument("--warmup", type=int, help="untimed steps first, compilation included (GPU default 5)")
@@ -723,7 +599,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="write the results to exactly FILE, no markdown (`results_io.py import` names it "
                          "and rebuilds the markdown); implies --write")
     ap.add_argument("--name", default="train_step", help="results name passed to results_io")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # The chosen method's flags take its defaults; another method's flag given is a usage error.
+    mine = bench_of(args.method).flags
+    for dest in flags:
+        if dest in mine and getattr(args, dest) is None:
+            setattr(args, dest, mine[dest].default)
+        elif dest not in mine and getattr(args, dest) is not None:
+            ap.error(f"--{dest.replace('_', '-')} is not a flag of --method {args.method}")
+    return args
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """'section.field' -> value of the chosen method's flags."""
+    return {f.key: getattr(args, dest) for dest, f in bench_of(args.method).flags.items()}
 
 
 def command_line(argv: list[str] | None) -> str:
@@ -735,7 +624,7 @@ def command_line(argv: list[str] | None) -> str:
 
 def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, bool]:
     smoke = args.cpu_smoke or not torch.cuda.is_available()
-    base = CPU_SMOKE if smoke else DIFFMAE_GPU_DEFAULTS if args.method == "diffmae" else GPU_DEFAULTS
+    base = CPU_SMOKE if smoke else gpu_defaults(args.method)
     # Flags given override the defaults on CPU too (a bigger toy), so nothing asked is ignored.
     vals = {k: (getattr(args, k) if getattr(args, k) is not None else d) for k, d in base.items()}
     for k in ("img_size", "patch_size", "latent_dim", "steps"):
@@ -749,12 +638,15 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], torch.device, boo
         raise SystemExit(f"--batch-sizes={vals['batch_sizes']!r}: comma-separated integers") from None
     if bad:
         raise SystemExit(f"--batch-sizes: {', '.join(bad)} must be >= 1")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise SystemExit(f"--mask-ratio={args.mask_ratio} must lie in [0, 1)")
-    if args.decoder_kind not in DIFFMAE_DECODERS:
-        raise SystemExit(f"--decoder-kind={args.decoder_kind!r}: choose one of {', '.join(DIFFMAE_DECODERS)}")
-    if args.decoder_topdown != "last" and args.decoder_kind == "joint":
-        raise SystemExit(f"--decoder-topdown={args.decoder_topdown} needs --decoder-kind cross or cross_self")
+    # The method's flags are config fields: the config says what is wrong with them, named by flag.
+    try:
+        setup_config(Setup(size="tiny", batch=1, img_size=int(vals["img_size"]), patch_size=int(vals["patch_size"]),
+                           latent_dim=int(vals["latent_dim"]), device=torch.device("cpu"), amp=None, warmup=0,
+                           steps=1, method=args.method, options=method_options(args)))
+    except ConfigError as e:
+        named = [f"--{d.replace('_', '-')}={getattr(args, d)}" for d, f in bench_of(args.method).flags.items()
+                 if f.key in str(e)] or [f"--method {args.method}"]
+        raise SystemExit(f"{' '.join(named)}: {e}") from None
     return vals, torch.device("cpu" if smoke else "cuda"), smoke
 
 
@@ -774,7 +666,7 @@ def resolve_plan(args: argparse.Namespace, vals: dict[str, Any]) -> list[tuple[i
     """[(micro-batch, variants)] in the order they run: --plan as written, else every batch of
     --batch-sizes with every variant of --variants."""
     if args.plan is None:
-        keys = _variant_list(args.variants or DEFAULT_VARIANTS[args.method])
+        keys = _variant_list(args.variants or bench_of(args.method).variants)
         return [(int(b), keys) for b in str(vals["batch_sizes"]).split(",") if b.strip()]
     if args.variants is not None or args.batch_sizes is not None:
         raise SystemExit("--plan names the batches and variants: drop --batch-sizes / --variants")
@@ -850,41 +742,25 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     print(f"reproduce: {cmd}")
     print(f"device: {gpu}; precision: {'bf16 autocast' if amp else 'fp32'}; "
           f"peak: {f'{peak:g} TFLOP/s bf16 dense' if peak else 'n/a'} ({peak_src})")
-    diffmae = args.method == "diffmae"
-    if diffmae:
-        print(f"method: diffmae, {args.mask_ratio:g} of the patches masked, decoder_kind={args.decoder_kind}, "
-              f"decoder_topdown={args.decoder_topdown}")
-        print("FLOPs: ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image (forward + backward, matmuls only, "
-              "2 per multiply-add; encoder on the visible tokens; peer counted without adaLN)")
-    else:
-        print("FLOPs: training = 3 x forward, forward = ldae_fast.models.flops_per_image "
-              "(matmuls only, 2 per multiply-add; peer counted with cond='none')")
+    bench, options = bench_of(args.method), method_options(args)
+    print(f"method: {args.method}" + "".join(f", {k}={v}" for k, v in options.items()))
+    print(f"FLOPs: {bench.flop_count}")
     if smoke:
         print(f"CPU smoke run ({'--cpu-smoke' if args.cpu_smoke else 'no CUDA device'}): toy sizes, "
               "timings are not performance numbers")
 
     setup_kw = dict(img_size=vals["img_size"], patch_size=vals["patch_size"], latent_dim=vals["latent_dim"],
                     device=device, amp=amp, warmup=vals["warmup"], steps=vals["steps"], method=args.method,
-                    mask_ratio=args.mask_ratio, decoder_kind=args.decoder_kind,
-                    decoder_topdown=args.decoder_topdown, layout=args.layout)
+                    options=options)
     profile_dir = Path(args.profile) if args.profile else None
     meta = {
         "benchmark": "train_step", "method": args.method, "device": gpu, "smoke": smoke,
         "precision": "bf16 autocast" if amp else "fp32", "tf32": device.type == "cuda",
         "peak_tflops": peak, "peak_source": peak_src,
-        "flop_count": "training = 3 x forward; forward = ldae_fast.models.flops_per_image (matmuls, "
-                      "2 FLOPs per multiply-add, N tokens with layout 'dit' (N + 1 and a decoder embedding "
-                      "with 'mae'), adaLN included); timm peer counted with cond='none'",
-        "layout": args.layout,
+        "flop_count": bench.flop_count,
+        # the method's flags, by the name its rows use ({'mask_ratio': 0.75}, {'layout': 'dit'})
+        **{key.partition(".")[2]: value for key, value in options.items()},
         "img_size": vals["img_size"], "patch_size": vals["patch_size"], "latent_dim": vals["latent_dim"],
-        **({"mask_ratio": args.mask_ratio, "decoder_kind": args.decoder_kind,
-            "decoder_topdown": args.decoder_topdown,
-            "flop_count": "ldae_fast.methods.diffmae.flops.diffmae_train_flops_per_image: forward (matmuls, 2 FLOPs per "
-                          "multiply-add; encoder blocks on 1 + n_keep tokens, decoder on what decoder_kind "
-                          "attends over, attention's quadratic terms included) + backward (2 x forward less "
-                          "the input gradients of the patch, noised-patch and t embeddings), equal to "
-                          "torch.utils.flop_counter's count; timm peer counted without adaLN"}
-           if diffmae else {}),
         "warmup_steps": vals["warmup"], "timed_steps": vals["steps"],
         "timing": "CUDA events around the timed steps" if device.type == "cuda" else "time.perf_counter",
         "compile_backend": args.compile_backend,
@@ -944,7 +820,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, 
     add_ratios(rows)
     print()
     print(table(rows))
-    if not diffmae:
+    if bench.targets:
         meta["targets"] = judge_targets(rows, smoke)
         print("\ntargets (issue 26; smoke runs on CPU are not performance numbers):")
         for t in meta["targets"]:

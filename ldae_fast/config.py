@@ -1,8 +1,9 @@
 """Run configuration: nested dataclasses, named presets, `--section.field=value` overrides.
 
-This module holds the mechanism and the shared sections; a method's own section (l-DAE's `noise`,
-methods/ldae/config.py) and its presets live with the method and are composed here through the
-methods registry. A section stores what the user set; a field that follows others (`Derived`) is
+This module holds the mechanism and the shared sections; a method's own sections (l-DAE's `noise`,
+methods/ldae/config.py) and its presets live with the method, which registers them into the
+mechanism (config_registry.py): this module never imports a method, and a config built before
+`ldae_fast.methods` is imported fails with RegistryNotLoaded. A section stores what the user set; a field that follows others (`Derived`) is
 derived on every read, never written back.
 
 Every field has a default that runs; every section validates itself in `__post_init__` and the
@@ -17,12 +18,13 @@ import json
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import config_registry as _registry
+from .config_registry import RegistryNotLoaded  # noqa: F401 (callers catch it here)
 from .errors import UserError
-from .methods import NoiseConfig
 from .shard_urls import SHARD_FIELDS, sanitize_stored_config, untrusted_shard_fields  # noqa: F401 (loaders import it here)
 from .tokenizer_kinds import KINDS as TOKENIZER_KINDS
 
@@ -41,6 +43,12 @@ def _check(cond: bool, msg: str) -> None:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _registered(table: dict[str, Any]) -> dict[str, Any]:
+    """A registry table (config_registry.py), once the layers above have filled it."""
+    _registry.require_loaded()
+    return table
 
 
 class Derived:
@@ -94,10 +102,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # ViT-H/14's encoder (DiffMAE's largest); its presets set their own decoder.
     "H": dict(width=1280, encoder_depth=32, decoder_depth=32, num_heads=16),
 }
-# l-DAE's encoder-decoder cuts: 'dit' the paper's (DiT cut in two), 'mae' the MAE-shaped halves.
-MODEL_LAYOUTS = ("dit", "mae")
-DIFFMAE_DECODERS = ("joint", "cross", "cross_self")
-DIFFMAE_TOPDOWN = ("last", "deepest_first", "spread")
 # kernels.attention.BACKENDS (the config layer does not import the kernels; a test keeps them equal).
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math", "flash", "cudnn", "efficient")
 
@@ -148,44 +152,12 @@ class ModelConfig:
     engine.kernels resolves to triton (CUDA; CPU under TRITON_INTERPRET=1 with engine.kernels=triton);
     elsewhere, engine.kernels=reference included, the plain PyTorch ops. Off by default until a GPU
     run of bench/train_step.py (variant d+adaln) shows it helps."""
-    decoder_kind: str = "joint"
-    """DiffMAE decoder: 'joint' (self-attention over encoder and noised tokens together), 'cross'
-    (noised tokens cross-attend to the encoder) or 'cross_self' (cross-, then self-attention).
-    'joint' is the default so checkpoints saved before the DiffMAE presets chose 'cross_self'
-    rebuild as what they were; the presets set it (docs/diffmae.md)."""
-    decoder_topdown: str = "last"
-    """Which encoder block each block of a 'cross' / 'cross_self' DiffMAE decoder reads:
-    'last' (every block the encoder's final output), 'deepest_first' (decoder block i reads
-    encoder block L_e-1-i, clamped at 0: DiffMAE Fig. 3's top-down wiring) or 'spread' (block i
-    reads encoder block L_e-1-floor(i L_e / L_d): deepest first, evenly spaced over the encoder
-    when the decoder is shallower). 'last' is the default (a checkpoint saved before this field
-    existed stores none and rebuilds as it was) and the only choice with 'joint'; the DiffMAE
-    ImageNet and video presets set 'deepest_first' (docs/diffmae.md)."""
     decoder_width: int = Derived(0, lambda m, v: v or m.width)
     """DiffMAE decoder width (0: model.width)."""
     decoder_heads: int = Derived(0, lambda m, v: v or m.num_heads)
     """DiffMAE decoder attention heads (0: model.num_heads)."""
-    tubelet: int = 1
-    """DiffMAE video: frames per spacetime patch (tubelet x patch_size x patch_size; the paper's
-    2x16x16 is tubelet 2); 1 for images."""
     num_frames: int = _from_run("num_frames")
     """Frames of a clip the network is built for (0: data.num_frames, read through the run's config)."""
-    layout: str = "mae"
-    """How l-DAE's network is cut in two (docs/model.md).
-    'dit': the paper's (l-DAE App. A), DiT cut in two: the encoder is DiT's first blocks, the
-    decoder the rest, on one token sequence (no class token), with nothing between them (no
-    LayerNorm, no embedding), one sigma embedder shared by all blocks and a conditioning vector of
-    width model.adaln_dim (width/4); features are the mean of the encoder's tokens.
-    'mae': this project's first layout, MAE-shaped halves: a class token, an affine LayerNorm
-    ending the encoder, a decoder embedding with its own position embedding, a sigma embedder per
-    half, full-width adaLN. The default, so checkpoints written before this field existed (which
-    store none) rebuild as what they were; the paper presets and the trajectory rows set 'dit'."""
-    adaln_dim: int = 0
-    """Width of the adaLN conditioning vector c (the sigma embedding, plus the label embedding
-    with class conditioning) that every block's modulation Linear(adaln_dim, 6 width) and the
-    final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
-    l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
-    network reads it through ModelConfig.cond_width and the 0 is what gets saved."""
     bf16_residual: bool = False
     """Speed switch (off until a GPU run shows it helps; docs/speed.md): under bf16 autocast the
     residual stream between blocks is bfloat16 instead of float32; LayerNorm statistics and the
@@ -207,13 +179,7 @@ class ModelConfig:
         _check(self.num_heads >= 1 and self.width % self.num_heads == 0,
                f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be > 0")
-        _one_of("model.decoder_kind", self.decoder_kind, DIFFMAE_DECODERS)
-        _one_of("model.decoder_topdown", self.decoder_topdown, DIFFMAE_TOPDOWN)
-        _check(self.decoder_topdown == "last" or self.decoder_kind != "joint",
-               f"model.decoder_topdown={self.decoder_topdown!r} needs model.decoder_kind=cross or cross_self "
-               "(the joint decoder reads the encoder's final output only: set model.decoder_topdown=last)")
-        _check(self.tubelet >= 1 and self.num_frames >= 0,
-               f"model.tubelet={self.tubelet} must be >= 1 and model.num_frames={self.num_frames} >= 0")
+        _check(self.num_frames >= 0, f"model.num_frames={self.num_frames} must be >= 0")
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
                f"model.decoder_width={self.decoder_width} must be divisible by "
                f"model.decoder_heads={self.decoder_heads}")
@@ -223,9 +189,6 @@ class ModelConfig:
         _one_of("model.output", self.output, ("image", "latent"))
         _check(not self.class_cond or self.cond == "adaln",
                "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
-        _one_of("model.layout", self.layout, MODEL_LAYOUTS)
-        _check(self.adaln_dim >= 0, f"model.adaln_dim={self.adaln_dim} must be >= 0 (0: from model.layout)")
-        _check(self.cond_width >= 1, f"model.adaln_dim={self.adaln_dim}: width/4 is 0 for model.width={self.width}")
         _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
         _check(not self.adaln_act_dtype or self.fused_adaln,
                "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
@@ -242,13 +205,6 @@ class ModelConfig:
             return run.data.synthetic_classes if run.data.source == "synthetic" else run.data.num_classes
         return run.data.num_frames  # num_frames
 
-    @property
-    def cond_width(self) -> int:
-        """The width c has: model.adaln_dim, or with 0 the layout's own. Derived on every read, never
-        stored back, so a saved config holding 0 follows a later --model.layout or --model.width."""
-        if self.adaln_dim:
-            return self.adaln_dim
-        return self.width // 4 if self.layout == "dit" else self.width
 
 
 @dataclass
@@ -308,25 +264,12 @@ class TokenizerConfig:
 @dataclass
 class ObjectiveConfig:
     method: str = "ldae"
-    """The method trained: a name in the methods registry (ldae_fast/methods/__init__.py)."""
-    mask_ratio: float = 0.75
-    """DiffMAE: fraction of patches hidden from the encoder, per sample."""
-    rho: float = 0.8
-    """DiffMAE: every DDPM beta (linear 1e-4..0.02 over noise.num_timesteps) raised to rho;
-    smaller rho, more noise (the supplement compares 1.0, 0.8, 0.6)."""
-    norm_pix_loss: bool = False
-    """DiffMAE: diffuse and predict per-patch normalised pixels (MAE's target) instead of pixels."""
-    sample_steps: int = 100
-    """DiffMAE inpainting: reverse-diffusion steps (strided over noise.num_timesteps; T = all)."""
-    time_slice: int = 0
-    """DiffMAE video: which frame of each tubelet is noised and predicted (0 .. model.tubelet-1;
-    the target and the decoder's noisy input are that single time slice, docs/diffmae.md)."""
+    """The method trained: a name in the methods registry (ldae_fast/methods/__init__.py); its own
+    fields live in its own sections (MethodSpec.sections: `--SECTION.field=value`)."""
 
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.mask_ratio < 1.0, f"objective.mask_ratio={self.mask_ratio} must lie in [0, 1)")
-        _check(self.rho > 0, f"objective.rho={self.rho} must be > 0")
-        _check(self.sample_steps >= 1, f"objective.sample_steps={self.sample_steps} must be >= 1")
-        _check(self.time_slice >= 0, f"objective.time_slice={self.time_slice} must be >= 0")
+
+# data.synthetic_kind values that are clips (data/video.py), not images.
+SYNTHETIC_CLIP_KINDS = ("moving-shapes",)
 
 
 @dataclass
@@ -400,7 +343,8 @@ class DataConfig:
     from its header before any decode (PIL's own bomb warning starts near 89 MP)."""
 
     def __post_init__(self) -> None:
-        _one_of("data.source", self.source, ("synthetic", "wds", "resident", "wds-video"))
+        sources = _registered(_registry.SOURCES)
+        _one_of("data.source", self.source, tuple(sources))
         _one_of("data.crop", self.crop, ("random_resized", "center"))
         _check(self.img_size >= 1, f"data.img_size={self.img_size} must be >= 1")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
@@ -409,11 +353,14 @@ class DataConfig:
         _check(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
         _check(self.synthetic_images >= 1 and self.synthetic_classes >= 2,
                "data.synthetic_images must be >= 1 and data.synthetic_classes >= 2")
-        _one_of("data.synthetic_kind", self.synthetic_kind, ("shapes", "layouts", "gratings", "moving-shapes"))
-        video = self.source == "wds-video" or (self.source == "synthetic" and self.synthetic_kind == "moving-shapes")
+        _one_of("data.synthetic_kind", self.synthetic_kind, ("shapes", "layouts", "gratings", *SYNTHETIC_CLIP_KINDS))
+        src = sources[self.source]
+        # A source of both (the synthetic set) yields clips for its clip kinds only.
+        video = src.video and (not src.images or self.synthetic_kind in SYNTHETIC_CLIP_KINDS)
+        clip_sources = " or ".join(f"data.source={k!r}" for k, v in sources.items() if v.video and not v.images)
         _check(video == (self.num_frames > 0),
-               f"data.num_frames={self.num_frames}: clips (num_frames >= 1) go with data.source='wds-video' "
-               f"or data.synthetic_kind='moving-shapes', images (0) with the others "
+               f"data.num_frames={self.num_frames}: clips (num_frames >= 1) go with {clip_sources} "
+               f"or data.synthetic_kind={' or '.join(map(repr, SYNTHETIC_CLIP_KINDS))}, images (0) with the others "
                f"(data.source={self.source!r}, data.synthetic_kind={self.synthetic_kind!r})")
         _check(self.frame_stride >= 1, f"data.frame_stride={self.frame_stride} must be >= 1")
         _check(self.repeated_aug >= 1, f"data.repeated_aug={self.repeated_aug} must be >= 1")
@@ -630,7 +577,7 @@ class EvalConfig:
     level through the tokenizer; l-DAE App. A: 65.0% at t = 10..40, its Table 4 setting)."""
     probe_depth: int = 0
     """Probe after the first k blocks (0: all the encoder's); l-DAE App. A probes DiT-L at k =
-    9..15 of its 24, best at 12 (64.5%). With model.layout='dit' k may pass the encoder (up to
+    9..15 of its 24, best at 12 (64.5%). With l-DAE's ldae.layout='dit' k may pass the encoder (up to
     encoder_depth + decoder_depth): the decoder's first blocks continue the same tokens."""
 
     def __post_init__(self) -> None:
@@ -659,29 +606,74 @@ class ProfileConfig:
         _check(self.steps >= 0, f"profile.steps={self.steps} must be >= 0")
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    preset: str = "demo"
-    """Name of the preset this config started from (informational)."""
+# The shared sections, in the order a saved config lists them; each method's sections follow.
+SHARED_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "tokenizer": TokenizerConfig, "objective": ObjectiveConfig, "data": DataConfig,
+    "optim": OptimConfig, "engine": EngineConfig, "eval": EvalConfig, "profile": ProfileConfig,
+}
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            sec = getattr(self, f.name)
-            if dataclasses.is_dataclass(sec):
-                _check_types(f.name, sec)
+
+def section_types() -> dict[str, type]:
+    """Every section a Config holds, by name: the shared ones, then those the methods registered."""
+    methods = _registered(_registry.SECTIONS)
+    clash = sorted(set(methods) & set(SHARED_SECTIONS))
+    if clash:
+        raise ValueError(f"method config section(s) {clash} take the name of a shared section")
+    return {**SHARED_SECTIONS, **methods}
+
+
+class Config:
+    """The run's configuration: one attribute per section (cfg.model, cfg.data, ..., and each
+    registered method's, e.g. cfg.noise) and `preset`, the name of the preset it started from
+    (informational). Not a dataclass: its sections are known once the methods registered; use
+    `cfg.replace(section=...)` where dataclasses.replace would be used."""
+
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    objective: ObjectiveConfig
+    data: DataConfig
+    optim: OptimConfig
+    engine: EngineConfig
+    eval: EvalConfig
+    profile: ProfileConfig
+    preset: str
+
+    def __init__(self, preset: str = "demo", **sections: Any) -> None:
+        types = section_types()
+        bad = sorted(set(sections) - set(types))
+        _check(not bad, f"unknown config section(s) {bad}; known: {', '.join(types)}")
+        for name, typ in types.items():
+            sec = sections.get(name)
+            self.__dict__[name] = typ() if sec is None else sec
+        self.preset = preset
+        for name in types:
+            _check_types(name, self.__dict__[name])
         # The model section's cross-section fields (latent_dim, num_classes, num_frames) read
         # this config; a section object shared by two configs follows the newest.
         self.model.__dict__["_run"] = self
         self.validate()
+
+    @staticmethod
+    def sections() -> dict[str, type]:
+        """Section name -> its dataclass (section_types())."""
+        return section_types()
+
+    def replace(self, **changes: Any) -> Config:
+        """A new Config with the sections in `changes` replaced (and `preset`), validated again."""
+        parts = {name: self.__dict__[name] for name in section_types()}
+        return Config(**{"preset": self.preset, **parts, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.preset == other.preset and all(
+            self.__dict__[n] == other.__dict__.get(n) for n in section_types())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={self.__dict__[n]!r}" for n in section_types())
+        return f"Config({parts}, preset={self.preset!r})"
 
     # Derived quantities -------------------------------------------------------------------
     @property
@@ -695,14 +687,10 @@ class Config:
 
     def validate(self) -> None:
         # The method's own name list and relations live with the method (MethodSpec.validate).
-        from .methods import METHODS
-
+        METHODS = _registered(_registry.METHODS)
         _one_of("objective.method", self.objective.method, tuple(METHODS))
         spec = METHODS[self.objective.method]
         spec.validate(self)
-        _check(self.objective.sample_steps <= self.noise.num_timesteps,
-               f"objective.sample_steps={self.objective.sample_steps} exceeds noise.num_timesteps="
-               f"{self.noise.num_timesteps}")
         self._validate_video()
         p, s = self.model.patch_size, self.data.img_size
         _check(s % p == 0, f"data.img_size={s} is not divisible by model.patch_size={p}; "
@@ -715,19 +703,15 @@ class Config:
             _check(self.model.latent_dim == self.tokenizer.latent_dim,
                    f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
                    f"{self.tokenizer.latent_dim}; leave it at 0")
-        _check(not (self.model.output == "latent" and self.noise.target == "x0"),
-               "noise.target='x0' (the original image) needs model.output='image'; a latent output "
-               "predicts noise.target='z0' or 'eps'")
         if self.model.class_cond:
             _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
                    "data.num_classes) >= 2: the number of classes of the labelled data")
-        # 'dit' is one DiT cut in two: the probe may read past the cut (l-DAE App. A, k = 9..15 of 24).
-        room = self.model.encoder_depth + (self.model.decoder_depth if self.model.layout == "dit" else 0)
+        # The blocks a probe can read are the method's (l-DAE's 'dit' layout reads past its encoder).
+        room, which = spec.probe_blocks(self)
         _check(self.eval.probe_depth <= room,
                f"eval.probe_depth={self.eval.probe_depth} is deeper than the {room} blocks the probe can read "
-               f"(model.encoder_depth{' + model.decoder_depth with model.layout=dit' if room > self.model.encoder_depth else ''}"
-               f"); allowed: 0..{room}")
-        if self.data.source in ("wds", "resident", "wds-video"):
+               f"({which}); allowed: 0..{room}")
+        if _registry.SOURCES[self.data.source].sharded:
             # Shard paths are checked when the data is opened: presets name no local path.
             _check(self.data.epoch_size > 0,
                    f"data.source={self.data.source!r} needs data.epoch_size (samples per epoch: images, or clips for video)")
@@ -738,22 +722,14 @@ class Config:
     def _validate_video(self) -> None:
         m, d = self.model, self.data
         if d.num_frames:
-            from .methods import METHODS
-
-            video = [n for n, s in METHODS.items() if s.video]
+            video = [n for n, s in _registry.METHODS.items() if s.video]
             _check(self.objective.method in video,
                    f"data.num_frames={d.num_frames} (video) is trained by objective.method="
                    f"{' or '.join(video)} only")
             _check(m.num_frames == d.num_frames,
                    f"model.num_frames={m.num_frames} differs from data.num_frames={d.num_frames}; leave it at 0")
-            _check(d.num_frames % m.tubelet == 0,
-                   f"data.num_frames={d.num_frames} is not a multiple of model.tubelet={m.tubelet}")
         else:
-            _check(m.num_frames == 0 and m.tubelet == 1,
-                   f"model.num_frames={m.num_frames} / model.tubelet={m.tubelet} need video data "
-                   "(data.num_frames >= 1)")
-        _check(self.objective.time_slice < m.tubelet,
-               f"objective.time_slice={self.objective.time_slice} must lie in 0..model.tubelet-1={m.tubelet - 1}")
+            _check(m.num_frames == 0, f"model.num_frames={m.num_frames} needs video data (data.num_frames >= 1)")
         # Said now, not after the training it would follow: the probe, kNN and fine-tuning take
         # images, and a clip encoder's patch embedding is 3-D.
         _check(not (d.num_frames and self.eval.probe),
@@ -781,10 +757,10 @@ class Config:
         """What the user set, section by section: derived fields store their unset default, so
         the saved config.json replays as intent (Derived)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            sec = getattr(self, f.name)
-            out[f.name] = ({g.name: stored(sec, g.name) for g in dataclasses.fields(sec)}
-                           if dataclasses.is_dataclass(sec) else sec)
+        for name in section_types():
+            sec = self.__dict__[name]
+            out[name] = {g.name: stored(sec, g.name) for g in dataclasses.fields(sec)}
+        out["preset"] = self.preset
         return json.loads(json.dumps(out))
 
     def save(self, path: str | Path) -> None:
@@ -793,8 +769,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        d = _migrate(d)
-        sections = {f.name: f for f in dataclasses.fields(cls)}
+        d = migrate(d)
+        sections = [*section_types(), "preset"]
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
             _check(name in sections, f"unknown config section {name!r}; known: {', '.join(sections)}")
@@ -826,9 +802,28 @@ class Config:
             raise ConfigError(f"--config {path}: {e}") from None
 
 
-def _migrate(d: dict[str, Any]) -> dict[str, Any]:
-    """A config dict as this version reads it: configs saved by older versions stored fields that
-    are now derived (model.arch, always equal to objective.method), which are dropped here."""
+def migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (a saved config, or the tree of a command line) as this version reads it:
+    fields that moved to a method's section (config_registry.RENAMED: `objective.mask_ratio` ->
+    `diffmae.mask_ratio` and `mae.mask_ratio`, ...) are read from their old keys where the new
+    ones are not set, and fields now derived (model.arch, always equal to objective.method) are
+    dropped. `d` is not changed."""
+    renamed = _registered(_registry.RENAMED)
+    d = dict(d)
+    for old, news in renamed.items():
+        sec, _, name = old.partition(".")
+        if not isinstance(d.get(sec), dict) or name not in d[sec]:
+            continue
+        d[sec] = dict(d[sec])
+        value = d[sec].pop(name)
+        for new in news:
+            nsec, _, nname = new.partition(".")
+            target = d[nsec] = dict(d.get(nsec) or {})
+            target.setdefault(nname, value)
+    return _drop_arch(d)
+
+
+def _drop_arch(d: dict[str, Any]) -> dict[str, Any]:
     model = d.get("model")
     if isinstance(model, dict) and "arch" in model:
         model = dict(model)
@@ -882,8 +877,7 @@ def _no_constant(name: str) -> float:
 
 
 def _section_type(name: str) -> type:
-    hints = typing.get_type_hints(Config)
-    return hints[name]
+    return section_types()[name]
 
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean", "str": "a string"}
@@ -915,31 +909,11 @@ def _check_types(name: str, sec: Any) -> None:
 
 # Presets ----------------------------------------------------------------------------------
 # Each preset is a dict of overrides on the defaults, so `--preset X --section.field=v` composes.
-# Every preset belongs to a method (MethodSpec.presets); the registry collects them. Imported
-# here, after the sections: the methods package's specs are plain data that import nothing of
-# this module at load time.
-from .methods import all_presets  # noqa: E402
-
-PRESETS: dict[str, dict[str, Any]] = all_presets()
-# The supplement's Table 1b (ImageNet fine-tuning of the pretrained encoder, pixel targets), as
-# eval.finetune.FinetuneRecipe fields; lr = blr * batch / 256. Shared by every size: AdamW
-# (0.9, 0.999), wd 0.05, cosine to 1e-6 after 5 warm-up epochs, RandAug (9, 0.5), mixup 0.8,
-# cutmix 1.0, label smoothing 0.1, batch 1024; the head is average pool, a fresh LayerNorm and a
-# linear layer whose init the supplement prints as "std 2^-5" (see DIFFMAE_HEAD_INIT_STD).
-_DIFFMAE_FT_COMMON = dict(batch_size=1024, min_lr=1e-6, warmup_epochs=5.0, weight_decay=0.05,
-                          betas=(0.9, 0.999), mixup=0.8, cutmix=1.0, label_smoothing=0.1,
-                          rand_augment="rand-m9-mstd0.5-inc1", pool="avg")
-DIFFMAE_FINETUNE: dict[str, dict[str, Any]] = {
-    "B": {**_DIFFMAE_FT_COMMON, "blr": 5e-4, "layer_decay": 0.65, "epochs": 100, "drop_path": 0.1},
-    "L": {**_DIFFMAE_FT_COMMON, "blr": 1e-3, "layer_decay": 0.7, "epochs": 50, "drop_path": 0.1},
-    "H": {**_DIFFMAE_FT_COMMON, "blr": 1e-3, "layer_decay": 0.75, "epochs": 50, "drop_path": 0.3},
-}
-# The head's init std. The supplement prints "2^-5" and calls it very small, but 2^-5 = 0.031 is
-# above the usual ViT linear init (0.02); MAE's fine-tuning, which this recipe follows, draws the
-# head with std 2e-5, which is very small. We read the print as 2e-5 (the default of
-# eval.finetune.FinetuneRecipe.head_init_std); `ldae-fast eval --finetune-head-init=printed`
-# takes the printed 2^-5 instead (docs/diffmae.md).
-DIFFMAE_HEAD_INIT_STD = 2e-5
+# Every preset belongs to a method (MethodSpec.presets), which registers it (config_registry.py):
+# this dict fills as ldae_fast.methods is imported.
+PRESETS: dict[str, dict[str, Any]] = _registry.PRESETS
+# `ldae-fast eval --finetune-head-init=printed`: the head init std DiffMAE's supplement prints
+# (2^-5), beside the 2e-5 we read it as (methods/diffmae/finetune.py, docs/diffmae.md).
 HEAD_INIT_STD_AS_PRINTED = 2 ** -5
 
 
@@ -972,9 +946,19 @@ def _parse_value(raw: str, typ: Any) -> Any:
 
 
 def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool) -> None:
+    # An old spelling of a field that moved to a method's section sets it where it lives now.
+    if key in _registry.RENAMED:
+        if from_cli:
+            try:
+                value = _parse_value(value, _field_type(key))
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        for new_key in _registry.RENAMED[key]:
+            _apply(tree, new_key, value, from_cli=False)
+        return
     section, _, name = key.partition(".")
     _check(bool(name), f"override {key!r} must look like section.field")
-    _check(section in tree and isinstance(tree[section], dict),
+    _check(section in tree and isinstance(tree[section], dict) and section in section_types(),
            f"unknown config section {section!r} in {key!r}; known: {', '.join(k for k in tree if k != 'preset')}")
     sub = _section_type(section)
     types = {f.name: f.type for f in dataclasses.fields(sub)}
@@ -1009,8 +993,8 @@ def preset_data_path(pattern: str) -> str:
 def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) -> Config:
     """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
     paths are found from the checkout when the current directory lacks them (preset_data_path)."""
-    _check(preset in PRESETS, f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    tree = {f.name: {} for f in dataclasses.fields(Config) if f.name != "preset"}
+    _check(preset in _registered(PRESETS), f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    tree: dict[str, Any] = {name: {} for name in section_types()}
     for k, v in PRESETS[preset].items():
         if k in {f"data.{f}" for f in SHARD_FIELDS} and isinstance(v, str):
             v = preset_data_path(v)
@@ -1030,11 +1014,12 @@ _BOOL_WORDS = _TRUE_WORDS + _FALSE_WORDS
 def _field_type(key: str) -> Any:
     """The annotated type of `section.field`, or None when there is no such field (the caller's
     `_apply` then reports it with the known names)."""
+    key = (_registry.RENAMED.get(key) or [key])[0]
     section, _, name = key.partition(".")
-    hints = typing.get_type_hints(Config)
-    if section not in hints or not dataclasses.is_dataclass(hints[section]):
+    types = section_types()
+    if section not in types:
         return None
-    return typing.get_type_hints(hints[section]).get(name)
+    return typing.get_type_hints(types[section]).get(name)
 
 
 def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
@@ -1140,14 +1125,11 @@ def config_help(preset: str | None = "demo", width: int = 100) -> str:
     aliased = {v: k for k, v in ALIASES.items()}
     preset_values = PRESETS.get(preset, {}) if preset else {}
     lines = []
-    for sec in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[sec.name]
-        if not dataclasses.is_dataclass(cls):
-            continue
-        lines.append(f"\n{sec.name}:")
+    for sec_name, cls in section_types().items():
+        lines.append(f"\n{sec_name}:")
         docs, hints = _field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            key = f"{sec.name}.{f.name}"
+            key = f"{sec_name}.{f.name}"
             typ = hints[f.name]
             flag = f"--[no-]{key}" if typ is bool else f"--{key}"
             alias = f", --{aliased[key]}" if key in aliased else ""

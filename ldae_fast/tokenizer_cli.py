@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from .config import parse_cli
 from .errors import UsageError, run_cli
 from .tokenizer_kinds import FIT_KINDS  # noqa: E402 - torch-free, so --help answers at once

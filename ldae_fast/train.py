@@ -11,6 +11,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+from . import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from .config import Config, parse_cli
 from .errors import UsageError, one_line, run_cli
 

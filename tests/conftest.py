@@ -26,6 +26,11 @@ torch.set_num_threads(int(os.environ.get("LDAE_TEST_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# Tests build configs from ldae_fast.config directly: the methods register their sections, names
+# and presets with the config mechanism on import, as every command line's import does.
+import ldae_fast.methods  # noqa: E402,F401
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

@@ -30,7 +30,7 @@ def _counted_step(model, ratio: float, batch: int = 2, img: int = 32, p: int = 4
 
 
 def _tiny(kind: str):
-    return build_config("diffmae-demo", {"model.decoder_kind": kind, "model.attn_backend": "math",
+    return build_config("diffmae-demo", {"diffmae.decoder_kind": kind, "model.attn_backend": "math",
                                          "model.decoder_width": "64", "model.decoder_heads": "2"})
 
 
@@ -38,28 +38,30 @@ def _tiny(kind: str):
 @pytest.mark.parametrize("ratio", [0.75, 0.5])
 def test_analytic_training_flops_match_the_counter(kind, ratio):
     cfg = _tiny(kind)
-    fwd, total = _counted_step(build_model(cfg.model, 32), ratio)
-    a_fwd, a_total = diffmae_train_flops_per_image(cfg.model, 32, ratio)
+    fwd, total = _counted_step(build_model(cfg.model, cfg.diffmae, 32), ratio)
+    a_fwd, a_total = diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 32, ratio)
     assert a_fwd == pytest.approx(fwd, rel=1e-9)
     assert a_total == pytest.approx(total, rel=1e-9)
     # Not a plain 3 x forward: the three input embeddings get weight gradients only.
     assert a_total < 3 * a_fwd
     # The masked encoder sees fewer tokens at a higher ratio, so the count must follow it.
-    assert diffmae_train_flops_per_image(cfg.model, 32, 0.9)[1] < a_total < \
-        diffmae_train_flops_per_image(cfg.model, 32, 0.25)[1]
+    assert diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 32, 0.9)[1] < a_total < \
+        diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 32, 0.25)[1]
 
 
 def test_timm_peer_flops_are_ours_without_adaln(ts):
     cfg = _tiny("joint")
     m = cfg.model
-    peer = ts.TimmDiffMAEPeer(32, m.patch_size, m.width, m.encoder_depth, m.num_heads, m.decoder_width,
+    from ldae_fast.methods.diffmae.bench import TimmDiffMAEPeer
+
+    peer = TimmDiffMAEPeer(32, m.patch_size, m.width, m.encoder_depth, m.num_heads, m.decoder_width,
                               m.decoder_depth, m.decoder_heads, m.mlp_ratio)
     for blk in (*peer.blocks, *peer.decoder_blocks):
         blk.attn.fused_attn = False  # the counter then sees the two attention matmuls as matmuls
     fwd, total = _counted_step(peer, 0.75)
-    a_fwd, a_total = diffmae_train_flops_per_image(m, 32, 0.75, adaln=False)
+    a_fwd, a_total = diffmae_train_flops_per_image(m, cfg.diffmae, 32, 0.75, adaln=False)
     assert (a_fwd, a_total) == (pytest.approx(fwd, rel=1e-9), pytest.approx(total, rel=1e-9))
-    assert a_total < diffmae_train_flops_per_image(m, 32, 0.75)[1]
+    assert a_total < diffmae_train_flops_per_image(m, cfg.diffmae, 32, 0.75)[1]
 
 
 def test_trainer_mfu_counts_the_configured_mask_ratio(tmp_path):
@@ -69,14 +71,14 @@ def test_trainer_mfu_counts_the_configured_mask_ratio(tmp_path):
         "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
         "model.decoder_heads": "2", "data.img_size": "16", "data.batch_size": "4", "data.synthetic_images": "32",
         "engine.kernels": "reference", "engine.log_every": "1", "engine.progress": "false",
-        "eval.probe": "false", "eval.figure": "false", "objective.sample_steps": "8", "engine.steps": "2",
-        "objective.mask_ratio": "0.5", "optim.warmup_epochs": "0", "engine.out_dir": str(tmp_path / "run"),
+        "eval.probe": "false", "eval.figure": "false", "diffmae.sample_steps": "8", "engine.steps": "2",
+        "diffmae.mask_ratio": "0.5", "optim.warmup_epochs": "0", "engine.out_dir": str(tmp_path / "run"),
     }
     cfg = build_config("diffmae-demo", over)
     train(cfg)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    per_image = diffmae_train_flops_per_image(cfg.model, 16, 0.5)[1]
-    other = diffmae_train_flops_per_image(cfg.model, 16, 0.75)[1]
+    per_image = diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 16, 0.5)[1]
+    other = diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 16, 0.75)[1]
     assert per_image > 1.1 * other  # far outside the bounds below: a 0.75 count would fail them
     for r in lines:
         # images_per_s is logged to 0.1 and tflops to 4 digits: bounds for both roundings.
@@ -107,7 +109,7 @@ def test_diffmae_rows_ours_eager_and_timm_peer_from_one_run(smoke, ts, capsys):
         assert r["status"] == "ok", r
         assert (r["model"], r["method"], r["mask_ratio"], r["decoder_kind"]) == ("DiffMAE tiny", "diffmae", 0.75, "joint")
         assert (r["img"], r["patch"], r["batch"]) == (32, 4, 4)
-        fwd, total = diffmae_train_flops_per_image(cfg.model, 32, 0.75, adaln=r["variant"] != "c")
+        fwd, total = diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 32, 0.75, adaln=r["variant"] != "c")
         assert (r["fwd_flops_per_image"], r["train_flops_per_image"]) == (fwd, total)
         assert r["train_gflop"] == pytest.approx(total / 1e9, rel=1e-3)
         assert r["tflops"] == pytest.approx(r["images_per_s"] * total / 1e12, rel=1e-3)
@@ -163,8 +165,8 @@ def test_cross_decoder_and_mask_ratio_flags(ts):
                          "--decoder-kind", "cross", "--mask-ratio", "0.5", "--steps", "1", "--no-write"])
     a, c = rows
     assert a["status"] == "ok" and a["decoder_kind"] == "cross" and a["mask_ratio"] == 0.5
-    cfg = build_config("diffmae-demo", {"data.img_size": "32", "model.decoder_kind": "cross"})
-    assert a["train_flops_per_image"] == diffmae_train_flops_per_image(cfg.model, 32, 0.5)[1]
+    cfg = build_config("diffmae-demo", {"data.img_size": "32", "diffmae.decoder_kind": "cross"})
+    assert a["train_flops_per_image"] == diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 32, 0.5)[1]
     # timm has no cross-attention block: the row says so rather than 'failed' or a wrong peer.
     assert c["status"].startswith("n/a: timm's Block has no cross-attention") and c["images_per_s"] is None
     assert a["vs_c"] is None
@@ -175,8 +177,10 @@ def test_cross_decoder_and_mask_ratio_flags(ts):
 
 def test_gpu_defaults_are_the_papers_setting(ts):
     args = ts.parse_args(["--method", "diffmae"])
-    assert ts.DIFFMAE_GPU_DEFAULTS["sizes"] == "B,L" and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
-    assert ts.DIFFMAE_GPU_DEFAULTS["patch_size"] == 16 and args.mask_ratio == 0.75
-    assert ts.diffmae_decoder("B") == {"decoder_width": 512, "decoder_depth": 8, "decoder_heads": 16}
-    vals = dict(ts.DIFFMAE_GPU_DEFAULTS)
+    defaults = ts.gpu_defaults("diffmae")
+    assert defaults["sizes"] == "B,L" and defaults["img_size"] == 224
+    assert defaults["patch_size"] == 16 and args.mask_ratio == 0.75
+    assert ts.bench_of("diffmae").overrides("B") == {"model.decoder_width": 512, "model.decoder_depth": 8,
+                                                     "model.decoder_heads": 16}
+    vals = dict(defaults)
     assert ts.resolve_plan(args, vals) == [(256, ["a", "c", "d"])]

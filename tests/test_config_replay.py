@@ -5,6 +5,7 @@ configs saved by older versions (derived values and model.arch stored) still loa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,43 @@ def test_an_old_config_with_derived_values_and_model_arch_still_loads(tmp_path):
     path.write_text(json.dumps(old))
     with pytest.raises(ConfigError, match="model.arch='diffmae' differs from objective.method='ldae'"):
         _replay(path)
+
+
+# Configs saved by the version before the methods' own sections (written by that code, kept in
+# tests/assets): DiffMAE's and MAE's fields then lived in model.* and objective.*.
+OLD = Path(__file__).parent / "assets" / "configs_before_method_sections"
+
+
+def test_configs_saved_before_the_method_sections_load_with_their_values():
+    dm = Config.load(OLD / "diffmae-video-demo.json")
+    assert (dm.diffmae.mask_ratio, dm.diffmae.rho, dm.diffmae.norm_pix_loss, dm.diffmae.sample_steps,
+            dm.diffmae.time_slice, dm.diffmae.decoder_kind, dm.diffmae.decoder_topdown, dm.diffmae.tubelet) \
+        == (0.8, 0.6, True, 20, 1, "cross_self", "spread", 2)
+    mae = Config.load(OLD / "mae-demo.json")
+    assert (mae.objective.method, mae.mae.mask_ratio, mae.mae.norm_pix_loss) == ("mae", 0.6, True)
+    ld = Config.load(OLD / "demo-dit.json")
+    assert (ld.objective.method, ld.ldae.layout, ld.ldae.adaln_dim) == ("ldae", "dit", 48)
+    # Saved again, a config holds each field once, where it lives now, and reads back the same.
+    for cfg in (dm, mae, ld):
+        d = cfg.to_dict()
+        assert not {"mask_ratio", "rho", "norm_pix_loss", "sample_steps", "time_slice"} & set(d["objective"])
+        assert not {"decoder_kind", "decoder_topdown", "tubelet", "layout", "adaln_dim"} & set(d["model"])
+        assert Config.from_dict(d) == cfg
+    # A replay of an old file takes the new spelling and the old one alike.
+    c = _replay(OLD / "diffmae-video-demo.json", "--diffmae.rho=1.0", "--objective.sample_steps=30")
+    assert (c.diffmae.rho, c.diffmae.sample_steps, c.diffmae.decoder_topdown) == (1.0, 30, "spread")
+
+
+def test_old_command_line_spellings_set_the_fields_where_they_live_now():
+    old = parse_cli(["--preset", "diffmae-demo", "--objective.mask_ratio=0.5", "--model.decoder_kind", "cross",
+                     "--model.decoder_topdown=spread", "--objective.norm_pix_loss"])[0]
+    new = parse_cli(["--preset", "diffmae-demo", "--diffmae.mask_ratio=0.5", "--diffmae.decoder_kind", "cross",
+                     "--diffmae.decoder_topdown=spread", "--diffmae.norm_pix_loss"])[0]
+    assert old.diffmae == new.diffmae and old.diffmae.norm_pix_loss is True
+    # a field two methods took over is set in both; --no- and bare booleans follow the new field's type
+    assert old.mae.mask_ratio == 0.5
+    assert parse_cli(["--preset", "mae-demo", "--no-objective.norm_pix_loss"])[0].mae.norm_pix_loss is False
+    with pytest.raises(ConfigError, match="objective.mask_ratio: expected a number"):
+        parse_cli(["--objective.mask_ratio=most"])
+    with pytest.raises(ConfigError, match=r"diffmae.decoder_kind='nope' is not allowed"):
+        parse_cli(["--preset", "diffmae-demo", "--model.decoder_kind=nope"])

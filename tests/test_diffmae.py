@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from ldae_fast.batch import Batch
-from ldae_fast.config import DIFFMAE_FINETUNE, ConfigError, build_config
+from ldae_fast.config import ConfigError, build_config
 from ldae_fast.errors import ResumeMismatch
 from ldae_fast.methods import METHODS, Method, build_method
 from ldae_fast.methods.diffmae import method as dm
+from ldae_fast.methods.diffmae.finetune import DIFFMAE_FINETUNE
 from ldae_fast.methods.diffmae.model import build_diffmae as build_model
 from ldae_fast.methods.diffmae.presets import DIFFMAE_GLOBAL_BATCH
 from ldae_fast.methods.diffmae.schedules import DiffusionSchedule, ddpm_betas
@@ -28,7 +29,7 @@ TINY = {
     "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
     "model.decoder_heads": "2", "data.img_size": "16", "data.batch_size": "4", "data.synthetic_images": "32",
     "engine.kernels": "reference", "engine.log_every": "1", "engine.progress": "false",
-    "eval.probe": "false", "eval.figure": "false", "objective.sample_steps": "8",
+    "eval.probe": "false", "eval.figure": "false", "diffmae.sample_steps": "8",
 }
 
 
@@ -113,8 +114,8 @@ def test_smaller_rho_means_more_noise_and_respacing_keeps_abar():
 # model --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["joint", "cross", "cross_self"])
 def test_model_predicts_masked_patches_and_its_encoder_serves_eval(kind):
-    cfg = _cfg(**{"model.decoder_kind": kind})
-    model = build_model(cfg.model, 16)
+    cfg = _cfg(**{"diffmae.decoder_kind": kind})
+    model = build_model(cfg.model, cfg.diffmae, 16)
     x = torch.randn(2, 3, 16, 16)
     mk = random_masking(2, 16, 0.75, seed=0, step=0)
     noisy = torch.randn(2, 12, 48)
@@ -143,7 +144,8 @@ def test_encoder_exports_to_timm_exactly():
     import timm
 
     from ldae_fast.models import timm_kwargs, timm_state_dict
-    model = build_model(_cfg().model, 16).eval()
+    c = _cfg()
+    model = build_model(c.model, c.diffmae, 16).eval()
     for p in model.encoder.parameters():
         torch.nn.init.normal_(p, std=0.05)
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(model.encoder)).eval()
@@ -157,15 +159,15 @@ def test_analytic_flops_match_the_counted_matmuls(kind):
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldae_fast.methods.diffmae.model import flops_per_image
-    cfg = build_config("diffmae-demo", {"model.decoder_kind": kind, "model.attn_backend": "math",
+    cfg = build_config("diffmae-demo", {"diffmae.decoder_kind": kind, "model.attn_backend": "math",
                                         "model.decoder_width": "64", "model.decoder_heads": "2"})
-    model = build_model(cfg.model, 32)
+    model = build_model(cfg.model, cfg.diffmae, 32)
     mk = random_masking(1, 64, 0.75, seed=0, step=0)
     with FlopCounterMode(display=False) as fc:
         model(torch.randn(1, 3, 32, 32), ids_keep=mk.ids_keep, ids_masked=mk.ids_masked,
               noisy=torch.randn(1, 48, 48), t=torch.tensor([5]))
-    assert fc.get_total_flops() == flops_per_image(cfg.model, 32) == METHODS["diffmae"].train_flops(cfg)[0]
-    assert flops_per_image(cfg.model, 32, mask_ratio=0.0) > flops_per_image(cfg.model, 32)
+    assert fc.get_total_flops() == flops_per_image(cfg.model, cfg.diffmae, 32) == METHODS["diffmae"].train_flops(cfg)[0]
+    assert flops_per_image(cfg.model, cfg.diffmae, 32, mask_ratio=0.0) > flops_per_image(cfg.model, cfg.diffmae, 32)
 
 
 # loss ---------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_method_call_noises_and_scores_the_masked_patches(monkeypatch):
 
 
 def test_norm_pix_target_is_per_patch_normalised():
-    method = build_method(_cfg(**{"objective.norm_pix_loss": "true"}), "cpu")
+    method = build_method(_cfg(**{"diffmae.norm_pix_loss": "true"}), "cpu")
     p = method.patches(torch.randn(2, 3, 16, 16) * 3 + 1)
     assert torch.allclose(p.mean(-1), torch.zeros(2, 16), atol=1e-5)
     assert torch.allclose(p.var(-1), torch.ones(2, 16), atol=1e-3)
@@ -240,7 +242,7 @@ class Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["random", "center"])
 def test_sampler_with_a_perfect_denoiser_reproduces_the_image(kind):
-    cfg = _cfg(**{"objective.sample_steps": "20"})
+    cfg = _cfg(**{"diffmae.sample_steps": "20"})
     method = build_method(cfg, "cpu")
     x = torch.randn(3, 3, 16, 16)
     oracle = Oracle(patchify(x, 4))
@@ -259,7 +261,7 @@ def test_sampler_with_a_perfect_denoiser_reproduces_the_image(kind):
 def test_sampler_with_a_real_model_keeps_visible_patches():
     cfg = _cfg()
     method = build_method(cfg, "cpu")
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.diffmae, 16)
     for p in model.decoder.final_layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 3, 16, 16)
@@ -296,8 +298,8 @@ def test_resume_is_bit_exact(tmp_path):
     assert method.name == "diffmae" == cfg.objective.method
     assert torch.equal(model.state_dict()[next(iter(a))], a[next(iter(a))])
     # Another schedule would resume a different run.
-    m = build_method(_cfg(**{"objective.rho": "0.6"}), "cpu")
-    with pytest.raises(ResumeMismatch, match="objective.rho"):
+    m = build_method(_cfg(**{"diffmae.rho": "0.6"}), "cpu")
+    with pytest.raises(ResumeMismatch, match="diffmae.rho"):
         m.prepare(lambda: [], state=st["method"])
 
 
@@ -311,7 +313,7 @@ def test_presets_follow_the_supplement_table_1a():
         assert c.optim.min_lr == 0.0 and c.optim.clip_grad == 0.0
         assert c.data.hflip and c.data.crop_min_scale < 1.0  # RandomResizedCrop + flip
         assert c.global_batch(8) == DIFFMAE_GLOBAL_BATCH == 4096
-        assert c.objective.mask_ratio == 0.75 and c.noise.num_timesteps == 1000
+        assert c.diffmae.mask_ratio == 0.75 and c.noise.num_timesteps == 1000
     assert build_config("diffmae-vith").model.patch_size == 14
     assert build_config("diffmae-vitl").model.width == 1024
 
@@ -334,9 +336,9 @@ def test_config_refuses_a_network_the_method_cannot_train():
     with pytest.raises(ConfigError, match="objective.method="):
         build_config("demo", {"objective.method": "unet"})
     with pytest.raises(ConfigError, match="mask_ratio"):
-        build_config("diffmae-demo", {"objective.mask_ratio": "1.0"})
+        build_config("diffmae-demo", {"diffmae.mask_ratio": "1.0"})
     with pytest.raises(ConfigError, match="decoder_kind"):
-        build_config("diffmae-demo", {"model.decoder_kind": "unet"})
+        build_config("diffmae-demo", {"diffmae.decoder_kind": "unet"})
     assert build_config("demo").objective.method == "ldae"
 
 
@@ -346,7 +348,7 @@ def test_train_main_writes_the_inpainting_figure(tmp_path):
     from ldae_fast.train import main
     args = ["--preset", "diffmae-demo", f"--engine.out_dir={tmp_path / 'run'}"]
     args += [f"--{k}={v}" for k, v in {**TINY, "eval.figure": "true", "engine.steps": "2",
-                                       "objective.sample_steps": "4"}.items()]
+                                       "diffmae.sample_steps": "4"}.items()]
     assert main(args) == 0
     png = tmp_path / "run" / "inpainting.png"
     img = Image.open(png)

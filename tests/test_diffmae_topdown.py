@@ -1,4 +1,4 @@
-"""DiffMAE's top-down decoder wiring (model.decoder_topdown): which encoder block each decoder
+"""DiffMAE's top-down decoder wiring (diffmae.decoder_topdown): which encoder block each decoder
 block reads, that gradients reach each connected block directly, that a config saved before the
 field existed rebuilds the network it trained, and the FLOPs of the new decoders."""
 
@@ -15,10 +15,10 @@ SMALL = {"model.width": "32", "model.num_heads": "2", "model.decoder_heads": "2"
 
 
 def _model(kind, topdown, enc, dec):
-    cfg = build_config("diffmae-demo", {**SMALL, "model.decoder_kind": kind, "model.decoder_topdown": topdown,
+    cfg = build_config("diffmae-demo", {**SMALL, "diffmae.decoder_kind": kind, "diffmae.decoder_topdown": topdown,
                                         "model.encoder_depth": str(enc), "model.decoder_depth": str(dec)})
     torch.manual_seed(0)
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.diffmae, 16)
     # adaLN-Zero gates and the zero head would hide every path from the output: open them.
     for p in model.decoder.parameters():
         if p.dim() > 1 and p.abs().sum() == 0:
@@ -128,39 +128,54 @@ def test_sampler_reads_the_same_top_down_context():
 
 
 def test_joint_with_a_top_down_wiring_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.decoder_topdown"):
-        build_config("diffmae-demo", {"model.decoder_topdown": "spread"})
-    with pytest.raises(ConfigError, match="model.decoder_topdown"):
-        build_config("diffmae-demo", {"model.decoder_kind": "cross", "model.decoder_topdown": "bottom_up"})
+    with pytest.raises(ConfigError, match="diffmae.decoder_topdown"):
+        build_config("diffmae-demo", {"diffmae.decoder_topdown": "spread"})
+    with pytest.raises(ConfigError, match="diffmae.decoder_topdown"):
+        build_config("diffmae-demo", {"diffmae.decoder_kind": "cross", "diffmae.decoder_topdown": "bottom_up"})
+
+
+def _old_layout(d: dict) -> dict:
+    """A config dict laid out as versions before the diffmae section saved it (its fields in the
+    model and objective sections)."""
+    import json
+
+    from ldae_fast.methods.diffmae.config import RENAMED
+
+    d = json.loads(json.dumps(d))
+    dm = d.pop("diffmae")
+    for old, new in RENAMED.items():
+        sec, name = old.split(".")
+        d[sec][name] = dm[new.split(".")[1]]
+    return d
 
 
 def test_a_config_saved_without_the_field_rebuilds_as_it_was(tmp_path):
-    """A checkpoint written before model.decoder_topdown existed stores a cross_self decoder that
+    """A checkpoint written before diffmae.decoder_topdown existed stores a cross_self decoder that
     read the encoder's final output: it must rebuild so, and its weights load strictly."""
-    cfg = build_config("diffmae-demo", {**SMALL, "model.decoder_kind": "cross_self", "model.decoder_depth": "2"})
+    cfg = build_config("diffmae-demo", {**SMALL, "diffmae.decoder_kind": "cross_self", "model.decoder_depth": "2"})
     from ldae_fast.config import sanitize_stored_config
 
-    old = cfg.to_dict()
+    old = _old_layout(cfg.to_dict())
     del old["model"]["decoder_topdown"]
     # load_for_eval's path for a checkpoint's stored config
     again = Config.from_dict(sanitize_stored_config(old, "an old checkpoint"))
-    assert again.model.decoder_topdown == "last" and again.model.decoder_kind == "cross_self"
+    assert again.diffmae.decoder_topdown == "last" and again.diffmae.decoder_kind == "cross_self"
     torch.manual_seed(0)
-    before = build_model(cfg.model, 16)
-    after = build_model(again.model, 16)
+    before = build_model(cfg.model, cfg.diffmae, 16)
+    after = build_model(again.model, again.diffmae, 16)
     after.load_state_dict(before.state_dict(), strict=True)
     assert "decoder.enc_proj.weight" in before.state_dict()
     # The old default decoder kind is kept too: a stored config without decoder_kind is joint.
     del old["model"]["decoder_kind"]
-    assert Config.from_dict(old).model.decoder_kind == "joint"
+    assert Config.from_dict(old).diffmae.decoder_kind == "joint"
 
 
 def test_paper_presets_default_to_the_cross_self_top_down_decoder():
     for preset in ("diffmae-vitb", "diffmae-vitl", "diffmae-vith", "diffmae-video-vitl"):
-        m = build_config(preset).model
+        m = build_config(preset).diffmae
         assert (m.decoder_kind, m.decoder_topdown) == ("cross_self", "deepest_first"), preset
     # joint and the others stay selectable on the same preset
-    m = build_config("diffmae-vitb", {"model.decoder_kind": "joint", "model.decoder_topdown": "last"}).model
+    m = build_config("diffmae-vitb", {"diffmae.decoder_kind": "joint", "diffmae.decoder_topdown": "last"}).diffmae
     assert m.decoder_kind == "joint"
 
 
@@ -174,21 +189,23 @@ def test_training_flops_of_top_down_decoders_match_the_counter(kind, topdown):
     x, mk, noisy, t = _inputs()
     with FlopCounterMode(display=False) as fc:
         model(x, ids_keep=mk.ids_keep, ids_masked=mk.ids_masked, noisy=noisy, t=t).sum().backward()
-    fwd, total = diffmae_train_flops_per_image(cfg.model, 16, 0.75)
+    fwd, total = diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 16, 0.75)
     assert fc.get_total_flops() == 2 * total  # two images
     # each decoder block projects what it reads: a top-down wiring costs (L_d - 1) projections more
-    last = build_config("diffmae-demo", {**SMALL, "model.decoder_kind": kind, "model.encoder_depth": "3",
-                                         "model.decoder_depth": "2"}).model
+    last = build_config("diffmae-demo", {**SMALL, "diffmae.decoder_kind": kind, "model.encoder_depth": "3",
+                                         "model.decoder_depth": "2"})
     extra = 0 if topdown == "last" else (2 - 1) * 2 * (1 + 4) * 32 * 32
-    assert fwd == diffmae_train_flops_per_image(last, 16, 0.75)[0] + extra
+    assert fwd == diffmae_train_flops_per_image(last.model, last.diffmae, 16, 0.75)[0] + extra
 
 
 def test_resuming_with_another_decoder_wiring_is_refused():
     from ldae_fast.engine.guard import model_shape_diff
 
     cfg = build_config("diffmae-vitb")
-    old = build_config("diffmae-vitb", {"model.decoder_kind": "cross_self", "model.decoder_topdown": "last"}).to_dict()
-    assert model_shape_diff(old, cfg) == ["model.decoder_topdown last -> deepest_first"]
-    del old["model"]["decoder_topdown"]  # saved before the field: it was 'last'
-    assert model_shape_diff(old, cfg) == ["model.decoder_topdown last -> deepest_first"]
+    old = build_config("diffmae-vitb", {"diffmae.decoder_kind": "cross_self", "diffmae.decoder_topdown": "last"}).to_dict()
+    assert model_shape_diff(old, cfg) == ["diffmae.decoder_topdown last -> deepest_first"]
+    old = _old_layout(old)  # saved before the diffmae section ...
+    assert model_shape_diff(old, cfg) == ["diffmae.decoder_topdown last -> deepest_first"]
+    del old["model"]["decoder_topdown"]  # ... and before the field: it was 'last'
+    assert model_shape_diff(old, cfg) == ["diffmae.decoder_topdown last -> deepest_first"]
     assert model_shape_diff(cfg.to_dict(), cfg) == []

@@ -21,7 +21,7 @@ TINY = {
     "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
     "model.decoder_heads": "2", "data.img_size": "16", "data.num_frames": "4", "data.batch_size": "4",
     "data.synthetic_images": "32", "engine.kernels": "reference", "engine.log_every": "1",
-    "engine.progress": "false", "eval.figure": "false", "objective.sample_steps": "8",
+    "engine.progress": "false", "eval.figure": "false", "diffmae.sample_steps": "8",
 }
 
 
@@ -62,7 +62,7 @@ def test_spacetime_masking_ratio_keyed_and_restorable():
 # network ------------------------------------------------------------------------------------
 def test_tubelet_network_shapes_and_embedding():
     cfg = _cfg()
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.diffmae, 16)
     emb = model.encoder.patch_embed
     x = torch.randn(2, 3, 4, 16, 16)
     tok = emb(x)
@@ -90,12 +90,12 @@ def test_analytic_flops_match_the_counted_matmuls_for_clips():
 
     from ldae_fast.methods.diffmae.model import flops_per_image
     cfg = _cfg(**{"model.attn_backend": "math"})
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.diffmae, 16)
     mk = random_masking(1, 32, 0.75, seed=0, step=0)
     with FlopCounterMode(display=False) as fc:
         model(torch.randn(1, 3, 4, 16, 16), ids_keep=mk.ids_keep, ids_masked=mk.ids_masked,
               noisy=torch.randn(1, 24, 48), t=torch.tensor([5]))
-    assert fc.get_total_flops() == flops_per_image(cfg.model, 16)
+    assert fc.get_total_flops() == flops_per_image(cfg.model, cfg.diffmae, 16, mask_ratio=0.75)
 
 
 def test_training_flops_of_a_clip_match_the_counter():
@@ -104,13 +104,13 @@ def test_training_flops_of_a_clip_match_the_counter():
 
     from ldae_fast.methods.diffmae.flops import diffmae_train_flops_per_image
     cfg = _cfg(**{"model.attn_backend": "math"})
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.diffmae, 16)
     mk = random_masking(1, 32, 0.75, seed=0, step=0)
     with FlopCounterMode(display=False) as fc:
         out = model(torch.randn(1, 3, 4, 16, 16), ids_keep=mk.ids_keep, ids_masked=mk.ids_masked,
                     noisy=torch.randn(1, 24, 48), t=torch.tensor([5]))
         out.float().square().mean().backward()
-    assert diffmae_train_flops_per_image(cfg.model, 16, 0.75)[1] == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    assert diffmae_train_flops_per_image(cfg.model, cfg.diffmae, 16, 0.75)[1] == pytest.approx(fc.get_total_flops(), rel=1e-9)
 
 
 # target and loss ----------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class Zero(torch.nn.Module):
 
 @pytest.mark.parametrize("k", [0, 1])
 def test_target_is_one_time_slice_and_loss_covers_only_masked_tubelets(k):
-    method = build_method(_cfg(**{"objective.time_slice": k}), "cpu")
+    method = build_method(_cfg(**{"diffmae.time_slice": k}), "cpu")
     x = torch.randn(4, 3, 4, 16, 16)
     assert torch.equal(method.patches(x), _slices(x, k))
     spy = Zero()
@@ -167,7 +167,7 @@ class Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["random", "center"])
 def test_video_sampler_with_a_perfect_denoiser_reproduces_the_slices(kind):
-    method = build_method(_cfg(**{"objective.sample_steps": "10"}), "cpu")
+    method = build_method(_cfg(**{"diffmae.sample_steps": "10"}), "cpu")
     x = torch.randn(3, 3, 4, 16, 16)
     oracle = Oracle(_slices(x))
     (masked, final), = method.sample(oracle, x, (0,), mask=kind)
@@ -182,7 +182,7 @@ def test_video_sampler_with_a_perfect_denoiser_reproduces_the_slices(kind):
 def test_video_sampler_with_a_real_model_keeps_visible_slices():
     cfg = _cfg()
     method = build_method(cfg, "cpu")
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.diffmae, 16)
     for p in model.decoder.final_layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 3, 4, 16, 16)
@@ -208,7 +208,7 @@ def test_video_resume_is_bit_exact(tmp_path):
         assert torch.equal(a[key], b[key]), key
     st = ck.load_state(res.checkpoint)
     assert st["method"]["time_slice"] == {"tubelet": 2, "slice": 0}
-    other = build_method(_cfg(**{"objective.time_slice": 1}), "cpu")
+    other = build_method(_cfg(**{"diffmae.time_slice": 1}), "cpu")
     with pytest.raises(ResumeMismatch, match="time_slice"):
         other.prepare(lambda: [], state=st["method"])
 
@@ -218,7 +218,7 @@ def test_video_resume_is_bit_exact(tmp_path):
 def test_video_presets_follow_the_supplement_table_1a(preset, p):
     c = build_config(preset)
     assert c.objective.method == "diffmae" and c.model.size == "L"
-    assert (c.model.tubelet, c.model.patch_size, c.objective.mask_ratio) == (2, p, 0.9)
+    assert (c.diffmae.tubelet, c.model.patch_size, c.diffmae.mask_ratio) == (2, p, 0.9)
     assert c.optim.blr == 8e-4 and c.engine.epochs == 400 and c.optim.clip_grad == 0.02
     assert c.data.repeated_aug == 4 and c.data.source == "wds-video"
     assert c.global_batch(8) == DIFFMAE_VIDEO_GLOBAL_BATCH == 512
@@ -233,7 +233,7 @@ def test_video_demo_trains_and_writes_the_video_figure(tmp_path):
     from ldae_fast.train import main
     args = ["--preset", "diffmae-video-demo", f"--engine.out_dir={tmp_path / 'run'}"]
     args += [f"--{k}={v}" for k, v in {**TINY, "eval.figure": "true", "engine.steps": "2",
-                                       "objective.sample_steps": "3"}.items()]
+                                       "diffmae.sample_steps": "3"}.items()]
     assert main(args) == 0
     img = Image.open(tmp_path / "run" / "video_inpainting.png")
     # 4 clips x (original, masked, output) rows of 64 px cells; 2 frame columns (stride 2 of 4).
@@ -242,7 +242,7 @@ def test_video_demo_trains_and_writes_the_video_figure(tmp_path):
 
 def test_an_image_method_refuses_a_video_checkpoints_method_state():
     video = build_method(_cfg(), "cpu").state_dict()
-    image = build_method(build_config("diffmae-demo", {"objective.mask_ratio": "0.9"}), "cpu")
+    image = build_method(build_config("diffmae-demo", {"diffmae.mask_ratio": "0.9"}), "cpu")
     with pytest.raises(ResumeMismatch, match="time_slice"):
         image.prepare(lambda: [], state=video)
 
@@ -267,4 +267,5 @@ def test_export_and_eval_of_a_video_checkpoint_are_user_errors(tmp_path, capsys)
     assert not (tmp_path / "exp").exists()
     assert main(["eval", "--checkpoint", str(res.checkpoint), "--protocols", "knn,finetune"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "knn,finetune" in err and "model.num_frames=4" in err
+    # finetune takes clips (on clip shards); knn is refused, named, with what a video encoder takes.
+    assert "--protocols knn:" in err and "model.num_frames=4" in err and "finetune and figure" in err

@@ -23,8 +23,8 @@ from ldae_fast.data.video import (
     write_video_shards,
 )
 
-VIDEO = {"data.synthetic_kind": "moving-shapes", "data.num_frames": "8", "model.tubelet": "2",
-         "data.synthetic_images": "64", "data.batch_size": "8", "objective.mask_ratio": "0.9"}
+VIDEO = {"data.synthetic_kind": "moving-shapes", "data.num_frames": "8", "diffmae.tubelet": "2",
+         "data.synthetic_images": "64", "data.batch_size": "8", "diffmae.mask_ratio": "0.9"}
 
 
 def test_moving_shapes_are_deterministic_and_independent_of_the_batch():
@@ -141,7 +141,7 @@ def test_repeated_augmentation_pairs_one_clip_with_different_crops():
     ({"data.num_frames": "8", "data.synthetic_kind": "moving-shapes",
       "data.batch_size": "6", "data.repeated_aug": "4", "objective.method": "diffmae"}, "data.batch_size"),
     ({"data.synthetic_kind": "moving-shapes"}, "data.num_frames"),
-    ({"data.num_frames": "8", "data.synthetic_kind": "moving-shapes", "model.tubelet": "3"}, "model.tubelet"),
+    ({"data.num_frames": "8", "data.synthetic_kind": "moving-shapes", "diffmae.tubelet": "3"}, "diffmae.tubelet"),
 ])
 def test_video_config_errors_name_the_field(over, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -1,4 +1,4 @@
-"""model.layout='dit': l-DAE's network as its App. A describes it, DiT cut in two (no class token,
+"""ldae.layout='dit': l-DAE's network as its App. A describes it, DiT cut in two (no class token,
 nothing between encoder and decoder, one sigma embedder, adaLN conditioning at width/4), beside
 the 'mae' layout it replaces in the paper presets."""
 
@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldae_fast.config import PRESETS, ConfigError, ModelConfig, build_config
+from ldae_fast.methods.ldae.config import LDAEConfig, cond_width
+from ldae_fast.methods.ldae.model import build_model, flops_per_image, param_count
 from ldae_fast.methods.ldae.trajectory import ROWS
-from ldae_fast.models import build_model, flops_per_image, param_count
 from ldae_fast.models.blocks import Block, FinalLayer, SigmaEmbedder
 
 IMG = 32
@@ -19,7 +20,8 @@ PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
 
 
 def cfg(layout="dit", **kw):
-    return ModelConfig(**{"size": "tiny", "patch_size": 4, "layout": layout, **kw})
+    """(model section, l-DAE's section): build_model(*cfg(...), IMG)."""
+    return ModelConfig(**{"size": "tiny", "patch_size": 4, **kw}), LDAEConfig(layout=layout)
 
 
 def perturbed(model, seed=0):
@@ -35,73 +37,78 @@ def images(b=2, seed=1):
     return torch.randn(b, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
 
 
+def _cw(c) -> int:
+    return cond_width(c.model.width, c.ldae)
+
+
 def test_paper_presets_and_trajectory_rows_are_dit_and_the_rest_keep_mae():
     for name in PAPER + tuple(ROWS):
-        m = build_config(name).model
-        assert (m.layout, m.cond_width) == ("dit", m.width // 4), name
-    assert build_config("ldae-vitl").model.cond_width == 256
-    for name in ("demo", "tiny-imagenet", "diffmae-demo", "diffmae-vitb"):
-        m = build_config(name).model
-        assert (m.layout, m.cond_width) == ("mae", m.width), name
+        c = build_config(name)
+        assert (c.ldae.layout, _cw(c)) == ("dit", c.model.width // 4), name
+    assert _cw(build_config("ldae-vitl")) == 256
+    for name in ("demo", "tiny-imagenet"):
+        c = build_config(name)
+        assert (c.ldae.layout, _cw(c)) == ("mae", c.model.width), name
     # A config stored before the field existed has no layout: it rebuilds as the model it was.
     d = build_config("demo").to_dict()
-    del d["model"]["layout"], d["model"]["adaln_dim"]
+    del d["ldae"]
     from ldae_fast.config import Config
-    assert Config.from_dict(d).model.layout == "mae"
-    assert all("model.layout" not in PRESETS[n] for n in ("demo", "tiny-imagenet"))
+    assert Config.from_dict(d).ldae.layout == "mae"
+    assert all("ldae.layout" not in PRESETS[n] for n in ("demo", "tiny-imagenet"))
 
 
 def test_layout_validation_names_the_field():
-    with pytest.raises(ConfigError, match="model.layout='vit'"):
-        ModelConfig(layout="vit")
-    with pytest.raises(ConfigError, match="model.adaln_dim=-1"):
-        ModelConfig(adaln_dim=-1)
-    with pytest.raises(ConfigError, match="model.layout='dit' is a layout of l-DAE"):
-        build_config("diffmae-demo", {"model.layout": "dit"})
-    with pytest.raises(ConfigError, match="model.adaln_dim=24 sets l-DAE's conditioning width; "
-                       "objective.method='diffmae'"):
-        build_config("diffmae-demo", {"model.adaln_dim": "24"})
-    # 0, and the encoder width an older version stored for every DiffMAE run, still load.
+    with pytest.raises(ConfigError, match="ldae.layout='vit'"):
+        LDAEConfig(layout="vit")
+    with pytest.raises(ConfigError, match="ldae.adaln_dim=-1"):
+        LDAEConfig(adaln_dim=-1)
+    with pytest.raises(ConfigError, match="ldae.layout='vit'"):
+        build_config("demo", {"model.layout": "vit"})  # the old spelling reaches the same check
+    with pytest.raises(ConfigError, match="ldae.adaln_dim=0: width/4 is 0 for model.width=3"):
+        build_config("demo", {"ldae.layout": "dit", "model.width": "3", "model.num_heads": "1"})
+    # l-DAE's section is l-DAE's: another method's run carries it unread, as a version that wrote
+    # the resolved width back (model.adaln_dim = the encoder width) stored it for every run.
     w = build_config("diffmae-demo").model.width
     assert build_config("diffmae-demo", {"model.adaln_dim": str(w)}).objective.method == "diffmae"
-    assert ModelConfig(layout="dit", adaln_dim=40).cond_width == 40
-    assert ModelConfig(layout="mae", adaln_dim=24).cond_width == 24
+    assert cond_width(96, LDAEConfig(layout="dit", adaln_dim=40)) == 40
+    assert cond_width(96, LDAEConfig(layout="mae", adaln_dim=24)) == 24
 
 
 def test_auto_adaln_dim_stays_auto_in_a_saved_config(tmp_path):
-    """model.adaln_dim=0 is saved as 0, so a reloaded config's c follows a later layout or width;
+    """ldae.adaln_dim=0 is saved as 0, so a reloaded config's c follows a later layout or width;
     an explicit width (a config saved with a number in it) is kept whatever else changes."""
     from ldae_fast.config import parse_cli
 
-    c = build_config("demo", {"model.layout": "mae"})
-    assert c.model.adaln_dim == 0 and c.model.cond_width == c.model.width == 96
+    c = build_config("demo", {"ldae.layout": "mae"})
+    assert c.ldae.adaln_dim == 0 and _cw(c) == c.model.width == 96
     path = tmp_path / "saved.json"
     c.save(path)
-    assert json.loads(path.read_text())["model"]["adaln_dim"] == 0
+    assert json.loads(path.read_text())["ldae"]["adaln_dim"] == 0
 
     def c_width(*flags):
-        mc = parse_cli(["--config", str(path), *flags])[0].model
-        enc = build_model(mc, 32).encoder
-        assert enc.sigma_embed.mlp[2].out_features == mc.cond_width
-        return mc.cond_width, param_count(mc, 32)["encoder"] == sum(p.numel() for p in enc.parameters())
+        c = parse_cli(["--config", str(path), *flags])[0]
+        enc = build_model(c.model, c.ldae, 32).encoder
+        assert enc.sigma_embed.mlp[2].out_features == _cw(c)
+        return _cw(c), param_count(c.model, c.ldae, 32)["encoder"] == sum(p.numel() for p in enc.parameters())
 
-    assert c_width("--model.layout=dit") == (24, True)
-    assert c_width("--model.layout=dit", "--model.width=192", "--model.num_heads=3") == (48, True)
+    assert c_width("--ldae.layout=dit") == (24, True)
+    assert c_width("--ldae.layout=dit", "--model.width=192", "--model.num_heads=3") == (48, True)
     assert c_width("--model.width=192", "--model.num_heads=3") == (192, True)
-    assert c_width("--model.layout=dit", "--model.adaln_dim=40") == (40, True)
+    assert c_width("--ldae.layout=dit", "--ldae.adaln_dim=40") == (40, True)
     # A config that stores a number (written by hand, or resolved by an older version) rebuilds
     # that network: the explicit width outlives a layout or width change.
     d = json.loads(path.read_text())
-    d["model"]["adaln_dim"] = 96
+    d["ldae"]["adaln_dim"] = 96
     path.write_text(json.dumps(d))
     assert c_width() == (96, True)
-    assert c_width("--model.layout=dit") == (96, True)
-    assert flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit", adaln_dim=40), IMG) > \
-        flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit"), IMG)
+    assert c_width("--ldae.layout=dit") == (96, True)
+    m = ModelConfig(size="tiny", patch_size=4)
+    assert flops_per_image(m, LDAEConfig(layout="dit", adaln_dim=40), IMG) > \
+        flops_per_image(m, LDAEConfig(layout="dit"), IMG)
 
 
 def test_dit_modules_no_class_token_no_extra_norm_one_embedder():
-    model = build_model(cfg(class_cond=True, num_classes=5), IMG)
+    model = build_model(*cfg(class_cond=True, num_classes=5), IMG)
     enc, dec = model.encoder, model.decoder
     names = dict(model.named_parameters())
     assert enc.cls_token is None and not any("cls_token" in n for n in names)
@@ -126,7 +133,7 @@ def test_dit_modules_no_class_token_no_extra_norm_one_embedder():
 
 
 def test_mae_layout_keeps_what_dit_drops():
-    model = build_model(cfg("mae"), IMG)
+    model = build_model(*cfg("mae"), IMG)
     enc, dec = model.encoder, model.decoder
     assert enc.cls_token is not None and isinstance(enc.norm, nn.LayerNorm) and isinstance(dec.embed, nn.Linear)
     assert [n for n, m in model.named_modules() if isinstance(m, SigmaEmbedder)] == [
@@ -138,7 +145,7 @@ def test_mae_layout_keeps_what_dit_drops():
 def test_dit_forward_is_one_sequence_through_both_halves():
     """Written out by hand: patches + position -> every block, encoder then decoder, on one c ->
     final layer. Nothing else sits between the halves."""
-    model = perturbed(build_model(cfg(), IMG)).eval()
+    model = perturbed(build_model(*cfg(), IMG)).eval()
     enc, dec = model.encoder, model.decoder
     x, s = images(), torch.tensor([0.1, 0.9])
     with torch.no_grad():
@@ -167,10 +174,10 @@ def test_probe_past_the_cut_reads_the_decoders_first_blocks():
     the features are the mean of the tokens after encoder blocks + the decoder's first k - L_e."""
     from ldae_fast.eval.features import DitPrefix, probe_encoder, probe_view
 
-    model = perturbed(build_model(cfg(), IMG)).eval()
+    model = perturbed(build_model(*cfg(), IMG)).eval()
     enc, dec = model.encoder, model.decoder
     x, s = images(), 0.3
-    c_full = build_config("demo", {"model.layout": "dit", "eval.probe_depth": "6", "eval.probe_sigma": str(s)})
+    c_full = build_config("demo", {"ldae.layout": "dit", "eval.probe_depth": "6", "eval.probe_sigma": str(s)})
     seen = {}
     hook = dec.final_layer.register_forward_pre_hook(lambda m, a: seen.update(t=a[0]))
     with torch.no_grad():
@@ -180,20 +187,20 @@ def test_probe_past_the_cut_reads_the_decoders_first_blocks():
         view = probe_view(probe_encoder(model, c_full), c_full)
         torch.testing.assert_close(view.pooled(x), seen["t"].mean(1), rtol=0, atol=1e-6)
         # k = 4: three encoder blocks, then the decoder's first, on the same c.
-        c4 = build_config("demo", {"model.layout": "dit", "eval.probe_depth": "4"})
+        c4 = build_config("demo", {"ldae.layout": "dit", "eval.probe_depth": "4"})
         p4 = probe_encoder(model, c4)
         assert isinstance(p4, DitPrefix) and len(p4.blocks) == 1 and p4.blocks[0] is dec.blocks[0]
         t, c = enc.encode(x)
         torch.testing.assert_close(p4.pooled(x), dec.blocks[0](t, c).mean(1))
         # Within the encoder the encoder itself answers.
-        assert probe_encoder(model, build_config("demo", {"model.layout": "dit", "eval.probe_depth": "3"})) is enc
+        assert probe_encoder(model, build_config("demo", {"ldae.layout": "dit", "eval.probe_depth": "3"})) is enc
     # The config refuses what the network lacks; the mae layout stops at its encoder.
     with pytest.raises(ConfigError, match=r"eval.probe_depth=7 is deeper than the 6 blocks"):
-        build_config("demo", {"model.layout": "dit", "eval.probe_depth": "7"})
+        build_config("demo", {"ldae.layout": "dit", "eval.probe_depth": "7"})
     with pytest.raises(ConfigError, match=r"eval.probe_depth=4 is deeper than the 3 blocks"):
         build_config("demo", {"eval.probe_depth": "4"})
     # A depth that bypassed the config (eval's --probe-depth) is an error, not a silent 'all blocks'.
-    mae_model = build_model(cfg("mae"), IMG)
+    mae_model = build_model(*cfg("mae"), IMG)
     bad = build_config("demo")
     bad.eval.probe_depth = 5  # set after validation, as a flag that skips it would
     with pytest.raises(ValueError, match="only the 'dit' layout continues"):
@@ -205,9 +212,9 @@ def test_probe_past_the_cut_reads_the_decoders_first_blocks():
                                 {"input": "latent", "output": "latent", "latent_dim": 8}])
 def test_param_count_is_the_built_models(layout, kw):
     for size, patch, img in (("tiny", 4, 32), ("S", 8, 64)):
-        c = ModelConfig(size=size, patch_size=patch, layout=layout, **kw)
-        m = build_model(c, img)
-        counts = param_count(c, img)
+        c = ModelConfig(size=size, patch_size=patch, **kw), LDAEConfig(layout=layout)
+        m = build_model(*c, img)
+        counts = param_count(*c, img)
         assert counts["encoder"] == sum(p.numel() for p in m.encoder.parameters()), (size, kw)
         assert counts["total"] == sum(p.numel() for p in m.parameters()), (size, kw)
 
@@ -218,10 +225,10 @@ def test_param_count_paper_sizes_on_meta(size):
     and the dit layout saves what its adaLN, class token, norm, embedding and embedder cost."""
     counts = {}
     for layout in ("dit", "mae"):
-        c = ModelConfig(size=size, patch_size=16, layout=layout)
+        c = ModelConfig(size=size, patch_size=16), LDAEConfig(layout=layout)
         with torch.device("meta"):
-            m = build_model(c, 256)
-        counts[layout] = param_count(c, 256)["total"]
+            m = build_model(*c, 256)
+        counts[layout] = param_count(*c, 256)["total"]
         assert counts[layout] == sum(p.numel() for p in m.parameters())
     w, L = 1024, ModelConfig(size=size).encoder_depth * 2
     a = w // 4
@@ -234,23 +241,24 @@ def test_param_count_paper_sizes_on_meta(size):
 @pytest.mark.parametrize("kw", [{}, {"cond": "none"}, {"class_cond": True, "num_classes": 4}])
 def test_flops_formula_counts_every_matmul_dit(kw):
     c = cfg(attn_backend="math", encoder_depth=2, decoder_depth=1, **kw)
-    model = build_model(c, IMG)
+    model = build_model(*c, IMG)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images(), torch.tensor([0.1, 0.2]), **({"labels": torch.tensor([0, 1])} if kw.get("class_cond") else {}))
-    assert counter.get_total_flops() / 2 == flops_per_image(c, IMG)
+    assert counter.get_total_flops() / 2 == flops_per_image(*c, IMG)
 
 
 def test_train_flops_dit_below_mae():
     from ldae_fast.methods.ldae.flops import train_flops_per_image
 
-    dit, mae = (train_flops_per_image(ModelConfig(size="L", patch_size=16, layout=lay), 256) for lay in ("dit", "mae"))
+    dit, mae = (train_flops_per_image(ModelConfig(size="L", patch_size=16), LDAEConfig(layout=lay), 256)
+                for lay in ("dit", "mae"))
     assert dit[1] == 3 * dit[0] and dit[0] < mae[0]
     # The class token's share: one of 257 tokens in every block, plus the decoder embedding.
     assert 0.99 < dit[0] / mae[0] < 0.997
 
 
 TINY = {
-    "model.layout": "dit", "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "2",
+    "ldae.layout": "dit", "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "2",
     "model.decoder_depth": "1", "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "32",
     "tokenizer.fit_images": "16", "engine.kernels": "reference", "engine.log_every": "2",
     "engine.progress": "false", "engine.steps": "3", "eval.probe": "false", "eval.figure": "false",
@@ -270,11 +278,11 @@ def test_train_save_reload_eval_and_export_round_trip(tmp_path, monkeypatch):
     c = build_config("demo", {**TINY, "engine.out_dir": str(tmp_path / "run")})
     res = train(c)
     st = load_state(res.checkpoint)
-    assert st["config"]["model"]["layout"] == "dit" and st["config"]["model"]["adaln_dim"] == 0
+    assert st["config"]["ldae"]["layout"] == "dit" and st["config"]["ldae"]["adaln_dim"] == 0
     assert not any("cls_token" in k or k.startswith("decoder.sigma_embed") for k in st["model"])
     cfg2, model, method = load_for_eval(res.checkpoint, use_ema=False)
-    assert cfg2.model.layout == "dit" and model.encoder.cls_token is None
-    assert cfg2.model.cond_width == 8 == model.encoder.sigma_embed.mlp[2].out_features
+    assert cfg2.ldae.layout == "dit" and model.encoder.cls_token is None
+    assert _cw(cfg2) == 8 == model.encoder.sigma_embed.mlp[2].out_features
     # Reload rebuilt the trained network exactly: the weights, and a forward pass, are the run's.
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, st["model"][k], rtol=0, atol=0)
@@ -312,7 +320,7 @@ def test_timm_export_folds_sigma_and_refuses_token_pool():
     timm = pytest.importorskip("timm")
     from ldae_fast.models.timm_export import timm_kwargs, timm_state_dict
 
-    enc = perturbed(build_model(cfg(class_cond=True, num_classes=3), IMG), seed=3).encoder.eval()
+    enc = perturbed(build_model(*cfg(class_cond=True, num_classes=3), IMG), seed=3).encoder.eval()
     tm = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kwargs(enc)).eval()
     tm.load_state_dict(timm_state_dict(enc, sigma=0.4), strict=True)
     x = images(3)
@@ -327,7 +335,7 @@ def test_finetune_model_from_a_dit_encoder():
     pytest.importorskip("timm")
     from ldae_fast.eval.finetune import build_finetune_model
 
-    enc = perturbed(build_model(cfg(), IMG), seed=5).encoder.eval()
+    enc = perturbed(build_model(*cfg(), IMG), seed=5).encoder.eval()
     ft = build_finetune_model(enc, num_classes=4, drop_path=0.0).eval()
     # MAE's fine-tuning head on an encoder with no norm of its own: a fresh LayerNorm after the
     # average pool, at timm's identity init, then the classifier.
@@ -344,7 +352,7 @@ def test_finetune_model_from_a_dit_encoder():
     ft(x).sum().backward()
     assert ft.fc_norm.weight.grad is not None and ft.fc_norm.weight.grad.abs().sum() > 0
     # 'mae' keeps its pretrained norm before the pool and adds none after it.
-    ft_mae = build_finetune_model(build_model(cfg("mae"), IMG).encoder, num_classes=4, drop_path=0.0)
+    ft_mae = build_finetune_model(build_model(*cfg("mae"), IMG).encoder, num_classes=4, drop_path=0.0)
     assert isinstance(ft_mae.norm, nn.LayerNorm) and isinstance(ft_mae.fc_norm, nn.Identity)
 
 
@@ -365,13 +373,13 @@ def test_compile_and_checkpointing_match_plain_eager(variant):
 
     torch._dynamo.reset()
     c = cfg(class_cond=True, num_classes=3)
-    plain = perturbed(build_model(c, IMG), seed=7)
+    plain = perturbed(build_model(*c, IMG), seed=7)
     x, s, labels = images(), torch.tensor([0.3, 0.6]), torch.tensor([2, 0])
     want, want_g = _out_and_grads(plain, x, s, labels)
     assert all(g is not None and g.abs().sum() > 0 for g in want_g.values()), \
         [n for n, g in want_g.items() if g is None or not g.abs().sum()]
 
-    model = build_model(c, IMG)
+    model = build_model(*c, IMG)
     model.load_state_dict(plain.state_dict())
     if "checkpointing" in variant:
         model.set_grad_checkpointing(True)
@@ -396,9 +404,9 @@ def test_docs_table_is_the_codes():
     text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
     for size in ("halfL", "L"):
         for layout in ("dit", "mae"):
-            m = ModelConfig(size=size, patch_size=16, layout=layout)
-            pc, (fwd, tr) = param_count(m, 256), train_flops_per_image(m, 256)
-            row = (f"| {size} | {layout} | {m.cond_width} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
+            m, net = ModelConfig(size=size, patch_size=16), LDAEConfig(layout=layout)
+            pc, (fwd, tr) = param_count(m, net, 256), train_flops_per_image(m, net, 256)
+            row = (f"| {size} | {layout} | {cond_width(m.width, net)} | {pc['encoder'] / 1e6:.1f} | {pc['total'] / 1e6:.1f} | "
                    f"{fwd / 1e9:.1f} | {tr / 1e9:.1f} |")
             assert row in text, row
 
@@ -433,8 +441,8 @@ def test_fused_adaln_dit_matches_unfused(kernel_device):
     """The fused LayerNorm + modulate kernel (interpreted on CPU) reads shift / scale of width
     `width` whatever c's width: the dit model gives the same outputs and gradients through it."""
     device = kernel_device
-    plain = perturbed(build_model(cfg(encoder_depth=1, decoder_depth=1), IMG)).to(device)
-    fused = build_model(cfg(encoder_depth=1, decoder_depth=1, fused_adaln=True), IMG, kernels="triton").to(device)
+    plain = perturbed(build_model(*cfg(encoder_depth=1, decoder_depth=1), IMG)).to(device)
+    fused = build_model(*cfg(encoder_depth=1, decoder_depth=1, fused_adaln=True), IMG, kernels="triton").to(device)
     assert fused.decoder.final_layer.norm_modulate.on[torch.device(device).type], "the kernel must run here"
     fused.load_state_dict(plain.state_dict())
     x, s = images().to(device), torch.tensor([0.3, 1.2], device=device)

@@ -51,7 +51,7 @@ def test_ema_batched_update_matches_per_tensor_rule():
 
 
 def test_fixed_batch_loss_goes_down():
-    from ldae_fast.models import build_model
+    from ldae_fast.methods.ldae.model import build_model
     from ldae_fast.tokenizers import fit_pca
 
     cfg = build_config("demo", {**TINY})
@@ -59,7 +59,7 @@ def test_fixed_batch_loss_goes_down():
     x = torch.randn(8, 3, 16, 16)
     tok = fit_pca(iter([x]), 4, cfg.tokenizer.latent_dim, 8)
     obj = ldae_obj.LDAEMethod(cfg, "cpu", tokenizer=tok)
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.ldae, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(60):
@@ -82,7 +82,7 @@ def test_run_writes_config_metrics_checkpoint(tmp_path):
     # Achieved model TFLOP/s from the analytic count; no MFU without a known peak (CPU).
     from ldae_fast.methods.ldae.flops import train_flops_per_image
 
-    per_image = train_flops_per_image(cfg.model, cfg.data.img_size)[1]
+    per_image = train_flops_per_image(cfg.model, cfg.ldae, cfg.data.img_size)[1]
     for r in lines:
         # images_per_s is logged to 0.1: the bounds allow that rounding (and tflops' 4 digits).
         lo, hi = ((r["images_per_s"] + d) * per_image / 1e12 for d in (-0.05, 0.05))

@@ -218,7 +218,9 @@ def test_finetune_from_our_encoder():
 
     cfg = build_config("demo")
     torch.manual_seed(0)
-    enc = models.build_model(cfg.model, cfg.data.img_size).encoder
+    from ldae_fast.methods import build_model
+
+    enc = build_model(cfg).encoder
     vit = build_finetune_model(enc, num_classes=5)
     # The exported trunk carries our weights: the class token is the same tensor value.
     assert torch.equal(vit.cls_token.detach(), enc.cls_token.detach())

@@ -162,9 +162,10 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     data = tmp_path / "data"
     write_split(data, "train", 4, 16, size=20, classes=4)
     write_split(data, "val", 2, 10, size=20, classes=4, seed=1)
-    args = ["--checkpoint", str(ckpt), "--data", str(data), "--protocols", "linear-fast,knn,linear",
+    args = ["--checkpoint", str(ckpt), "--data", str(data), "--protocols", "linear-fast,knn,linear,finetune",
             "--epochs", "2", "--batch-size", "16", "--readers", "4", "--micro-batch", "4", "--knn-k", "5",
-            "--num-workers", "0", "--blrs", "0.1,1", "--device", "cpu"]
+            "--num-workers", "0", "--blrs", "0.1,1", "--device", "cpu", "--finetune-steps", "2",
+            "--finetune-batch-size", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     runs = {}
@@ -180,6 +181,8 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     encoders = {e for _, e in one}
     assert {"checkpoint", "random init", "pixels", "pixels (PCA 32)"} <= encoders
     assert ("knn k=5, whitened rows", "pixels") in one and ("linear", "checkpoint") in one
+    assert ("finetune (EMA 0.9999)", "random init") in one
+    assert one[("finetune", "checkpoint")]["accumulation"] == 4 and two[("finetune", "checkpoint")]["accumulation"] == 2
     for key, r in one.items():
         # Sums over ranks in another order: the accuracies of 20 val images may move by one image.
         assert abs(r["top1"] - two[key]["top1"]) <= 5.0 + 1e-9, key

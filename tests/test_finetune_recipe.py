@@ -1,18 +1,13 @@
 """Fine-tuning recipe per method: the head's init std (MAE's 2e-5 by default, DiffMAE's printed
 2^-5 behind one flag) and DiffMAE checkpoints fine-tuned by `ldae-fast eval` with the
-supplement's Table 1b recipe (config.DIFFMAE_FINETUNE)."""
+supplement's Table 1b recipe (methods/diffmae/finetune.py)."""
 
 import json
 
 import pytest
 import torch
 
-from ldae_fast.config import (
-    DIFFMAE_FINETUNE,
-    DIFFMAE_HEAD_INIT_STD,
-    HEAD_INIT_STD_AS_PRINTED,
-    build_config,
-)
+from ldae_fast.config import HEAD_INIT_STD_AS_PRINTED, build_config
 from ldae_fast.eval import driver
 from ldae_fast.eval.finetune import (
     FinetuneRecipe,
@@ -21,6 +16,7 @@ from ldae_fast.eval.finetune import (
     recipe_for_method,
 )
 from ldae_fast.methods import build_model
+from ldae_fast.methods.diffmae.finetune import DIFFMAE_FINETUNE, DIFFMAE_HEAD_INIT_STD
 
 
 def _encoder(preset="demo"):

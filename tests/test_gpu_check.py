@@ -210,7 +210,7 @@ def test_stage_commands_parse_with_todays_flags(mode):
                 assert args.budget_s is not None
                 assert [k for _, keys in plan for k in keys] == ["d", "a"]
                 if mode == "gpu":
-                    assert args.sizes == "L" and args.img_size is None and ts.DIFFMAE_GPU_DEFAULTS["img_size"] == 224
+                    assert args.sizes == "L" and args.img_size is None and ts.gpu_defaults("diffmae")["img_size"] == 224
             elif name == "switches":
                 keys = plan[0][1]
                 assert plan[0][0] == "auto" and args.append and args.json.endswith("train_step.json")

@@ -168,7 +168,7 @@ def _curve(name: str, overrides: list[str], perturb_init: float) -> list[float]:
     initial parameter scaled by (1 + perturb_init): rounding-sized noise, as another CPU makes."""
     import tempfile
 
-    import ldae_fast.models as models
+    import ldae_fast.methods.ldae.model as models  # l-DAE's builder; its spec reads it at each call
 
     stored = json.loads(_asset(name).read_text())
     cfg = stored["config"]

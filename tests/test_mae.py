@@ -33,7 +33,7 @@ def _cfg(tmp_path=None, **over):
 def test_mae_is_registered_with_its_preset():
     c = build_config("mae-demo")
     assert "mae" in METHODS and spec_for(c) is METHODS["mae"] and c.objective.method == "mae"
-    assert c.objective.norm_pix_loss and c.model.decoder_width < c.model.width
+    assert c.mae.norm_pix_loss and c.model.decoder_width < c.model.width
 
 
 def test_loss_covers_only_the_masked_patches():
@@ -97,8 +97,8 @@ def test_resume_is_bit_exact(tmp_path):
     # Another mask ratio would resume a different run.
     from ldae_fast.engine import checkpoint as ck
 
-    m = build_method(_cfg(**{"objective.mask_ratio": "0.5"}), "cpu")
-    with pytest.raises(ResumeMismatch, match="objective.mask_ratio"):
+    m = build_method(_cfg(**{"mae.mask_ratio": "0.5"}), "cpu")
+    with pytest.raises(ResumeMismatch, match="mae.mask_ratio"):
         m.prepare(lambda: [], state=ck.load_state(res.checkpoint)["method"])
 
 

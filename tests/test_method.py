@@ -68,10 +68,10 @@ def test_the_batch_reaches_the_method_with_its_labels(tmp_path, monkeypatch):
 
 
 def test_model_takes_conditioning_as_keywords():
-    from ldae_fast.models import build_model
+    from ldae_fast.methods.ldae.model import build_model
 
     cfg = build_config("demo", TINY)
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.ldae, 16)
     x, s = torch.randn(2, 3, 16, 16), torch.rand(2)
     assert torch.equal(model(x, **{"sigma": s}), model(x, s))
     with pytest.raises(ValueError, match="no conditioning on label"):

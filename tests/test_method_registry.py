@@ -22,9 +22,6 @@ ALLOWED = {
     ("ldae_fast/config.py", 'method: str = "ldae"'),
     # The project's own tag in an exported encoder's timm config.
     ("ldae_fast/models/timm_export.py", '"tag": "ldae"'),
-    # The train-step benchmark's timm peers are per-method baselines (a timm ViT for l-DAE's
-    # network, a timm joint decoder for DiffMAE's): each row names the method it stands beside.
-    ("bench/train_step.py", None),
     # 'mae' here is MAE's fine-tuning head init (2e-5), a recipe choice, not the method.
     ("ldae_fast/eval/driver.py", "--finetune-head-init"),
 }
@@ -119,7 +116,7 @@ def test_eval_figure_on_a_diffmae_checkpoint_draws_its_inpainting(tmp_path, caps
             "model.decoder_heads": "2", "data.img_size": "16", "data.batch_size": "4",
             "data.synthetic_images": "32", "engine.kernels": "reference", "engine.steps": "1",
             "engine.progress": "false", "eval.probe": "false", "eval.figure": "false",
-            "objective.sample_steps": "4", "engine.out_dir": str(tmp_path / "run")}
+            "diffmae.sample_steps": "4", "engine.out_dir": str(tmp_path / "run")}
     res = train(build_config("diffmae-demo", over))
     capsys.readouterr()
     out = tmp_path / "eval"

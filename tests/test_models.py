@@ -7,16 +7,24 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldae_fast.config import MODEL_SIZES, ModelConfig
-from ldae_fast.models import (
-    build_model,
-    flops_per_image,
-    param_count,
-    sincos_2d,
-    timm_kwargs,
-    timm_state_dict,
-)
+from ldae_fast.methods.ldae import model as ldae_model
+from ldae_fast.methods.ldae.config import LDAEConfig
+from ldae_fast.models import sincos_2d, timm_kwargs, timm_state_dict
 
 IMG, P = 16, 4  # 16 patches + class token: every real-compute test stays in milliseconds
+
+
+# The shared halves in l-DAE's default layout ('mae'); tests/test_dit_layout.py covers 'dit'.
+def build_model(m: ModelConfig, *a, **k):
+    return ldae_model.build_model(m, LDAEConfig(), *a, **k)
+
+
+def flops_per_image(m: ModelConfig, *a, **k) -> float:
+    return ldae_model.flops_per_image(m, LDAEConfig(), *a, **k)
+
+
+def param_count(m: ModelConfig, *a, **k) -> dict[str, int]:
+    return ldae_model.param_count(m, LDAEConfig(), *a, **k)
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -409,3 +417,22 @@ def test_compile_blocks_makes_room_for_per_instance_graphs(monkeypatch):
             setattr(cfg, n, v)
     monkeypatch.undo()
     assert comp._torch_version() >= (2, 4)  # the real parse works on this torch
+
+
+def test_ldae_state_dict_names_and_shapes_are_those_checkpoints_were_written_with():
+    """tests/assets/ldae_state_dict_keys.json holds the state_dict names and shapes l-DAE's network
+    had when it lived in models/vit.py: checkpoints and timm exports written then still load."""
+    import json
+    from pathlib import Path
+
+    from ldae_fast.config import build_config
+    from ldae_fast.methods import build_model as build_method_model
+
+    want = json.loads((Path(__file__).parent / "assets" / "ldae_state_dict_keys.json").read_text())
+    for case, shapes in want.items():
+        layout, cls = (part.split("=")[1] for part in case.split(","))
+        cfg = build_config("demo", {"model.layout": layout, "model.class_cond": cls,  # the spelling of then
+                                    "data.num_classes": "10" if cls == "true" else "0"})
+        with torch.device("meta"):
+            got = {k: list(v.shape) for k, v in build_method_model(cfg).state_dict().items()}
+        assert got == shapes, case

@@ -47,7 +47,7 @@ class _NoMethod:
 
 @pytest.mark.parametrize("layout", ["dit", "mae"])
 def test_one_forward_gives_each_depth_the_features_of_a_forward_cut_there(layout):
-    cfg = build_config("demo", {**TINY, "model.layout": layout})
+    cfg = build_config("demo", {**TINY, "ldae.layout": layout})
     model = _scrambled(cfg)
     depths = [1, 2, 3, 4, 0] if layout == "dit" else [1, 2, 0]  # 'dit' reads on into the decoder
     x = torch.randn(5, 3, 16, 16)
@@ -73,7 +73,7 @@ def _cfg_at(cfg, k, t):
 
 
 def test_store_key_separates_k_and_t():
-    cfg = build_config("demo", {**TINY, "model.layout": "dit"})
+    cfg = build_config("demo", {**TINY, "ldae.layout": "dit"})
     keys = {(k, t): json.dumps(probe_key(_cfg_at(cfg, k, t)), sort_keys=True) for k in (1, 2, 3) for t in (0, 10, 20)}
     assert len(set(keys.values())) == 9
     assert all(f'"depth": {k}' in v and f'"t": {t}' in v for (k, t), v in keys.items())
@@ -154,7 +154,7 @@ def tiny_run(tmp_path_factory):
     from ldae_fast.engine import loop
 
     tmp = tmp_path_factory.mktemp("sweep")
-    over = {**TINY, "model.layout": "dit", "data.batch_size": "8", "data.synthetic_images": "32",
+    over = {**TINY, "ldae.layout": "dit", "data.batch_size": "8", "data.synthetic_images": "32",
             "tokenizer.fit_images": "16", "engine.steps": "1", "engine.progress": "false", "eval.probe": "false",
             "eval.figure": "false", "engine.out_dir": str(tmp / "run")}
     ckpt = loop.train(build_config("demo", over)).checkpoint
@@ -229,17 +229,17 @@ def test_driver_refuses_a_sweep_it_cannot_run(tiny_run, capsys):
 
 def test_eval_doc_flop_figures_are_the_codes():
     """docs/eval.md's on-paper estimate quotes the code's FLOP counter for ViT-1/2L."""
-    from ldae_fast.models.vit import flops_per_image
+    from ldae_fast.methods.ldae.model import flops_per_image
 
     text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text().split())
     cfg = build_config("ldae-vithalfl", {})
     less = build_config("ldae-vithalfl", {"model.decoder_depth": "11"})
-    full, fewer = flops_per_image(cfg.model, 256) / 1e9, flops_per_image(less.model, 256) / 1e9
+    full, fewer = flops_per_image(cfg.model, cfg.ldae, 256) / 1e9, flops_per_image(less.model, less.ldae, 256) / 1e9
     block, embed = full - fewer, 2 * 256 * 768 * 1024 / 1e9
     assert f"gives {full:.2f} GFLOP" in text and f"{fewer:.2f} with one block fewer" in text
     assert f"{block:.2f} GFLOP per block" in text and f"plus {embed:.2f} for the patch embedding" in text
     # k blocks (each with its adaLN map) + the patch embedding + the sigma embedder (per image).
-    a = cfg.model.cond_width
+    a = cfg.model.width // 4  # ldae.layout='dit', adaln_dim 0
     for k, shown in ((12, "80.97 at k = 12"), (15, "101.1 at k = 15")):
         probe = k * block + embed + 2 * (256 * a + a * a) / 1e9
         assert shown.split(" at")[0] == (f"{probe:.2f}" if k == 12 else f"{probe:.1f}"), (k, probe)

@@ -9,7 +9,7 @@ from ldae_fast import markers
 from ldae_fast.config import Config, DataConfig, EngineConfig, ModelConfig, TokenizerConfig
 from ldae_fast.engine.profiling import TOP_KERNELS_FILE, StepProfiler, nvtx_range, top_kernels_table
 from ldae_fast.methods.ldae.method import LDAEMethod
-from ldae_fast.models import build_model
+from ldae_fast.methods.ldae.model import build_model
 from ldae_fast.tokenizers import PixelTokenizer
 
 TINY = dict(size="tiny", width=32, num_heads=2, encoder_depth=1, decoder_depth=1, patch_size=4)
@@ -70,7 +70,7 @@ def test_from_config_defaults_out_dir(tmp_path):
 def _tiny_step():
     cfg = Config(model=ModelConfig(**TINY), tokenizer=TokenizerConfig(kind="pixel", latent_dim=48),
                  data=DataConfig(img_size=16, batch_size=4), engine=EngineConfig(kernels="reference", steps=1))
-    model = build_model(cfg.model, 16)
+    model = build_model(cfg.model, cfg.ldae, 16)
     obj = LDAEMethod(cfg, "cpu", tokenizer=PixelTokenizer.create(4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(4, 3, 16, 16)
@@ -255,7 +255,9 @@ def test_phase_markers_do_not_break_a_compiled_graph(monkeypatch):
     monkeypatch.setattr(markers, "_cuda_present", lambda: True)
     _forbid_nvtx(monkeypatch)
     torch._dynamo.reset()
-    model = build_model(ModelConfig(**TINY), 16).eval()
+    from ldae_fast.methods.ldae.config import LDAEConfig
+
+    model = build_model(ModelConfig(**TINY), LDAEConfig(), 16).eval()
     x, sigma = torch.randn(2, 3, 16, 16), torch.rand(2)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():

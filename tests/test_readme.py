@@ -32,17 +32,18 @@ def test_bench_readme_flop_figures_are_the_codes():
     import re
 
     from ldae_fast.config import ModelConfig
+    from ldae_fast.methods.ldae.config import LDAEConfig
     from ldae_fast.methods.ldae.flops import train_flops_per_image
 
     text = " ".join((ROOT / "bench" / "README.md").read_text().split())
     for size in ("halfL", "B"):
         # The bench's layout, the paper's 'dit' (N tokens); 'mae' (N + 1) is quoted in brackets.
-        m = ModelConfig(size=size, patch_size=16, layout="dit")
+        m = ModelConfig(size=size, patch_size=16)
         N, w, p = (256 // 16) ** 2, m.width, 16
         blocks = m.encoder_depth + m.decoder_depth
         round_fwd = blocks * N * (24 * w * w + 4 * N * w) + 2 * N * (3 * p * p) * w + 2 * N * w * (3 * p * p)
-        ours = train_flops_per_image(m, 256)[1] / 1e9
+        ours = train_flops_per_image(m, LDAEConfig(layout="dit"), 256)[1] / 1e9
         quoted = f"{ours:.1f} against {3 * round_fwd / 1e9:.1f}"
         assert re.search(re.escape(quoted), text), (size, quoted)
-        mae = train_flops_per_image(ModelConfig(size=size, patch_size=16, layout="mae"), 256)[1] / 1e9
+        mae = train_flops_per_image(m, LDAEConfig(layout="mae"), 256)[1] / 1e9
         assert f"{mae:.1f}" in text, (size, mae)

@@ -154,15 +154,15 @@ def test_trajectory_rows_build(name):
 
 def test_probe_sigma_and_depth():
     from ldae_fast.eval.features import ProbeView, probe_view
+    from ldae_fast.methods.ldae.model import build_model
     from ldae_fast.methods.ldae.probe import probe_sigma
-    from ldae_fast.models import build_model
 
     c = build_config("demo")
     assert probe_sigma(c) == pytest.approx(math.sqrt(2) * 10 / 1000)
     assert probe_sigma(build_config("demo", {"eval.probe_sigma": "0.5"})) == 0.5
     assert probe_sigma(build_config("demo", {"eval.probe_t": "0"})) == 0.0
     torch.manual_seed(0)
-    enc = build_model(c.model, c.data.img_size).encoder.eval()
+    enc = build_model(c.model, c.ldae, c.data.img_size).encoder.eval()
     # adaLN-Zero starts as the identity: give the gates weight so sigma matters.
     for p in enc.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -192,13 +192,13 @@ def _tokens(enc, x):
 def test_noisy_probe_uses_the_method_noise():
     from ldae_fast.eval.features import probe_view
     from ldae_fast.methods import build_method
-    from ldae_fast.models import build_model
+    from ldae_fast.methods.ldae.model import build_model
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"eval.probe_input": "noisy", "eval.probe_sigma": "0.5",
                               "tokenizer.kind": "pixel", "tokenizer.latent_dim": "48"})
     method = build_method(c, "cpu", tokenizer=PixelTokenizer.create(c.model.patch_size))
-    enc = build_model(c.model, c.data.img_size).encoder.eval()
+    enc = build_model(c.model, c.ldae, c.data.img_size).encoder.eval()
     seen = []
     real = enc.pooled
     enc.pooled = lambda x, **kw: (seen.append(x.clone()), real(x, **kw))[1]
@@ -213,15 +213,15 @@ def test_noisy_probe_uses_the_method_noise():
 def test_class_conditioning_embeds_labels_and_drops_them():
     from ldae_fast.batch import Batch
     from ldae_fast.methods import build_method
-    from ldae_fast.models import build_model, param_count
+    from ldae_fast.methods.ldae.model import build_model, param_count
     from ldae_fast.tokenizers import PixelTokenizer
 
     c = build_config("demo", {"model.class_cond": "true", "model.label_dropout": "0.5",
                               "tokenizer.kind": "pixel", "tokenizer.latent_dim": "48"})
     assert c.model.num_classes == c.data.synthetic_classes
     torch.manual_seed(0)
-    model = build_model(c.model, c.data.img_size)
-    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, c.data.img_size)["total"]
+    model = build_model(c.model, c.ldae, c.data.img_size)
+    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, c.ldae, c.data.img_size)["total"]
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(4, 3, c.data.img_size, c.data.img_size)
@@ -247,7 +247,8 @@ def test_class_conditioning_embeds_labels_and_drops_them():
     loss = method(model, Batch(x, torch.tensor([0, 1, 2, 3])), step=0)
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="without class conditioning"):
-        build_model(build_config("demo").model, 32)(x, s, labels=torch.zeros(4, dtype=torch.long))
+        demo = build_config("demo")
+        build_model(demo.model, demo.ldae, 32)(x, s, labels=torch.zeros(4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("target", ["z0", "eps"])
@@ -306,7 +307,7 @@ def test_latent_tokens_in_and_out():
     from ldae_fast.batch import Batch
     from ldae_fast.eval.features import probe_view
     from ldae_fast.methods import build_method
-    from ldae_fast.models import build_model, flops_per_image, param_count
+    from ldae_fast.methods.ldae.model import build_model, flops_per_image, param_count
     from ldae_fast.tokenizers import fit_pca
 
     c = build_config("demo", {"model.input": "latent", "model.output": "latent", "noise.target": "eps",
@@ -317,11 +318,11 @@ def test_latent_tokens_in_and_out():
     tok = fit_pca(iter([torch.randn(16, 3, 32, 32, generator=g)]), 4, 8, 16)
     method = build_method(c, "cpu", tokenizer=tok)
     torch.manual_seed(0)
-    model = build_model(c.model, 32)
-    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, 32)["total"]
-    img = build_config("demo").model
-    assert param_count(c.model, 32)["total"] < param_count(img, 32)["total"]
-    assert flops_per_image(c.model, 32) < flops_per_image(img, 32)
+    model = build_model(c.model, c.ldae, 32)
+    assert sum(p.numel() for p in model.parameters()) == param_count(c.model, c.ldae, 32)["total"]
+    img = build_config("demo")
+    assert param_count(c.model, c.ldae, 32)["total"] < param_count(img.model, img.ldae, 32)["total"]
+    assert flops_per_image(c.model, c.ldae, 32) < flops_per_image(img.model, img.ldae, 32)
     x = torch.randn(2, 3, 32, 32, generator=g)
     nb = method.add_noise(x, step=1)
     assert nb.x_in.shape == (2, 64, 8) and nb.target.shape == (2, 64, 8)

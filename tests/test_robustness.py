@@ -107,8 +107,9 @@ def _argv(out, **over):
     return [f"--{k}={v}" for k, v in {**TINY, "engine.out_dir": out, **over}.items()]
 
 
-@pytest.mark.parametrize("change, named", [({"model.layout": "dit"}, "model.layout mae -> dit"),
-                                           ({"model.adaln_dim": 8}, "model.adaln_dim 32 -> 8"),
+@pytest.mark.parametrize("change, named", [({"ldae.layout": "dit"}, "ldae.layout mae -> dit"),
+                                           ({"ldae.adaln_dim": 8}, "ldae.adaln_dim 32 -> 8"),
+                                           ({"model.adaln_dim": 8}, "ldae.adaln_dim 32 -> 8"),  # old spelling
                                            ({"model.class_cond": "true"}, "model.class_cond False -> True"),
                                            ({"model.mlp_ratio": 2}, "model.mlp_ratio 4.0 -> 2")])
 def test_resume_with_another_network_is_exit_7_naming_the_field(run3, tmp_path, capsys, change, named):
@@ -125,14 +126,14 @@ def test_resume_with_another_network_is_exit_7_naming_the_field(run3, tmp_path, 
 def test_adaln_dim_spelled_out_as_its_default_is_the_same_network(run3, tmp_path):
     run = _copy(run3, tmp_path / "run")  # mae layout: adaln_dim 0 means the width, 32
     res = train(_cfg(run, **{"engine.steps": 8, "engine.ckpt_every": 2, "engine.keep_last": 3,
-                             "engine.resume": "auto", "model.adaln_dim": 32}))
+                             "engine.resume": "auto", "ldae.adaln_dim": 32}))
     assert res.checkpoint.name == "step_00000008"
 
 
 def test_a_field_the_network_does_not_read_does_not_block_a_resume(run3, tmp_path):
     run = _copy(run3, tmp_path / "run")  # an l-DAE run: DiffMAE's decoder wiring builds nothing here
     res = train(_cfg(run, **{"engine.steps": 8, "engine.ckpt_every": 2, "engine.keep_last": 3,
-                             "engine.resume": "auto", "model.decoder_kind": "cross"}))
+                             "engine.resume": "auto", "diffmae.decoder_kind": "cross"}))
     assert res.checkpoint.name == "step_00000008"
 
 

@@ -10,14 +10,17 @@ import torch.nn.functional as F
 from ldae_fast import reference
 from ldae_fast.config import ConfigError, ModelConfig
 from ldae_fast.kernels import adaln_norm
-from ldae_fast.models import build_model, speed
+from ldae_fast.methods.ldae.config import LDAEConfig
+from ldae_fast.methods.ldae.model import build_model
+from ldae_fast.models import speed
 
 IMG = 16
 
 
-def cfg(**kw):
-    return ModelConfig(**{"size": "tiny", "patch_size": 4, "layout": "dit", "encoder_depth": 2,
-                          "decoder_depth": 2, **kw})
+def cfg(layout="dit", **kw):
+    """(model section, l-DAE's section): build_model(*cfg(...), IMG)."""
+    return (ModelConfig(**{"size": "tiny", "patch_size": 4, "encoder_depth": 2, "decoder_depth": 2, **kw}),
+            LDAEConfig(layout=layout))
 
 
 def perturbed(model, seed=0):
@@ -61,8 +64,8 @@ def test_bf16_residual_stream_matches_the_float32_stream(device, layout):
     """model.bf16_residual: under bf16 autocast every block reads and returns bfloat16 (float32
     without the switch), the output and every gradient stay within bf16 rounding of the float32
     stream's, and without autocast it changes nothing at all."""
-    base = perturbed(build_model(cfg(layout=layout), IMG)).to(device)
-    fast = perturbed(build_model(cfg(layout=layout, bf16_residual=True), IMG)).to(device)
+    base = perturbed(build_model(*cfg(layout=layout), IMG)).to(device)
+    fast = perturbed(build_model(*cfg(layout=layout, bf16_residual=True), IMG)).to(device)
     assert {i for i, _ in _block_input_dtypes(base, device, True)} == {torch.float32}
     assert set(_block_input_dtypes(fast, device, True)) == {(torch.bfloat16, torch.bfloat16)}
 
@@ -81,9 +84,11 @@ def test_bf16_residual_stream_matches_the_float32_stream(device, layout):
 
 
 def test_bf16_residual_reaches_diffmae_stacks():
+    from ldae_fast.methods.diffmae.config import DiffMAEConfig
     from ldae_fast.methods.diffmae.model import build_diffmae
 
-    m = build_diffmae(ModelConfig(size="tiny", patch_size=4, decoder_kind="cross_self", bf16_residual=True), IMG)
+    m = build_diffmae(ModelConfig(size="tiny", patch_size=4, bf16_residual=True), DiffMAEConfig(decoder_kind="cross_self"),
+                      IMG)
     hooked = [bool(stack[0]._forward_pre_hooks) for stack in speed.stacks(m)]
     assert hooked == [True, True]
 
@@ -130,8 +135,8 @@ def test_adaln_act_dtype_switch_in_the_model(kernel_device):
         kernels = "triton"  # the interpreter (conftest sets TRITON_INTERPRET=1)
     else:
         kernels = "auto"
-    base = perturbed(build_model(cfg(fused_adaln=True), IMG, kernels=kernels)).to(kernel_device)
-    fast = perturbed(build_model(cfg(fused_adaln=True, adaln_act_dtype=True), IMG, kernels=kernels)).to(kernel_device)
+    base = perturbed(build_model(*cfg(fused_adaln=True), IMG, kernels=kernels)).to(kernel_device)
+    fast = perturbed(build_model(*cfg(fused_adaln=True, adaln_act_dtype=True), IMG, kernels=kernels)).to(kernel_device)
     norms = [m for m in fast.modules() if isinstance(m, speed.AdaLNLayerNorm)]
     assert norms and all(m.act_dtype and m.on[kernel_device] for m in norms)
     seen = []
@@ -158,7 +163,7 @@ def test_fp8_without_torchao_is_one_clear_line(monkeypatch):
     2) in one line naming the field, torchao and the torch version its wheel must match."""
     monkeypatch.setattr(speed, "_torchao_float8", lambda: None)
     with pytest.raises(speed.SpeedSwitchError) as e:
-        build_model(cfg(fp8="rowwise"), IMG)
+        build_model(*cfg(fp8="rowwise"), IMG)
     msg = str(e.value)
     assert "model.fp8='rowwise'" in msg and "torchao" in msg and torch.__version__ in msg and "\n" not in msg
     assert e.value.exit_code == 2
@@ -183,8 +188,8 @@ def test_fp8_converts_only_the_blocks_linears(monkeypatch):
     monkeypatch.setattr(speed, "_torchao_float8", lambda: (FakeConfig, convert))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    model = build_model(ModelConfig(size="S", patch_size=16, layout="dit", encoder_depth=1, decoder_depth=1,
-                                    fp8="tensorwise"), 32)
+    model = build_model(ModelConfig(size="S", patch_size=16, encoder_depth=1, decoder_depth=1, fp8="tensorwise"),
+                        LDAEConfig(layout="dit"), 32)
     assert calls["recipe"] == "tensorwise"
     assert sorted(calls["picked"]) == sorted(
         f"{half}.blocks.0.{name}" for half in ("encoder", "decoder")
@@ -193,7 +198,7 @@ def test_fp8_converts_only_the_blocks_linears(monkeypatch):
     # No FP8 GPU: refused in one line too.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     with pytest.raises(speed.SpeedSwitchError, match="sm_89"):
-        build_model(cfg(fp8="rowwise"), IMG)
+        build_model(*cfg(fp8="rowwise"), IMG)
 
 
 def test_cuda_graph_step_is_refused_without_cuda():

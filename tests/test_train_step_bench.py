@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldae_fast.config import ModelConfig
-from ldae_fast.models.vit import flops_per_image
+from ldae_fast.methods.ldae.model import flops_per_image
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,11 @@ def test_one_row_per_variant_with_throughput(smoke):
 def test_flops_are_three_forwards(smoke):
     rows, meta, _ = smoke
     # The paper's layout: N tokens, no class token (the bench's default, --layout dit).
-    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4, layout="dit"), 32)
-    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none", layout="dit"), 32)
+    from ldae_fast.methods.ldae.config import LDAEConfig
+
+    dit = LDAEConfig(layout="dit")
+    ours = flops_per_image(ModelConfig(size="tiny", patch_size=4), dit, 32)
+    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none"), dit, 32)
     assert all(r["layout"] == "dit" and r["tokens"] == 64 for r in rows)
     for r in rows:
         fwd = peer if r["variant"] == "c" else ours
@@ -313,3 +316,25 @@ def test_plan_takes_memory_batches_and_targets_are_judged_in_the_output(ts):
     got = [t["status"] for t in ts.judge_targets(rows)]
     assert got == ["met", "met", "not met", "not measured", "not measured"]
     assert {t["status"] for t in ts.judge_targets(rows, smoke=True)} == {"not judged: a CPU smoke run"}
+
+
+def test_a_method_is_measured_through_its_spec_alone(ts):
+    """MAE has no branch in the benchmark: its StepBench gives its flags, row fields, FLOP count and
+    (no) peer, and its training FLOPs are its MethodSpec's."""
+    from ldae_fast.config import build_config
+    from ldae_fast.methods import METHODS
+
+    rows, meta = ts.run(["--method", "mae", "--cpu-smoke", "--compile-backend", "eager", "--variants", "a,c",
+                         "--mask-ratio", "0.5", "--warmup", "0", "--steps", "1", "--no-write"])
+    a, c = rows
+    assert a["status"] == "ok" and a["model"] == "MAE tiny" and a["method"] == "mae" and a["mask_ratio"] == 0.5
+    cfg = build_config("demo", {"objective.method": "mae", "mae.mask_ratio": "0.5"})
+    assert a["train_flops_per_image"] == METHODS["mae"].train_flops(cfg)[1]
+    assert c["status"].startswith("n/a: no timm peer") and c["images_per_s"] is None
+    assert meta["mask_ratio"] == 0.5 and "mae.model.train_flops_per_image" in meta["flop_count"]
+    assert "targets" not in meta
+    # a flag of another method is refused; the method's own flags take its defaults
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--method", "mae", "--layout", "dit"])
+    args = ts.parse_args(["--method", "mae"])
+    assert args.mask_ratio == 0.75 and args.layout is None and args.decoder_kind is None

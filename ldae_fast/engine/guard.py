@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .. import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ..errors import UserError
 
 
@@ -113,14 +114,20 @@ def _saved_config(saved: dict):
 
 def model_shape_diff(saved: dict, cfg) -> list[str]:
     """'section.field saved -> now' for each network-defining field that differs: the model.*
-    fields but the runtime-only ones (model.adaln_dim compared as the width it resolves to), and
-    data.img_size, tokenizer.latent_dim. A field that does not change the network (the tensors
+    fields but the runtime-only ones, data.img_size, tokenizer.latent_dim, and the method's own
+    MethodSpec.shape_fields (as MethodSpec.resolved reads them: l-DAE's adaln_dim as the width
+    it resolves to). A field that does not change the network (the tensors
     both configs build, on the meta device, have the same names and shapes) is let through,
     unless it changes the run all the same (_ALWAYS)."""
     import dataclasses
 
+    from ..config import migrate
     from ..methods import spec_for
 
+    try:  # fields that moved to a method's section are compared where they live now
+        saved = migrate(saved)
+    except Exception:  # noqa: BLE001 - an old or hand-edited config: compared as stored
+        pass
     out = []
     was_model = saved.get("model") or {}
     # A saved config stores intent (0: from model.size): compare both sides as they read, resolved.
@@ -131,8 +138,6 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
             continue
         now = getattr(cfg.model, f.name)
         was = getattr(view, f.name) if view is not None else was_model[f.name]
-        if f.name == "adaln_dim" and view is not None:
-            was, now = view.cond_width, cfg.model.cond_width
         if was != now:
             out.append(f"model.{f.name} {was} -> {now}")
     for sec, name in _OTHER_SHAPE_FIELDS:
@@ -145,12 +150,21 @@ def model_shape_diff(saved: dict, cfg) -> list[str]:
         if shapes_now is not None and shapes_now == shapes_was:
             out = [d for d in out if d.split()[0] in _ALWAYS]
     # The method's own wiring fields; a saved config older than a field holds its default.
-    for (sec, name), default in spec_for(cfg).shape_fields:
-        stored = saved.get(sec) or {}
-        was = (getattr(getattr(before, sec), name) if before is not None and name in stored
-               else stored.get(name, default))
-        now = getattr(getattr(cfg, sec), name)
-        if was != now and f"{sec}.{name}" not in {d.split()[0] for d in out}:
+    spec = spec_for(cfg)
+    for (sec, name), default in spec.shape_fields:
+        key, stored = f"{sec}.{name}", saved.get(sec) or {}
+        was = stored.get(name, default)
+        if before is not None:
+            then = before
+            if name not in stored:
+                try:
+                    then = before.replace(**{sec: dataclasses.replace(getattr(before, sec), **{name: default})})
+                except Exception:  # noqa: BLE001 - compared as stored
+                    then = None
+            if then is not None:
+                was = spec.resolved(then).get(key, getattr(getattr(then, sec), name))
+        now = spec.resolved(cfg).get(key, getattr(getattr(cfg, sec), name))
+        if was != now and key not in {d.split()[0] for d in out}:
             out.append(f"{sec}.{name} {was} -> {now}")
     return out
 

@@ -86,11 +86,11 @@ def row_config(name: str, data: str, budget: int, sets: dict[str, str], out: Pat
     cfg = build_config(name, {"engine.ckpt_every_s": str(ROW_CKPT_EVERY_S), **sets, **fixed})
     cfg, desc = with_data(cfg, data)
     if cfg.data.source == "synthetic" and "data.num_workers" not in sets:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, num_workers=0))
     steps = max(1, math.ceil(budget / cfg.global_batch()))
     warm = warmup_frac * steps * cfg.global_batch() / cfg.epoch_size()
-    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, steps=steps),
-                              optim=dataclasses.replace(cfg.optim, warmup_epochs=warm))
+    cfg = cfg.replace(engine=dataclasses.replace(cfg.engine, steps=steps),
+                      optim=dataclasses.replace(cfg.optim, warmup_epochs=warm))
     return cfg, desc
 
 

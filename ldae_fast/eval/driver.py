@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ldae_fast import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ldae_fast.config import PRESETS, preset_data_path
 from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-head-init", choices=("mae", "printed"), default="mae",
                     help="std of the fresh classifier: 'mae' 2e-5 (MAE's, default), 'printed' 2^-5 "
                          "(DiffMAE's supplement as printed; docs/diffmae.md)")
+    ap.add_argument("--finetune-dir", default=None,
+                    help="finetune on shards: checkpoint directory (default <out>/finetune); a rerun resumes")
+    ap.add_argument("--finetune-ckpt-every", type=int, default=100,
+                    help="finetune on shards: checkpoint every N steps")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="linear-probe batch (default eval.probe_batch_size)")
     ap.add_argument("--blr", type=finite_float, default=None, help="linear-probe base lr (default eval.probe_blr)")
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the probes and fine-tuning")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random-weights rows")
     ap.add_argument("--out", default=None, help="output dir (default runs/eval/<checkpoint name>)")
-    sc = ap.add_argument_group("streaming (shards: linear-fast, knn, linear; docs/eval.md)")
+    sc = ap.add_argument_group("streaming (shards: linear-fast, knn, linear, finetune; docs/eval.md)")
     sc.add_argument("--in-memory", action="store_true",
                     help="decode the capped splits into RAM instead of streaming them (small sets)")
     sc.add_argument("--readers", type=int, default=None,
@@ -92,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "multiple of ranks x workers >= 16; fix it to compare or resume runs on "
                          "other rank counts)")
     sc.add_argument("--micro-batch", type=int, default=256,
-                    help="images per encoder forward; the global batch is ranks x micro x accumulation")
+                    help="images per encoder forward (finetune: per forward and backward); the global "
+                         "batch is ranks x micro x accumulation")
     sc.add_argument("--feature-store", default=None,
                     help="feature store root (default <out>/features); reused when nothing changed")
     sc.add_argument("--store-dtype", choices=("fp16", "bf16"), default="fp16")
@@ -136,7 +142,7 @@ def _with_probe_flags(cfg, args):
     if not over:
         return cfg
     ev = EvalConfig(**{**dataclasses.asdict(cfg.eval), **over})
-    return dataclasses.replace(cfg, eval=ev)
+    return cfg.replace(eval=ev)
 
 
 def _sweep_plans(args, models, cfg, method, device, streamed, protocols) -> dict:
@@ -218,6 +224,7 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
     if data is None:
         return cfg, f"{cfg.data.source} (from the checkpoint)"
     d = cfg.data
+    shards = "wds-video" if d.num_frames else "wds"  # a video checkpoint reads clip shards
     if data == "synthetic":
         new, desc = dataclasses.replace(d, source="synthetic"), "synthetic"
     elif data in PRESETS:
@@ -231,7 +238,7 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
                 epoch_size=p.get("data.epoch_size", d.epoch_size))
             desc = f"preset {data}"
     elif Path(data).is_dir():
-        new = dataclasses.replace(d, source="wds", train_shards=_shard_pattern(Path(data), "train"),
+        new = dataclasses.replace(d, source=shards, train_shards=_shard_pattern(Path(data), "train"),
                                   val_shards=_shard_pattern(Path(data), "val"))
         desc = str(data)
     else:
@@ -239,12 +246,12 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
             raise EvalError(f"--data {data!r} is neither 'synthetic', a preset with shards "
                             f"({', '.join(k for k, v in PRESETS.items() if 'data.train_shards' in v)}) "
                             f"nor a directory; a shard pattern needs --val-data too")
-        new = dataclasses.replace(d, source="wds", train_shards=data, val_shards=val_data)
+        new = dataclasses.replace(d, source=shards, train_shards=data, val_shards=val_data)
         desc = f"{data} | {val_data}"
-    if new.source == "wds" and new.epoch_size <= 0:
+    if new.source in ("wds", "wds-video") and new.epoch_size <= 0:
         # Validation wants an epoch size for streaming training; evaluation never uses it.
         new = dataclasses.replace(new, epoch_size=max_train or 1)
-    return dataclasses.replace(cfg, data=new), desc
+    return cfg.replace(data=new), desc
 
 
 def _fmt_time(s: float) -> str:
@@ -278,7 +285,6 @@ def run(args) -> dict:
     import torch
 
     from .features import extract_features, feature_dim, feature_settings, probe_note
-    from .finetune import recipe_for_method
     from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
 
     log = _make_log()
@@ -296,17 +302,22 @@ def run(args) -> dict:
 
     log(f"loading {args.checkpoint}")
     cfg, model, method = _load_checkpoint(args.checkpoint)
-    on_images = [p for p in protocols if p != "figure"]
+    on_images = [p for p in protocols if p not in ("figure", "finetune")]
     if cfg.model.num_frames and on_images:
         raise EvalError(f"--protocols {','.join(on_images)}: these take images, and {args.checkpoint} is a "
-                        f"video encoder (model.num_frames={cfg.model.num_frames})")
+                        f"video encoder (model.num_frames={cfg.model.num_frames}); a video encoder takes "
+                        "finetune and figure")
     cfg, data_desc = with_data(cfg, args.data, args.val_data, args.max_train_images)
+    if cfg.model.num_frames and "finetune" in protocols and (cfg.data.source != "wds-video" or args.in_memory):
+        raise EvalError(f"--protocols finetune: a video encoder fine-tunes on clip shards (data.source="
+                        f"'wds-video'), read as a stream; {data_desc} is not (pass --data with a directory of "
+                        "train-*/val-* clip shards; `ldae-fast write-video-shards` writes them)")
     log(f"model {cfg.model.size} (width {cfg.model.width}, {cfg.model.encoder_depth} encoder blocks, "
         f"patch {cfg.model.patch_size}), images {cfg.data.img_size}px, data {data_desc}, device {device}"
         + (f", rank {ranks.rank} of {ranks.world_size}" if ranks.distributed else ""))
     out = Path(args.out) if args.out else Path("runs") / "eval" / Path(args.checkpoint).stem
 
-    streaming = cfg.data.source == "wds" and not args.in_memory
+    streaming = cfg.data.source in ("wds", "wds-video") and not args.in_memory
     streamed = [p for p in protocols if p in STREAMED] if streaming else []
     in_ram = [p for p in protocols if p not in streamed and p != "figure"]
     if ranks.distributed and in_ram:
@@ -331,8 +342,9 @@ def run(args) -> dict:
         m.to(device)
     encoders = [(name, m.encoder) for name, m in models]
     # The probes see the network at the configured t, input and depth; fine-tuning the bare encoder.
-    views = {name: _probe_view(m, cfg, method, device) for name, m in models}
-    if any(p != "figure" for p in protocols):
+    probing = [p for p in protocols if p not in ("figure", "finetune")]
+    views = {name: _probe_view(m, cfg, method, device) for name, m in models} if probing else {}
+    if probing:
         log(f"probe: {probe_note(cfg)}")
 
     sweeps = _sweep_plans(args, models, cfg, method, device, streamed, protocols)
@@ -363,6 +375,11 @@ def run(args) -> dict:
     rows: list[dict] = []
     for proto in protocols:
         if proto == "figure":
+            continue
+        if proto == "finetune" and proto in streamed:
+            for name, enc in encoders:
+                log(f"== finetune on {name} (streamed)")
+                rows.extend(_finetune_rows(cfg, args, runner, name, enc, method, out, device, log))
             continue
         if proto in streamed:
             names = [n for n, _ in encoders] + (["pixels"] if "pixels" in runner.views and proto != "linear" else [])
@@ -415,29 +432,9 @@ def run(args) -> dict:
             elif proto == "finetune":
                 from .finetune import finetune
 
-                over = dict(seed=args.seed, pool=args.pool, max_steps=args.finetune_steps,
-                            num_workers=(cfg.data.num_workers if args.num_workers is None
-                                         else args.num_workers))
-                if args.finetune_epochs or args.epochs:
-                    over["epochs"] = args.finetune_epochs or args.epochs
-                if args.finetune_batch_size:
-                    over["batch_size"] = args.finetune_batch_size
-                if args.finetune_head_init == "printed":
-                    from ldae_fast.config import HEAD_INIT_STD_AS_PRINTED
-                    over["head_init_std"] = HEAD_INIT_STD_AS_PRINTED
-                method_name = method.name if method is not None else "(exported encoder)"
-                recipe, source = recipe_for_method(method_name, cfg.model.size, cfg.model.encoder_depth,
-                                                   enc, **over)
-                log(f"finetune recipe: {source}; blr {recipe.blr:g}, layer decay {recipe.layer_decay}, "
-                    f"drop path {recipe.drop_path}, head init std {recipe.head_init_std:g}")
+                recipe, source = _finetune_recipe(cfg, args, method, enc, log)
                 res = finetune(enc, train, val, recipe, num_classes=C, log=log, desc=f"finetune/{name}")
-                extra = dict(steps=res["steps"], lr=res["lr"], batch_size=res["batch_size"],
-                             last_loss=res["last_loss"], layer_decay=res["layer_decay"],
-                             recipe=source, head_init_std=recipe.head_init_std)
-                rows.append(_row("finetune", name, res, **extra))
-                if "ema_top1" in res:
-                    rows.append(_row(f"finetune (EMA {res['ema_decay']:g})", name,
-                                     dict(res, top1=res["ema_top1"], top5=res["ema_top5"]), **extra))
+                rows.extend(_finetune_result_rows(name, res, recipe, source))
             log(f"{rows[-1]['protocol']} / {name}: top-1 {rows[-1]['top1']:.2f} "
                 f"top-5 {rows[-1]['top5']:.2f}")
 
@@ -518,7 +515,65 @@ def run(args) -> dict:
     return dict(rows=rows, out=str(out), figure=str(figure_path) if figure_path else None, meta=meta)
 
 
-STREAMED = ("linear-fast", "knn", "linear")
+STREAMED = ("linear-fast", "knn", "linear", "finetune")
+
+
+def _finetune_recipe(cfg, args, method, enc, log):
+    """(recipe, where it comes from): the checkpoint's method's, with the --finetune-* flags."""
+    from .finetune_run import recipe_of
+
+    over = dict(seed=args.seed, pool=args.pool, max_steps=args.finetune_steps,
+                num_workers=(cfg.data.num_workers if args.num_workers is None else args.num_workers))
+    if args.finetune_epochs or args.epochs:
+        over["epochs"] = args.finetune_epochs or args.epochs
+    if args.finetune_batch_size:
+        over["batch_size"] = args.finetune_batch_size
+    if args.finetune_head_init == "printed":
+        from ldae_fast.config import HEAD_INIT_STD_AS_PRINTED
+        over["head_init_std"] = HEAD_INIT_STD_AS_PRINTED
+    method_name = method.name if method is not None else "(exported encoder)"
+    recipe, source = recipe_of(cfg, method_name, enc, over)
+    log(f"finetune recipe: {source}; batch {recipe.batch_size}, blr {recipe.blr:g}, layer decay "
+        f"{recipe.layer_decay}, drop path {recipe.drop_path}, dropout {recipe.dropout}, repeated aug "
+        f"{recipe.repeated_aug}, head init std {recipe.head_init_std:g}")
+    return recipe, source
+
+
+def _finetune_result_rows(name: str, res: dict, recipe, source: str) -> list[dict]:
+    extra = dict(steps=res["steps"], lr=res["lr"], batch_size=res["batch_size"], last_loss=res["last_loss"],
+                 layer_decay=res["layer_decay"], recipe=source, head_init_std=recipe.head_init_std)
+    extra.update({k: res[k] for k in ("micro_batch", "ranks", "accumulation", "resumed_from") if k in res})
+    rows = [_row("finetune", name, res, **extra)]
+    if "ema_top1" in res:
+        rows.append(_row(f"finetune (EMA {res['ema_decay']:g})", name,
+                         dict(res, top1=res["ema_top1"], top5=res["ema_top5"]), **extra))
+    return rows
+
+
+def _finetune_rows(cfg, args, runner, name, enc, method, out: Path, device, log) -> list[dict]:
+    """Fine-tune one encoder on the shards (eval/finetune_run.py); its row and its EMA row."""
+    from .finetune_run import FinetuneArgs, finetune_streamed
+    from .stream import scan_split
+
+    recipe, source = _finetune_recipe(cfg, args, method, enc, log)
+    if args.micro_batch < 1 or args.finetune_ckpt_every < 1:
+        raise EvalError("--micro-batch and --finetune-ckpt-every must be >= 1")
+    d = cfg.data
+    n_train = args.max_train_images or (d.epoch_size if d.epoch_size > 1 else 0)
+    if not n_train:
+        n_train = scan_split(runner.train_flat)[0]
+    fa = FinetuneArgs(out_dir=Path(args.finetune_dir) if args.finetune_dir else out / "finetune",
+                      readers=args.readers, micro_batch=args.micro_batch, num_workers=recipe.num_workers,
+                      ckpt_every=args.finetune_ckpt_every, seed=args.seed, max_train=args.max_train_images,
+                      max_val=args.max_val_images)
+    res = finetune_streamed(cfg, name, enc, recipe, fa, num_classes=runner.num_classes(), num_train=n_train,
+                            device=device, log=log)
+    runner.counts["train"] = runner.counts["train"] or n_train
+    runner.counts["val"] = runner.counts["val"] or res["val_images"]
+    rows = _finetune_result_rows(name, res, recipe, source)
+    for r in rows:
+        log(f"{r['protocol']} / {name}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}")
+    return rows
 
 
 def _quiet(msg: str) -> None:

@@ -34,8 +34,8 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_ema: bool = True) -> P
     cfg, model, _ = load_for_eval(ckpt, use_ema=use_ema)
     if cfg.model.num_frames:
         # timm's VisionTransformer has a 2-D patch embedding; it would reject the Conv3d's weights.
-        raise UsageError(f"{ckpt}: a video encoder (model.num_frames={cfg.model.num_frames}, "
-                         f"{cfg.model.tubelet}-frame tubelets) has no timm VisionTransformer form to export")
+        raise UsageError(f"{ckpt}: a video encoder (model.num_frames={cfg.model.num_frames}, spacetime "
+                         "patches) has no timm VisionTransformer form to export")
     sd = {k: v.detach().float().contiguous() for k, v in timm_state_dict(model.encoder).items()}
     meta = {"timm_kwargs": json.dumps(timm_kwargs(model.encoder)), "ldae_config": json.dumps(cfg.to_dict()),
             "source": str(ckpt), "weights": "ema" if use_ema else "model"}

@@ -106,7 +106,7 @@ class DitPrefix(nn.Module):
 
 
 def probe_encoder(model: nn.Module, cfg) -> nn.Module:
-    """What the probe reads of `model` at eval.probe_depth: its encoder, or, with model.layout
+    """What the probe reads of `model` at eval.probe_depth: its encoder, or, with ldae.layout
     'dit' and a depth past the encoder's blocks, the encoder continued through the decoder's
     first blocks (DitPrefix). A depth past what the network has is an error, never a silent
     'all blocks'."""

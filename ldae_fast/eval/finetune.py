@@ -9,8 +9,10 @@ epochs, layer-wise lr decay 0.85 for B (12 blocks) and 0.65 for L (24 blocks), M
 1.0, RandAug (9, 0.5), EMA 0.9999. What the paper does not state is MAE's: label smoothing 0.1,
 RandomErasing 0.25, 5 warm-up epochs then half-cycle cosine to 1e-6, AdamW (0.9, 0.999).
 
-Input: the normalised (M, 3, H, W) arrays of `build_eval_arrays`; training images go back to uint8
-pixels once so the PIL-based augmentations see what they were tuned on.
+Input here: the normalised (M, 3, H, W) arrays of `build_eval_arrays` (synthetic data and
+`--in-memory`, one process); training images go back to uint8 pixels once so the PIL-based
+augmentations see what they were tuned on. Shards take the streaming, data-parallel, resumable
+path with the same recipe: eval/finetune_stream.py.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class FinetuneRecipe:
     seed: int = 0
     max_steps: int = 0
     """Stop after this many optimizer steps (0: the whole schedule); for smoke tests."""
+    dropout: float = 0.0
+    """Dropout before the classifier (DiffMAE's Kinetics column: 0.5)."""
+    repeated_aug: int = 1
+    """Augmented views of each training sample in a batch (DiffMAE's Kinetics column: 2); the
+    batch counts views. The streaming fine-tune only."""
     head_init_std: float = 2e-5
     """Std of the fresh classifier's weights (truncated normal; bias 0): MAE's 2e-5, tiny, so the
     first steps do not wreck the pretrained features. DiffMAE's supplement prints "2^-5"
@@ -72,21 +79,33 @@ def recipe_for(encoder: nn.Module, **overrides) -> FinetuneRecipe:
     return dataclasses.replace(base, **overrides)
 
 
+VIDEO_KEY = "video:"
+"""Prefix of a method's fine-tuning table entries for clip encoders ('video:L': its ViT-L column
+on Kinetics)."""
+
+
 def recipe_for_method(method: str, size: str, encoder_depth: int, encoder: nn.Module,
-                      **overrides) -> tuple[FinetuneRecipe, str]:
+                      video: bool = False, **overrides) -> tuple[FinetuneRecipe, str]:
     """(recipe, where it comes from) for an encoder pretrained by `method` (a registry name) at
     model.size `size`. A method with `finetune_recipes` takes the entry of its size, or for a size
     its table lacks the entry whose encoder depth is nearest (the tiny demo gets ViT-B's); any
-    other method l-DAE's `recipe_for`."""
+    other method l-DAE's `recipe_for`. `video`: the table's clip entries ('video:SIZE') instead;
+    a method without any has no video recipe (ValueError)."""
     from ..config import MODEL_SIZES
     from ..methods import METHODS
 
-    table = METHODS[method].finetune_recipes() if method in METHODS else None
-    if not table:
+    table = dict(METHODS[method].finetune_recipes()) if method in METHODS else {}
+    sizes = {k[len(VIDEO_KEY):] if video else k: v for k, v in table.items()
+             if k.startswith(VIDEO_KEY) == video}
+    if video and not sizes:
+        raise ValueError(f"method {method!r} has no fine-tuning recipe for clip encoders")
+    if not sizes:
         return recipe_for(encoder, **overrides), "l-DAE App. B"
+    table = sizes
     key = size if size in table else min(
         table, key=lambda k: (abs(MODEL_SIZES[k]["encoder_depth"] - encoder_depth), k))
-    note = f"{method} size {key}" + ("" if key == size else f" (nearest depth to {size}'s {encoder_depth} blocks)")
+    note = (f"{method} {'video ' if video else ''}size {key}"
+            + ("" if key == size else f" (nearest depth to {size}'s {encoder_depth} blocks)"))
     return dataclasses.replace(FinetuneRecipe(), **{**table[key], **overrides}), note
 
 
@@ -141,10 +160,11 @@ def _add_fc_norm(model: nn.Module) -> nn.Module:
 
 
 def build_finetune_model(encoder: nn.Module, num_classes: int, drop_path: float = 0.1,
-                         pool: str = "avg", seed: int = 0, head_init_std: float = 2e-5) -> nn.Module:
+                         pool: str = "avg", seed: int = 0, head_init_std: float = 2e-5,
+                         dropout: float = 0.0) -> nn.Module:
     """timm VisionTransformer carrying the encoder's weights, with a new classifier head
-    (FinetuneRecipe.head_init_std). Works from our ViTEncoder and from an exported encoder (a
-    timm ViT behind our interface)."""
+    (FinetuneRecipe.head_init_std) after dropout `dropout`. Works from our ViTEncoder and from an
+    exported encoder (a timm ViT behind our interface)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _timm_vit_from(encoder, num_classes, drop_path, pool)
@@ -152,6 +172,8 @@ def build_finetune_model(encoder: nn.Module, num_classes: int, drop_path: float 
         # either std.
         nn.init.trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
+    if dropout > 0:
+        model.head_drop = nn.Dropout(dropout)
     return model.float()
 
 
@@ -177,37 +199,16 @@ def _to_uint8(images: torch.Tensor, denorm: Callable) -> torch.Tensor:
     return out
 
 
-class _PosterizeOrBlack:
-    """timm's PosterizeIncreasing asks for 0 bits at magnitude 10 (reached by m9 + noise 0.5);
-    Pillow 13 rejects that where older Pillow returned a black image. Keep the old result."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def __call__(self, img, bits, **kw):
-        if bits < 1:
-            from PIL import Image
-
-            return Image.new(img.mode, img.size)
-        return self.fn(img, bits, **kw)
-
-
 def _train_transform(size: int, recipe: FinetuneRecipe, mean01: tuple[float, ...]):
-    from timm.data.auto_augment import rand_augment_transform
     from torchvision import transforms as T
+
+    from .ft_augment import rand_augment
 
     steps = [T.RandomResizedCrop(size, scale=(recipe.min_crop_scale, 1.0),
                                  interpolation=T.InterpolationMode.BICUBIC),
              T.RandomHorizontalFlip()]
     if recipe.rand_augment:
-        # Fill colour = dataset mean, translation scaled to the image, as timm's create_transform.
-        hp = dict(translate_const=int(size * 0.45),
-                  img_mean=tuple(int(round(255 * m)) for m in mean01))
-        ra = rand_augment_transform(recipe.rand_augment, hp)
-        for op in getattr(ra, "ops", ()):
-            if "Posterize" in getattr(op, "name", ""):
-                op.aug_fn = _PosterizeOrBlack(op.aug_fn)
-        steps.append(ra)
+        steps.append(rand_augment(recipe.rand_augment, size, mean01))
     steps.append(T.PILToTensor())
     return T.Compose(steps)
 
@@ -371,7 +372,8 @@ def finetune(
     """Export `encoder` to timm, add a head, fine-tune. The encoder itself is left untouched."""
     recipe = recipe or recipe_for(encoder)
     C = num_classes or num_classes_of(train[1], val[1])
-    model = build_finetune_model(encoder, C, recipe.drop_path, recipe.pool, recipe.seed, recipe.head_init_std)
+    model = build_finetune_model(encoder, C, recipe.drop_path, recipe.pool, recipe.seed, recipe.head_init_std,
+                                 recipe.dropout)
     model = model.to(module_device(encoder))
     return finetune_model(model, train, val, recipe, num_classes=C, log=log, norm=norm,
                           denorm=denorm, desc=desc)

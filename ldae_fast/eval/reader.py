@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ..config import Config, ConfigError, sanitize_stored_config
 from ..errors import CheckpointError, FileProblem
 
@@ -33,7 +34,7 @@ class TimmEncoder(torch.nn.Module):
 
     def pooled(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
         if pool == "cls" and not self.vit.has_class_token:
-            raise ValueError("pool='cls' needs a class token; this export (model.layout='dit') has none "
+            raise ValueError("pool='cls' needs a class token; this export (ldae.layout='dit') has none "
                              "(use pool='avg')")
         tok = self.forward_features(x)
         return tok[:, 0] if pool == "cls" else tok[:, self.num_prefix_tokens:].mean(1)

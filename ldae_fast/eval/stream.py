@@ -28,6 +28,12 @@ decode is skipped and the reader's next one takes its place in the chunk.
 
 Position: per reader (epoch, samples out of its shuffle buffer in that epoch); a resumed reader
 replays its epoch up to there without decoding (so the buffer refills exactly) and continues.
+
+The fine-tune's fields: `rand_augment` (timm's RandAugment after the crop and flip, its draws
+keyed like them, eval/ft_augment.py), `repeats` (views of each sample side by side, view k > 0
+keyed on (epoch, reader, index, k)), `clip_frames` (clip shards, data/video.py's layout: one box
+and flip for all frames of a window). The fine-tune hosts contiguous blocks of readers per rank
+(`blocks`), because its micro-batches are runs of consecutive readers.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from ldae_fast.data.transforms import (
 from ldae_fast.data.urls import expand_urls
 from ldae_fast.errors import UsageError
 
+from .ft_augment import apply_rand_augment, rand_augment
+
 # Domain tags of the eval stream's draws (the data pipeline owns 11-29; see seeding.py).
 _TAG_EVAL_BUFFER = 26
 _TAG_EVAL_AUG = 27
@@ -77,6 +85,13 @@ class SplitSpec:
     max_pixels: Optional[int] = None
     num_classes: int = 0
     readers: int = 16
+    rand_augment: str = ""
+    """timm RandAugment spec applied after the crop and flip ('' : none); the fine-tune's."""
+    repeats: int = 1
+    """Augmented views of each sample, side by side in the stream (repeated augmentation)."""
+    clip_frames: int = 0
+    """> 0: the shards hold clips (KEY.frames.npy, data/video.py); read windows of this many frames."""
+    frame_stride: int = 1
 
     @property
     def shard_level(self) -> bool:
@@ -84,42 +99,60 @@ class SplitSpec:
 
 
 def split_spec(cfg, split: str, *, augment: bool, readers: int = 16, seed: int = 0,
-               max_images: Optional[int] = None, shuffle_buffer: Optional[int] = None) -> SplitSpec:
-    """The SplitSpec of cfg.data's train or val shards."""
+               max_images: Optional[int] = None, shuffle_buffer: Optional[int] = None,
+               **extra: Any) -> SplitSpec:
+    """The SplitSpec of cfg.data's train or val shards (`extra`: the fine-tune's SplitSpec fields;
+    clip shards (data.source 'wds-video') read data.num_frames at data.frame_stride)."""
     d = cfg.data
     what = "data.train_shards" if split == "train" else "data.val_shards"
     urls = expand_urls(d.train_shards if split == "train" else d.val_shards, what)
     if readers < 1:
         raise UsageError(f"--readers={readers} must be >= 1")
     buf = (d.shuffle_buffer if augment else 0) if shuffle_buffer is None else shuffle_buffer
+    if d.source == "wds-video":
+        extra = dict(clip_frames=d.num_frames, frame_stride=d.frame_stride, **extra)
     return SplitSpec(tuple(urls), what, d.img_size, augment, PROBE_SCALE, buf, seed, max_images,
-                     d.max_bad_fraction, d.max_image_pixels, d.num_classes, readers)
+                     d.max_bad_fraction, d.max_image_pixels, d.num_classes, readers, **extra)
 
 
-def readers_of_rank(spec: SplitSpec, rank: int, world_size: int) -> list[int]:
+def readers_of_rank(spec: SplitSpec, rank: int, world_size: int, blocks: bool = False) -> list[int]:
+    """The logical readers rank `rank` hosts: every N-th (k, k + N, ...), or with `blocks` the
+    rank's contiguous block (the fine-tune, whose micro-batches are runs of consecutive readers)."""
     if spec.readers % world_size:
         raise UsageError(f"--readers={spec.readers} is not a multiple of the {world_size} ranks: every "
                          f"rank must host as many logical readers as the others")
+    if blocks:
+        per = spec.readers // world_size
+        return list(range(rank * per, (rank + 1) * per))
     return list(range(rank, spec.readers, world_size))
 
 
 # One logical reader ---------------------------------------------------------------------------
+def _shard_reader(spec: SplitSpec):
+    if spec.clip_frames:
+        from ldae_fast.data.video import iter_video_shard
+
+        return iter_video_shard
+    return iter_shard
+
+
 def _epoch_samples(spec: SplitSpec, reader: int, epoch: int, counter: BadSampleCounter
                    ) -> Iterator[tuple[tuple[int, int], RawSample]]:
     """(id, raw sample) of one reader's epoch, before the shuffle buffer."""
     labels = LabelPolicy(True, spec.num_classes)
     n = len(spec.urls)
     R = spec.readers
+    read = _shard_reader(spec)
     if spec.shard_level:
         order = shard_order(n, spec.seed, epoch) if spec.augment else list(range(n))
         for s in order[reader::R]:
-            for j, raw in enumerate(iter_shard(spec.urls[s], counter, labels)):
+            for j, raw in enumerate(read(spec.urls[s], counter, labels)):
                 yield (s, j), raw
         return
     g = 0
     cap = spec.max_images if spec.max_images is not None else float("inf")
     for s in range(n):
-        for j, raw in enumerate(iter_shard(spec.urls[s], counter, labels)):
+        for j, raw in enumerate(read(spec.urls[s], counter, labels)):
             if g >= cap:
                 return
             if g % R == reader:
@@ -153,16 +186,49 @@ def reader_samples(spec: SplitSpec, reader: int, start: tuple[int, int], counter
         epoch, skip = epoch + 1, 0
 
 
-def _decode(spec: SplitSpec, raw: RawSample, key: tuple[int, int, int], counter: BadSampleCounter):
+def _decode(spec: SplitSpec, raw: RawSample, key: tuple[int, int, int], counter: BadSampleCounter,
+            ra=None) -> Optional[list[torch.Tensor]]:
+    """The sample's views (`spec.repeats` of them when augmenting, else one), or None (a bad
+    sample, counted). View k > 0 of a repeated sample is keyed on (key, k); view 0 on key alone."""
+    what = "clip" if spec.clip_frames else "image"
     try:
-        if spec.augment:
-            gen = generator_for(spec.seed, _TAG_EVAL_AUG, *key)
-            return train_transform(raw.data, spec.img_size, spec.scale, hflip=True, gen=gen,
-                                   max_pixels=spec.max_pixels)
-        return eval_transform(raw.data, spec.img_size, max_pixels=spec.max_pixels)
+        if not spec.augment:
+            return [_clip_view(spec, raw.data, None) if spec.clip_frames
+                    else eval_transform(raw.data, spec.img_size, max_pixels=spec.max_pixels)]
+        views = []
+        for k in range(spec.repeats):
+            vkey = key if k == 0 else (*key, k)
+            gen = generator_for(spec.seed, _TAG_EVAL_AUG, *vkey)
+            if spec.clip_frames:
+                x = _clip_view(spec, raw.data, gen)
+            else:
+                x = train_transform(raw.data, spec.img_size, spec.scale, hflip=True, gen=gen,
+                                    max_pixels=spec.max_pixels)
+            if ra is not None:
+                x = apply_rand_augment(ra, x, (spec.seed, *vkey))
+            views.append(x)
+        return views
     except Exception as e:  # untrusted bytes: any decoder failure is a bad sample
-        counter.record(raw.shard, raw.key, f"cannot decode image: {type(e).__name__}: {str(e)[:160]}")
+        counter.record(raw.shard, raw.key, f"cannot decode {what}: {type(e).__name__}: {str(e)[:160]}")
         return None
+
+
+def _clip_view(spec: SplitSpec, data: bytes, gen: Optional[torch.Generator]) -> torch.Tensor:
+    """uint8 (3, T, S, S): a window of the clip (its start drawn from `gen`, the first without),
+    one RandomResizedCrop box + flip for all frames (`gen`) or the centre square resized."""
+    from ldae_fast.data.transforms import CropBox, crop_resize_flip, random_resized_crop_tensor
+    from ldae_fast.data.video import decode_clip
+
+    clip = decode_clip(data, spec.clip_frames, spec.frame_stride, spec.max_pixels or 64_000_000, gen)
+    C, T, H, W = clip.shape
+    flat = clip.reshape(C * T, H, W)
+    S = spec.img_size
+    if gen is not None:
+        out = random_resized_crop_tensor(flat, S, spec.scale, hflip=True, gen=gen)
+    else:
+        side = min(H, W)
+        out = crop_resize_flip(flat, CropBox((W - side) // 2, (H - side) // 2, side, side), S, False)
+    return out.reshape(C, T, S, S)
 
 
 @dataclass
@@ -202,6 +268,8 @@ class _Readers(IterableDataset):
         done: set[int] = set()
         step = self.first_step
         S = spec.img_size
+        shape = (3, spec.clip_frames, S, S) if spec.clip_frames else (3, S, S)
+        ra = rand_augment(spec.rand_augment, S) if spec.rand_augment and spec.augment else None
         while len(done) < len(mine):
             for r in mine:
                 if r in done:
@@ -217,17 +285,17 @@ class _Readers(IterableDataset):
                         last = True
                         break
                     pos[r] = (epoch, i + 1)
-                    img = _decode(spec, raw, (epoch, r, i), c)
-                    if img is None:
+                    views = _decode(spec, raw, (epoch, r, i), c, ra)
+                    if views is None:
                         continue
                     c.ok()
-                    imgs.append(img)
-                    labels.append(raw.label)
-                    ids.append(sid)
+                    imgs.extend(views)
+                    labels.extend([raw.label] * len(views))
+                    ids.extend([sid] * len(views))
                 if last:
                     done.add(r)
                 with single_thread():
-                    x = torch.stack(imgs) if imgs else torch.empty(0, 3, S, S, dtype=torch.uint8)
+                    x = torch.stack(imgs) if imgs else torch.empty(0, *shape, dtype=torch.uint8)
                 yield Chunk(r, step, x, torch.tensor(labels, dtype=torch.int64),
                             torch.tensor(ids, dtype=torch.int64).view(-1, 2), pos[r], c.good, c.bad, last)
             step += 1
@@ -260,9 +328,10 @@ class EvalStream:
     """One rank's view of a split: `steps()` (the augmented, endless, resumable stream) and
     `once()` (one deterministic pass)."""
 
-    def __init__(self, spec: SplitSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+    def __init__(self, spec: SplitSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 blocks: bool = False) -> None:
         self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.readers = readers_of_rank(spec, rank, world_size)
+        self.readers = readers_of_rank(spec, rank, world_size, blocks)
         self.num_workers = _workers_for(len(self.readers), num_workers)
         self.good = self.bad = 0
         self._counts: dict[int, tuple[int, int]] = {}
@@ -319,8 +388,9 @@ def scan_split(spec: SplitSpec) -> tuple[int, int]:
     labels = LabelPolicy(True, spec.num_classes)
     n, top = 0, -1
     cap = spec.max_images if spec.max_images is not None else float("inf")
+    read = _shard_reader(spec)
     for url in spec.urls:
-        for raw in iter_shard(url, counter, labels):
+        for raw in read(url, counter, labels):
             n += 1
             top = max(top, raw.label)
             if n >= cap:

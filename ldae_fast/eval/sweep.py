@@ -59,7 +59,7 @@ def parse_ints(flag: str, text: Optional[str]) -> list[int]:
 def at(cfg, *, t: Optional[int] = None, k: Optional[int] = None):
     """cfg with eval.probe_t / eval.probe_depth replaced (validated like config values)."""
     over = {n: v for n, v in (("probe_t", t), ("probe_depth", k)) if v is not None}
-    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **over))
+    return cfg.replace(eval=dataclasses.replace(cfg.eval, **over))
 
 
 def probe_key(cfg) -> dict:

@@ -1,5 +1,7 @@
 """The method registry: the one list of method names, and the doors the engine, eval, bench and
 CLIs use to reach a method. Nothing outside methods/ and tokenizers/ names a concrete method.
+Importing it registers every method (and, through data/registry.py, every data source) with the
+config mechanism (config_registry.py), so whoever parses a config imports this package first.
 
 A new method is a folder methods/<name>/ exporting `SPEC` (a MethodSpec) plus one line below.
 The specs are light: a method's code (and torch) loads when one of its entries is called.
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config_registry import register_method
+from ..data import registry as _data_sources  # noqa: F401 (registers data.source's names)
 from .diffmae import SPEC as _DIFFMAE
 from .ldae import SPEC as _LDAE
 from .ldae.config import NoiseConfig
@@ -16,6 +20,10 @@ from .mae import SPEC as _MAE
 from .spec import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (_LDAE, _DIFFMAE, _MAE)}
+# Each method's config sections, names and presets go into the config mechanism, which checks and
+# composes configs with them: importing this package is what a config parser needs first.
+for _spec in METHODS.values():
+    register_method(_spec)
 
 
 def spec_for(cfg_or_name) -> MethodSpec:

@@ -16,6 +16,54 @@ from typing import Any
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
+class PeerNotApplicable(ValueError):
+    """The train-step benchmark's peer row of a method that has no timm counterpart there."""
+
+
+@dataclass(frozen=True)
+class BenchFlag:
+    """A flag of the train-step benchmark (bench/train_step.py) that sets one of the method's
+    config fields."""
+
+    key: str
+    """The 'section.field' it sets."""
+    default: Any
+    """The benchmark's default: the method's paper setting (may differ from the config default)."""
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepBench:
+    """What the train-step benchmark (bench/train_step.py) measures of a method beside the
+    registry's builders: its shapes and flags, its timm peer, its rows' fields."""
+
+    label: str = ""
+    """Prefix of the rows' model name, so tables keyed on the model never mix two methods' rows of
+    the same ViT ('' for the benchmark's first method)."""
+    gpu_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """The benchmark's GPU defaults (sizes, batch_sizes, img_size, ...) this method changes."""
+    variants: str = "a,b,c,d"
+    """The variants run when --variants is not given."""
+    flags: Mapping[str, BenchFlag] = field(default_factory=dict)
+    """Flags by argparse name (mask_ratio: --mask-ratio)."""
+    overrides: Callable[[str], Mapping[str, Any]] = lambda size: {}
+    """model.size -> config overrides the method's presets use at that size (DiffMAE's decoder)."""
+    peer: Callable[[Any], tuple[Any, tuple[float, float]]] | None = None
+    """cfg -> (the network assembled from timm blocks, its (forward, training) FLOPs per image);
+    None, or raising PeerNotApplicable: no peer row."""
+    row: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}
+    """cfg -> the fields that say what a row measured beside the shared ones."""
+    tokens: Callable[[Any], int] = lambda cfg: cfg.num_patches
+    """cfg -> tokens per image through the blocks (the memory estimate)."""
+    tokenizer: bool = False
+    """Trains through a linear tokenizer: the benchmark gives it a random orthonormal basis."""
+    flop_count: str = ""
+    """How its training FLOPs are counted (MethodSpec.train_flops), for the results' meta."""
+    targets: bool = False
+    """Its rows are judged against the benchmark's speed targets."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -52,12 +100,26 @@ class MethodSpec:
     shape_fields: tuple[tuple[tuple[str, str], Any], ...] = ()
     """((section, field), default) of the config fields beyond the shared ones that set this
     method's network shape: a resume that changes one is refused (engine.guard)."""
+    resolved: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}
+    """cfg -> {'section.field': value} of shape fields as the network reads them where that is not
+    what is stored (l-DAE's adaln_dim 0 reads as a width): compared so (engine.guard)."""
+    probe_blocks: Callable[[Any], tuple[int, str]] = lambda cfg: (cfg.model.encoder_depth, "model.encoder_depth")
+    """cfg -> (the blocks eval.probe_depth may reach, which fields say so)."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""
     paper_probe_sweep: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}
     """cfg -> the paper's linear-probe top-1 over probe depth k and probe t, beside a probe sweep's
     own: {'source': where and at what scale, 'matches': whether cfg is that network, 'top1':
     {(k, t, input): top-1}}; empty where the paper printed none."""
+    sections: Mapping[str, type] = field(default_factory=dict)
+    """This method's config sections by name (`--name.field=value`), dataclasses that validate
+    themselves; registered into the config mechanism (config_registry.py). Two methods may
+    list the same section (the same class)."""
+    step_bench: Callable[[], StepBench] = StepBench
+    """() -> what the train-step benchmark measures of this method (torch loads when it is called)."""
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    """Old 'section.field' spellings of this method's fields -> where they live now: saved configs
+    and command lines that use them still load."""
 
 
 def encoder_decoder_params(build: Callable[[], Any]) -> dict[str, int]:

@@ -43,7 +43,7 @@ def timm_kwargs(encoder: ViTEncoder, global_pool: str = "avg") -> dict[str, Any]
         raise ValueError(f"global_pool={global_pool!r}; choose 'avg' or 'token'")
     has_cls = encoder.cls_token is not None
     if global_pool == "token" and not has_cls:
-        raise ValueError(f"global_pool='token' needs a class token; model.layout={encoder.layout!r} has "
+        raise ValueError(f"global_pool='token' needs a class token; ldae.layout={encoder.layout!r} has "
                          "none (use 'avg')")
     kw = dict(
         img_size=encoder.img_size,

@@ -1,10 +1,11 @@
-"""The l-DAE network: a ViT encoder and a ViT decoder made of DiT-style blocks, in one of two
-layouts (model.layout; docs/model.md).
+"""A ViT encoder and a ViT decoder made of DiT-style blocks, shared by the methods: l-DAE joins
+them (methods/ldae/model.py), DiffMAE and MAE build on the encoder. Two layouts (ldae.layout;
+docs/model.md):
 
 'dit', the paper's (l-DAE App. A: DiT-L cut in two): patch embedding + fixed 2-D sin-cos position
 embedding -> encoder blocks -> decoder blocks -> final layer, one token sequence throughout: no
 class token, nothing between the halves (no LayerNorm, no embedding), one sigma embedder whose
-conditioning vector c (width ModelConfig.cond_width: width/4 unless model.adaln_dim says) every
+conditioning vector c (width methods/ldae/config.py cond_width: width/4 unless ldae.adaln_dim says) every
 block of both halves reads. The encoder owns the embedder, so it stays self-contained for
 evaluation; its features are the mean of its output tokens (the paper's probe: average pool, then
 a BatchNorm without affine).
@@ -25,12 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
-from ..markers import nvtx_range
 from ..reference import unpatchify
-from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, TokenEmbed, mlp_hidden
+from .blocks import LN_EPS, Block, FinalLayer, PatchEmbed, SigmaEmbedder, TokenEmbed
 from .pos_embed import sincos_2d
-from .speed import apply_speed_switches
 
 SIGMA_FREQ_DIM = 256
 
@@ -217,7 +215,7 @@ class ViTEncoder(_CheckpointedBlocks, nn.Module):
         if pool not in ("avg", "cls"):
             raise ValueError(f"pool={pool!r}; choose 'avg' or 'cls'")
         if pool == "cls" and self.cls_token is None:
-            raise ValueError(f"pool='cls' needs a class token; model.layout={self.layout!r} has none "
+            raise ValueError(f"pool='cls' needs a class token; ldae.layout={self.layout!r} has none "
                              "(use pool='avg')")
 
     def pool_tokens(self, tokens: torch.Tensor, pool: str = "avg") -> torch.Tensor:
@@ -314,128 +312,4 @@ class EncoderDecoder(nn.Module):
         return self.encoder.grad_checkpointing
 
 
-class LDAEModel(EncoderDecoder):
-    """x_in (B, C, H, W) noisy image + conditioning -> x_hat (B, C, H, W) predicted clean image.
-
-    The conditioning comes as keyword arguments, DiT's model_kwargs: the method builds the dict
-    (`model(x_in, **cond)`), so a new kind (a class label) is a key, not a new signature.
-    """
-
-    def __init__(self, encoder: ViTEncoder, decoder: ViTDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.patch_size = encoder.patch_size
-        self.img_size = encoder.img_size
-
-    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor | None = None, labels=None,
-                **cond) -> torch.Tensor:
-        """sigma: (B,) noise levels (None: clean input); labels: (B,) classes, the null class
-        (num_classes) where dropped, None for all-null (class-conditional models only)."""
-        if cond:
-            raise ValueError(f"LDAEModel has no conditioning on {', '.join(sorted(cond))} "
-                             "(it takes sigma and labels)")
-        # Phase markers for Nsight / the profiler (no-ops without CUDA or a running profiler).
-        if self.encoder.layout == "dit":
-            with nvtx_range("encoder"):
-                tokens, c = self.encoder.encode(x_in, sigma, labels)
-            with nvtx_range("decoder"):
-                return self.decoder(tokens, c=c)
-        with nvtx_range("encoder"):
-            tokens = self.encoder.forward_features(x_in, sigma, labels)
-        with nvtx_range("decoder"):
-            return self.decoder(tokens, sigma, labels)
-
-
-
-def _dims(cfg: ModelConfig, kernels: str) -> dict:
-    return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
-                attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels,
-                num_classes=cfg.num_classes if cfg.class_cond else 0, layout=cfg.layout,
-                cond_dim=cfg.cond_width)
-
-
-def build_encoder(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> ViTEncoder:
-    return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth,
-                      latent_in=cfg.latent_dim if cfg.input == "latent" else 0, **_dims(cfg, kernels))
-
-
-def build_model(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> LDAEModel:
-    """l-DAE's encoder-decoder (every method's network: methods.build_model) for square
-    img_size x img_size inputs with in_chans channels. `kernels` is engine.kernels: with
-    model.fused_adaln it decides where the fused kernel runs."""
-    if img_size % cfg.patch_size:
-        raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
-    enc = build_encoder(cfg, img_size, in_chans, kernels)
-    dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth,
-                     latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, kernels))
-    model = LDAEModel(enc, dec)
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-    return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
-
-
-def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> float:
-    """Analytic forward FLOPs of one image through LDAEModel (multiply-add = 2 FLOPs).
-
-    Counts every matmul/conv, nothing element-wise (norms, softmax, GELU, residuals, modulation):
-    with N patches, T tokens (N + 1 with layout 'mae''s class token, N with 'dit'), width w, MLP
-    hidden h, L = encoder + decoder blocks, D = p*p*C, a = ModelConfig.cond_width (width of c):
-      blocks        L * [2 T w (3w + w + 2h) + 4 T^2 w]   (= L T (24 w^2 + 4 T w) when h = 4w):
-                    qkv, attention output projection, MLP; q k^T and attn @ v
-      patch embed   2 N (p^2 C) w
-      decoder embed 2 T w^2 (layout 'mae' only)
-      head          2 N w D
-      adaLN only    per image, not per token: 2 L a (6w) block modulation, 2 a (2w) final
-                    modulation, E x 2 (256 a + a^2) for the sigma embedders (E = 2 with 'mae',
-                    one per half; 1 with 'dit').
-    Backward is about 2x forward, so a training step is ~3x this (plus one more forward of the
-    blocks with gradient checkpointing). Each method's count: its MethodSpec.train_flops.
-    """
-    p, w = cfg.patch_size, cfg.width
-    mae = cfg.layout == "mae"
-    N = (img_size // p) ** 2
-    T = N + 1 if mae else N
-    h = mlp_hidden(w, cfg.mlp_ratio)
-    L = cfg.encoder_depth + cfg.decoder_depth
-    D_in, D = _io_dims(cfg, in_chans)
-    flops = L * (2 * T * w * (3 * w + w + 2 * h) + 4 * T * T * w)
-    flops += 2 * N * D_in * w + 2 * N * w * D
-    if mae:
-        flops += 2 * T * w * w
-    if cfg.cond == "adaln":
-        a = cfg.cond_width
-        flops += 2 * L * a * 6 * w + 2 * a * 2 * w + (2 if mae else 1) * 2 * (SIGMA_FREQ_DIM * a + a * a)
-    return float(flops)
-
-
-def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
-    """Per-token input and output widths: C p^2 for images, d for latent tokens."""
-    D = cfg.patch_size**2 * in_chans
-    return (cfg.latent_dim if cfg.input == "latent" else D), (cfg.latent_dim if cfg.output == "latent" else D)
-
-
-def param_count(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
-    """Analytic parameter counts {'encoder', 'decoder', 'total'} (fixed position embeddings excluded)
-    of l-DAE's network.
-
-    Per block: qkv, proj, fc1, fc2, plus the adaLN modulation Linear(a, 6w) (a = ModelConfig.cond_width)
-    or, with cond='none', two affine LayerNorms. Layout 'mae' adds a class token and the final
-    LayerNorm to the encoder, the decoder embedding and a second sigma embedder (and label
-    embedding) to the decoder; 'dit' has one sigma embedder (and label embedding), in the encoder.
-    """
-    w, a = cfg.width, cfg.cond_width
-    h = mlp_hidden(w, cfg.mlp_ratio)
-    adaln = cfg.cond == "adaln"
-    mae = cfg.layout == "mae"
-    block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
-    block += (a * 6 * w + 6 * w) if adaln else 4 * w
-    sigma_embed = (SIGMA_FREQ_DIM * a + a + a * a + a) if adaln else 0
-    label_embed = (cfg.num_classes + 1) * a if cfg.class_cond else 0
-    D_in, D = _io_dims(cfg, in_chans)
-    enc = (D_in * w + w) + cfg.encoder_depth * block + sigma_embed + label_embed
-    dec = cfg.decoder_depth * block + (w * D + D)
-    dec += (a * 2 * w + 2 * w) if adaln else 2 * w
-    if mae:
-        enc += w + 2 * w  # class token, final LayerNorm
-        dec += (w * w + w) + sigma_embed + label_embed  # decoder embedding, its own embedders
-    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+__all__ = ["EncoderDecoder", "LAYOUTS", "SIGMA_FREQ_DIM", "ViTDecoder", "ViTEncoder"]

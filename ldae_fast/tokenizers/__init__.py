@@ -55,7 +55,7 @@ def fit_config(cfg):
 
     if cfg.data.crop == "center":
         return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop="center"))
+    return cfg.replace(data=dataclasses.replace(cfg.data, crop="center"))
 
 
 def prepare_tokenizer(cfg, images: Callable[[], Iterable[torch.Tensor]], log: Callable[[str], None] = print

@@ -82,7 +82,7 @@ def video_inpaint_figure(method, model: nn.Module, clips: torch.Tensor, path: st
                          scale: Optional[int] = None, pad: int = 2) -> Path:
     """The video figure: per clip three rows, the original, the masked input (hidden tubelets at
     the dataset mean) and the final sample (t = 0), over the frames the method noises and
-    predicts (one time slice per tubelet: temporal stride model.tubelet, 2 for the paper's
+    predicts (one time slice per tubelet: temporal stride diffmae.tubelet, 2 for the paper's
     2x16x16 patches). clips: (B, C, T, H, W) normalised."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -128,12 +128,12 @@ def method_figure(cfg, model: nn.Module, method, out_dir, *, images=None, step: 
     """MethodSpec.figure: the inpainting grid (images) or the clip rows (video), inpainting.png /
     video_inpainting.png; the sampler runs where the model is."""
     method = method.to(device_of(model))
-    T, n = cfg.noise.num_timesteps, cfg.objective.sample_steps
+    T, n = cfg.noise.num_timesteps, cfg.diffmae.sample_steps
     if cfg.data.num_frames:
         from ...data.video import video_eval_clips
         path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4), Path(out_dir) / "video_inpainting.png")
-        return path, (f"original / masked / output frames at temporal stride {cfg.model.tubelet}; "
-                      f"{cfg.objective.mask_ratio:.0%} random masks, {n} reverse steps")
+        return path, (f"original / masked / output frames at temporal stride {cfg.diffmae.tubelet}; "
+                      f"{cfg.diffmae.mask_ratio:.0%} random masks, {n} reverse steps")
     if images is None:
         from ...data import build_eval_arrays
         images, _ = build_eval_arrays(cfg, "val", max_images=4, labels=False)

@@ -10,10 +10,10 @@ clean pixels. The loss is the mean squared error over the hidden patches only.
 Every draw (masks, t, eps) is keyed on (engine.seed, step, row of the step's global batch), as
 in l-DAE: a resumed run and N ranks draw what one uninterrupted process draws.
 
-Clips (B, C, T, H, W): the patches are the spacetime tubelets (model.tubelet x p x p, numbered
-time-major), masked by the same random masking at objective.mask_ratio; the encoder sees the
+Clips (B, C, T, H, W): the patches are the spacetime tubelets (diffmae.tubelet x p x p, numbered
+time-major), masked by the same random masking at diffmae.mask_ratio; the encoder sees the
 visible tubelets whole, while the target and the decoder's noisy input are one time slice of
-each tubelet, frame objective.time_slice of it (frames time_slice, time_slice + tubelet, ...):
+each tubelet, frame diffmae.time_slice of it (frames time_slice, time_slice + tubelet, ...):
 every "patch" below is then that p x p slice.
 """
 
@@ -55,7 +55,7 @@ class DiffMAEMethod:
         if tokenizer is not None:
             raise ValueError("objective.method='diffmae' works on pixels and takes no tokenizer")
         self.cfg = cfg
-        self.obj = cfg.objective
+        self.obj = cfg.diffmae
         self.p = cfg.model.patch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -63,7 +63,7 @@ class DiffMAEMethod:
         self._mode = cfg.engine.kernels if kernels is None else kernels
         self.kernels = resolve_kernels(self._mode, self.device)
         self.schedule = DiffusionSchedule.ddpm(cfg.noise.num_timesteps, self.obj.rho)
-        self.tubelet, self.time_slice = cfg.model.tubelet, self.obj.time_slice
+        self.tubelet, self.time_slice = cfg.diffmae.tubelet, self.obj.time_slice
         self.video = cfg.data.num_frames > 0
 
     # seam -----------------------------------------------------------------------------------
@@ -86,9 +86,9 @@ class DiffMAEMethod:
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint of another schedule or masking would resume a different run: refused."""
         mine = self.state_dict()
-        for key, field in (("schedule", "noise.num_timesteps / objective.rho"),
-                           ("mask_ratio", "objective.mask_ratio"), ("norm_pix_loss", "objective.norm_pix_loss"),
-                           ("time_slice", "model.tubelet / objective.time_slice")):
+        for key, field in (("schedule", "noise.num_timesteps / diffmae.rho"),
+                           ("mask_ratio", "diffmae.mask_ratio"), ("norm_pix_loss", "diffmae.norm_pix_loss"),
+                           ("time_slice", "diffmae.tubelet / diffmae.time_slice")):
             # An image method has no time_slice: a video checkpoint's one differs from its None.
             if key in state and state[key] != mine.get(key):
                 raise ResumeMismatch(f"the checkpoint's DiffMAE {key} {state[key]} differs from the config's "
@@ -131,7 +131,7 @@ class DiffMAEMethod:
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """What the decoder denoises and predicts: patchify(x) (B, N, D) (for clips, the slice of
         each tubelet), per-patch normalised (mean 0, variance 1 over D, as MAE's norm_pix_loss)
-        when objective.norm_pix_loss."""
+        when diffmae.norm_pix_loss."""
         t = self._patchify(x.float())
         return normalize_patches(t) if self.obj.norm_pix_loss else t
 
@@ -187,7 +187,7 @@ class DiffMAEMethod:
 
     # sampling -------------------------------------------------------------------------------
     def make_mask(self, kind: str, batch: int, grid: int, step: int = 0, frames: int = 1) -> PatchMask:
-        """'random' (objective.mask_ratio, the draws of training step `step`) or 'center' (the
+        """'random' (diffmae.mask_ratio, the draws of training step `step`) or 'center' (the
         central half of each side, in each of `frames` tubelet steps for clips)."""
         if kind == "random":
             return self.draw_mask(batch, grid * grid * frames, step, 0, batch)

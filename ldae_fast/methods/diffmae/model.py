@@ -13,7 +13,7 @@ position embedding and are conditioned on the step t through adaLN-Zero. Three l
   joint       self-attention over [encoder tokens, noised tokens] together (a vanilla ViT decoder);
   cross       the noised tokens cross-attend to the encoder tokens, no attention among themselves;
   cross_self  cross-attention to the encoder, then self-attention among the noised tokens.
-What the cross-attending blocks read is `topdown` (model.decoder_topdown, TOPDOWN_MODES):
+What the cross-attending blocks read is `topdown` (diffmae.decoder_topdown, TOPDOWN_MODES):
   last           every block reads the encoder's final output (after its norm);
   deepest_first  block i reads encoder block L_e-1-i (clamped at block 0), the top-down wiring of
                  DiffMAE's Fig. 3 (encoder blocks connected to decoder blocks deepest first);
@@ -25,7 +25,7 @@ LayerNorm of its own for an inner block; the final block's output already passed
 norm), because blocks at different depths carry differently scaled features.
 The output is the clean pixels of each masked patch, (B, n_masked, p*p*C), in patchify's order.
 
-Video (model.num_frames > 0): spacetime patches of model.tubelet x p x p, numbered time-major
+Video (model.num_frames > 0): spacetime patches of diffmae.tubelet x p x p, numbered time-major
 (n = t' * g^2 + row * g + col). The encoder's patch embedding is a Conv3d over the tubelet (a
 linear map of the flattened tubelet); the decoder embeds and predicts one p x p time slice of
 each tubelet (p*p*C values, the same as an image patch). Both position embeddings are fixed and
@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ...config import DIFFMAE_TOPDOWN, ModelConfig
+from ...config import ModelConfig
 from ...kernels.attention import attention, resolve_backend
 from ...kernels.modules import AdaLNLayerNorm
 from ...markers import nvtx_range
@@ -64,13 +64,11 @@ from ...models.vit import (
 )
 from ..masking import encode_visible
 from ..masking import gather_tokens as _gather
-
-DECODER_KINDS = ("joint", "cross", "cross_self")
-TOPDOWN_MODES = DIFFMAE_TOPDOWN  # model.decoder_topdown
+from .config import DECODER_KINDS, TOPDOWN_MODES, DiffMAEConfig
 
 
 def topdown_sources(mode: str, encoder_depth: int, decoder_depth: int) -> tuple[int, ...]:
-    """The encoder block each decoder block reads (0-based), for model.decoder_topdown=mode."""
+    """The encoder block each decoder block reads (0-based), for diffmae.decoder_topdown=mode."""
     if mode not in TOPDOWN_MODES:
         raise ValueError(f"decoder_topdown={mode!r}; choose one of {', '.join(TOPDOWN_MODES)}")
     last = encoder_depth - 1
@@ -300,10 +298,10 @@ class DiffMAEModel(EncoderDecoder):
 
 
 
-def _make_video_encoder(enc: ViTEncoder, cfg: ModelConfig, img_size: int, in_chans: int) -> None:
+def _make_video_encoder(enc: ViTEncoder, cfg: ModelConfig, tubelet: int, img_size: int, in_chans: int) -> None:
     """Turn the image ViT into the clip encoder: tubelet embedding and spacetime positions; the
     blocks, class token and norm stay the ViT's."""
-    emb = TubeletEmbed(img_size, cfg.patch_size, cfg.tubelet, cfg.num_frames, in_chans, cfg.width)
+    emb = TubeletEmbed(img_size, cfg.patch_size, tubelet, cfg.num_frames, in_chans, cfg.width)
     w = emb.proj.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(emb.proj.bias)
@@ -313,7 +311,10 @@ def _make_video_encoder(enc: ViTEncoder, cfg: ModelConfig, img_size: int, in_cha
                         .to(enc.cls_token.device), persistent=False)
 
 
-def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: str = "auto") -> DiffMAEModel:
+def build_diffmae(cfg: ModelConfig, dm: DiffMAEConfig, img_size: int, in_chans: int = 3,
+                  kernels: str = "auto") -> DiffMAEModel:
+    """DiffMAE's network from the shared model section `cfg` and DiffMAE's own `dm` (its decoder's
+    kind and wiring, the tubelet of clips)."""
     if img_size % cfg.patch_size:
         raise ValueError(f"img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     enc = ViTEncoder(img_size, cfg.patch_size, in_chans, width=cfg.width, depth=cfg.encoder_depth,
@@ -321,19 +322,20 @@ def build_diffmae(cfg: ModelConfig, img_size: int, in_chans: int = 3, kernels: s
                      attn_backend=cfg.attn_backend, kernels=kernels)
     time_grid = 0
     if cfg.num_frames:
-        _make_video_encoder(enc, cfg, img_size, in_chans)
-        time_grid = cfg.num_frames // cfg.tubelet
+        _make_video_encoder(enc, cfg, dm.tubelet, img_size, in_chans)
+        time_grid = cfg.num_frames // dm.tubelet
     dec = DiffMAEDecoder(img_size, cfg.patch_size, cfg.width, in_chans, width=cfg.decoder_width,
                          depth=cfg.decoder_depth, num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
-                         kind=cfg.decoder_kind, attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln,
-                         kernels=kernels, time_grid=time_grid, topdown=cfg.decoder_topdown,
+                         kind=dm.decoder_kind, attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln,
+                         kernels=kernels, time_grid=time_grid, topdown=dm.decoder_topdown,
                          encoder_depth=cfg.encoder_depth)
     model = DiffMAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
 
 
-def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_ratio: float = 0.75) -> float:
+def flops_per_image(cfg: ModelConfig, dm: DiffMAEConfig, img_size: int, in_chans: int = 3,
+                    mask_ratio: float | None = None) -> float:
     """Analytic forward FLOPs of one image (multiply-add = 2), matmuls only, as vit.flops_per_image.
 
     Clips: N = (T / tubelet) g^2 spacetime patches, the embedding maps tubelet p^2 C values, the
@@ -349,26 +351,28 @@ def flops_per_image(cfg: ModelConfig, img_size: int, in_chans: int = 3, mask_rat
       cross_self      cross + L_d [2 M v (4v) + 4 M^2 v]
       per image       adaLN maps 2 v (k v) per block (k = 6 joint, 6 cross, 9 cross_self), 2 v (2v)
                       the final layer's, 2 (256 v + v^2) the t embedding
+    mask_ratio None: dm.mask_ratio.
     """
+    mask_ratio = dm.mask_ratio if mask_ratio is None else mask_ratio
     p, w, v = cfg.patch_size, cfg.width, cfg.decoder_width
-    N = (img_size // p) ** 2 * (cfg.num_frames // cfg.tubelet if cfg.num_frames else 1)
+    N = (img_size // p) ** 2 * (cfg.num_frames // dm.tubelet if cfg.num_frames else 1)
     keep = max(1, int(N * (1.0 - mask_ratio)))  # masking.num_visible's rounding
     M, Te = N - keep, keep + 1
     h, hd = mlp_hidden(w, cfg.mlp_ratio), mlp_hidden(v, cfg.mlp_ratio)
     D = p * p * in_chans
-    D_in = D * (cfg.tubelet if cfg.num_frames else 1)  # a clip's tubelet, a slice decoded
+    D_in = D * (dm.tubelet if cfg.num_frames else 1)  # a clip's tubelet, a slice decoded
     f = cfg.encoder_depth * (2 * Te * w * (4 * w + 2 * h) + 4 * Te * Te * w) + 2 * N * D_in * w
-    n_proj = 1 if cfg.decoder_topdown == "last" else cfg.decoder_depth
+    n_proj = 1 if dm.decoder_topdown == "last" else cfg.decoder_depth
     f += n_proj * 2 * Te * w * v + 2 * M * D * v + 2 * M * v * D
-    if cfg.decoder_kind == "joint":
+    if dm.decoder_kind == "joint":
         T = Te + M
         f += cfg.decoder_depth * (2 * T * v * (4 * v + 2 * hd) + 4 * T * T * v)
     else:
         blk = 2 * M * v * (2 * v + 2 * hd) + 2 * Te * v * 2 * v + 4 * M * Te * v
-        if cfg.decoder_kind == "cross_self":
+        if dm.decoder_kind == "cross_self":
             blk += 2 * M * v * 4 * v + 4 * M * M * v
         f += cfg.decoder_depth * blk
-    k = 9 if cfg.decoder_kind == "cross_self" else 6
+    k = 9 if dm.decoder_kind == "cross_self" else 6
     f += cfg.decoder_depth * 2 * v * k * v + 2 * v * 2 * v + 2 * (SIGMA_FREQ_DIM * v + v * v)
     return float(f)
 

@@ -15,9 +15,9 @@ from ..spec import IMAGENET_TRAIN_IMAGES as _IMAGENET_EPOCH
 # decoding by cross-attention); which encoder block an 8-block decoder reads under a 12- or
 # 24-block encoder is not in the text we have: 'deepest_first' is our reading (docs/diffmae.md).
 _DIFFMAE_RECIPE = {
-    "objective.method": "diffmae", "objective.mask_ratio": 0.75, "model.patch_size": 16,
+    "objective.method": "diffmae", "diffmae.mask_ratio": 0.75, "model.patch_size": 16,
     "model.decoder_width": 512, "model.decoder_depth": 8, "model.decoder_heads": 16,
-    "model.decoder_kind": "cross_self", "model.decoder_topdown": "deepest_first",
+    "diffmae.decoder_kind": "cross_self", "diffmae.decoder_topdown": "deepest_first",
     "data.img_size": 224, "data.source": "wds", "data.epoch_size": _IMAGENET_EPOCH,
     "data.batch_size": 256, "engine.grad_accum": 2, "data.num_workers": 10, "data.hflip": True,
     "data.crop_min_scale": 0.2, "optim.blr": 1.5e-4, "optim.beta1": 0.9, "optim.beta2": 0.95,
@@ -34,7 +34,7 @@ _DIFFMAE_RECIPE = {
 # "effective" epochs under repeated augmentation).
 _KINETICS400_EPOCH = 240_000  # about the Kinetics-400 train split; set data.epoch_size to yours
 _DIFFMAE_VIDEO_RECIPE = {
-    **_DIFFMAE_RECIPE, "model.size": "L", "model.tubelet": 2, "objective.mask_ratio": 0.9,
+    **_DIFFMAE_RECIPE, "model.size": "L", "diffmae.tubelet": 2, "diffmae.mask_ratio": 0.9,
     "data.source": "wds-video", "data.num_frames": 16, "data.frame_stride": 4,
     "data.epoch_size": _KINETICS400_EPOCH, "data.batch_size": 64, "engine.grad_accum": 1,
     "data.repeated_aug": 4, "optim.blr": 8e-4, "optim.clip_grad": 0.02, "engine.epochs": 400,
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.synthetic_kind": "gratings",
         "model.decoder_depth": 1, "data.batch_size": 64, "data.synthetic_images": 2048,
         "optim.blr": 1.6e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1, "optim.ema_decay": 0.0,
-        "optim.clip_grad": 0.0, "engine.epochs": 60, "engine.log_every": 64, "objective.sample_steps": 50,
+        "optim.clip_grad": 0.0, "engine.epochs": 60, "engine.log_every": 64, "diffmae.sample_steps": 50,
         "eval.probe_epochs": 90, "eval.probe_blr": 10.0, "engine.out_dir": "runs/diffmae-demo",
     },
     "diffmae-vitb": {**_DIFFMAE_RECIPE, "model.size": "B", "engine.out_dir": "runs/diffmae-vitb"},
@@ -66,12 +66,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "engine.out_dir": "runs/diffmae-vith"},
     # DiffMAE on video: 8-frame clips of moving shapes at 32 px, 2x4x4 tubelets, 90% masking.
     "diffmae-video-demo": {
-        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "model.tubelet": 2,
+        "objective.method": "diffmae", "model.size": "tiny", "model.patch_size": 4, "diffmae.tubelet": 2,
         "data.img_size": 32, "data.num_frames": 8, "data.synthetic_kind": "moving-shapes",
-        "objective.mask_ratio": 0.9, "model.decoder_depth": 2, "data.batch_size": 32,
+        "diffmae.mask_ratio": 0.9, "model.decoder_depth": 2, "data.batch_size": 32,
         "data.synthetic_images": 512, "optim.blr": 1.2e-2, "optim.weight_decay": 0.05, "optim.warmup_epochs": 1,
         "optim.ema_decay": 0.0, "optim.clip_grad": 0.0, "engine.epochs": 6, "engine.log_every": 8,
-        "objective.sample_steps": 50, "eval.probe": False, "engine.out_dir": "runs/diffmae-video-demo",
+        "diffmae.sample_steps": 50, "eval.probe": False, "engine.out_dir": "runs/diffmae-video-demo",
     },
     "diffmae-video-vitl": {**_DIFFMAE_VIDEO_RECIPE, "engine.out_dir": "runs/diffmae-video-vitl"},
     "diffmae-video-vitl14": {**_DIFFMAE_VIDEO_RECIPE, "model.patch_size": 14,

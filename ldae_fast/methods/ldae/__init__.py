@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..spec import MethodSpec
+from .config import RENAMED, LDAEConfig, NoiseConfig, cond_width
 from .presets import PRESETS
 
 
@@ -12,18 +13,40 @@ def _method(cfg, device, **kw):
 
 
 def _model(cfg, kernels: str = "auto"):
-    from ...models.vit import build_model
-    return build_model(cfg.model, cfg.data.img_size, kernels=kernels)
+    from .model import build_model
+    return build_model(cfg.model, cfg.ldae, cfg.data.img_size, kernels=kernels)
 
 
 def _flops(cfg) -> tuple[float, float]:
     from .flops import train_flops_per_image
-    return train_flops_per_image(cfg.model, cfg.data.img_size)
+    return train_flops_per_image(cfg.model, cfg.ldae, cfg.data.img_size)
 
 
 def _params(cfg) -> dict[str, int]:
-    from ...models.vit import param_count
-    return param_count(cfg.model, cfg.data.img_size)
+    from .model import param_count
+    return param_count(cfg.model, cfg.ldae, cfg.data.img_size)
+
+
+def _validate(cfg) -> None:
+    from ...config import ConfigError
+
+    if cond_width(cfg.model.width, cfg.ldae) < 1:
+        raise ConfigError(f"ldae.adaln_dim={cfg.ldae.adaln_dim}: width/4 is 0 for model.width={cfg.model.width}")
+    if cfg.model.output == "latent" and cfg.noise.target == "x0":
+        raise ConfigError("noise.target='x0' (the original image) needs model.output='image'; a latent output "
+                          "predicts noise.target='z0' or 'eps'")
+
+
+def _probe_blocks(cfg) -> tuple[int, str]:
+    # 'dit' is one DiT cut in two: the probe may read past the cut (l-DAE App. A, k = 9..15 of 24).
+    m = cfg.model
+    if cfg.ldae.layout == "dit":
+        return m.encoder_depth + m.decoder_depth, "model.encoder_depth + model.decoder_depth with ldae.layout=dit"
+    return m.encoder_depth, "model.encoder_depth"
+
+
+def _resolved(cfg) -> dict:
+    return {"ldae.adaln_dim": cond_width(cfg.model.width, cfg.ldae)}
 
 
 def _figure(*args, **kw):
@@ -56,7 +79,15 @@ def _rows():
     return ROWS
 
 
+def _step_bench():
+    from .bench import step_bench
+    return step_bench()
+
+
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
                   probe_sigma=_probe_sigma, paper_probe_sweep=_paper_probe_sweep,
-                  rows=_rows)
+                  rows=_rows, sections={"noise": NoiseConfig, "ldae": LDAEConfig}, renamed=RENAMED,
+                  validate=_validate, probe_blocks=_probe_blocks, resolved=_resolved,
+                  shape_fields=((("ldae", "layout"), "mae"), (("ldae", "adaln_dim"), 0)),
+                  step_bench=_step_bench)

@@ -1,11 +1,15 @@
-"""l-DAE's noise section of the run config (`--noise.field=value`): the schedule, its loss
-weights and the prediction target. Plain data that validates itself with the config mechanism's
-checks (config.py), which composes it into the run's Config."""
+"""l-DAE's sections of the run config: `noise` (`--noise.field=value`: the schedule, its loss
+weights and the prediction target) and `ldae` (`--ldae.field=value`: how its network is cut in
+two). Plain data that validates itself with the config mechanism's checks (config.py); the spec
+registers both, and the old spellings of the `ldae` fields (`ldae.layout`, `ldae.adaln_dim`:
+RENAMED), so saved configs and command lines that use them still load."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from ...config import _check, _one_of
 
 LOSS_WEIGHTS = ("inv_1p_sigma2", "uniform", "gamma2")
 
@@ -45,8 +49,6 @@ class NoiseConfig:
     inverse PCA") and the loss is lambda_t |latent(x_hat) - target|^2 per token."""
 
     def __post_init__(self) -> None:
-        # The mechanism is read at validation, not import: config.py imports this section.
-        from ...config import _check, _one_of
         _one_of("noise.schedule", self.schedule, SCHEDULE_NAMES)
         _one_of("noise.loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _check(self.single_sigma > 0, f"noise.single_sigma={self.single_sigma} must be > 0")
@@ -54,3 +56,44 @@ class NoiseConfig:
         _check(self.sigma_max > 0, f"noise.sigma_max={self.sigma_max} must be > 0")
         _check(self.num_timesteps >= 1, "noise.num_timesteps must be >= 1")
         _check(self.low_weight >= 0 and self.high_weight >= 0, "noise.*_weight must be >= 0")
+
+
+# How l-DAE's network is cut in two (models/vit.py implements both).
+LAYOUTS = ("dit", "mae")
+
+
+@dataclass
+class LDAEConfig:
+    layout: str = "mae"
+    """How l-DAE's network is cut in two (docs/model.md).
+    'dit': the paper's (l-DAE App. A), DiT cut in two: the encoder is DiT's first blocks, the
+    decoder the rest, on one token sequence (no class token), with nothing between them (no
+    LayerNorm, no embedding), one sigma embedder shared by all blocks and a conditioning vector of
+    width ldae.adaln_dim (width/4); features are the mean of the encoder's tokens.
+    'mae': this project's first layout, MAE-shaped halves: a class token, an affine LayerNorm
+    ending the encoder, a decoder embedding with its own position embedding, a sigma embedder per
+    half, full-width adaLN. The default, so checkpoints written before this field existed (which
+    store none) rebuild as what they were; the paper presets and the trajectory rows set 'dit'."""
+    adaln_dim: int = 0
+    """Width of the adaLN conditioning vector c (the sigma embedding, plus the label embedding
+    with class conditioning) that every block's modulation Linear(adaln_dim, 6 width) and the
+    final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
+    l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
+    network reads it through cond_width() and the 0 is what gets saved."""
+
+    def __post_init__(self) -> None:
+        _one_of("ldae.layout", self.layout, LAYOUTS)
+        _check(self.adaln_dim >= 0, f"ldae.adaln_dim={self.adaln_dim} must be >= 0 (0: from ldae.layout)")
+
+
+def cond_width(width: int, net: LDAEConfig) -> int:
+    """The width c has at model.width `width`: ldae.adaln_dim, or with 0 the layout's own. Derived
+    on every read, never stored back, so a saved config holding 0 follows a later --ldae.layout or
+    --model.width."""
+    if net.adaln_dim:
+        return net.adaln_dim
+    return width // 4 if net.layout == "dit" else width
+
+
+# Where these fields lived before they moved here: old saved configs and command lines still read.
+RENAMED = {"model.layout": "ldae.layout", "model.adaln_dim": "ldae.adaln_dim"}

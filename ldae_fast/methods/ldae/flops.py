@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ...config import ModelConfig
-from ...models.vit import flops_per_image
+from .config import LDAEConfig
+from .model import flops_per_image
 
 
-def train_flops_per_image(mcfg: ModelConfig, img_size: int) -> tuple[float, float]:
+def train_flops_per_image(mcfg: ModelConfig, net: LDAEConfig, img_size: int) -> tuple[float, float]:
     """(forward, training) FLOPs per image; training = 3 x forward. The forward count follows
-    model.layout: 'dit' has no class token (N tokens, not N + 1), no decoder embedding, one sigma
-    embedder and its adaLN maps read c of width ModelConfig.cond_width (docs/model.md)."""
-    fwd = flops_per_image(mcfg, img_size)
+    ldae.layout: 'dit' has no class token (N tokens, not N + 1), no decoder embedding, one sigma
+    embedder and its adaLN maps read c of width config.cond_width (docs/model.md)."""
+    fwd = flops_per_image(mcfg, net, img_size)
     return fwd, 3.0 * fwd

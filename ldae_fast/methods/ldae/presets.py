@@ -11,7 +11,7 @@ from .trajectory import trajectory_presets
 # l-DAE App. A: patch 16, d = 32 (Table 2: PCA d=32 65.1%, d=128 53.9%), batch 2048, blr 1e-4,
 # 100 warm-up epochs, no weight decay, 400 epochs, AdamW as DiT's (betas 0.9, 0.999); probe at t = 10
 # of 1000 with clean input, MAE's probe (batch 16384, blr 0.1: see eval.probe_blr for the lr);
-# the network is DiT cut in two (model.layout='dit', adaLN conditioning at width/4).
+# the network is DiT cut in two (ldae.layout='dit', adaLN conditioning at width/4).
 _PAPER_RECIPE = {
     "model.patch_size": 16, "tokenizer.latent_dim": 32, "data.img_size": 256, "data.source": "wds",
     "data.epoch_size": _IMAGENET_EPOCH, "data.batch_size": 256, "data.num_workers": 10,
@@ -20,7 +20,7 @@ _PAPER_RECIPE = {
     "engine.backend": "deepspeed", "tokenizer.fit_images": 50_000, "engine.log_every": 50,
     "engine.ckpt_every": 2000, "optim.clip_grad": 0.0,
     "eval.probe_t": 10, "eval.probe_input": "clean", "eval.probe_batch_size": 16384, "eval.probe_blr": 0.1,
-    "model.layout": "dit",
+    "ldae.layout": "dit",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

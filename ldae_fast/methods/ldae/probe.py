@@ -80,7 +80,7 @@ def paper_probe_sweep(cfg) -> dict:
         top1.update({(12, t, inp): a for t, a in row.items()})
     if m.encoder_depth == 12:
         top1.update({(0, t, inp): a for (k, t, inp), a in list(top1.items()) if k == 12})
-    matches = (m.width == 1024 and m.encoder_depth == 12 and m.decoder_depth == 12 and m.layout == "dit"
+    matches = (m.width == 1024 and m.encoder_depth == 12 and m.decoder_depth == 12 and cfg.ldae.layout == "dit"
                and m.patch_size == 16 and cfg.data.img_size == 256 and cfg.noise.num_timesteps == 1000)
     return dict(source="l-DAE App. A: DiT-L (encoder = its first 12 blocks), ImageNet, 400 epochs, "
                        "256 px", matches=matches, top1=top1)

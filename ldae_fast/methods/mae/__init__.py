@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..spec import MethodSpec, encoder_decoder_params, unconditioned_note
+from .config import RENAMED, MAEConfig
 from .presets import PRESETS
 
 
@@ -18,7 +19,7 @@ def _model(cfg, kernels: str = "auto"):
 
 def _flops(cfg) -> tuple[float, float]:
     from .model import train_flops_per_image
-    return train_flops_per_image(cfg.model, cfg.data.img_size, cfg.objective.mask_ratio)
+    return train_flops_per_image(cfg.model, cfg.data.img_size, cfg.mae.mask_ratio)
 
 
 def _params(cfg) -> dict[str, int]:
@@ -40,12 +41,19 @@ def _validate(cfg) -> None:
     from ...config import ConfigError
 
     m = cfg.model
-    if m.layout != "mae" or m.adaln_dim or m.class_cond or m.input != "image" or m.output != "image":
-        raise ConfigError("objective.method='mae' builds a plain ViT on pixels: leave model.layout, "
-                          "model.adaln_dim, model.class_cond, model.input and model.output at their defaults")
+    if m.class_cond or m.input != "image" or m.output != "image":
+        raise ConfigError("objective.method='mae' builds a plain ViT on pixels: leave model.class_cond, "
+                          "model.input and model.output at their defaults")
+
+
+
+def _step_bench():
+    from .bench import step_bench
+    return step_bench()
 
 
 SPEC = MethodSpec(name="mae", title="MAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
                   probe_note=unconditioned_note, validate=_validate,
-                  shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)))
+                  shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
+                  sections={"mae": MAEConfig}, renamed=RENAMED, step_bench=_step_bench)

@@ -24,5 +24,5 @@ def method_figure(cfg, model, method, out_dir, *, images=None, step: int = 0) ->
             c.append(t.cpu())
     path = save_grid([torch.cat(c) for c in cols], ["original", "masked", "reconstruction"],
                      Path(out_dir) / "reconstruction.png")
-    return path, (f"original / masked / reconstruction; {cfg.objective.mask_ratio:.0%} random masks "
+    return path, (f"original / masked / reconstruction; {cfg.mae.mask_ratio:.0%} random masks "
                   f"(first rows), centre block (last rows)")

@@ -1,6 +1,6 @@
 """MAE as a method: hide a random 75% of each image's patches (keyed like every draw), encode the
 rest, predict the hidden patches' pixels; the loss is their mean squared error, optionally on
-per-patch normalised pixels (objective.norm_pix_loss)."""
+per-patch normalised pixels (mae.norm_pix_loss)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class MAEMethod:
                  tokenizer=None, kernels: str | None = None):
         if tokenizer is not None:
             raise ValueError("objective.method='mae' works on pixels and takes no tokenizer")
-        self.cfg, self.obj, self.p = cfg, cfg.objective, cfg.model.patch_size
+        self.cfg, self.obj, self.p = cfg, cfg.mae, cfg.model.patch_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self._mode = cfg.engine.kernels if kernels is None else kernels
@@ -55,7 +55,7 @@ class MAEMethod:
         for key in mine:
             if key in state and state[key] != mine[key]:
                 raise ResumeMismatch(f"the checkpoint's MAE {key} {state[key]} differs from the config's "
-                                     f"{mine[key]} (objective.{key}); resume with the checkpoint's values")
+                                     f"{mine[key]} (mae.{key}); resume with the checkpoint's values")
 
     def export(self, out_dir: Path) -> None:
         """Nothing to write: MAE keeps no fitted state beside the network."""
@@ -63,7 +63,7 @@ class MAEMethod:
     # loss -----------------------------------------------------------------------------------
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """What the decoder predicts: patchify(x) (B, N, D), per-patch normalised with
-        objective.norm_pix_loss."""
+        mae.norm_pix_loss."""
         t = patchify(x.float(), self.p)
         return normalize_patches(t) if self.obj.norm_pix_loss else t
 

@@ -10,7 +10,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the encoder; per-patch normalised targets as MAE's best setting.
     "mae-demo": {
         "objective.method": "mae", "model.size": "tiny", "model.patch_size": 4, "data.img_size": 32,
-        "data.synthetic_kind": "gratings", "objective.mask_ratio": 0.75, "objective.norm_pix_loss": True,
+        "data.synthetic_kind": "gratings", "mae.mask_ratio": 0.75, "mae.norm_pix_loss": True,
         "model.decoder_width": 64, "model.decoder_heads": 2, "model.decoder_depth": 1,
         "data.batch_size": 64, "data.synthetic_images": 2048, "optim.blr": 1.5e-2, "optim.weight_decay": 0.05,
         "optim.warmup_epochs": 1, "optim.ema_decay": 0.0, "optim.clip_grad": 0.0, "engine.epochs": 30,

@@ -1,0 +1,87 @@
+"""The config mechanism's registries: methods and data sources register into it; it imports neither."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldae_fast import config_registry
+from ldae_fast.config import Config, ConfigError, build_config
+from ldae_fast.data.registry import SOURCES as DATA_SOURCES
+from ldae_fast.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_config_built_before_the_methods_registered_fails_loudly():
+    code = ("from ldae_fast.config import RegistryNotLoaded, build_config\n"
+            "try:\n    build_config('demo')\nexcept RegistryNotLoaded as e:\n    print('refused:', e)\n"
+            "import ldae_fast.methods\nprint('noise' in build_config('demo').to_dict())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "refused: no method and no data source is registered" in out and "import ldae_fast.methods" in out
+    assert out.strip().endswith("True")
+
+
+def test_every_method_registered_its_sections_and_presets():
+    assert set(config_registry.METHODS) == set(METHODS)
+    for spec in METHODS.values():
+        for name, typ in spec.sections.items():
+            assert Config.sections()[name] is typ
+            assert isinstance(getattr(build_config("demo"), name), typ)
+        assert set(spec.presets) <= set(config_registry.PRESETS)
+
+
+def test_data_source_is_checked_against_the_source_registry():
+    assert set(config_registry.SOURCES) == set(DATA_SOURCES)
+    with pytest.raises(ConfigError, match="data.source='nope' is not allowed; choose one of " +
+                       ", ".join(DATA_SOURCES)):
+        build_config("demo", {"data.source": "nope"})
+    # A sharded source needs data.epoch_size, read from its registry entry.
+    with pytest.raises(ConfigError, match="needs data.epoch_size"):
+        build_config("demo", {"data.source": "resident"})
+
+
+def test_a_registered_source_is_accepted_and_its_kind_is_read(monkeypatch):
+    monkeypatch.setitem(config_registry.SOURCES, "lmdb",
+                        config_registry.SourceKind("lmdb", sharded=True, images=True, video=False))
+    cfg = build_config("demo", {"data.source": "lmdb", "data.epoch_size": "10"})
+    assert cfg.data.source == "lmdb"
+    with pytest.raises(ConfigError, match=r"data.num_frames=4: clips .* data.source='wds-video'"):
+        build_config("demo", {"data.source": "lmdb", "data.epoch_size": "10", "data.num_frames": "4"})
+
+
+def test_a_section_or_preset_taken_by_another_method_is_refused():
+    class Spec:
+        name, presets, renamed = "other", {}, {}
+        sections = {"noise": type("NotNoise", (), {})}
+
+    with pytest.raises(ValueError, match="config section 'noise' is taken"):
+        config_registry.register_method(Spec)
+    Spec.sections, Spec.presets = {}, {"demo": {}}
+    with pytest.raises(ValueError, match="preset name 'demo' is taken"):
+        config_registry.register_method(Spec)
+    assert "other" not in config_registry.METHODS
+
+
+def test_replace_keeps_every_section_and_validates():
+    cfg = build_config("demo", {"noise.schedule": "single_level"})
+    new = cfg.replace(data=build_config("demo", {"data.img_size": "16"}).data)
+    assert new.noise.schedule == "single_level" and new.data.img_size == 16 and new.preset == "demo"
+    assert new != cfg and cfg.replace() == cfg
+    with pytest.raises(ConfigError, match="unknown config section"):
+        cfg.replace(nope=1)
+
+
+def test_the_mechanism_reads_no_method_section():
+    """config.py checks relations between the shared sections only: a method's section (noise,
+    diffmae, ...) is read by its own MethodSpec.validate, so removing a method leaves config.py whole."""
+    import ast
+
+    from ldae_fast import config
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    reads = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & set(config_registry.SECTIONS))
+    assert config_registry.SECTIONS and not reads
