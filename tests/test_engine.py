@@ -151,15 +151,20 @@ def test_loop_passes_each_micro_batch_its_rows(tmp_path, monkeypatch):
     assert seen == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
 
 
-def test_deepspeed_resume_needs_the_same_rank_count(tmp_path):
+def test_sharded_only_deepspeed_state_resumes_on_its_own_rank_count_and_says_so_elsewhere(tmp_path):
     from ldae_fast.config import build_config as bc
     from ldae_fast.engine.loop import ResumeMismatch, check_resume_fits
 
     cfg = bc("demo", {"engine.backend": "deepspeed", "data.batch_size": "8"})
-    state = {"world_size": 2, "config": cfg.to_dict()}
+    state = {"world_size": 2, "config": cfg.to_dict()}  # no whole model / optimizer: ckpt_consolidated=false
     check_resume_fits(state, tmp_path, cfg, world=2)
-    with pytest.raises(ResumeMismatch, match="ranks 2 -> 1"):
+    with pytest.raises(ResumeMismatch, match="sharded over 2 ranks.*zero_stage 2 on 2 ranks"):
         check_resume_fits(state, tmp_path, cfg, world=1)
+    # With the consolidated state beside the shards, the same move is a reshape (global batch kept).
+    whole = {**state, "model": {}, "optimizer": {}}
+    plan = check_resume_fits(whole, tmp_path, bc("demo", {"engine.backend": "deepspeed", "data.batch_size": "16"}),
+                             world=1)
+    assert plan is not None
     check_resume_fits({"step": 3}, tmp_path, cfg, world=1)  # nothing recorded: nothing to compare
 
 
