@@ -313,6 +313,8 @@ class StreamingEval:
         s = ProbeSettings(epochs=epochs, global_batch=G, micro_batch=micro, blr=blr, num_train=n_train,
                           num_classes=C, seed=self.seed, pool=self.pool)
         key = f"{weights_hash(view)}:{sorted(self.probe_key.items())}"
+        if self.probe_key.get("input") == "noisy":
+            key += f":micro={micro}"  # its noise is drawn per position in a forward's batch
         res = run_probe(view, self.train_aug, self.val, s, ckpt_dir=self.sa.probe_dir,
                         ckpt_every=self.sa.ckpt_every, encoder_key=key, num_workers=self.sa.num_workers,
                         log=self.log, desc=f"linear/{name}")
