@@ -216,3 +216,31 @@ def test_driver_reuses_the_store_and_a_changed_setting_writes_another(tmp_path, 
     assert "reusing the feature store" in capsys.readouterr().out and feat.stat().st_mtime_ns == stamp
     assert driver.main(args + ["--probe-t", "40"]) == 0  # another probe view: another store
     assert len(list(store.iterdir())) == 2 and "writing the feature store" in capsys.readouterr().out
+
+
+def _streaming_eval(tmp_path, device, **over):
+    """A StreamingEval over tiny shards (nothing read until a protocol runs)."""
+    from ldae_fast.config import build_config
+    from ldae_fast.eval.scale import PixelView, ScaleArgs, StreamingEval
+
+    data = tmp_path / "data"
+    if not data.exists():
+        write_split(data, "train", 2, 6, size=20, classes=3)
+        write_split(data, "val", 1, 4, size=20, classes=3, seed=1)
+    cfg = build_config("demo", {"data.source": "wds", "data.train_shards": str(data / "train-{000000..000001}.tar"),
+                                "data.val_shards": str(data / "val-000000.tar"), "data.img_size": "16",
+                                "data.epoch_size": "1", **over})
+    view = PixelView(16)
+    se = StreamingEval(cfg, {"pixels": view}, {}, ScaleArgs(readers=2, store_root=tmp_path / "store"),
+                       pool="avg", seed=0, device=torch.device(device), max_train=None, max_val=None, log=None)
+    return se, view
+
+
+def test_store_key_follows_device_and_autocast(tmp_path):
+    """A bf16 GPU store is not what an fp32 CPU run reads: the key names how features were computed."""
+    cpu, view = _streaming_eval(tmp_path, "cpu")
+    gpu, _ = _streaming_eval(tmp_path, "cuda")  # a device object only: nothing runs on it
+    s_cpu, s_gpu = cpu._store_settings(view, {}), gpu._store_settings(view, {})
+    assert s_cpu["compute"] == {"device": "cpu", "autocast": "fp32"}
+    assert s_gpu["compute"] == {"device": "cuda", "autocast": "bfloat16"}
+    assert FeatureStore(tmp_path, s_cpu).key != FeatureStore(tmp_path, s_gpu).key
