@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -244,3 +245,47 @@ def test_store_key_follows_device_and_autocast(tmp_path):
     assert s_cpu["compute"] == {"device": "cpu", "autocast": "fp32"}
     assert s_gpu["compute"] == {"device": "cuda", "autocast": "bfloat16"}
     assert FeatureStore(tmp_path, s_cpu).key != FeatureStore(tmp_path, s_gpu).key
+
+
+def test_class_count_from_classes_tsv_and_sample_count_from_headers(tmp_path, monkeypatch):
+    """make-shards' classes.tsv gives the class count with no scan; the sample count is a walk
+    over tar headers and .cls members that never reads an image through the shard reader."""
+    import gzip
+    import shutil
+
+    from ldae_fast.eval import split_info, stream
+    from ldae_fast.eval.stream import scan_split
+
+    se, _ = _streaming_eval(tmp_path, "cpu")
+    want = scan_split(se.train_flat)  # the full reader: (12 samples, 3 classes)
+    assert want == (12, 3)
+    (tmp_path / "data" / "classes.tsv").write_text("".join(f"{i}\tn{i:08d}\n" for i in range(5)))
+
+    def no_reader(spec):
+        raise AssertionError("a plain local tar was read through the shard reader")
+    monkeypatch.setattr(stream, "_shard_reader", no_reader)
+    monkeypatch.setattr(split_info, "scan_labels", lambda spec: (_ for _ in ()).throw(AssertionError("scanned")))
+    assert se.num_classes() == 5  # classes.tsv, though the shards only use 3 labels
+    monkeypatch.undo()
+    monkeypatch.setattr(stream, "_shard_reader", no_reader)
+    assert split_info.scan_labels(se.train_flat) == want and se.num_train() == 12
+    # A gzipped shard cannot be walked by seeking: it goes through the reader.
+    src = Path(se.train_flat.urls[0])
+    with open(src, "rb") as f, gzip.open(tmp_path / "one.tar.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    gz = dataclasses.replace(se.train_flat, urls=(str(tmp_path / "one.tar.gz"),))
+    with pytest.raises(AssertionError, match="shard reader"):
+        split_info.scan_labels(gz)
+
+
+def test_data_dir_epoch_comes_from_the_eval_data_not_the_checkpoint(tmp_path):
+    """--data DIR: the checkpoint's data.epoch_size (its pretraining set) is not the eval epoch."""
+    from ldae_fast.eval.driver import with_data
+
+    se, _ = _streaming_eval(tmp_path, "cpu", **{"data.epoch_size": "1281167"})
+    new, _ = with_data(se.cfg, str(tmp_path / "data"))
+    assert new.data.epoch_size == 1
+    se2, _ = _streaming_eval(tmp_path, "cpu", **{"data.epoch_size": str(new.data.epoch_size)})
+    assert se2.num_train() == 12
+    capped, _ = with_data(se.cfg, str(tmp_path / "data"), max_train=8)
+    assert capped.data.epoch_size == 8

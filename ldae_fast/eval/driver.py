@@ -239,17 +239,19 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
             desc = f"preset {data}"
     elif Path(data).is_dir():
         new = dataclasses.replace(d, source=shards, train_shards=_shard_pattern(Path(data), "train"),
-                                  val_shards=_shard_pattern(Path(data), "val"))
+                                  val_shards=_shard_pattern(Path(data), "val"), epoch_size=0)
         desc = str(data)
     else:
         if not val_data:
             raise EvalError(f"--data {data!r} is neither 'synthetic', a preset with shards "
                             f"({', '.join(k for k, v in PRESETS.items() if 'data.train_shards' in v)}) "
                             f"nor a directory; a shard pattern needs --val-data too")
-        new = dataclasses.replace(d, source=shards, train_shards=data, val_shards=val_data)
+        new = dataclasses.replace(d, source=shards, train_shards=data, val_shards=val_data, epoch_size=0)
         desc = f"{data} | {val_data}"
     if new.source in ("wds", "wds-video") and new.epoch_size <= 0:
-        # Validation wants an epoch size for streaming training; evaluation never uses it.
+        # Other shards than the checkpoint's: its epoch describes its pretraining data, not these.
+        # Validation wants an epoch size for streaming training; 1 (or the cap) tells evaluation
+        # to count the shards' samples (StreamingEval.num_train).
         new = dataclasses.replace(new, epoch_size=max_train or 1)
     return cfg.replace(data=new), desc
 
@@ -553,15 +555,11 @@ def _finetune_result_rows(name: str, res: dict, recipe, source: str) -> list[dic
 def _finetune_rows(cfg, args, runner, name, enc, method, out: Path, device, log) -> list[dict]:
     """Fine-tune one encoder on the shards (eval/finetune_run.py); its row and its EMA row."""
     from .finetune_run import FinetuneArgs, finetune_streamed
-    from .stream import scan_split
 
     recipe, source = _finetune_recipe(cfg, args, method, enc, log)
     if args.micro_batch < 1 or args.finetune_ckpt_every < 1:
         raise EvalError("--micro-batch and --finetune-ckpt-every must be >= 1")
-    d = cfg.data
-    n_train = args.max_train_images or (d.epoch_size if d.epoch_size > 1 else 0)
-    if not n_train:
-        n_train = scan_split(runner.train_flat)[0]
+    n_train = runner.num_train()
     fa = FinetuneArgs(out_dir=Path(args.finetune_dir) if args.finetune_dir else out / "finetune",
                       readers=args.readers, micro_batch=args.micro_batch, num_workers=recipe.num_workers,
                       ckpt_every=args.finetune_ckpt_every, seed=args.seed, max_train=args.max_train_images,
