@@ -172,7 +172,8 @@ def test_dit_forward_is_one_sequence_through_both_halves():
 def test_probe_past_the_cut_reads_the_decoders_first_blocks():
     """l-DAE App. A probes DiT-L at block k of its 24: in the dit layout k may pass the encoder, and
     the features are the mean of the tokens after encoder blocks + the decoder's first k - L_e."""
-    from ldae_fast.eval.features import DitPrefix, probe_encoder, probe_view
+    from ldae_fast.eval.features import probe_encoder, probe_view
+    from ldae_fast.methods.ldae.probe import DitPrefix
 
     model = perturbed(build_model(*cfg(), IMG)).eval()
     enc, dec = model.encoder, model.decoder

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="stop fine-tuning after this many steps (0: full schedule)")
     ap.add_argument("--finetune-batch-size", type=int, default=None,
-                    help="default the method's recipe's (1024: l-DAE App. B, DiffMAE Table 1b)")
+                    help="default the method's recipe's (1024: l-DAE App. B, DiffMAE Table 1b, MAE's paper)")
     ap.add_argument("--finetune-head-init", choices=("mae", "printed"), default="mae",
                     help="std of the fresh classifier: 'mae' 2e-5 (MAE's, default), 'printed' 2^-5 "
                          "(DiffMAE's supplement as printed; docs/diffmae.md)")
