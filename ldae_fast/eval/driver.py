@@ -288,6 +288,7 @@ def run(args) -> dict:
 
     from .features import extract_features, feature_dim, feature_settings, probe_note
     from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+    from .rows import pca_rows
 
     log = _make_log()
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
@@ -361,14 +362,29 @@ def run(args) -> dict:
 
         runner.views["pixels"] = PixelView(cfg.data.img_size)
 
+    # The raw-pixel floors of the in-RAM tables (the streamed ones: runner.views['pixels']): the
+    # pixels themselves and their PCA at the checkpoint's feature width.
+    floors: list[tuple[str, object]] = []
+    if in_ram and not args.no_pixels and any(p in ("linear-fast", "knn") for p in in_ram):
+        from .scale import PixelView
+
+        pv = PixelView(cfg.data.img_size)
+        floors = [("pixels", pv), (f"pixels (PCA {feature_dim(views['checkpoint'])})", pv)]
+
     def cached(name, enc):
         # linear-fast and knn read the same un-augmented features: extract once per encoder, and
         # charge the extraction to each row, since each protocol alone would pay it.
         if name not in feats:
             t0 = time.perf_counter()
-            ftr = extract_features(views[name], train[0], batch_size=bs, pool=args.pool, log=log,
+            if name.startswith("pixels (PCA "):
+                ptr, pva, tp = cached("pixels", enc)
+                rmap = pca_rows(ptr, feature_dim(views["checkpoint"]))
+                feats[name] = (rmap(ptr), rmap(pva), tp + time.perf_counter() - t0)
+                return feats[name]
+            view = enc if name == "pixels" else views[name]
+            ftr = extract_features(view, train[0], batch_size=bs, pool=args.pool, log=log,
                                    desc=f"{name} train features")
-            fva = extract_features(views[name], val[0], batch_size=bs, pool=args.pool, log=log,
+            fva = extract_features(view, val[0], batch_size=bs, pool=args.pool, log=log,
                                    desc=f"{name} val features")
             feats[name] = (ftr, fva, time.perf_counter() - t0)
             log(f"{name}: features {tuple(ftr.shape)} in {feats[name][2]:.1f}s")
@@ -403,7 +419,7 @@ def run(args) -> dict:
                     rows.append(_row(label, enc, res, **extra))
                     log(f"{label} / {enc}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
             continue
-        for name, enc in encoders:
+        for name, enc in encoders + (floors if proto in ("linear-fast", "knn") else []):
             log(f"== {proto} on {name} encoder")
             if proto == "linear-fast":
                 ftr, fva, tx = cached(name, enc)
@@ -423,7 +439,7 @@ def run(args) -> dict:
                 for k, r in out_k.items():
                     label = f"knn k={r['k_used']}" + ("" if r["k_used"] == k else f" (asked {k})")
                     rows.append(_row(label, name, dict(r, epochs=None, seconds=dt,
-                                                       feature_dim=feature_dim(enc)), T=0.07))
+                                                       feature_dim=int(ftr.shape[1])), T=0.07))
             elif proto == "linear":
                 from .linear_probe import linear_probe
 
@@ -476,9 +492,11 @@ def run(args) -> dict:
              f"{args.pool} pooling, device {device}, {meta['date']}"
              + (f", {ranks.world_size} ranks" if ranks.distributed else "") + ".",
              "'random init' rows: the same architecture with random weights (the floor)."]
-    if runner is not None and "pixels" in runner.views:
+    pixel_view = (runner.views["pixels"] if runner is not None and "pixels" in runner.views
+                  else floors[0][1] if floors else None)
+    if pixel_view is not None:
         notes.append(f"'pixels' rows: the resized image average-pooled to "
-                     f"{runner.views['pixels'].side}px as the feature (and its PCA at the checkpoint's "
+                     f"{pixel_view.side}px as the feature (and its PCA at the checkpoint's "
                      "feature width), under the same protocol: the floor a learned feature must beat.")
     notes.append(f"'{FAST_PROTOCOL}': head trained (seed {args.seed}) on features of un-augmented images "
                  "extracted once, not the full augmented protocol; times include feature extraction."
