@@ -358,3 +358,19 @@ def test_driver_end_to_end_tiny_imagenet(tinyimagenet_dir, tmp_path):
         next(r for r in rec["rows"] if r["protocol"] == FAST_PROTOCOL and r["encoder"] == "checkpoint")["top1"])
     assert any(r["protocol"] == "finetune" for r in rec2["rows"])
     assert not (out2 / "denoising.png").exists(), "an encoder-only export has no decoder to draw with"
+
+
+def test_in_memory_tables_carry_the_raw_pixel_floors(tmp_path):
+    """Synthetic data (the in-RAM path) puts the pixels and their PCA at the feature width under
+    linear-fast and knn, as the streamed tables do."""
+    ckpt = _tiny_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    assert driver.main(["--checkpoint", str(ckpt), "--data", "synthetic", "--protocols", "linear-fast,knn",
+                        "--max-train-images", "40", "--max-val-images", "16", "--epochs", "1",
+                        "--batch-size", "16", "--knn-k", "5", "--no-baseline", "--out", str(out)]) == 0
+    rec = json.loads((out / "eval.json").read_text())
+    dims = {(r["protocol"], r["encoder"]): r["feature_dim"] for r in rec["rows"]}
+    for p in (FAST_PROTOCOL, "knn k=5"):
+        assert dims[(p, "checkpoint")] == 32
+        assert dims[(p, "pixels")] == 3 * 32 * 32 and dims[(p, "pixels (PCA 32)")] == 32
+    assert "'pixels' rows" in (out / "eval.md").read_text()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -216,3 +217,75 @@ def test_driver_reuses_the_store_and_a_changed_setting_writes_another(tmp_path, 
     assert "reusing the feature store" in capsys.readouterr().out and feat.stat().st_mtime_ns == stamp
     assert driver.main(args + ["--probe-t", "40"]) == 0  # another probe view: another store
     assert len(list(store.iterdir())) == 2 and "writing the feature store" in capsys.readouterr().out
+
+
+def _streaming_eval(tmp_path, device, **over):
+    """A StreamingEval over tiny shards (nothing read until a protocol runs)."""
+    from ldae_fast.config import build_config
+    from ldae_fast.eval.scale import PixelView, ScaleArgs, StreamingEval
+
+    data = tmp_path / "data"
+    if not data.exists():
+        write_split(data, "train", 2, 6, size=20, classes=3)
+        write_split(data, "val", 1, 4, size=20, classes=3, seed=1)
+    cfg = build_config("demo", {"data.source": "wds", "data.train_shards": str(data / "train-{000000..000001}.tar"),
+                                "data.val_shards": str(data / "val-000000.tar"), "data.img_size": "16",
+                                "data.epoch_size": "1", **over})
+    view = PixelView(16)
+    se = StreamingEval(cfg, {"pixels": view}, {}, ScaleArgs(readers=2, store_root=tmp_path / "store"),
+                       pool="avg", seed=0, device=torch.device(device), max_train=None, max_val=None, log=None)
+    return se, view
+
+
+def test_store_key_follows_device_and_autocast(tmp_path):
+    """A bf16 GPU store is not what an fp32 CPU run reads: the key names how features were computed."""
+    cpu, view = _streaming_eval(tmp_path, "cpu")
+    gpu, _ = _streaming_eval(tmp_path, "cuda")  # a device object only: nothing runs on it
+    s_cpu, s_gpu = cpu._store_settings(view, {}), gpu._store_settings(view, {})
+    assert s_cpu["compute"] == {"device": "cpu", "autocast": "fp32"}
+    assert s_gpu["compute"] == {"device": "cuda", "autocast": "bfloat16"}
+    assert FeatureStore(tmp_path, s_cpu).key != FeatureStore(tmp_path, s_gpu).key
+
+
+def test_class_count_from_classes_tsv_and_sample_count_from_headers(tmp_path, monkeypatch):
+    """make-shards' classes.tsv gives the class count with no scan; the sample count is a walk
+    over tar headers and .cls members that never reads an image through the shard reader."""
+    import gzip
+    import shutil
+
+    from ldae_fast.eval import split_info, stream
+    from ldae_fast.eval.stream import scan_split
+
+    se, _ = _streaming_eval(tmp_path, "cpu")
+    want = scan_split(se.train_flat)  # the full reader: (12 samples, 3 classes)
+    assert want == (12, 3)
+    (tmp_path / "data" / "classes.tsv").write_text("".join(f"{i}\tn{i:08d}\n" for i in range(5)))
+
+    def no_reader(spec):
+        raise AssertionError("a plain local tar was read through the shard reader")
+    monkeypatch.setattr(stream, "_shard_reader", no_reader)
+    monkeypatch.setattr(split_info, "scan_labels", lambda spec: (_ for _ in ()).throw(AssertionError("scanned")))
+    assert se.num_classes() == 5  # classes.tsv, though the shards only use 3 labels
+    monkeypatch.undo()
+    monkeypatch.setattr(stream, "_shard_reader", no_reader)
+    assert split_info.scan_labels(se.train_flat) == want and se.num_train() == 12
+    # A gzipped shard cannot be walked by seeking: it goes through the reader.
+    src = Path(se.train_flat.urls[0])
+    with open(src, "rb") as f, gzip.open(tmp_path / "one.tar.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    gz = dataclasses.replace(se.train_flat, urls=(str(tmp_path / "one.tar.gz"),))
+    with pytest.raises(AssertionError, match="shard reader"):
+        split_info.scan_labels(gz)
+
+
+def test_data_dir_epoch_comes_from_the_eval_data_not_the_checkpoint(tmp_path):
+    """--data DIR: the checkpoint's data.epoch_size (its pretraining set) is not the eval epoch."""
+    from ldae_fast.eval.driver import with_data
+
+    se, _ = _streaming_eval(tmp_path, "cpu", **{"data.epoch_size": "1281167"})
+    new, _ = with_data(se.cfg, str(tmp_path / "data"))
+    assert new.data.epoch_size == 1
+    se2, _ = _streaming_eval(tmp_path, "cpu", **{"data.epoch_size": str(new.data.epoch_size)})
+    assert se2.num_train() == 12
+    capped, _ = with_data(se.cfg, str(tmp_path / "data"), max_train=8)
+    assert capped.data.epoch_size == 8

@@ -92,7 +92,7 @@ def test_the_kinetics_column_is_the_supplements():
     enc = build_config("diffmae-demo")  # any object: the table does not read the encoder
     r, note = recipe_for_method("diffmae", "L", 24, enc, video=True)
     assert (r.batch_size, r.blr, r.layer_decay, r.drop_path, r.dropout, r.repeated_aug, r.epochs) == (
-        128, 3.2e-3, 0.75, 0.2, 0.5, 2, 50) and note == "diffmae video size L"
+        128, 3.2e-3, 0.75, 0.2, 0.5, 2, 50) and note.startswith("diffmae video size L")
     # The rest is the image columns' (AdamW betas, wd, warm-up, RandAug, mixup, cutmix, smoothing).
     same = {k: v for k, v in DIFFMAE_FINETUNE["L"].items()
             if k not in ("batch_size", "blr", "layer_decay", "drop_path", "epochs")}

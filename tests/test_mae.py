@@ -117,8 +117,8 @@ def test_eval_probes_and_draws_through_the_registry(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "probe: clean unmasked input" in log and "sigma" not in log
     rec = json.loads((out / "eval.json").read_text())
-    assert {r["encoder"] for r in rec["rows"]} == {"checkpoint", "random init"}
-    assert all(r["feature_dim"] == 32 for r in rec["rows"])
+    assert {r["encoder"] for r in rec["rows"]} == {"checkpoint", "random init", "pixels", "pixels (PCA 32)"}
+    assert all(r["feature_dim"] == 32 for r in rec["rows"] if r["encoder"] != "pixels")
     # 2 images x (random, centre) rows; original / masked / reconstruction columns of 64 px.
     assert Image.open(out / "reconstruction.png").size == (3 * 64 + 4 * 2, 12 + 2 + 4 * 64 + 5 * 2)
 

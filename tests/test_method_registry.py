@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldae_fast.config import PRESETS, build_config
 from ldae_fast.methods import METHODS, MethodSpec, all_presets, spec_for
@@ -142,3 +143,37 @@ def test_eval_probe_log_names_each_methods_own_conditioning():
     for preset in ("diffmae-demo", "mae-demo"):
         note = probe_note(build_config(preset))
         assert "sigma" not in note and note.startswith("clean unmasked input")
+
+
+def test_eval_reaches_a_networks_layout_only_through_the_spec():
+    """What a probe reads past the encoder (l-DAE's 'dit' layout) is the method's answer
+    (MethodSpec.probe_encoder): eval, the engine, the CLIs and bench compare with no layout value."""
+    from ldae_fast.methods.ldae.config import LAYOUTS
+
+    values = set(LAYOUTS) - set(METHODS)
+    assert values == {"dit"}  # the scan looks for something
+    hits = [f"{rel}:{node.lineno}" for rel, text in _sources()
+            if rel.startswith(("ldae_fast/eval", "ldae_fast/engine", "ldae_fast/train", "ldae_fast/cli", "bench"))
+            for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Constant) and node.value in values]
+    assert not hits, hits
+    from ldae_fast.eval.features import probe_encoder
+
+    cfg = build_config("diffmae-demo")
+    model = spec_for(cfg).build_model(cfg, "reference")
+    cfg.eval.probe_depth = len(model.encoder.blocks) + 1  # past validation, as a flag could set it
+    with pytest.raises(ValueError, match="encoder blocks to probe"):
+        probe_encoder(model, cfg)
+
+
+def test_mae_checkpoints_fine_tune_with_maes_recipe_and_say_so():
+    from ldae_fast.eval.finetune import DEFAULT_SOURCE, recipe_for_method
+
+    r, note = recipe_for_method("mae", "B", 12, None)
+    assert (r.blr, r.layer_decay, r.epochs, r.drop_path, r.ema_decay) == (5e-4, 0.65, 100, 0.1, 0.0)
+    assert "MAE" in note and "l-DAE" not in note
+    r, note = recipe_for_method("mae", "L", 24, None)
+    assert (r.blr, r.layer_decay, r.epochs, r.drop_path) == (1e-3, 0.75, 50, 0.2)
+    # Every method names where its recipe comes from; an encoder without one is labelled the default.
+    assert all(s.finetune_source for s in METHODS.values() if s.finetune_recipes())
+    _, note = recipe_for_method("(exported encoder)", "B", 12, torch.nn.Module())
+    assert note == DEFAULT_SOURCE and note.startswith("default recipe")

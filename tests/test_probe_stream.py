@@ -81,3 +81,15 @@ def test_resume_on_another_rank_count(shards, ref, tmp_path):
     assert int(res["resumed"]) == 4
     for k in ("fc.weight", "fc.bias", "bn.running_mean", "bn.running_var"):
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_another_micro_batch(shards, ref, tmp_path):
+    """The micro-batch only cuts a step into forwards: a probe resumed where G / N caps it lower
+    (another rank count) continues instead of being refused."""
+    ck = tmp_path / "ck"
+    part = _harness(shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "4")
+    assert int(part["stopped_at"]) == 4
+    res = _harness(shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--micro", "5")
+    assert int(res["resumed"]) == 4
+    for k in ("fc.weight", "fc.bias", "bn.running_mean", "bn.running_var"):
+        torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)

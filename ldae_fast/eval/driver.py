@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="stop fine-tuning after this many steps (0: full schedule)")
     ap.add_argument("--finetune-batch-size", type=int, default=None,
-                    help="default the method's recipe's (1024: l-DAE App. B, DiffMAE Table 1b)")
+                    help="default the method's recipe's (1024: l-DAE App. B, DiffMAE Table 1b, MAE's paper)")
     ap.add_argument("--finetune-head-init", choices=("mae", "printed"), default="mae",
                     help="std of the fresh classifier: 'mae' 2e-5 (MAE's, default), 'printed' 2^-5 "
                          "(DiffMAE's supplement as printed; docs/diffmae.md)")
@@ -239,17 +239,19 @@ def with_data(cfg, data: Optional[str], val_data: Optional[str] = None,
             desc = f"preset {data}"
     elif Path(data).is_dir():
         new = dataclasses.replace(d, source=shards, train_shards=_shard_pattern(Path(data), "train"),
-                                  val_shards=_shard_pattern(Path(data), "val"))
+                                  val_shards=_shard_pattern(Path(data), "val"), epoch_size=0)
         desc = str(data)
     else:
         if not val_data:
             raise EvalError(f"--data {data!r} is neither 'synthetic', a preset with shards "
                             f"({', '.join(k for k, v in PRESETS.items() if 'data.train_shards' in v)}) "
                             f"nor a directory; a shard pattern needs --val-data too")
-        new = dataclasses.replace(d, source=shards, train_shards=data, val_shards=val_data)
+        new = dataclasses.replace(d, source=shards, train_shards=data, val_shards=val_data, epoch_size=0)
         desc = f"{data} | {val_data}"
     if new.source in ("wds", "wds-video") and new.epoch_size <= 0:
-        # Validation wants an epoch size for streaming training; evaluation never uses it.
+        # Other shards than the checkpoint's: its epoch describes its pretraining data, not these.
+        # Validation wants an epoch size for streaming training; 1 (or the cap) tells evaluation
+        # to count the shards' samples (StreamingEval.num_train).
         new = dataclasses.replace(new, epoch_size=max_train or 1)
     return cfg.replace(data=new), desc
 
@@ -286,6 +288,7 @@ def run(args) -> dict:
 
     from .features import extract_features, feature_dim, feature_settings, probe_note
     from .linear_probe import FAST_PROTOCOL, FULL_PROTOCOL, num_classes_of, train_head_cached
+    from .rows import pca_rows
 
     log = _make_log()
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
@@ -359,14 +362,29 @@ def run(args) -> dict:
 
         runner.views["pixels"] = PixelView(cfg.data.img_size)
 
+    # The raw-pixel floors of the in-RAM tables (the streamed ones: runner.views['pixels']): the
+    # pixels themselves and their PCA at the checkpoint's feature width.
+    floors: list[tuple[str, object]] = []
+    if in_ram and not args.no_pixels and any(p in ("linear-fast", "knn") for p in in_ram):
+        from .scale import PixelView
+
+        pv = PixelView(cfg.data.img_size)
+        floors = [("pixels", pv), (f"pixels (PCA {feature_dim(views['checkpoint'])})", pv)]
+
     def cached(name, enc):
         # linear-fast and knn read the same un-augmented features: extract once per encoder, and
         # charge the extraction to each row, since each protocol alone would pay it.
         if name not in feats:
             t0 = time.perf_counter()
-            ftr = extract_features(views[name], train[0], batch_size=bs, pool=args.pool, log=log,
+            if name.startswith("pixels (PCA "):
+                ptr, pva, tp = cached("pixels", enc)
+                rmap = pca_rows(ptr, feature_dim(views["checkpoint"]))
+                feats[name] = (rmap(ptr), rmap(pva), tp + time.perf_counter() - t0)
+                return feats[name]
+            view = enc if name == "pixels" else views[name]
+            ftr = extract_features(view, train[0], batch_size=bs, pool=args.pool, log=log,
                                    desc=f"{name} train features")
-            fva = extract_features(views[name], val[0], batch_size=bs, pool=args.pool, log=log,
+            fva = extract_features(view, val[0], batch_size=bs, pool=args.pool, log=log,
                                    desc=f"{name} val features")
             feats[name] = (ftr, fva, time.perf_counter() - t0)
             log(f"{name}: features {tuple(ftr.shape)} in {feats[name][2]:.1f}s")
@@ -401,7 +419,7 @@ def run(args) -> dict:
                     rows.append(_row(label, enc, res, **extra))
                     log(f"{label} / {enc}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
             continue
-        for name, enc in encoders:
+        for name, enc in encoders + (floors if proto in ("linear-fast", "knn") else []):
             log(f"== {proto} on {name} encoder")
             if proto == "linear-fast":
                 ftr, fva, tx = cached(name, enc)
@@ -421,7 +439,7 @@ def run(args) -> dict:
                 for k, r in out_k.items():
                     label = f"knn k={r['k_used']}" + ("" if r["k_used"] == k else f" (asked {k})")
                     rows.append(_row(label, name, dict(r, epochs=None, seconds=dt,
-                                                       feature_dim=feature_dim(enc)), T=0.07))
+                                                       feature_dim=int(ftr.shape[1])), T=0.07))
             elif proto == "linear":
                 from .linear_probe import linear_probe
 
@@ -474,9 +492,11 @@ def run(args) -> dict:
              f"{args.pool} pooling, device {device}, {meta['date']}"
              + (f", {ranks.world_size} ranks" if ranks.distributed else "") + ".",
              "'random init' rows: the same architecture with random weights (the floor)."]
-    if runner is not None and "pixels" in runner.views:
+    pixel_view = (runner.views["pixels"] if runner is not None and "pixels" in runner.views
+                  else floors[0][1] if floors else None)
+    if pixel_view is not None:
         notes.append(f"'pixels' rows: the resized image average-pooled to "
-                     f"{runner.views['pixels'].side}px as the feature (and its PCA at the checkpoint's "
+                     f"{pixel_view.side}px as the feature (and its PCA at the checkpoint's "
                      "feature width), under the same protocol: the floor a learned feature must beat.")
     notes.append(f"'{FAST_PROTOCOL}': head trained (seed {args.seed}) on features of un-augmented images "
                  "extracted once, not the full augmented protocol; times include feature extraction."
@@ -553,15 +573,11 @@ def _finetune_result_rows(name: str, res: dict, recipe, source: str) -> list[dic
 def _finetune_rows(cfg, args, runner, name, enc, method, out: Path, device, log) -> list[dict]:
     """Fine-tune one encoder on the shards (eval/finetune_run.py); its row and its EMA row."""
     from .finetune_run import FinetuneArgs, finetune_streamed
-    from .stream import scan_split
 
     recipe, source = _finetune_recipe(cfg, args, method, enc, log)
     if args.micro_batch < 1 or args.finetune_ckpt_every < 1:
         raise EvalError("--micro-batch and --finetune-ckpt-every must be >= 1")
-    d = cfg.data
-    n_train = args.max_train_images or (d.epoch_size if d.epoch_size > 1 else 0)
-    if not n_train:
-        n_train = scan_split(runner.train_flat)[0]
+    n_train = runner.num_train()
     fa = FinetuneArgs(out_dir=Path(args.finetune_dir) if args.finetune_dir else out / "finetune",
                       readers=args.readers, micro_batch=args.micro_batch, num_workers=recipe.num_workers,
                       ckpt_every=args.finetune_ckpt_every, seed=args.seed, max_train=args.max_train_images,

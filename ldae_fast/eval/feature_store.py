@@ -9,7 +9,7 @@ Layout of one store, `<root>/<key>/`:
 
 `key` is a hash of the manifest's settings: the encoder's weights (a hash of its tensors, so a
 checkpoint and any copy of it agree), the probe view (t, sigma, input, depth k), pooling, image
-size, the shard list and image cap, the dtype. Any change gives another key, so a stale store is
+size, the shard list and image cap, the device type and autocast of the extraction, the dtype. Any change gives another key, so a stale store is
 never read; a store without `complete` (a killed pass) is written again. Each rank writes its own
 part; a store written by N ranks is read by any number of them (parts go round-robin). A probe
 sweep writes one store per (k, t) from one pass over the images (`write_stores`), under the key

@@ -74,52 +74,13 @@ def probe_sigma(cfg) -> float:
     return spec_for(cfg).probe_sigma(cfg)
 
 
-class DitPrefix(nn.Module):
-    """A 'dit' l-DAE network read after its first k blocks where k passes the encoder / decoder
-    cut: the encoder's blocks, then the decoder's first `blocks` on the same tokens with the same
-    conditioning c. The two halves are one DiT there (no norm or embedding between them), so this
-    is the paper's probe at block k of DiT-L's 24 (l-DAE App. A: k = 9..15). Features: the mean of
-    all tokens, as the encoder's own."""
-
-    def __init__(self, encoder: nn.Module, blocks: nn.ModuleList) -> None:
-        super().__init__()
-        self.encoder, self.blocks = encoder, blocks
-        self.num_features = feature_dim(encoder)
-        self.latent_in = getattr(encoder, "latent_in", 0)
-        self.num_prefix_tokens = 0
-
-    def pooled(self, x: torch.Tensor, pool: str = "avg", sigma=None, depth: int = 0) -> torch.Tensor:
-        # `depth` is the one this view was built for (ProbeView passes it on).
-        from ldae_fast.models.vit import _run_blocks
-
-        if pool != "avg":
-            raise ValueError(f"pool={pool!r}: the 'dit' layout has no class token (use pool='avg')")
-        tokens, c = self.encoder.encode(x, sigma)
-        return _run_blocks(self.blocks, tokens, c).mean(dim=1)
-
-    def pooled_depths(self, x: torch.Tensor, depths, pool: str = "avg", sigma=None) -> list[torch.Tensor]:
-        """Features after each of `depths` blocks, counted over the encoder's and then the
-        decoder's, from one forward."""
-        if pool != "avg":
-            raise ValueError(f"pool={pool!r}: the 'dit' layout has no class token (use pool='avg')")
-        return pooled_at_depths(self.encoder, x, depths, pool, sigma, more_blocks=self.blocks)
-
-
 def probe_encoder(model: nn.Module, cfg) -> nn.Module:
-    """What the probe reads of `model` at eval.probe_depth: its encoder, or, with ldae.layout
-    'dit' and a depth past the encoder's blocks, the encoder continued through the decoder's
-    first blocks (DitPrefix). A depth past what the network has is an error, never a silent
-    'all blocks'."""
-    enc = model.encoder
-    k, n = int(cfg.eval.probe_depth), len(enc.blocks)
-    if k <= n:
-        return enc
-    dec = getattr(model, "decoder", None)
-    if getattr(enc, "layout", "mae") != "dit" or dec is None or k > n + len(dec.blocks):
-        room = (n + len(dec.blocks)) if (dec is not None and getattr(enc, "layout", "") == "dit") else n
-        raise ValueError(f"eval.probe_depth={k}: this network has {room} blocks to probe (0: all encoder "
-                         f"blocks); only the 'dit' layout continues past the encoder's {n}")
-    return DitPrefix(enc, dec.blocks[: k - n])
+    """What the probe reads of `model` at eval.probe_depth (methods registry:
+    MethodSpec.probe_encoder): the encoder, or the method's own reading past it. A depth past what
+    the network has is an error, never a silent 'all blocks'."""
+    from ..methods import spec_for
+
+    return spec_for(cfg).probe_encoder(model, cfg)
 
 
 def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:

@@ -2,12 +2,14 @@
 
 Our encoder is exported to a timm VisionTransformer (models/timm_export, or the timm ViT an
 exported .safetensors already is) with drop path and a classifier head; from there every piece of
-the recipe is timm's. The default recipe is l-DAE's (its App. B); a method whose registry entry
-carries `finetune_recipes` in its MethodSpec (DiffMAE: supplement Table 1b) gets its own (recipe_for_method).
-l-DAE App. B: batch 1024, lr 4e-3 (blr 1e-3), wd 0.05, drop path 0.1, 100
-epochs, layer-wise lr decay 0.85 for B (12 blocks) and 0.65 for L (24 blocks), MixUp 0.8, CutMix
-1.0, RandAug (9, 0.5), EMA 0.9999. What the paper does not state is MAE's: label smoothing 0.1,
-RandomErasing 0.25, 5 warm-up epochs then half-cycle cosine to 1e-6, AdamW (0.9, 0.999).
+the recipe is timm's. Each method's registry entry carries its own recipe table
+(MethodSpec.finetune_recipes: l-DAE App. B, DiffMAE supplement Table 1b, MAE's paper), picked by
+recipe_for_method; an encoder without one (an exported encoder, a method without a table) gets
+the default, labelled so. The default (FinetuneRecipe's fields) holds l-DAE App. B's values:
+batch 1024, lr 4e-3 (blr 1e-3), wd 0.05, drop path 0.1, 100 epochs, layer-wise lr decay 0.85
+(0.65 from 24 blocks on: recipe_for), MixUp 0.8, CutMix 1.0, RandAug (9, 0.5), EMA 0.9999, and
+MAE's practice where that paper states nothing: label smoothing 0.1, RandomErasing 0.25, 5 warm-up
+epochs then half-cycle cosine to 1e-6, AdamW (0.9, 0.999).
 
 Input here: the normalised (M, 3, H, W) arrays of `build_eval_arrays` (synthetic data and
 `--in-memory`, one process); training images go back to uint8 pixels once so the PIL-based
@@ -69,9 +71,12 @@ class FinetuneRecipe:
     (config.HEAD_INIT_STD_AS_PRINTED, `ldae-fast eval --finetune-head-init=printed`)."""
 
 
+DEFAULT_SOURCE = "default recipe (no recipe for this method; l-DAE App. B's values)"
+
+
 def recipe_for(encoder: nn.Module, **overrides) -> FinetuneRecipe:
-    """l-DAE's recipe (App. B): layer decay 0.85 for a ViT-B-deep encoder, 0.65 for a 24-block
-    ViT-L one; the rest (batch 1024, lr 4e-3, 100 epochs, ...) is the same for both."""
+    """The default recipe (l-DAE App. B's values): layer decay 0.85 for a ViT-B-deep encoder,
+    0.65 for a 24-block ViT-L one; the rest (batch 1024, lr 4e-3, 100 epochs, ...) the same."""
     depth = len(getattr(encoder, "blocks", ()))
     base = FinetuneRecipe()
     if depth >= 24:
@@ -89,8 +94,9 @@ def recipe_for_method(method: str, size: str, encoder_depth: int, encoder: nn.Mo
     """(recipe, where it comes from) for an encoder pretrained by `method` (a registry name) at
     model.size `size`. A method with `finetune_recipes` takes the entry of its size, or for a size
     its table lacks the entry whose encoder depth is nearest (the tiny demo gets ViT-B's); any
-    other method l-DAE's `recipe_for`. `video`: the table's clip entries ('video:SIZE') instead;
-    a method without any has no video recipe (ValueError)."""
+    other the default `recipe_for`, named DEFAULT_SOURCE. The note names the table's source
+    (MethodSpec.finetune_source). `video`: the table's clip entries ('video:SIZE') instead; a
+    method without any has no video recipe (ValueError)."""
     from ..config import MODEL_SIZES
     from ..methods import METHODS
 
@@ -100,12 +106,14 @@ def recipe_for_method(method: str, size: str, encoder_depth: int, encoder: nn.Mo
     if video and not sizes:
         raise ValueError(f"method {method!r} has no fine-tuning recipe for clip encoders")
     if not sizes:
-        return recipe_for(encoder, **overrides), "l-DAE App. B"
+        return recipe_for(encoder, **overrides), DEFAULT_SOURCE
     table = sizes
     key = size if size in table else min(
         table, key=lambda k: (abs(MODEL_SIZES[k]["encoder_depth"] - encoder_depth), k))
+    source = METHODS[method].finetune_source
     note = (f"{method} {'video ' if video else ''}size {key}"
-            + ("" if key == size else f" (nearest depth to {size}'s {encoder_depth} blocks)"))
+            + ("" if key == size else f" (nearest depth to {size}'s {encoder_depth} blocks)")
+            + (f", {source}" if source else ""))
     return dataclasses.replace(FinetuneRecipe(), **{**table[key], **overrides}), note
 
 

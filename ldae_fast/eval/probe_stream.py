@@ -47,7 +47,8 @@ from .stream import EvalStream, SplitSpec, batch_shares
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """Everything that changes the probe's trajectory; a checkpoint resumes only under the same."""
+    """The probe's settings; a checkpoint resumes only under the same (`fingerprint`: all but the
+    micro-batch)."""
 
     epochs: int = 90
     global_batch: int = 16384
@@ -62,8 +63,13 @@ class ProbeSettings:
     precision: str = "auto"
 
     def fingerprint(self, spec: SplitSpec, encoder_key: str) -> str:
+        """The settings a resume must share. Not the micro-batch: it only cuts a step's images
+        into forwards (the head steps on the whole global batch), so a probe resumed on another
+        rank count, where G / N caps it, continues; a view whose features do depend on it (a
+        noisy-input probe's noise) puts it in `encoder_key`."""
         d = dict(asdict(self), urls=list(spec.urls), readers=spec.readers, buf=spec.shuffle_buffer,
                  max_images=spec.max_images, img_size=spec.img_size, encoder=encoder_key)
+        d.pop("micro_batch")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -88,4 +88,14 @@ def fit_rows(rows: SplitRows, kind: str, width: int = 0, eps: float = 1e-6,
     raise ValueError(f"row transform {kind!r}: choose {', '.join(ROW_KINDS)} or 'pca'")
 
 
-__all__ = ["RowMap", "fit_rows", "ROW_KINDS"]
+def pca_rows(train: torch.Tensor, width: int) -> RowMap:
+    """fit_rows(..., 'pca', width) of rows held in memory on one process (the in-RAM protocols):
+    the train mean and its top `width` principal directions."""
+    x = train.double().cpu()
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    k = max(1, min(width, vh.shape[0]))
+    return RowMap(f"pca {k}", mean.float(), vh[:k].t().float())
+
+
+__all__ = ["RowMap", "fit_rows", "pca_rows", "ROW_KINDS"]

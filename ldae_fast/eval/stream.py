@@ -382,8 +382,8 @@ class EvalStream:
 
 def scan_split(spec: SplitSpec) -> tuple[int, int]:
     """(samples with an image and a label, 1 + the largest label) of the split, capped by
-    max_images; tar headers and labels only, no decode. The probe's epoch length and class
-    count when data.epoch_size / data.num_classes do not give them."""
+    max_images, through the reader: every byte of every shard is read, nothing decoded. The
+    eval's own count reads only tar headers where it can (eval/split_info.scan_labels)."""
     counter = BadSampleCounter(1.0, spec.what)
     labels = LabelPolicy(True, spec.num_classes)
     n, top = 0, -1

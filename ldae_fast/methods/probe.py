@@ -106,6 +106,16 @@ class ProbeView(nn.Module):
         return self.encoder.pooled(x, pool=pool, **kw)
 
 
+def encoder_probe(model: nn.Module, cfg) -> nn.Module:
+    """MethodSpec.probe_encoder's default: the network's encoder, whose blocks are all a probe
+    may read; a deeper eval.probe_depth is an error, never a silent 'all blocks'."""
+    enc = model.encoder
+    k, n = int(cfg.eval.probe_depth), len(enc.blocks)
+    if k > n:
+        raise ValueError(f"eval.probe_depth={k}: this network has {n} encoder blocks to probe (0: all)")
+    return enc
+
+
 def unconditioned_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
     """The probe view of an encoder with no noise conditioning (DiffMAE's, MAE's): the clean,
     unmasked image through all blocks, or the first eval.probe_depth of them."""

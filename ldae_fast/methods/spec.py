@@ -96,7 +96,10 @@ class MethodSpec:
     """Trains on clips (data.num_frames > 0) as well as images."""
     finetune_recipes: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
     """() -> fine-tuning recipe fields (eval.finetune.FinetuneRecipe) by model.size, which `ldae-fast
-    eval --protocols finetune` applies to this method's checkpoints (empty: l-DAE's recipe)."""
+    eval --protocols finetune` applies to this method's checkpoints (empty: the default recipe,
+    labelled as such)."""
+    finetune_source: str = ""
+    """Where `finetune_recipes` come from (a paper's table), for the eval table's recipe column."""
     shape_fields: tuple[tuple[tuple[str, str], Any], ...] = ()
     """((section, field), default) of the config fields beyond the shared ones that set this
     method's network shape: a resume that changes one is refused (engine.guard)."""
@@ -105,6 +108,10 @@ class MethodSpec:
     what is stored (l-DAE's adaln_dim 0 reads as a width): compared so (engine.guard)."""
     probe_blocks: Callable[[Any], tuple[int, str]] = lambda cfg: (cfg.model.encoder_depth, "model.encoder_depth")
     """cfg -> (the blocks eval.probe_depth may reach, which fields say so)."""
+    probe_encoder: Callable[[Any, Any], Any] = lambda model, cfg: _encoder_probe(model, cfg)
+    """(model, cfg) -> what the probe reads of the network at eval.probe_depth before the probe
+    view wraps it: the encoder, or a method's own reading past it (l-DAE's 'dit' layout continues
+    into the decoder's first blocks); a depth the network lacks is a ValueError."""
     rows: Callable[[], Mapping[str, Any]] = dict
     """Named ablation rows (`ldae-fast ablate --rows`): l-DAE's deconstruction trajectory."""
     paper_probe_sweep: Callable[[Any], Mapping[str, Any]] = lambda cfg: {}
@@ -120,6 +127,11 @@ class MethodSpec:
     renamed: Mapping[str, str] = field(default_factory=dict)
     """Old 'section.field' spellings of this method's fields -> where they live now: saved configs
     and command lines that use them still load."""
+
+
+def _encoder_probe(model, cfg):
+    from .probe import encoder_probe
+    return encoder_probe(model, cfg)
 
 
 def encoder_decoder_params(build: Callable[[], Any]) -> dict[str, int]:

@@ -73,5 +73,6 @@ SPEC = MethodSpec(name="diffmae", title="DiffMAE", presets=PRESETS, build_method
                   probe_note=unconditioned_note, validate=_validate, video=True,
                   shape_fields=((("diffmae", "decoder_kind"), "joint"), (("diffmae", "decoder_topdown"), "last"),
                                 (("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
-                  finetune_recipes=_finetune_recipes, sections={"diffmae": DiffMAEConfig}, renamed=RENAMED,
+                  finetune_recipes=_finetune_recipes, finetune_source="DiffMAE supplement Table 1b",
+                  sections={"diffmae": DiffMAEConfig}, renamed=RENAMED,
                   step_bench=_step_bench)

@@ -59,6 +59,16 @@ def _probe_view(encoder, cfg, method=None):
     return probe_view(encoder, cfg, method)
 
 
+def _probe_encoder(model, cfg):
+    from .probe import probe_encoder
+    return probe_encoder(model, cfg)
+
+
+def _finetune_recipes():
+    from .finetune import LDAE_FINETUNE
+    return LDAE_FINETUNE
+
+
 def _probe_sigma(cfg) -> float:
     from .probe import probe_sigma
     return probe_sigma(cfg)
@@ -88,6 +98,7 @@ SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_met
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
                   probe_sigma=_probe_sigma, paper_probe_sweep=_paper_probe_sweep,
                   rows=_rows, sections={"noise": NoiseConfig, "ldae": LDAEConfig}, renamed=RENAMED,
-                  validate=_validate, probe_blocks=_probe_blocks, resolved=_resolved,
+                  validate=_validate, probe_blocks=_probe_blocks, probe_encoder=_probe_encoder, resolved=_resolved,
+                  finetune_recipes=_finetune_recipes, finetune_source="l-DAE App. B",
                   shape_fields=((("ldae", "layout"), "mae"), (("ldae", "adaln_dim"), 0)),
                   step_bench=_step_bench)

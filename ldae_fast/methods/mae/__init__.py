@@ -37,6 +37,11 @@ def _probe_view(encoder, cfg, method=None):
     return unconditioned_view(encoder, cfg, method)
 
 
+def _finetune_recipes():
+    from .finetune import MAE_FINETUNE
+    return MAE_FINETUNE
+
+
 def _validate(cfg) -> None:
     from ...config import ConfigError
 
@@ -56,4 +61,5 @@ SPEC = MethodSpec(name="mae", title="MAE", presets=PRESETS, build_method=_method
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
                   probe_note=unconditioned_note, validate=_validate,
                   shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
-                  sections={"mae": MAEConfig}, renamed=RENAMED, step_bench=_step_bench)
+                  sections={"mae": MAEConfig}, renamed=RENAMED, step_bench=_step_bench,
+                  finetune_recipes=_finetune_recipes, finetune_source="MAE's fine-tuning recipe (He et al. 2022)")
