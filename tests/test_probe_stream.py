@@ -81,3 +81,17 @@ def test_resume_on_another_rank_count(shards, ref, tmp_path):
     assert int(res["resumed"]) == 4
     for k in ("fc.weight", "fc.bias", "bn.running_mean", "bn.running_var"):
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_dir_every_rank_cannot_see_is_refused_on_every_rank(shards, tmp_path):
+    """A --probe-dir on node-local disk: rank 0 finds its checkpoint, rank 1 (another 'node')
+    none. Every rank stops with one line naming the directory, instead of rank 0 resuming at step
+    4 while rank 1 starts at 0 (mismatched collectives: a hang or a wrong head)."""
+    ck = tmp_path / "ck"
+    part = _harness(shards, tmp_path / "part.pt", "--ckpt", str(ck / "rank0"), "--stop-after", "4")
+    assert int(part["stopped_at"]) == 4
+    p = subprocess.run([sys.executable, str(HARNESS), str(shards), str(tmp_path / "rest.pt"), "--ckpt", str(ck),
+                        "--local-ckpt", "--world", "2"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and not (tmp_path / "rest.pt").exists()
+    assert "RunDirError" in p.stderr and "every node shares" in p.stderr
+    assert str(ck / "rank0") in p.stderr, p.stderr[-2000:]

@@ -35,6 +35,7 @@ from .knn_sharded import knn_sharded
 from .linear_probe import FAST_PROTOCOL
 from .probe_stream import ProbeSettings, run_probe
 from .rows import fit_rows
+from .shared_dir import check_shared
 from .stream import EvalStream, SplitSpec, scan_split, split_spec
 
 PIXEL_SIDE = 32
@@ -90,8 +91,17 @@ class StreamingEval:
         self._spectra: dict[str, dict] = {}
         self.counts = {"train": 0, "val": 0}
         self._hashes: dict[tuple, str] = {}
+        self._root_checked = False
 
     # The feature store ----------------------------------------------------------------------
+    def _store_root(self) -> Path:
+        """The stores' root, proven visible to every rank once (each rank reads the others' parts)."""
+        root = self.sa.store_root or Path("runs") / "features"
+        if not self._root_checked:
+            check_shared(root, "--feature-store")
+            self._root_checked = True
+        return root
+
     def _store_settings(self, view: nn.Module, probe_key: dict) -> dict:
         return dict(encoder=self._weights_hash(view), kind=type(view).__name__, probe=probe_key, pool=self.pool,
                     img_size=self.cfg.data.img_size, train=list(self.train_flat.urls),
@@ -102,7 +112,7 @@ class StreamingEval:
         if name in self.stores:
             return self.stores[name]
         view = self.views[name]
-        root = self.sa.store_root or Path("runs") / "features"
+        root = self._store_root()
         st = FeatureStore(root, self._store_settings(view, self.probe_key), self.sa.store_dtype)
         t0 = time.perf_counter()
         # Rank 0 decides for all: ranks that disagreed would wait in different collectives.
@@ -137,7 +147,7 @@ class StreamingEval:
         written from one pass over the images, one forward per image and t."""
         from .sweep import read_pass
 
-        root = self.sa.store_root or Path("runs") / "features"
+        root = self._store_root()
         stores = {(en.k, en.t): FeatureStore(root, self._store_settings(en.view, en.probe_key), self.sa.store_dtype)
                   for p in passes for en in p.entries}
         t0 = time.perf_counter()
