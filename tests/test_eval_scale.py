@@ -100,6 +100,57 @@ def test_holdout_split_follows_ids_not_row_order():
     assert held_a == held_b and len(held_a) == 10
 
 
+def _as_two_ranks(rows: SplitRows) -> SplitRows:
+    """The same rows as two ranks write them: two parts, each interleaving its readers' rows."""
+    a, b = np.arange(0, len(rows), 2), np.arange(1, len(rows), 2)
+    a, b = a[np.argsort(a % 3, kind="stable")], b[np.argsort(-(b % 5), kind="stable")]
+    idx = np.concatenate([a, b])
+    return SplitRows([rows.feats[0][a], rows.feats[0][b]], rows.labels[idx], rows.ids[idx], rows.dtype, rows.dim)
+
+
+def test_heads_do_not_depend_on_the_stores_row_order():
+    """Batches, the held-out and the val pass read rows by id: a store written by 2 ranks (other
+    parts, other row order) trains bit-identical heads to one written by 1 rank."""
+    x, y = _blobs(240, seed=7, spread=4.0)
+    xv, yv = _blobs(61, seed=8, spread=4.0)
+    tr, va = _rows(x, y), _rows(xv, yv, first_id=1000)
+    kw = dict(num_classes=3, epochs=2, batch_size=16, seed=0, blrs=(0.1, 1.0, 10.0), holdout=0.25)
+    one = train_heads(tr, va, **kw)
+    two = train_heads(_as_two_ranks(tr), _as_two_ranks(va), **kw)
+    one.pop("seconds"), two.pop("seconds")
+    assert one == two
+
+
+def _heads_rank(rank, world, rdv, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)
+    x, y = _blobs(200, seed=9, spread=3.0)
+    xv, yv = _blobs(40, seed=10, spread=3.0)
+    res = train_heads(_rows(x, y), _rows(xv, yv), num_classes=3, epochs=2, batch_size=16, seed=1,
+                      blrs=(0.03, 0.3, 3.0), holdout=0.2, share=True)
+    torch.save(res, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_heads_shared_over_ranks_equal_one_rank_training_all(tmp_path):
+    """share=True: rank r trains lrs r, r + N, ... (no rank idles in a collective while rank 0
+    trains every head); every rank gets the answer one rank training them all gives."""
+    out = tmp_path / "heads"
+    torch.multiprocessing.spawn(_heads_rank, args=(2, str(tmp_path / "rdv"), str(out)), nprocs=2)
+    x, y = _blobs(200, seed=9, spread=3.0)
+    xv, yv = _blobs(40, seed=10, spread=3.0)
+    one = train_heads(_rows(x, y), _rows(xv, yv), num_classes=3, epochs=2, batch_size=16, seed=1,
+                      blrs=(0.03, 0.3, 3.0), holdout=0.2)
+    one.pop("seconds")
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        got.pop("seconds")
+        assert got == one, rank
+    assert len(set(one["heldout_top1"].values())) > 1  # the lrs trained different heads
+
+
 # Rows and kNN ---------------------------------------------------------------------------------
 def test_whitened_rows_have_identity_covariance_and_raw_knn_matches_knn_py():
     x, y = _blobs(200, dim=6, seed=3)

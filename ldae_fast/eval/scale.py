@@ -248,12 +248,6 @@ class StreamingEval:
         return self._classes
 
     # Protocols --------------------------------------------------------------------------------
-    def _main_only(self, fn):
-        """Run fn on rank 0 and hand its result to every rank (head training is cheap next to
-        the extraction the ranks shared)."""
-        res = fn() if self.ranks.main else None
-        return edist.all_gather_objects(res)[0]
-
     def linear_fast(self, name: str, epochs: int, batch_size: int) -> list[tuple[str, str, dict]]:
         st = self.store(name)
         C = self.num_classes()
@@ -262,16 +256,12 @@ class StreamingEval:
         if name == "pixels":
             variants.append(("pca", self._checkpoint_width()))
         for kind, width in variants:
-            # The row map from every rank's part (a collective), before rank 0 trains the heads.
+            # The row map from every rank's part (a collective), before the ranks train the heads,
+            # each its share of the lrs (the same answer as one rank training them all).
             rmap = self._rmap(name, "pca", width) if kind else None
-
-            def fit(rmap=rmap):
-                tr, va = st.read("train"), st.read("val")
-                return train_heads(tr, va, num_classes=C, blrs=self.sa.blrs, epochs=epochs,
-                                   batch_size=batch_size, holdout=self.sa.holdout, seed=self.seed,
-                                   rmap=rmap, device=self.device, log=self.log,
-                                   desc=f"linear-fast/{name}")
-            res = self._main_only(fit)
+            res = train_heads(st.read("train"), st.read("val"), num_classes=C, blrs=self.sa.blrs, epochs=epochs,
+                              batch_size=batch_size, holdout=self.sa.holdout, seed=self.seed, rmap=rmap,
+                              device=self.device, log=self.log, desc=f"linear-fast/{name}", share=True)
             res["seconds"] += self.extract_seconds.get(name, 0.0)
             enc = name if not kind else f"{name} (PCA {width})"
             if kind:
