@@ -199,6 +199,29 @@ def test_knn_bank_sharded_over_ranks_equals_one_rank(tmp_path, world):
         assert res == one, kind
 
 
+def test_process_group_gets_the_long_configurable_timeout(monkeypatch):
+    """NCCL's 10-minute default watchdog would stop a run whose ranks wait out another's long
+    share; the eval CLI joins with --dist-timeout (default 120 minutes)."""
+    import datetime
+
+    from ldae_fast.eval import dist as edist
+    from ldae_fast.eval.driver import DEFAULT_TIMEOUT_MIN, build_parser
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(edist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(edist.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(edist.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(edist.dist, "get_world_size", lambda: 2)
+    args = build_parser().parse_args(["--checkpoint", "x"])
+    assert args.dist_timeout == DEFAULT_TIMEOUT_MIN >= 60
+    assert edist.init_from_env(torch.device("cpu"), timeout_min=args.dist_timeout) == edist.Ranks(1, 2)
+    assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN))
+    args = build_parser().parse_args(["--checkpoint", "x", "--dist-timeout", "600"])
+    edist.init_from_env(torch.device("cpu"), timeout_min=args.dist_timeout)
+    assert seen["timeout"] == datetime.timedelta(hours=10)
+
+
 # torchrun ----------------------------------------------------------------------------------
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     from ldae_fast.config import build_config
