@@ -618,11 +618,16 @@ def _streaming_runner(cfg, args, views, out: Path, device, log):
 
     if not kinds or any(k not in ROW_KINDS for k in kinds):
         raise EvalError(f"--knn-rows {args.knn_rows!r}: choose from {', '.join(ROW_KINDS)}")
+    from ldae_fast.data.urls import expand_urls
+
     from . import dist as edist
     from .stream import default_readers
 
     workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
-    readers = args.readers or default_readers(edist.current().world_size, workers)
+    # Capped splits are read sample by sample, where the shard count does not matter.
+    n_shards = 0 if args.max_train_images else len(expand_urls(cfg.data.train_shards, "data.train_shards"))
+    readers = args.readers or default_readers(edist.current().world_size, workers, n_shards,
+                                              at_most=args.batch_size or cfg.eval.probe_batch_size)
     if readers < 1 or args.micro_batch < 1:
         raise EvalError("--readers and --micro-batch must be >= 1")
     if not 0 <= args.holdout < 1:
