@@ -235,7 +235,9 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     ckpt = loop.train(build_config("demo", over)).checkpoint
     data = tmp_path / "data"
     write_split(data, "train", 4, 16, size=20, classes=4)
-    write_split(data, "val", 2, 10, size=20, classes=4, seed=1)
+    # 16 val images: every rank's encoder forwards are full micro-batches of 4, on 1 rank and on 2
+    # (the same shapes, so each image's features are the same bits whichever rank computes them).
+    write_split(data, "val", 2, 8, size=20, classes=4, seed=1)
     args = ["--checkpoint", str(ckpt), "--data", str(data), "--protocols", "linear-fast,knn,linear,finetune",
             "--epochs", "2", "--batch-size", "16", "--readers", "4", "--micro-batch", "4", "--knn-k", "5",
             "--num-workers", "0", "--blrs", "0.1,1", "--device", "cpu", "--finetune-steps", "2",
@@ -258,8 +260,13 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     assert ("finetune (EMA 0.9999)", "random init") in one
     assert one[("finetune", "checkpoint")]["accumulation"] == 4 and two[("finetune", "checkpoint")]["accumulation"] == 2
     for key, r in one.items():
-        # Sums over ranks in another order: the accuracies of 20 val images may move by one image.
-        assert abs(r["top1"] - two[key]["top1"]) <= 5.0 + 1e-9, key
+        if key[0].startswith("linear-fast"):
+            # The heads read the store's rows in id order: whichever ranks wrote it, the same heads.
+            assert (r["top1"], r["top5"], r["blr"], r["heldout_top1"]) == (
+                two[key]["top1"], two[key]["top5"], two[key]["blr"], two[key]["heldout_top1"]), key
+        else:
+            # Sums over ranks in another order: the accuracies of 16 val images may move by one image.
+            assert abs(r["top1"] - two[key]["top1"]) <= 6.25 + 1e-9, key
 
 
 def test_driver_reuses_the_store_and_a_changed_setting_writes_another(tmp_path, capsys):
