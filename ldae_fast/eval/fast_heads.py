@@ -133,7 +133,7 @@ def train_heads_many(entries: Sequence[tuple[SplitRows, SplitRows]], *, num_clas
     idx = list(range(len(blrs)))
     per_lr = edist.spread(idx, run) if share else run(idx)
     out = []
-    for j, ((tr, va), desc) in enumerate(zip(entries, descs)):
+    for j, ((_tr, va), desc) in enumerate(zip(entries, descs)):
         scores = [per_lr[i][j] for i in idx]
         per_head = [sc["heldout"] for sc in scores] if len(held) else []
         best = int(np.argmax(per_head)) if per_head else 0
