@@ -511,6 +511,11 @@ class EngineConfig:
     as diverged (0: only a non-finite norm counts)."""
     diverge_checks: int = 3
     """Stop the run after this many consecutive diverged log lines (0: never stop)."""
+    ckpt_consolidated: bool = True
+    """DeepSpeed checkpoints also hold the whole model and AdamW state in the single-device format
+    (gathered to rank 0's CPU memory at each checkpoint), so they resume on another rank count,
+    ZeRO stage or backend; false keeps only DeepSpeed's sharded files (for models whose optimizer
+    state does not fit one host's memory), which resume with DeepSpeed on the same rank count."""
 
     def __post_init__(self) -> None:
         _one_of("engine.backend", self.backend, ("single", "ddp", "deepspeed"))

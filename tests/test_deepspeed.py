@@ -101,7 +101,7 @@ def run_until_idle(cmd: list[str], idle_limit_s: float = IDLE_LIMIT_S, **kw) -> 
     return p.returncode, "".join(out)
 
 
-def launch(launcher: str, out: Path, over: dict) -> None:
+def launch(launcher: str, out: Path, over: dict, backend: str | None = "deepspeed") -> None:
     port = str(_free_port())
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
@@ -109,8 +109,10 @@ def launch(launcher: str, out: Path, over: dict) -> None:
         exe = BIN / "deepspeed"
         if not exe.exists():
             pytest.skip("the deepspeed launcher script is not installed next to this python")
-        cmd = [str(exe), "--num_gpus", "2", "--master_port", port]
-    cmd += [str(ROOT / "train.py"), *_args({**TINY, **over, "engine.backend": "deepspeed",
+        # Through this interpreter: the script's shebang may name another path of the same venv,
+        # whose ranks would rebuild DeepSpeed's CPU extension for this one's flags in turn.
+        cmd = [sys.executable, str(exe), "--num_gpus", "2", "--master_port", port]
+    cmd += [str(ROOT / "train.py"), *_args({**TINY, **over, **({"engine.backend": backend} if backend else {}),
                                              "engine.out_dir": str(out)})]
     rc, text = run_until_idle(cmd, cwd=ROOT, env=_env())
     assert rc == 0, f"{' '.join(cmd)}\n--- output\n{text[-8000:]}"
@@ -188,12 +190,18 @@ def test_export_from_zero3_checkpoint_loads_in_timm(runs, tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import load_file
 
+    from ldae_fast.engine.deepspeed_backend import consolidated_model_state
     from ldae_fast.eval.export import _meta, main
 
-    # ZeRO-3 state.pt holds no weights: export must consolidate the shards.
-    # (its EMA, kept sharded, is gathered into state.pt: test_zero3_ema_is_kept_saved_and_resumed)
-    st = torch.load(runs / "z3" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
-    assert st["model"] is None
+    # ZeRO-3's state.pt holds the weights gathered from the partitions (engine/zero_state.py):
+    # the fp32 masters DeepSpeed's own consolidation reads from its sharded files.
+    # (its EMA, kept sharded, is gathered too: test_zero3_ema_is_kept_saved_and_resumed)
+    ckpt = runs / "z3" / "checkpoints" / "step_00000006"
+    st = torch.load(ckpt / "state.pt", weights_only=True)
+    shards = consolidated_model_state(ckpt)
+    assert shards.keys() <= st["model"].keys()
+    for k, v in shards.items():
+        assert torch.equal(st["model"][k], v), k
     assert main([str(runs / "z3"), str(tmp_path / "z3"), "--no-ema"]) == 0
     assert main([str(runs / "single4x2"), str(tmp_path / "ref"), "--no-ema"]) == 0
     got, ref = load_file(str(tmp_path / "z3" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
@@ -226,6 +234,106 @@ def test_zero3_ema_is_kept_saved_and_resumed(runs, tmp_path):
     b = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
     for k, v in z3["ema"].items():
         torch.testing.assert_close(b["ema"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _cut_after_step_3(src: Path, out: Path) -> Path:
+    """A copy of run `src` as if stopped after its step-3 checkpoint."""
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:3]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _assert_same_final_state(ref: Path, got: Path, parts=("model", "ema")) -> None:
+    a = torch.load(ref / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    b = torch.load(got / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    assert b["step"] == 6
+    for part in parts:
+        assert a[part].keys() == b[part].keys(), part
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, rtol=1e-4, atol=1e-6, msg=f"{part}.{k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["z2", "z3"])
+def test_zero_checkpoint_of_two_ranks_continues_on_one_device(runs, tmp_path, run):
+    """ZeRO-2 / ZeRO-3 on 2 ranks -> engine.backend=single, 1 process, the same global batch 8:
+    the gathered model, Adam moments and step continue the run (the uninterrupted one's curve and
+    weights), without DeepSpeed in the resumed process."""
+    from ldae_fast.engine.loop import train
+
+    out = _cut_after_step_3(runs / run, tmp_path / run)
+    res = train(build_config("demo", {**TINY, "data.batch_size": "8", "engine.out_dir": str(out),
+                                      "engine.resume": "auto"}))
+    assert res.steps == 6
+    _assert_same_curve(metrics(runs / run), metrics(out))
+    _assert_same_final_state(runs / run, out)
+    st = torch.load(out / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
+    assert set(st["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert float(st["optimizer"]["state"][0]["step"]) == 3
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_continues_under_zero1_and_single_under_zero3(runs, tmp_path):
+    """A ddp run's checkpoint (2 ranks) resumed by DeepSpeed ZeRO-1 on 2 ranks, and a single-device
+    one by ZeRO-3 on 2 ranks: the whole state is cut into the partitions and the run continues."""
+    ddp = tmp_path / "ddp"
+    launch("torchrun", ddp, {**Z1, "engine.backend": "ddp"}, backend=None)
+    _assert_same_curve(metrics(runs / "single8"), metrics(ddp))
+    z1 = _cut_after_step_3(ddp, tmp_path / "ddp_z1")
+    launch("torchrun", z1, {**Z1, "engine.resume": "auto"})
+    _assert_same_curve(metrics(ddp), metrics(z1))
+    _assert_same_final_state(ddp, z1, parts=("model",))
+    z3 = _cut_after_step_3(runs / "single4x2", tmp_path / "single_z3")
+    launch("torchrun", z3, {**Z3, "engine.resume": "auto"})
+    _assert_same_curve(metrics(runs / "single4x2"), metrics(z3))
+    _assert_same_final_state(runs / "single4x2", z3, parts=("model",))
+
+
+def hostfile_node_cmd(hostfile: Path, node_rank: int, port: int, out: Path, over: dict) -> list[str]:
+    """One node's line of README's DeepSpeed hostfile launch without ssh (every node runs it with
+    its own --node_rank; the hostfile lists the nodes and their slots, i.e. ranks)."""
+    return [sys.executable, str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"),
+            *_args({**TINY, **over, "engine.backend": "deepspeed", "engine.out_dir": str(out)})]
+
+
+def test_readme_hostfile_line_is_the_tested_one(tmp_path):
+    """The flags of README's no-ssh hostfile line are those the two-node test launches with."""
+    text = (ROOT / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("deepspeed --hostfile hostfile --no_ssh"))
+    readme_flags = {w for w in line.split() if w.startswith("--") and "." not in w}
+    cmd = hostfile_node_cmd(tmp_path / "hostfile", 0, 29500, tmp_path, {})
+    tested = {w for w in cmd[:cmd.index(str(ROOT / "train.py"))] if w.startswith("--")}
+    assert readme_flags == tested == {"--hostfile", "--no_ssh", "--node_rank", "--master_addr", "--master_port"}
+
+
+@pytest.mark.slow
+def test_two_nodes_from_a_hostfile_match_single_process(runs, tmp_path):
+    """DeepSpeed's hostfile launch as two one-rank "nodes" on localhost (--no_ssh: each node starts
+    its own launcher, as on a cluster without passwordless ssh), ZeRO-2, against one process."""
+    if not (BIN / "deepspeed").exists():
+        pytest.skip("the deepspeed launcher script is not installed next to this python")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = _free_port()
+    out = tmp_path / "run"
+    log = open(tmp_path / "node1.log", "w")
+    node1 = subprocess.Popen(hostfile_node_cmd(hostfile, 1, port, out, Z2), cwd=ROOT, env=_env(),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc, text = run_until_idle(hostfile_node_cmd(hostfile, 0, port, out, Z2), cwd=ROOT, env=_env())
+        node1.wait(timeout=IDLE_LIMIT_S)  # node 0 is done: node 1 finishes its last step at most
+    finally:
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+        log.close()
+    assert (rc, node1.returncode) == (0, 0), f"{text[-6000:]}\n--- node 1\n{(tmp_path / 'node1.log').read_text()[-4000:]}"
+    _assert_same_curve(metrics(runs / "single8"), metrics(out))
+    assert json.loads((out / "config.json").read_text())["engine"]["backend"] == "deepspeed"
+    st = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    assert st["world_size"] == 2 and len(st["data_ranks"]) == 2
 
 
 @pytest.mark.slow

@@ -129,10 +129,17 @@ def test_only_what_cannot_continue_is_refused(tmp_path):
     # Another model: what would be needed is named.
     with pytest.raises(ResumeMismatch, match=r"another model \(model.width 96 -> 192"):
         check_resume_fits(state, tmp_path, build_config("demo", {"data.batch_size": "16", "model.width": "192"}), 1)
-    # ZeRO state is sharded by rank count; another backend keeps its state elsewhere.
+    # DeepSpeed with the whole state beside its shards (engine.ckpt_consolidated, the default):
+    # any rank count, stage or backend. Without it: the rank count and stage that wrote it.
     ds = build_config("demo", {"data.batch_size": "8", "engine.backend": "deepspeed"})
-    with pytest.raises(ResumeMismatch, match="ranks 2 -> 1.*resume it on 2 ranks"):
-        check_resume_fits({**state, "config": ds.to_dict()}, tmp_path,
-                          build_config("demo", {"data.batch_size": "16", "engine.backend": "deepspeed"}), 1)
-    with pytest.raises(ResumeMismatch, match="engine.backend=single .* deepspeed"):
-        check_resume_fits(state, tmp_path, ds, 2)
+    whole = {"model": {"w": torch.zeros(1)}, "optimizer": {"state": {}, "param_groups": []}}
+    ds_one = build_config("demo", {"data.batch_size": "16", "engine.backend": "deepspeed", "engine.zero_stage": "3"})
+    for target, world in ((build_config("demo", {"data.batch_size": "16"}), 1), (ds_one, 1), (base, 2)):
+        assert check_resume_fits({**state, **whole, "config": ds.to_dict()}, tmp_path, target, world).step == 5
+        with pytest.raises(ResumeMismatch, match="ZeRO-2 state sharded over 2 ranks without the whole model.*"
+                                                 "resume it with engine.backend=deepspeed, zero_stage 2 on 2 ranks"):
+            check_resume_fits({**state, "model": None, "optimizer": None, "config": ds.to_dict()}, tmp_path,
+                              target, world)
+    # Its own shape reads its own files; a single-device state loads into DeepSpeed as it is.
+    assert check_resume_fits({**state, "model": None, "config": ds.to_dict()}, tmp_path, ds, 2).step == 5
+    assert check_resume_fits({**state, **whole}, tmp_path, ds, 2).step == 5

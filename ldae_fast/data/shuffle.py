@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from .badsamples import DataError
-from .transforms import generator_for
+from .transforms import generator_for, mix_seed
 
-# Domain tag for `generator_for` (the data pipeline's tags, 11-29, are listed in sources.py).
+# Domain tags for `generator_for` / `mix_seed` (the data pipeline's tags, 11-29, are listed in sources.py).
 _TAG_SHARD_ORDER = 11
+_TAG_BUFFER = 12
 
 
 def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -34,12 +35,17 @@ def shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator
         yield buf.pop()
 
 
+def buffer_rng(seed: int, epoch: int, slot: int) -> random.Random:
+    """The shuffle buffer's generator of reader slot `slot` in epoch `epoch` of a shard stream."""
+    return random.Random(mix_seed(seed, _TAG_BUFFER, epoch, slot))
+
+
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     """Epoch `epoch`'s shard permutation, identical on every rank."""
     return torch.randperm(num_shards, generator=generator_for(seed, _TAG_SHARD_ORDER, epoch)).tolist()
 
 
-__all__ = ["shuffled", "shard_order"]
+__all__ = ["shuffled", "shard_order", "buffer_rng"]
 
 
 def global_batches_per_epoch(have: int, per_rank: int, world_size: int, what: str,

@@ -3,7 +3,8 @@
 Reading (`WdsTrainSource`, source 'wds'): ranks x workers = S "slots"; slot s = rank * W +
 worker. Without resampling, epoch e permutes the shard list with a seed keyed on (seed, e) (the
 same on every rank) and slot s reads shards perm[s::S] in that order, so ranks and workers read
-disjoint shards and S may not exceed the number of shards. Samples pass through a shuffle
+disjoint shards and S may not exceed the number of shards (a run resumed on another shape first
+finishes the old slots' interrupted epochs: shard_layout.py). Samples pass through a shuffle
 buffer of raw bytes (data.shuffle_buffer) that is emptied at the end of each epoch of a slot,
 then are decoded with PIL, cropped and flipped (each sample's generator keyed on (seed, epoch,
 slot, index in epoch)) and batched in the worker. With `resampled`, each slot instead draws
@@ -25,7 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .badsamples import BadSampleCounter, DataError
 from .placement import Placement
-from .shuffle import global_batches_per_epoch, shard_order, shuffled
+from .shard_layout import Layout, rests_of, resumed_origin, still_needed
+from .shuffle import buffer_rng, global_batches_per_epoch, shuffled
 from .synthetic import synthetic_split
 from .tar import _DEFAULT_LABELS, LabelPolicy, RawSample, iter_shard
 from .transforms import (
@@ -44,8 +46,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 # Domain tags for `generator_for` / `derive_seed`, so no two random streams share a key
-# (11, the shard order, is shuffle.py's; 23-24 are resident.py's).
-_TAG_BUFFER = 12
+# (11, the shard order, and 12, the shuffle buffer, are shuffle.py's; 23-24 are resident.py's).
 _TAG_AUG = 13
 _TAG_RESAMPLE = 14
 _TAG_SYN_PERM = 21
@@ -70,7 +71,8 @@ class WdsTrainSource(IterableDataset):
                  hflip: bool, shuffle_buffer: int, max_bad_fraction: float, seed: int, rank: int,
                  world_size: int, num_roles: int, rotation: int, starts: list[tuple[int, int]],
                  resampled: bool, resample_key: int, gpu: bool, normalize_in_worker: bool,
-                 labels: LabelPolicy = _DEFAULT_LABELS, max_pixels: int | None = None) -> None:
+                 labels: LabelPolicy = _DEFAULT_LABELS, max_pixels: int | None = None,
+                 layout: Layout | None = None) -> None:
         super().__init__()
         self.urls = urls
         self.img_size, self.batch_size, self.scale, self.hflip = img_size, batch_size, scale, hflip
@@ -79,6 +81,7 @@ class WdsTrainSource(IterableDataset):
         self.starts, self.resampled, self.resample_key = starts, resampled, resample_key
         self.gpu, self.normalize_in_worker = gpu, normalize_in_worker
         self.labels, self.max_pixels = labels, max_pixels
+        self.layout = layout or Layout(len(urls), seed, world_size * num_roles)
 
     # What a subclass of another sample kind replaces (video.py's clip shards).
     _read_shard = staticmethod(iter_shard)
@@ -90,7 +93,6 @@ class WdsTrainSource(IterableDataset):
     # One slot's sample stream: yields (epoch, index in epoch, raw sample); index counts
     # samples out of the shuffle buffer, the unit of the saved position.
     def _positions(self, slot: int, role: int, counter: BadSampleCounter) -> Iterator[tuple[int, int, RawSample]]:
-        nslots = self.world_size * self.num_roles
         if self.resampled:
             rng = random.Random(mix_seed(self.seed, _TAG_RESAMPLE, self.resample_key, slot))
 
@@ -113,14 +115,19 @@ class WdsTrainSource(IterableDataset):
         epoch, skip = self.starts[role]
         empty_epochs = 0
         while True:
-            order = shard_order(len(self.urls), self.seed, epoch)
-            mine = [self.urls[i] for i in order[slot::nslots]]
+            pieces = self.layout.pieces(slot, epoch)
+            mine = [self.urls[u] for u, _ in pieces]
 
-            def samples(mine: list[str] = mine) -> Iterator[RawSample]:
-                for url in mine:
-                    yield from self._read_shard(url, counter, self.labels)
+            def samples(pieces: list = pieces) -> Iterator[RawSample]:
+                for u, wanted in pieces:
+                    got = self._read_shard(self.urls[u], counter, self.labels)
+                    if wanted is None:
+                        yield from got
+                        continue
+                    want = set(wanted)  # the samples an interrupted epoch left of this shard
+                    yield from (s for k, s in enumerate(got) if k in want)
 
-            buf_rng = random.Random(mix_seed(self.seed, _TAG_BUFFER, epoch, slot))
+            buf_rng = buffer_rng(self.seed, epoch, slot)
             replay = skip > 0
             counter.enabled = not replay
             i = -1
@@ -131,7 +138,8 @@ class WdsTrainSource(IterableDataset):
                     replay, counter.enabled = False, True
                 yield epoch, i, s
             counter.enabled = True
-            empty_epochs = 0 if i >= 0 else empty_epochs + 1
+            if not self.layout.is_rest(epoch):  # a rest epoch may leave this slot nothing
+                empty_epochs = 0 if i >= 0 else empty_epochs + 1
             if empty_epochs >= 2:
                 raise DataError(f"reader {slot} (rank {self.rank}) found no readable sample in its "
                                 f"shards {mine} for two epochs")
@@ -282,9 +290,13 @@ class SyntheticSource:
 
 class WdsSource:
     """WebDataset shards: the position adds each worker's (epoch, samples out of its shuffle
-    buffer), or, resampled, the batch count the stream was re-seeded from (stream.py)."""
+    buffer), or, resampled, the batch count the stream was re-seeded from (stream.py). A position
+    saved by another rank count or worker count continues with the old slots' unfinished epochs
+    re-split (shard_layout.py), given every old rank's position (engine/reshape.py hands them in
+    as `slot_positions`)."""
 
     gpu_decode: ClassVar[bool] = True
+    read_shard = staticmethod(iter_shard)  # what a sample is: counted when a moved run replays
 
     def __init__(self, cfg: Config, rank: int, world_size: int, num_roles: int) -> None:
         d = cfg.data
@@ -300,6 +312,9 @@ class WdsSource:
                 f"lower data.num_workers, or set data.resampled=true")
         self._starts = [(0, 0)] * self.num_roles
         self._resample_key = 0
+        self._origin: dict[str, Any] | None = None  # the shape this run was moved from (shard_layout.py)
+        self._layout = Layout(len(self.urls), self.seed, slots)
+        self._sizes: dict[int, int] = {}  # readable samples per shard, counted when a moved run replays
         self.batches_per_epoch = max(1, cfg.epoch_size() // (d.batch_size * world_size))
 
     def epoch(self, batches: int) -> int:
@@ -308,7 +323,9 @@ class WdsSource:
         return min(e for e, _ in self._starts)
 
     def state_dict(self, batches: int) -> dict[str, Any]:
-        return {"resampled": bool(self.cfg.data.resampled), "positions": [list(p) for p in self._starts]}
+        return {"resampled": bool(self.cfg.data.resampled), "positions": [list(p) for p in self._starts],
+                "origin": self._origin, "num_shards": len(self.urls),
+                "shuffle_buffer": int(self.cfg.data.shuffle_buffer)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> int:
         batches = int(sd["batches"])
@@ -317,17 +334,43 @@ class WdsSource:
             return batches
         same = sd.get("world_size") == self.world_size and sd.get("num_workers") == self.num_roles
         positions = [tuple(p) for p in sd.get("positions", [])]
+        every = [(int(e), int(n)) for e, n in sd["slot_positions"]] if sd.get("slot_positions") else None
+        # The old slots' reading is replayed from the shard list and buffer size they had.
+        replayable = (not sd.get("resampled", False)
+                      and sd.get("num_shards", len(self.urls)) == len(self.urls)
+                      and sd.get("shuffle_buffer", self.cfg.data.shuffle_buffer) == self.cfg.data.shuffle_buffer)
         if same and len(positions) == self.num_roles and not sd.get("resampled", False):
             self._starts = [(int(e), int(n)) for e, n in positions]
+            self._origin = still_needed(sd.get("origin"), every)
+        elif replayable and every and len(every) == int(sd["world_size"]) * int(sd["num_workers"]):
+            self._origin = resumed_origin(sd, every)
+            self._starts = [(min(e for e, _ in every), 0)] * self.num_roles
         else:
-            e0 = min((int(e) for e, _ in positions), default=0)
+            e0 = min((int(e) for e, _ in (every or positions)), default=0)
+            why = ("the shard list or data.shuffle_buffer changed" if not replayable and not sd.get("resampled")
+                   else "the checkpoint lacks every rank's position" if not every else "")
             # stacklevel 3: the warning points at the caller of TrainStream.load_state_dict.
             warnings.warn(f"data position saved with world_size={sd.get('world_size')}, num_workers="
                           f"{sd.get('num_workers')}, resampled={sd.get('resampled')}; this run has "
-                          f"{self.world_size}, {self.num_roles}, {self.cfg.data.resampled}: restarting "
-                          f"at the beginning of epoch {e0}, not bit-identically", stacklevel=3)
+                          f"{self.world_size}, {self.num_roles}, {self.cfg.data.resampled}"
+                          f"{f' ({why})' if why else ''}: restarting at the beginning of epoch {e0}, "
+                          "not bit-identically", stacklevel=3)
             self._starts = [(e0, 0)] * self.num_roles
+            self._origin = None
+        self._layout = Layout(len(self.urls), self.seed, self.world_size * self.num_roles,
+                              rests_of(self._origin, len(self.urls), self.seed, self.cfg.data.shuffle_buffer,
+                                       self._shard_size))
         return batches
+
+    def _shard_size(self, u: int) -> int:
+        """Readable samples of shard u (tar members read, nothing decoded), once per shard."""
+        sizes = self._sizes
+        if u not in sizes:
+            counter = BadSampleCounter(1.0, "a resumed run's replay")
+            counter.enabled = False  # the run that read these counted their bad samples
+            labels = LabelPolicy(False, self.cfg.data.num_classes)
+            sizes[u] = sum(1 for _ in type(self).read_shard(self.urls[u], counter, labels))
+        return sizes[u]
 
     def on_batch(self, meta: dict[str, Any]) -> None:
         self._starts[meta["role"]] = tuple(meta["pos"])
@@ -344,7 +387,7 @@ class WdsSource:
             rotation=batches % self.num_roles, starts=list(self._starts),
             resampled=d.resampled, resample_key=self._resample_key, gpu=gpu,
             normalize_in_worker=normalize_in_worker, labels=LabelPolicy(False, d.num_classes),
-            max_pixels=d.max_image_pixels)
+            max_pixels=d.max_image_pixels, layout=self._layout)
 
 
 __all__ = ["WdsTrainSource", "SyntheticTrainSource", "TrainSource", "SyntheticSource", "WdsSource"]

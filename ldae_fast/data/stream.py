@@ -7,8 +7,11 @@ of its batches that was handed out (the reading order is sources.py's).
   seed, replays the epoch up to its saved sample count reading tar members only (no JPEG
   decode), and continues; batches are re-assigned to workers in the same round-robin order, so
   the resumed stream is bit-identical to the uninterrupted one. The replay costs reading at most
-  one epoch of that worker's shards; it needs the same world size and num_workers (otherwise
-  the stream warns and restarts from the start of the earliest epoch in progress).
+  one epoch of that worker's shards. With another world size or num_workers, the position of
+  every old reader (the checkpoint keeps all ranks') says what the interrupted epochs have left,
+  which the new readers split: none twice, none skipped (shard_layout.py). Without every rank's
+  position (an older checkpoint) or with another shard list or shuffle buffer, the stream warns
+  and restarts from the start of the earliest epoch in progress.
 - resampled=True: not replayed. The stream is re-seeded from (seed, batches handed out), so a
   resume is deterministic for a given step but draws different samples than the uninterrupted
   run would have; both are i.i.d. draws with replacement, so nothing is lost statistically.

@@ -384,6 +384,7 @@ class WdsVideoSource(WdsSource):
 
     gpu_decode: ClassVar[bool] = False
     normalize = staticmethod(normalize_clips)
+    read_shard = staticmethod(iter_video_shard)
 
     def dataset(self, batches: int, *, gpu: bool, normalize_in_worker: bool) -> IterableDataset:
         d = self.cfg.data
@@ -394,7 +395,7 @@ class WdsVideoSource(WdsSource):
             rank=self.rank, world_size=self.world_size, num_roles=self.num_roles,
             rotation=batches % self.num_roles, starts=list(self._starts), resampled=d.resampled,
             resample_key=self._resample_key, gpu=False, normalize_in_worker=normalize_in_worker,
-            labels=LabelPolicy(False, d.num_classes), max_pixels=d.max_image_pixels)
+            labels=LabelPolicy(False, d.num_classes), max_pixels=d.max_image_pixels, layout=self._layout)
 
 
 # Clip shards: writing --------------------------------------------------------------------------

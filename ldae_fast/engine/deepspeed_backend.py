@@ -146,6 +146,8 @@ class DeepSpeedBackend:
         self.cfg = cfg
         self.config = ds_config(cfg, self.world_size, on_cuda)
         groups = param_groups(model, cfg.optim.weight_decay)
+        # The model's parameters per group: DeepSpeed swaps each group's list for its flat buffer.
+        self.groups = [{"params": list(g["params"])} for g in groups]
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         opt = None
         if cfg.optim.name == "lamb":
@@ -163,6 +165,8 @@ class DeepSpeedBackend:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.config)
         self.model = self.engine
         self.module = model
+        # The single-device format of the state (zero_state.py) is written for AdamW.
+        self.consolidated = cfg.engine.ckpt_consolidated and cfg.optim.name != "lamb"
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
@@ -180,9 +184,16 @@ class DeepSpeedBackend:
         return norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     def state_dict(self) -> dict:
-        # ZeRO-1/2 in fp32 keep the full trained weights on every rank. Under ZeRO-3 each rank holds
-        # a shard, and under bf16 the module holds rounded copies of the fp32 masters: then the
-        # weights come from the sharded files (consolidated_model_state) and state.pt stays small.
+        """Collective. With engine.ckpt_consolidated: the whole fp32 model and AdamW state in the
+        single-device format (zero_state.gather), which any backend and rank count loads.
+        Otherwise ZeRO-1/2 in fp32 keep the full trained weights on every rank; under ZeRO-3 each
+        rank holds a shard, and under bf16 the module holds rounded copies of the fp32 masters: then
+        the weights come from the sharded files (consolidated_model_state) and state.pt stays small."""
+        if self.consolidated:
+            from . import zero_state
+
+            model, optimizer = zero_state.gather(self.module, self.optimizer, self.groups)
+            return {"model": model, "optimizer": optimizer, "world_size": self.world_size}
         full = self.cfg.engine.zero_stage < 3 and not self.config.get("bf16", {}).get("enabled", False)
         model = self.module.state_dict() if full else None
         return {"model": model, "optimizer": None, "world_size": self.world_size}
@@ -191,10 +202,22 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(Path(tmp_dir) / "ds"), tag=DS_TAG)
 
     def load_state_dict(self, st: dict, ckpt_dir: Path) -> None:
+        """DeepSpeed's own files when this engine's shape wrote them (same ranks and ZeRO stage),
+        else the single-device format (a single-device or ddp checkpoint, or a consolidated
+        DeepSpeed one) cut into this engine's partitions (engine/reshape.py checked that it is there)."""
         ds_dir = Path(ckpt_dir) / "ds"
+        saved = (st.get("config") or {}).get("engine") or {}
+        native = ((ds_dir / DS_TAG).is_dir() and saved.get("backend") == "deepspeed"
+                  and int(st.get("world_size") or 0) == self.world_size
+                  and int(saved.get("zero_stage", self.cfg.engine.zero_stage)) == self.cfg.engine.zero_stage)
+        if not native and st.get("model") is not None and st.get("optimizer") is not None:
+            from . import zero_state
+
+            zero_state.scatter(self.module, self.optimizer, self.groups, st["model"], st["optimizer"])
+            return
         if not (ds_dir / DS_TAG).is_dir():
-            raise FileNotFoundError(f"{ckpt_dir} has no DeepSpeed state (ds/{DS_TAG}); was it written by a "
-                                    "single-device run? Resume it with --engine.backend=single")
+            raise FileNotFoundError(f"{ckpt_dir} has no DeepSpeed state (ds/{DS_TAG}) and no whole model and "
+                                    "optimizer state in state.pt")
         from .checkpoint import weights_only_loads
 
         with weights_only_loads(_ds_safe_globals()):  # DeepSpeed's loader asks for weights_only=False

@@ -5,8 +5,10 @@ A step is one global batch G = b x a x R, and every random draw of the objective
 sources place sample p of an epoch's permutation on row p mod G of step p div G, whatever the split
 (data/placement.py). So a checkpoint written with (R, b, a) continues with (R', b', a') of the same
 G on the same samples, rows and noise: only the order of the gradient sums changes. The model and
-optimizer state of the single-device and DDP backends is whole on every rank, so it loads as it is;
-DeepSpeed's ZeRO state is sharded by rank and resumes on the rank count that wrote it.
+optimizer state is whole in every checkpoint (the single-device format; DeepSpeed gathers its ZeRO
+partitions into it, engine/zero_state.py), so it loads into any backend on any rank count:
+single device <-> ddp <-> ZeRO 1-3. DeepSpeed on the rank count and stage that wrote a checkpoint
+reads its own sharded files instead.
 
 With another global batch the step numbers and the learning-rate schedule mean something else;
 `engine.resume_rebatch=true` then continues from the images seen: step = images // G', the
@@ -37,7 +39,9 @@ class ResumePlan:
     def data_state(self, state: dict, rank: int) -> dict:
         """The data position this rank loads: its own when the rank count is unchanged (the shard
         readers keep per-rank positions), else rank 0's, which with the old shape says how much
-        of the epoch every rank consumed (the indexed sources re-split the rest)."""
+        of the epoch every rank consumed (the indexed sources re-split the rest). Shard readers
+        also get every old reader's position, in reader order (`slot_positions`): with another
+        rank or worker count they re-split what the old readers left (data/shard_layout.py)."""
         b0, _, r0 = self.old
         per_rank = state.get("data_ranks")
         if per_rank and len(per_rank) == self.new[2] and r0 == self.new[2]:
@@ -46,6 +50,8 @@ class ResumePlan:
             sd = dict(per_rank[0] if per_rank else state["data"])
         sd.setdefault("world_size", r0)
         sd.setdefault("batch_size", b0)
+        if per_rank and all("positions" in d for d in per_rank):
+            sd["slot_positions"] = [list(p) for d in per_rank for p in d["positions"]]
         return sd
 
 
@@ -68,17 +74,18 @@ def plan_resume(state: dict, ckpt_dir: Path, cfg: Config, world: int) -> ResumeP
                              "model's shape; start a new run (a new out_dir) to train another one, or "
                              "resume with the saved model.* fields (its config.json)")
     was_ds, is_ds = s_eng.get("backend") == "deepspeed", cfg.engine.backend == "deepspeed"
-    if was_ds and old[2] != world:
+    stage = s_eng.get("zero_stage", cfg.engine.zero_stage)
+    ds_native = is_ds and old[2] == world and stage == cfg.engine.zero_stage
+    whole = state.get("model") is not None and state.get("optimizer") is not None
+    if was_ds and not ds_native and not whole:
+        to = (f"engine.backend={cfg.engine.backend}" + (f" zero_stage {cfg.engine.zero_stage}" if is_ds else "")
+              + f" on {world} rank{'s' if world != 1 else ''}")
         raise ResumeMismatch(
-            f"{ckpt_dir} cannot be resumed as configured (ranks {old[2]} -> {world}): it holds DeepSpeed ZeRO "
-            f"state sharded over {old[2]} ranks; resume it on {old[2]} ranks (micro-batch and accumulation "
-            "may change), or start a new run from its exported weights")
-    if was_ds != is_ds and "backend" in s_eng:
-        raise ResumeMismatch(
-            f"{ckpt_dir} was written by engine.backend={s_eng['backend']} and this run uses "
-            f"{cfg.engine.backend}: DeepSpeed keeps its optimizer state in its own sharded files, the "
-            "single-device and ddp backends in state.pt; resume with the backend that wrote it "
-            "(single and ddp are interchangeable)")
+            f"{ckpt_dir} cannot be resumed as {to}: it holds DeepSpeed ZeRO-{stage} state sharded over "
+            f"{old[2]} ranks without the whole model and optimizer state (written with "
+            "engine.ckpt_consolidated=false, or by an older version); resume it with engine.backend=deepspeed, "
+            f"zero_stage {stage} on {old[2]} ranks (micro-batch and accumulation may change), or start a new "
+            "run from its exported weights")
     g0, g = old[0] * old[1] * old[2], new[0] * new[1] * new[2]
     if old == new:
         return ResumePlan(old, new, step)
