@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ldae_fast.errors import ResumeMismatch, RunDirError
+from ldae_fast.errors import FileProblem, ResumeMismatch, RunDirError
 
 
 def _case(rank: int, root: str, out: str) -> None:
@@ -23,12 +23,14 @@ def _case(rank: int, root: str, out: str) -> None:
     def attempt(name, fn):
         try:
             got[name] = ("ok", fn())
-        except (RunDirError, ResumeMismatch) as e:
+        except (RunDirError, ResumeMismatch, FileProblem) as e:
             got[name] = (type(e).__name__, str(e))
 
     shared = Path(root) / "shared"
     attempt("shared", lambda: check_shared(shared, "--probe-dir"))
     attempt("local", lambda: check_shared(Path(root) / f"node{rank}", "--probe-dir"))
+    (Path(root) / "a-file").write_text("")
+    attempt("unwritable", lambda: check_shared(Path(root) / "a-file" / "probe", "--probe-dir"))
     step = {0: 8, 1: 8}
     attempt("same", lambda: load_agreed(shared / "p.pt", lambda p: {"step": step[rank]}, "--probe-dir")["step"])
     step[1] = None
@@ -56,5 +58,6 @@ def test_every_rank_stops_on_a_directory_or_checkpoint_not_all_ranks_share(tmp_p
         assert kind == "RunDirError" and str(tmp_path / f"node{r}") in msg and "rank(s) 1 " in msg and "every node shares" in msg
         kind, msg = g["stale"]
         assert kind == "RunDirError" and "--finetune-dir" in msg and "rank 1" in msg and "none" in msg
+        assert g["unwritable"][0] == "FileProblem" and "cannot be written" in g["unwritable"][1]
         assert g["refused"][0] == "ResumeMismatch" and "other settings" in g["refused"][1]
     assert not list((tmp_path / "shared").glob(".shared-check-*"))  # the markers are removed

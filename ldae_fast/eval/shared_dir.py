@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ldae_fast import errors
-from ldae_fast.errors import RunDirError, UserError
+from ldae_fast.errors import FileProblem, RunDirError, UserError
 
 from . import dist as edist
 
@@ -33,17 +33,27 @@ def _not_shared(directory: Path, flag: str, blind: list[tuple[int, str]]) -> Run
 
 def check_shared(directory: Path, flag: str) -> None:
     """Create `directory` (rank 0) and prove every rank sees the same one, else RunDirError (exit 9)
-    on every rank. A no-op on one process beyond creating it."""
+    on every rank; one rank 0 cannot create is a FileProblem (exit 4) on every rank. On one
+    process it is only created."""
     ranks = edist.current()
+    directory = Path(directory)
+    token = secrets.token_hex(8)
+    marker = directory / f".shared-check-{token}"
+    problem = None
     if ranks.main:
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if ranks.distributed:
+                marker.write_text(token)
+        except OSError as e:
+            problem = f"{flag} {directory}: cannot be written ({e.strerror or e})"
+    if ranks.distributed:
+        token, problem = edist.all_gather_objects((token, problem) if ranks.main else None)[0]
+        marker = directory / f".shared-check-{token}"
+    if problem:
+        raise FileProblem(problem)
     if not ranks.distributed:
         return
-    token = edist.all_gather_objects(secrets.token_hex(8) if ranks.main else None)[0]
-    marker = Path(directory) / f".shared-check-{token}"
-    if ranks.main:
-        marker.write_text(token)
-    edist.barrier()
     seen = False
     for _ in range(_SEEN_TRIES):
         try:
