@@ -14,7 +14,8 @@ Exit codes (also in README, "Exit codes"):
   7  resume mismatch      the checkpoint cannot be resumed as configured (another model; another
                           global batch without engine.resume_rebatch; ZeRO state on other ranks)
   8  divergence           the gradient norm stayed non-finite or above the bound
-  9  run directory        another run holds the directory, or a fresh run would overwrite one
+  9  run directory        another run holds the directory, or a fresh run would overwrite one;
+                          an eval directory not every rank sees
   10 preempted            SIGTERM / SIGUSR1 / a first Ctrl-C / engine.stop_after: a checkpoint was
                           written; requeue with --engine.resume=auto (not an error, never 0)
   130 interrupted         a second Ctrl-C (or one outside training): nothing written

@@ -46,7 +46,9 @@ def _run(rank: int, a) -> None:
         if a.sleep:
             time.sleep(a.sleep)
 
-    res = run_probe(StandIn(), tr, va, s, ckpt_dir=a.ckpt or None, ckpt_every=1, encoder_key="standin",
+    # --local-ckpt: each rank its own directory, as on node-local disks of several nodes.
+    ckpt = (f"{a.ckpt}/rank{rank}" if a.local_ckpt else a.ckpt) or None
+    res = run_probe(StandIn(), tr, va, s, ckpt_dir=ckpt, ckpt_every=1, encoder_key="standin",
                     num_workers=a.workers, on_step=on_step, log=print if rank == 0 else None,
                     stop_after=a.stop_after)
     if rank == 0 and "stopped_at" in res:
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("root")
     ap.add_argument("out")
     ap.add_argument("--ckpt", default="")
+    ap.add_argument("--local-ckpt", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--micro", type=int, default=16)

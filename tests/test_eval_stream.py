@@ -14,6 +14,7 @@ import torch
 from eval_shards import write_split
 
 from ldae_fast.data.urls import expand_urls
+from ldae_fast.errors import UsageError
 from ldae_fast.eval.stream import EvalStream, SplitSpec, count_samples
 
 
@@ -147,6 +148,7 @@ def test_uneven_shares_and_default_readers(tmp_path):
 
     assert batch_shares(10, 4) == {0: 3, 1: 3, 2: 2, 3: 2} and sum(batch_shares(16384, 80).values()) == 16384
     assert [default_readers(n, w) for n, w in ((1, 0), (8, 10), (3, 2), (64, 10))] == [16, 80, 18, 640]
+
     pat = write_split(tmp_path, "train", 3, 8)
     spec = _spec(pat, "train", augment=True, readers=4, shuffle_buffer=3, seed=5, max_images=20)
     shares = batch_shares(10, 4)
@@ -166,3 +168,28 @@ def test_uneven_shares_and_default_readers(tmp_path):
         r0 = next(x for st, rk, x in got[2] if st == s and rk == 0)
         r1 = next(x for st, rk, x in got[2] if st == s and rk == 1)
         assert torch.equal(one[s], torch.cat([r0[:3], r1[:3], r0[3:], r1[3:]]))
+
+
+def test_default_readers_valid_on_any_rank_count_and_balanced_over_shards():
+    """ImageNet's 1024 train shards on 1 to 128 ranks of 10 workers: the default is a multiple of the
+    rank count (--readers 80 is refused on 64 ranks) that divides the shards (80 readers would own
+    13 or 12 shards, so some images come round ~8% more often), at least ranks x workers where
+    the shards allow."""
+    from ldae_fast.eval.finetune_run import finetune_readers
+    from ldae_fast.eval.stream import SplitSpec, default_readers, readers_of_rank
+
+    with pytest.raises(UsageError, match="not a multiple of the 64 ranks"):
+        readers_of_rank(SplitSpec(("a",), "x", 8, False, readers=80), 0, 64)
+    for world in (1, 2, 3, 4, 8, 16, 24, 32, 64, 128):
+        r = default_readers(world, 10, 1024, at_most=16384)
+        # every worker decodes, unless that takes more readers than shards (128 ranks x 10)
+        assert r % world == 0 and r >= 16 and (r >= world * 10 or r == 1024), (world, r)
+        if world != 3 and world != 24:  # 1024 = 2^10 has no divisor that is a multiple of 3
+            assert 1024 % r == 0, (world, r)
+        readers_of_rank(SplitSpec(("a",) * 1024, "x", 8, True, readers=r), world - 1, world)
+    assert default_readers(8, 10, 1024) == 128 and default_readers(64, 10, 1024) == 1024
+    assert default_readers(1, 0, 1024) == 16 and default_readers(8, 10, 1000) == 200
+    assert default_readers(1, 0, 20, at_most=16) == 16  # the probe's batch 16 bounds the divisors
+    # The fine-tune's default divides its batch (1024, MixUp pairs): valid on 64 ranks of 10 workers too.
+    assert finetune_readers(1024, 1, 8, 8, None, even=True) == 64
+    assert finetune_readers(1024, 1, 64, 10, None, even=True) == 512

@@ -139,8 +139,10 @@ def test_readers_default_divides_the_batch():
     assert finetune_readers(12, 2, 1, 0, None) == 6
     assert finetune_readers(12, 2, 1, 0, None, even=True) == 3
     assert finetune_readers(24, 1, 1, 0, 3) == 3
-    with pytest.raises(UsageError, match="--num-workers"):
-        finetune_readers(1024, 1, 8, 10, None)
+    # No multiple of 8 x 10 divides 1024: the most readers up to 80 over the 8 ranks alone.
+    assert finetune_readers(1024, 1, 8, 10, None) == 64
+    with pytest.raises(UsageError, match="multiple of the 8 rank"):
+        finetune_readers(100, 1, 8, 1, None)
 
 
 def test_micro_batches_are_runs_of_readers_or_pieces_of_one():

@@ -3,6 +3,7 @@ collectives the protocols use (each a no-op on one process)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,13 +26,16 @@ class Ranks:
         return self.world_size > 1
 
 
-def init_from_env(device: torch.device) -> Ranks:
-    """Join torchrun's group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); one process otherwise."""
+def init_from_env(device: torch.device, *, timeout_min: float) -> Ranks:
+    """Join torchrun's group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); one process otherwise.
+    `timeout_min`: how long a collective may wait for the slowest rank before the run is stopped
+    (NCCL's watchdog default, 10 minutes, is shorter than some of the protocols' uneven work)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 

@@ -29,6 +29,8 @@ from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, r
 # usage errors answer before torch is imported.
 
 PROTOCOLS = ("linear-fast", "knn", "linear", "finetune", "figure")
+DEFAULT_TIMEOUT_MIN = 120.0
+"""--dist-timeout: long enough for a rank to wait out another's share of a long head fit or pass."""
 
 
 class EvalError(RuntimeError, UsageError):
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="linear: checkpoint directory of the probe (default <out>/probe); a rerun resumes")
     sc.add_argument("--probe-ckpt-every", type=int, default=100, help="linear: checkpoint every N steps")
     sc.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel floor rows")
+    sc.add_argument("--dist-timeout", type=finite_float, default=DEFAULT_TIMEOUT_MIN,
+                    help="minutes a rank waits in a collective before the run is stopped (torchrun; "
+                         "NCCL's own default is 10, shorter than a long head fit or a slow rank's share)")
     return ap
 
 
@@ -299,7 +304,9 @@ def run(args) -> dict:
 
     from . import dist as edist
     device = _rank_device(args.device)
-    ranks = edist.init_from_env(device)
+    if not args.dist_timeout > 0:
+        raise EvalError(f"--dist-timeout {args.dist_timeout}: minutes, > 0")
+    ranks = edist.init_from_env(device, timeout_min=args.dist_timeout)
     if not ranks.main:
         log = _quiet
 
@@ -627,11 +634,16 @@ def _streaming_runner(cfg, args, views, out: Path, device, log):
 
     if not kinds or any(k not in ROW_KINDS for k in kinds):
         raise EvalError(f"--knn-rows {args.knn_rows!r}: choose from {', '.join(ROW_KINDS)}")
+    from ldae_fast.data.urls import expand_urls
+
     from . import dist as edist
     from .stream import default_readers
 
     workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
-    readers = args.readers or default_readers(edist.current().world_size, workers)
+    # Capped splits are read sample by sample, where the shard count does not matter.
+    n_shards = 0 if args.max_train_images else len(expand_urls(cfg.data.train_shards, "data.train_shards"))
+    readers = args.readers or default_readers(edist.current().world_size, workers, n_shards,
+                                              at_most=args.batch_size or cfg.eval.probe_batch_size)
     if readers < 1 or args.micro_batch < 1:
         raise EvalError("--readers and --micro-batch must be >= 1")
     if not 0 <= args.holdout < 1:

@@ -34,19 +34,30 @@ class FinetuneArgs:
 def finetune_readers(G: int, repeats: int, world_size: int, num_workers: int, asked: Optional[int],
                      even: bool = False) -> int:
     """--readers when given; else the smallest multiple of ranks x workers >= 16 (or, failing
-    that, the largest below) whose share of the global batch is a whole number of repeated
-    samples (and even when `even`: MixUp / CutMix pair the images of a micro-batch)."""
+    that, the largest below; with none, the largest multiple of the ranks up to ranks x workers,
+    or the smallest above) whose share of the global batch is a whole number of repeated samples
+    (and even when `even`: MixUp / CutMix pair the images of a micro-batch)."""
     if asked:
         return asked
-    unit = world_size * max(1, num_workers)
     step = repeats * (2 if even else 1)
-    fits = [r for r in range(unit, G + 1, unit) if G % r == 0 and (G // r) % step == 0]
+    unit = world_size * max(1, num_workers)
+
+    def fitting(every: int) -> list[int]:
+        return [r for r in range(every, G + 1, every) if G % r == 0 and (G // r) % step == 0]
+
+    fits = fitting(unit)
+    if fits:
+        big = [r for r in fits if r >= 16]
+        return big[0] if big else fits[-1]
+    # None is a multiple of ranks x workers: the most readers up to that over the ranks alone
+    # (valid on any rank count; the workers then split each rank's readers as evenly as they can).
+    fits = fitting(world_size)
     if not fits:
-        raise UsageError(f"--finetune-batch-size {G}: no reader count that is a multiple of {world_size} "
-                         f"rank(s) x {max(1, num_workers)} worker(s) splits it evenly; pass --readers (a "
-                         "multiple of the rank count dividing the batch) or another --num-workers")
-    big = [r for r in fits if r >= 16]
-    return big[0] if big else fits[-1]
+        raise UsageError(f"--finetune-batch-size {G}: no reader count that is a multiple of the {world_size} "
+                         f"rank(s) splits it evenly; pass --readers (a multiple of the rank count dividing the "
+                         "batch) or another batch size")
+    below = [r for r in fits if r <= unit]
+    return below[-1] if below else fits[0]
 
 
 def recipe_of(cfg, method_name: str, encoder, over: dict) -> tuple[FinetuneRecipe, str]:

@@ -51,6 +51,7 @@ from .features import Log, module_device
 from .finetune import FinetuneRecipe
 from .ft_augment import TAG_BATCH, keyed_rng
 from .probe_stream import _atomic_save
+from .shared_dir import check_shared, load_agreed
 from .stream import EvalStream, SplitSpec
 
 PROTOCOL = "finetune"
@@ -234,10 +235,8 @@ def run_finetune(
     ckpt = Path(ckpt_dir) / f"finetune-{fp}.pt" if ckpt_dir is not None else None
     step0, positions = 0, None
     if ckpt is not None:
-        if ranks.main:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-        edist.barrier()
-        sd = _load_state(ckpt, fp)
+        check_shared(ckpt.parent, "--finetune-dir")
+        sd = load_agreed(ckpt, lambda p: _load_state(p, fp), "--finetune-dir")
         if sd is not None:
             model.load_state_dict(sd["model"])
             if ema is not None:

@@ -42,6 +42,7 @@ from . import dist as edist
 from .features import Log, feature_dim, module_device, pool_features
 from .lars import LARS
 from .linear_probe import FULL_PROTOCOL, LinearHead, default_warmup, lars_budget
+from .shared_dir import check_shared, load_agreed
 from .stream import EvalStream, SplitSpec, batch_shares
 
 
@@ -174,10 +175,8 @@ def run_probe(
     ckpt = Path(ckpt_dir) / f"probe-{fp}.pt" if ckpt_dir is not None else None
     step0, positions = 0, None
     if ckpt is not None:
-        if ranks.main:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-        edist.barrier()
-        sd = _load_state(ckpt, fp)
+        check_shared(ckpt.parent, "--probe-dir")
+        sd = load_agreed(ckpt, lambda p: _load_state(p, fp), "--probe-dir")
         if sd is not None:
             head.load_state_dict(sd["head"])
             opt.load_state_dict(sd["opt"])

@@ -35,6 +35,7 @@ from .knn_sharded import knn_sharded
 from .linear_probe import FAST_PROTOCOL
 from .probe_stream import ProbeSettings, run_probe
 from .rows import fit_rows
+from .shared_dir import check_shared
 from .split_info import classes_beside, on_rank0, scan_labels
 from .stream import EvalStream, SplitSpec, split_spec
 
@@ -92,8 +93,17 @@ class StreamingEval:
         self.counts = {"train": 0, "val": 0}
         self._hashes: dict[tuple, str] = {}
         self._scans: dict[str, tuple[int, int]] = {}
+        self._root_checked = False
 
     # The feature store ----------------------------------------------------------------------
+    def _store_root(self) -> Path:
+        """The stores' root, proven visible to every rank once (each rank reads the others' parts)."""
+        root = self.sa.store_root or Path("runs") / "features"
+        if not self._root_checked:
+            check_shared(root, "--feature-store")
+            self._root_checked = True
+        return root
+
     def _store_settings(self, view: nn.Module, probe_key: dict) -> dict:
         return dict(encoder=self._weights_hash(view), kind=type(view).__name__, probe=probe_key, pool=self.pool,
                     img_size=self.cfg.data.img_size, train=list(self.train_flat.urls),
@@ -110,7 +120,7 @@ class StreamingEval:
         if name in self.stores:
             return self.stores[name]
         view = self.views[name]
-        root = self.sa.store_root or Path("runs") / "features"
+        root = self._store_root()
         st = FeatureStore(root, self._store_settings(view, self.probe_key), self.sa.store_dtype)
         t0 = time.perf_counter()
         # Rank 0 decides for all: ranks that disagreed would wait in different collectives.
@@ -144,7 +154,7 @@ class StreamingEval:
         written from one pass over the images, one forward per image and t."""
         from .sweep import read_pass
 
-        root = self.sa.store_root or Path("runs") / "features"
+        root = self._store_root()
         stores = {(en.k, en.t): FeatureStore(root, self._store_settings(en.view, en.probe_key), self.sa.store_dtype)
                   for p in passes for en in p.entries}
         t0 = time.perf_counter()
@@ -264,12 +274,6 @@ class StreamingEval:
         return self.max_train or (d.epoch_size if d.epoch_size > 1 else 0)
 
     # Protocols --------------------------------------------------------------------------------
-    def _main_only(self, fn):
-        """Run fn on rank 0 and hand its result to every rank (head training is cheap next to
-        the extraction the ranks shared)."""
-        res = fn() if self.ranks.main else None
-        return edist.all_gather_objects(res)[0]
-
     def linear_fast(self, name: str, epochs: int, batch_size: int) -> list[tuple[str, str, dict]]:
         st = self.store(name)
         C = self.num_classes()
@@ -278,16 +282,12 @@ class StreamingEval:
         if name == "pixels":
             variants.append(("pca", self._checkpoint_width()))
         for kind, width in variants:
-            # The row map from every rank's part (a collective), before rank 0 trains the heads.
+            # The row map from every rank's part (a collective), before the ranks train the heads,
+            # each its share of the lrs (the same answer as one rank training them all).
             rmap = self._rmap(name, "pca", width) if kind else None
-
-            def fit(rmap=rmap):
-                tr, va = st.read("train"), st.read("val")
-                return train_heads(tr, va, num_classes=C, blrs=self.sa.blrs, epochs=epochs,
-                                   batch_size=batch_size, holdout=self.sa.holdout, seed=self.seed,
-                                   rmap=rmap, device=self.device, log=self.log,
-                                   desc=f"linear-fast/{name}")
-            res = self._main_only(fit)
+            res = train_heads(st.read("train"), st.read("val"), num_classes=C, blrs=self.sa.blrs, epochs=epochs,
+                              batch_size=batch_size, holdout=self.sa.holdout, seed=self.seed, rmap=rmap,
+                              device=self.device, log=self.log, desc=f"linear-fast/{name}", share=True)
             res["seconds"] += self.extract_seconds.get(name, 0.0)
             enc = name if not kind else f"{name} (PCA {width})"
             if kind:

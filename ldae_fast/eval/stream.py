@@ -4,8 +4,8 @@ Memory is bounded by the chunk, the shuffle buffer and the DataLoader's prefetch
 size of the split: nothing here holds more than a few chunks of decoded images.
 
 Logical readers. A split is read by R *logical readers* (`readers`), fixed by the user and
-independent of the number of ranks and workers (the CLI's default, `default_readers`, is the
-smallest multiple of ranks x workers >= 16): rank k hosts readers r = k, k + N,
+independent of the number of ranks and workers (the CLI's default, `default_readers`, a multiple
+of the rank count that divides the train shards where it can): rank k hosts readers r = k, k + N,
 k + 2N, ... (N ranks), and the rank's DataLoader workers split those further. Reader r reads
 
 - shard-level: the shards `order[r::R]` (`order` a permutation keyed on (seed, epoch) for the
@@ -308,11 +308,34 @@ def batch_shares(global_batch: int, readers: int) -> dict[int, int]:
     return {r: q + (1 if r < rem else 0) for r in range(readers)}
 
 
-def default_readers(world_size: int, num_workers: int, at_least: int = 16) -> int:
-    """The smallest multiple of ranks x workers that is >= `at_least`: every worker of every rank
-    hosts the same number of readers, so decoding uses all the workers asked for."""
+def default_readers(world_size: int, num_workers: int, n_shards: int = 0, at_least: int = 16,
+                    at_most: int = 0) -> int:
+    """The reader count when the user sets none, always a multiple of the rank count (so valid on
+    any number of ranks). Given `n_shards` (the train split's, read shard-level), a count that
+    divides them, so every reader owns as many shards as the others and no image comes round more
+    often than another in an epoch: the smallest multiple of ranks x workers >= `at_least` that
+    does, else the smallest multiple of the ranks >= max(`at_least`, ranks x workers) that does,
+    else the largest multiple of the ranks below that (fewer workers decode, but no reader has to
+    read every shard). Else (no shard count, no divisor) the smallest multiple of ranks x workers
+    >= `at_least`, or of the ranks when that one would exceed the shards. `at_most` (> 0: the
+    probe's global batch, of which every reader gives at least one image) bounds the divisors."""
     unit = world_size * max(1, num_workers)
-    return unit * -(-at_least // unit)
+    lower = max(at_least, unit)
+    top = min(n_shards, at_most) if at_most > 0 else n_shards
+
+    def divisors(step: int, lo: int) -> list[int]:
+        return [r for r in range(step * -(-lo // step), top + 1, step) if n_shards % r == 0]
+
+    fits = divisors(unit, lower) or divisors(world_size, lower)
+    if fits:
+        return fits[0]
+    below = divisors(world_size, max(at_least, world_size))
+    if below:
+        return below[-1]
+    r = unit * -(-lower // unit)
+    if n_shards and r > n_shards >= world_size * -(-lower // world_size):
+        return world_size * -(-lower // world_size)
+    return r
 
 
 def _workers_for(n_readers: int, num_workers: int) -> int:
