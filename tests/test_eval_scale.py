@@ -216,3 +216,21 @@ def test_driver_reuses_the_store_and_a_changed_setting_writes_another(tmp_path, 
     assert "reusing the feature store" in capsys.readouterr().out and feat.stat().st_mtime_ns == stamp
     assert driver.main(args + ["--probe-t", "40"]) == 0  # another probe view: another store
     assert len(list(store.iterdir())) == 2 and "writing the feature store" in capsys.readouterr().out
+
+
+def test_fit_tensor_is_fit_rows_on_one_process_and_uses_the_train_rows_alone():
+    """fit_tensor (the in-memory path learn_check and the demo epilogue use) gives fit_rows' map;
+    the map is a function of the train rows: any val rows are only mapped by it."""
+    from ldae_fast.eval.rows import fit_tensor
+
+    x, y = _blobs(120, dim=6, seed=7)
+    x = x * torch.tensor([10.0, 1, 1, 1, 1, 0.1])
+    x = x.half().float()  # _rows stores fp16: the same numbers on both paths
+    ref = fit_rows(_rows(x, y), "whitened")
+    ours = fit_tensor(x, "whitened")
+    torch.testing.assert_close(ours.mean, ref.mean)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+    # Fewer rows than dimensions (raw pixels): the SVD path, the same identity covariance on train.
+    wide = torch.randn(10, 30, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 10, 30)
+    w = fit_tensor(wide, "whitened", eps=0.0)(wide).double()
+    torch.testing.assert_close((w.t() @ w / 10)[:9, :9], torch.eye(9, dtype=torch.float64), atol=1e-4, rtol=0)
