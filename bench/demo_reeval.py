@@ -25,26 +25,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-class ReevalError(ValueError):
-    pass
-
-
 def reevaluate(run_dir: Path, log=print) -> dict:
     """The run's results.json with `evaluation` recomputed from its last checkpoint."""
     from ldae_fast.engine.checkpoint import load_state, resolve_resume
+    from ldae_fast.errors import CheckpointError, FileProblem
     from ldae_fast.eval.reader import load_for_eval
     from ldae_fast.train import RESULTS_FILE, finish_demo
 
     try:
         rec = json.loads((run_dir / RESULTS_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise ReevalError(f"{run_dir}: no readable {RESULTS_FILE} ({e})") from None
+        raise FileProblem(f"{run_dir}: no readable {RESULTS_FILE} ({e})") from None
     ckpt = resolve_resume(str(run_dir), run_dir, flag="RUN_DIR")
     if ckpt is None:
-        raise ReevalError(f"{run_dir}: no checkpoint under {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"{run_dir}: no checkpoint under {run_dir / 'checkpoints'}")
     cfg, model, method = load_for_eval(ckpt, flag="RUN_DIR")
     if method is None:
-        raise ReevalError(f"{ckpt}: no method state (an exported encoder is not a demo run)")
+        raise CheckpointError(f"{ckpt}: no method state (an exported encoder is not a demo run)")
     # The figure would be written into the run's folder: this leaves it untouched.
     cfg = cfg.replace(eval=dataclasses.replace(cfg.eval, figure=False, probe=True))
     had_ema = bool(load_state(ckpt).get("ema"))
@@ -53,7 +50,7 @@ def reevaluate(run_dir: Path, log=print) -> dict:
     result = SimpleNamespace(model=model, ema=model if had_ema else None, method=method)
     ev = finish_demo(cfg, result, log=log)
     if not ev:
-        raise ReevalError(f"{run_dir}: the evaluation found no labelled images")
+        raise FileProblem(f"{run_dir}: the evaluation found no labelled images")
     from datetime import datetime, timezone
 
     import torch
@@ -66,15 +63,18 @@ def reevaluate(run_dir: Path, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors end as one stderr line and their exit code (README "Exit codes")."""
+    from ldae_fast.errors import run_cli
+
+    return run_cli(_main, argv, "demo_reeval.py")
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path, help="a demo run's engine.out_dir (holds results.json, checkpoints/)")
     ap.add_argument("--out", type=Path, required=True, help="where the new results file goes")
     args = ap.parse_args(argv)
-    try:
-        rec = reevaluate(args.run_dir)
-    except ReevalError as e:
-        print(f"demo_reeval: {e}", file=sys.stderr)
-        return 2
+    rec = reevaluate(args.run_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
     print(f"results: {args.out}")

@@ -276,12 +276,17 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ldae_fast.errors import UserError, one_line
+
     args = parse_args(argv)
     try:
         return run(args, argv)
     except UsageError as e:
         print(f"learn_check: {e}", file=sys.stderr)
         return 2
+    except UserError as e:  # a damaged checkpoint or data file (--eval-only): its documented code
+        print(f"learn_check: {e.category}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
