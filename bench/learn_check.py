@@ -4,6 +4,7 @@ the fast linear probe for the pretrained encoder and random-init encoders of the
 
     python bench/learn_check.py --data-dir DIR --train-shards N --val-shards M --budget-s S \\
         --out FILE.json [--toy] [--device auto]
+    python bench/learn_check.py --eval-only RUN_DIR --from FILE.json --out NEW.json [--data-dir DIR]
 
 DIR holds train-*.tar.gz and val-*.tar.gz (the Tiny ImageNet WebDataset layout); the first N
 train and M val shards in name order are used (and named in the output). Steps:
@@ -14,11 +15,18 @@ train and M val shards in name order are used (and named in the output). Steps:
 4. evaluate the EMA encoder and `--floor-seeds` random-init encoders (seeds 0.. ; seed 0 is the
    pretrained run's own initialisation): features of the un-augmented train and val images
    (mean of patch tokens), a weighted kNN whose k is chosen on a held-out fifth of the train
-   images (on features centred on the train mean, `knn_top1`, and as they are, `knn_raw_top1`),
+   images (on features centred on the train mean, `knn_top1`; as they are, `knn_raw_top1`; and
+   whitened, `knn_whitened_top1`: eval/rows.py's map, fitted on the train features only),
    and the fast linear probe (cached features, LARS) whose base lr is chosen the same
    way and then refit on all train images. Val images are used for the reported numbers only.
 FILE.json is rewritten after every stage, so a killed run keeps what it measured; the table is
 printed as markdown at the end.
+
+--eval-only RUN_DIR --from FILE.json repeats step 4 alone on a finished run: RUN_DIR is its
+--run-dir (the last checkpoint under RUN_DIR/pretrain, its EMA weights as the run used), FILE.json
+its output, whose recorded command sets the evaluation (setup, classes, probe epochs, floors,
+pixel floor) and whose meta and stages are copied into NEW.json; the rows are measured anew (a
+field the evaluation gained since, such as the whitened kNN, is then filled in). RUN_DIR is only read.
 
 Configurations: on a GPU, ViT-S (12 + 12 blocks, width 384) at 64 px, patch 8, d = 32, batch
 256 (the `tiny-imagenet` preset's model); `--toy`: the `tiny` model at 16 px on 10 classes of
@@ -62,10 +70,10 @@ class UsageError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, help="folder with train-*.tar.gz and val-*.tar.gz")
-    p.add_argument("--train-shards", type=int, required=True, help="how many train shards to use")
-    p.add_argument("--val-shards", type=int, required=True, help="how many val shards to use")
-    p.add_argument("--budget-s", type=float, required=True, help="wall-clock seconds of pretraining")
+    p.add_argument("--data-dir", help="folder with train-*.tar.gz and val-*.tar.gz")
+    p.add_argument("--train-shards", type=int, help="how many train shards to use")
+    p.add_argument("--val-shards", type=int, help="how many val shards to use")
+    p.add_argument("--budget-s", type=float, help="wall-clock seconds of pretraining")
     p.add_argument("--out", required=True, help="JSON file, rewritten as the run goes")
     p.add_argument("--toy", action="store_true", help="tiny model, 16 px, 10 classes: CPU rehearsal")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
@@ -98,6 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch intra-op threads (0: torch's default); on a shared, loaded CPU one "
                         "thread can be several times faster than two (OpenMP spin-waits)")
     p.add_argument("--run-dir", default="", help="engine out_dir (default: a temporary folder)")
+    p.add_argument("--eval-only", default="", metavar="RUN_DIR",
+                   help="pretrain nothing: evaluate the last checkpoint under RUN_DIR/pretrain (a finished "
+                        "run's --run-dir) as that run did; needs --from")
+    p.add_argument("--from", dest="from_json", default="", metavar="FILE.json",
+                   help="with --eval-only: the run's own output, whose recorded flags set the evaluation and "
+                        "whose pretraining stages are copied; --data-dir, --device, --threads, --cache-dir "
+                        "given here override its")
     return p.parse_args(argv)
 
 
@@ -197,6 +212,7 @@ def evaluate_features(ftr: torch.Tensor, fva: torch.Tensor, ytr: torch.Tensor, y
     """evaluate's protocol on features already extracted."""
     from ldae_fast.eval.knn import knn_classify
     from ldae_fast.eval.linear_probe import train_head_cached
+    from ldae_fast.eval.rows import fit_tensor
 
     ytr, yva = ytr.to(device), yva.to(device)
     fit, held = (i.to(device) for i in holdout_split(len(ytr)))
@@ -212,6 +228,10 @@ def evaluate_features(ftr: torch.Tensor, fva: torch.Tensor, ytr: torch.Tensor, y
     # dominates the cosine similarity; removing it (a train-only statistic) is fair to both.
     mu = ftr.mean(0, keepdim=True)
     k, knn_top1 = knn(ftr - mu, fva - mu)
+    # Whitened (eval/rows.py, fitted on all train rows, never val): a few directions (colour,
+    # brightness) carry most of the variance of mean-pooled features and drown the rest.
+    white = fit_tensor(ftr, "whitened")
+    k_white, knn_white = knn(white(ftr), white(fva))
 
     def probe(blr: float, a, ya, b, yb) -> float:
         return train_head_cached(a, ya, b, yb, num_classes=num_classes, epochs=probe_epochs,
@@ -233,145 +253,235 @@ def evaluate_features(ftr: torch.Tensor, fva: torch.Tensor, ytr: torch.Tensor, y
         except FloatingPointError:
             continue
     return {"knn_k": k, "knn_top1": round(knn_top1, 2), "knn_raw_k": k_raw, "knn_raw_top1": round(knn_raw, 2),
+            "knn_whitened_k": k_white, "knn_whitened_top1": round(knn_white, 2),
             "probe_blr": blr, "probe_top1": round(top1, 2),
             "eval_s": round(time.time() - t0, 1)}
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    cols = ["encoder", "seed", "knn_top1", "knn_k", "knn_raw_top1", "knn_raw_k", "probe_top1", "probe_blr", "images_seen", "steps", "train_s"]
+    cols = ["encoder", "seed", "knn_top1", "knn_k", "knn_raw_top1", "knn_raw_k", "knn_whitened_top1",
+            "knn_whitened_k", "probe_top1", "probe_blr", "images_seen", "steps", "train_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
     if summary:
         lines.append("")
         lines.append(f"random-init floor over {summary['floor_seeds']} seeds: kNN {summary['floor_knn_mean']:.2f} "
-                     f"± {summary['floor_knn_std']:.2f}, probe {summary['floor_probe_mean']:.2f} ± "
+                     f"± {summary['floor_knn_std']:.2f}, whitened kNN {summary['floor_knn_whitened_mean']:.2f} ± "
+                     f"{summary['floor_knn_whitened_std']:.2f}, probe {summary['floor_probe_mean']:.2f} ± "
                      f"{summary['floor_probe_std']:.2f} (mean ± std); pretrained − floor mean: kNN "
-                     f"{summary['knn_margin']:+.2f}, probe {summary['probe_margin']:+.2f} points; "
-                     f"chance {summary['chance']:.2f}%")
+                     f"{summary['knn_margin']:+.2f}, whitened kNN {summary['knn_whitened_margin']:+.2f}, probe "
+                     f"{summary['probe_margin']:+.2f} points; chance {summary['chance']:.2f}%")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ldae_fast.errors import UserError, one_line
+
     args = parse_args(argv)
     try:
         return run(args, argv)
     except UsageError as e:
         print(f"learn_check: {e}", file=sys.stderr)
         return 2
+    except UserError as e:  # a damaged checkpoint or data file (--eval-only): its documented code
+        print(f"learn_check: {e.category}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from ldae_fast.data.resident import keep_classes, resident_arrays
-    from ldae_fast.device import resolve_device
     from ldae_fast.engine.loop import train
     from ldae_fast.methods import build_model
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return run_eval_only(args, argv)
+    for flag in ("data_dir", "train_shards", "val_shards", "budget_s"):
+        if getattr(args, flag) is None:
+            raise UsageError(f"--{flag.replace('_', '-')} is required (unless --eval-only)")
     if args.budget_s <= 0:
         raise UsageError(f"--budget-s {args.budget_s}: must be > 0")
-    device = resolve_device(args.device, "--device", UsageError)
-    train_urls, val_urls = pick_shards(Path(args.data_dir), args.train_shards, args.val_shards)
-    setup = setup_of(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = results_io.environment()
-    cmd = results_io.command_line(None if argv is None else [os.path.abspath(__file__), *argv])
-    stamp = {"device": env.get("gpu") or f"cpu ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)",
-             "torch": env.get("torch"), "triton": env.get("triton"), "date": env["date"], "command": cmd}
-    doc: dict[str, Any] = {"meta": {**env, **stamp, "setup": setup, "budget_s": args.budget_s,
-                                    "train_shards": [Path(u).name for u in train_urls],
-                                    "val_shards": [Path(u).name for u in val_urls]},
-                           "stages": {}, "rows": [], "summary": {}}
-
-    def save() -> None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, out)
-
-    def stage(name: str, **info: Any) -> None:
-        doc["stages"][name] = info
-        save()
-        print(f"[learn_check] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-
-    run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="learn_check-"))
-
-    def cfg_with(epoch_size: int, steps: int, budget: float, sub: str, curve_every: int = 0):
-        try:
-            return make_config(setup, train_urls, val_urls, args.device, args.cache_dir, str(run_root / sub),
-                               epoch_size, steps, budget, args.seed, args.warmup_frac, curve_every)
-        except ValueError as e:  # ConfigError: a bad override
-            raise UsageError(str(e)) from None
-
-    t0 = time.time()
-    probe_cfg = cfg_with(1, 1, 0.0, "probe")
-    tr = resident_arrays(probe_cfg, "train")
-    va = resident_arrays(probe_cfg, "val")
-    n_train = len(tr[1])
-    if args.eval_classes:
-        tr, va = keep_classes(*tr, args.eval_classes), keep_classes(*va, args.eval_classes)
-    num_classes = int(max(int(tr[1].max()), int(va[1].max()))) + 1
-    stage("data", pretrain_images=n_train, train_images=len(tr[1]), val_images=len(va[1]), classes=num_classes,
-          img_size=setup["img_size"], seconds=round(time.time() - t0, 1))
-    if n_train < setup["batch_size"]:
-        raise UsageError(f"{n_train} train images are fewer than one batch of {setup['batch_size']}")
+    ctx = Context(args, argv)
+    ctx.doc["meta"]["budget_s"] = args.budget_s
+    ctx.save()
+    setup, n_train = ctx.setup, ctx.n_train
 
     steps = args.steps
     if not steps:
         calib = setup["calib_steps"]
-        res = train(cfg_with(n_train, calib, args.budget_s, "calibrate"), log_enabled=False)
+        res = train(ctx.cfg_with(n_train, calib, args.budget_s, "calibrate"), log_enabled=False)
         # The last log window excludes the first steps (kernel compilation, allocator warm-up).
         ips = res.images_per_s
         steps = max(1, int(0.97 * args.budget_s * ips / setup["batch_size"]))
-        stage("calibrate", steps=res.steps, images_per_s=round(ips, 1), planned_steps=steps)
-    cfg = cfg_with(n_train, steps, args.budget_s, "pretrain", args.curve_every)
+        ctx.stage("calibrate", steps=res.steps, images_per_s=round(ips, 1), planned_steps=steps)
+    cfg = ctx.cfg_with(n_train, steps, args.budget_s, "pretrain", args.curve_every)
     t1 = time.time()
     res = train(cfg)
     train_s = time.time() - t1
     images_seen = res.steps * cfg.data.batch_size
-    stage("pretrain", steps=res.steps, planned_steps=steps, images_seen=images_seen,
-          train_s=round(train_s, 1), final_loss=round(res.final_loss, 4), epochs=round(images_seen / n_train, 2))
+    ctx.stage("pretrain", steps=res.steps, planned_steps=steps, images_seen=images_seen,
+              train_s=round(train_s, 1), final_loss=round(res.final_loss, 4), epochs=round(images_seen / n_train, 2))
 
     enc = build_model(cfg)
     src = res.ema if res.ema is not None else res.model
     enc.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+    return evaluate_run(ctx, cfg, enc, res.steps, train_s, Path(cfg.engine.out_dir))
+
+
+class Context:
+    """What a run and an eval-only run share: the settings, the output document, the resident
+    train and val images."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str] | None, meta: dict[str, Any] | None = None) -> None:
+        from ldae_fast.data.resident import keep_classes, resident_arrays
+        from ldae_fast.device import resolve_device
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.device = resolve_device(args.device, "--device", UsageError)
+        self.train_urls, self.val_urls = pick_shards(Path(args.data_dir), args.train_shards, args.val_shards)
+        self.setup = setup_of(args)
+        self.out = Path(args.out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        env = results_io.environment()
+        cmd = results_io.command_line(None if argv is None else [os.path.abspath(__file__), *argv])
+        self.stamp = {"device": env.get("gpu") or f"cpu ({os.cpu_count()} cores visible, {torch.get_num_threads()} "
+                      "threads)", "torch": env.get("torch"), "triton": env.get("triton"), "date": env["date"],
+                      "command": cmd}
+        self.doc: dict[str, Any] = {"meta": meta if meta is not None else {
+            **env, **self.stamp, "setup": self.setup, "train_shards": [Path(u).name for u in self.train_urls],
+            "val_shards": [Path(u).name for u in self.val_urls]}, "stages": {}, "rows": [], "summary": {}}
+        self.run_root = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="learn_check-"))
+        self.t0 = time.time()
+        probe_cfg = self.cfg_with(1, 1, 0.0, "probe")
+        self.tr = resident_arrays(probe_cfg, "train")
+        self.va = resident_arrays(probe_cfg, "val")
+        self.n_train = len(self.tr[1])
+        if args.eval_classes:
+            self.tr = keep_classes(*self.tr, args.eval_classes)
+            self.va = keep_classes(*self.va, args.eval_classes)
+        self.num_classes = int(max(int(self.tr[1].max()), int(self.va[1].max()))) + 1
+        self.data_stage = dict(pretrain_images=self.n_train, train_images=len(self.tr[1]),
+                               val_images=len(self.va[1]), classes=self.num_classes, img_size=self.setup["img_size"],
+                               seconds=round(time.time() - self.t0, 1))
+        if meta is None:
+            self.stage("data", **self.data_stage)
+        if self.n_train < self.setup["batch_size"]:
+            raise UsageError(f"{self.n_train} train images are fewer than one batch of {self.setup['batch_size']}")
+
+    def cfg_with(self, epoch_size: int, steps: int, budget: float, sub: str, curve_every: int = 0):
+        a = self.args
+        try:
+            return make_config(self.setup, self.train_urls, self.val_urls, a.device, a.cache_dir,
+                               str(self.run_root / sub), epoch_size, steps, budget, a.seed, a.warmup_frac,
+                               curve_every)
+        except ValueError as e:  # ConfigError: a bad override
+            raise UsageError(str(e)) from None
+
+    def save(self) -> None:
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
+        os.replace(tmp, self.out)
+
+    def stage(self, name: str, **info: Any) -> None:
+        self.doc["stages"][name] = info
+        self.save()
+        print(f"[learn_check] {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+
+
+def run_eval_only(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Evaluate a finished run's last checkpoint as the run itself did (its recorded flags), and
+    write the run's JSON shape: its meta and stages copied, the rows measured now."""
+    import shlex
+
+    from ldae_fast.eval.reader import load_for_eval
+
+    if not args.from_json:
+        raise UsageError("--eval-only needs --from FILE.json (the run's own output)")
+    try:
+        orig = json.loads(Path(args.from_json).read_text())
+        words = shlex.split(orig["meta"]["command"])
+        stages = orig["stages"]
+        pre = stages["pretrain"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--from {args.from_json}: not a finished learn_check JSON ({e!r})") from None
+    script = next((i for i, w in enumerate(words) if w.endswith("learn_check.py")), None)
+    if script is None:
+        raise UsageError(f"--from {args.from_json}: its meta.command does not run learn_check.py")
+    # The recorded flags are parsed, never run: they set the same setup, classes, probe and floors.
+    a = parse_args(words[script + 1:])
+    for flag in ("data_dir", "cache_dir"):
+        if getattr(args, flag):
+            setattr(a, flag, getattr(args, flag))
+    a.device = args.device if args.device != "auto" else a.device
+    a.threads = args.threads or a.threads
+    a.out, a.eval_only, a.from_json, a.run_dir = args.out, args.eval_only, args.from_json, ""
+    ckpt_dir = Path(args.eval_only) / "pretrain"
+    if not (ckpt_dir / "checkpoints").is_dir():
+        raise UsageError(f"--eval-only {args.eval_only}: no pretrain/checkpoints/ in it (a learn_check --run-dir)")
+    meta = dict(orig["meta"])
+    ctx = Context(a, None, meta)  # a.run_dir is '': nothing is written in RUN_DIR
+    for key in ("train_shards", "val_shards"):
+        now = [Path(u).name for u in (ctx.train_urls if key == "train_shards" else ctx.val_urls)]
+        if meta.get(key) != now:
+            raise UsageError(f"--data-dir {a.data_dir}: its {key} {now} are not the run's {meta.get(key)}")
+    if stages.get("data", {}).get("train_images") not in (None, ctx.data_stage["train_images"]):
+        raise UsageError(f"--data-dir {a.data_dir}: {ctx.data_stage['train_images']} eval train images, the run "
+                         f"had {stages['data']['train_images']}")
+    cmd = results_io.command_line(None if argv is None else [os.path.abspath(__file__), *argv])
+    meta["eval_only"] = {**ctx.stamp, "command": cmd, "run_dir": str(args.eval_only), "from": str(args.from_json)}
+    ctx.doc["stages"] = dict(stages)
+    cfg, model, _ = load_for_eval(ckpt_dir, flag="--eval-only")  # the EMA weights when kept, as the run used
+    if getattr(model, "encoder", None) is None:
+        raise UsageError(f"--eval-only {args.eval_only}: the checkpoint holds no encoder")
+    ctx.save()
+    return evaluate_run(ctx, cfg, model.float(), int(pre["steps"]), float(pre["train_s"]), ckpt_dir)
+
+
+def evaluate_run(ctx: Context, cfg, enc: torch.nn.Module, steps: int, train_s: float, ckpt_dir: Path) -> int:
+    """Evaluate the pretrained model `enc`, the random-init floors, the pixel floor and the curve's
+    checkpoints (under `ckpt_dir`); write the rows, the summary and the table."""
+    from ldae_fast.methods import build_model
+
+    args, device, setup, num_classes = ctx.args, ctx.device, ctx.setup, ctx.num_classes
+    tr, va, doc = ctx.tr, ctx.va, ctx.doc
+    images_seen = steps * cfg.data.batch_size
     encoders = [("pretrained", args.seed, enc.encoder)]
     for s in range(args.floor_seeds):
         torch.manual_seed(s)
         encoders.append(("random-init", s, build_model(cfg).encoder))
     common = {"model": f"{cfg.model.size} w{cfg.model.width} d{cfg.model.encoder_depth}+{cfg.model.decoder_depth}",
-              "img_size": cfg.data.img_size, "patch_size": cfg.model.patch_size, "pretrain_images": n_train,
+              "img_size": cfg.data.img_size, "patch_size": cfg.model.patch_size, "pretrain_images": ctx.n_train,
               "train_images": len(tr[1]),
-              "val_images": len(va[1]), "classes": num_classes, **stamp}
+              "val_images": len(va[1]), "classes": num_classes, **ctx.stamp}
     for name, seed, e in encoders:
         e = e.to(device)
         r = evaluate(e, tr, va, device, setup["probe_epochs"], num_classes)
         pre = name == "pretrained"
         doc["rows"].append({"encoder": name, "seed": seed, **r,
-                            "images_seen": images_seen if pre else 0, "steps": res.steps if pre else 0,
+                            "images_seen": images_seen if pre else 0, "steps": steps if pre else 0,
                             "train_s": round(train_s, 1) if pre else 0, **common})
         e.cpu()
-        save()
-        print(f"[learn_check] {name} seed {seed}: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
-              f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+        ctx.save()
+        print(f"[learn_check] {name} seed {seed}: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), whitened "
+              f"{r['knn_whitened_top1']}, probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
     if args.pixel_floor:
         t2 = time.time()
         r = evaluate_features(pixel_features(tr[0], device), pixel_features(va[0], device), tr[1], va[1], device,
                               setup["probe_epochs"], num_classes, t2)
         doc["rows"].append({"encoder": "raw pixels", "seed": "-", **r, "images_seen": 0, "steps": 0,
                             "train_s": 0, **common})
-        save()
-        print(f"[learn_check] raw pixels: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), "
-              f"probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
+        ctx.save()
+        print(f"[learn_check] raw pixels: kNN top-1 {r['knn_top1']} (k={r['knn_k']}), whitened "
+              f"{r['knn_whitened_top1']}, probe top-1 {r['probe_top1']} (blr {r['probe_blr']})", flush=True)
     if args.curve_every:
         from ldae_fast.engine.checkpoint import list_checkpoints
         from ldae_fast.eval.reader import load_for_eval
 
-        for ck in list_checkpoints(cfg.engine.out_dir):
+        for ck in list_checkpoints(ckpt_dir):
             _, m, _ = load_for_eval(ck)  # the EMA weights when the run kept them, as above
             step = int(ck.name.rpartition("_")[2])
-            if step >= res.steps:
+            if step >= steps:
                 continue  # the final encoder is the 'pretrained' row already
             e = m.encoder.float().to(device)
             r = evaluate(e, tr, va, device, setup["probe_epochs"], num_classes)
@@ -379,12 +489,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                                 "images_seen": step * cfg.data.batch_size, "steps": step, "train_s": "-",
                                 **common})
             e.cpu()
-            save()
+            ctx.save()
             print(f"[learn_check] step {step}: kNN top-1 {r['knn_top1']}, probe top-1 {r['probe_top1']}", flush=True)
     floor = [r for r in doc["rows"] if r["encoder"] == "random-init"]
     pre = doc["rows"][0]
     if floor:
         fk = [r["knn_top1"] for r in floor]
+        fw = [r["knn_whitened_top1"] for r in floor]
         fp = [r["probe_top1"] for r in floor]
 
         def sd(xs: list[float]) -> float:
@@ -392,14 +503,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         doc["summary"] = {
             "floor_seeds": len(floor), "floor_knn_mean": statistics.mean(fk), "floor_knn_std": sd(fk),
+            "floor_knn_whitened_mean": statistics.mean(fw), "floor_knn_whitened_std": sd(fw),
             "floor_probe_mean": statistics.mean(fp), "floor_probe_std": sd(fp),
             "knn_margin": pre["knn_top1"] - statistics.mean(fk),
+            "knn_whitened_margin": pre["knn_whitened_top1"] - statistics.mean(fw),
             "probe_margin": pre["probe_top1"] - statistics.mean(fp), "chance": 100.0 / num_classes,
-            "total_s": round(time.time() - t0, 1)}
+            "total_s": round(time.time() - ctx.t0, 1)}
     doc["markdown"] = markdown(doc["rows"], doc["summary"])
-    save()
+    ctx.save()
     print(doc["markdown"])
-    print(f"[learn_check] wrote {out} ({time.time() - t0:.0f}s in all)")
+    print(f"[learn_check] wrote {ctx.out} ({time.time() - ctx.t0:.0f}s in all)")
     return 0
 
 

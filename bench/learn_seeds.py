@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """One table from several `bench/learn_check.py` runs that differ only in --seed (the pretraining
 seed): the pretrained encoder per seed, mean ± std over the seeds, beside the random-init floors
-and the raw-pixel floor (`--pixel-floor`) of the first run.
+and the raw-pixel floor (`--pixel-floor`) of the first run; probe, centred, whitened and raw kNN
+(a file written before the whitened kNN existed shows '-' there; `learn_check.py --eval-only`
+fills it in).
 
     python bench/learn_seeds.py runs/ti-s0.json runs/ti-s1.json runs/ti-s2.json
 
@@ -38,33 +40,51 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
+def _cell(r: dict[str, Any], key: str) -> str:
+    """A number to two places; '-' where the run's file predates the field."""
+    v = r.get(key)
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _vals(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
 def table(docs: list[tuple[Path, dict[str, Any]]]) -> str:
     pre = [(p, next(r for r in d["rows"] if r["encoder"] == "pretrained")) for p, d in docs]
     floors = [r for r in docs[0][1]["rows"] if r["encoder"] == "random-init"]
     raw = [r for r in docs[0][1]["rows"] if r["encoder"] == "raw pixels"]
-    lines = ["| encoder | seed | probe top-1 | kNN top-1 (centred) | kNN top-1 (raw) | images seen | pretraining |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| encoder | seed | probe top-1 | kNN top-1 (centred) | kNN top-1 (whitened) | kNN top-1 (raw) | "
+             "images seen | pretraining |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def row(name: str, seed: Any, r: dict[str, Any], seen: Any, secs: str) -> str:
+        return (f"| {name} | {seed} | " + " | ".join(_cell(r, k) for k in ("probe_top1", "knn_top1",
+                "knn_whitened_top1", "knn_raw_top1")) + f" | {seen} | {secs} |")
+
     for _, r in pre:
-        lines.append(f"| pretrained | {r['seed']} | {r['probe_top1']:.2f} | {r['knn_top1']:.2f} | "
-                     f"{r['knn_raw_top1']:.2f} | {r['images_seen']} | {r['train_s']} s |")
+        lines.append(row("pretrained", r["seed"], r, r["images_seen"], f"{r['train_s']} s"))
     for r in floors:
-        lines.append(f"| random-init | {r['seed']} | {r['probe_top1']:.2f} | {r['knn_top1']:.2f} | "
-                     f"{r['knn_raw_top1']:.2f} | 0 | - |")
+        lines.append(row("random-init", r["seed"], r, 0, "-"))
     for r in raw:
-        lines.append(f"| raw pixels | - | {r['probe_top1']:.2f} | {r['knn_top1']:.2f} | {r['knn_raw_top1']:.2f} | 0 | - |")
-    pp, pk = [r["probe_top1"] for _, r in pre], [r["knn_top1"] for _, r in pre]
+        lines.append(row("raw pixels", "-", r, 0, "-"))
+    pre_rows = [r for _, r in pre]
+    metrics = [("probe", "probe_top1"), ("kNN", "knn_top1"), ("whitened kNN", "knn_whitened_top1")]
+
+    def stats(rows: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{name} {_ms(_vals(rows, k))}" for name, k in metrics if _vals(rows, k))
+
     lines.append("")
-    summary = f"pretrained over {len(pre)} seeds: probe {_ms(pp)}, kNN {_ms(pk)}"
+    summary = f"pretrained over {len(pre)} seeds: {stats(pre_rows)}"
     if floors:
-        fp, fk = [r["probe_top1"] for r in floors], [r["knn_top1"] for r in floors]
-        summary += (f"; random-init over {len(floors)} seeds: probe {_ms(fp)}, kNN {_ms(fk)}; margin of the means: "
-                    f"probe {statistics.mean(pp) - statistics.mean(fp):+.2f}, kNN "
-                    f"{statistics.mean(pk) - statistics.mean(fk):+.2f} points")
+        margins = ", ".join(f"{name} {statistics.mean(_vals(pre_rows, k)) - statistics.mean(_vals(floors, k)):+.2f}"
+                            for name, k in metrics if _vals(pre_rows, k) and _vals(floors, k))
+        summary += f"; random-init over {len(floors)} seeds: {stats(floors)}; margin of the means: {margins} points"
     chance = docs[0][1].get("summary", {}).get("chance")
     if chance:
         summary += f"; chance {chance:.2f}%"
-    lines.append(summary + " (mean ± sample std). Written by `bench/learn_seeds.py` from " +
-                 ", ".join(str(p) for p, _ in docs) + ".")
+    lines.append(summary + " (mean ± sample std; '-': the run's file has no such field). Written by "
+                 "`bench/learn_seeds.py` from " + ", ".join(str(p) for p, _ in docs) + ".")
     return "\n".join(lines)
 
 

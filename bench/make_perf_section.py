@@ -41,6 +41,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     # bench/learn_check.py: pretrained vs random-init encoders on real data (top-1 in %).
     "learn_check": [
         ("encoder", "encoder"), ("seed", "seed"), ("knn_top1", "kNN top-1 (%)"), ("knn_k", "k"),
+        ("knn_whitened_top1", "kNN whitened top-1 (%)"),
         ("probe_top1", "probe top-1 (%)"), ("images_seen", "images seen"), ("steps", "steps"),
         ("train_s", "pretrain (s)"), ("model", "model"), ("img_size", "px"), ("classes", "classes"),
         ("train_images", "train images"), ("val_images", "val images"), ("status", "status"),

@@ -31,6 +31,8 @@ COLUMNS = (
     ("probe_top1", "probe, pretrained"), ("random_top1", "probe, random-init"),
     ("raw_pixels_top1", "probe, raw pixels"), ("knn_top1", "kNN (centred), pretrained"),
     ("random_knn_top1", "kNN, random-init"), ("raw_pixels_knn_top1", "kNN, raw pixels"),
+    ("knn_whitened_top1", "kNN (whitened), pretrained"), ("random_knn_whitened_top1", "kNN (whitened), random-init"),
+    ("raw_pixels_knn_whitened_top1", "kNN (whitened), raw pixels"),
 )
 # Settings a seed of the same experiment may change.
 FREE = {("engine", "seed"), ("engine", "out_dir"), ("engine", "progress"), ("engine", "overwrite"),
@@ -97,10 +99,14 @@ def table(recs: list[dict[str, Any]], title: str = "") -> str:
         lines.append("| mean ± std | " + " | ".join(cells) + " | |")
     ev0 = recs[0]["evaluation"]
     st = ev0.get("eval_settings", {})
+    white = (" (and whitened with the train features' PCA)"
+             if any("knn_whitened_top1" in r["evaluation"] for r in recs) else "")
     lines.append("")
     lines.append(f"Chance {ev0.get('chance', float('nan')):.1f}%; {st.get('train_images', '?')} train / "
                  f"{st.get('val_images', '?')} val images; probe {st.get('probe_epochs', '?')} epochs (blr "
-                 f"{st.get('probe_blr', '?')}), kNN k={st.get('knn_k', '?')} on {st.get('knn_features', '?')} features; "
+                 f"{st.get('probe_blr', '?')}), kNN k={st.get('knn_k', '?')} on {st.get('knn_features', '?')} features"
+                 f"{white}; "
+                 f"'-': a file without that field; "
                  f"std is the sample standard deviation over {len(recs)} seed(s). Written by "
                  f"`bench/seed_table.py` from:")
     lines.append("")

@@ -54,9 +54,9 @@ PROBE_SEED = 0
 
 
 def finish_demo(cfg: Config, result, log=print) -> dict:
-    """Figure, then the fast linear probe and a kNN of the trained encoder against a random-init
-    encoder of the same architecture (the floor), the raw pixels and chance; returns every number
-    it printed (train.write_results stores them)."""
+    """Figure, then the fast linear probe and a kNN (centred and whitened features) of the trained
+    encoder against a random-init encoder of the same architecture (the floor), the raw pixels and
+    chance; returns every number it printed (train.write_results stores them)."""
     import torch
 
     from .data import build_eval_arrays
@@ -65,6 +65,7 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
     from .eval.features import feature_settings, probe_encoder, probe_view
     from .eval.knn import knn_classify
     from .eval.linear_probe import train_head_cached
+    from .eval.rows import fit_tensor
     from .methods import build_model, spec_for
 
     out = {}
@@ -119,23 +120,29 @@ def finish_demo(cfg: Config, result, log=print) -> dict:
             # that swamps the cosine similarity; removing it is fair to every row.
             mu = feats[0].mean(0, keepdim=True)
             knn = knn_classify(feats[0] - mu, train_arr[1], feats[1] - mu, val_arr[1], ks=[k])[k]
-            scores[name] = (probe["top1"], knn["top1"])
+            # Whitened (eval/rows.py, fitted on the train features only): every direction gets equal
+            # say, not the few (colour, brightness) that hold most of a pooled feature's variance.
+            white = fit_tensor(feats[0], "whitened")
+            wknn = knn_classify(white(feats[0]), train_arr[1], white(feats[1]), val_arr[1], ks=[k])[k]
+            scores[name] = (probe["top1"], knn["top1"], wknn["top1"])
         chance = 100.0 / max(1, int(train_arr[1].max()) + 1)
-        (ours, ours_knn), (floor, floor_knn) = scores["pretrained"], scores["random-init"]
-        raw, raw_knn = scores["raw pixels"]
+        (ours, ours_knn, ours_w), (floor, floor_knn, floor_w) = scores["pretrained"], scores["random-init"]
+        raw, raw_knn, raw_w = scores["raw pixels"]
         seconds = time.time() - t0
         weights = "EMA" if result.ema is not None else "trained"
         log(f"frozen-encoder evaluation of the {weights} weights ({len(train_arr[1])} train / {len(val_arr[1])} "
             f"val images; linear probe: {cfg.eval.probe_epochs} epochs on cached features, seed {PROBE_SEED}, "
             f"{feature_settings(device)}, as `ldae-fast eval --checkpoint {cfg.engine.out_dir}`; kNN: k={k}, "
-            f"features centred on the train mean (eval's knn rows: raw features); {seconds:.0f}s):\n"
-            f"                        probe top-1   kNN top-1\n"
-            f"  pretrained encoder    {ours:10.1f}%  {ours_knn:9.1f}%\n"
-            f"  random-init encoder   {floor:10.1f}%  {floor_knn:9.1f}%\n"
-            f"  raw pixels            {raw:10.1f}%  {raw_knn:9.1f}%\n"
-            f"  chance                {chance:10.1f}%  {chance:9.1f}%")
+            f"features centred on the train mean, and whitened with the train features' PCA; {seconds:.0f}s):\n"
+            f"                        probe top-1   kNN top-1   kNN top-1\n"
+            f"                                      (centred)  (whitened)\n"
+            f"  pretrained encoder    {ours:10.1f}%  {ours_knn:9.1f}%  {ours_w:9.1f}%\n"
+            f"  random-init encoder   {floor:10.1f}%  {floor_knn:9.1f}%  {floor_w:9.1f}%\n"
+            f"  raw pixels            {raw:10.1f}%  {raw_knn:9.1f}%  {raw_w:9.1f}%\n"
+            f"  chance                {chance:10.1f}%  {chance:9.1f}%  {chance:9.1f}%")
         out.update(probe_top1=ours, random_top1=floor, knn_top1=ours_knn, random_knn_top1=floor_knn,
-                   raw_pixels_top1=raw, raw_pixels_knn_top1=raw_knn, chance=chance,
+                   raw_pixels_top1=raw, raw_pixels_knn_top1=raw_knn, knn_whitened_top1=ours_w,
+                   random_knn_whitened_top1=floor_w, raw_pixels_knn_whitened_top1=raw_w, chance=chance,
                    eval_settings=dict(train_images=len(train_arr[1]), val_images=len(val_arr[1]),
                                       probe_epochs=cfg.eval.probe_epochs, probe_blr=cfg.eval.probe_blr,
                                       probe_batch_size=bs, knn_k=k, knn_features="centred",

@@ -73,3 +73,48 @@ def test_seed_table_assembles_the_files_and_refuses_mixed_experiments(tmp_path, 
     assert len(rows) == 2 and any("| 0,1 |" in r for r in rows) and any("| 2 |" in r for r in rows)
     with pytest.raises(st.TableError, match="not a readable"):
         st.load([tmp_path / "missing.json"])
+
+
+def test_whitened_knn_rows_old_files_and_reevaluation(tmp_path, capsys):
+    """results.json carries the whitened kNN (printed too); a file written before it existed still
+    assembles (a dash); bench/demo_reeval.py recomputes a run's evaluation from its checkpoint and
+    reproduces the run's own numbers without writing into the run."""
+    path, printed = _run(tmp_path, 0, capsys)
+    rec = json.loads(path.read_text())
+    ev = rec["evaluation"]
+    for key, label in (("knn_whitened_top1", "pretrained encoder"), ("random_knn_whitened_top1", "random-init"),
+                       ("raw_pixels_knn_whitened_top1", "raw pixels")):
+        assert 0 <= ev[key] <= 100
+        line = next(ln for ln in printed.splitlines() if ln.strip().startswith(label))
+        assert line.rstrip().endswith(f"{ev[key]:.1f}%"), (key, line)
+    old = tmp_path / "old.json"
+    rec_old = json.loads(path.read_text())
+    for k in ("knn_whitened_top1", "random_knn_whitened_top1", "raw_pixels_knn_whitened_top1"):
+        del rec_old["evaluation"][k]
+    old.write_text(json.dumps(rec_old))
+    st = _seed_table()
+    md = st.table(st.load([old]))
+    assert "whitened" not in md.split("\n\n")[0]  # no column nobody measured
+    md = st.table(st.load([old, path]))
+    assert "kNN (whitened), pretrained" in md
+    row_old = next(ln for ln in md.splitlines() if ln.startswith("| 0 |") and "| - |" in ln)
+    assert [c.strip() for c in row_old.split("|")].count("-") == 3
+
+    spec = importlib.util.spec_from_file_location("demo_reeval", ROOT / "bench" / "demo_reeval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = sorted(p.name for p in path.parent.rglob("*"))
+    out = tmp_path / "again.json"
+    assert mod.main([str(path.parent), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert sorted(p.name for p in path.parent.rglob("*")) == before
+    assert again["pretraining"] == rec["pretraining"] and again["argv"] == rec["argv"]
+    assert again["reevaluated"]["original_evaluation"] == ev
+    for k in ("probe_top1", "random_top1", "raw_pixels_top1", "knn_top1", "random_knn_top1", "raw_pixels_knn_top1",
+              "knn_whitened_top1", "random_knn_whitened_top1", "raw_pixels_knn_whitened_top1"):
+        assert again["evaluation"][k] == ev[k], k
+    assert again["evaluation"]["eval_settings"]["weights"] == ev["eval_settings"]["weights"]
+    capsys.readouterr()
+    assert mod.main([str(tmp_path / "nope"), "--out", str(out)]) == 4  # README "Exit codes": a file
+    err = capsys.readouterr().err.strip()
+    assert "results.json" in err and "\n" not in err

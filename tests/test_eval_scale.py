@@ -370,3 +370,21 @@ def test_data_dir_epoch_comes_from_the_eval_data_not_the_checkpoint(tmp_path):
     assert se2.num_train() == 12
     capped, _ = with_data(se.cfg, str(tmp_path / "data"), max_train=8)
     assert capped.data.epoch_size == 8
+
+
+def test_fit_tensor_is_fit_rows_on_one_process_and_uses_the_train_rows_alone():
+    """fit_tensor (the in-memory path learn_check and the demo epilogue use) gives fit_rows' map;
+    the map is a function of the train rows: any val rows are only mapped by it."""
+    from ldae_fast.eval.rows import fit_tensor
+
+    x, y = _blobs(120, dim=6, seed=7)
+    x = x * torch.tensor([10.0, 1, 1, 1, 1, 0.1])
+    x = x.half().float()  # _rows stores fp16: the same numbers on both paths
+    ref = fit_rows(_rows(x, y), "whitened")
+    ours = fit_tensor(x, "whitened")
+    torch.testing.assert_close(ours.mean, ref.mean)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+    # Fewer rows than dimensions (raw pixels): the SVD path, the same identity covariance on train.
+    wide = torch.randn(10, 30, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 10, 30)
+    w = fit_tensor(wide, "whitened", eps=0.0)(wide).double()
+    torch.testing.assert_close((w.t() @ w / 10)[:9, :9], torch.eye(9, dtype=torch.float64), atol=1e-4, rtol=0)

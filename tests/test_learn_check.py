@@ -105,3 +105,84 @@ def test_learn_seeds_assembles_pretraining_seeds_beside_the_floors(tmp_path, cap
     assert mod.main([str(paths[0]), str(bad)]) == 2 and "--steps" in capsys.readouterr().err
     bad.write_text(json.dumps(_doc(3, 1.0, 1.0, blr=1.0)))
     assert mod.main([str(paths[0]), str(bad)]) == 2 and "setup" in capsys.readouterr().err
+
+
+def test_whitening_is_fitted_on_train_features_only(monkeypatch):
+    """The whitened kNN's map sees the train features alone: changing val changes nothing it is
+    fitted on, and the whitened column differs from the centred one on anisotropic features."""
+    import torch
+
+    import ldae_fast.eval.rows as rows
+
+    lc = load_bench("learn_check")
+    seen = []
+    real = rows.fit_tensor
+
+    def spy(x, kind, *a, **k):
+        seen.append((x.clone(), kind))
+        return real(x, kind, *a, **k)
+
+    monkeypatch.setattr(rows, "fit_tensor", spy)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    # Class signal in a low-variance direction, a large class-free direction on top.
+    scale = torch.tensor([500.0, 300.0, 200.0, 1.0])
+    ftr = torch.randn(300, 4, generator=g) * scale
+    ftr[:, 3] += y.float() * 3
+    yva = torch.arange(90) % 3
+    fva = torch.randn(90, 4, generator=g) * scale
+    fva[:, 3] += yva.float() * 3
+    r1 = lc.evaluate_features(ftr, fva, y, yva, torch.device("cpu"), 2, 3, 0.0)
+    r2 = lc.evaluate_features(ftr, fva * 3 + 7, y, yva, torch.device("cpu"), 2, 3, 0.0)
+    assert [k for _, k in seen] == ["whitened", "whitened"]
+    for x, _ in seen:
+        assert torch.equal(x, ftr)  # the val features never reach the fit
+    assert r1["knn_whitened_top1"] > r1["knn_top1"] + 20  # whitening lifts the buried direction
+    assert 0 <= r2["knn_whitened_top1"] <= 100
+
+
+def test_eval_only_reproduces_the_run_and_copies_its_pretraining(tmp_path, capsys, tinyimagenet_dir):
+    d = tinyimagenet_dir
+    out = tmp_path / "run.json"
+    lc = load_bench("learn_check")
+    common = ["--cache-dir", str(tmp_path / "cache")]
+    rc = lc.main(["--data-dir", str(d), "--train-shards", "1", "--val-shards", "1", "--budget-s", "60",
+                  "--steps", "2", "--out", str(out), "--toy", "--device", "cpu", "--floor-seeds", "1",
+                  "--pixel-floor", "--run-dir", str(tmp_path / "runs"), *common])
+    assert rc == 0
+    again = tmp_path / "again.json"
+    assert lc.main(["--eval-only", str(tmp_path / "runs"), "--from", str(out), "--out", str(again), *common]) == 0
+    a, b = json.loads(out.read_text()), json.loads(again.read_text())
+    assert b["stages"] == a["stages"] and b["meta"]["setup"] == a["meta"]["setup"]
+    assert b["meta"]["command"] == a["meta"]["command"] and "--eval-only" in b["meta"]["eval_only"]["command"]
+    assert [(r["encoder"], r["seed"]) for r in b["rows"]] == [(r["encoder"], r["seed"]) for r in a["rows"]]
+    for ra, rb in zip(a["rows"], b["rows"]):
+        for k in ("knn_top1", "knn_k", "knn_raw_top1", "knn_whitened_top1", "probe_top1", "probe_blr",
+                  "images_seen", "steps", "train_s"):
+            assert rb[k] == ra[k], (ra["encoder"], k)
+    assert b["summary"]["knn_whitened_margin"] == a["summary"]["knn_whitened_margin"]
+    # Nothing to evaluate, or no --from: one line, exit 2.
+    capsys.readouterr()
+    assert lc.main(["--eval-only", str(tmp_path / "runs"), "--out", str(again)]) == 2
+    assert "--from" in capsys.readouterr().err
+    assert lc.main(["--eval-only", str(tmp_path), "--from", str(out), "--out", str(again), *common]) == 2
+    assert "pretrain/checkpoints" in capsys.readouterr().err
+
+
+def test_learn_seeds_shows_a_dash_for_files_without_the_whitened_knn(tmp_path, capsys):
+    mod = load_bench("learn_seeds")
+    paths = []
+    for s in range(2):
+        doc = _doc(s, 20.0 + s, 9.0)
+        if s == 1:
+            for r in doc["rows"]:
+                r["knn_whitened_top1"] = 30.0 if r["encoder"] == "pretrained" else 12.0
+        paths.append(tmp_path / f"s{s}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert mod.main([str(paths[0])]) == 0
+    out = capsys.readouterr().out
+    assert "| pretrained | 0 | 20.00 | 9.00 | - | 9.00 |" in out and "whitened kNN" not in out.split("\n\n")[1]
+    assert mod.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "| pretrained | 1 | 21.00 | 9.00 | 30.00 | 9.00 |" in out
+    assert "whitened kNN 30.00" in out and "whitened kNN +18.00" not in out  # floors from the first file: none
