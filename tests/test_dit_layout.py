@@ -19,9 +19,13 @@ IMG = 32
 PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
 
 
+_LDAE_FIELDS = ("cond", "class_cond", "label_dropout", "input", "output")
+
+
 def cfg(layout="dit", **kw):
     """(model section, l-DAE's section): build_model(*cfg(...), IMG)."""
-    return ModelConfig(**{"size": "tiny", "patch_size": 4, **kw}), LDAEConfig(layout=layout)
+    own = {k: kw.pop(k) for k in _LDAE_FIELDS if k in kw}
+    return ModelConfig(**{"size": "tiny", "patch_size": 4, **kw}), LDAEConfig(layout=layout, **own)
 
 
 def perturbed(model, seed=0):
