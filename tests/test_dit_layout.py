@@ -217,7 +217,7 @@ def test_probe_past_the_cut_reads_the_decoders_first_blocks():
                                 {"input": "latent", "output": "latent", "latent_dim": 8}])
 def test_param_count_is_the_built_models(layout, kw):
     for size, patch, img in (("tiny", 4, 32), ("S", 8, 64)):
-        c = ModelConfig(size=size, patch_size=patch, **kw), LDAEConfig(layout=layout)
+        c = cfg(layout, size=size, patch_size=patch, **kw)
         m = build_model(*c, img)
         counts = param_count(*c, img)
         assert counts["encoder"] == sum(p.numel() for p in m.encoder.parameters()), (size, kw)
