@@ -251,7 +251,24 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
         subprocess.run([*torchrun, f"--nproc_per_node={n}", "-m", "ldae_fast.cli", "eval", *args,
                         "--out", str(out)], check=True, env=env, capture_output=True, text=True, timeout=600)
         runs[n] = json.loads((out / "eval.json").read_text())
-    assert runs[2]["ranks"] == 2 and runs[1]["train_images"] == runs[2]["train_images"] == 64
+    # Two "nodes" of one rank each, as a multi-node job launches (c10d rendezvous; every rank is
+    # local rank 0 of its node): the same 2-rank world as above.
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ldae-eval-test",
+            "-m", "ldae_fast.cli", "eval", *args, "--out", str(tmp_path / "eval-nodes")]
+    nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in nodes]  # generous: guards a hang only
+    assert [p.returncode for p in nodes] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
+    runs["nodes"] = json.loads((tmp_path / "eval-nodes" / "eval.json").read_text())
+    assert runs[2]["ranks"] == runs["nodes"]["ranks"] == 2
+    assert runs[1]["train_images"] == runs[2]["train_images"] == runs["nodes"]["train_images"] == 64
+    nodes_rows = {(r["protocol"], r["encoder"]): r["top1"] for r in runs["nodes"]["rows"]}
+    assert nodes_rows == {(r["protocol"], r["encoder"]): r["top1"] for r in runs[2]["rows"]}
     one = {(r["protocol"], r["encoder"]): r for r in runs[1]["rows"]}
     two = {(r["protocol"], r["encoder"]): r for r in runs[2]["rows"]}
     assert one.keys() == two.keys()
