@@ -123,25 +123,12 @@ class ModelConfig:
     """MLP hidden width / width."""
     patch_size: int = 4
     """Patch size p of both the model and the PCA tokenizer."""
-    cond: str = "adaln"
-    """Noise-level conditioning: 'adaln' (DiT-style adaLN-Zero on sigma_t) or 'none'."""
-    class_cond: bool = False
-    """Class conditioning as DiT's: a label embedding added to the adaLN conditioning, labels
-    dropped to a null class at rate label_dropout in training; evaluation feeds the null class
-    (l-DAE Table 1's first row, 57.5%)."""
     num_classes: int = _from_run("num_classes")
-    """Classes of the label embedding (0: data.num_classes, or data.synthetic_classes)."""
-    input: str = "image"
-    """What the network is fed: 'image' (the noisy latent decoded through the tokenizer: final) or
-    'latent' (the noisy latent tokens (B, N, d) themselves, l-DAE Table 3's rows before 'image
-    input through inverse PCA')."""
-    output: str = "image"
-    """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
-    z0 / eps target directly."""
+    """Classes of the label embedding of a class-conditioned network (l-DAE's ldae.class_cond; 0:
+    data.num_classes, or data.synthetic_classes)."""
     latent_dim: int = _from_run("latent_dim")
-    """d of latent input / output (0: tokenizer.latent_dim, read through the run's config)."""
-    label_dropout: float = 0.1
-    """Probability a training label is replaced by the null class (DiT: 0.1)."""
+    """d of a network fed or returning latent tokens (l-DAE's ldae.input / ldae.output; 0:
+    tokenizer.latent_dim, read through the run's config)."""
     attn_backend: str = "auto"
     """Attention: 'auto' (fastest present), 'sdpa', 'xformers', 'math' (the reference), or SDPA
     pinned to one kernel: 'flash', 'cudnn' (CUDA only), 'efficient' (CUDA only)."""
@@ -171,7 +158,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.size", self.size, tuple(MODEL_SIZES))
-        _one_of("model.cond", self.cond, ("adaln", "none"))
         _one_of("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check(self.patch_size >= 1, f"model.patch_size={self.patch_size} must be >= 1")
         _check(self.width >= 1 and self.encoder_depth >= 1 and self.decoder_depth >= 1,
@@ -183,12 +169,7 @@ class ModelConfig:
         _check(self.decoder_heads >= 1 and self.decoder_width % self.decoder_heads == 0,
                f"model.decoder_width={self.decoder_width} must be divisible by "
                f"model.decoder_heads={self.decoder_heads}")
-        _check(0 <= self.label_dropout < 1, f"model.label_dropout={self.label_dropout} must be in [0, 1)")
         _check(self.num_classes >= 0, f"model.num_classes={self.num_classes} must be >= 0")
-        _one_of("model.input", self.input, ("image", "latent"))
-        _one_of("model.output", self.output, ("image", "latent"))
-        _check(not self.class_cond or self.cond == "adaln",
-               "model.class_cond needs model.cond='adaln' (the label joins the adaLN conditioning)")
         _one_of("model.fp8", self.fp8, ("", "rowwise", "tensorwise"))
         _check(not self.adaln_act_dtype or self.fused_adaln,
                "model.adaln_act_dtype sets the fused adaLN kernel's output dtype: set model.fused_adaln=true too")
@@ -197,13 +178,15 @@ class ModelConfig:
         """A value this section takes from the rest of the run's config (Config.__post_init__
         links it): 0 when that config does not give one."""
         run = self.__dict__["_run"]
+        if key == "num_frames":
+            return run.data.num_frames
+        # latent_dim and num_classes are read only by a network that asks for them (MethodSpec.model_links).
+        spec = _registry.METHODS.get(run.objective.method)
+        if spec is None or key not in spec.model_links(run):
+            return 0
         if key == "latent_dim":
-            return run.tokenizer.latent_dim if "latent" in (self.input, self.output) else 0
-        if key == "num_classes":
-            if not self.class_cond:
-                return 0
-            return run.data.synthetic_classes if run.data.source == "synthetic" else run.data.num_classes
-        return run.data.num_frames  # num_frames
+            return run.tokenizer.latent_dim
+        return run.data.synthetic_classes if run.data.source == "synthetic" else run.data.num_classes
 
 
 
@@ -699,13 +682,6 @@ class Config:
         _check(self.tokenizer.latent_dim <= D,
                f"tokenizer.latent_dim={self.tokenizer.latent_dim} is larger than 3*p^2={D} "
                f"(patch size {p}); allowed: 1..{D}")
-        if "latent" in (self.model.input, self.model.output):
-            _check(self.model.latent_dim == self.tokenizer.latent_dim,
-                   f"model.latent_dim={self.model.latent_dim} differs from tokenizer.latent_dim="
-                   f"{self.tokenizer.latent_dim}; leave it at 0")
-        if self.model.class_cond:
-            _check(self.model.num_classes >= 2, "model.class_cond needs model.num_classes (or "
-                   "data.num_classes) >= 2: the number of classes of the labelled data")
         # The blocks a probe can read are the method's (l-DAE's 'dit' layout reads past its encoder).
         room, which = spec.probe_blocks(self)
         _check(self.eval.probe_depth <= room,

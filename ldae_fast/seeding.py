@@ -20,7 +20,7 @@ TAG_MASK = 33
 TAG_SAMPLE = 34
 """Draws of a sampler (DiffMAE's inpainting: the starting noise and each step's noise)."""
 TAG_LABEL_DROP = 35
-"""Which training labels are dropped to the null class (model.class_cond)."""
+"""Which training labels are dropped to the null class (ldae.class_cond)."""
 
 
 def derive_seed(*keys: int) -> int:

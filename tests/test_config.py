@@ -37,7 +37,7 @@ def test_paper_recipes():
 @pytest.mark.parametrize("overrides,match", [
     ({"tokenizer.latent_dim": "49"}, "larger than 3\\*p\\^2=48"),
     ({"data.img_size": "30"}, "not divisible by model.patch_size=4"),
-    ({"model.cond": "film"}, "choose one of adaln, none"),
+    ({"ldae.cond": "film"}, "choose one of adaln, none"),
     ({"engine.kernels": "cuda"}, "choose one of auto, triton, reference"),
     ({"model.num_heads": "5"}, "divisible by model.num_heads"),
     ({"engine.steps": "ten"}, "engine.steps: expected an integer"),
@@ -59,9 +59,9 @@ def test_unknown_preset():
 
 
 def test_cli_overrides_and_aliases(tmp_path):
-    cfg, rest = parse_cli(["--preset", "tiny-imagenet", "--optim.blr=3e-4", "--model.cond", "none",
+    cfg, rest = parse_cli(["--preset", "tiny-imagenet", "--optim.blr=3e-4", "--ldae.cond", "none",
                            "--kernels", "reference", "--engine.progress=false", "--extra"])
-    assert cfg.preset == "tiny-imagenet" and cfg.optim.blr == 3e-4 and cfg.model.cond == "none"
+    assert cfg.preset == "tiny-imagenet" and cfg.optim.blr == 3e-4 and cfg.ldae.cond == "none"
     assert cfg.engine.kernels == "reference" and cfg.engine.progress is False and rest == ["--extra"]
     cfg.save(tmp_path / "c.json")
     cfg2, _ = parse_cli(["--config", str(tmp_path / "c.json"), "--engine.seed=5"])

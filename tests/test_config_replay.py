@@ -36,8 +36,8 @@ def test_model_size_override_gives_that_sizes_dims(tmp_path):
 
 
 def test_synthetic_classes_override_reaches_num_classes(tmp_path):
-    path = _saved(tmp_path, **{"model.class_cond": "true"})
-    assert build_config("demo", {"model.class_cond": "true"}).model.num_classes == 8
+    path = _saved(tmp_path, **{"ldae.class_cond": "true"})
+    assert build_config("demo", {"ldae.class_cond": "true"}).model.num_classes == 8
     assert _replay(path, "--data.synthetic_classes=12").model.num_classes == 12
 
 
@@ -99,7 +99,8 @@ def test_configs_saved_before_the_method_sections_load_with_their_values():
     for cfg in (dm, mae, ld):
         d = cfg.to_dict()
         assert not {"mask_ratio", "rho", "norm_pix_loss", "sample_steps", "time_slice"} & set(d["objective"])
-        assert not {"decoder_kind", "decoder_topdown", "tubelet", "layout", "adaln_dim"} & set(d["model"])
+        assert not {"decoder_kind", "decoder_topdown", "tubelet", "layout", "adaln_dim", "cond", "class_cond",
+                    "label_dropout", "input", "output"} & set(d["model"])
         assert Config.from_dict(d) == cfg
     # A replay of an old file takes the new spelling and the old one alike.
     c = _replay(OLD / "diffmae-video-demo.json", "--diffmae.rho=1.0", "--objective.sample_steps=30")
@@ -119,3 +120,36 @@ def test_old_command_line_spellings_set_the_fields_where_they_live_now():
         parse_cli(["--objective.mask_ratio=most"])
     with pytest.raises(ConfigError, match=r"diffmae.decoder_kind='nope' is not allowed"):
         parse_cli(["--preset", "diffmae-demo", "--model.decoder_kind=nope"])
+
+
+# l-DAE's conditioning and input / output fields lived in model.* before they moved to ldae.*.
+LDAE_MOVED = {"cond": "none", "class_cond": False, "label_dropout": 0.25, "input": "latent", "output": "latent"}
+
+
+def test_an_old_config_with_ldaes_model_fields_loads_them_into_its_section(tmp_path):
+    old = json.loads((OLD / "demo-dit.json").read_text())
+    old["model"].update(LDAE_MOVED)
+    old["noise"] = {**old.get("noise", {}), "target": "eps"}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    c = Config.load(path)
+    assert {k: getattr(c.ldae, k) for k in LDAE_MOVED} == LDAE_MOVED
+    assert c.model.latent_dim == c.tokenizer.latent_dim  # derived from ldae.input / ldae.output
+    assert not set(LDAE_MOVED) & set(c.to_dict()["model"])
+    # A saved class-conditioned config (the old spelling) still derives its classes, and a new
+    # spelling on the command line wins over the file's old one.
+    old["model"].update(cond="adaln", class_cond=True)
+    path.write_text(json.dumps(old))
+    c = _replay(path, "--ldae.label_dropout=0.5")
+    assert c.ldae.class_cond and c.model.num_classes == c.data.synthetic_classes and c.ldae.label_dropout == 0.5
+
+
+def test_old_command_line_spellings_of_ldaes_fields_set_its_section():
+    old = parse_cli(["--model.cond", "none", "--model.input=latent", "--model.output=latent", "--noise.target=eps",
+                     "--model.label_dropout=0.3"])[0]
+    new = parse_cli(["--ldae.cond", "none", "--ldae.input=latent", "--ldae.output=latent", "--noise.target=eps",
+                     "--ldae.label_dropout=0.3"])[0]
+    assert old.ldae == new.ldae and (old.ldae.cond, old.ldae.input, old.ldae.label_dropout) == ("none", "latent", 0.3)
+    assert parse_cli(["--model.class_cond"])[0].ldae.class_cond is True
+    with pytest.raises(ConfigError, match=r"ldae.cond='film' is not allowed"):
+        parse_cli(["--model.cond=film"])

@@ -19,9 +19,13 @@ IMG = 32
 PAPER = ("ldae-vitb", "ldae-vithalfl", "ldae-vitl")
 
 
+_LDAE_FIELDS = ("cond", "class_cond", "label_dropout", "input", "output")
+
+
 def cfg(layout="dit", **kw):
     """(model section, l-DAE's section): build_model(*cfg(...), IMG)."""
-    return ModelConfig(**{"size": "tiny", "patch_size": 4, **kw}), LDAEConfig(layout=layout)
+    own = {k: kw.pop(k) for k in _LDAE_FIELDS if k in kw}
+    return ModelConfig(**{"size": "tiny", "patch_size": 4, **kw}), LDAEConfig(layout=layout, **own)
 
 
 def perturbed(model, seed=0):
@@ -213,7 +217,7 @@ def test_probe_past_the_cut_reads_the_decoders_first_blocks():
                                 {"input": "latent", "output": "latent", "latent_dim": 8}])
 def test_param_count_is_the_built_models(layout, kw):
     for size, patch, img in (("tiny", 4, 32), ("S", 8, 64)):
-        c = ModelConfig(size=size, patch_size=patch, **kw), LDAEConfig(layout=layout)
+        c = cfg(layout, size=size, patch_size=patch, **kw)
         m = build_model(*c, img)
         counts = param_count(*c, img)
         assert counts["encoder"] == sum(p.numel() for p in m.encoder.parameters()), (size, kw)

@@ -123,7 +123,7 @@ def test_decoder_checks():
 
 # The method -----------------------------------------------------------------------------------
 
-LATENT = {"model.input": "latent", "model.output": "latent", "noise.target": "eps",
+LATENT = {"ldae.input": "latent", "ldae.output": "latent", "noise.target": "eps",
           "noise.schedule": "linear_gamma2", "engine.kernels": "reference"}
 
 
@@ -147,7 +147,7 @@ def _images(B, size=32, seed=0):
 @pytest.mark.parametrize("inp", ["latent", "image"])
 def test_general_linear_method_noises_through_E_and_G(inp):
     tok = _patch_ae()
-    c = build_config("demo", {**LATENT, "model.input": inp, "tokenizer.latent_dim": "8"})
+    c = build_config("demo", {**LATENT, "ldae.input": inp, "tokenizer.latent_dim": "8"})
     m = build_method(c, "cpu", tokenizer=tok)
     assert m.decoder is not None and torch.equal(m.decoder, tok.decoder)
     x = _images(3)
@@ -219,7 +219,7 @@ def test_conv_vae_method_reference_path():
     (shown_in, shown_out), = m.sample(Echo(), x, [0.5])
     assert shown_in.shape == shown_out.shape == x.shape
     # An image input goes through the tokenizer's decoder.
-    ci = build_config("demo", {**LATENT, "model.input": "image", "model.patch_size": "8", "tokenizer.latent_dim": "8"})
+    ci = build_config("demo", {**LATENT, "ldae.input": "image", "model.patch_size": "8", "tokenizer.latent_dim": "8"})
     nbi = build_method(ci, "cpu", tokenizer=tok).add_noise(x, step=3)
     zt = nb.gamma.view(-1, 1, 1) * z0 + nb.sigma.view(-1, 1, 1) * nb.target
     torch.testing.assert_close(nbi.x_in, tok.decode(zt, 32, 32))
@@ -228,11 +228,11 @@ def test_conv_vae_method_reference_path():
 def test_conv_vae_refuses_an_image_output_before_its_fit():
     for over in ({"noise.target": "eps"}, {"noise.target": "x0"}):
         c = build_config("demo", {"tokenizer.kind": "conv-vae", "model.patch_size": "8", "tokenizer.latent_dim": "8",
-                                  "model.output": "image", **over})
-        with pytest.raises(ConfigError, match=r"tokenizer.kind='conv-vae'.*model.output='latent'"):
+                                  "ldae.output": "image", **over})
+        with pytest.raises(ConfigError, match=r"tokenizer.kind='conv-vae'.*ldae.output='latent'"):
             build_method(c, "cpu")
-    c = build_config("demo", {**LATENT, "model.output": "image", "model.patch_size": "8", "tokenizer.latent_dim": "8"})
-    with pytest.raises(ConfigError, match="model.output"):
+    c = build_config("demo", {**LATENT, "ldae.output": "image", "model.patch_size": "8", "tokenizer.latent_dim": "8"})
+    with pytest.raises(ConfigError, match="ldae.output"):
         build_method(c, "cpu", tokenizer=_conv_vae())
 
 

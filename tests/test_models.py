@@ -15,22 +15,35 @@ IMG, P = 16, 4  # 16 patches + class token: every real-compute test stays in mil
 
 
 # The shared halves in l-DAE's default layout ('mae'); tests/test_dit_layout.py covers 'dit'.
-def build_model(m: ModelConfig, *a, **k):
-    return ldae_model.build_model(m, LDAEConfig(), *a, **k)
+# A network here is (the shared model section, l-DAE's section); a bare ModelConfig takes l-DAE's defaults.
+Net = tuple[ModelConfig, LDAEConfig]
 
 
-def flops_per_image(m: ModelConfig, *a, **k) -> float:
-    return ldae_model.flops_per_image(m, LDAEConfig(), *a, **k)
+def _net(m: ModelConfig | Net) -> Net:
+    return m if isinstance(m, tuple) else (m, LDAEConfig())
 
 
-def param_count(m: ModelConfig, *a, **k) -> dict[str, int]:
-    return ldae_model.param_count(m, LDAEConfig(), *a, **k)
+def build_model(m: ModelConfig | Net, *a, **k):
+    return ldae_model.build_model(*_net(m), *a, **k)
 
 
-def tiny_cfg(**kw) -> ModelConfig:
+def flops_per_image(m: ModelConfig | Net, *a, **k) -> float:
+    return ldae_model.flops_per_image(*_net(m), *a, **k)
+
+
+def param_count(m: ModelConfig | Net, *a, **k) -> dict[str, int]:
+    return ldae_model.param_count(*_net(m), *a, **k)
+
+
+def net(cond: str = "adaln", **kw) -> Net:
+    """A model section and l-DAE's section with its noise conditioning `cond`."""
+    return ModelConfig(**kw), LDAEConfig(cond=cond)
+
+
+def tiny_cfg(**kw) -> Net:
     base = dict(size="tiny", patch_size=P, encoder_depth=2, decoder_depth=2)
     base.update(kw)
-    return ModelConfig(**base)
+    return net(**base)
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -51,7 +64,7 @@ def images(b=2, seed=0, device="cpu"):
 @pytest.mark.parametrize("cond", ["adaln", "none"])
 def test_every_size_shapes_and_param_count(size, cond):
     # Meta tensors: no memory and no compute, so building ViT-L costs nothing.
-    cfg = ModelConfig(size=size, patch_size=16, cond=cond)
+    cfg = net(size=size, patch_size=16, cond=cond)
     with torch.device("meta"):
         model = build_model(cfg, img_size=32)
     counts = param_count(cfg, 32)
@@ -64,7 +77,7 @@ def test_every_size_shapes_and_param_count(size, cond):
 
     # Shapes through the size's width and heads; one block per side, since meta ops still cost
     # Python dispatch time and every block maps shapes the same way.
-    shallow = ModelConfig(size=size, patch_size=16, cond=cond, encoder_depth=1, decoder_depth=1)
+    shallow = net(size=size, patch_size=16, cond=cond, encoder_depth=1, decoder_depth=1)
     with torch.device("meta"):
         model = build_model(shallow, img_size=32)
     x = torch.empty(3, 3, 32, 32, device="meta")
@@ -79,7 +92,7 @@ def test_every_size_shapes_and_param_count(size, cond):
 def test_param_count_matches_timm_vit_b():
     # 85,798,656: timm's ViT-B/16 at 224 without head; its learned pos_embed (197 x 768) is a
     # parameter there and a fixed buffer here.
-    enc = param_count(ModelConfig(size="B", patch_size=16, cond="none"), 224)["encoder"]
+    enc = param_count(net(size="B", patch_size=16, cond="none"), 224)["encoder"]
     assert enc + 197 * 768 == 85_798_656
 
 
@@ -284,7 +297,7 @@ def test_flops_formula_counts_every_matmul(cond):
 
 
 def test_flops_formula_matches_the_paper_form():
-    cfg = ModelConfig(size="B", patch_size=16, cond="none")
+    cfg = net(size="B", patch_size=16, cond="none")
     N, w, L = (224 // 16) ** 2, 768, 24
     T = N + 1
     blocks = L * T * (24 * w * w + 4 * T * w)

@@ -216,7 +216,7 @@ def test_class_conditioning_embeds_labels_and_drops_them():
     from ldae_fast.methods.ldae.model import build_model, param_count
     from ldae_fast.tokenizers import PixelTokenizer
 
-    c = build_config("demo", {"model.class_cond": "true", "model.label_dropout": "0.5",
+    c = build_config("demo", {"ldae.class_cond": "true", "ldae.label_dropout": "0.5",
                               "tokenizer.kind": "pixel", "tokenizer.latent_dim": "48"})
     assert c.model.num_classes == c.data.synthetic_classes
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_trajectory_targets():
 
 
 def test_latent_tokens_in_and_out():
-    """model.input / model.output = 'latent': the network is fed z_t (B, N, d) and returns (B, N, d),
+    """ldae.input / ldae.output = 'latent': the network is fed z_t (B, N, d) and returns (B, N, d),
     compared with the target directly; figures and the probe go through the tokenizer."""
     from ldae_fast import reference
     from ldae_fast.batch import Batch
@@ -310,7 +310,7 @@ def test_latent_tokens_in_and_out():
     from ldae_fast.methods.ldae.model import build_model, flops_per_image, param_count
     from ldae_fast.tokenizers import fit_pca
 
-    c = build_config("demo", {"model.input": "latent", "model.output": "latent", "noise.target": "eps",
+    c = build_config("demo", {"ldae.input": "latent", "ldae.output": "latent", "noise.target": "eps",
                               "noise.schedule": "linear_gamma2", "tokenizer.latent_dim": "8",
                               "engine.kernels": "reference"})
     assert c.model.latent_dim == 8
@@ -346,5 +346,5 @@ def test_latent_tokens_in_and_out():
     torch.testing.assert_close(f, ref)
     with pytest.raises(ValueError, match="needs the checkpoint's method"):
         probe_view(model.encoder, c)
-    with pytest.raises(ConfigError, match="needs model.output='image'"):
-        build_config("demo", {"model.output": "latent"})
+    with pytest.raises(ConfigError, match="needs ldae.output='image'"):
+        build_config("demo", {"ldae.output": "latent"})

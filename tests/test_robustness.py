@@ -110,7 +110,8 @@ def _argv(out, **over):
 @pytest.mark.parametrize("change, named", [({"ldae.layout": "dit"}, "ldae.layout mae -> dit"),
                                            ({"ldae.adaln_dim": 8}, "ldae.adaln_dim 32 -> 8"),
                                            ({"model.adaln_dim": 8}, "ldae.adaln_dim 32 -> 8"),  # old spelling
-                                           ({"model.class_cond": "true"}, "model.class_cond False -> True"),
+                                           ({"ldae.class_cond": "true"}, "ldae.class_cond False -> True"),
+                                           ({"model.class_cond": "true"}, "ldae.class_cond False -> True"),  # old spelling
                                            ({"model.mlp_ratio": 2}, "model.mlp_ratio 4.0 -> 2")])
 def test_resume_with_another_network_is_exit_7_naming_the_field(run3, tmp_path, capsys, change, named):
     from ldae_fast.train import main
@@ -354,7 +355,7 @@ def test_a_learned_tokenizer_file_with_nan_is_refused_at_load_naming_it(tmp_path
             "patch_dim": D, "num_patches_fitted": 1, "fit": {}}
     path = _write_tokenizer(tmp_path / f"{kind}.safetensors", tensors, meta)
     code = main(_argv(tmp_path / "run", **{"engine.steps": 2, "tokenizer.path": path, "tokenizer.kind": kind,
-                                           "noise.target": "z0", "model.output": "latent"}))
+                                           "noise.target": "z0", "ldae.output": "latent"}))
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert code == 4 and "Traceback" not in err, err

@@ -52,7 +52,7 @@ def test_flops_are_three_forwards(smoke):
 
     dit = LDAEConfig(layout="dit")
     ours = flops_per_image(ModelConfig(size="tiny", patch_size=4), dit, 32)
-    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4, cond="none"), dit, 32)
+    peer = flops_per_image(ModelConfig(size="tiny", patch_size=4), LDAEConfig(layout="dit", cond="none"), 32)
     assert all(r["layout"] == "dit" and r["tokens"] == 64 for r in rows)
     for r in rows:
         fwd = peer if r["variant"] == "c" else ours

@@ -81,7 +81,7 @@ def params_finite(*modules_or_dicts, reduce_max=None) -> bool:
 
 # model.* fields that change how the network runs, never which tensors it holds: everything else
 # in the model section may define the network, so a field added later is compared by default.
-_RUNTIME_ONLY = frozenset({"size", "attn_backend", "grad_checkpointing", "fused_adaln", "label_dropout"})
+_RUNTIME_ONLY = frozenset({"size", "attn_backend", "grad_checkpointing", "fused_adaln"})
 # Fields outside the model section that fix the saved state (the network's input, the tokenizer).
 _OTHER_SHAPE_FIELDS = (("data", "img_size"), ("tokenizer", "latent_dim"))
 # Differences that change a resumed run even where the network's tensors keep their shapes

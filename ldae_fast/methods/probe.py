@@ -63,7 +63,7 @@ class ProbeView(nn.Module):
         self.sigma, self.depth, self.gamma = float(sigma), int(depth), float(gamma)
         self.noisy_input = noisy_input
         self.tokens = tokens
-        """Clean images -> latent tokens, for an encoder fed latent tokens (model.input='latent')."""
+        """Clean images -> latent tokens, for an encoder fed latent tokens (ldae.input='latent')."""
         self.num_features = feature_dim(encoder)
         self._calls = 0
 

@@ -127,6 +127,10 @@ class MethodSpec:
     renamed: Mapping[str, str] = field(default_factory=dict)
     """Old 'section.field' spellings of this method's fields -> where they live now: saved configs
     and command lines that use them still load."""
+    model_links: Callable[[Any], frozenset[str]] = lambda cfg: frozenset()
+    """cfg -> the model fields derived from the rest of the run that this method's network reads:
+    'latent_dim' (tokenizer.latent_dim, for latent tokens in or out), 'num_classes' (the data's,
+    for class conditioning); the others read 0."""
 
 
 def _encoder_probe(model, cfg):

@@ -128,7 +128,7 @@ class PatchEmbed(nn.Module):
 
 class TokenEmbed(nn.Module):
     """Latent tokens (B, N, d) -> width, a linear map per token: the embedding of a network that
-    is fed the tokenizer's latent instead of the image (model.input='latent')."""
+    is fed the tokenizer's latent instead of the image (ldae.input='latent')."""
 
     def __init__(self, img_size: int, patch_size: int, in_dim: int, dim: int) -> None:
         super().__init__()

@@ -138,7 +138,7 @@ def timm_state_dict(encoder: ViTEncoder, sigma: float = 0.0) -> dict[str, torch.
     Tensors are fresh contiguous copies (safe for safetensors) in the encoder's dtype and device.
     """
     if getattr(encoder, "latent_in", 0):
-        raise ValueError("this encoder is fed latent tokens (model.input='latent'), not images: it has no "
+        raise ValueError("this encoder is fed latent tokens (ldae.input='latent'), not images: it has no "
                          "timm VisionTransformer form")
     dtype = encoder.patch_embed.proj.weight.dtype
     sd: dict[str, torch.Tensor] = {}

@@ -107,7 +107,7 @@ def _add_label(c: torch.Tensor | None, embedder: LabelEmbedder | None, labels, b
                ref: torch.Tensor) -> torch.Tensor | None:
     if embedder is None:
         if labels is not None:
-            raise ValueError("the model was built without class conditioning (model.class_cond) but got labels")
+            raise ValueError("the model was built without class conditioning (ldae.class_cond) but got labels")
         return c
     return c + embedder(labels, batch, ref)
 

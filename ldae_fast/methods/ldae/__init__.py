@@ -32,9 +32,22 @@ def _validate(cfg) -> None:
 
     if cond_width(cfg.model.width, cfg.ldae) < 1:
         raise ConfigError(f"ldae.adaln_dim={cfg.ldae.adaln_dim}: width/4 is 0 for model.width={cfg.model.width}")
-    if cfg.model.output == "latent" and cfg.noise.target == "x0":
-        raise ConfigError("noise.target='x0' (the original image) needs model.output='image'; a latent output "
+    net, m = cfg.ldae, cfg.model
+    if net.output == "latent" and cfg.noise.target == "x0":
+        raise ConfigError("noise.target='x0' (the original image) needs ldae.output='image'; a latent output "
                           "predicts noise.target='z0' or 'eps'")
+    if "latent" in (net.input, net.output) and m.latent_dim != cfg.tokenizer.latent_dim:
+        raise ConfigError(f"model.latent_dim={m.latent_dim} differs from tokenizer.latent_dim="
+                          f"{cfg.tokenizer.latent_dim}; leave it at 0")
+    if net.class_cond and m.num_classes < 2:
+        raise ConfigError("ldae.class_cond needs model.num_classes (or data.num_classes) >= 2: the number of "
+                          "classes of the labelled data")
+
+
+def _model_links(cfg) -> frozenset[str]:
+    net = cfg.ldae
+    return frozenset({*(("latent_dim",) if "latent" in (net.input, net.output) else ()),
+                      *(("num_classes",) if net.class_cond else ())})
 
 
 def _probe_blocks(cfg) -> tuple[int, str]:
@@ -100,5 +113,7 @@ SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_met
                   rows=_rows, sections={"noise": NoiseConfig, "ldae": LDAEConfig}, renamed=RENAMED,
                   validate=_validate, probe_blocks=_probe_blocks, probe_encoder=_probe_encoder, resolved=_resolved,
                   finetune_recipes=_finetune_recipes, finetune_source="l-DAE App. B",
-                  shape_fields=((("ldae", "layout"), "mae"), (("ldae", "adaln_dim"), 0)),
-                  step_bench=_step_bench)
+                  shape_fields=((("ldae", "layout"), "mae"), (("ldae", "adaln_dim"), 0), (("ldae", "cond"), "adaln"),
+                                (("ldae", "class_cond"), False), (("ldae", "input"), "image"),
+                                (("ldae", "output"), "image")),
+                  model_links=_model_links, step_bench=_step_bench)

@@ -71,7 +71,7 @@ def _peer(cfg) -> tuple[nn.Module, tuple[float, float]]:
     m, img = cfg.model, cfg.data.img_size
     net = TimmPeer(img, m.patch_size, m.width, m.encoder_depth, m.decoder_depth, m.num_heads, m.mlp_ratio,
                    layout=cfg.ldae.layout)
-    return net, train_flops_per_image(dataclasses.replace(m, cond="none"), cfg.ldae, img)
+    return net, train_flops_per_image(m, dataclasses.replace(cfg.ldae, cond="none"), img)
 
 
 def _tokens(cfg) -> int:

@@ -1,7 +1,7 @@
 """l-DAE's sections of the run config: `noise` (`--noise.field=value`: the schedule, its loss
 weights and the prediction target) and `ldae` (`--ldae.field=value`: how its network is cut in
-two). Plain data that validates itself with the config mechanism's checks (config.py); the spec
-registers both, and the old spellings of the `ldae` fields (`ldae.layout`, `ldae.adaln_dim`:
+two, what it is conditioned on, fed and returns). Plain data that validates itself with the config mechanism's checks (config.py); the spec
+registers both, and the old spellings of the `ldae` fields (`model.layout`, `model.cond`, ...:
 RENAMED), so saved configs and command lines that use them still load."""
 
 from __future__ import annotations
@@ -80,10 +80,31 @@ class LDAEConfig:
     final layer's Linear(adaln_dim, 2 width) read. 0: width/4 with layout 'dit' (our reading of
     l-DAE App. A's "1/4 of DiT's hidden size", docs/model.md), width with 'mae' (DiT's own); the
     network reads it through cond_width() and the 0 is what gets saved."""
+    cond: str = "adaln"
+    """Noise-level conditioning: 'adaln' (DiT-style adaLN-Zero on sigma_t) or 'none'."""
+    class_cond: bool = False
+    """Class conditioning as DiT's: a label embedding added to the adaLN conditioning, labels
+    dropped to a null class at rate label_dropout in training; evaluation feeds the null class
+    (l-DAE Table 1's first row, 57.5%). Its classes: model.num_classes."""
+    label_dropout: float = 0.1
+    """Probability a training label is replaced by the null class (DiT: 0.1)."""
+    input: str = "image"
+    """What the network is fed: 'image' (the noisy latent decoded through the tokenizer: final) or
+    'latent' (the noisy latent tokens (B, N, d) themselves, l-DAE Table 3's rows before 'image
+    input through inverse PCA'; d: model.latent_dim)."""
+    output: str = "image"
+    """What the network returns: 'image' (final) or 'latent' tokens (B, N, d), compared with the
+    z0 / eps target directly."""
 
     def __post_init__(self) -> None:
         _one_of("ldae.layout", self.layout, LAYOUTS)
         _check(self.adaln_dim >= 0, f"ldae.adaln_dim={self.adaln_dim} must be >= 0 (0: from ldae.layout)")
+        _one_of("ldae.cond", self.cond, ("adaln", "none"))
+        _check(0 <= self.label_dropout < 1, f"ldae.label_dropout={self.label_dropout} must be in [0, 1)")
+        _one_of("ldae.input", self.input, ("image", "latent"))
+        _one_of("ldae.output", self.output, ("image", "latent"))
+        _check(not self.class_cond or self.cond == "adaln",
+               "ldae.class_cond needs ldae.cond='adaln' (the label joins the adaLN conditioning)")
 
 
 def cond_width(width: int, net: LDAEConfig) -> int:
@@ -96,4 +117,5 @@ def cond_width(width: int, net: LDAEConfig) -> int:
 
 
 # Where these fields lived before they moved here: old saved configs and command lines still read.
-RENAMED = {"model.layout": "ldae.layout", "model.adaln_dim": "ldae.adaln_dim"}
+RENAMED = {f"model.{name}": f"ldae.{name}"
+           for name in ("layout", "adaln_dim", "cond", "class_cond", "label_dropout", "input", "output")}

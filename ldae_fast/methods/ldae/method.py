@@ -90,11 +90,11 @@ class LDAEMethod:
 
     # setup ----------------------------------------------------------------------------------
     def _check_tokenizer(self, kind: str, linear: bool, orthonormal: bool) -> None:
-        m, n = self.cfg.model, self.noise_cfg
-        if not linear and m.output != "latent":
+        net, n = self.cfg.ldae, self.noise_cfg
+        if not linear and net.output != "latent":
             raise ConfigError(
-                f"tokenizer.kind={kind!r} is not linear: l-DAE needs model.output='latent' with noise.target "
-                f"'z0' or 'eps' (got model.output={m.output!r}, noise.target={n.target!r}); an image output's "
+                f"tokenizer.kind={kind!r} is not linear: l-DAE needs ldae.output='latent' with noise.target "
+                f"'z0' or 'eps' (got ldae.output={net.output!r}, noise.target={n.target!r}); an image output's "
                 "loss would need a gradient through its non-linear encoder")
         if linear and not orthonormal and n.target == "x0" and n.low_weight != n.high_weight:
             raise ConfigError(
@@ -164,13 +164,13 @@ class LDAEMethod:
     def noisy_input(self, x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, step: int,
                     row: int = 0, target: str = "x0"):
         """The network input for clean x at levels (gamma, sigma): noise in the latent, decoded
-        (or the noisy latent tokens z_t (B, N, d) themselves with model.input='latent'), scaled by
+        (or the noisy latent tokens z_t (B, N, d) themselves with ldae.input='latent'), scaled by
         noise.input_scaling. eps of sample b is keyed on (engine.seed, step, row + b).
         With target 'z0' or 'eps', returns (x_in, that latent (B, N, d)) from the same pass."""
         B = x.shape[0]
         N = (x.shape[2] // self.p) * (x.shape[3] // self.p)
         seed = derive_seed(self.cfg.engine.seed, TAG_NOISE, step)
-        latent_in = self.cfg.model.input == "latent"
+        latent_in = self.cfg.ldae.input == "latent"
         want_z0, want_eps = latent_in or target == "z0", latent_in or target == "eps"
         d = self.tokenizer.d
         shape = (B, 1, 1) if latent_in else (B, 1, 1, 1)
@@ -239,21 +239,21 @@ class LDAEMethod:
         return NoisyBatch(x_in, sigma, gamma, lam, lat)
 
     def condition(self, sigma: torch.Tensor, batch: Batch | None = None, step: int = 0, row: int = 0) -> dict:
-        """The model's conditioning (DiT's model_kwargs). With model.class_cond the labels join it,
-        each dropped to the null class with probability model.label_dropout (keyed on the step and
+        """The model's conditioning (DiT's model_kwargs). With ldae.class_cond the labels join it,
+        each dropped to the null class with probability ldae.label_dropout (keyed on the step and
         the sample's row of the global batch); no batch (figures) means the null class."""
         cond = {"sigma": sigma}
-        m = self.cfg.model
-        if m.class_cond:
+        m, net = self.cfg.model, self.cfg.ldae
+        if net.class_cond:
             labels = None if batch is None else batch.labels
             if labels is not None:
                 labels = labels.to(sigma.device).long()
-                if m.label_dropout > 0:
+                if net.label_dropout > 0:
                     gen = torch.Generator(device="cpu")
                     gen.manual_seed(derive_seed(self.cfg.engine.seed, TAG_LABEL_DROP, step))
                     B = labels.shape[0]
                     u = torch.rand(row + B, generator=gen)[row:].to(sigma.device)
-                    labels = torch.where(u < m.label_dropout, torch.full_like(labels, m.num_classes), labels)
+                    labels = torch.where(u < net.label_dropout, torch.full_like(labels, m.num_classes), labels)
             cond["labels"] = labels
         return cond
 

@@ -53,16 +53,16 @@ class LDAEModel(EncoderDecoder):
 
 
 def _dims(cfg: ModelConfig, net: LDAEConfig, kernels: str) -> dict:
-    return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=cfg.cond,
+    return dict(width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, cond=net.cond,
                 attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln, kernels=kernels,
-                num_classes=cfg.num_classes if cfg.class_cond else 0, layout=net.layout,
+                num_classes=cfg.num_classes if net.class_cond else 0, layout=net.layout,
                 cond_dim=cond_width(cfg.width, net))
 
 
 def build_encoder(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3,
                   kernels: str = "auto") -> ViTEncoder:
     return ViTEncoder(img_size, cfg.patch_size, in_chans, depth=cfg.encoder_depth,
-                      latent_in=cfg.latent_dim if cfg.input == "latent" else 0, **_dims(cfg, net, kernels))
+                      latent_in=cfg.latent_dim if net.input == "latent" else 0, **_dims(cfg, net, kernels))
 
 
 def build_model(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3,
@@ -76,7 +76,7 @@ def build_model(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int 
         raise ValueError(f"ldae.adaln_dim={net.adaln_dim}: width/4 is 0 for model.width={cfg.width}")
     enc = build_encoder(cfg, net, img_size, in_chans, kernels)
     dec = ViTDecoder(img_size, cfg.patch_size, in_chans, depth=cfg.decoder_depth,
-                     latent_out=cfg.latent_dim if cfg.output == "latent" else 0, **_dims(cfg, net, kernels))
+                     latent_out=cfg.latent_dim if net.output == "latent" else 0, **_dims(cfg, net, kernels))
     model = LDAEModel(enc, dec)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return apply_speed_switches(model, cfg.bf16_residual, cfg.adaln_act_dtype, cfg.fp8)
@@ -105,21 +105,21 @@ def flops_per_image(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: 
     T = N + 1 if mae else N
     h = mlp_hidden(w, cfg.mlp_ratio)
     L = cfg.encoder_depth + cfg.decoder_depth
-    D_in, D = _io_dims(cfg, in_chans)
+    D_in, D = _io_dims(cfg, net, in_chans)
     flops = L * (2 * T * w * (3 * w + w + 2 * h) + 4 * T * T * w)
     flops += 2 * N * D_in * w + 2 * N * w * D
     if mae:
         flops += 2 * T * w * w
-    if cfg.cond == "adaln":
+    if net.cond == "adaln":
         a = cond_width(w, net)
         flops += 2 * L * a * 6 * w + 2 * a * 2 * w + (2 if mae else 1) * 2 * (SIGMA_FREQ_DIM * a + a * a)
     return float(flops)
 
 
-def _io_dims(cfg: ModelConfig, in_chans: int) -> tuple[int, int]:
+def _io_dims(cfg: ModelConfig, net: LDAEConfig, in_chans: int) -> tuple[int, int]:
     """Per-token input and output widths: C p^2 for images, d for latent tokens."""
     D = cfg.patch_size**2 * in_chans
-    return (cfg.latent_dim if cfg.input == "latent" else D), (cfg.latent_dim if cfg.output == "latent" else D)
+    return (cfg.latent_dim if net.input == "latent" else D), (cfg.latent_dim if net.output == "latent" else D)
 
 
 def param_count(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int = 3) -> dict[str, int]:
@@ -133,13 +133,13 @@ def param_count(cfg: ModelConfig, net: LDAEConfig, img_size: int, in_chans: int 
     """
     w, a = cfg.width, cond_width(cfg.width, net)
     h = mlp_hidden(w, cfg.mlp_ratio)
-    adaln = cfg.cond == "adaln"
+    adaln = net.cond == "adaln"
     mae = net.layout == "mae"
     block = (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
     block += (a * 6 * w + 6 * w) if adaln else 4 * w
     sigma_embed = (SIGMA_FREQ_DIM * a + a + a * a + a) if adaln else 0
-    label_embed = (cfg.num_classes + 1) * a if cfg.class_cond else 0
-    D_in, D = _io_dims(cfg, in_chans)
+    label_embed = (cfg.num_classes + 1) * a if net.class_cond else 0
+    D_in, D = _io_dims(cfg, net, in_chans)
     enc = (D_in * w + w) + cfg.encoder_depth * block + sigma_embed + label_embed
     dec = cfg.decoder_depth * block + (w * D + D)
     dec += (a * 2 * w + 2 * w) if adaln else 2 * w

@@ -43,7 +43,7 @@ def probe_view(encoder: nn.Module, cfg, method=None) -> nn.Module:
     tok = None
     if latent:
         if method is None:
-            raise ValueError("an encoder fed latent tokens (model.input='latent') needs the checkpoint's "
+            raise ValueError("an encoder fed latent tokens (ldae.input='latent') needs the checkpoint's "
                              "method (tokenizer) to be probed")
         md = method.device
 

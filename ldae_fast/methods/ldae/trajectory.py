@@ -52,7 +52,7 @@ class Row:
 # and the sigma_linear schedule (gamma_t = 1) of "remove-input-scaling" drops.
 BASE: dict[str, Any] = {
     "model.size": "halfL", "data.crop": "center", "noise.target": "eps",
-    "model.input": "latent", "model.output": "latent",
+    "ldae.input": "latent", "ldae.output": "latent",
 }
 
 # Table 1's tokenizer width: DiT's tokenizer maps a 256 px image to a 32x32x4 latent, so a 2x2
@@ -64,13 +64,13 @@ _ROWS: list[Row] = [
     # Table 1: from DiT towards a denoising autoencoder.
     Row("dit-cond", None, "DiT baseline (class-conditional, VQGAN, DDPM schedule, predict noise)", 57.5,
         "l-DAE Table 1",
-        {"tokenizer.kind": CONV_VAE, CONV_VAE_ADVERSARIAL: True, "model.class_cond": True, "model.num_classes": 1000,
+        {"tokenizer.kind": CONV_VAE, CONV_VAE_ADVERSARIAL: True, "ldae.class_cond": True, "model.num_classes": 1000,
          "tokenizer.latent_dim": TABLE1_LATENT_DIM, "noise.schedule": "ddpm_linear_beta",
          "noise.loss_weight": "uniform"},
         note="our conv VAE with its adversarial term stands in for DiT's VQGAN (no perceptual loss: "
              "it needs supervised VGG weights)"),
     Row("dit-uncond", "dit-cond", "remove class conditioning", 62.5, "l-DAE Table 1",
-        {"model.class_cond": False, "model.num_classes": 0}),
+        {"ldae.class_cond": False, "model.num_classes": 0}),
     Row("dit-no-perceptual", "dit-uncond", "tokenizer without perceptual loss", 58.4, "l-DAE Table 1",
         {}, note="same settings as the row above here: our tokenizer never had the perceptual loss"),
     Row("dit-no-adversarial", "dit-no-perceptual", "tokenizer without adversarial loss (KL conv VAE)",
@@ -112,9 +112,9 @@ _ROWS += [
         "gamma = 1, sigma linear 0..sqrt(2), lambda = 1/(1+sigma^2)", 63.6, "l-DAE Table 3",
         {"noise.schedule": "sigma_linear", "noise.loss_weight": "inv_1p_sigma2"}),
     Row("image-input", "remove-input-scaling", "image input through inverse PCA", 63.6, "l-DAE Table 3",
-        {"model.input": "image"}),
+        {"ldae.input": "image"}),
     Row("image-output", "image-input", "image output through inverse PCA", 63.9, "l-DAE Table 3",
-        {"model.output": "image"}),
+        {"ldae.output": "image"}),
     Row("predict-x0-w", "image-output",
         "predict the original image, loss lambda sum_i w_i r_i^2 (w = 1 / 0.1)", 64.5, "l-DAE Table 3",
         {"noise.target": "x0", "noise.low_weight": 1.0, "noise.high_weight": 0.1}),

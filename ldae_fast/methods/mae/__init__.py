@@ -42,16 +42,6 @@ def _finetune_recipes():
     return MAE_FINETUNE
 
 
-def _validate(cfg) -> None:
-    from ...config import ConfigError
-
-    m = cfg.model
-    if m.class_cond or m.input != "image" or m.output != "image":
-        raise ConfigError("objective.method='mae' builds a plain ViT on pixels: leave model.class_cond, "
-                          "model.input and model.output at their defaults")
-
-
-
 def _step_bench():
     from .bench import step_bench
     return step_bench()
@@ -59,7 +49,7 @@ def _step_bench():
 
 SPEC = MethodSpec(name="mae", title="MAE", presets=PRESETS, build_method=_method, build_model=_model,
                   train_flops=_flops, param_count=_params, figure=_figure, probe_view=_probe_view,
-                  probe_note=unconditioned_note, validate=_validate,
+                  probe_note=unconditioned_note,
                   shape_fields=((("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
                   sections={"mae": MAEConfig}, renamed=RENAMED, step_bench=_step_bench,
                   finetune_recipes=_finetune_recipes, finetune_source="MAE's fine-tuning recipe (He et al. 2022)")
