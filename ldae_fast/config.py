@@ -977,7 +977,7 @@ def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) 
         _apply(tree, k, v, from_cli=False)
     for k, v in (overrides or {}).items():
         _apply(tree, k, v, from_cli=True)
-    return Config.from_dict({**tree, "preset": preset})
+    return _reads_every_override(Config.from_dict({**tree, "preset": preset}), overrides or {})
 
 
 # Short flags that stand for a config field.
@@ -1054,8 +1054,21 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
         tree.pop("preset")
         for k, v in overrides.items():
             _apply(tree, k, v, from_cli=True)
-        return Config.from_dict({**tree, "preset": base.preset}), rest
+        return _reads_every_override(Config.from_dict({**tree, "preset": base.preset}), overrides), rest
     return build_config(preset, overrides), rest
+
+
+def _reads_every_override(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Refuse a setting of a method's own section (`--diffmae.mask_ratio`) when another method
+    runs: it would be stored and never read. Old spellings a renamed field still accepts are not
+    judged here (one may have moved to several methods' sections)."""
+    method = cfg.objective.method
+    for key in overrides:
+        section = key.partition(".")[0]
+        if key not in _registry.RENAMED and section in _registry.METHODS and section != method:
+            _check(False, f"--{key}: a setting of method {section!r}, and objective.method={method!r} does "
+                          f"not read it; set --objective.method={section} or leave it out")
+    return cfg
 
 
 # Help text generated from the dataclasses ---------------------------------------------------

@@ -85,3 +85,17 @@ def test_the_mechanism_reads_no_method_section():
     tree = ast.parse(Path(config.__file__).read_text())
     reads = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & set(config_registry.SECTIONS))
     assert config_registry.SECTIONS and not reads
+
+
+def test_a_setting_of_a_method_that_does_not_run_is_refused_by_name():
+    """`--diffmae.mask_ratio` on an l-DAE run would be stored and never read: one line, exit 2."""
+    import ldae_fast.methods  # noqa: F401
+    from ldae_fast.config import ConfigError, build_config, parse_cli
+
+    with pytest.raises(ConfigError, match=r"--diffmae.mask_ratio: a setting of method 'diffmae'.*'ldae'"):
+        build_config("demo", {"diffmae.mask_ratio": "0.5"})
+    with pytest.raises(ConfigError, match=r"--ldae.class_cond: .*objective.method='mae'"):
+        parse_cli(["--objective.method=mae", "--ldae.class_cond=true"])
+    assert build_config("demo", {"objective.method": "diffmae", "diffmae.mask_ratio": "0.5"}).diffmae.mask_ratio == 0.5
+    # An old spelling that moved to several methods' sections is judged by the method that reads it.
+    assert build_config("demo", {"objective.method": "mae", "objective.mask_ratio": "0.6"}).mae.mask_ratio == 0.6
