@@ -17,6 +17,9 @@ SEEDS=${SEEDS:-"0 1 2"}
 STEPS=${STEPS:-316}
 LONG_S=${LONG_S:-3600}
 CURVE_EVERY=${CURVE_EVERY:-250}
+# LONG_STEPS fixes the long run's step count instead of calibrating it to LONG_S: on a shared
+# machine the calibration would measure the neighbours, not the run.
+LONG_STEPS=${LONG_STEPS:-0}
 mkdir -p "$OUT"
 COMMON=(--data-dir "$DATA" --train-shards 10 --val-shards 2 --device cpu --threads 1 --model tiny
         --img-size 32 --patch-size 4 --latent-dim 16 --batch-size 128 --blr 3e-3 --classes 0
@@ -29,7 +32,7 @@ done
 $PY bench/learn_seeds.py "$OUT"/seed*.json --out "$OUT/seeds.md"
 if [[ ! -f "$OUT/long.json" ]]; then
   # The step count is calibrated to LONG_S seconds; a checkpoint every CURVE_EVERY steps is one point.
-  OMP_NUM_THREADS=1 $PY bench/learn_check.py "${COMMON[@]}" --budget-s "$LONG_S" --curve-every "$CURVE_EVERY" \
+  OMP_NUM_THREADS=1 $PY bench/learn_check.py "${COMMON[@]}" --budget-s "$LONG_S" --steps "$LONG_STEPS" --curve-every "$CURVE_EVERY" \
     --seed 0 --run-dir "$OUT/run-long" --out "$OUT/long.json"
 fi
 $PY bench/plot_curve.py "$OUT/long.json" --out docs/data/tinyimagenet_curve.png | tee "$OUT/curve.txt"
