@@ -146,7 +146,7 @@ def test_heads_shared_over_ranks_equal_one_rank_training_all(tmp_path):
                       blrs=(0.03, 0.3, 3.0), holdout=0.2)
     one.pop("seconds")
     for rank in (0, 1):
-        got = torch.load(f"{out}.{rank}", weights_only=False)
+        got = torch.load(f"{out}.{rank}", weights_only=True)
         got.pop("seconds")
         assert got == one, rank
     assert len(set(one["heldout_top1"].values())) > 1  # the lrs trained different heads

@@ -51,7 +51,7 @@ def _case(rank: int, root: str, out: str) -> None:
 def test_every_rank_stops_on_a_directory_or_checkpoint_not_all_ranks_share(tmp_path):
     out = tmp_path / "got"
     torch.multiprocessing.spawn(_case, args=(str(tmp_path), str(out)), nprocs=2)
-    got = [torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1)]
+    got = [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]
     for r, g in enumerate(got):
         assert g["shared"] == ("ok", None) and g["same"] == ("ok", 8)
         kind, msg = g["local"]
