@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -52,6 +51,7 @@ from .finetune import FinetuneRecipe
 from .ft_augment import TAG_BATCH, keyed_rng
 from .probe_stream import _atomic_save
 from .shared_dir import check_shared, load_agreed
+from .step_tail import StepTail
 from .stream import EvalStream, SplitSpec
 
 PROTOCOL = "finetune"
@@ -208,8 +208,6 @@ def run_finetune(
     from timm.data.random_erasing import RandomErasing
     from timm.optim import param_groups_layer_decay
 
-    from ldae_fast.engine.guard import NonFiniteLoss
-
     t_start = time.perf_counter()
     ranks = edist.current()
     s, N, G = settings, ranks.world_size, settings.global_batch
@@ -272,7 +270,10 @@ def run_finetune(
         log(f"{desc}: global batch {G} = {N} rank(s) x micro-batch {micro} x {len(work)} "
             f"accumulation, lr {lr:.3g} (blr {recipe.blr:g}), {recipe.epochs} epochs of {spe} steps, "
             f"layer decay {recipe.layer_decay}, drop path {recipe.drop_path}")
-    t0 = last = time.perf_counter()
+    tail = StepTail(desc=desc, what="fine-tune", hint="lower the learning rate (the recipe's blr)", total=total,
+                    steps_per_epoch=spe, global_batch=G, step0=step0, main=ranks.main,
+                    save=save if ckpt is not None else None, ckpt_every=ckpt_every, log=log, on_step=on_step,
+                    stop_after=stop_after, t_start=t_start)
     loss_v = float("nan")
     model.train()
     if step0 < total:
@@ -306,28 +307,10 @@ def run_finetune(
                 ema.update(model)
             edist.all_sum(loss_sum)
             loss_v = float(loss_sum) / N
-            done = step + 1
-            if not math.isfinite(loss_v):
-                raise NonFiniteLoss(f"{desc}: the fine-tune's loss is {loss_v} at step {done}; lower the "
-                                    "learning rate (the recipe's blr)")
-            if ckpt is not None and (done % max(1, ckpt_every) == 0 or done == total):
-                save(done, pos)
-            now = time.perf_counter()
-            if log is not None and ranks.main and (now - last > 10 or done == total):
-                rate = (done - step0) * G / max(now - t0, 1e-9)
-                eta = (total - done) * G / max(rate, 1e-9)
-                log(f"{desc}: step {done}/{total} (epoch {done / spe:.2f}) loss {loss_v:.4f} lr {cur:.3g}, "
-                    f"{rate:.0f} img/s, ETA {eta / 60:.1f} min")
-                last = now
-            if on_step is not None:
-                on_step(done)
-            if done >= total:
+            if tail.end(step, pos, loss_v, cur):
                 break
-            if stop_after and done - step0 >= stop_after:
-                if ckpt is not None and done % max(1, ckpt_every):
-                    save(done, pos)
-                return dict(stopped_at=done, steps=total, resumed_from=step0,
-                            seconds=time.perf_counter() - t_start)
+    if tail.stopped is not None:
+        return tail.stopped
     val = EvalStream(val_spec, ranks.rank, N, num_workers)
     top1, top5, nval = evaluate(model, val, micro, s.precision)
     res = dict(protocol=PROTOCOL, top1=top1, top5=top5, epochs=total / spe, steps=total, lr=lr,

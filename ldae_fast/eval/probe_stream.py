@@ -43,6 +43,7 @@ from .features import Log, feature_dim, module_device, pool_features
 from .lars import LARS
 from .linear_probe import FULL_PROTOCOL, LinearHead, default_warmup, lars_budget
 from .shared_dir import check_shared, load_agreed
+from .step_tail import StepTail
 from .stream import EvalStream, SplitSpec, batch_shares
 
 
@@ -197,7 +198,9 @@ def run_probe(
 
     train = EvalStream(train_spec, ranks.rank, N, num_workers)
     per_reader = batch_shares(G, train_spec.readers)
-    t0 = last = time.perf_counter()
+    tail = StepTail(desc=desc, what="probe", hint="lower --blr", total=total, steps_per_epoch=spe,
+                    global_batch=G, step0=step0, main=ranks.main, save=save if ckpt is not None else None,
+                    ckpt_every=ckpt_every, log=log, on_step=on_step, stop_after=stop_after, t_start=t_start)
     loss_v = float("nan")
     if step0 < total:
         head.train()
@@ -223,27 +226,10 @@ def run_probe(
                 loss_t = loss.detach().clone()
                 edist.all_sum(loss_t)
                 loss_v = float(loss_t)
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"{desc}: the probe's loss is {loss_v} at step {step}; lower --blr")
-                done = step + 1
-                if ckpt is not None and (done % max(1, ckpt_every) == 0 or done == total):
-                    save(done, pos)
-                now = time.perf_counter()
-                if log is not None and ranks.main and (now - last > 10 or done == total):
-                    rate = (done - step0) * G / max(now - t0, 1e-9)
-                    eta = (total - done) * G / max(rate, 1e-9)
-                    log(f"{desc}: step {done}/{total} (epoch {done / spe:.2f}) loss {loss_v:.4f} "
-                        f"lr {cur:.3g}, {rate:.0f} img/s, ETA {eta / 60:.1f} min")
-                    last = now
-                if on_step is not None:
-                    on_step(done)
-                if done >= total:
+                if tail.end(step, pos, loss_v, cur):
                     break
-                if stop_after and done - step0 >= stop_after:
-                    if ckpt is not None and done % max(1, ckpt_every):
-                        save(done, pos)
-                    return dict(stopped_at=done, steps=total, resumed_from=step0,
-                                seconds=time.perf_counter() - t_start)
+    if tail.stopped is not None:
+        return tail.stopped
     val = EvalStream(val_spec, ranks.rank, N, num_workers)
     top1, top5, nval = evaluate_stream(encoder, head, val, micro=s.micro_batch, pool=s.pool,
                                        precision=s.precision)
