@@ -120,3 +120,17 @@ def kill_9_once_checkpointed(cmd: list[str], ckpt_dir: Path, pattern: str, at_le
     p.send_signal(signal.SIGKILL)
     p.wait()
     return state
+
+
+def kill_9_then_rerun(script: Path, root, tmp_path: Path, pattern: str, *, limit_s: float,
+                      timeout: float) -> tuple[int, dict]:
+    """The harness with a checkpoint every step in `tmp_path`/ck and a sleep after each, killed -9
+    once a checkpoint holds step >= 3 (of the harness's 9), then run again to its end: (the step
+    it was killed at, the rerun's result)."""
+    ck, cut = tmp_path / "ck", tmp_path / "cut.pt"
+    state = kill_9_once_checkpointed([sys.executable, str(script), str(root), str(cut), "--ckpt", str(ck),
+                                      "--sleep", "0.5"], ck, pattern, 3, limit_s=limit_s)
+    assert state is not None, "no checkpoint at step >= 3 before the run ended"
+    step = int(torch.load(state, weights_only=True)["step"])
+    assert 3 <= step < 9 and not cut.exists(), "killed mid-run"
+    return step, run_harness(script, root, cut, "--ckpt", str(ck), timeout=timeout)

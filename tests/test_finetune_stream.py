@@ -5,14 +5,13 @@ Kinetics recipe's repeated augmentation and dropout run."""
 from __future__ import annotations
 
 import io
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from stream_harness import kill_9_once_checkpointed, run_harness
+from stream_harness import kill_9_then_rerun, run_harness
 
 HARNESS = Path(__file__).parent / "finetune_harness.py"
 # 2 ranks sum the same per-micro-batch gradients in another order (DDP's all-reduce); after 9
@@ -41,13 +40,7 @@ def _weights_close(res, ref):
 
 
 def test_kill_9_then_rerun_is_bit_identical(stream_shards, ref, tmp_path):
-    ck = tmp_path / "ck"
-    state = kill_9_once_checkpointed([sys.executable, str(HARNESS), str(stream_shards), str(tmp_path / "cut.pt"),
-                                      "--ckpt", str(ck), "--sleep", "0.5"], ck, "finetune-*.pt", 3, limit_s=300)
-    assert state is not None, "no checkpoint at step >= 3 before the run ended"
-    step = int(torch.load(state, weights_only=True)["step"])
-    assert 3 <= step < 9 and not (tmp_path / "cut.pt").exists(), "killed mid-run"
-    res = _harness(stream_shards, tmp_path / "cut.pt", "--ckpt", str(ck))
+    step, res = kill_9_then_rerun(HARNESS, stream_shards, tmp_path, "finetune-*.pt", limit_s=300, timeout=600)
     assert int(res["resumed_from"]) == step
     w, r = _weights(res), _weights(ref)
     assert w.keys() == r.keys() and len(w) > 20

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import one_step_checkpoint
-from stream_harness import ENV, kill_9_once_checkpointed, run_harness
+from stream_harness import ENV, kill_9_once_checkpointed, kill_9_then_rerun, run_harness
 
 HARNESS = Path(__file__).parent / "probe_harness.py"
 HEAD = ("fc.weight", "fc.bias", "bn.running_mean", "bn.running_var")
@@ -28,13 +28,7 @@ def ref(stream_shards, tmp_path_factory):
 
 
 def test_kill_9_then_rerun_is_bit_identical(stream_shards, ref, tmp_path):
-    ck = tmp_path / "ck"
-    state = kill_9_once_checkpointed([sys.executable, str(HARNESS), str(stream_shards), str(tmp_path / "cut.pt"),
-                                      "--ckpt", str(ck), "--sleep", "0.5"], ck, "probe-*.pt", 3, limit_s=240)
-    assert state is not None, "no checkpoint at step >= 3 before the run ended"
-    step = int(torch.load(state, weights_only=True)["step"])
-    assert 3 <= step < 9 and not (tmp_path / "cut.pt").exists(), "killed mid-run"
-    res = _harness(stream_shards, tmp_path / "cut.pt", "--ckpt", str(ck))
+    step, res = kill_9_then_rerun(HARNESS, stream_shards, tmp_path, "probe-*.pt", limit_s=240, timeout=300)
     assert int(res["resumed"]) == step
     for k in (*HEAD, "top1"):
         assert torch.equal(res[k], ref[k]), k
