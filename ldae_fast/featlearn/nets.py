@@ -48,15 +48,21 @@ def _patches(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def diffusion_loss_closed(W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """Exact E_eps of the DDPM loss for data x (n, P, d); differentiable by autograd."""
+def _loss_terms(W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float):
+    """The closed-form loss's building blocks: the patches X (N, d), the Gram matrix G = W W^T and
+    its diagonal g, C = alpha X W^T (the mean of the pre-activations u = z W^T) and Q = E[u^2]."""
     m, d = W.shape
     X = _patches(x)
-    N = X.shape[0]
     G = W @ W.T
     g = torch.diagonal(G)
     C = alpha * (X @ W.T)
     Q = C.pow(2) + beta**2 * g
+    return m, d, X, X.shape[0], G, g, C, Q
+
+
+def diffusion_loss_closed(W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Exact E_eps of the DDPM loss for data x (n, P, d); differentiable by autograd."""
+    m, d, X, N, G, g, C, Q = _loss_terms(W, x, alpha, beta)
     # E|f|^2 = (1/m) sum_rs G_rs E[u_r^2 u_s^2], and for Gaussian u,
     # E[u_r^2 u_s^2] = Q_r Q_s + 2 beta^4 G_rs^2 + 4 beta^2 c_r c_s G_rs.
     quartic = ((Q @ G) * Q).sum() + 2 * N * beta**4 * G.pow(3).sum()
@@ -70,13 +76,7 @@ def diffusion_loss_and_grad(
     W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form loss and its gradient w.r.t. W, written out to skip autograd's per-step cost."""
-    m, d = W.shape
-    X = _patches(x)
-    N = X.shape[0]
-    G = W @ W.T
-    g = torch.diagonal(G)
-    C = alpha * (X @ W.T)
-    Q = C.pow(2) + beta**2 * g
+    m, d, X, N, G, g, C, Q = _loss_terms(W, x, alpha, beta)
     G2 = G * G
     QG = Q @ G
     CG2 = C @ G2
