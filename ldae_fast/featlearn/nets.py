@@ -96,6 +96,18 @@ def diffusion_loss_and_grad(
     return loss, grad
 
 
+def _noise_chunks(X: torch.Tensor, n_eps: int, generator: torch.Generator | None, chunk: int | None):
+    """n_eps standard normal draws of the patches X (N, d), as (k, N, d) batches of at most `chunk`
+    draws (by default about 2^24 numbers a batch) to bound memory."""
+    if chunk is None:
+        chunk = max(1, min(n_eps, (1 << 24) // max(1, X.numel())))
+    done = 0
+    while done < n_eps:
+        k = min(chunk, n_eps - done)
+        yield torch.randn(k, *X.shape, generator=generator, dtype=X.dtype, device=X.device)
+        done += k
+
+
 def diffusion_loss_mc(
     W: torch.Tensor,
     x: torch.Tensor,
@@ -107,16 +119,10 @@ def diffusion_loss_mc(
 ) -> torch.Tensor:
     """Sampled DDPM loss: n_eps noise draws per patch, drawn as a batch (in chunks to bound memory)."""
     X = _patches(x)
-    if chunk is None:
-        chunk = max(1, min(n_eps, (1 << 24) // max(1, X.numel())))
     total = W.new_zeros(())
-    done = 0
-    while done < n_eps:
-        k = min(chunk, n_eps - done)
-        eps = torch.randn(k, *X.shape, generator=generator, dtype=X.dtype, device=X.device)
+    for eps in _noise_chunks(X, n_eps, generator, chunk):
         z = alpha * X + beta * eps
         total = total + (denoiser(W, z) - eps).pow(2).sum()
-        done += k
     return total / (X.numel() * n_eps)
 
 
@@ -131,21 +137,15 @@ def diffusion_loss_and_grad_mc(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled loss and autograd gradient, one backward per chunk so memory stays bounded."""
     X = _patches(x)
-    if chunk is None:
-        chunk = max(1, min(n_eps, (1 << 24) // max(1, X.numel())))
     loss = W.new_zeros(())
     grad = torch.zeros_like(W)
-    done = 0
-    while done < n_eps:
-        k = min(chunk, n_eps - done)
+    for eps in _noise_chunks(X, n_eps, generator, chunk):
         Wr = W.detach().requires_grad_(True)
         with torch.enable_grad():
-            eps = torch.randn(k, *X.shape, generator=generator, dtype=X.dtype, device=X.device)
             part = (denoiser(Wr, alpha * X + beta * eps) - eps).pow(2).sum() / (X.numel() * n_eps)
             (gpart,) = torch.autograd.grad(part, Wr)
         loss = loss + part.detach()
         grad += gpart
-        done += k
     return loss, grad
 
 
