@@ -110,6 +110,14 @@ def environment() -> dict[str, Any]:
     return meta
 
 
+def print_markdown(md: str, out: Path | None) -> None:
+    """A table script's output: the markdown on stdout and, with --out, in that file too."""
+    print(md)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(md + "\n")
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "unknown"
 
