@@ -223,7 +223,7 @@ def test_video_presets_follow_the_supplement_table_1a(preset, p):
     assert c.data.repeated_aug == 4 and c.data.source == "wds-video"
     assert c.global_batch(8) == DIFFMAE_VIDEO_GLOBAL_BATCH == 512
     assert (c.optim.beta1, c.optim.beta2, c.optim.weight_decay, c.optim.warmup_epochs) == (0.9, 0.95, 0.05, 40)
-    assert c.data.hflip and c.data.crop_min_scale < 1.0 and c.noise.num_timesteps == 1000
+    assert c.data.hflip and c.data.crop_min_scale < 1.0 and c.diffmae.num_timesteps == 1000
     assert c.model.num_frames == c.data.num_frames and c.data.num_frames % 2 == 0
 
 

@@ -62,7 +62,7 @@ class DiffMAEMethod:
         # DiffMAE runs no Triton kernel of its own; resolving the mode keeps `kernels` honest in the log.
         self._mode = cfg.engine.kernels if kernels is None else kernels
         self.kernels = resolve_kernels(self._mode, self.device)
-        self.schedule = DiffusionSchedule.ddpm(cfg.noise.num_timesteps, self.obj.rho)
+        self.schedule = DiffusionSchedule.ddpm(self.obj.num_timesteps, self.obj.rho)
         self.tubelet, self.time_slice = cfg.diffmae.tubelet, self.obj.time_slice
         self.video = cfg.data.num_frames > 0
 
@@ -86,7 +86,7 @@ class DiffMAEMethod:
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint of another schedule or masking would resume a different run: refused."""
         mine = self.state_dict()
-        for key, field in (("schedule", "noise.num_timesteps / diffmae.rho"),
+        for key, field in (("schedule", "diffmae.num_timesteps / diffmae.rho"),
                            ("mask_ratio", "diffmae.mask_ratio"), ("norm_pix_loss", "diffmae.norm_pix_loss"),
                            ("time_slice", "diffmae.tubelet / diffmae.time_slice")):
             # An image method has no time_slice: a video checkpoint's one differs from its None.
