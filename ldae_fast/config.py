@@ -1152,9 +1152,9 @@ def _reads_every_stored(cfg: Config, source: str) -> Config:
                 continue
             new = _registry.TOOK_OVER[method].get(key)
             if new is not None:
-                _check(False, f"{source}: {key}={value!r} is method {owners[0]!r}'s; objective.method={method!r} "
-                              f"reads {new} instead: set {new} there and {key} back to {default!r}")
-            drop = f" (or drop section {name!r} from it)" if source.startswith("--config") else ""
+                _check(False, f"{source}: {key}={value!r} is a setting of method {owners[0]!r}; objective.method="
+                              f"{method!r} reads {new} instead: set {new} there and {key} back to {default!r}")
+            drop = f" (or drop section {name!r} from the file)" if source.startswith("--config") else ""
             _check(False, f"{source}: {key}={value!r} is a setting of method {owners[0]!r}, and "
                           f"objective.method={method!r} does not read it; set it back to {default!r}{drop}, or "
                           f"run --objective.method={owners[0]}")
