@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_runs import TINY_NET, tiny_config
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import ConfigError, build_config
@@ -25,19 +26,11 @@ from ldae_fast.methods.masking import (
 )
 from ldae_fast.reference import patchify
 
-TINY = {
-    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-    "model.decoder_heads": "2", "data.img_size": "16", "data.batch_size": "4", "data.synthetic_images": "32",
-    "engine.kernels": "reference", "engine.log_every": "1", "engine.progress": "false",
-    "eval.probe": "false", "eval.figure": "false", "diffmae.sample_steps": "8",
-}
+TINY = {**TINY_NET, "eval.probe": "false", "diffmae.sample_steps": "8"}
 
 
 def _cfg(tmp_path=None, **over):
-    o = {**TINY, **{k: str(v) for k, v in over.items()}}
-    if tmp_path is not None:
-        o["engine.out_dir"] = str(tmp_path / "run")
-    return build_config("diffmae-demo", o)
+    return tiny_config("diffmae-demo", TINY, tmp_path, **over)
 
 
 # masking ------------------------------------------------------------------------------------
