@@ -1123,7 +1123,7 @@ def _reads_every_override(cfg: Config, overrides: dict[str, Any]) -> Config:
         owners = _owners(key.partition(".")[0], method)
         if not owners:
             continue
-        new = _registry.TOOK_OVER[method].get(key)
+        new = _registry.TOOK_OVER.get(method, {}).get(key)
         _check(new is None, f"--{key}: a setting of method {owners[0]!r}; objective.method={method!r} reads "
                             f"{new} instead: set --{new}={value}")
         _check(False, f"--{key}: a setting of method {owners[0]!r}, and objective.method={method!r} does "
@@ -1150,14 +1150,14 @@ def _reads_every_stored(cfg: Config, source: str) -> Config:
             value, default = stored(cfg.__dict__[name], f.name), _field_default(f)
             if key in _registry.RENAMED or value == default:
                 continue
-            new = _registry.TOOK_OVER[method].get(key)
+            new = _registry.TOOK_OVER.get(method, {}).get(key)
             if new is not None:
                 _check(False, f"{source}: {key}={value!r} is a setting of method {owners[0]!r}; objective.method="
                               f"{method!r} reads {new} instead: set {new} there and {key} back to {default!r}")
-            drop = f" (or drop section {name!r} from the file)" if source.startswith("--config") else ""
+            fix = (f"set it back to {default!r} (or drop section {name!r} from the file)" if source.startswith("--config")
+                   else f"pick a preset of method {method!r}")
             _check(False, f"{source}: {key}={value!r} is a setting of method {owners[0]!r}, and "
-                          f"objective.method={method!r} does not read it; set it back to {default!r}{drop}, or "
-                          f"run --objective.method={owners[0]}")
+                          f"objective.method={method!r} does not read it; {fix}, or run --objective.method={owners[0]}")
     return cfg
 
 

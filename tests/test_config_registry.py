@@ -141,6 +141,9 @@ def test_a_stored_value_of_another_methods_section_is_refused_naming_key_and_fil
     # Switching the method of a replay leaves the file's own method's settings unread: refused too.
     with pytest.raises(ConfigError, match=r"diffmae.sample_steps=50 is a setting of method 'diffmae'"):
         parse_cli(["--config", str(_saved(tmp_path, "diffmae-demo")), "--objective.method=ldae"])
+    with pytest.raises(ConfigError, match=r"preset 'diffmae-demo': diffmae.sample_steps=50 .* pick a preset of "
+                                          r"method 'ldae', or run --objective.method=diffmae"):
+        build_config("diffmae-demo", {"objective.method": "ldae"})
     # A field DiffMAE took over, set in l-DAE's section beside DiffMAE's own: named with its new place.
     path = _saved(tmp_path, "diffmae-demo", {"noise.num_timesteps": 200})
     with pytest.raises(ConfigError, match=r"noise.num_timesteps=200 is a setting of method 'ldae'; objective.method="
