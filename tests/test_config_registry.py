@@ -63,7 +63,12 @@ def test_a_section_or_preset_taken_by_another_method_is_refused():
     Spec.sections, Spec.presets = {}, {"demo": {}}
     with pytest.raises(ValueError, match="preset name 'demo' is taken"):
         config_registry.register_method(Spec)
+    # A field taken over from another method's section must land in the taker's own section.
+    Spec.presets, Spec.took_over = {}, {"noise.num_timesteps": "diffmae.num_timesteps"}
+    with pytest.raises(ValueError, match="took over 'noise.num_timesteps' into 'diffmae.num_timesteps'"):
+        config_registry.register_method(Spec)
     assert "other" not in config_registry.METHODS
+    assert config_registry.TOOK_OVER["diffmae"] == {"noise.num_timesteps": "diffmae.num_timesteps"}
 
 
 def test_replace_keeps_every_section_and_validates():
