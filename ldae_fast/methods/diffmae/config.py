@@ -19,7 +19,7 @@ class DiffMAEConfig:
     mask_ratio: float = 0.75
     """Fraction of patches hidden from the encoder, per sample."""
     num_timesteps: int = 1000
-    """T of DiffMAE's discrete DDPM schedule: t is drawn from 0..T-1, and inpainting runs from T.
+    """T of DiffMAE's discrete DDPM schedule: training draws t from 0..T-1, inpainting runs back from T-1.
     Before this field DiffMAE read l-DAE's noise.num_timesteps: a saved DiffMAE config or
     checkpoint that stores noise.num_timesteps and no diffmae.num_timesteps loads with that T here
     (TOOK_OVER; l-DAE's noise section then reads its default), so it resumes and evaluates with the
