@@ -405,3 +405,17 @@ def test_fit_tensor_is_fit_rows_on_one_process_and_uses_the_train_rows_alone():
     wide = torch.randn(10, 30, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 10, 30)
     w = fit_tensor(wide, "whitened", eps=0.0)(wide).double()
     torch.testing.assert_close((w.t() @ w / 10)[:9, :9], torch.eye(9, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_store_key_does_not_follow_the_reader_count_of_a_clean_view(tmp_path):
+    """The default reader count follows the rank count; a rerun on another node count reads the
+    same images and gets the same clean rows, so it reuses the store. A noisy view's noise follows
+    the batches the readers make: there the count is in the key."""
+    se, view = _streaming_eval(tmp_path, "cpu")
+    clean, noisy = {"t": 10, "input": "clean"}, {"t": 10, "input": "noisy"}
+    keys = {}
+    for readers in (2, 4):
+        se.sa.readers = readers
+        keys[readers] = [FeatureStore(tmp_path, se._store_settings(view, p)).key for p in (clean, noisy)]
+    assert keys[2][0] == keys[4][0]
+    assert keys[2][1] != keys[4][1]

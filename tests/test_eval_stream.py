@@ -88,6 +88,44 @@ def test_bad_sample_counted_and_named(tmp_path, caplog):
     assert "val-000001.tar" in caplog.text and "val0000008" in caplog.text
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_fewer_shards_than_readers_split_inside_shards(tmp_path, monkeypatch, augment):
+    """5 readers on 2 shards: each reader opens one shard (not all of them), the readers sharing a
+    shard take turns over its samples, and every sample comes once per epoch; the bad samples the
+    tar reader finds (labels past num_classes) are divided among the readers like the good ones,
+    so the bad fraction each reader judges is its own (not 3x the shard's)."""
+    from ldae_fast.data.badsamples import BadSampleCounter
+    from ldae_fast.eval import stream as es
+
+    pat = write_split(tmp_path, "val", 2, 12, classes=4)  # labels 0..3; num_classes 3 makes 6 bad
+    spec = _spec(pat, augment=augment, readers=5, num_classes=3, seed=7)
+    assert not spec.shard_level
+    opened = []
+    real = es.iter_shard
+
+    def spy(url, counter, labels):
+        opened.append(url)
+        return real(url, counter, labels)
+
+    monkeypatch.setattr(es, "iter_shard", spy)
+    for epoch in (0, 1):
+        opened.clear()
+        ids, bad = [], 0
+        for r in range(5):
+            c = BadSampleCounter(1.0)
+            ids += [sid for sid, _ in es._epoch_samples(spec, r, epoch, c)]
+            bad += c.bad
+        assert len(opened) == 5, opened  # one shard per reader; sample by sample it was 10
+        assert sorted(ids) == sorted((s, j) for s in range(2) for j in range(9))  # 9 good per shard
+        assert bad == 6
+    if not augment:
+        one = _pass(spec, 0, 1)
+        r0, r1 = _pass(spec, 0, 5), {}
+        for rank in range(1, 5):
+            r1.update(_pass(spec, rank, 5))
+        assert not set(r0) & set(r1) and set(r0) | set(r1) == set(one) and len(one) == 18
+
+
 _RSS_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     sys.path.insert(0, {tests!r})

@@ -105,10 +105,17 @@ class StreamingEval:
         return root
 
     def _store_settings(self, view: nn.Module, probe_key: dict) -> dict:
+        """What changes a stored row. Not the reader count, which follows the rank count by
+        default: the readers split the same images (ids) whatever their number, and each clean
+        row is a function of its image alone, so a rerun on another node count reuses the store.
+        A noisy probe view draws its noise per position in a forward's batch, which the readers
+        decide: there the count is part of the key."""
+        noisy = probe_key.get("input") == "noisy"
         return dict(encoder=self._weights_hash(view), kind=type(view).__name__, probe=probe_key, pool=self.pool,
                     img_size=self.cfg.data.img_size, train=list(self.train_flat.urls),
                     val=list(self.val.urls), max_train=self.max_train, max_val=self.max_val,
-                    readers=self.sa.readers, transform="resize + centre crop", compute=self._compute())
+                    **(dict(readers=self.sa.readers) if noisy else {}),
+                    transform="resize + centre crop", compute=self._compute())
 
     def _compute(self) -> dict:
         """How `_features` computes, which moves the features as much as a weight does: bf16
