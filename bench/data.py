@@ -142,8 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--raw-images", type=int, default=20000, help="samples read in the raw stage")
     ap.add_argument("--workers", default="0,2,4,8", help="comma-separated data.num_workers values")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU-decode stage even with CUDA")
-    ap.add_argument("--write", action="store_true", help="write results without a GPU too")
-    ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    results_io.add_output_flags(ap, "write results without a GPU too", exact_file=False)
     ap.add_argument("--profile", nargs="?", const="runs/profile/data", default=None, metavar="DIR",
                     help="after each stream measurement, trace --profile-batches batches with torch.profiler "
                          "into DIR/<dataset>/<stage>_w<workers>/")
@@ -154,8 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    command = results_io.command_line(["bench/data.py", *argv])
-    print(f"reproduce: {command}")
+    command = results_io.announce("data.py", argv)
     cores = os.cpu_count() or 1
     workers = sorted({int(w) for w in args.workers.split(",") if w.strip() and int(w) <= cores})
     gpu = torch.cuda.is_available() and gpu_decode_available() and not args.no_gpu

@@ -121,16 +121,14 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=1, help="alternating ours/peer measurements")
-    ap.add_argument("--write", action="store_true", help="write results without a GPU too")
-    ap.add_argument("--out-dir", default=None)
+    results_io.add_output_flags(ap, "write results without a GPU too", exact_file=False)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
-    command = results_io.command_line(["bench/eval_extract.py", *argv])
-    print(f"reproduce: {command}")
+    command = results_io.announce("eval_extract.py", argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     enc, m = _our_encoder(a.size, a.img_size, a.patch, device)
     peer = _timm_peer(m, a.img_size, device)

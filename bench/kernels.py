@@ -60,7 +60,7 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 import torch  # noqa: E402
-from results_io import ResultsFile, command_line, failure_status  # noqa: E402
+from results_io import ResultsFile, add_output_flags, command_line, failure_status  # noqa: E402
 
 from ldae_fast.engine.profiling import profile_calls  # noqa: E402
 
@@ -92,12 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the baseline")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
-    ap.add_argument("--write", action="store_true", help="write results on CPU too")
-    ap.add_argument("--no-write", action="store_true", help="do not write bench/results/")
-    ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
-    ap.add_argument("--json", default=None, metavar="FILE",
-                    help="write the results to exactly FILE, no markdown (`results_io.py import` names it "
-                         "and rebuilds the markdown); implies --write")
+    add_output_flags(ap, "write results on CPU too")
     ap.add_argument("--quick", action="store_true",
                     help="GPU: only the training shapes (B 256, d 32 then 128, fp32 and bf16; adaLN T 256, C 1024, "
                          "fp32+bf16, fp32+bf16>bf16, bf16): 18 cases, for a lent GPU's short command")

@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """One table from several `bench/learn_check.py` runs that differ only in --seed (the pretraining
 seed): the pretrained encoder per seed, mean ± std over the seeds, beside the random-init floors
-and the raw-pixel floor (`--pixel-floor`) of the first run; probe, centred, whitened and raw kNN
+and the raw-pixel floor (`--pixel-floor`) of all the runs; probe, centred, whitened and raw kNN
 (a file written before the whitened kNN existed shows '-' there; `learn_check.py --eval-only`
 fills it in).
+
+A floor is one encoder (random-init seed s, or the raw pixels) measured on the runs' shared setup,
+so every run that holds it measured the same thing: the files' floor rows are combined, one row per
+floor (the union of their seeds, a number one file lacks taken from another), and the script
+refuses when two files give a floor different numbers.
 
     python bench/learn_seeds.py runs/ti-s0.json runs/ti-s1.json runs/ti-s2.json
 
@@ -19,6 +24,11 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from results_io import print_markdown
+
+FLOORS = ("random-init", "raw pixels")
+METRICS = ("probe_top1", "knn_top1", "knn_whitened_top1", "knn_raw_top1")
 
 
 class SeedsError(ValueError):
@@ -50,10 +60,36 @@ def _vals(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in rows if r.get(key) is not None]
 
 
+def floor_rows(docs: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every file's floor rows, one per (encoder, seed) in first-seen order; each number from the
+    files that hold it, which must agree."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    source: dict[tuple[str, str, str], Path] = {}
+    for p, d in docs:
+        for r in d["rows"]:
+            if r["encoder"] not in FLOORS:
+                continue
+            key = (r["encoder"], str(r["seed"]))
+            row = merged.setdefault(key, dict(r))
+            for k in METRICS:
+                v, have = r.get(k), row.get(k)
+                if v is None:
+                    continue
+                if have is None:
+                    row[k] = v
+                elif v != have:
+                    name = r["encoder"] + (f" seed {r['seed']}" if r["encoder"] == "random-init" else "")
+                    raise SeedsError(f"{p} and {source[(*key, k)]} disagree on the {name} floor ({k} {v} vs "
+                                     f"{have}): not one measurement; pass the files whose floors agree")
+                source.setdefault((*key, k), p)
+    return list(merged.values())
+
+
 def table(docs: list[tuple[Path, dict[str, Any]]]) -> str:
     pre = [(p, next(r for r in d["rows"] if r["encoder"] == "pretrained")) for p, d in docs]
-    floors = [r for r in docs[0][1]["rows"] if r["encoder"] == "random-init"]
-    raw = [r for r in docs[0][1]["rows"] if r["encoder"] == "raw pixels"]
+    combined = floor_rows(docs)
+    floors = [r for r in combined if r["encoder"] == "random-init"]
+    raw = [r for r in combined if r["encoder"] == "raw pixels"]
     lines = ["| encoder | seed | probe top-1 | kNN top-1 (centred) | kNN top-1 (whitened) | kNN top-1 (raw) | "
              "images seen | pretraining |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -103,14 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             if not any(r.get("encoder") == "pretrained" for r in docs[-1][1].get("rows", [])):
                 raise SeedsError(f"{p}: no pretrained row (the run did not finish)")
         _same(docs)
+        md = table(docs)
     except SeedsError as e:
         print(f"learn_seeds: {e}", file=sys.stderr)
         return 2
-    md = table(docs)
-    print(md)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(md + "\n")
+    print_markdown(md, args.out)
     return 0
 
 

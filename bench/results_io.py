@@ -10,6 +10,7 @@ markdown table takes the union, in first-seen order).
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import itertools
 import json
@@ -108,6 +109,34 @@ def environment() -> dict[str, Any]:
         meta["triton"] = None
     meta["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
     return meta
+
+
+def add_output_flags(ap: argparse.ArgumentParser, write_help: str, exact_file: bool = True) -> None:
+    """The flags that say where a benchmark's rows go: --write (`write_help`: when it writes without
+    a GPU) and --out-dir; with `exact_file`, also --no-write and --json FILE."""
+    if exact_file:
+        ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
+    ap.add_argument("--write", action="store_true", help=write_help)
+    ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+    if exact_file:
+        ap.add_argument("--json", default=None, metavar="FILE",
+                        help="write the results to exactly FILE, no markdown (`results_io.py import` names it "
+                             "and rebuilds the markdown); implies --write")
+
+
+def announce(script: str, argv: list[str]) -> str:
+    """Print the command that reproduces this run of bench/`script` with `argv`, and return it."""
+    command = command_line([f"bench/{script}", *argv])
+    print(f"reproduce: {command}")
+    return command
+
+
+def print_markdown(md: str, out: Path | None) -> None:
+    """A table script's output: the markdown on stdout and, with --out, in that file too."""
+    print(md)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(md + "\n")
 
 
 def _slug(s: str) -> str:

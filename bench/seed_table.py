@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from results_io import print_markdown
+
 # (key in results.json's "evaluation", column header)
 COLUMNS = (
     ("probe_top1", "probe, pretrained"), ("random_top1", "probe, random-init"),
@@ -168,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except TableError as e:
         print(f"seed_table: {e}", file=sys.stderr)
         return 2
-    md = summary(recs, args.title) if args.summary else table(recs, args.title)
-    print(md)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(md + "\n")
+    print_markdown(summary(recs, args.title) if args.summary else table(recs, args.title), args.out)
     return 0
 
 

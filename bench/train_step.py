@@ -592,12 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of variants (b) and (d); 'aot_eager' or 'eager' make a CPU "
                          "smoke run skip code generation")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/")
-    ap.add_argument("--write", action="store_true", help="write results for a CPU smoke run too")
-    ap.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
-    ap.add_argument("--json", default=None, metavar="FILE",
-                    help="write the results to exactly FILE, no markdown (`results_io.py import` names it "
-                         "and rebuilds the markdown); implies --write")
+    results_io.add_output_flags(ap, "write results for a CPU smoke run too")
     ap.add_argument("--name", default="train_step", help="results name passed to results_io")
     args = ap.parse_args(argv)
     # The chosen method's flags take its defaults; another method's flag given is a usage error.

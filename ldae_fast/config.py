@@ -551,8 +551,10 @@ class EvalConfig:
     figure_sigmas: str = "0.2,0.6,1.0,1.4"
     """Noise levels (sigma) of the figure's columns."""
     probe_t: int = 10
-    """Noise step t (of noise.num_timesteps) the encoder is conditioned on for the probe and kNN;
-    l-DAE App. A fixes t = 10 of 1000 (64.5% vs 64.1% at t = 0)."""
+    """Noise step t the encoder is conditioned on for the probe and kNN, of the method's noise
+    schedule (MethodSpec.probe_sigma: l-DAE's noise.schedule over noise.num_timesteps); l-DAE App.
+    A fixes t = 10 of 1000 (64.5% vs 64.1% at t = 0). An encoder that takes no noise level (DiffMAE's,
+    MAE's: they see clean visible patches) ignores it."""
     probe_sigma: float = -1.0
     """Probe noise level sigma given directly (>= 0), instead of noise.schedule at probe_t."""
     probe_input: str = "clean"
@@ -780,23 +782,55 @@ class Config:
 
 def migrate(d: dict[str, Any]) -> dict[str, Any]:
     """A config dict (a saved config, or the tree of a command line) as this version reads it:
-    fields that moved to a method's section (config_registry.RENAMED: `objective.mask_ratio` ->
-    `diffmae.mask_ratio` and `mae.mask_ratio`, ...) are read from their old keys where the new
-    ones are not set, and fields now derived (model.arch, always equal to objective.method) are
-    dropped. `d` is not changed."""
+    - fields that moved to a method's section (config_registry.RENAMED: `objective.mask_ratio` ->
+      `diffmae.mask_ratio` or `mae.mask_ratio`, ...) are read from their old keys where the new
+      ones are not set, into the sections of the method `d` runs (objective.method); an old key
+      that method reads in none of its new places is dropped (it never read it);
+    - a field the method took over from another method's section (config_registry.TOOK_OVER:
+      DiffMAE's `noise.num_timesteps` -> `diffmae.num_timesteps`) moves to its own field where that
+      is not set, so a config saved before keeps its value and the old key reads its default;
+    - fields now derived (model.arch, always equal to objective.method) are dropped.
+    `d` is not changed."""
     renamed = _registered(_registry.RENAMED)
     d = dict(d)
-    for old, news in renamed.items():
+    method = _method_of(d)
+    for old in renamed:
         sec, _, name = old.partition(".")
         if not isinstance(d.get(sec), dict) or name not in d[sec]:
             continue
         d[sec] = dict(d[sec])
         value = d[sec].pop(name)
-        for new in news:
+        for new in _renamed_targets(old, method):
             nsec, _, nname = new.partition(".")
             target = d[nsec] = dict(d.get(nsec) or {})
             target.setdefault(nname, value)
+    for old, new in _registry.TOOK_OVER.get(method, {}).items():
+        (sec, _, name), (nsec, _, nname) = old.partition("."), new.partition(".")
+        if not isinstance(d.get(sec), dict) or name not in d[sec]:
+            continue
+        target = d.get(nsec) if isinstance(d.get(nsec), dict) else {}
+        if nname not in target:
+            d[sec] = dict(d[sec])
+            d[nsec] = {**target, nname: d[sec].pop(name)}
     return _drop_arch(d)
+
+
+def _method_of(d: dict[str, Any]) -> str:
+    """The objective.method a config dict names (the default when it names none)."""
+    obj = d.get("objective")
+    method = obj.get("method") if isinstance(obj, dict) else None
+    return method if isinstance(method, str) else ObjectiveConfig.method
+
+
+def _renamed_targets(old: str, method: str | None) -> list[str]:
+    """Where old spelling `old` (config_registry.RENAMED) sets its value when `method` runs: its new
+    places in that method's sections (none when it reads none of them); every new place when the
+    method is not known (the config is refused for that later)."""
+    news = _registry.RENAMED[old]
+    spec = _registry.METHODS.get(method) if method is not None else None
+    if spec is None:
+        return list(news)
+    return [n for n in news if n.partition(".")[0] in spec.sections]
 
 
 def _drop_arch(d: dict[str, Any]) -> dict[str, Any]:
@@ -921,15 +955,16 @@ def _parse_value(raw: str, typ: Any) -> Any:
     return raw
 
 
-def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool) -> None:
-    # An old spelling of a field that moved to a method's section sets it where it lives now.
+def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any, from_cli: bool, method: str | None = None) -> None:
+    # An old spelling of a field that moved to a method's section sets it where it lives now, in
+    # the sections of `method` (the one that runs) when it is known.
     if key in _registry.RENAMED:
         if from_cli:
             try:
                 value = _parse_value(value, _field_type(key))
             except ConfigError as e:
                 raise ConfigError(f"{key}: {e}") from None
-        for new_key in _registry.RENAMED[key]:
+        for new_key in _renamed_targets(key, method):
             _apply(tree, new_key, value, from_cli=False)
         return
     section, _, name = key.partition(".")
@@ -970,14 +1005,17 @@ def build_config(preset: str = "demo", overrides: dict[str, str] | None = None) 
     """Defaults <- preset <- overrides (strings as typed on the command line). A preset's shard
     paths are found from the checkout when the current directory lacks them (preset_data_path)."""
     _check(preset in _registered(PRESETS), f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    overrides = overrides or {}
+    method = overrides.get("objective.method", PRESETS[preset].get("objective.method", ObjectiveConfig.method))
     tree: dict[str, Any] = {name: {} for name in section_types()}
     for k, v in PRESETS[preset].items():
         if k in {f"data.{f}" for f in SHARD_FIELDS} and isinstance(v, str):
             v = preset_data_path(v)
-        _apply(tree, k, v, from_cli=False)
-    for k, v in (overrides or {}).items():
-        _apply(tree, k, v, from_cli=True)
-    return _reads_every_override(Config.from_dict({**tree, "preset": preset}), overrides or {})
+        _apply(tree, k, v, from_cli=False, method=method)
+    for k, v in overrides.items():
+        _apply(tree, k, v, from_cli=True, method=method)
+    cfg = _reads_every_override(Config.from_dict({**tree, "preset": preset}), overrides)
+    return _reads_every_stored(cfg, f"preset {preset!r}")
 
 
 # Short flags that stand for a config field.
@@ -1052,22 +1090,74 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
                           f"from the command line only: pass --{key}=... to use it")
         tree = base.to_dict()
         tree.pop("preset")
+        method = overrides.get("objective.method", tree["objective"]["method"])
         for k, v in overrides.items():
-            _apply(tree, k, v, from_cli=True)
-        return _reads_every_override(Config.from_dict({**tree, "preset": base.preset}), overrides), rest
+            _apply(tree, k, v, from_cli=True, method=method)
+        cfg = _reads_every_override(Config.from_dict({**tree, "preset": base.preset}), overrides)
+        return _reads_every_stored(cfg, f"--config {config_file}"), rest
     return build_config(preset, overrides), rest
 
 
+def _owners(section: str, method: str) -> list[str]:
+    """The methods whose config section `section` is, when `method` does not read it (registered by
+    other methods only); [] for a shared section or one of `method`'s own."""
+    if section not in _registry.SECTIONS or section in _registry.METHODS[method].sections:
+        return []
+    return [n for n, s in _registry.METHODS.items() if section in s.sections]
+
+
 def _reads_every_override(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Refuse a setting of a method's own section (`--diffmae.mask_ratio`) when another method
-    runs: it would be stored and never read. Old spellings a renamed field still accepts are not
-    judged here (one may have moved to several methods' sections)."""
+    """Refuse a command-line setting the running method never reads: a field of another method's
+    section (`--diffmae.mask_ratio` or `--noise.schedule` on an MAE run), or an old spelling whose
+    new places are all another method's (`--objective.mask_ratio` on an l-DAE run). A field the
+    method took over from another's section (`--noise.num_timesteps` on a DiffMAE run) is refused
+    with the name it has now."""
     method = cfg.objective.method
-    for key in overrides:
-        section = key.partition(".")[0]
-        if key not in _registry.RENAMED and section in _registry.METHODS and section != method:
-            _check(False, f"--{key}: a setting of method {section!r}, and objective.method={method!r} does "
-                          f"not read it; set --objective.method={section} or leave it out")
+    for key, value in overrides.items():
+        if key in _registry.RENAMED:
+            news = _registry.RENAMED[key]
+            _check(bool(_renamed_targets(key, method)),
+                   f"--{key}: now {' / '.join(news)}, which objective.method={method!r} does not read; set "
+                   f"--objective.method={news[0].partition('.')[0]} or leave it out")
+            continue
+        owners = _owners(key.partition(".")[0], method)
+        if not owners:
+            continue
+        new = _registry.TOOK_OVER.get(method, {}).get(key)
+        _check(new is None, f"--{key}: a setting of method {owners[0]!r}; objective.method={method!r} reads "
+                            f"{new} instead: set --{new}={value}")
+        _check(False, f"--{key}: a setting of method {owners[0]!r}, and objective.method={method!r} does "
+                      f"not read it; set --objective.method={owners[0]} or leave it out")
+    return cfg
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _reads_every_stored(cfg: Config, source: str) -> Config:
+    """Refuse a value the running method never reads that came from `source` (a `--config` file or
+    a preset): a field of another method's section that differs from its default. A stored config
+    holds every section, the other methods' at their defaults, so a value that differs was set for
+    another method (the file's own run, or a hand edit) and would be stored here and never read.
+    Old spellings (config_registry.RENAMED) are not judged: migrate() puts them where the running
+    method reads them, or drops them."""
+    method = cfg.objective.method
+    for name, typ in _registry.SECTIONS.items():
+        owners = _owners(name, method)
+        for f in dataclasses.fields(typ) if owners else ():
+            key = f"{name}.{f.name}"
+            value, default = stored(cfg.__dict__[name], f.name), _field_default(f)
+            if key in _registry.RENAMED or value == default:
+                continue
+            new = _registry.TOOK_OVER.get(method, {}).get(key)
+            if new is not None:
+                _check(False, f"{source}: {key}={value!r} is a setting of method {owners[0]!r}; objective.method="
+                              f"{method!r} reads {new} instead: set {new} there and {key} back to {default!r}")
+            fix = (f"set it back to {default!r} (or drop section {name!r} from the file)" if source.startswith("--config")
+                   else f"pick a preset of method {method!r}")
+            _check(False, f"{source}: {key}={value!r} is a setting of method {owners[0]!r}, and "
+                          f"objective.method={method!r} does not read it; {fix}, or run --objective.method={owners[0]}")
     return cfg
 
 

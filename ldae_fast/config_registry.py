@@ -35,7 +35,8 @@ class SourceKind:
     """Yields clips (data.num_frames > 0)."""
 
 
-# objective.method -> its MethodSpec (duck-typed here: name, sections, presets, renamed, validate, video).
+# objective.method -> its MethodSpec (duck-typed here: name, sections, presets, renamed, took_over,
+# validate, video).
 METHODS: dict[str, Any] = {}
 # Section name -> dataclass, of every registered method (a section two methods share is one entry).
 SECTIONS: dict[str, type] = {}
@@ -44,6 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {}
 # Old 'section.field' spellings -> their new ones (saved configs and command lines still read);
 # a field two methods took over (objective.mask_ratio) maps to each one's.
 RENAMED: dict[str, list[str]] = {}
+# objective.method -> {'section.field' of another method's section it read before it had its own
+# field: that field}; a stored config of that method reads the old key into the new one.
+TOOK_OVER: dict[str, dict[str, str]] = {}
 # data.source -> SourceKind.
 SOURCES: dict[str, SourceKind] = {}
 _PRESET_OWNER: dict[str, str] = {}
@@ -51,9 +55,9 @@ _PRESET_OWNER: dict[str, str] = {}
 
 def register_method(spec: Any) -> None:
     """Register one method: its name (objective.method), its config sections (MethodSpec.sections),
-    presets, renamed keys, relation checks and video flag. Registering the same spec again (a module
-    reloaded) replaces it; a section, preset or old key another registration owns differently is
-    an error, raised here, at import."""
+    presets, renamed keys, fields taken over from another method's section, relation checks and
+    video flag. Registering the same spec again (a module reloaded) replaces it; a section, preset
+    or old key another registration owns differently is an error, raised here, at import."""
     for sec, typ in spec.sections.items():
         if SECTIONS.get(sec, typ) is not typ:
             raise ValueError(f"method {spec.name!r}: config section {sec!r} is taken")
@@ -63,8 +67,14 @@ def register_method(spec: Any) -> None:
     for old, new in spec.renamed.items():
         if new.partition(".")[0] not in spec.sections:
             raise ValueError(f"method {spec.name!r}: old key {old!r} maps to {new!r}, outside its sections")
+    took_over = dict(getattr(spec, "took_over", {}))
+    for old, new in took_over.items():
+        if new.partition(".")[0] not in spec.sections or old.partition(".")[0] in spec.sections:
+            raise ValueError(f"method {spec.name!r}: took over {old!r} into {new!r}: the old key must lie "
+                             "outside its sections and the new one inside")
     METHODS[spec.name] = spec
     SECTIONS.update(spec.sections)
+    TOOK_OVER[spec.name] = took_over
     for old, new in spec.renamed.items():
         if new not in RENAMED.setdefault(old, []):
             RENAMED[old].append(new)
@@ -88,5 +98,5 @@ def require_loaded() -> None:
             "sections, names and presets, and the data sources)")
 
 
-__all__ = ["METHODS", "PRESETS", "RENAMED", "RegistryNotLoaded", "SECTIONS", "SOURCES", "SourceKind",
+__all__ = ["METHODS", "PRESETS", "RENAMED", "RegistryNotLoaded", "SECTIONS", "SOURCES", "SourceKind", "TOOK_OVER",
            "register_method", "register_source", "require_loaded"]

@@ -63,7 +63,12 @@ def test_a_section_or_preset_taken_by_another_method_is_refused():
     Spec.sections, Spec.presets = {}, {"demo": {}}
     with pytest.raises(ValueError, match="preset name 'demo' is taken"):
         config_registry.register_method(Spec)
+    # A field taken over from another method's section must land in the taker's own section.
+    Spec.presets, Spec.took_over = {}, {"noise.num_timesteps": "diffmae.num_timesteps"}
+    with pytest.raises(ValueError, match="took over 'noise.num_timesteps' into 'diffmae.num_timesteps'"):
+        config_registry.register_method(Spec)
     assert "other" not in config_registry.METHODS
+    assert config_registry.TOOK_OVER["diffmae"] == {"noise.num_timesteps": "diffmae.num_timesteps"}
 
 
 def test_replace_keeps_every_section_and_validates():
@@ -99,3 +104,80 @@ def test_a_setting_of_a_method_that_does_not_run_is_refused_by_name():
     assert build_config("demo", {"objective.method": "diffmae", "diffmae.mask_ratio": "0.5"}).diffmae.mask_ratio == 0.5
     # An old spelling that moved to several methods' sections is judged by the method that reads it.
     assert build_config("demo", {"objective.method": "mae", "objective.mask_ratio": "0.6"}).mae.mask_ratio == 0.6
+
+
+def test_a_setting_of_another_methods_section_is_refused_whatever_its_name():
+    """Ownership, not the section's name: l-DAE's `noise` section is not DiffMAE's or MAE's, and an
+    old spelling none of whose new places the running method reads is refused too."""
+    from ldae_fast.config import parse_cli
+
+    with pytest.raises(ConfigError, match=r"--noise.schedule: a setting of method 'ldae'.*'mae'"):
+        parse_cli(["--preset", "mae-demo", "--noise.schedule=single_level"])
+    with pytest.raises(ConfigError, match=r"--objective.mask_ratio: now diffmae.mask_ratio / mae.mask_ratio, "
+                                          r"which objective.method='ldae' does not read"):
+        build_config("demo", {"objective.mask_ratio": "0.5"})
+    assert build_config("demo", {"noise.schedule": "single_level"}).noise.schedule == "single_level"
+
+
+def _saved(tmp_path, preset, edit=None, **over):
+    import json
+
+    d = build_config(preset, over).to_dict()
+    for key, value in (edit or {}).items():
+        sec, _, name = key.partition(".")
+        d[sec][name] = value
+    path = tmp_path / f"{preset}.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_a_stored_value_of_another_methods_section_is_refused_naming_key_and_file(tmp_path):
+    """A stored config holds every section, the other methods' at their defaults: one that differs
+    was set for another method and would be stored here and never read."""
+    from ldae_fast.config import parse_cli
+
+    path = _saved(tmp_path, "diffmae-demo", {"noise.schedule": "single_level"})
+    with pytest.raises(ConfigError) as e:
+        parse_cli(["--config", str(path)])
+    msg = str(e.value)
+    assert msg.startswith(f"--config {path}: noise.schedule='single_level' is a setting of method 'ldae', "
+                          "and objective.method='diffmae' does not read it; set it back to 'sigma_linear'")
+    assert "drop section 'noise'" in msg and "\n" not in msg and e.value.exit_code == 2
+    # Switching the method of a replay leaves the file's own method's settings unread: refused too.
+    with pytest.raises(ConfigError, match=r"diffmae.sample_steps=50 is a setting of method 'diffmae'"):
+        parse_cli(["--config", str(_saved(tmp_path, "diffmae-demo")), "--objective.method=ldae"])
+    with pytest.raises(ConfigError, match=r"preset 'diffmae-demo': diffmae.sample_steps=50 .* pick a preset of "
+                                          r"method 'ldae', or run --objective.method=diffmae"):
+        build_config("diffmae-demo", {"objective.method": "ldae"})
+    # A field DiffMAE took over, set in l-DAE's section beside DiffMAE's own: named with its new place.
+    path = _saved(tmp_path, "diffmae-demo", {"noise.num_timesteps": 200})
+    with pytest.raises(ConfigError, match=r"noise.num_timesteps=200 is a setting of method 'ldae'; objective.method="
+                                          r"'diffmae' reads diffmae.num_timesteps instead"):
+        parse_cli(["--config", str(path)])
+
+
+def test_every_presets_saved_config_replays_to_the_same_run(tmp_path):
+    from ldae_fast.config import parse_cli
+
+    for preset in config_registry.PRESETS:
+        cfg = build_config(preset)
+        path = tmp_path / f"{preset}.json"
+        cfg.save(path)
+        assert parse_cli(["--config", str(path)])[0] == cfg, preset
+    # A run given an old spelling saves it where its method reads it, and replays too.
+    cfg = build_config("mae-demo", {"objective.mask_ratio": "0.6"})
+    cfg.save(tmp_path / "old-spelling.json")
+    back = parse_cli(["--config", str(tmp_path / "old-spelling.json")])[0]
+    assert back == cfg and back.mae.mask_ratio == 0.6 and back.diffmae.mask_ratio == 0.75
+
+
+def test_old_spellings_in_a_stored_config_are_not_judged(tmp_path):
+    """A config saved before the method sections stores objective.mask_ratio and the like for every
+    method: read where the running method reads them, dropped where it reads none of them."""
+    from ldae_fast.config import parse_cli
+
+    old = ROOT / "tests" / "assets" / "configs_before_method_sections"
+    mae = parse_cli(["--config", str(old / "mae-demo.json")])[0]
+    assert mae.mae.mask_ratio == 0.6 and mae.diffmae == type(mae.diffmae)()
+    ld = parse_cli(["--config", str(old / "demo-dit.json")])[0]
+    assert ld.diffmae == type(ld.diffmae)() and ld.mae == type(ld.mae)()

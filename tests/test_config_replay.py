@@ -113,8 +113,11 @@ def test_old_command_line_spellings_set_the_fields_where_they_live_now():
     new = parse_cli(["--preset", "diffmae-demo", "--diffmae.mask_ratio=0.5", "--diffmae.decoder_kind", "cross",
                      "--diffmae.decoder_topdown=spread", "--diffmae.norm_pix_loss"])[0]
     assert old.diffmae == new.diffmae and old.diffmae.norm_pix_loss is True
-    # a field two methods took over is set in both; --no- and bare booleans follow the new field's type
-    assert old.mae.mask_ratio == 0.5
+    # a field two methods took over is set where the running method reads it (the other method's
+    # section keeps its default, so the saved config replays); --no- and bare booleans follow the
+    # new field's type
+    assert old.mae.mask_ratio == 0.75 and old.mae == type(old.mae)()
+    assert build_config("mae-demo", {"objective.mask_ratio": "0.5"}).mae.mask_ratio == 0.5
     assert parse_cli(["--preset", "mae-demo", "--no-objective.norm_pix_loss"])[0].mae.norm_pix_loss is False
     with pytest.raises(ConfigError, match="objective.mask_ratio: expected a number"):
         parse_cli(["--objective.mask_ratio=most"])

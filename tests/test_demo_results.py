@@ -1,14 +1,11 @@
 """The demo's provenance: every number it prints lands in results.json with its settings and
 seeds (raw-pixel row included), and bench/seed_table.py assembles seed tables from those files."""
 
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_import import load_bench
 
 TINY = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
         "data.img_size": "16", "data.batch_size": "8", "data.synthetic_images": "64",
@@ -18,10 +15,7 @@ TINY = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1",
 
 
 def _seed_table():
-    spec = importlib.util.spec_from_file_location("seed_table", ROOT / "bench" / "seed_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("seed_table")
 
 
 def _run(tmp_path, seed, capsys, **extra):
@@ -100,9 +94,7 @@ def test_whitened_knn_rows_old_files_and_reevaluation(tmp_path, capsys):
     row_old = next(ln for ln in md.splitlines() if ln.startswith("| 0 |") and "| - |" in ln)
     assert [c.strip() for c in row_old.split("|")].count("-") == 3
 
-    spec = importlib.util.spec_from_file_location("demo_reeval", ROOT / "bench" / "demo_reeval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("demo_reeval")
     before = sorted(p.name for p in path.parent.rglob("*"))
     out = tmp_path / "again.json"
     assert mod.main([str(path.parent), "--out", str(out)]) == 0

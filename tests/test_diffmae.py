@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_runs import TINY_NET, tiny_config
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import ConfigError, build_config
@@ -25,19 +26,11 @@ from ldae_fast.methods.masking import (
 )
 from ldae_fast.reference import patchify
 
-TINY = {
-    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-    "model.decoder_heads": "2", "data.img_size": "16", "data.batch_size": "4", "data.synthetic_images": "32",
-    "engine.kernels": "reference", "engine.log_every": "1", "engine.progress": "false",
-    "eval.probe": "false", "eval.figure": "false", "diffmae.sample_steps": "8",
-}
+TINY = {**TINY_NET, "eval.probe": "false", "diffmae.sample_steps": "8"}
 
 
 def _cfg(tmp_path=None, **over):
-    o = {**TINY, **{k: str(v) for k, v in over.items()}}
-    if tmp_path is not None:
-        o["engine.out_dir"] = str(tmp_path / "run")
-    return build_config("diffmae-demo", o)
+    return tiny_config("diffmae-demo", TINY, tmp_path, **over)
 
 
 # masking ------------------------------------------------------------------------------------
@@ -304,6 +297,42 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 # config -------------------------------------------------------------------------------------
+def test_diffmae_reads_its_own_schedule_length_and_old_configs_keep_theirs(tmp_path):
+    """T is diffmae.num_timesteps; l-DAE's noise.num_timesteps, which DiffMAE read before, is not
+    read, refused on the command line with the new name, and taken over from a config saved before."""
+    import json
+
+    from ldae_fast.config import Config, parse_cli
+
+    cfg = _cfg(**{"diffmae.num_timesteps": 200})
+    m = build_method(cfg, "cpu")
+    assert m.schedule.num_timesteps == 200 and m.state_dict()["schedule"]["num_timesteps"] == 200
+    assert cfg.noise.num_timesteps == 1000
+    with pytest.raises(ConfigError, match=r"--noise.num_timesteps: .*reads diffmae.num_timesteps instead: "
+                                          r"set --diffmae.num_timesteps=200"):
+        _cfg(**{"noise.num_timesteps": 200})
+    with pytest.raises(ConfigError, match=r"diffmae.sample_steps=300 exceeds diffmae.num_timesteps=200"):
+        _cfg(**{"diffmae.num_timesteps": 200, "diffmae.sample_steps": 300})
+    # A config (or a checkpoint's) saved before the field: T in noise.num_timesteps, none in diffmae.
+    old = cfg.to_dict()
+    del old["diffmae"]["num_timesteps"]
+    old["noise"]["num_timesteps"] = 200
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    for back in (Config.from_dict(old), Config.load(path), parse_cli(["--config", str(path)])[0]):
+        assert back.diffmae.num_timesteps == 200 and back.noise.num_timesteps == 1000
+        assert back.to_dict()["noise"] == dataclasses.asdict(type(back.noise)())
+        build_method(back, "cpu").prepare(lambda: [], state=m.state_dict())  # resumes its checkpoint
+    # ... and a checkpoint of that T does not resume under the default one, naming the field.
+    with pytest.raises(ResumeMismatch, match=r"diffmae.num_timesteps"):
+        build_method(_cfg(), "cpu").prepare(lambda: [], state=m.state_dict())
+    # l-DAE keeps its own noise.num_timesteps; a saved l-DAE config is not taken over.
+    ld = build_config("demo", {"noise.num_timesteps": "200"}).to_dict()
+    del ld["diffmae"]["num_timesteps"]
+    assert Config.from_dict(ld).noise.num_timesteps == 200
+    assert Config.from_dict(ld).diffmae.num_timesteps == 1000
+
+
 def test_presets_follow_the_supplement_table_1a():
     for size, preset in (("B", "diffmae-vitb"), ("L", "diffmae-vitl"), ("H", "diffmae-vith")):
         c = build_config(preset)
@@ -313,7 +342,7 @@ def test_presets_follow_the_supplement_table_1a():
         assert c.optim.min_lr == 0.0 and c.optim.clip_grad == 0.0
         assert c.data.hflip and c.data.crop_min_scale < 1.0  # RandomResizedCrop + flip
         assert c.global_batch(8) == DIFFMAE_GLOBAL_BATCH == 4096
-        assert c.diffmae.mask_ratio == 0.75 and c.noise.num_timesteps == 1000
+        assert c.diffmae.mask_ratio == 0.75 and c.diffmae.num_timesteps == 1000
     assert build_config("diffmae-vith").model.patch_size == 14
     assert build_config("diffmae-vitl").model.width == 1024
 

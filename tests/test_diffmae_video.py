@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_runs import TINY_NET, tiny_config
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
@@ -17,19 +18,11 @@ from ldae_fast.methods.masking import center_block_mask, gather_tokens, random_m
 from ldae_fast.reference import patchify
 
 # Clips of 4 frames at 16 px, 2x4x4 tubelets: 2 x 16 = 32 spacetime patches, 3 visible at 90%.
-TINY = {
-    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
-    "model.decoder_heads": "2", "data.img_size": "16", "data.num_frames": "4", "data.batch_size": "4",
-    "data.synthetic_images": "32", "engine.kernels": "reference", "engine.log_every": "1",
-    "engine.progress": "false", "eval.figure": "false", "diffmae.sample_steps": "8",
-}
+TINY = {**TINY_NET, "data.num_frames": "4", "diffmae.sample_steps": "8"}
 
 
 def _cfg(tmp_path=None, **over):
-    o = {**TINY, **{k: str(v) for k, v in over.items()}}
-    if tmp_path is not None:
-        o["engine.out_dir"] = str(tmp_path / "run")
-    return build_config("diffmae-video-demo", o)
+    return tiny_config("diffmae-video-demo", TINY, tmp_path, **over)
 
 
 def _slices(x, k=0, tubelet=2):
@@ -223,7 +216,7 @@ def test_video_presets_follow_the_supplement_table_1a(preset, p):
     assert c.data.repeated_aug == 4 and c.data.source == "wds-video"
     assert c.global_batch(8) == DIFFMAE_VIDEO_GLOBAL_BATCH == 512
     assert (c.optim.beta1, c.optim.beta2, c.optim.weight_decay, c.optim.warmup_epochs) == (0.9, 0.95, 0.05, 40)
-    assert c.data.hflip and c.data.crop_min_scale < 1.0 and c.noise.num_timesteps == 1000
+    assert c.data.hflip and c.data.crop_min_scale < 1.0 and c.diffmae.num_timesteps == 1000
     assert c.model.num_frames == c.data.num_frames and c.data.num_frames % 2 == 0
 
 

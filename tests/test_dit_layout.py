@@ -70,10 +70,16 @@ def test_layout_validation_names_the_field():
         build_config("demo", {"model.layout": "vit"})  # the old spelling reaches the same check
     with pytest.raises(ConfigError, match="ldae.adaln_dim=0: width/4 is 0 for model.width=3"):
         build_config("demo", {"ldae.layout": "dit", "model.width": "3", "model.num_heads": "1"})
-    # l-DAE's section is l-DAE's: another method's run carries it unread, as a version that wrote
-    # the resolved width back (model.adaln_dim = the encoder width) stored it for every run.
-    w = build_config("diffmae-demo").model.width
-    assert build_config("diffmae-demo", {"model.adaln_dim": str(w)}).objective.method == "diffmae"
+    # l-DAE's section is l-DAE's: another method's saved config that holds the old spelling (a
+    # version that wrote the resolved width back stored model.adaln_dim for every run) loads, and
+    # leaves it unread; on a command line it is refused, as it would be stored and never read.
+    from ldae_fast.config import Config
+    saved = build_config("diffmae-demo").to_dict()
+    saved["model"]["adaln_dim"] = saved_w = build_config("diffmae-demo").model.width
+    back = Config.from_dict(saved)
+    assert back.objective.method == "diffmae" and back.ldae.adaln_dim == 0 != saved_w
+    with pytest.raises(ConfigError, match=r"--model.adaln_dim: now ldae.adaln_dim, which objective.method='diffmae'"):
+        build_config("diffmae-demo", {"model.adaln_dim": str(saved_w)})
     assert cond_width(96, LDAEConfig(layout="dit", adaln_dim=40)) == 40
     assert cond_width(96, LDAEConfig(layout="mae", adaln_dim=24)) == 24
 

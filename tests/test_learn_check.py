@@ -185,4 +185,31 @@ def test_learn_seeds_shows_a_dash_for_files_without_the_whitened_knn(tmp_path, c
     assert mod.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out
     assert "| pretrained | 1 | 21.00 | 9.00 | 30.00 | 9.00 |" in out
-    assert "whitened kNN 30.00" in out and "whitened kNN +18.00" not in out  # floors from the first file: none
+    # The floors' whitened kNN comes from the second file, the only one that measured it.
+    assert "| random-init | 0 | 10.00 | 8.00 | 12.00 | 8.00 |" in out
+    assert "whitened kNN 30.00" in out and "whitened kNN +18.00" in out
+
+
+def test_learn_seeds_combines_the_files_floors_and_refuses_floors_that_disagree(tmp_path, capsys):
+    mod = load_bench("learn_seeds")
+    docs = [_doc(0, 20.0, 9.0), _doc(1, 22.0, 10.0)]
+    # The second run measured two more random-init seeds and no raw pixels; seeds 0-2 agree.
+    docs[1]["rows"] += [{"encoder": "random-init", "seed": s, "probe_top1": 10.0 + s, "knn_top1": 8.0,
+                         "knn_raw_top1": 8.0} for s in (3, 4)]
+    docs[1]["rows"] = [r for r in docs[1]["rows"] if r["encoder"] != "raw pixels"]
+    paths = [tmp_path / "s0.json", tmp_path / "s1.json"]
+    for p, d in zip(paths, docs):
+        p.write_text(json.dumps(d))
+    assert mod.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert [ln.split("|")[2].strip() for ln in out.splitlines() if ln.startswith("| random-init")] == \
+        ["0", "1", "2", "3", "4"]
+    assert "random-init over 5 seeds: probe 12.00 ± 1.58" in out
+    assert out.count("| raw pixels |") == 1
+    # Seed 1's floor measured differently in the second file: not one experiment's floor.
+    next(r for r in docs[1]["rows"] if r["encoder"] == "random-init" and r["seed"] == 1)["probe_top1"] = 15.0
+    paths[1].write_text(json.dumps(docs[1]))
+    assert mod.main([str(p) for p in paths]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "random-init seed 1" in err and "probe_top1" in err
+    assert str(paths[0]) in err and str(paths[1]) in err

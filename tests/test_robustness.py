@@ -132,9 +132,9 @@ def test_adaln_dim_spelled_out_as_its_default_is_the_same_network(run3, tmp_path
 
 
 def test_a_field_the_network_does_not_read_does_not_block_a_resume(run3, tmp_path):
-    run = _copy(run3, tmp_path / "run")  # an l-DAE run: DiffMAE's decoder wiring builds nothing here
+    run = _copy(run3, tmp_path / "run")  # an l-DAE run: the DiffMAE / MAE decoder width builds nothing here
     res = train(_cfg(run, **{"engine.steps": 8, "engine.ckpt_every": 2, "engine.keep_last": 3,
-                             "engine.resume": "auto", "model.decoder_kind": "cross"}))  # old spelling: diffmae.*
+                             "engine.resume": "auto", "model.decoder_width": 64}))
     assert res.checkpoint.name == "step_00000008"
 
 

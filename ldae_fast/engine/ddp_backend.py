@@ -3,9 +3,9 @@
 Every rank keeps the whole model and optimizer state; gradients are averaged in buckets that
 overlap the backward pass. For models that fit on one GPU (the ViT-B .. ViT-L of the papers,
 0.1-0.9B parameters) this is the cheapest multi-GPU step: ZeRO's partitioning saves memory
-that such a model does not need and costs extra collectives. The surface is engine.loop.SingleDevice's,
-and so is the checkpoint (full model and optimizer state in state.pt, written by rank 0), so a run
-moves between one device and DDP without conversion.
+that such a model does not need and costs extra collectives. This is engine.single_device's backend
+with the model wrapped, and so is the checkpoint (full model and optimizer state in state.pt,
+written by rank 0), so a run moves between one device and DDP without conversion.
 
 Gradient accumulation: the loop runs every micro-batch but the last inside `micro_step(last=False)`,
 DDP's `no_sync`, so gradients are all-reduced once per optimizer step, not once per micro-batch.
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from .optim import build_optimizer
+from .collectives import RankCollectives
+from .single_device import SingleDevice
 
 
 def init_process_group(on_cuda: bool) -> None:
@@ -38,8 +39,9 @@ def init_process_group(on_cuda: bool) -> None:
     dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
 
 
-class DDPBackend:
-    """Same surface as engine.loop.SingleDevice, plus the collectives the loop uses across ranks."""
+class DDPBackend(RankCollectives, SingleDevice):
+    """SingleDevice's step and checkpoint on a DistributedDataParallel model, plus the collectives
+    the loop uses across ranks."""
 
     save_on_all_ranks = True  # the save gathers every rank's data position: collective
 
@@ -49,75 +51,22 @@ class DDPBackend:
 
         on_cuda = next(model.parameters()).is_cuda
         init_process_group(on_cuda)
+        super().__init__(cfg, model, lr)
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
-        self.cfg = cfg
-        self.module = model
         self.device = next(model.parameters()).device
         # DDP broadcasts rank 0's parameters and buffers here, so every rank starts equal.
         self.model = DistributedDataParallel(
             model, device_ids=[self.device.index] if on_cuda else None,
             # Each micro-batch uses every parameter: no search for unused ones (it costs a pass).
             find_unused_parameters=False, gradient_as_bucket_view=True)
-        self.optimizer = build_optimizer(model, cfg, lr)
 
     def micro_step(self, last: bool):
         """Context of one micro-batch's forward and backward: no all-reduce unless `last`."""
         return contextlib.nullcontext() if last else self.model.no_sync()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.engine.grad_accum).backward()
-
-    def step(self, lr: float) -> torch.Tensor:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        clip = self.cfg.optim.clip_grad
-        # The gradients are already the global average, equal on every rank: so is the norm.
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-    def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
     def load_state_dict(self, st: dict, ckpt_dir: Path) -> None:
         if st.get("model") is None or st.get("optimizer") is None:
             raise FileNotFoundError(f"{ckpt_dir} holds no full model and optimizer state (a DeepSpeed ZeRO "
                                     "checkpoint?); resume it with --engine.backend=deepspeed")
-        self.module.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
-
-    def save_extra(self, tmp_dir: Path) -> None:
-        pass
-
-    # Collectives ------------------------------------------------------------------------------
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-    def all_gather_object(self, obj):
-        import torch.distributed as dist
-
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        import torch.distributed as dist
-
-        out = t.detach().clone().to(self.device)
-        dist.all_reduce(out, op=op)
-        return out.to(t.device)
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.SUM) / self.world_size
-
-    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.MAX)
+        super().load_state_dict(st, ckpt_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
+from .collectives import RankCollectives
 from .optim import param_groups
 
 DS_TAG = "state"
@@ -125,8 +126,9 @@ def _lamb(model, cfg: Config, groups: list[dict], lr: float, betas, on_cuda: boo
     return timm_lamb(lamb_param_groups(model, cfg.optim.weight_decay), lr, betas)
 
 
-class DeepSpeedBackend:
-    """Same surface as engine.loop.SingleDevice: backward / step / state_dict / load_state_dict."""
+class DeepSpeedBackend(RankCollectives):
+    """Same surface as engine.single_device.SingleDevice (backward / step / state_dict /
+    load_state_dict), plus the collectives the loop uses across ranks."""
 
     save_on_all_ranks = True  # DeepSpeed's sharded save is collective
 
@@ -224,35 +226,10 @@ class DeepSpeedBackend:
             self.engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
                                         load_lr_scheduler_states=False)
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-    def all_gather_object(self, obj):
-        import torch.distributed as dist
-
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        import torch.distributed as dist
-
-        # gloo and NCCL want the tensor where the process group lives: the engine's device.
-        out = t.detach().clone().to(self.engine.device)
-        dist.all_reduce(out, op=op)
-        return out.to(t.device)
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.SUM) / self.world_size
-
-    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.MAX)
+    @property
+    def device(self) -> torch.device:
+        """Where the process group lives, so where the collectives' tensors go: the engine's device."""
+        return self.engine.device
 
 
 # Plain-data classes DeepSpeed pickles into its optimizer state: a loss-scale record, an int enum

@@ -1,8 +1,8 @@
 """The training loop: thin, model-agnostic, resumable.
 
 Everything specific to a method (l-DAE, its tokenizer, its noise) lives behind the methods
-registry; everything specific to a device strategy lives in the backend (single device here,
-DeepSpeed in deepspeed_backend.py).
+registry; everything specific to a device strategy lives in the backend (single_device.py,
+ddp_backend.py, deepspeed_backend.py).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from . import guard, preempt, reshape, rundir
 from .guard import NonFiniteLoss
 from .metrics import MetricLogger
 from .mfu import peak_tflops_for, train_flops
-from .optim import EMA, build_optimizer
+from .optim import EMA
 from .profiling import StepProfiler, nvtx_range
+from .single_device import SingleDevice
 
 
 def start_step_of(state: dict) -> int:
@@ -116,43 +117,6 @@ class _CheckpointClock:
 
     def saved(self) -> None:
         self.last = time.time()
-
-
-class SingleDevice:
-    """One device, no launcher: plain autograd + torch.optim."""
-
-    world_size = 1
-    rank = 0
-    is_main = True
-    save_on_all_ranks = False
-
-    def __init__(self, cfg: Config, model: torch.nn.Module, lr: float):
-        self.cfg = cfg
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg, lr)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.engine.grad_accum).backward()
-
-    def step(self, lr: float) -> torch.Tensor:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, st: dict, ckpt_dir: Path) -> None:
-        self.model.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
-
-    def save_extra(self, tmp_dir: Path) -> None:
-        pass
 
 
 def train(cfg: Config, backend_factory=None, log_enabled: bool | None = None) -> TrainResult:

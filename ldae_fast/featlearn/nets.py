@@ -48,15 +48,21 @@ def _patches(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def diffusion_loss_closed(W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """Exact E_eps of the DDPM loss for data x (n, P, d); differentiable by autograd."""
+def _loss_terms(W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float):
+    """The closed-form loss's building blocks: the patches X (N, d), the Gram matrix G = W W^T and
+    its diagonal g, C = alpha X W^T (the mean of the pre-activations u = z W^T) and Q = E[u^2]."""
     m, d = W.shape
     X = _patches(x)
-    N = X.shape[0]
     G = W @ W.T
     g = torch.diagonal(G)
     C = alpha * (X @ W.T)
     Q = C.pow(2) + beta**2 * g
+    return m, d, X, X.shape[0], G, g, C, Q
+
+
+def diffusion_loss_closed(W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Exact E_eps of the DDPM loss for data x (n, P, d); differentiable by autograd."""
+    m, d, X, N, G, g, C, Q = _loss_terms(W, x, alpha, beta)
     # E|f|^2 = (1/m) sum_rs G_rs E[u_r^2 u_s^2], and for Gaussian u,
     # E[u_r^2 u_s^2] = Q_r Q_s + 2 beta^4 G_rs^2 + 4 beta^2 c_r c_s G_rs.
     quartic = ((Q @ G) * Q).sum() + 2 * N * beta**4 * G.pow(3).sum()
@@ -70,13 +76,7 @@ def diffusion_loss_and_grad(
     W: torch.Tensor, x: torch.Tensor, alpha: float, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form loss and its gradient w.r.t. W, written out to skip autograd's per-step cost."""
-    m, d = W.shape
-    X = _patches(x)
-    N = X.shape[0]
-    G = W @ W.T
-    g = torch.diagonal(G)
-    C = alpha * (X @ W.T)
-    Q = C.pow(2) + beta**2 * g
+    m, d, X, N, G, g, C, Q = _loss_terms(W, x, alpha, beta)
     G2 = G * G
     QG = Q @ G
     CG2 = C @ G2
@@ -96,6 +96,18 @@ def diffusion_loss_and_grad(
     return loss, grad
 
 
+def _noise_chunks(X: torch.Tensor, n_eps: int, generator: torch.Generator | None, chunk: int | None):
+    """n_eps standard normal draws of the patches X (N, d), as (k, N, d) batches of at most `chunk`
+    draws (by default about 2^24 numbers a batch) to bound memory."""
+    if chunk is None:
+        chunk = max(1, min(n_eps, (1 << 24) // max(1, X.numel())))
+    done = 0
+    while done < n_eps:
+        k = min(chunk, n_eps - done)
+        yield torch.randn(k, *X.shape, generator=generator, dtype=X.dtype, device=X.device)
+        done += k
+
+
 def diffusion_loss_mc(
     W: torch.Tensor,
     x: torch.Tensor,
@@ -107,16 +119,10 @@ def diffusion_loss_mc(
 ) -> torch.Tensor:
     """Sampled DDPM loss: n_eps noise draws per patch, drawn as a batch (in chunks to bound memory)."""
     X = _patches(x)
-    if chunk is None:
-        chunk = max(1, min(n_eps, (1 << 24) // max(1, X.numel())))
     total = W.new_zeros(())
-    done = 0
-    while done < n_eps:
-        k = min(chunk, n_eps - done)
-        eps = torch.randn(k, *X.shape, generator=generator, dtype=X.dtype, device=X.device)
+    for eps in _noise_chunks(X, n_eps, generator, chunk):
         z = alpha * X + beta * eps
         total = total + (denoiser(W, z) - eps).pow(2).sum()
-        done += k
     return total / (X.numel() * n_eps)
 
 
@@ -131,21 +137,15 @@ def diffusion_loss_and_grad_mc(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled loss and autograd gradient, one backward per chunk so memory stays bounded."""
     X = _patches(x)
-    if chunk is None:
-        chunk = max(1, min(n_eps, (1 << 24) // max(1, X.numel())))
     loss = W.new_zeros(())
     grad = torch.zeros_like(W)
-    done = 0
-    while done < n_eps:
-        k = min(chunk, n_eps - done)
+    for eps in _noise_chunks(X, n_eps, generator, chunk):
         Wr = W.detach().requires_grad_(True)
         with torch.enable_grad():
-            eps = torch.randn(k, *X.shape, generator=generator, dtype=X.dtype, device=X.device)
             part = (denoiser(Wr, alpha * X + beta * eps) - eps).pow(2).sum() / (X.numel() * n_eps)
             (gpart,) = torch.autograd.grad(part, Wr)
         loss = loss + part.detach()
         grad += gpart
-        done += k
     return loss, grad
 
 

@@ -46,6 +46,34 @@ _OP = "pca_loss"
 
 
 @triton.jit
+def _token_tile(pid_t, N, d, wp, W, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_T tokens (index, mask, offset of the patch's top-left pixel in one
+    NCHW image) and the BLOCK_K lanes of the d principal components (index, mask)."""
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    tok_off = (t // wp) * (P * W) + (t % wp) * P
+    k = tl.arange(0, BLOCK_K)
+    k_mask = k < d
+    return t, t_mask, tok_off, k, k_mask
+
+
+@triton.jit
+def _residual_tile(pred_ptr, tgt_ptr, tok_off, t_mask, j0, D, HW, W,
+                   P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Components j0 .. j0 + BLOCK_D of the tokens' patches: their index and mask, their NCHW
+    offsets and mask, and e = target - pred there in float32."""
+    j = j0 + tl.arange(0, BLOCK_D)
+    j_mask = j < D
+    # (C, P, P) patch order: runs of P pixels contiguous in NCHW (basis permuted to match).
+    off = tok_off[:, None] + ((j // (P * P)) * HW + ((j // P) % P) * W + (j % P))[None, :]
+    m = t_mask[:, None] & j_mask[None, :]
+    # Masked lanes load 0 from both, so e = 0 there and padding adds nothing.
+    e = (tl.load(tgt_ptr + off, mask=m, other=0.0).to(tl.float32)
+         - tl.load(pred_ptr + off, mask=m, other=0.0).to(tl.float32))
+    return j, j_mask, off, m, e
+
+
+@triton.jit
 def _pca_loss_fwd_kernel(
     pred_ptr, tgt_ptr, v_ptr, lam_ptr, proj_ptr, partial_ptr,
     N, d, D, HW, W, wp, CHW, low, high, inv_count,
@@ -59,23 +87,12 @@ def _pca_loss_fwd_kernel(
     img = b.to(tl.int64) * CHW
     pred_ptr += img
     tgt_ptr += img
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    tok_off = (t // wp) * (P * W) + (t % wp) * P
-    k = tl.arange(0, BLOCK_K)
-    k_mask = k < d
+    t, t_mask, tok_off, k, k_mask = _token_tile(pid_t, N, d, wp, W, P, BLOCK_T, BLOCK_K)
 
     e2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     proj = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for j0 in range(0, D, BLOCK_D):
-        j = j0 + tl.arange(0, BLOCK_D)
-        j_mask = j < D
-        # (C, P, P) patch order: runs of P pixels contiguous in NCHW (basis permuted to match).
-        off = tok_off[:, None] + ((j // (P * P)) * HW + ((j // P) % P) * W + (j % P))[None, :]
-        m = t_mask[:, None] & j_mask[None, :]
-        # Masked lanes load 0 from both, so e = 0 there and padding adds nothing.
-        e = (tl.load(tgt_ptr + off, mask=m, other=0.0).to(tl.float32)
-             - tl.load(pred_ptr + off, mask=m, other=0.0).to(tl.float32))
+        j, j_mask, off, m, e = _residual_tile(pred_ptr, tgt_ptr, tok_off, t_mask, j0, D, HW, W, P, BLOCK_D)
         e2 += tl.sum(e * e, axis=1)
         if USE_PROJ:
             v = tl.load(v_ptr + k[:, None] * D + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
@@ -106,11 +123,7 @@ def _pca_loss_bwd_kernel(
     pred_ptr += img
     tgt_ptr += img
     grad_ptr += img
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    tok_off = (t // wp) * (P * W) + (t % wp) * P
-    k = tl.arange(0, BLOCK_K)
-    k_mask = k < d
+    t, t_mask, tok_off, k, k_mask = _token_tile(pid_t, N, d, wp, W, P, BLOCK_T, BLOCK_K)
 
     # The upstream gradient is read on the device: no host sync, and it may be any scale.
     scale = -tl.load(gout_ptr).to(tl.float32) * tl.load(lam_ptr + b) * two_inv_count
@@ -119,12 +132,7 @@ def _pca_loss_bwd_kernel(
         pj = tl.load(proj_ptr + row[:, None] * d + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         pj = pj * (low - high)
     for j0 in range(0, D, BLOCK_D):
-        j = j0 + tl.arange(0, BLOCK_D)
-        j_mask = j < D
-        off = tok_off[:, None] + ((j // (P * P)) * HW + ((j // P) % P) * W + (j % P))[None, :]
-        m = t_mask[:, None] & j_mask[None, :]
-        e = (tl.load(tgt_ptr + off, mask=m, other=0.0).to(tl.float32)
-             - tl.load(pred_ptr + off, mask=m, other=0.0).to(tl.float32))
+        j, j_mask, off, m, e = _residual_tile(pred_ptr, tgt_ptr, tok_off, t_mask, j0, D, HW, W, P, BLOCK_D)
         g = high * e
         if USE_PROJ:
             v = tl.load(v_ptr + k[:, None] * D + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)

@@ -9,6 +9,20 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..batch import Batch
+from ..kernels.dispatch import resolve_kernels
+
+
+def place(method: Any, cfg: Any, device: torch.device | str, rank: int, world_size: int,
+          kernels: str | None) -> None:
+    """The setup every method object starts with: its run config, patch size and rank layout, its
+    device, and its kernel mode (`kernels`, else engine.kernels) resolved once for that device
+    (`method.kernels`: 'triton' or 'reference'); `method._mode` keeps the mode, so `to()` can
+    rebuild the method for another device."""
+    method.cfg, method.p = cfg, cfg.model.patch_size
+    method.rank, method.world_size = rank, world_size
+    method.device = torch.device(device)
+    method._mode = cfg.engine.kernels if kernels is None else kernels
+    method.kernels = resolve_kernels(method._mode, method.device)
 
 
 @runtime_checkable

@@ -127,6 +127,12 @@ class MethodSpec:
     renamed: Mapping[str, str] = field(default_factory=dict)
     """Old 'section.field' spellings of this method's fields -> where they live now: saved configs
     and command lines that use them still load."""
+    took_over: Mapping[str, str] = field(default_factory=dict)
+    """'section.field' of another method's section this method read before it had its own field
+    -> that field ('noise.num_timesteps' -> 'diffmae.num_timesteps'): a stored config of this
+    method that sets the old key and not the new one loads the old key's value into the new field
+    and leaves the old at its default (config.migrate); a command line setting the old key under
+    this method is refused with the new key's name."""
     model_links: Callable[[Any], frozenset[str]] = lambda cfg: frozenset()
     """cfg -> the model fields derived from the rest of the run that this method's network reads:
     'latent_dim' (tokenizer.latent_dim, for latent tokens in or out), 'num_classes' (the data's,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..spec import MethodSpec, encoder_decoder_params, unconditioned_note
-from .config import RENAMED, DiffMAEConfig
+from .config import RENAMED, TOOK_OVER, DiffMAEConfig
 from .presets import PRESETS
 
 
@@ -52,15 +52,14 @@ def _validate(cfg) -> None:
     from ...config import ConfigError
 
     dm, frames = cfg.diffmae, cfg.data.num_frames
-    if dm.sample_steps > cfg.noise.num_timesteps:
-        raise ConfigError(f"diffmae.sample_steps={dm.sample_steps} exceeds noise.num_timesteps={cfg.noise.num_timesteps}")
+    if dm.sample_steps > dm.num_timesteps:
+        raise ConfigError(f"diffmae.sample_steps={dm.sample_steps} exceeds diffmae.num_timesteps={dm.num_timesteps}")
     if frames and frames % dm.tubelet:
         raise ConfigError(f"data.num_frames={frames} is not a multiple of diffmae.tubelet={dm.tubelet}")
     if not frames and dm.tubelet != 1:
         raise ConfigError(f"diffmae.tubelet={dm.tubelet} needs video data (data.num_frames >= 1)")
     if dm.time_slice >= dm.tubelet:
         raise ConfigError(f"diffmae.time_slice={dm.time_slice} must lie in 0..diffmae.tubelet-1={dm.tubelet - 1}")
-
 
 
 def _step_bench():
@@ -74,5 +73,5 @@ SPEC = MethodSpec(name="diffmae", title="DiffMAE", presets=PRESETS, build_method
                   shape_fields=((("diffmae", "decoder_kind"), "joint"), (("diffmae", "decoder_topdown"), "last"),
                                 (("model", "decoder_width"), 0), (("model", "decoder_heads"), 0)),
                   finetune_recipes=_finetune_recipes, finetune_source="DiffMAE supplement Table 1b",
-                  sections={"diffmae": DiffMAEConfig}, renamed=RENAMED,
+                  sections={"diffmae": DiffMAEConfig}, renamed=RENAMED, took_over=TOOK_OVER,
                   step_bench=_step_bench)

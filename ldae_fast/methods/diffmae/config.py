@@ -1,8 +1,8 @@
 """DiffMAE's section of the run config (`--diffmae.field=value`): masking, its noise schedule's
-exponent, inpainting steps and the decoder's wiring. Plain data that validates itself with the
+length and exponent, inpainting steps and the decoder's wiring. Plain data that validates itself with the
 config mechanism's checks (config.py); the spec registers it, and the old spellings of its fields
 (`objective.mask_ratio`, `model.decoder_kind`, ...: RENAMED), so saved configs and command lines
-that use them still load."""
+that use them still load, and the field it took over from l-DAE's section (TOOK_OVER)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,19 @@ TOPDOWN_MODES = ("last", "deepest_first", "spread")
 class DiffMAEConfig:
     mask_ratio: float = 0.75
     """Fraction of patches hidden from the encoder, per sample."""
+    num_timesteps: int = 1000
+    """T of DiffMAE's discrete DDPM schedule: training draws t from 0..T-1, inpainting runs back from T-1.
+    Before this field DiffMAE read l-DAE's noise.num_timesteps: a saved DiffMAE config or
+    checkpoint that stores noise.num_timesteps and no diffmae.num_timesteps loads with that T here
+    (TOOK_OVER; l-DAE's noise section then reads its default), so it resumes and evaluates with the
+    schedule it trained with."""
     rho: float = 0.8
-    """Every DDPM beta (linear 1e-4..0.02 over noise.num_timesteps) raised to rho; smaller rho,
+    """Every DDPM beta (linear 1e-4..0.02 over diffmae.num_timesteps) raised to rho; smaller rho,
     more noise (the supplement compares 1.0, 0.8, 0.6)."""
     norm_pix_loss: bool = False
     """Diffuse and predict per-patch normalised pixels (MAE's target) instead of pixels."""
     sample_steps: int = 100
-    """Inpainting: reverse-diffusion steps (strided over noise.num_timesteps; T = all)."""
+    """Inpainting: reverse-diffusion steps (strided over diffmae.num_timesteps; T = all)."""
     time_slice: int = 0
     """Video: which frame of each tubelet is noised and predicted (0 .. diffmae.tubelet-1; the
     target and the decoder's noisy input are that single time slice, docs/diffmae.md)."""
@@ -47,6 +53,7 @@ class DiffMAEConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.mask_ratio < 1.0, f"diffmae.mask_ratio={self.mask_ratio} must lie in [0, 1)")
+        _check(self.num_timesteps >= 1, f"diffmae.num_timesteps={self.num_timesteps} must be >= 1")
         _check(self.rho > 0, f"diffmae.rho={self.rho} must be > 0")
         _check(self.sample_steps >= 1, f"diffmae.sample_steps={self.sample_steps} must be >= 1")
         _check(self.time_slice >= 0, f"diffmae.time_slice={self.time_slice} must be >= 0")
@@ -64,3 +71,7 @@ RENAMED = {
     **{f"objective.{k}": f"diffmae.{k}" for k in ("mask_ratio", "rho", "norm_pix_loss", "sample_steps", "time_slice")},
     **{f"model.{k}": f"diffmae.{k}" for k in ("decoder_kind", "decoder_topdown", "tubelet")},
 }
+
+# Fields of another method's section DiffMAE read before it had its own: a stored DiffMAE config
+# that sets the old key and not the new one loads the old key's value here (config.migrate).
+TOOK_OVER = {"noise.num_timesteps": "diffmae.num_timesteps"}

@@ -128,7 +128,7 @@ def method_figure(cfg, model: nn.Module, method, out_dir, *, images=None, step: 
     """MethodSpec.figure: the inpainting grid (images) or the clip rows (video), inpainting.png /
     video_inpainting.png; the sampler runs where the model is."""
     method = method.to(device_of(model))
-    T, n = cfg.noise.num_timesteps, cfg.diffmae.sample_steps
+    T, n = cfg.diffmae.num_timesteps, cfg.diffmae.sample_steps
     if cfg.data.num_frames:
         from ...data.video import video_eval_clips
         path = video_inpaint_figure(method, model, video_eval_clips(cfg, 4), Path(out_dir) / "video_inpainting.png")

@@ -29,11 +29,11 @@ from ...batch import Batch
 from ...config import Config
 from ...device import eval_mode
 from ...errors import ResumeMismatch
-from ...kernels.dispatch import resolve_kernels
 from ...markers import nvtx_range
 from ...reference import patchify, unpatchify
 from ...seeding import TAG_NOISE, TAG_NOISE_LEVEL, TAG_SAMPLE, derive_seed, global_rows
 from .. import masking
+from ..base import place
 from ..masking import (
     NORM_PIX_EPS,
     PatchMask,
@@ -54,15 +54,10 @@ class DiffMAEMethod:
                  tokenizer=None, kernels: str | None = None):
         if tokenizer is not None:
             raise ValueError("objective.method='diffmae' works on pixels and takes no tokenizer")
-        self.cfg = cfg
-        self.obj = cfg.diffmae
-        self.p = cfg.model.patch_size
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
         # DiffMAE runs no Triton kernel of its own; resolving the mode keeps `kernels` honest in the log.
-        self._mode = cfg.engine.kernels if kernels is None else kernels
-        self.kernels = resolve_kernels(self._mode, self.device)
-        self.schedule = DiffusionSchedule.ddpm(cfg.noise.num_timesteps, self.obj.rho)
+        place(self, cfg, device, rank, world_size, kernels)
+        self.obj = cfg.diffmae
+        self.schedule = DiffusionSchedule.ddpm(self.obj.num_timesteps, self.obj.rho)
         self.tubelet, self.time_slice = cfg.diffmae.tubelet, self.obj.time_slice
         self.video = cfg.data.num_frames > 0
 
@@ -86,7 +81,7 @@ class DiffMAEMethod:
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint of another schedule or masking would resume a different run: refused."""
         mine = self.state_dict()
-        for key, field in (("schedule", "noise.num_timesteps / diffmae.rho"),
+        for key, field in (("schedule", "diffmae.num_timesteps / diffmae.rho"),
                            ("mask_ratio", "diffmae.mask_ratio"), ("norm_pix_loss", "diffmae.norm_pix_loss"),
                            ("time_slice", "diffmae.tubelet / diffmae.time_slice")):
             # An image method has no time_slice: a video checkpoint's one differs from its None.

@@ -30,13 +30,13 @@ import torch
 from ...batch import Batch
 from ...config import Config, ConfigError
 from ...kernels import latent_noise, pca_loss
-from ...kernels.dispatch import resolve_kernels
 from ...kernels.noise import reference_eps
 from ...markers import nvtx_range
 from ...reference import patchify, unpatchify
 from ...seeding import TAG_LABEL_DROP, TAG_NOISE, TAG_NOISE_LEVEL, derive_seed, global_rows
 from ...tokenizers import Tokenizer, prepare_tokenizer, tokenizer_from_state
 from .. import sampling
+from ..base import place
 from . import schedules
 
 # What each learned tokenizer kind is, for the checks that can run before it is fitted.
@@ -68,13 +68,8 @@ class LDAEMethod:
 
     def __init__(self, cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1,
                  tokenizer: Tokenizer | None = None, kernels: str | None = None):
-        self.cfg = cfg
+        place(self, cfg, device, rank, world_size, kernels)
         self.noise_cfg = cfg.noise
-        self.p = cfg.model.patch_size
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self._mode = cfg.engine.kernels if kernels is None else kernels
-        self.kernels = resolve_kernels(self._mode, self.device)
         self.tok: Tokenizer | None = None
         self.basis: torch.Tensor | None = None
         """The encoder E (d, D) of a linear tokenizer (PCA: V_d); None for a non-linear one."""

@@ -13,11 +13,11 @@ import torch
 from ...batch import Batch
 from ...device import eval_mode
 from ...errors import ResumeMismatch
-from ...kernels.dispatch import resolve_kernels
 from ...markers import nvtx_range
 from ...reference import patchify, unpatchify
 from ...seeding import global_rows
 from .. import masking
+from ..base import place
 from ..masking import NORM_PIX_EPS, PatchMask, masked_mse, normalize_patches
 
 
@@ -30,11 +30,8 @@ class MAEMethod:
                  tokenizer=None, kernels: str | None = None):
         if tokenizer is not None:
             raise ValueError("objective.method='mae' works on pixels and takes no tokenizer")
-        self.cfg, self.obj, self.p = cfg, cfg.mae, cfg.model.patch_size
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self._mode = cfg.engine.kernels if kernels is None else kernels
-        self.kernels = resolve_kernels(self._mode, self.device)
+        place(self, cfg, device, rank, world_size, kernels)
+        self.obj = cfg.mae
 
     # seam -----------------------------------------------------------------------------------
     def prepare(self, images: Callable[[], Iterable[torch.Tensor]], *, rank: int = 0,
