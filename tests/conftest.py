@@ -148,3 +148,41 @@ def perf():
     from bench_import import load_bench
 
     return load_bench("make_perf_section")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: a rendezvous for ranks this test launches."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The demo at its smallest with 4 px patches, trained one step: a real checkpoint for the eval tests.
+ONE_STEP_DEMO = {
+    "model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1", "model.decoder_depth": "1",
+    "data.img_size": "16", "model.patch_size": "4", "data.batch_size": "8", "data.synthetic_images": "32",
+    "tokenizer.fit_images": "16", "engine.kernels": "reference", "engine.steps": "1", "engine.progress": "false",
+    "eval.probe": "false", "eval.figure": "false",
+}
+
+
+def one_step_checkpoint(run_dir) -> Path:
+    """Train ONE_STEP_DEMO into `run_dir`; its checkpoint."""
+    from ldae_fast.config import build_config
+    from ldae_fast.engine import loop
+
+    return loop.train(build_config("demo", {**ONE_STEP_DEMO, "engine.out_dir": str(run_dir)})).checkpoint
+
+
+@pytest.fixture(scope="module")
+def stream_shards(tmp_path_factory):
+    """4 train shards of 12 and 1 val shard of 20 labelled 24 px images (4 classes), once per test
+    module: the streaming probe's and fine-tune's harnesses read them (tests/stream_harness.py)."""
+    from eval_shards import write_split
+
+    root = tmp_path_factory.mktemp("stream-shards")
+    write_split(root, "train", 4, 12, size=24, seed=0)
+    write_split(root, "val", 1, 20, size=24, seed=1)
+    return root

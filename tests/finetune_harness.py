@@ -4,14 +4,8 @@ sizes). Writes the model's and the EMA's state to OUT."""
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
+from stream_harness import finish, join, launch, parser, pause, splits
 
 RECIPE = dict(epochs=3, batch_size=16, blr=0.05, warmup_epochs=1.0, layer_decay=0.75, drop_path=0.1,
               ema_decay=0.9, reprob=0.25, rand_augment="rand-m9-mstd0.5-inc1")
@@ -30,71 +24,39 @@ def tiny_encoder(video: bool):
 
 
 def _run(rank: int, a) -> None:
-    torch.set_num_threads(1)
-    if a.world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{a.out}.rdv", rank=rank, world_size=a.world)
-    from ldae_fast.data.urls import expand_urls
+    join(rank, a)
     from ldae_fast.eval.finetune import FinetuneRecipe, build_finetune_model
     from ldae_fast.eval.finetune_stream import FinetuneSettings, run_finetune
     from ldae_fast.eval.finetune_video import ClipClassifier
-    from ldae_fast.eval.stream import SplitSpec
 
-    root = Path(a.root)
     recipe = FinetuneRecipe(**RECIPE)
     clip = dict(clip_frames=4) if a.video else {}
-    tr = SplitSpec(tuple(expand_urls(str(root / "train-{000000..000003}.tar"), "train")), "train", 16, True,
-                   shuffle_buffer=8, seed=1, readers=4, rand_augment=recipe.rand_augment,
-                   repeats=2 if a.video else 1, **clip)
-    va = SplitSpec(tuple(expand_urls(str(root / "val-000000.tar"), "val")), "val", 16, False, readers=4, **clip)
+    tr, va = splits(a.root, dict(rand_augment=recipe.rand_augment, repeats=2 if a.video else 1, **clip), clip)
     enc = tiny_encoder(a.video)
     if a.video:
         model = ClipClassifier(enc, 4, recipe.drop_path, 0.5, recipe.head_init_std, recipe.seed)
     else:
         model = build_finetune_model(enc, 4, recipe.drop_path, "avg", recipe.seed, recipe.head_init_std)
     s = FinetuneSettings(global_batch=16, micro_batch=a.micro, num_train=24 if a.video else 48, num_classes=4)
-
-    def on_step(done):
-        if a.sleep:
-            time.sleep(a.sleep)
-
     res = run_finetune(model, tr, va, recipe, s, ckpt_dir=a.ckpt or None, ckpt_every=1, encoder_key="tiny",
-                       num_workers=a.workers, on_step=on_step, log=print if rank == 0 else None,
+                       num_workers=a.workers, on_step=pause(a), log=print if rank == 0 else None,
                        stop_after=a.stop_after)
-    if rank == 0 and "stopped_at" in res:
-        torch.save({"stopped_at": torch.tensor(res["stopped_at"])}, a.out)
-    elif rank == 0:
-        out = {f"model.{k}": v for k, v in res["state"].items()}
-        out.update({f"ema.{k}": v for k, v in res["ema_state"].items()})
-        out.update({k: torch.tensor(float(res[k])) for k in ("top1", "ema_top1", "last_loss", "resumed_from",
-                                                             "val_images", "steps", "accumulation")})
-        torch.save(out, a.out)
-    if a.world > 1:
-        # As tests/probe_harness.py: everyone past the last collective before the group goes.
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
+    finish(rank, a, res, _tensors)
+
+
+def _tensors(res: dict) -> dict:
+    out = {f"model.{k}": v for k, v in res["state"].items()}
+    out.update({f"ema.{k}": v for k, v in res["ema_state"].items()})
+    out.update({k: torch.tensor(float(res[k])) for k in ("top1", "ema_top1", "last_loss", "resumed_from",
+                                                         "val_images", "steps", "accumulation")})
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("root")
-    ap.add_argument("out")
-    ap.add_argument("--ckpt", default="")
-    ap.add_argument("--sleep", type=float, default=0.0)
-    ap.add_argument("--world", type=int, default=1)
-    ap.add_argument("--micro", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--stop-after", type=int, default=0)
+    ap = parser(micro=2)
     ap.add_argument("--video", action="store_true")
-    a = ap.parse_args()
-    if a.world > 1:
-        torch.multiprocessing.spawn(_run, args=(a,), nprocs=a.world)
-    else:
-        _run(0, a)
+    launch(_run, ap.parse_args())
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

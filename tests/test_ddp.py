@@ -10,13 +10,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from ldae_fast.config import build_config
 from ldae_fast.engine import checkpoint as ck
@@ -36,12 +36,6 @@ TINY = {
 DDP = {"data.batch_size": "2", "engine.backend": "ddp"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
@@ -53,7 +47,7 @@ def torchrun(out: Path, over: dict, entry: str = "train.py", env: dict | None = 
              nnodes: int = 1) -> subprocess.CompletedProcess:
     args = [f"--{k}={v}" for k, v in {**TINY, **DDP, **over, "engine.out_dir": str(out)}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(ROOT / entry), *args]
+           "--master_port", str(free_port()), str(ROOT / entry), *args]
     # Generous: guards a hang only (two ranks share two loaded cores).
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=600)
 
@@ -175,7 +169,7 @@ def multinode_cmd(port: int, out: Path) -> list[str]:
 @pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_match_single_process(runs, tmp_path):
     """README's multi-node line, as two "nodes" of one rank each on localhost."""
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen(multinode_cmd(port, tmp_path / "run"), cwd=ROOT, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [n.communicate(timeout=600)[0] for n in nodes]  # generous: guards a hang only
@@ -196,7 +190,7 @@ def test_no_sync_all_reduces_once_per_optimizer_step(tmp_path, monkeypatch):
     from ldae_fast.engine.loop import train
 
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_free_port())}.items():
+                 "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(k, v)
     calls: list[int] = []
     real_init = DDPBackend.__init__

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from ldae_fast.config import build_config
 
@@ -47,12 +47,6 @@ TINY = {
 Z1 = {"data.batch_size": "4", "engine.zero_stage": "1"}
 Z2 = {"data.batch_size": "4", "engine.zero_stage": "2"}
 Z3 = {"data.batch_size": "2", "engine.grad_accum": "2", "engine.zero_stage": "3", "model.grad_checkpointing": "true"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -102,7 +96,7 @@ def run_until_idle(cmd: list[str], idle_limit_s: float = IDLE_LIMIT_S, **kw) -> 
 
 
 def launch(launcher: str, out: Path, over: dict, backend: str | None = "deepspeed") -> None:
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     else:
@@ -317,7 +311,7 @@ def test_two_nodes_from_a_hostfile_match_single_process(runs, tmp_path):
         pytest.skip("the deepspeed launcher script is not installed next to this python")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "run"
     log = open(tmp_path / "node1.log", "w")
     node1 = subprocess.Popen(hostfile_node_cmd(hostfile, 1, port, out, Z2), cwd=ROOT, env=_env(),

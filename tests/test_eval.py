@@ -80,11 +80,17 @@ def _set_grads(w, b):
     b.grad = torch.tensor([0.5, 0.5])
 
 
-def test_lars_two_steps_by_hand():
+def _lars_first_step(weight_decay: float):
+    """(w, b, optimizer) after one LARS step at lr 2 from _lars_pair with _set_grads' gradients."""
     w, b = _lars_pair()
-    opt = LARS([w, b], lr=2.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
+    opt = LARS([w, b], lr=2.0, weight_decay=weight_decay, momentum=0.9, trust_coefficient=0.001)
     _set_grads(w, b)
     opt.step()
+    return w, b, opt
+
+
+def test_lars_two_steps_by_hand():
+    w, b, opt = _lars_first_step(0.0)
     # step 1: ratio 0.001 * 5 / 1 = 0.005, u = 0.005 g, w -= 2 u. Bias: plain SGD, b -= 2 * 0.5.
     assert torch.allclose(w, torch.tensor([[2.994, 0.0], [0.0, 3.992]]), atol=1e-6)
     assert torch.allclose(b, torch.tensor([0.0, -2.0]), atol=1e-6)
@@ -97,10 +103,7 @@ def test_lars_two_steps_by_hand():
 
 
 def test_lars_weight_decay_skips_1d_and_zero_grad_is_safe():
-    w, b = _lars_pair()
-    opt = LARS([w, b], lr=2.0, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
-    _set_grads(w, b)
-    opt.step()
+    w, b, _ = _lars_first_step(0.1)
     # u = g + 0.1 w = diag(0.9, 1.2), |u| = 1.5, ratio 0.001 * 5 / 1.5: u = diag(0.003, 0.004).
     assert torch.allclose(w, torch.tensor([[2.994, 0.0], [0.0, 3.992]]), atol=1e-6)
     # The bias takes no decay: the same step as without weight decay.

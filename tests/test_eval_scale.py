@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port, one_step_checkpoint
 from eval_shards import write_split
 
 from ldae_fast.eval.fast_heads import holdout_split, train_heads
@@ -225,15 +226,7 @@ def test_process_group_gets_the_long_configurable_timeout(monkeypatch):
 
 # torchrun ----------------------------------------------------------------------------------
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
-    from ldae_fast.config import build_config
-    from ldae_fast.engine import loop
-
-    over = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1",
-            "model.decoder_depth": "1", "data.img_size": "16", "model.patch_size": "4",
-            "data.batch_size": "8", "data.synthetic_images": "32", "tokenizer.fit_images": "16",
-            "engine.kernels": "reference", "engine.steps": "1", "engine.progress": "false",
-            "eval.probe": "false", "eval.figure": "false", "engine.out_dir": str(tmp_path / "run")}
-    ckpt = loop.train(build_config("demo", over)).checkpoint
+    ckpt = one_step_checkpoint(tmp_path / "run")
     data = tmp_path / "data"
     write_split(data, "train", 4, 16, size=20, classes=4)
     # 16 val images: every rank's encoder forwards are full micro-batches of 4, on 1 rank and on 2
@@ -253,10 +246,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
         runs[n] = json.loads((out / "eval.json").read_text())
     # Two "nodes" of one rank each, as a multi-node job launches (c10d rendezvous; every rank is
     # local rank 0 of its node): the same 2-rank world as above.
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ldae-eval-test",
             "-m", "ldae_fast.cli", "eval", *args, "--out", str(tmp_path / "eval-nodes")]
@@ -288,16 +278,9 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
 
 
 def test_driver_reuses_the_store_and_a_changed_setting_writes_another(tmp_path, capsys):
-    from ldae_fast.config import build_config
-    from ldae_fast.engine import loop
     from ldae_fast.eval import driver
 
-    over = {"model.width": "32", "model.num_heads": "2", "model.encoder_depth": "1",
-            "model.decoder_depth": "1", "data.img_size": "16", "model.patch_size": "4",
-            "data.batch_size": "8", "data.synthetic_images": "32", "tokenizer.fit_images": "16",
-            "engine.kernels": "reference", "engine.steps": "1", "engine.progress": "false",
-            "eval.probe": "false", "eval.figure": "false", "engine.out_dir": str(tmp_path / "run")}
-    ckpt = loop.train(build_config("demo", over)).checkpoint
+    ckpt = one_step_checkpoint(tmp_path / "run")
     data = tmp_path / "data"
     write_split(data, "train", 2, 12, size=20, classes=3)
     write_split(data, "val", 1, 9, size=20, classes=3, seed=1)

@@ -5,69 +5,42 @@ Kinetics recipe's repeated augmentation and dropout run."""
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from eval_shards import write_split
+from stream_harness import kill_9_then_rerun, run_harness
 
 HARNESS = Path(__file__).parent / "finetune_harness.py"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
 # 2 ranks sum the same per-micro-batch gradients in another order (DDP's all-reduce); after 9
 # AdamW steps the weights agree to float32 rounding amplified by the optimizer's normalisation.
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft-shards")
-    write_split(root, "train", 4, 12, size=24, seed=0)
-    write_split(root, "val", 1, 20, size=24, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ref(shards, tmp_path_factory):
-    """The uninterrupted one-rank run every other run is compared with."""
-    return _harness(shards, tmp_path_factory.mktemp("ref") / "ref.pt")
-
-
 def _harness(root, out, *args):
-    p = subprocess.run([sys.executable, str(HARNESS), str(root), str(out), *args], env=ENV,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"harness {' '.join(args)} exited {p.returncode}:\n{p.stderr[-4000:]}"
-    return torch.load(out, weights_only=True)
+    return run_harness(HARNESS, root, out, *args, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ref(stream_shards, tmp_path_factory):
+    """The uninterrupted one-rank run every other run is compared with."""
+    return _harness(stream_shards, tmp_path_factory.mktemp("ref") / "ref.pt")
 
 
 def _weights(res):
     return {k: v for k, v in res.items() if k.startswith(("model.", "ema."))}
 
 
-def test_kill_9_then_rerun_is_bit_identical(shards, ref, tmp_path):
-    ck = tmp_path / "ck"
-    p = subprocess.Popen([sys.executable, str(HARNESS), str(shards), str(tmp_path / "cut.pt"), "--ckpt", str(ck),
-                          "--sleep", "0.5"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
-    state = None
-    while time.monotonic() - t0 < 300 and p.poll() is None:
-        found = list(ck.glob("finetune-*.pt"))
-        if found and int(torch.load(found[0], weights_only=True)["step"]) >= 3:
-            state = found[0]
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert state is not None, "no checkpoint at step >= 3 before the run ended"
-    step = int(torch.load(state, weights_only=True)["step"])
-    assert 3 <= step < 9 and not (tmp_path / "cut.pt").exists(), "killed mid-run"
-    res = _harness(shards, tmp_path / "cut.pt", "--ckpt", str(ck))
+def _weights_close(res, ref):
+    w, r = _weights(res), _weights(ref)
+    for k in r:
+        torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_kill_9_then_rerun_is_bit_identical(stream_shards, ref, tmp_path):
+    step, res = kill_9_then_rerun(HARNESS, stream_shards, tmp_path, "finetune-*.pt", limit_s=300, timeout=600)
     assert int(res["resumed_from"]) == step
     w, r = _weights(res), _weights(ref)
     assert w.keys() == r.keys() and len(w) > 20
@@ -79,48 +52,42 @@ def test_kill_9_then_rerun_is_bit_identical(shards, ref, tmp_path):
     assert ref["model.head.weight"].std() > 100 * 2e-5
 
 
-def test_two_ranks_equal_one_rank(shards, ref, tmp_path):
+def test_two_ranks_equal_one_rank(stream_shards, ref, tmp_path):
     """Micro-batches of 2 (halves of each reader's share of 4): 8 per step on one rank, 4 per rank
     on two."""
-    two = _harness(shards, tmp_path / "two.pt", "--world", "2", "--workers", "1")
+    two = _harness(stream_shards, tmp_path / "two.pt", "--world", "2", "--workers", "1")
     assert int(two["accumulation"]) == 4 and int(ref["accumulation"]) == 8
     assert int(two["val_images"]) == int(ref["val_images"]) == 20
-    w, r = _weights(two), _weights(ref)
-    for k in r:
-        torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
+    _weights_close(two, ref)
     torch.testing.assert_close(two["last_loss"], ref["last_loss"], rtol=1e-5, atol=1e-6)
 
 
-def test_two_ranks_equal_one_rank_with_micro_batches_across_readers(shards, tmp_path):
+def test_two_ranks_equal_one_rank_with_micro_batches_across_readers(stream_shards, tmp_path):
     """Micro-batches of 8 (two readers' shares): 2 per step on one rank, 1 per rank on two."""
-    one = _harness(shards, tmp_path / "one8.pt", "--micro", "8")
-    two = _harness(shards, tmp_path / "two8.pt", "--micro", "8", "--world", "2")
+    one = _harness(stream_shards, tmp_path / "one8.pt", "--micro", "8")
+    two = _harness(stream_shards, tmp_path / "two8.pt", "--micro", "8", "--world", "2")
     assert int(one["accumulation"]) == 2 and int(two["accumulation"]) == 1
-    w, r = _weights(two), _weights(one)
-    for k in r:
-        torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
+    _weights_close(two, one)
 
 
-def test_resume_on_another_rank_count(shards, ref, tmp_path):
+def test_resume_on_another_rank_count(stream_shards, ref, tmp_path):
     """Positions are per logical reader and micro-batches are defined on the readers: a fine-tune
     stopped on 1 rank continues on 2 with the same steps (float sums in another order)."""
     ck = tmp_path / "ck"
-    part = _harness(shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "4")
+    part = _harness(stream_shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "4")
     assert int(part["stopped_at"]) == 4
-    res = _harness(shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--world", "2")
+    res = _harness(stream_shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--world", "2")
     assert int(res["resumed_from"]) == 4
-    w, r = _weights(res), _weights(ref)
-    for k in r:
-        torch.testing.assert_close(w[k], r[k], rtol=RTOL, atol=ATOL, msg=k)
+    _weights_close(res, ref)
 
 
-def test_another_micro_batch_is_another_run(shards, tmp_path):
+def test_another_micro_batch_is_another_run(stream_shards, tmp_path):
     """The micro-batch keys the per-piece draws (mixup, erasing, drop path), so it is part of the
     checkpoint's fingerprint: a rerun with another split does not resume the old one."""
     ck = tmp_path / "ck"
-    part = _harness(shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "2")
+    part = _harness(stream_shards, tmp_path / "part.pt", "--ckpt", str(ck), "--stop-after", "2")
     assert int(part["stopped_at"]) == 2
-    res = _harness(shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--micro", "4", "--stop-after", "1")
+    res = _harness(stream_shards, tmp_path / "rest.pt", "--ckpt", str(ck), "--micro", "4", "--stop-after", "1")
     assert int(res["stopped_at"]) == 1
     assert len(list(ck.glob("finetune-*.pt"))) == 2
 

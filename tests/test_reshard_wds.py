@@ -175,7 +175,8 @@ def test_training_moved_two_ranks_to_one_and_back_trains_on_each_sample_of_the_e
     import subprocess
     import sys
 
-    from test_ddp import ROOT, TINY, _env, _free_port, _ok
+    from conftest import free_port
+    from test_ddp import ROOT, TINY, _env, _ok
 
     from ldae_fast.engine import checkpoint as ck
 
@@ -192,7 +193,7 @@ def test_training_moved_two_ranks_to_one_and_back_trains_on_each_sample_of_the_e
                                           "engine.out_dir": str(out)}.items()]
         entry = str(ROOT / "tests" / "wds_record_entry.py")
         head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                 "--master_port", str(_free_port())] if ranks > 1 else [sys.executable])
+                 "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
         env = _env(LDAE_TEST_RECORD=str(rec), **({"LDAE_TEST_STOP_AFTER": str(stop_after)} if stop_after else {}))
         # Generous: guards a hang only (two ranks share two loaded cores).
         return subprocess.run(head + [entry, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from ldae_fast.config import build_config
-from ldae_fast.errors import ArgParser, UsageError, run_cli
+from ldae_fast.errors import ArgParser, UsageError
+from ldae_fast.eval.command import command_main
 from ldae_fast.methods import ablation_rows
 
 ROWS = ablation_rows()
@@ -235,16 +236,7 @@ def run(args) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_cli(_main, argv, "ldae-fast ablate")
-
-
-def _main(argv: list[str]) -> int:
-    if argv[:1] == ["ablate"]:
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    run(args)
-    return 0
+    return command_main(argv, "ablate", build_parser, run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from typing import Optional
 
 from ldae_fast import methods  # noqa: F401 (registers the methods' config sections, names and presets)
 from ldae_fast.config import PRESETS, preset_data_path
-from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float, run_cli
+from ldae_fast.errors import ArgParser, FileProblem, UsageError, finite_float
+from ldae_fast.eval.command import command_main
 
 # torch and the protocols are imported by the functions that run them: `ldae-fast eval --help` and
 # usage errors answer before torch is imported.
@@ -674,16 +675,7 @@ def _figure(cfg, model, method, images, out, device, seed, log) -> Optional[Path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_cli(_main, argv, "ldae-fast eval")
-
-
-def _main(argv: list[str]) -> int:
-    if argv[:1] == ["eval"]:
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    run(args)
-    return 0
+    return command_main(argv, "eval", build_parser, run)
 
 
 if __name__ == "__main__":

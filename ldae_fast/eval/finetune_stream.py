@@ -30,12 +30,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -50,9 +48,10 @@ from . import dist as edist
 from .features import Log, module_device
 from .finetune import FinetuneRecipe
 from .ft_augment import TAG_BATCH, keyed_rng
-from .probe_stream import _atomic_save
-from .shared_dir import check_shared, load_agreed
+from .step_tail import StepTail
 from .stream import EvalStream, SplitSpec
+from .stream_accuracy import stream_topk
+from .stream_ckpt import StreamCheckpoint
 
 PROTOCOL = "finetune"
 
@@ -156,32 +155,16 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return normalize(x)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, val: EvalStream, micro: int, precision: str = "auto") -> tuple[float, float, int]:
     """(top-1, top-5, samples) of the model on the validation stream, summed over ranks."""
     device = module_device(model)
-    hits = torch.zeros(3, dtype=torch.float64)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device, precision):
+            return model(_normalize(x.to(device, non_blocking=True))).float()
+
     with eval_mode(model):
-        for x, y, _ids in val.once(chunk=micro):
-            with autocast_for(device, precision):
-                logits = model(_normalize(x.to(device, non_blocking=True))).float()
-            k = min(5, logits.shape[1])
-            hit = logits.topk(k, dim=1).indices.cpu() == y.view(-1, 1)
-            hits += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), y.numel()],
-                                 dtype=torch.float64)
-    edist.all_sum(hits)
-    n = max(int(hits[2]), 1)
-    return 100.0 * float(hits[0]) / n, 100.0 * float(hits[1]) / n, int(hits[2])
-
-
-def _load_state(path: Path, fp: str) -> Optional[dict]:
-    if not path.exists():
-        return None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if sd.get("fingerprint") != fp:
-        raise ResumeMismatch(f"{path}: saved by a fine-tune with other settings (fingerprint "
-                             f"{sd.get('fingerprint')} != {fp}); use another --finetune-dir or delete it")
-    return sd
+        return stream_topk(val, micro, logits)
 
 
 def run_finetune(
@@ -208,8 +191,6 @@ def run_finetune(
     from timm.data.random_erasing import RandomErasing
     from timm.optim import param_groups_layer_decay
 
-    from ldae_fast.engine.guard import NonFiniteLoss
-
     t_start = time.perf_counter()
     ranks = edist.current()
     s, N, G = settings, ranks.world_size, settings.global_batch
@@ -232,11 +213,11 @@ def run_finetune(
         total = min(total, recipe.max_steps)
 
     fp = s.fingerprint(recipe, train_spec, encoder_key)
-    ckpt = Path(ckpt_dir) / f"finetune-{fp}.pt" if ckpt_dir is not None else None
+    ckpt = (StreamCheckpoint(ckpt_dir, "finetune", fp, what="fine-tune", flag="--finetune-dir")
+            if ckpt_dir is not None else None)
     step0, positions = 0, None
     if ckpt is not None:
-        check_shared(ckpt.parent, "--finetune-dir")
-        sd = load_agreed(ckpt, lambda p: _load_state(p, fp), "--finetune-dir")
+        sd, positions = ckpt.load()
         if sd is not None:
             model.load_state_dict(sd["model"])
             if ema is not None:
@@ -244,22 +225,15 @@ def run_finetune(
             opt.load_state_dict(sd["opt"])
             step0 = int(sd["step"])
             if step0 > total:
-                raise ResumeMismatch(f"{ckpt} is at step {step0}, past this run's {total} steps "
+                raise ResumeMismatch(f"{ckpt.path} is at step {step0}, past this run's {total} steps "
                                      "(--finetune-steps); ask for at least as many, or use another --finetune-dir")
-            positions = {int(r): (int(e), int(i)) for r, e, i in sd["positions"].tolist()}
             if log is not None:
-                log(f"{desc}: resuming from {ckpt} at step {step0}/{total}")
+                log(f"{desc}: resuming from {ckpt.path} at step {step0}/{total}")
 
     def save(step: int, pos: dict) -> None:
-        allpos: dict = {}
-        for part in edist.all_gather_objects(pos):
-            allpos.update(part)
-        if ranks.main and ckpt is not None:
-            rows = torch.tensor([[r, e, i] for r, (e, i) in sorted(allpos.items())], dtype=torch.int64)
-            _atomic_save({"model": model.state_dict(), "ema": ema.module.state_dict() if ema else {},
-                          "opt": opt.state_dict(), "step": step, "positions": rows, "fingerprint": fp,
-                          "total_steps": total, "seed": train_spec.seed}, ckpt)
-        edist.barrier()
+        ckpt.save(lambda: {"model": model.state_dict(), "ema": ema.module.state_dict() if ema else {},
+                           "opt": opt.state_dict(), "step": step, "total_steps": total, "seed": train_spec.seed},
+                  pos, ranks.main)
 
     net: nn.Module = model
     if ranks.distributed:
@@ -272,7 +246,10 @@ def run_finetune(
         log(f"{desc}: global batch {G} = {N} rank(s) x micro-batch {micro} x {len(work)} "
             f"accumulation, lr {lr:.3g} (blr {recipe.blr:g}), {recipe.epochs} epochs of {spe} steps, "
             f"layer decay {recipe.layer_decay}, drop path {recipe.drop_path}")
-    t0 = last = time.perf_counter()
+    tail = StepTail(desc=desc, what="fine-tune", hint="lower the learning rate (the recipe's blr)", total=total,
+                    steps_per_epoch=spe, global_batch=G, step0=step0, main=ranks.main,
+                    save=save if ckpt is not None else None, ckpt_every=ckpt_every, log=log, on_step=on_step,
+                    stop_after=stop_after, t_start=t_start)
     loss_v = float("nan")
     model.train()
     if step0 < total:
@@ -306,28 +283,10 @@ def run_finetune(
                 ema.update(model)
             edist.all_sum(loss_sum)
             loss_v = float(loss_sum) / N
-            done = step + 1
-            if not math.isfinite(loss_v):
-                raise NonFiniteLoss(f"{desc}: the fine-tune's loss is {loss_v} at step {done}; lower the "
-                                    "learning rate (the recipe's blr)")
-            if ckpt is not None and (done % max(1, ckpt_every) == 0 or done == total):
-                save(done, pos)
-            now = time.perf_counter()
-            if log is not None and ranks.main and (now - last > 10 or done == total):
-                rate = (done - step0) * G / max(now - t0, 1e-9)
-                eta = (total - done) * G / max(rate, 1e-9)
-                log(f"{desc}: step {done}/{total} (epoch {done / spe:.2f}) loss {loss_v:.4f} lr {cur:.3g}, "
-                    f"{rate:.0f} img/s, ETA {eta / 60:.1f} min")
-                last = now
-            if on_step is not None:
-                on_step(done)
-            if done >= total:
+            if tail.end(step, pos, loss_v, cur):
                 break
-            if stop_after and done - step0 >= stop_after:
-                if ckpt is not None and done % max(1, ckpt_every):
-                    save(done, pos)
-                return dict(stopped_at=done, steps=total, resumed_from=step0,
-                            seconds=time.perf_counter() - t_start)
+    if tail.stopped is not None:
+        return tail.stopped
     val = EvalStream(val_spec, ranks.rank, N, num_workers)
     top1, top5, nval = evaluate(model, val, micro, s.precision)
     res = dict(protocol=PROTOCOL, top1=top1, top5=top5, epochs=total / spe, steps=total, lr=lr,

@@ -15,7 +15,7 @@ Two modes:
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,35 @@ def _evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -
     return topk_accuracy(logits, labels.to(logits.device))
 
 
+def _probe_head(protocol: str, batch: Callable[[torch.Tensor, torch.Generator], Arrays], dim: int,
+                device: torch.device, train_labels: torch.Tensor, val_labels: torch.Tensor,
+                val_features: Callable[[], torch.Tensor], *, num_classes: Optional[int], epochs: int,
+                batch_size: int, blr: float, warmup_epochs: Optional[float], seed: int, log: Log, desc: str,
+                t0: float) -> dict:
+    """Fit a LinearHead on `batch(rows, gen)` (the (features, labels) of those training rows; `gen`
+    draws the epoch order and any augmentation), evaluate it on `val_features()`, and return the
+    result row."""
+    M = train_labels.shape[0]
+    C = num_classes or num_classes_of(train_labels, val_labels)
+    bs = min(batch_size, M)
+    lr = blr * bs / 256
+    warmup = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
+    head = LinearHead(dim, C, seed).to(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(_epoch):
+        for idx in _epoch_batches(M, bs, gen):
+            yield batch(idx, gen)
+
+    steps = max(1, M // bs)
+    _fit_head(head, epochs, steps, batches, lr, warmup, log, desc)
+    fva = val_features()
+    top1, top5 = _evaluate_head(head, fva, val_labels)
+    return dict(protocol=protocol, top1=top1, top5=top5, epochs=epochs, feature_dim=dim,
+                lr=lr, batch_size=bs, lars_budget=lars_budget(epochs, steps, lr), train_images=M,
+                val_images=int(fva.shape[0]), num_classes=C, seconds=time.perf_counter() - t0)
+
+
 def train_head_cached(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -142,28 +171,15 @@ def train_head_cached(
 ) -> dict:
     """Train the probe head on fixed features (any device; the head follows the features)."""
     device = train_feats.device
-    M, dim = train_feats.shape
-    C = num_classes or num_classes_of(train_labels, val_labels)
-    bs = min(batch_size, M)
-    lr = blr * bs / 256
-    warmup = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
-    head = LinearHead(dim, C, seed).to(device)
     ytr = train_labels.to(device)
-    gen = torch.Generator().manual_seed(seed)
 
-    def batches(_epoch):
-        for idx in _epoch_batches(M, bs, gen):
-            idx = idx.to(device)
-            yield train_feats[idx], ytr[idx]
+    def batch(idx: torch.Tensor, _gen: torch.Generator) -> Arrays:
+        idx = idx.to(device)
+        return train_feats[idx], ytr[idx]
 
-    steps = max(1, M // bs)
-    t0 = time.perf_counter()
-    _fit_head(head, epochs, steps, batches, lr, warmup, log, desc)
-    top1, top5 = _evaluate_head(head, val_feats, val_labels)
-    return dict(protocol=FAST_PROTOCOL, top1=top1, top5=top5, epochs=epochs, feature_dim=dim,
-                lr=lr, batch_size=bs, lars_budget=lars_budget(epochs, steps, lr), train_images=M,
-                val_images=int(val_feats.shape[0]),
-                num_classes=C, seconds=time.perf_counter() - t0)
+    return _probe_head(FAST_PROTOCOL, batch, train_feats.shape[1], device, train_labels, val_labels,
+                       lambda: val_feats, num_classes=num_classes, epochs=epochs, batch_size=batch_size, blr=blr,
+                       warmup_epochs=warmup_epochs, seed=seed, log=log, desc=desc, t0=time.perf_counter())
 
 
 def linear_probe_fast(
@@ -215,36 +231,27 @@ def linear_probe(
     t0 = time.perf_counter()
     device = module_device(encoder)
     images, labels = train
-    M = images.shape[0]
-    C = num_classes or num_classes_of(labels, val[1])
-    bs = min(batch_size, M)
-    lr = blr * bs / 256
-    dim = feature_dim(encoder)
-    head = LinearHead(dim, C, seed).to(device)
-    gen = torch.Generator().manual_seed(seed)
     pin = device.type == "cuda" and not images.is_cuda
 
-    def batches(_epoch):
-        for idx in _epoch_batches(M, bs, gen):
-            xb = images[idx]
-            if pin:
-                xb = xb.pin_memory()
-            xb = random_resized_crop_batch(xb.to(device, non_blocking=True), xb.shape[-1],
-                                           (min_crop_scale, 1.0), True, gen)
-            with torch.no_grad(), autocast_for(device):
-                f = pool_features(encoder, xb, pool).float()
-            yield f, labels[idx].to(device, non_blocking=True)
+    def batch(idx: torch.Tensor, gen: torch.Generator) -> Arrays:
+        xb = images[idx]
+        if pin:
+            xb = xb.pin_memory()
+        xb = random_resized_crop_batch(xb.to(device, non_blocking=True), xb.shape[-1],
+                                       (min_crop_scale, 1.0), True, gen)
+        with torch.no_grad(), autocast_for(device):
+            f = pool_features(encoder, xb, pool).float()
+        return f, labels[idx].to(device, non_blocking=True)
 
-    steps = max(1, M // bs)
+    def val_features() -> torch.Tensor:
+        return extract_features(encoder, val[0], batch_size=batch_size, pool=pool, log=log,
+                                desc=f"{desc} val features")
+
+    # eval_mode: the frozen encoder's dropout / drop path stay off while the head trains.
     with eval_mode(encoder):
-        _fit_head(head, epochs, steps, batches, lr, default_warmup(epochs), log, desc)
-    fva = extract_features(encoder, val[0], batch_size=batch_size, pool=pool, log=log,
-                           desc=f"{desc} val features")
-    top1, top5 = _evaluate_head(head, fva, val[1])
-    return dict(protocol=FULL_PROTOCOL, top1=top1, top5=top5, epochs=epochs, feature_dim=dim,
-                lr=lr, batch_size=bs, lars_budget=lars_budget(epochs, steps, lr), train_images=M,
-                val_images=int(val[0].shape[0]),
-                num_classes=C, seconds=time.perf_counter() - t0)
+        return _probe_head(FULL_PROTOCOL, batch, feature_dim(encoder), device, labels, val[1], val_features,
+                           num_classes=num_classes, epochs=epochs, batch_size=batch_size, blr=blr,
+                           warmup_epochs=None, seed=seed, log=log, desc=desc, t0=t0)
 
 
 def quick_probe(

@@ -26,7 +26,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldae_fast.data.transforms import normalize
-from ldae_fast.errors import ResumeMismatch, UsageError
+from ldae_fast.errors import UsageError
 
 from ..device import autocast_for, eval_mode
 from ..lr_schedule import warmup_cosine
@@ -42,8 +41,10 @@ from . import dist as edist
 from .features import Log, feature_dim, module_device, pool_features
 from .lars import LARS
 from .linear_probe import FULL_PROTOCOL, LinearHead, default_warmup, lars_budget
-from .shared_dir import check_shared, load_agreed
+from .step_tail import StepTail
 from .stream import EvalStream, SplitSpec, batch_shares
+from .stream_accuracy import stream_topk
+from .stream_ckpt import StreamCheckpoint
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,6 @@ class ProbeSettings:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _global_bn(f: torch.Tensor, n_global: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normalised rows, batch mean, biased batch var) with the statistics of the global batch."""
     s = torch.stack([f.double().sum(0), (f.double() ** 2).sum(0)])
@@ -105,32 +98,9 @@ def evaluate_stream(encoder: nn.Module, head: nn.Module, val: EvalStream, *, mic
                     precision: str = "auto") -> tuple[float, float, int]:
     """(top-1, top-5, images) of the head on the validation stream, summed over ranks."""
     device = module_device(encoder)
-    hits = torch.zeros(3, dtype=torch.float64)
     head.eval()
     with eval_mode(encoder):
-        for x, y, _ids in val.once(chunk=micro):
-            f = _features(encoder, x, micro, pool, precision, device)
-            with torch.no_grad():
-                logits = head(f)
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices.cpu()
-            hit = top == y.view(-1, 1)
-            hits += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), y.numel()],
-                                 dtype=torch.float64)
-    edist.all_sum(hits)
-    n = max(int(hits[2]), 1)
-    return 100.0 * float(hits[0]) / n, 100.0 * float(hits[1]) / n, int(hits[2])
-
-
-def _load_state(path: Path, fp: str) -> Optional[dict]:
-    if not path.exists():
-        return None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if sd.get("fingerprint") != fp:
-        raise ResumeMismatch(f"{path}: saved by a probe with other settings (fingerprint "
-                             f"{sd.get('fingerprint')} != {fp}: epochs, batch, lr, data, readers or "
-                             f"encoder changed); use another --probe-dir or delete it")
-    return sd
+        return stream_topk(val, micro, lambda x: head(_features(encoder, x, micro, pool, precision, device)))
 
 
 def run_probe(
@@ -172,32 +142,28 @@ def run_probe(
     fp = s.fingerprint(train_spec, encoder_key)
     # One file per fingerprint: another checkpoint or other settings in the same directory start
     # their own run instead of resuming this one.
-    ckpt = Path(ckpt_dir) / f"probe-{fp}.pt" if ckpt_dir is not None else None
+    ckpt = (StreamCheckpoint(ckpt_dir, "probe", fp, what="probe", flag="--probe-dir",
+                             differs="epochs, batch, lr, data, readers or encoder changed")
+            if ckpt_dir is not None else None)
     step0, positions = 0, None
     if ckpt is not None:
-        check_shared(ckpt.parent, "--probe-dir")
-        sd = load_agreed(ckpt, lambda p: _load_state(p, fp), "--probe-dir")
+        sd, positions = ckpt.load()
         if sd is not None:
             head.load_state_dict(sd["head"])
             opt.load_state_dict(sd["opt"])
             step0 = int(sd["step"])
-            positions = {int(r): (int(e), int(i)) for r, e, i in sd["positions"].tolist()}
             if log is not None:
-                log(f"{desc}: resuming from {ckpt} at step {step0}/{total}")
+                log(f"{desc}: resuming from {ckpt.path} at step {step0}/{total}")
 
     def save(step: int, pos: dict) -> None:
-        allpos = {}
-        for part in edist.all_gather_objects(pos):
-            allpos.update(part)
-        if ranks.main and ckpt is not None:
-            rows = torch.tensor([[r, e, i] for r, (e, i) in sorted(allpos.items())], dtype=torch.int64)
-            _atomic_save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "positions": rows, "fingerprint": fp, "total_steps": total}, ckpt)
-        edist.barrier()
+        ckpt.save(lambda: {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "total_steps": total},
+                  pos, ranks.main)
 
     train = EvalStream(train_spec, ranks.rank, N, num_workers)
     per_reader = batch_shares(G, train_spec.readers)
-    t0 = last = time.perf_counter()
+    tail = StepTail(desc=desc, what="probe", hint="lower --blr", total=total, steps_per_epoch=spe,
+                    global_batch=G, step0=step0, main=ranks.main, save=save if ckpt is not None else None,
+                    ckpt_every=ckpt_every, log=log, on_step=on_step, stop_after=stop_after, t_start=t_start)
     loss_v = float("nan")
     if step0 < total:
         head.train()
@@ -223,27 +189,10 @@ def run_probe(
                 loss_t = loss.detach().clone()
                 edist.all_sum(loss_t)
                 loss_v = float(loss_t)
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"{desc}: the probe's loss is {loss_v} at step {step}; lower --blr")
-                done = step + 1
-                if ckpt is not None and (done % max(1, ckpt_every) == 0 or done == total):
-                    save(done, pos)
-                now = time.perf_counter()
-                if log is not None and ranks.main and (now - last > 10 or done == total):
-                    rate = (done - step0) * G / max(now - t0, 1e-9)
-                    eta = (total - done) * G / max(rate, 1e-9)
-                    log(f"{desc}: step {done}/{total} (epoch {done / spe:.2f}) loss {loss_v:.4f} "
-                        f"lr {cur:.3g}, {rate:.0f} img/s, ETA {eta / 60:.1f} min")
-                    last = now
-                if on_step is not None:
-                    on_step(done)
-                if done >= total:
+                if tail.end(step, pos, loss_v, cur):
                     break
-                if stop_after and done - step0 >= stop_after:
-                    if ckpt is not None and done % max(1, ckpt_every):
-                        save(done, pos)
-                    return dict(stopped_at=done, steps=total, resumed_from=step0,
-                                seconds=time.perf_counter() - t_start)
+    if tail.stopped is not None:
+        return tail.stopped
     val = EvalStream(val_spec, ranks.rank, N, num_workers)
     top1, top5, nval = evaluate_stream(encoder, head, val, micro=s.micro_batch, pool=s.pool,
                                        precision=s.precision)
