@@ -37,6 +37,13 @@ class UserError(Exception):
     category = "error"
 
 
+class NonFiniteLoss(RuntimeError, FloatingPointError, UserError):
+    """The loss became NaN/inf: training, a probe or a fine-tune. Also a FloatingPointError, so a
+    caller that skips a diverging setting (a learning-rate sweep) catches every one the same way."""
+    exit_code = 3
+    category = "non-finite loss"
+
+
 class UsageError(UserError):
     exit_code = 2
     category = "usage error"

@@ -53,3 +53,19 @@ def test_stop_after_checkpoints_off_cadence_and_reports_where_it_stopped():
 def test_last_step_wins_over_stop_after_and_no_save_without_checkpoints():
     tail = _tail([], [], [], stop_after=7, save=None)
     assert [tail.end(s, {}, 1.0, 0.1) for s in range(7)][-1] and tail.stopped is None
+
+
+def test_in_memory_probe_that_diverges_is_the_same_exit_3_error():
+    """The in-memory probe (demo, learn_check) ends on a non-finite loss with the same error as the
+    streaming one: exit 3 through the CLI, and still a FloatingPointError for the learning-rate
+    sweep of bench/learn_check.py, which skips a diverged lr."""
+    import torch
+
+    from ldae_fast.eval.linear_probe import train_head_cached
+
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(32, 8, generator=g), torch.arange(32) % 4
+    feats[5, 3] = float("inf")
+    with pytest.raises(NonFiniteLoss, match=r"the probe's loss is nan; lower --blr") as e:
+        train_head_cached(feats, labels, feats[:8].clone(), labels[:8], epochs=1, batch_size=16)
+    assert e.value.exit_code == 3 and isinstance(e.value, FloatingPointError)

@@ -11,12 +11,7 @@ import math
 import torch
 
 from .. import methods  # noqa: F401 (registers the methods' config sections, names and presets)
-from ..errors import UserError
-
-
-class NonFiniteLoss(RuntimeError, UserError):
-    exit_code = 3
-    category = "non-finite loss"
+from ..errors import NonFiniteLoss, UserError
 
 
 class Diverged(RuntimeError, UserError):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..device import autocast_for, eval_mode
+from ..errors import NonFiniteLoss
 from ..lr_schedule import warmup_cosine
 from .features import Log, module_device
 from .linear_probe import Arrays, num_classes_of, topk_accuracy
@@ -352,7 +353,7 @@ def finetune_model(
                 last_log = now
     last_loss = loss.item()
     if not torch.isfinite(torch.tensor(last_loss)):
-        raise FloatingPointError(f"{desc}: loss is {last_loss}; lower the learning rate")
+        raise NonFiniteLoss(f"{desc}: the fine-tune's loss is {last_loss} at step {step}; lower the learning rate")
     top1, top5 = evaluate_classifier(model, *val)
     res = dict(protocol=PROTOCOL, top1=top1, top5=top5, epochs=step / steps_per_epoch, steps=step,
                last_loss=last_loss, lr=lr, batch_size=bs, train_images=M,

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..data.transforms import random_resized_crop_batch
 from ..device import autocast_for, eval_mode
+from ..errors import NonFiniteLoss
 from ..lr_schedule import warmup_cosine
 from .features import (
     Log,
@@ -114,7 +115,7 @@ def _fit_head(head, epochs, steps_per_epoch, epoch_batches, base_lr, warmup, log
             log(f"{desc}: epoch {epoch + 1}/{epochs} loss {loss.item():.4f} ({now - t0:.0f}s)")
             last = now
     if loss is not None and not torch.isfinite(loss):
-        raise FloatingPointError(f"{desc}: the probe's loss is {loss.item()}; lower --blr")
+        raise NonFiniteLoss(f"{desc}: the probe's loss is {loss.item()}; lower --blr")
     return head
 
 

@@ -9,6 +9,7 @@ import math
 import time
 from typing import Callable, Optional
 
+from ..errors import NonFiniteLoss
 from .features import Log
 
 # Rank 0 prints at most one progress line per this many seconds (and always the last step's).
@@ -34,8 +35,6 @@ class StepTail:
     def end(self, step: int, pos: dict, loss: float, lr: float) -> bool:
         """After step `step` (0-based) with the global mean `loss` at learning rate `lr`, the data
         positions `pos` of this rank's readers; True: leave the step loop."""
-        from ldae_fast.engine.guard import NonFiniteLoss
-
         done = step + 1
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"{self.desc}: the {self.what}'s loss is {loss} at step {done}; {self.hint}")
