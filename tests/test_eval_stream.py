@@ -89,11 +89,13 @@ def test_bad_sample_counted_and_named(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_fewer_shards_than_readers_split_inside_shards(tmp_path, monkeypatch, augment):
-    """5 readers on 2 shards: each reader opens one shard (not all of them), the readers sharing a
-    shard take turns over its samples, and every sample comes once per epoch; the bad samples the
-    tar reader finds (labels past num_classes) are divided among the readers like the good ones,
-    so the bad fraction each reader judges is its own (not 3x the shard's)."""
+def test_fewer_shards_than_readers(tmp_path, monkeypatch, augment):
+    """5 readers on 2 shards. A deterministic pass splits inside the shards: each reader opens one
+    shard (not all of them) and the readers sharing it take turns over its samples. The endless
+    augmented stream stays sample by sample (its steps need every reader to hold as many samples
+    as the others, within one). Either way every sample comes once per epoch, and the bad samples
+    the tar reader finds (labels past num_classes) are divided among the readers like the good
+    ones, so the bad fraction each reader judges is its own, not several times the split's."""
     from ldae_fast.data.badsamples import BadSampleCounter
     from ldae_fast.eval import stream as es
 
@@ -110,20 +112,40 @@ def test_fewer_shards_than_readers_split_inside_shards(tmp_path, monkeypatch, au
     monkeypatch.setattr(es, "iter_shard", spy)
     for epoch in (0, 1):
         opened.clear()
-        ids, bad = [], 0
+        ids, bad, sizes = [], 0, []
         for r in range(5):
             c = BadSampleCounter(1.0)
-            ids += [sid for sid, _ in es._epoch_samples(spec, r, epoch, c)]
+            mine = [sid for sid, _ in es._epoch_samples(spec, r, epoch, c)]
+            ids += mine
+            sizes.append(len(mine))
             bad += c.bad
-        assert len(opened) == 5, opened  # one shard per reader; sample by sample it was 10
+        # one shard per reader when split; sample by sample every reader reads both
+        assert len(opened) == (10 if augment else 5), opened
         assert sorted(ids) == sorted((s, j) for s in range(2) for j in range(9))  # 9 good per shard
         assert bad == 6
+        if augment:
+            assert max(sizes) - min(sizes) <= 1, sizes
     if not augment:
         one = _pass(spec, 0, 1)
         r0, r1 = _pass(spec, 0, 5), {}
         for rank in range(1, 5):
             r1.update(_pass(spec, rank, 5))
         assert not set(r0) & set(r1) and set(r0) | set(r1) == set(one) and len(one) == 18
+
+
+def test_short_last_shard_with_more_readers_than_shards(tmp_path):
+    """A short last shard (12 + 2 images, 8 readers): the pass split inside the shards leaves some
+    readers without a sample, and still gives every image once; the augmented stream, read
+    sample by sample, gives every reader one or two per epoch and never runs dry."""
+    write_split(tmp_path / "a", "train", 1, 12)
+    write_split(tmp_path / "b", "train", 1, 2, seed=3)
+    (tmp_path / "b" / "train-000000.tar").rename(tmp_path / "a" / "train-000001.tar")
+    pat = str(tmp_path / "a" / "train-{000000..000001}.tar")
+    one = _pass(_spec(pat, "train", readers=8), 0, 1)
+    assert sorted(one) == [(0, j) for j in range(12)] + [(1, 0), (1, 1)]
+    spec = _spec(pat, "train", augment=True, readers=8, shuffle_buffer=2, seed=1)
+    steps, _ = _steps(spec, 2, 4, per_reader=1)
+    assert sorted(steps) == [0, 1, 2, 3] and all(len(v) == 8 for v in steps.values())
 
 
 _RSS_SCRIPT = textwrap.dedent("""

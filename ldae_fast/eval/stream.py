@@ -11,14 +11,17 @@ k + 2N, ... (N ranks), and the rank's DataLoader workers split those further. Re
 - shard-level: the shards `order[r::R]` (`order` a permutation keyed on (seed, epoch) for the
   augmented train stream, the listed order for a deterministic pass), when there are at least R
   shards and no image cap;
-- shard-split, when there are fewer shards (n) than readers and no cap: reader r reads the one
-  shard `order[r % n]`, shared by the c readers with the same r % n (c = R // n, plus one for the
-  first R % n positions), and keeps its samples whose ordinal j in the shard has j % c == r // n.
-  Each shard's bytes are read c ~ R / n times (ImageNet val's 50 shards on 512 readers: 10 or 11
-  times), never R times;
-- sample-level with an image cap: every shard in listed order, keeping the samples whose running
-  index g (over all shards, tar order) has g % R == r and g < max_images. Each reader then reads
-  the bytes of the first max_images samples, which is fine for the small, capped sets it serves.
+- shard-split, for a deterministic pass (no augmentation) over fewer shards (n) than readers with
+  no cap: reader r reads the one shard r % n, shared by the c readers with the same r % n (c =
+  R // n, plus one for the first R % n shards), and keeps its samples whose ordinal j in the shard
+  has j % c == r // n. Each shard's bytes are read c ~ R / n times (ImageNet val's 50 shards on 640
+  readers: 12 or 13 times), never R times. A reader may get more or fewer samples than another
+  (a short last shard, c not the same for every shard), or none: a single pass does not care;
+- sample-level otherwise (an image cap, or the endless augmented stream over fewer shards than
+  readers, whose steps take the same share from every reader and so need every reader to hold
+  the same number of samples, within one): every shard in listed order, keeping the samples whose
+  running index g (over all shards, tar order) has g % R == r and g < max_images. Each reader
+  then reads the bytes of every shard, or of the capped prefix.
 
 Every sample carries its id (shard index, ordinal in its shard), so a deterministic pass gives
 the same (id -> features) on any number of ranks, and the augmented stream draws each crop and
@@ -167,19 +170,18 @@ def _epoch_samples(spec: SplitSpec, reader: int, epoch: int, counter: BadSampleC
     n = len(spec.urls)
     R = spec.readers
     read = _shard_reader(spec)
-    if spec.max_images is None:
+    if spec.shard_level:
         order = shard_order(n, spec.seed, epoch) if spec.augment else list(range(n))
-        if spec.shard_level:
-            for s in order[reader::R]:
-                for j, raw in enumerate(read(spec.urls[s], counter, labels)):
-                    yield (s, j), raw
-            return
+        for s in order[reader::R]:
+            for j, raw in enumerate(read(spec.urls[s], counter, labels)):
+                yield (s, j), raw
+        return
+    if spec.max_images is None and not spec.augment:
         pos, k = reader % n, reader // n
         share = R // n + (1 if pos < R % n else 0)
-        s = order[pos]
-        for j, raw in enumerate(read(spec.urls[s], _BadShare(counter, share, k), labels)):
+        for j, raw in enumerate(read(spec.urls[pos], _BadShare(counter, share, k), labels)):
             if j % share == k:
-                yield (s, j), raw
+                yield (pos, j), raw
         return
     g = 0
     cap = spec.max_images if spec.max_images is not None else float("inf")
