@@ -1135,6 +1135,21 @@ def _field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def _set_by_a_shared_old_spelling(cfg: Config, key: str, value: Any) -> bool:
+    """Whether `key` is one of the new places of an old spelling that the running method reads in
+    another of them, holding the same value: a config saved before old spellings went to the
+    running method alone (`--objective.mask_ratio=0.6` on a DiffMAE run set mae.mask_ratio too)."""
+    for news in _registry.RENAMED.values():
+        if key not in news:
+            continue
+        for new in news:
+            sec, _, name = new.partition(".")
+            if (new != key and sec in _registry.METHODS[cfg.objective.method].sections
+                    and stored(cfg.__dict__[sec], name) == value):
+                return True
+    return False
+
+
 def _reads_every_stored(cfg: Config, source: str) -> Config:
     """Refuse a value the running method never reads that came from `source` (a `--config` file or
     a preset): a field of another method's section that differs from its default. A stored config
@@ -1148,7 +1163,7 @@ def _reads_every_stored(cfg: Config, source: str) -> Config:
         for f in dataclasses.fields(typ) if owners else ():
             key = f"{name}.{f.name}"
             value, default = stored(cfg.__dict__[name], f.name), _field_default(f)
-            if key in _registry.RENAMED or value == default:
+            if key in _registry.RENAMED or value == default or _set_by_a_shared_old_spelling(cfg, key, value):
                 continue
             new = _registry.TOOK_OVER.get(method, {}).get(key)
             if new is not None:

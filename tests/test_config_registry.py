@@ -181,3 +181,17 @@ def test_old_spellings_in_a_stored_config_are_not_judged(tmp_path):
     assert mae.mae.mask_ratio == 0.6 and mae.diffmae == type(mae.diffmae)()
     ld = parse_cli(["--config", str(old / "demo-dit.json")])[0]
     assert ld.diffmae == type(ld.diffmae)() and ld.mae == type(ld.mae)()
+
+
+def test_a_value_an_old_shared_spelling_wrote_into_every_method_replays(tmp_path):
+    """Before old spellings went to the running method alone, `--objective.mask_ratio=0.6` on a
+    DiffMAE run stored 0.6 in mae.mask_ratio too: that run's config.json still replays. A value of
+    the other method's section that the running method's own field does not share is refused."""
+    from ldae_fast.config import parse_cli
+
+    path = _saved(tmp_path, "diffmae-demo", {"diffmae.mask_ratio": 0.6, "mae.mask_ratio": 0.6})
+    back = parse_cli(["--config", str(path)])[0]
+    assert back.diffmae.mask_ratio == 0.6 and back.objective.method == "diffmae"
+    path = _saved(tmp_path, "diffmae-demo", {"diffmae.mask_ratio": 0.6, "mae.mask_ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"mae.mask_ratio=0.5 is a setting of method 'mae'"):
+        parse_cli(["--config", str(path)])
