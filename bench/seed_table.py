@@ -14,7 +14,10 @@ Every file must come from the same preset and settings except the seed, output d
 run-time switches (engine.progress, engine.overwrite): otherwise the rows would not be seeds of
 one experiment, and the script says which setting differs. With --summary the files are grouped
 by their settings instead, one line per group (mean ± std over its seeds), each group labelled by
-the settings that tell the groups apart.
+the settings that tell the groups apart. Settings are compared as this version reads them
+(ldae_fast.config.migrate: a field that moved since, such as `model.decoder_kind` ->
+`diffmae.decoder_kind`, is compared at its new place), so runs written before and after a
+rename are seeds of one experiment.
 """
 
 from __future__ import annotations
@@ -54,11 +57,23 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
             raise TableError(f"{p}: not a readable results.json ({e})") from None
         if not isinstance(rec, dict) or "evaluation" not in rec or "config" not in rec:
             raise TableError(f"{p}: no 'evaluation' and 'config' (not written by train.write_results)")
+        rec["config"] = _as_read_now(rec["config"], p)
         rec["_path"] = str(p)
         recs.append(rec)
     if not recs:
         raise TableError("no results.json given")
     return sorted(recs, key=lambda r: r.get("seed", 0))
+
+
+def _as_read_now(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    import ldae_fast.methods  # noqa: F401 (registers the methods' sections, which reading a config needs)
+    from ldae_fast.config import Config
+    from ldae_fast.errors import UserError
+
+    try:
+        return Config.from_dict(config).to_dict()
+    except (UserError, ValueError, TypeError) as e:
+        raise TableError(f"{path}: its config does not load in this version ({e})") from None
 
 
 def _settings(rec: dict[str, Any]) -> dict[tuple[str, str], Any]:

@@ -67,6 +67,15 @@ def test_seed_table_assembles_the_files_and_refuses_mixed_experiments(tmp_path, 
     assert len(rows) == 2 and any("| 0,1 |" in r for r in rows) and any("| 2 |" in r for r in rows)
     with pytest.raises(st.TableError, match="not a readable"):
         st.load([tmp_path / "missing.json"])
+    # A file written before a field moved (ldae.layout was model.layout) is a seed of the same
+    # experiment: settings are compared as this version reads them.
+    rec = json.loads(paths[1].read_text())
+    rec["config"]["model"]["layout"] = rec["config"]["ldae"].pop("layout")
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(rec))
+    st.check_same_experiment(st.load([paths[0], older]))
+    assert st.main(["--summary", str(paths[0]), str(older)]) == 0
+    assert "| (one experiment) | 0,1 |" in capsys.readouterr().out
 
 
 def test_whitened_knn_rows_old_files_and_reevaluation(tmp_path, capsys):
