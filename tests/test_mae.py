@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from ldae_fast.batch import Batch
 from ldae_fast.config import build_config
@@ -24,10 +25,7 @@ TINY = {
 
 
 def _cfg(tmp_path=None, **over):
-    o = {**TINY, **{k: str(v) for k, v in over.items()}}
-    if tmp_path is not None:
-        o["engine.out_dir"] = str(tmp_path / "run")
-    return build_config("mae-demo", o)
+    return tiny_config("mae-demo", TINY, tmp_path, **over)
 
 
 def test_mae_is_registered_with_its_preset():
