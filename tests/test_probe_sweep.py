@@ -79,6 +79,16 @@ def test_store_key_separates_k_and_t():
     assert all(f'"depth": {k}' in v and f'"t": {t}' in v for (k, t), v in keys.items())
 
 
+@pytest.mark.parametrize("preset", ["diffmae-demo", "mae-demo"])
+def test_store_key_of_an_encoder_without_a_noise_level_leaves_t_out(preset):
+    """eval.probe_t changes nothing DiffMAE's or MAE's encoder reads: another --probe-t reuses the
+    store. The depth still separates stores."""
+    cfg = build_config(preset)
+    keys = {(k, t): json.dumps(probe_key(_cfg_at(cfg, k, t)), sort_keys=True) for k in (1, 2) for t in (0, 10)}
+    assert keys[(1, 0)] == keys[(1, 10)] and keys[(2, 0)] == keys[(2, 10)]
+    assert keys[(1, 0)] != keys[(2, 0)]
+
+
 def _rows(x, y):
     ids = np.stack([np.zeros(len(y), np.int64), np.arange(len(y))], 1)
     return SplitRows([x.to(torch.float16).numpy()], y.numpy(), ids, "fp16", x.shape[1])

@@ -64,8 +64,13 @@ def at(cfg, *, t: Optional[int] = None, k: Optional[int] = None):
 
 def probe_key(cfg) -> dict:
     """What of the probe settings changes a feature, for the store's key: the step t (None when
-    eval.probe_sigma gives sigma directly), its sigma, the input and the depth k."""
+    eval.probe_sigma gives sigma directly), its sigma, the input and the depth k; for an encoder
+    that takes no noise level (MethodSpec.probe_conditioned false) the depth alone."""
+    from ..methods import spec_for
+
     e = cfg.eval
+    if not spec_for(cfg).probe_conditioned:
+        return dict(t=None, sigma=0.0, input="clean", depth=e.probe_depth)
     return dict(t=e.probe_t if e.probe_sigma < 0 else None, sigma=probe_sigma(cfg), input=e.probe_input,
                 depth=e.probe_depth)
 

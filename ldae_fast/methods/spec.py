@@ -88,6 +88,9 @@ class MethodSpec:
     probe_sigma: Callable[[Any], float] = lambda cfg: 0.0
     """cfg -> the noise level the probe conditions on (part of a feature store's key); 0 for an
     encoder that takes none."""
+    probe_conditioned: bool = False
+    """The encoder takes a noise level, so eval.probe_t / probe_sigma / probe_input change what the
+    probe reads; without one they change nothing, and a feature store's key leaves them out."""
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Named presets: config overrides, each naming this method (or running it by default)."""
     validate: Callable[[Any], None] = lambda cfg: None

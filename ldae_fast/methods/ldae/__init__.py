@@ -109,7 +109,7 @@ def _step_bench():
 
 SPEC = MethodSpec(name="ldae", title="l-DAE", presets=PRESETS, build_method=_method, build_model=_model, train_flops=_flops,
                   param_count=_params, figure=_figure, probe_view=_probe_view, probe_note=_probe_note,
-                  probe_sigma=_probe_sigma, paper_probe_sweep=_paper_probe_sweep,
+                  probe_sigma=_probe_sigma, probe_conditioned=True, paper_probe_sweep=_paper_probe_sweep,
                   rows=_rows, sections={"noise": NoiseConfig, "ldae": LDAEConfig}, renamed=RENAMED,
                   validate=_validate, probe_blocks=_probe_blocks, probe_encoder=_probe_encoder, resolved=_resolved,
                   finetune_recipes=_finetune_recipes, finetune_source="l-DAE App. B",
