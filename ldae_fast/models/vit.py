@@ -301,7 +301,15 @@ class ViTDecoder(_CheckpointedBlocks, nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    """A network of an `encoder` and a `decoder` that checkpoint their blocks together."""
+    """A network of an `encoder` and a `decoder` that checkpoint their blocks together; it reads
+    images of the encoder's size and patch."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.patch_size = encoder.patch_size
+        self.img_size = encoder.img_size
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)

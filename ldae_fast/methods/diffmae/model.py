@@ -272,13 +272,6 @@ class DiffMAEModel(EncoderDecoder):
     halves for the sampler, which encodes once and decodes at every step.
     """
 
-    def __init__(self, encoder: ViTEncoder, decoder: DiffMAEDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.patch_size = encoder.patch_size
-        self.img_size = encoder.img_size
-
     def encode(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor | tuple:
         """What `decode` reads: the final output, or every block output the decoder's top-down
         wiring reads."""

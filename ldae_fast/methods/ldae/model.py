@@ -26,13 +26,6 @@ class LDAEModel(EncoderDecoder):
     (`model(x_in, **cond)`), so a new kind (a class label) is a key, not a new signature.
     """
 
-    def __init__(self, encoder: ViTEncoder, decoder: ViTDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.patch_size = encoder.patch_size
-        self.img_size = encoder.img_size
-
     def forward(self, x_in: torch.Tensor, sigma: torch.Tensor | None = None, labels=None,
                 **cond) -> torch.Tensor:
         """sigma: (B,) noise levels (None: clean input); labels: (B,) classes, the null class

@@ -51,11 +51,6 @@ class MAEDecoder(_CheckpointedBlocks, nn.Module):
 class MAEModel(EncoderDecoder):
     """(clean images, visible patch ids) -> predicted pixels of every patch (B, N, D)."""
 
-    def __init__(self, encoder: ViTEncoder, decoder: MAEDecoder) -> None:
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.patch_size, self.img_size = encoder.patch_size, encoder.img_size
-
     def forward(self, x: torch.Tensor, *, ids_keep: torch.Tensor, **cond) -> torch.Tensor:
         if cond:
             raise ValueError(f"MAEModel has no conditioning on {', '.join(sorted(cond))}")
